@@ -1,0 +1,86 @@
+"""tent_async: declarative, multi-rail slice spraying for asyncio.
+
+Say what to move and where; the engine slices it and sends each slice down the
+rail expected to finish it first, rerouting around failed or slow rails::
+
+    async with tent.Engine(backend="local", rails=[...], policy="eft") as engine:
+        a = engine.register(src, name="kv-src")
+        b = engine.register(dst, name="kv-dst")
+        result = await engine.transfer(a[0:n], b[0:n])
+"""
+
+from .core import EventKind, Health, RailEvent, SchedulerConfig
+from .engine import (
+    Engine,
+    EventSubscription,
+    Notification,
+    TransferHandle,
+    TransferResult,
+    TransferStatus,
+)
+from .errors import (
+    ConfigError,
+    DuplicateSegmentError,
+    EngineClosedError,
+    LengthMismatchError,
+    NoRailError,
+    OutOfBoundsError,
+    OverlappingViewsError,
+    ReadOnlySegmentError,
+    RemoteAccessError,
+    SegmentBusyError,
+    SegmentError,
+    TentError,
+    TransferCancelledError,
+    TransferError,
+    TransferFailedError,
+    UnregisteredSegmentError,
+    UnsupportedBufferError,
+)
+from .rails import RailSpec, Tier
+from .segments import Segment, SegmentBase, View
+from .telemetry import RailTelemetry, Telemetry
+from .units import parse_bandwidth, parse_duration, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DuplicateSegmentError",
+    "Engine",
+    "EngineClosedError",
+    "EventKind",
+    "EventSubscription",
+    "Health",
+    "LengthMismatchError",
+    "NoRailError",
+    "Notification",
+    "OutOfBoundsError",
+    "OverlappingViewsError",
+    "RailEvent",
+    "RailSpec",
+    "RailTelemetry",
+    "ReadOnlySegmentError",
+    "RemoteAccessError",
+    "SchedulerConfig",
+    "Segment",
+    "SegmentBase",
+    "SegmentBusyError",
+    "SegmentError",
+    "Telemetry",
+    "TentError",
+    "Tier",
+    "TransferCancelledError",
+    "TransferError",
+    "TransferFailedError",
+    "TransferHandle",
+    "TransferResult",
+    "TransferStatus",
+    "UnregisteredSegmentError",
+    "UnsupportedBufferError",
+    "View",
+    "__version__",
+    "parse_bandwidth",
+    "parse_duration",
+    "parse_size",
+]

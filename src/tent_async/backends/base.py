@@ -1,0 +1,112 @@
+"""The small interface between the engine and a transport.
+
+A backend moves the bytes of one attempt over one rail and reports back; it
+makes no scheduling decision.  The engine hands it :class:`Attempt` objects
+(rail, source segment and offset, destination segment and offset, length) and
+the backend calls the :class:`BackendContext` when an attempt completed,
+failed, or was withdrawn.  Like httpx's transports, backends are
+interchangeable behind this interface: ``local`` (in-process copies), ``sim``
+(an emulated fabric in virtual time) and ``ucx`` (ucxx).
+
+Fencing contract: after :meth:`Backend.withdraw`, the backend must eventually
+report the attempt as withdrawn, completed or failed, and it may only do so
+once none of the attempt's bytes can still land in the destination.  The
+engine reports a transfer finished only after every attempt is resolved.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ClassVar, Protocol
+
+from ..core import Attempt, RailInfo
+from ..rails import RailSpec
+from ..segments import SegmentBase
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class BackendContext(Protocol):
+    """What the engine offers a backend.  Call it only from the event loop thread."""
+
+    def complete(self, attempt_id: int, wire_time: float | None = None) -> None:
+        """All bytes of the attempt landed.  ``wire_time``: seconds on the wire, if measured."""
+
+    def fail(
+        self, attempt_id: int, error: BaseException, *, rail_down: bool = False, transfer_fatal: bool = False
+    ) -> None:
+        """The attempt failed; see :meth:`Planner.fail` for the flags."""
+
+    def withdrawn(self, attempt_id: int) -> None:
+        """A withdrawn attempt is stopped; none of its bytes can land any more."""
+
+    def rail_down(self, rail: str, reason: str) -> None:
+        """The backend learned that a rail is gone."""
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:
+        """Run ``fn(*args)`` as a task in the engine's task group."""
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule ``fn(*args)`` on the engine's event loop from any thread."""
+
+
+class Backend(abc.ABC):
+    """Carries attempts over rails.  Subclasses live in ``tent_async.backends``."""
+
+    name: ClassVar[str]
+    _ctx: BackendContext | None = None
+
+    @abc.abstractmethod
+    def rail_specs(self) -> Sequence[RailSpec]:
+        """The rails this backend provides, with their hints filled in."""
+
+    def rail_infos(self) -> list[RailInfo]:
+        """The rails as the core sees them (name, bandwidth, latency, tier)."""
+        infos = []
+        for spec in self.rail_specs():
+            bandwidth = spec.bandwidth if spec.bandwidth is not None else self.default_bandwidth(spec)
+            infos.append(RailInfo(name=spec.name, bandwidth=bandwidth, latency=spec.latency, tier=int(spec.tier)))
+        return infos
+
+    def default_bandwidth(self, spec: RailSpec) -> float:
+        """Starting bandwidth estimate of a rail given without one (bytes/s)."""
+        return 10e9
+
+    async def start(self, ctx: BackendContext) -> None:
+        """Begin serving; called once when the engine starts."""
+        self._ctx = ctx
+
+    async def aclose(self) -> None:
+        """Release resources; called once when the engine closes, after all transfers ended."""
+        return None
+
+    @abc.abstractmethod
+    def post(self, attempt: Attempt) -> None:
+        """Start moving the attempt's bytes.  Must not block; report through the context."""
+
+    @abc.abstractmethod
+    def withdraw(self, attempt: Attempt) -> None:
+        """Stop a posted attempt if possible, then report it (see the fencing contract)."""
+
+    def rails_for(self, src: SegmentBase, dst: SegmentBase) -> Sequence[str] | None:
+        """Names of the rails that can carry data from ``src`` to ``dst``; ``None`` for all."""
+        return None
+
+    def check_pair(self, src: SegmentBase, dst: SegmentBase) -> None:
+        """Raise a :class:`~tent_async.errors.TentError` if this backend cannot move src to dst."""
+        return None
+
+    # The clock and timers.  Real backends use the event loop's monotonic clock;
+    # the simulator replaces both with virtual time.
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
+        loop = asyncio.get_running_loop()
+        return loop.call_at(loop.time() + max(0.0, when - self.clock()), callback)

@@ -1,0 +1,221 @@
+"""In-process copy rails: real bytes, real threads, optional bandwidth throttling.
+
+Each rail is one worker thread (think of it as a DMA engine) that serves its
+attempts in order.  Host copies go through numpy, which releases the GIL, so
+rails copy in parallel; CUDA copies go through cupy.  A rail given a
+bandwidth is paced to it, so heterogeneous rails can be shown and tested
+without a network.
+
+Faults can be injected per rail (:meth:`LocalBackend.inject_fault`) to
+exercise failover: ``"error"`` fails each slice, ``"down"`` fails it and
+declares the rail gone, ``"stall"`` swallows slices silently (a hung peer), and
+:meth:`LocalBackend.set_slowdown` degrades a rail without errors.
+
+Fencing: a withdrawn attempt that has not started is dropped; one being copied
+is reported only after its copy finished; a stalled one is released at once
+(it never touched the destination).  So a withdrawal is always confirmed, and
+only once nothing of the attempt can land any more.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ..core import Attempt
+from ..errors import ConfigError, SegmentError, TentError
+from ..memory import copy_bytes
+from ..rails import RailSpec
+from ..segments import Segment, SegmentBase
+from .base import Backend, BackendContext
+
+FAULT_MODES = ("error", "down", "stall")
+_BURST = 1e-3
+
+
+class RailFaultError(TentError):
+    """An injected fault on a local rail."""
+
+
+class _Worker(threading.Thread):
+    """Serves one rail's attempts in order."""
+
+    def __init__(self, backend: LocalBackend, spec: RailSpec) -> None:
+        super().__init__(name=f"tent-local-{spec.name}", daemon=True)
+        self.backend = backend
+        self.spec = spec
+        self.rate = spec.bandwidth  # bytes/s, or None for unthrottled
+        self.queue: queue.SimpleQueue[Attempt | None] = queue.SimpleQueue()
+        self.fault: str | None = None
+        self.slowdown = 1.0  # fraction of the nominal speed the rail delivers
+        self.stalled: dict[int, Attempt] = {}
+        self.lock = threading.Lock()
+        self.next_free = 0.0  # token-bucket timeline of a throttled rail
+
+    def run(self) -> None:
+        while True:
+            attempt = self.queue.get()
+            if attempt is None:
+                return
+            try:
+                self._serve(attempt)
+            except BaseException as exc:  # never let one slice kill the rail thread
+                self.backend.report_fail(attempt.id, exc)
+
+    def _serve(self, a: Attempt) -> None:
+        backend = self.backend
+        if backend.is_withdrawn(a.id):
+            backend.report_withdrawn(a.id)
+            return
+        with self.lock:
+            fault = self.fault
+            if fault == "stall":
+                self.stalled[a.id] = a
+                return
+        if fault == "error":
+            backend.report_fail(a.id, RailFaultError(f"injected error on rail {self.spec.name}"))
+            return
+        if fault == "down":
+            backend.report_fail(a.id, RailFaultError(f"rail {self.spec.name} is down (injected)"), rail_down=True)
+            return
+        src = a.src
+        dst = a.dst
+        if not isinstance(src, Segment) or not isinstance(dst, Segment):
+            raise SegmentError(f"local rails copy between local segments only, got {src!r} -> {dst!r}")
+        start = time.monotonic()
+        copy_bytes(dst.memory, a.dst_offset, src.memory, a.src_offset, a.length)
+        slowdown = self.slowdown
+        if self.rate is not None:
+            # Pace on an ideal timeline with up to _BURST seconds of catch-up, so
+            # that sleep overshoot does not accumulate into a lower rate.
+            self.next_free = max(self.next_free, start - _BURST) + a.length / (self.rate * slowdown)
+            finish = self.next_free
+        elif slowdown < 1.0:
+            finish = start + (time.monotonic() - start) / slowdown
+        else:
+            finish = 0.0
+        delay = finish - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        wire = time.monotonic() - start
+        if backend.is_withdrawn(a.id):
+            backend.report_withdrawn(a.id)
+        else:
+            backend.report_complete(a.id, wire)
+
+    def release_stalled(self, aid: int) -> bool:
+        with self.lock:
+            return self.stalled.pop(aid, None) is not None
+
+
+class LocalBackend(Backend):
+    """Rails that copy between segments of the same process."""
+
+    name: ClassVar[str] = "local"
+
+    def __init__(self, rails: Sequence[RailSpec] | None = None) -> None:
+        specs = list(rails) if rails is not None else [RailSpec(name="local0")]
+        if not specs:
+            raise ConfigError("the local backend needs at least one rail")
+        for spec in specs:
+            if spec.backend not in (None, self.name):
+                raise ConfigError(f"rail {spec.name!r} asks for backend {spec.backend!r}, but this is 'local'")
+        self._specs = specs
+        self._workers: dict[str, _Worker] = {}
+        self._withdrawn: set[int] = set()
+        self._ctx: BackendContext | None = None
+
+    # ----------------------------------------------------------- lifecycle
+
+    def rail_specs(self) -> Sequence[RailSpec]:
+        return self._specs
+
+    async def start(self, ctx: BackendContext) -> None:
+        self._ctx = ctx
+        for spec in self._specs:
+            worker = _Worker(self, spec)
+            self._workers[spec.name] = worker
+            worker.start()
+
+    async def aclose(self) -> None:
+        for worker in self._workers.values():
+            worker.queue.put(None)
+        for worker in self._workers.values():
+            worker.join(timeout=5.0)
+        self._workers.clear()
+
+    # --------------------------------------------------------- data movement
+
+    def check_pair(self, src: SegmentBase, dst: SegmentBase) -> None:
+        for seg in (src, dst):
+            if not isinstance(seg, Segment):
+                raise SegmentError(
+                    f"the local backend copies between local segments only; {seg!r} is not one. "
+                    "Use the ucx backend for remote segments"
+                )
+
+    def post(self, attempt: Attempt) -> None:
+        self._workers[attempt.rail_name].queue.put(attempt)
+
+    def withdraw(self, attempt: Attempt) -> None:
+        self._withdrawn.add(attempt.id)
+        worker = self._workers.get(attempt.rail_name)
+        if worker is not None and worker.release_stalled(attempt.id):
+            self.report_withdrawn(attempt.id)
+
+    # ------------------------------------------------------ reports (any thread)
+
+    def is_withdrawn(self, aid: int) -> bool:
+        return aid in self._withdrawn
+
+    def _report(self, method: str, aid: int, *args: object, **kwargs: object) -> None:
+        ctx = self._ctx
+        if ctx is None:
+            return
+
+        def deliver() -> None:
+            self._withdrawn.discard(aid)
+            getattr(ctx, method)(aid, *args, **kwargs)
+
+        ctx.call_soon_threadsafe(deliver)
+
+    def report_complete(self, aid: int, wire_time: float) -> None:
+        self._report("complete", aid, wire_time)
+
+    def report_fail(self, aid: int, error: BaseException, *, rail_down: bool = False) -> None:
+        self._report("fail", aid, error, rail_down=rail_down)
+
+    def report_withdrawn(self, aid: int) -> None:
+        self._report("withdrawn", aid)
+
+    # ------------------------------------------------------------ fault knobs
+
+    def _worker(self, rail: str) -> _Worker:
+        try:
+            return self._workers[rail]
+        except KeyError:
+            raise ConfigError(f"unknown rail {rail!r}; rails: {sorted(self._workers)}") from None
+
+    def inject_fault(self, rail: str, mode: str) -> None:
+        """Make ``rail`` fail: ``"error"``, ``"down"`` or ``"stall"`` (silent)."""
+        if mode not in FAULT_MODES:
+            raise ConfigError(f"unknown fault mode {mode!r}; use one of {FAULT_MODES}")
+        worker = self._worker(rail)
+        with worker.lock:
+            worker.fault = mode
+
+    def set_slowdown(self, rail: str, fraction: float) -> None:
+        """Make ``rail`` deliver ``fraction`` (0 < f <= 1) of its speed, without errors."""
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"slowdown fraction must be in (0, 1], got {fraction}")
+        self._worker(rail).slowdown = fraction
+
+    def clear_fault(self, rail: str) -> None:
+        """Heal ``rail``: no injected fault, full speed.  Stalled slices stay stalled until withdrawn."""
+        worker = self._worker(rail)
+        with worker.lock:
+            worker.fault = None
+        worker.slowdown = 1.0

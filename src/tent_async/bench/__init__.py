@@ -1,0 +1,16 @@
+"""Benchmarks: each prints its figure beside the physical limit, measured in the same run.
+
+Every benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int``
+and is reachable as ``tent-async bench NAME`` (or ``python -m tent_async.bench NAME``).
+Results and the commands that produced them are recorded in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "local": ("tent_async.bench.local", "engine vs raw numpy copy on the local backend"),
+    "core": ("tent_async.bench.core", "per-slice dispatch cost of the sans-IO core"),
+    "sim": ("tent_async.bench.sim", "simulated fabric scenarios: eft vs round_robin vs single"),
+    "failover": ("tent_async.bench.failover", "recovery time after rail faults on the simulated fabric"),
+    "ucx": ("tent_async.bench.ucx", "raw ucxx vs the engine, and the veth testbed"),
+}

@@ -1,0 +1,62 @@
+"""The ``tent-async`` command line: demo, benchmarks, telemetry.
+
+``tent-async demo``            slice spraying over heterogeneous local rails
+``tent-async bench NAME ...``  a benchmark (``tent-async bench --help`` lists them)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import runpy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .bench import BENCHMARKS
+
+
+def _demo(args: argparse.Namespace) -> int:
+    example = Path(__file__).resolve().parents[2] / "examples" / "spray_demo.py"
+    if not example.exists():
+        print(f"the demo lives in examples/spray_demo.py of the source tree; {example} is missing", file=sys.stderr)
+        return 2
+    sys.argv = [str(example), *args.rest]
+    runpy.run_path(str(example), run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tent-async", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="slice spraying over heterogeneous local rails")
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for examples/spray_demo.py")
+    demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="run a benchmark (figure beside the physical limit)")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            p.set_defaults(func=lambda _a, _e=exc, _n=name: _unavailable(_n, _e))
+            continue
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def _unavailable(name: str, exc: ImportError) -> int:
+    print(f"benchmark {name!r} is not available: {exc}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Rail health: healthy -> suspect -> quarantined -> probing -> healthy.
+
+A plain state machine fed failures, successes and the time; it decides
+whether a rail may carry data and how much.  It has no clock of its own: every
+call passes ``now``.
+
+* **healthy**: full window.
+* **suspect**: after one error or missed deadline.  Keeps a window of one
+  slice until ``recover_after`` successes in a row bring it back.
+* **quarantined**: after ``quarantine_after`` failures within
+  ``failure_window``, a failure while probing, or a backend saying the rail is
+  down.  Carries nothing until the back-off expires; the back-off doubles on
+  each quarantine up to a cap.
+* **probing**: after the back-off; carries one small probe slice at a time.
+  A probe that succeeds makes the rail healthy; one that fails sends it back
+  to quarantine with a longer back-off.
+
+The back-off level is forgiven one step per ``backoff_decay`` seconds of clean
+service, so a flapping rail that succeeds once between failures keeps a long
+back-off instead of being trusted again at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from .config import SchedulerConfig
+
+
+class Health(enum.Enum):
+    """Where a rail stands in the failover state machine."""
+
+    HEALTHY = "healthy"
+    SUSPECT = "suspect"
+    QUARANTINED = "quarantined"
+    PROBING = "probing"
+
+
+class RailHealth:
+    """Failure bookkeeping and state of one rail."""
+
+    __slots__ = (
+        "_clean_since",
+        "_config",
+        "_failures",
+        "_successes",
+        "level",
+        "quarantine_until",
+        "quarantines",
+        "state",
+    )
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self._config = config
+        self.state = Health.HEALTHY
+        self.level = 0  # back-off exponent of the next quarantine
+        self.quarantine_until = 0.0
+        self.quarantines = 0
+        self._failures: deque[float] = deque()
+        self._successes = 0
+        self._clean_since = 0.0
+
+    # ------------------------------------------------------------- queries
+
+    @property
+    def usable(self) -> bool:
+        """May the rail be given a slice at all (window permitting)?"""
+        return self.state is not Health.QUARANTINED
+
+    def window(self, full: int) -> int:
+        """Slices the rail may hold in flight in its current state."""
+        return full if self.state is Health.HEALTHY else 1
+
+    # -------------------------------------------------------------- events
+
+    def on_failure(self, now: float, *, rail_down: bool = False) -> Health:
+        """Record a failed slice (error or missed deadline); returns the new state."""
+        cfg = self._config
+        self._forgive(now)
+        self._successes = 0
+        self._failures.append(now)
+        while self._failures and self._failures[0] < now - cfg.failure_window:
+            self._failures.popleft()
+        if rail_down or self.state is Health.PROBING or len(self._failures) >= cfg.quarantine_after:
+            self._quarantine(now)
+        elif self.state is Health.HEALTHY:
+            self.state = Health.SUSPECT
+        return self.state
+
+    def on_success(self, now: float) -> Health:
+        """Record a completed slice; returns the new state."""
+        if self.state is Health.PROBING:
+            self.state = Health.HEALTHY
+            self._failures.clear()
+            self._clean_since = now
+        elif self.state is Health.SUSPECT:
+            self._successes += 1
+            if self._successes >= self._config.recover_after:
+                self.state = Health.HEALTHY
+                self._successes = 0
+                self._clean_since = now
+        return self.state
+
+    def tick(self, now: float) -> Health:
+        """Advance timers: a quarantine that expired turns into probing."""
+        if self.state is Health.QUARANTINED and now >= self.quarantine_until:
+            self.state = Health.PROBING
+        return self.state
+
+    # ------------------------------------------------------------ internals
+
+    def _quarantine(self, now: float) -> None:
+        cfg = self._config
+        self.state = Health.QUARANTINED
+        self.quarantine_until = now + min(cfg.backoff_cap, cfg.backoff_base * (2.0**self.level))
+        self.level += 1
+        self.quarantines += 1
+        self._failures.clear()
+        self._clean_since = float("inf")
+
+    def _forgive(self, now: float) -> None:
+        if self.state is Health.HEALTHY and self.level and now > self._clean_since:
+            steps = int((now - self._clean_since) / self._config.backoff_decay)
+            if steps:
+                self.level = max(0, self.level - steps)
+                self._clean_since = now

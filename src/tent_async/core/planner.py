@@ -1,0 +1,582 @@
+"""The sans-IO scheduler: events in, decisions out, no I/O and no clock.
+
+A driver (the asyncio :class:`~tent_async.Engine`, or the virtual-time
+simulator) feeds the planner what happened, each call carrying ``now``:
+
+* :meth:`Planner.submit` / :meth:`Planner.cancel` — the application's intent;
+* :meth:`Planner.complete`, :meth:`Planner.fail`, :meth:`Planner.withdrawn` —
+  what a backend reports about an attempt;
+
+and calls :meth:`Planner.poll` to get the decisions to carry out (post or
+withdraw attempts, finish transfers), plus :meth:`Planner.next_wakeup` to know
+when to poll again if nothing else happens (deadlines, quarantine expiry,
+probes).
+
+Invariants the planner keeps (checked by the state-machine tests):
+
+* a slice is never posted to a quarantined rail;
+* every byte of a running transfer is exactly one of: acknowledged, covered by
+  one LIVE attempt, or pending;
+* a transfer is reported finished only when no attempt of it is LIVE or
+  WITHDRAWING, so after :class:`Finished` nothing of it can still land;
+* a rail's in-flight bytes are the sum of its LIVE and WITHDRAWING attempts.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from ..errors import NoRailError, TransferFailedError
+from .config import SchedulerConfig
+from .decisions import Attempt, AttemptState, Decision, Finished, Outcome, Piece, Post, Withdraw
+from .events import EventKind, RailEvent
+from .health import Health
+from .policies import NO_RAIL, Policy, make_policy
+from .rail_state import RailInfo, RailState
+from .slicing import cut
+from .transfer_state import PendingRange, Phase, TransferState
+
+_LIVE = AttemptState.LIVE
+_WITHDRAWING = AttemptState.WITHDRAWING
+_DONE = AttemptState.DONE
+
+
+class Planner:
+    """Slicing, dispatch, telemetry and failover for one pool of rails."""
+
+    def __init__(
+        self,
+        rails: Sequence[RailInfo],
+        config: SchedulerConfig | None = None,
+        policy: str | Policy = "eft",
+    ) -> None:
+        if not rails:
+            raise ValueError("a planner needs at least one rail")
+        names = [r.name for r in rails]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rail names must be unique, got {names}")
+        self.config = config or SchedulerConfig()
+        self.rails: list[RailState] = [RailState(i, info, self.config) for i, info in enumerate(rails)]
+        self._by_name = {r.name: r for r in self.rails}
+        self.policy: Policy = make_policy(policy)
+        self.policy.bind(self.rails, self.config)
+        self._transfers: dict[int, TransferState] = {}
+        self._active: deque[TransferState] = deque()
+        self._attempts: dict[int, Attempt] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._decisions: list[Decision] = []
+        self._events: list[RailEvent] = []
+        self._next_tid = 1
+        self._next_aid = 1
+
+    # ================================================================ intent
+
+    def submit(self, pieces: Sequence[Piece], now: float, rails: Iterable[int | str] | None = None) -> int:
+        """Accept a transfer made of ``pieces``; returns its id.
+
+        ``rails`` restricts which rails may carry it (indices or names; default
+        all).  A transfer of zero bytes finishes at the next :meth:`poll`.
+        """
+        if rails is None:
+            eligible = list(self.rails)
+        else:
+            eligible = []
+            for key in rails:
+                rail = self._by_name.get(key) if isinstance(key, str) else self._rail_at(key)
+                if rail is None:
+                    raise ValueError(f"unknown rail {key!r}; known rails: {sorted(self._by_name)}")
+                if rail not in eligible:
+                    eligible.append(rail)
+            eligible.sort(key=lambda r: r.index)
+            if not eligible:
+                raise ValueError("a transfer needs at least one eligible rail")
+        for p in pieces:
+            if p.length < 0 or p.src_offset < 0 or p.dst_offset < 0:
+                raise ValueError(f"piece lengths and offsets must not be negative: {p!r}")
+        tid = self._next_tid
+        self._next_tid += 1
+        t = TransferState(tid, pieces, eligible, now)
+        self._transfers[tid] = t
+        if t.pending:
+            self._activate(t)
+        else:
+            self._maybe_finish(t, now)
+        return tid
+
+    def cancel(self, tid: int, now: float) -> bool:
+        """Cancel a transfer: pending bytes dropped, live attempts withdrawn.
+
+        Returns False if the transfer is unknown or already finished.  The
+        :class:`Finished` (outcome ``CANCELLED``) comes once every attempt is
+        resolved.
+        """
+        t = self._transfers.get(tid)
+        if t is None or t.phase is not Phase.RUNNING:
+            return False
+        self._stop(t, Phase.CANCELLING, None, now)
+        return True
+
+    # ============================================================ backend news
+
+    def complete(self, aid: int, now: float, wire_time: float | None = None) -> None:
+        """An attempt delivered all its bytes.
+
+        ``wire_time`` is the seconds the slice spent on the wire, if the
+        backend measured it; otherwise the planner takes the time since the
+        later of its posting and the rail's previous completion.
+        """
+        a = self._attempts.pop(aid, None)
+        if a is None:
+            return  # unknown or already resolved: a duplicate report is harmless
+        rail = self.rails[a.rail]
+        self._release(rail, a)
+        if wire_time is None:
+            wire_time = now - max(a.posted_at, rail.last_completion)
+        rail.estimator.observe(a.length, wire_time, started_idle=a.started_idle)
+        rail.refresh_nominal()
+        rail.last_completion = now
+        rail.last_activity = now
+        t = self._transfers[a.transfer_id]
+        if a.state is _LIVE:
+            rail.bytes_total += a.length
+            rail.slices_total += 1
+            t.acked += a.length
+            t.slices += 1
+            t.bytes_per_rail[rail.name] = t.bytes_per_rail.get(rail.name, 0) + a.length
+            before = rail.health.state
+            if before is not Health.HEALTHY and rail.health.on_success(now) is Health.HEALTHY:
+                self._event(now, EventKind.RECOVERY, rail, f"rail {rail.name} is healthy again")
+        a.state = _DONE
+        t.live.discard(aid)
+        self._maybe_finish(t, now)
+
+    def fail(
+        self,
+        aid: int,
+        now: float,
+        error: BaseException | str,
+        *,
+        rail_down: bool = False,
+        transfer_fatal: bool = False,
+    ) -> None:
+        """An attempt failed.
+
+        By default the failure is the rail's: the slice and everything else in
+        flight on the rail is rerouted and the rail's health is charged.
+        ``rail_down`` says the backend knows the rail is gone (quarantine at
+        once).  ``transfer_fatal`` says the failure is the transfer's own fault
+        (e.g. the peer refused the destination): the transfer fails with
+        ``error`` and the rail is not blamed.
+        """
+        a = self._attempts.pop(aid, None)
+        if a is None:
+            return
+        rail = self.rails[a.rail]
+        self._release(rail, a)
+        rail.last_activity = now
+        t = self._transfers[a.transfer_id]
+        stale = a.state is _WITHDRAWING
+        a.state = _DONE
+        t.live.discard(aid)
+        if not stale:
+            reason = str(error) or type(error).__name__
+            if transfer_fatal:
+                err = error if isinstance(error, BaseException) else TransferFailedError(reason)
+                self._stop(t, Phase.FAILING, err, now)
+            else:
+                rail.errors += 1
+                self._rail_failure(rail, now, f"error: {reason}", a, rail_down=rail_down)
+        self._maybe_finish(t, now)
+
+    def withdrawn(self, aid: int, now: float) -> None:
+        """A withdrawn attempt is confirmed stopped: none of its bytes will land any more."""
+        a = self._attempts.pop(aid, None)
+        if a is None:
+            return
+        rail = self.rails[a.rail]
+        self._release(rail, a)
+        t = self._transfers[a.transfer_id]
+        if a.state is _LIVE:
+            # A withdrawal the planner did not ask for (the backend gave up on
+            # its own): treat as a failure so the bytes are sent again.
+            a.state = _DONE
+            t.live.discard(aid)
+            rail.errors += 1
+            self._rail_failure(rail, now, "attempt withdrawn by the backend", a)
+        else:
+            a.state = _DONE
+            t.live.discard(aid)
+        self._maybe_finish(t, now)
+
+    def rail_down(self, rail: int | str, now: float, reason: str = "rail reported down") -> None:
+        """A backend learned that a rail is gone (link down, endpoint closed)."""
+        r = self._rail(rail)
+        r.errors += 1
+        self._rail_failure(r, now, reason, None, rail_down=True)
+
+    def add_rail(self, info: RailInfo) -> int:
+        """Add a rail (e.g. one paired with a newly connected peer); returns its index."""
+        if info.name in self._by_name:
+            raise ValueError(f"a rail named {info.name!r} exists already")
+        rail = RailState(len(self.rails), info, self.config)
+        self.rails.append(rail)
+        self._by_name[rail.name] = rail
+        return rail.index
+
+    # ============================================================== decisions
+
+    def poll(self, now: float) -> list[Decision]:
+        """Run deadlines, health timers and dispatch; return the decisions to carry out."""
+        self._expire_deadlines(now)
+        for rail in self.rails:
+            if rail.health.state is Health.QUARANTINED and now >= rail.health.quarantine_until:
+                rail.health.tick(now)
+                self._event(now, EventKind.PROBE, rail, f"quarantine of {rail.name} ended; probing")
+        self._dispatch(now)
+        out = self._decisions
+        self._decisions = []
+        return out
+
+    def next_wakeup(self) -> float | None:
+        """The time by which :meth:`poll` must run again even if nothing is reported."""
+        times: list[float] = []
+        heap = self._deadlines
+        while heap and self._stale_deadline(heap[0]):
+            heapq.heappop(heap)
+        if heap:
+            times.append(heap[0][0])
+        for rail in self.rails:
+            if rail.health.state is Health.QUARANTINED:
+                times.append(rail.health.quarantine_until)
+        if self._active and self.policy.probes_idle_rails:
+            for rail in self.rails:
+                if not rail.inflight and rail.health.state is not Health.QUARANTINED:
+                    times.append(max(rail.last_activity, rail.probe_checked) + self.config.probe_interval)
+        return min(times) if times else None
+
+    def drain_events(self) -> list[RailEvent]:
+        """Rail events since the last call, oldest first."""
+        out = self._events
+        self._events = []
+        return out
+
+    # ========================================================== introspection
+
+    @property
+    def idle(self) -> bool:
+        """No transfer is open and no attempt is outstanding."""
+        return not self._transfers and not self._attempts
+
+    def has_transfer(self, tid: int) -> bool:
+        return tid in self._transfers
+
+    def progress(self, tid: int) -> tuple[int, int]:
+        """``(bytes acknowledged, total bytes)`` of an open transfer."""
+        t = self._transfers[tid]
+        return t.acked, t.total
+
+    def transfer(self, tid: int) -> TransferState:
+        """The live state of an open transfer (read-only use, for tests and tools)."""
+        return self._transfers[tid]
+
+    def transfers(self) -> list[TransferState]:
+        return list(self._transfers.values())
+
+    def attempts(self) -> list[Attempt]:
+        """Attempts that are LIVE or WITHDRAWING."""
+        return list(self._attempts.values())
+
+    def rail(self, key: int | str) -> RailState:
+        return self._rail(key)
+
+    # ============================================================== internals
+
+    def _rail_at(self, index: int) -> RailState | None:
+        return self.rails[index] if 0 <= index < len(self.rails) else None
+
+    def _rail(self, key: int | str) -> RailState:
+        r = self._by_name.get(key) if isinstance(key, str) else self._rail_at(key)
+        if r is None:
+            raise ValueError(f"unknown rail {key!r}; known rails: {sorted(self._by_name)}")
+        return r
+
+    def _event(self, now: float, kind: EventKind, rail: RailState, detail: str, **extra: object) -> None:
+        self._events.append(RailEvent(time=now, kind=kind, rail=rail.name, detail=detail, **extra))  # type: ignore[arg-type]
+
+    def _activate(self, t: TransferState) -> None:
+        if not t.in_active:
+            t.in_active = True
+            self._active.append(t)
+
+    @staticmethod
+    def _release(rail: RailState, a: Attempt) -> None:
+        if rail.inflight.pop(a.id, None) is not None:
+            rail.inflight_bytes -= a.length
+
+    def _stale_deadline(self, entry: tuple[float, int]) -> bool:
+        a = self._attempts.get(entry[1])
+        return a is None or a.state is not _LIVE
+
+    def _expire_deadlines(self, now: float) -> None:
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, aid = heapq.heappop(heap)
+            a = self._attempts.get(aid)
+            if a is None or a.state is not _LIVE:
+                continue
+            rail = self.rails[a.rail]
+            rail.deadline_misses += 1
+            late_ms = (now - a.posted_at) * 1e3
+            self._rail_failure(
+                rail,
+                now,
+                f"deadline missed: {a.length} B slice not done after {late_ms:.1f} ms "
+                f"(expected {a.expected * 1e3:.2f} ms)",
+                a,
+            )
+
+    def _rail_failure(
+        self, rail: RailState, now: float, reason: str, failed: Attempt | None, *, rail_down: bool = False
+    ) -> None:
+        """Charge ``rail`` with a failure and take every live slice off it."""
+        rail.last_error = reason
+        self._event(now, EventKind.FAILURE, rail, f"{rail.name}: {reason}")
+        if failed is not None:
+            if failed.state is _LIVE:  # still out there (missed deadline): withdraw it
+                failed.state = _WITHDRAWING
+                self._decisions.append(Withdraw(failed))
+            self._requeue(failed, now, charge=True, reason=reason)
+        moved = 0
+        for a in list(rail.inflight.values()):
+            if a.state is _LIVE:
+                a.state = _WITHDRAWING
+                self._decisions.append(Withdraw(a))
+                self._requeue(a, now, charge=False, reason=reason)
+                moved += 1
+        if failed is not None:
+            moved += 1
+        if moved:
+            rail.rerouted_from += moved
+            self._event(now, EventKind.REROUTE, rail, f"{moved} slice(s) taken off {rail.name}", slices=moved)
+        before = rail.health.state
+        after = rail.health.on_failure(now, rail_down=rail_down)
+        if after is Health.QUARANTINED and before is not Health.QUARANTINED:
+            self._event(
+                now,
+                EventKind.QUARANTINE,
+                rail,
+                f"{rail.name} quarantined for {(rail.health.quarantine_until - now) * 1e3:.0f} ms",
+                until=rail.health.quarantine_until,
+            )
+        elif after is Health.SUSPECT and before is Health.HEALTHY:
+            self._event(now, EventKind.SUSPECT, rail, f"{rail.name} is suspect")
+
+    def _requeue(self, a: Attempt, now: float, *, charge: bool, reason: str) -> None:
+        """Put an attempt's bytes back at the front of its transfer's queue."""
+        t = self._transfers[a.transfer_id]
+        if t.phase is not Phase.RUNNING:
+            return
+        rail = self.rails[a.rail]
+        t.reroutes += 1
+        t.rail_errors[rail.name] = reason
+        history = dict(a.history) if a.history else None
+        if charge:
+            history = history or {}
+            history[a.rail] = history.get(a.rail, 0) + 1
+        t.pending.appendleft(PendingRange(a.piece, a.offset, a.length, history))
+        self._activate(t)
+        if charge and history is not None:
+            cfg = self.config
+            if sum(history.values()) >= cfg.max_attempts or all(
+                history.get(r.index, 0) >= cfg.max_attempts_per_rail for r in t.rails
+            ):
+                tried = ", ".join(f"{self.rails[i].name} x{n}" for i, n in sorted(history.items()))
+                self._stop(
+                    t,
+                    Phase.FAILING,
+                    TransferFailedError(
+                        f"transfer {t.id}: {a.length} bytes at piece {a.piece} offset {a.offset} failed on "
+                        f"every rail it may use ({tried}); last errors: {t.rail_errors}. Check the rails' "
+                        f"health in engine.telemetry() and the peer's logs.",
+                        t.rail_errors,
+                    ),
+                    now,
+                )
+
+    def _stop(self, t: TransferState, phase: Phase, error: BaseException | None, now: float) -> None:
+        """Fail or cancel a transfer: drop pending bytes and withdraw live attempts."""
+        if t.phase is not Phase.RUNNING:
+            return
+        t.phase = phase
+        t.error = error
+        t.pending.clear()
+        for aid in list(t.live):
+            a = self._attempts[aid]
+            if a.state is _LIVE:
+                a.state = _WITHDRAWING
+                self._decisions.append(Withdraw(a))
+        self._maybe_finish(t, now)
+
+    def _maybe_finish(self, t: TransferState, now: float) -> None:
+        if t.live:
+            return
+        if t.phase is Phase.RUNNING:
+            if t.acked < t.total:
+                return
+            outcome = Outcome.DONE
+        elif t.phase is Phase.FAILING:
+            outcome = Outcome.FAILED
+        else:
+            outcome = Outcome.CANCELLED
+        del self._transfers[t.id]
+        self._decisions.append(
+            Finished(
+                transfer_id=t.id,
+                outcome=outcome,
+                bytes_per_rail=dict(t.bytes_per_rail),
+                slices=t.slices,
+                attempts=t.attempts,
+                reroutes=t.reroutes,
+                submitted_at=t.submitted_at,
+                finished_at=now,
+                error=t.error,
+            )
+        )
+
+    # --------------------------------------------------------------- dispatch
+
+    def _dispatch(self, now: float) -> None:
+        active = self._active
+        while active and not active[0].pending:  # finished, failed or cancelled meanwhile
+            active.popleft().in_active = False
+        if not active:
+            return
+        self._health_probes(now)
+        choose = self.policy.choose
+        misses = 0
+        while active and misses < len(active):
+            t = active[0]
+            if not t.pending:
+                active.popleft().in_active = False
+                continue
+            choice = choose(t, now)
+            if choice is None:
+                active.rotate(-1)
+                misses += 1
+                continue
+            if choice is NO_RAIL:
+                if self._waiting_for_probe(t):
+                    active.rotate(-1)
+                    misses += 1
+                else:
+                    active.popleft().in_active = False
+                    self._no_rail(t, now)
+                continue
+            rail, size = choice  # type: ignore[misc]
+            self._post(t, rail, size, now, probe=False)
+            if t.pending:
+                active.rotate(-1)
+            else:
+                active.popleft().in_active = False
+            misses = 0
+        if self.policy.probes_idle_rails and active:
+            self._idle_probes(now)
+
+    def _post(self, t: TransferState, rail: RailState, size: int, now: float, *, probe: bool) -> None:
+        rng = t.pending[0]
+        if size >= rng.length:
+            size = rng.length
+            t.pending.popleft()
+        piece_index = rng.piece
+        offset = rng.offset
+        if size < rng.length:
+            rng.offset += size
+            rng.length -= size
+        piece = t.pieces[piece_index]
+        expected = rail.expected_time(size, now)
+        cfg = self.config
+        deadline = now + max(cfg.deadline_floor, cfg.deadline_factor * expected)
+        aid = self._next_aid
+        self._next_aid = aid + 1
+        a = Attempt(
+            id=aid,
+            transfer_id=t.id,
+            rail=rail.index,
+            rail_name=rail.name,
+            piece=piece_index,
+            offset=offset,
+            length=size,
+            src=piece.src,
+            src_offset=piece.src_offset + offset,
+            dst=piece.dst,
+            dst_offset=piece.dst_offset + offset,
+            posted_at=now,
+            expected=expected,
+            deadline=deadline,
+            probe=probe,
+            started_idle=not rail.inflight,
+            history=rng.history,
+        )
+        rail.inflight[aid] = a
+        rail.inflight_bytes += size
+        rail.last_activity = now
+        if probe:
+            rail.probes_total += 1
+        self._attempts[aid] = a
+        t.live.add(aid)
+        t.attempts += 1
+        heapq.heappush(self._deadlines, (deadline, aid))
+        self._decisions.append(Post(a))
+
+    def _probe_target(self, t: TransferState, rail: RailState) -> bool:
+        history = t.pending[0].history
+        return rail in t.rails and (history is None or history.get(rail.index, 0) < self.config.max_attempts_per_rail)
+
+    def _health_probes(self, now: float) -> None:
+        """A probing rail with nothing in flight gets one small slice from any eligible transfer."""
+        for rail in self.rails:
+            if rail.health.state is not Health.PROBING or rail.inflight:
+                continue
+            for t in self._active:
+                if t.pending and self._probe_target(t, rail):
+                    self._post(t, rail, cut(self.config.min_slice, t.pending[0].length, 0.0), now, probe=True)
+                    break
+
+    def _idle_probes(self, now: float) -> None:
+        """Under ``eft``, a usable rail idle for ``probe_interval`` gets one small slice."""
+        horizon = now - self.config.probe_interval
+        for rail in self.rails:
+            if rail.inflight or rail.last_activity > horizon or rail.probe_checked > horizon:
+                continue
+            state = rail.health.state
+            if state is not Health.HEALTHY and state is not Health.SUSPECT:
+                continue
+            for t in self._active:
+                if t.pending and self._probe_target(t, rail):
+                    self._post(t, rail, cut(self.config.min_slice, t.pending[0].length, 0.0), now, probe=True)
+                    if not t.pending:
+                        self._active.remove(t)
+                        t.in_active = False
+                    break
+            else:
+                rail.probe_checked = now  # nothing to probe with: look again one interval later
+
+    def _waiting_for_probe(self, t: TransferState) -> bool:
+        """Is some rail of ``t`` probing (so the transfer should wait, not fail)?"""
+        return any(r.health.state is Health.PROBING and self._probe_target(t, r) for r in t.rails)
+
+    def _no_rail(self, t: TransferState, now: float) -> None:
+        errors = {r.name: (r.last_error or r.health.state.value) for r in t.rails}
+        states = ", ".join(f"{r.name}={r.health.state.value}" for r in t.rails)
+        self._stop(
+            t,
+            Phase.FAILING,
+            NoRailError(
+                f"transfer {t.id}: no usable rail left ({states}); last errors: {errors}. "
+                "Rails come back after their quarantine; retry later or add rails.",
+                errors,
+            ),
+            now,
+        )

@@ -1,0 +1,216 @@
+"""Dispatch policies: which rail carries the next slice of a transfer, and how big it is.
+
+All three policies run inside the same planner, with the same slicing
+bookkeeping, telemetry, health and failover; only the choice differs, so a
+comparison between them changes exactly one thing.
+
+``eft``
+    Earliest expected finish.  For every usable rail ``r`` the cost of the
+    slice it would get (``s_r``, sized for that rail) is
+    ``(lat_r + (inflight_bytes_r + s_r) / bw_r) * penalty_r``.  The slice goes
+    to the cheapest rail that has room in its window, provided that rail is
+    within ``tie_band`` of the cheapest rail overall; otherwise the slice waits
+    (late binding) until a rail frees up, because sending it to a clearly
+    worse rail would finish it later.
+``round_robin``
+    State-blind striping, the classic baseline (Mooncake TE's and UCX's static
+    lane split): slice ``i`` of a transfer goes to rail ``i mod N`` with a fixed
+    slice size.  It ignores telemetry entirely; if the next rail in the cycle is
+    full, the transfer waits for it.  It still honours rail health, so failed
+    rails are skipped.
+``single``
+    One rail per transfer, chosen once when the transfer first dispatches: the
+    eligible rail with the highest nominal bandwidth, ties rotated across
+    transfers.  If that rail fails, the transfer is re-bound to another one.
+
+A policy returns ``None`` to hold (wait for a rail to free up) or
+:data:`NO_RAIL` when no rail could ever take the transfer's next slice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol
+
+from .health import Health
+from .slicing import cut
+
+if TYPE_CHECKING:
+    from .config import SchedulerConfig
+    from .rail_state import RailState
+    from .transfer_state import TransferState
+
+
+class _NoRail:
+    def __repr__(self) -> str:
+        return "NO_RAIL"
+
+
+NO_RAIL: Final = _NoRail()
+"""Returned by :meth:`Policy.choose` when no healthy or suspect rail may carry the slice."""
+
+Choice = tuple["RailState", int] | None | _NoRail
+
+_HEALTHY = Health.HEALTHY
+_SUSPECT = Health.SUSPECT
+
+
+class Policy(Protocol):
+    """Chooses the rail and slice size for a transfer's next slice."""
+
+    name: ClassVar[str]
+    probes_idle_rails: ClassVar[bool]
+
+    def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
+        """Called once by the planner with its rails and config."""
+
+    def choose(self, transfer: TransferState, now: float) -> Choice:
+        """Pick ``(rail, size)`` for ``transfer.pending[0]``, ``None`` to hold, or NO_RAIL."""
+
+
+class EarliestFinish:
+    """``eft``: the rail expected to finish the slice first, late-bound."""
+
+    name: ClassVar[str] = "eft"
+    probes_idle_rails: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._band = 1.0
+        self._tail = 0.5
+        self._max_per_rail = 2
+
+    def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
+        self._band = 1.0 + config.tie_band
+        self._tail = config.tail_merge
+        self._max_per_rail = config.max_attempts_per_rail
+
+    def choose(self, transfer: TransferState, now: float) -> Choice:
+        rng = transfer.pending[0]
+        remaining = rng.length
+        history = rng.history
+        tail = self._tail
+        best = float("inf")
+        pick: RailState | None = None
+        pick_cost = float("inf")
+        pick_size = 0
+        for rail in transfer.rails:
+            health = rail.health
+            state = health.state
+            if state is not _HEALTHY and state is not _SUSPECT:
+                continue
+            if history is not None and history.get(rail.index, 0) >= self._max_per_rail:
+                continue
+            nominal = rail.nominal
+            size = remaining if remaining <= nominal or remaining - nominal < tail * nominal else nominal
+            cost = (
+                rail.estimator.latency + (rail.inflight_bytes + size) / rail.effective_bandwidth(now)
+            ) * rail.penalty
+            if cost < best:
+                best = cost
+            if cost < pick_cost and len(rail.inflight) < (rail.window_full if state is _HEALTHY else 1):
+                pick, pick_cost, pick_size = rail, cost, size
+        if pick is None:
+            return NO_RAIL if best == float("inf") else None
+        if pick_cost > best * self._band:
+            return None
+        return pick, pick_size
+
+
+class RoundRobin:
+    """``round_robin``: state-blind striping with a fixed slice size."""
+
+    name: ClassVar[str] = "round_robin"
+    probes_idle_rails: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.slice_size = 1 << 20
+        self._tail = 0.5
+        self._max_per_rail = 2
+
+    def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
+        self._tail = config.tail_merge
+        self._max_per_rail = config.max_attempts_per_rail
+        if config.round_robin_slice:
+            self.slice_size = config.round_robin_slice
+        else:
+            sizes = sorted(rail.nominal for rail in rails)
+            self.slice_size = sizes[len(sizes) // 2] if sizes else config.min_slice
+
+    def choose(self, transfer: TransferState, now: float) -> Choice:
+        rails = transfer.rails
+        n = len(rails)
+        rng = transfer.pending[0]
+        history = rng.history
+        start = transfer.rr_next
+        for k in range(n):
+            rail = rails[(start + k) % n]
+            state = rail.health.state
+            if state is not _HEALTHY and state is not _SUSPECT:
+                continue
+            if history is not None and history.get(rail.index, 0) >= self._max_per_rail:
+                continue
+            if not rail.has_room():
+                return None  # strict striping: wait for the next rail in the cycle
+            transfer.rr_next = (start + k + 1) % n
+            return rail, cut(self.slice_size, rng.length, self._tail)
+        return NO_RAIL
+
+
+class SingleRail:
+    """``single``: the whole transfer on one rail, re-bound only if that rail fails."""
+
+    name: ClassVar[str] = "single"
+    probes_idle_rails: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._turn = 0
+        self._tail = 0.5
+        self._max_per_rail = 2
+
+    def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
+        self._tail = config.tail_merge
+        self._max_per_rail = config.max_attempts_per_rail
+
+    def choose(self, transfer: TransferState, now: float) -> Choice:
+        rng = transfer.pending[0]
+        history = rng.history
+        rail = transfer.bound
+        if rail is not None:
+            state = rail.health.state
+            if (state is not _HEALTHY and state is not _SUSPECT) or (
+                history is not None and history.get(rail.index, 0) >= self._max_per_rail
+            ):
+                rail = None
+        if rail is None:
+            candidates = [
+                r
+                for r in transfer.rails
+                if r.health.state in (_HEALTHY, _SUSPECT)
+                and (history is None or history.get(r.index, 0) < self._max_per_rail)
+            ]
+            if not candidates:
+                return NO_RAIL
+            top = max(r.info.bandwidth for r in candidates)
+            fastest = [r for r in candidates if r.info.bandwidth >= top * (1.0 - 1e-9)]
+            rail = fastest[self._turn % len(fastest)]
+            self._turn += 1
+            transfer.bound = rail
+        if not rail.has_room():
+            return None
+        return rail, cut(rail.nominal, rng.length, self._tail)
+
+
+POLICIES: dict[str, type[EarliestFinish] | type[RoundRobin] | type[SingleRail]] = {
+    EarliestFinish.name: EarliestFinish,
+    RoundRobin.name: RoundRobin,
+    SingleRail.name: SingleRail,
+}
+
+
+def make_policy(policy: str | Policy) -> Policy:
+    """A policy instance from its name (``"eft"``, ``"round_robin"``, ``"single"``) or itself."""
+    if isinstance(policy, str):
+        try:
+            return POLICIES[policy]()
+        except KeyError:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}") from None
+    return policy

@@ -1,0 +1,789 @@
+"""The asyncio engine: the I/O shell around the sans-IO planner.
+
+The engine turns the application's intent (``transfer(src, dst)``) into
+planner events, carries out the planner's decisions through a backend, and
+turns backend reports back into planner events.  It never decides which rail
+carries a slice; the planner does.
+
+Concurrency model: one event loop thread.  Backends report on that thread
+(threads use ``call_soon_threadsafe``); every report updates the planner at
+once and schedules one *pump* on the loop, which polls the planner and executes
+its decisions.  A timer re-arms the pump for the planner's next deadline.  No
+task is spawned per transfer or per slice, so thousands of concurrent
+transfers cost only their bookkeeping.
+
+Structured concurrency: the engine owns an anyio task group for its lifetime
+(``async with Engine(...)``); backend tasks live in it.  Cancelling a caller's
+scope cancels its transfer, and the caller resumes only after every attempt of
+the transfer has been withdrawn, so the destination is never written after
+``transfer()`` returned or raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import attrs
+
+from .backends import Backend, make_backend
+from .core import Finished, Outcome, Piece, Planner, Post, RailEvent, SchedulerConfig, Withdraw
+from .core.events import EventKind
+from .errors import (
+    ConfigError,
+    DuplicateSegmentError,
+    EngineClosedError,
+    LengthMismatchError,
+    NoRailError,
+    OverlappingViewsError,
+    ReadOnlySegmentError,
+    SegmentBusyError,
+    TransferCancelledError,
+    TransferError,
+    UnregisteredSegmentError,
+    UnsupportedBufferError,
+)
+from .memory import as_memory
+from .rails import RailSpec
+from .segments import PERMISSIONS, Permission, Segment, SegmentBase, View
+from .telemetry import Telemetry
+
+logger = logging.getLogger("tent_async")
+event_logger = logging.getLogger("tent_async.rails")
+
+_EVENT_LEVEL = {
+    EventKind.FAILURE: logging.WARNING,
+    EventKind.QUARANTINE: logging.WARNING,
+    EventKind.SUSPECT: logging.INFO,
+    EventKind.REROUTE: logging.INFO,
+    EventKind.PROBE: logging.INFO,
+    EventKind.RECOVERY: logging.INFO,
+}
+
+
+class TransferStatus(enum.Enum):
+    """Where a submitted transfer stands."""
+
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@attrs.frozen
+class TransferResult:
+    """What a completed transfer did.
+
+    ``bytes_per_rail`` maps rail name to the bytes that rail delivered;
+    ``slices`` counts delivered slices, ``attempts`` every try (retries
+    included), ``reroutes`` slices moved off a failing rail.
+    """
+
+    id: int
+    bytes: int
+    elapsed: float
+    bytes_per_rail: Mapping[str, int]
+    slices: int
+    attempts: int
+    reroutes: int
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second over the whole transfer (0 for an empty one)."""
+        return self.bytes / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@attrs.frozen
+class Notification:
+    """A message a peer attached to a transfer, delivered after the transfer's data landed."""
+
+    message: str
+    source: str  # name of the engine that sent it
+
+
+class TransferHandle:
+    """A submitted transfer: awaitable, cancellable, inspectable.
+
+    ``await handle`` returns the :class:`TransferResult` or raises the
+    transfer's error (:class:`TransferCancelledError` if it was cancelled
+    through :meth:`cancel`).  It can be awaited any number of times.
+    """
+
+    def __init__(self, engine: Engine, tid: int, total: int, segments: Sequence[SegmentBase]) -> None:
+        self._engine = engine
+        self.id = tid
+        self.total_bytes = total
+        self._segments = segments
+        self._status = TransferStatus.RUNNING
+        self._result: TransferResult | None = None
+        self._error: BaseException | None = None
+        self._settled = anyio.Event()
+
+    @property
+    def status(self) -> TransferStatus:
+        return self._status
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes acknowledged so far."""
+        if self._result is not None:
+            return self._result.bytes
+        planner = self._engine._planner
+        if planner is not None and planner.has_transfer(self.id):
+            return planner.progress(self.id)[0]
+        return 0
+
+    def done(self) -> bool:
+        """Has the transfer ended (done, failed or cancelled) with nothing left in flight?"""
+        return self._settled.is_set()
+
+    def cancel(self) -> None:
+        """Cancel the transfer; a no-op once it ended.  Awaiting it then raises TransferCancelledError."""
+        if self._status is TransferStatus.RUNNING:
+            self._status = TransferStatus.CANCELLING
+            self._engine._cancel(self.id)
+
+    def result(self) -> TransferResult:
+        """The result of a transfer that ended; raises its error if it failed."""
+        if not self.done():
+            raise anyio.WouldBlock(f"transfer {self.id} is still {self._status.value}; await it first")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        if not self.done():
+            raise anyio.WouldBlock(f"transfer {self.id} is still {self._status.value}; await it first")
+        return self._error
+
+    async def wait(self) -> TransferResult:
+        """Wait for the end of the transfer and return its result (or raise its error)."""
+        await self._settled.wait()
+        return self.result()
+
+    def __await__(self) -> Any:
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        return f"<TransferHandle {self.id} {self._status.value} {self.bytes_done}/{self.total_bytes} B>"
+
+    # engine side
+    def _settle(self, status: TransferStatus, result: TransferResult | None, error: BaseException | None) -> None:
+        self._status = status
+        self._result = result
+        self._error = error
+        self._settled.set()
+
+
+class EventSubscription:
+    """An async iterator over rail events, from :meth:`Engine.events`.
+
+    Buffers up to ``maxlen`` events; if the subscriber falls behind, the oldest
+    are dropped and counted in ``dropped``.  Iteration ends when the engine
+    closes or :meth:`close` is called.
+    """
+
+    def __init__(self, engine: Engine, maxlen: int) -> None:
+        self._engine = engine
+        self._queue: collections.deque[RailEvent] = collections.deque(maxlen=maxlen)
+        self._wakeup = anyio.Event()
+        self._closed = False
+        self.dropped = 0
+
+    def _push(self, event: RailEvent) -> None:
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(event)
+        self._wakeup.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+        self._engine._subscriptions.discard(self)
+
+    def __aiter__(self) -> EventSubscription:
+        return self
+
+    async def __anext__(self) -> RailEvent:
+        while not self._queue:
+            if self._closed:
+                raise StopAsyncIteration
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+        return self._queue.popleft()
+
+    def __enter__(self) -> EventSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Pair = tuple["View | SegmentBase", "View | SegmentBase"]
+
+
+class Engine:
+    """Moves bytes between registered segments over a pool of rails.
+
+    ``backend``
+        ``"local"`` (in-process copies, the default), ``"sim"`` (emulated
+        fabric), ``"ucx"`` (ucxx), or a :class:`~tent_async.backends.Backend`.
+    ``rails``
+        :class:`RailSpec` list; backends that discover rails accept ``None``.
+    ``policy``
+        ``"eft"`` (earliest expected finish, default), ``"round_robin"`` or
+        ``"single"``: see :mod:`tent_async.core.policies`.
+    ``config``
+        :class:`SchedulerConfig`; defaults are documented there.
+    ``name``
+        This engine's name (shown to peers and in notifications).
+    Other keyword arguments go to the backend.
+
+    Use it as ``async with Engine(...) as engine:`` on asyncio (directly, or
+    through anyio's asyncio backend).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        backend: str | Backend = "local",
+        rails: Sequence[RailSpec] | None = None,
+        policy: str = "eft",
+        *,
+        config: SchedulerConfig | None = None,
+        name: str | None = None,
+        **backend_options: Any,
+    ) -> None:
+        if rails is not None:
+            rails = list(rails)
+            bad = [r for r in rails if not isinstance(r, RailSpec)]
+            if bad:
+                raise ConfigError(f"rails must be tent_async.RailSpec objects, got {bad[0]!r}")
+            names = [r.name for r in rails]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"rail names must be unique within an engine, got {names}")
+        from .core.policies import POLICIES
+
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise ConfigError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
+        if config is not None and not isinstance(config, SchedulerConfig):
+            raise ConfigError(f"config must be a tent_async.SchedulerConfig, got {type(config).__name__}")
+        self.name = name or f"engine-{next(self._ids)}"
+        self.policy = policy
+        self.config = config or SchedulerConfig()
+        self._backend = make_backend(backend, rails, **backend_options)
+        self._planner: Planner | None = None
+        self._segments: dict[str, Segment] = {}
+        self._handles: dict[int, TransferHandle] = {}
+        self._subscriptions: set[EventSubscription] = set()
+        self._listeners: list[Callable[[RailEvent], None]] = []
+        self._notifications: collections.deque[Notification] = collections.deque()
+        self._notify_wakeup: anyio.Event | None = None
+        self._notify_for: dict[int, str] = {}
+        self._seg_ids = itertools.count(1)
+        self._state = "new"  # new -> running -> closing -> closed
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_scheduled = False
+        self._timer: Any = None
+        self._timer_at: float | None = None
+
+    # ============================================================ lifecycle
+
+    async def __aenter__(self) -> Engine:
+        if self._state != "new":
+            raise EngineClosedError(f"engine {self.name!r} was already started; create a new Engine")
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigError("tent_async runs on asyncio; with anyio use the asyncio backend") from None
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._backend.start(_Context(self))
+            self._planner = Planner(self._backend.rail_infos(), self.config, self.policy)
+        except BaseException as exc:
+            self._state = "closed"
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._state = "running"
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._tg is not None
+        self._state = "closing"
+        with anyio.CancelScope(shield=True):
+            handles = list(self._handles.values())
+            if exc is not None:
+                for h in handles:
+                    h.cancel()
+            for h in handles:
+                await h._settled.wait()
+            await self._backend.aclose()
+        self._close_state()
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(exc_type, exc, tb)
+
+    def _close_state(self) -> None:
+        self._state = "closed"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for seg in self._segments.values():
+            seg._registered = False
+        self._segments.clear()
+        for sub in list(self._subscriptions):
+            sub.close()
+        if self._notify_wakeup is not None:
+            self._notify_wakeup.set()
+
+    def _require_running(self) -> Planner:
+        if self._state != "running" or self._planner is None:
+            hint = "use `async with Engine(...) as engine:`" if self._state == "new" else "it was closed"
+            raise EngineClosedError(f"engine {self.name!r} is not running; {hint}")
+        return self._planner
+
+    @property
+    def backend(self) -> Backend:
+        """The backend instance (for backend-specific knobs such as fault injection)."""
+        return self._backend
+
+    @property
+    def planner(self) -> Planner:
+        """The sans-IO planner driving this engine (for tools and tests)."""
+        return self._require_running()
+
+    @property
+    def rails(self) -> list[str]:
+        """Names of the engine's rails."""
+        return [r.name for r in self._require_running().rails]
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    # ============================================================= segments
+
+    def register(self, buffer: Any, name: str | None = None, permission: Permission = "rw") -> Segment:
+        """Register memory so that it can be transferred; returns a :class:`Segment`.
+
+        ``buffer``: anything with the buffer protocol (numpy arrays,
+        bytearray, memoryview, mmap), DLPack (torch tensors) or, with cupy
+        installed, ``__cuda_array_interface__``.  The memory is used in place,
+        never copied; keep it alive and unchanged while transfers read it.
+        ``permission``: ``"rw"`` (default) or ``"r"`` (peers and transfers may
+        only read it).
+        """
+        if self._state in ("closing", "closed"):
+            raise EngineClosedError(f"engine {self.name!r} is closed; cannot register memory")
+        if permission not in PERMISSIONS:
+            raise ConfigError(f"permission must be 'r' or 'rw', got {permission!r}")
+        if name is None:
+            name = f"seg-{next(self._seg_ids)}"
+            while name in self._segments:
+                name = f"seg-{next(self._seg_ids)}"
+        elif not isinstance(name, str) or not name:
+            raise ConfigError(f"segment name must be a non-empty string, got {name!r}")
+        if name in self._segments:
+            raise DuplicateSegmentError(
+                f"a segment named {name!r} is registered already; pick another name or unregister it first"
+            )
+        if isinstance(buffer, SegmentBase | View):
+            raise UnsupportedBufferError(f"{buffer!r} is registered already; slice it instead of registering it")
+        memory = as_memory(buffer)
+        if memory.readonly and permission == "rw":
+            raise ReadOnlySegmentError(
+                f"cannot register read-only {type(buffer).__name__} as {name!r} with permission 'rw'; "
+                "pass permission='r'"
+            )
+        seg = Segment(name, memory, permission, self)
+        self._segments[name] = seg
+        self._on_register(seg)
+        return seg
+
+    def unregister(self, segment: Segment | str) -> None:
+        """Forget a segment.  Refused with :class:`SegmentBusyError` while transfers use it."""
+        seg = self.segment(segment) if isinstance(segment, str) else segment
+        if not isinstance(seg, Segment):
+            raise UnsupportedBufferError(f"unregister takes a Segment or its name, got {type(segment).__name__}")
+        seg.check_owner(self)
+        if seg.busy:
+            raise SegmentBusyError(
+                f"segment {seg.name!r} is used by {seg.busy} open transfer(s); await or cancel them first"
+            )
+        seg._registered = False
+        del self._segments[seg.name]
+        self._on_unregister(seg)
+
+    def segment(self, name: str) -> Segment:
+        """The registered segment called ``name``."""
+        try:
+            return self._segments[name]
+        except KeyError:
+            raise UnregisteredSegmentError(
+                f"no segment named {name!r} is registered; registered: {sorted(self._segments)}"
+            ) from None
+
+    @property
+    def segments(self) -> Mapping[str, Segment]:
+        return dict(self._segments)
+
+    def _on_register(self, seg: Segment) -> None:
+        hook = getattr(self._backend, "on_register", None)
+        if hook is not None:
+            hook(seg)
+
+    def _on_unregister(self, seg: Segment) -> None:
+        hook = getattr(self._backend, "on_unregister", None)
+        if hook is not None:
+            hook(seg)
+
+    # ============================================================ transfers
+
+    def submit(self, src: View | SegmentBase, dst: View | SegmentBase, *, notify: str | None = None) -> TransferHandle:
+        """Start copying ``src`` into ``dst``; returns at once with a :class:`TransferHandle`.
+
+        Both are views (``seg[a:b]``) or whole segments, of equal length.
+        ``notify``: a message delivered to the destination's engine after
+        the data landed (see :meth:`notifications`).
+        """
+        return self.submit_batch([(src, dst)], notify=notify)
+
+    def submit_batch(self, pairs: Iterable[Pair], *, notify: str | None = None) -> TransferHandle:
+        """Start many copies as one transfer that completes when all of them do."""
+        planner = self._require_running()
+        pieces: list[Piece] = []
+        segments: dict[int, SegmentBase] = {}
+        views: list[tuple[View, View]] = []
+        for pair in pairs:
+            try:
+                src, dst = pair
+            except (TypeError, ValueError):
+                raise TypeError(f"a batch is an iterable of (src, dst) pairs; got {pair!r}") from None
+            s = self._as_view(src, "source")
+            d = self._as_view(dst, "destination")
+            if s.length != d.length:
+                raise LengthMismatchError(
+                    f"source {s!r} has {s.length} bytes but destination {d!r} has {d.length}; "
+                    "slice them to the same length"
+                )
+            if not d.segment.writable:
+                raise ReadOnlySegmentError(
+                    f"destination {d!r} is in segment {d.segment.name!r}, registered read-only; "
+                    "register the destination with permission='rw'"
+                )
+            self._backend.check_pair(s.segment, d.segment)
+            views.append((s, d))
+            segments[id(s.segment)] = s.segment
+            segments[id(d.segment)] = d.segment
+            pieces.append(Piece(s.segment, s.offset, d.segment, d.offset, s.length))
+        _check_overlaps(views)
+        rails = self._eligible(views)
+        now = self._backend.clock()
+        tid = planner.submit(pieces, now, rails)
+        handle = TransferHandle(self, tid, sum(p.length for p in pieces), list(segments.values()))
+        for seg in handle._segments:
+            if isinstance(seg, Segment):
+                seg._busy += 1
+        self._handles[tid] = handle
+        if notify is not None:
+            self._notify_for[tid] = notify
+        self._kick()
+        return handle
+
+    async def transfer(
+        self, src: View | SegmentBase, dst: View | SegmentBase, *, notify: str | None = None
+    ) -> TransferResult:
+        """Copy ``src`` into ``dst`` and wait for it; the engine chooses the rails.
+
+        Cancelling the caller cancels the transfer; the call returns (raising
+        the cancellation) only after nothing of it can land any more.
+        """
+        return await self._wait(self.submit(src, dst, notify=notify))
+
+    async def transfer_batch(self, pairs: Iterable[Pair], *, notify: str | None = None) -> TransferResult:
+        """Copy many (src, dst) pairs as one transfer and wait for all of them."""
+        return await self._wait(self.submit_batch(pairs, notify=notify))
+
+    async def _wait(self, handle: TransferHandle) -> TransferResult:
+        try:
+            return await handle.wait()
+        except BaseException:
+            if not handle.done():
+                handle.cancel()
+                with anyio.CancelScope(shield=True):
+                    await handle._settled.wait()
+            raise
+
+    def _as_view(self, obj: object, role: str) -> View:
+        if isinstance(obj, SegmentBase):
+            obj = obj[:]
+        if not isinstance(obj, View):
+            raise UnsupportedBufferError(
+                f"the {role} must be a view of a registered segment (seg[a:b]) or a segment, "
+                f"got {type(obj).__name__}; register the buffer with engine.register() first"
+            )
+        seg = obj.segment
+        if isinstance(seg, Segment):
+            seg.check_owner(self)
+        else:
+            check = getattr(self._backend, "check_remote", None)
+            if check is None:
+                raise UnregisteredSegmentError(
+                    f"{seg!r} is not a segment of this engine; the {self._backend.name} backend has no peers"
+                )
+            check(seg)
+        return obj
+
+    def _eligible(self, views: Sequence[tuple[View, View]]) -> list[str] | None:
+        allowed: set[str] | None = None
+        for s, d in views:
+            names = self._backend.rails_for(s.segment, d.segment)
+            if names is None:
+                continue
+            allowed = set(names) if allowed is None else allowed & set(names)
+        if allowed is None:
+            return None
+        if not allowed:
+            raise NoRailError("no rail can carry every pair of this batch; split the batch by peer")
+        return sorted(allowed)
+
+    def _cancel(self, tid: int) -> None:
+        if self._planner is not None and self._planner.cancel(tid, self._backend.clock()):
+            self._kick()
+
+    # ======================================================== observability
+
+    def telemetry(self) -> Telemetry:
+        """A snapshot of every rail: health, learned bandwidth and latency, in flight, totals."""
+        planner = self._require_running()
+        return Telemetry.from_planner(planner, self._backend.clock())
+
+    def events(self, maxlen: int = 10_000) -> EventSubscription:
+        """Subscribe to rail events (failures, reroutes, quarantines, probes, recoveries).
+
+        ``async for event in engine.events(): ...``; also usable as a context
+        manager that unsubscribes on exit.
+        """
+        sub = EventSubscription(self, maxlen)
+        if self._state == "closed":
+            sub.close()
+        else:
+            self._subscriptions.add(sub)
+        return sub
+
+    def add_event_listener(self, callback: Callable[[RailEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every rail event; returns a function that removes it."""
+        self._listeners.append(callback)
+
+        def remove() -> None:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+        return remove
+
+    async def notifications(self) -> AsyncIterator[Notification]:
+        """Messages attached to transfers into this engine's segments, each after its data landed."""
+        while True:
+            while self._notifications:
+                yield self._notifications.popleft()
+            if self._state == "closed":
+                return
+            self._notify_wakeup = anyio.Event()
+            await self._notify_wakeup.wait()
+
+    def _deliver_notification(self, note: Notification) -> None:
+        self._notifications.append(note)
+        if self._notify_wakeup is not None:
+            self._notify_wakeup.set()
+
+    # ================================================================ pump
+
+    def _kick(self) -> None:
+        """Make sure the planner is polled soon (once, however many reports arrive)."""
+        if not self._pump_scheduled and self._loop is not None and self._state != "closed":
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        planner = self._planner
+        if planner is None or self._state == "closed":
+            return
+        backend = self._backend
+        for decision in planner.poll(backend.clock()):
+            if type(decision) is Post:
+                try:
+                    backend.post(decision.attempt)
+                except Exception as exc:  # a backend that cannot even start the slice
+                    planner.fail(decision.attempt.id, backend.clock(), exc)
+                    self._kick()
+            elif type(decision) is Withdraw:
+                backend.withdraw(decision.attempt)
+            else:
+                assert isinstance(decision, Finished)
+                self._finish(decision)
+        events = planner.drain_events()
+        if events:
+            self._publish(events)
+        self._arm_timer(planner.next_wakeup())
+
+    def _arm_timer(self, when: float | None) -> None:
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._backend.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._kick()
+
+    def _finish(self, fin: Finished) -> None:
+        handle = self._handles.pop(fin.transfer_id, None)
+        notify = self._notify_for.pop(fin.transfer_id, None)
+        if handle is None:
+            return
+        for seg in handle._segments:
+            if isinstance(seg, Segment):
+                seg._busy -= 1
+        if fin.outcome is Outcome.DONE:
+            result = TransferResult(
+                id=fin.transfer_id,
+                bytes=handle.total_bytes,
+                elapsed=fin.finished_at - fin.submitted_at,
+                bytes_per_rail=fin.bytes_per_rail,
+                slices=fin.slices,
+                attempts=fin.attempts,
+                reroutes=fin.reroutes,
+            )
+            if notify is not None:
+                self._send_notification(handle, notify)
+            handle._settle(TransferStatus.DONE, result, None)
+        elif fin.outcome is Outcome.CANCELLED:
+            handle._settle(
+                TransferStatus.CANCELLED, None, TransferCancelledError(f"transfer {fin.transfer_id} was cancelled")
+            )
+        else:
+            error = fin.error or TransferError(f"transfer {fin.transfer_id} failed")
+            handle._settle(TransferStatus.FAILED, None, error)
+
+    def _send_notification(self, handle: TransferHandle, message: str) -> None:
+        sender = getattr(self._backend, "send_notification", None)
+        if sender is not None:
+            sender(handle._segments, message)
+        else:
+            self._deliver_notification(Notification(message=message, source=self.name))
+
+    def _publish(self, events: list[RailEvent]) -> None:
+        for event in events:
+            event_logger.log(_EVENT_LEVEL.get(event.kind, logging.INFO), "%s", event.detail)
+            for sub in self._subscriptions:
+                sub._push(event)
+            for callback in list(self._listeners):
+                try:
+                    callback(event)
+                except Exception:
+                    logger.exception("rail event listener %r raised", callback)
+
+
+class _Context:
+    """The :class:`BackendContext` an engine gives its backend."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _planner(self) -> Planner | None:
+        return self._engine._planner
+
+    def complete(self, attempt_id: int, wire_time: float | None = None) -> None:
+        planner = self._planner()
+        if planner is not None:
+            planner.complete(attempt_id, self._engine._backend.clock(), wire_time)
+            self._engine._kick()
+
+    def fail(
+        self, attempt_id: int, error: BaseException, *, rail_down: bool = False, transfer_fatal: bool = False
+    ) -> None:
+        planner = self._planner()
+        if planner is not None:
+            planner.fail(
+                attempt_id, self._engine._backend.clock(), error, rail_down=rail_down, transfer_fatal=transfer_fatal
+            )
+            self._engine._kick()
+
+    def withdrawn(self, attempt_id: int) -> None:
+        planner = self._planner()
+        if planner is not None:
+            planner.withdrawn(attempt_id, self._engine._backend.clock())
+            self._engine._kick()
+
+    def rail_down(self, rail: str, reason: str) -> None:
+        planner = self._planner()
+        if planner is not None:
+            planner.rail_down(rail, self._engine._backend.clock(), reason)
+            self._engine._kick()
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:
+        tg = self._engine._tg
+        if tg is None:
+            raise EngineClosedError("the engine is not running")
+        tg.start_soon(fn, *args, name=name)
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._engine._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def deliver_notification(self, message: str, source: str) -> None:
+        self._engine._deliver_notification(Notification(message=message, source=source))
+
+
+def _check_overlaps(views: Sequence[tuple[View, View]]) -> None:
+    """Destinations must not overlap each other or any source of the same batch."""
+    spans: list[tuple[int, int, int, str, View]] = []
+    for s, d in views:
+        if d.length:
+            spans.append((id(d.segment), d.offset, d.end, "dst", d))
+        if s.length:
+            spans.append((id(s.segment), s.offset, s.end, "src", s))
+    spans.sort(key=lambda x: (x[0], x[1]))
+    # Sweep per segment, remembering the furthest-reaching destination and source so far.
+    current = None
+    far_dst: tuple[int, View] | None = None
+    far_src: tuple[int, View] | None = None
+    for seg_id, start, end, role, view in spans:
+        if seg_id != current:
+            current, far_dst, far_src = seg_id, None, None
+        if far_dst is not None and start < far_dst[0]:
+            raise OverlappingViewsError(
+                f"{view!r} overlaps destination {far_dst[1]!r} in the same transfer; "
+                "destinations must not overlap each other or the sources"
+            )
+        if role == "dst" and far_src is not None and start < far_src[0]:
+            raise OverlappingViewsError(
+                f"destination {view!r} overlaps source {far_src[1]!r} in the same transfer; "
+                "copy through a separate buffer"
+            )
+        if role == "dst":
+            if far_dst is None or end > far_dst[0]:
+                far_dst = (end, view)
+        elif far_src is None or end > far_src[0]:
+            far_src = (end, view)

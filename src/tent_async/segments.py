@@ -1,0 +1,153 @@
+"""Registered memory, addressed by name: segments and views of them.
+
+A :class:`Segment` is memory registered with an engine (``engine.register``);
+a :class:`View` is a byte range of a segment, made by slicing
+(``seg[0:4096]``).  Views are bounds-checked when they are made, so a bad
+offset fails at the line that computed it, not somewhere inside a transfer.
+
+Remote segments (a peer's memory, in the UCX backend) share the
+:class:`SegmentBase` interface, so local and remote views slice and transfer
+the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+
+from .errors import OutOfBoundsError, UnregisteredSegmentError
+from .memory import Memory
+
+if TYPE_CHECKING:
+    pass
+
+Permission = Literal["r", "rw"]
+PERMISSIONS: tuple[Permission, ...] = ("r", "rw")
+
+
+def _resolve(key: Any, size: int, what: str) -> tuple[int, int]:
+    """``slice`` -> ``(start, stop)`` with Python's negative indices, but no clamping."""
+    if not isinstance(key, slice):
+        raise TypeError(f"index {what} with a slice such as [0:4096] to get a view; got {type(key).__name__} {key!r}")
+    if key.step not in (None, 1):
+        raise OutOfBoundsError(f"views of {what} must be contiguous; step {key.step} is not supported")
+    start = 0 if key.start is None else key.start
+    stop = size if key.stop is None else key.stop
+    if not isinstance(start, int) or not isinstance(stop, int):
+        raise TypeError(f"slice bounds of {what} must be integers, got {key.start!r}:{key.stop!r}")
+    if start < 0:
+        start += size
+    if stop < 0:
+        stop += size
+    if not (0 <= start <= stop <= size):
+        raise OutOfBoundsError(
+            f"view [{key.start}:{key.stop}] is outside {what} of {size} bytes "
+            f"(resolved to [{start}:{stop}]); valid views lie within [0:{size}]"
+        )
+    return start, stop
+
+
+class SegmentBase:
+    """What local and remote segments have in common: a name, a size, a kind, a permission."""
+
+    __slots__ = ("__weakref__", "kind", "name", "permission", "size")
+
+    def __init__(self, name: str, size: int, kind: str, permission: Permission) -> None:
+        self.name = name
+        self.size = size
+        self.kind = kind
+        self.permission = permission
+
+    @property
+    def writable(self) -> bool:
+        return self.permission == "rw"
+
+    @property
+    def is_remote(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return f"segment {self.name!r}"
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: slice) -> View:
+        start, stop = _resolve(key, self.size, self.describe())
+        return View(self, start, stop - start)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.size} B {self.kind} {self.permission}>"
+
+
+class Segment(SegmentBase):
+    """Local memory registered with an engine.
+
+    Obtain one from :meth:`Engine.register`; slice it to get views.  A segment
+    stays valid until :meth:`Engine.unregister` or the engine closes.
+    """
+
+    __slots__ = ("_busy", "_owner", "_registered", "memory")
+
+    def __init__(self, name: str, memory: Memory, permission: Permission, owner: object) -> None:
+        super().__init__(name, memory.nbytes, memory.kind, permission)
+        self.memory = memory
+        self._owner = owner  # the engine this segment belongs to
+        self._registered = True
+        self._busy = 0  # open transfers that read or write it
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    @property
+    def busy(self) -> int:
+        """How many open transfers use this segment."""
+        return self._busy
+
+    def check_owner(self, owner: object) -> None:
+        """Raise unless this segment is registered with ``owner``."""
+        if not self._registered:
+            raise UnregisteredSegmentError(
+                f"segment {self.name!r} was unregistered (or its engine closed); register the buffer again"
+            )
+        if self._owner is not owner:
+            raise UnregisteredSegmentError(
+                f"segment {self.name!r} belongs to another engine; register the buffer with this engine"
+            )
+
+
+@attrs.frozen(repr=False)
+class View:
+    """Bytes ``[offset, offset + length)`` of a segment.
+
+    Slicing a view slices within it: ``seg[100:200][10:20]`` is ``seg[110:120]``.
+    """
+
+    segment: SegmentBase
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> View:
+        start, stop = _resolve(key, self.length, f"a {self.length}-byte view of {self.segment.describe()}")
+        return View(self.segment, self.offset + start, stop - start)
+
+    def overlaps(self, other: View) -> bool:
+        return (
+            self.segment is other.segment
+            and self.length > 0
+            and other.length > 0
+            and self.offset < other.end
+            and other.offset < self.end
+        )
+
+    def __repr__(self) -> str:
+        return f"{self.segment.name}[{self.offset}:{self.end}]"

@@ -1,0 +1,130 @@
+"""Per-rail telemetry snapshots, inspectable from Python and printable.
+
+``engine.telemetry()`` returns a :class:`Telemetry`: an immutable snapshot of
+every rail (health, learned bandwidth and latency, what is in flight, totals
+and failure counters) plus engine-wide counts.  The same snapshot feeds the
+Prometheus exporter and the CLI, so all three always agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+
+from .core import Planner
+from .units import format_rate, format_size
+
+
+@attrs.frozen
+class RailTelemetry:
+    """One rail at one instant."""
+
+    name: str
+    health: str
+    bandwidth: float  # learned, bytes/s
+    latency: float  # learned, seconds
+    nominal_bandwidth: float  # the hint it started from, bytes/s
+    slice_size: int  # bytes the next slice on this rail would take
+    inflight_slices: int
+    inflight_bytes: int
+    bytes_total: int  # bytes delivered for live attempts
+    slices_total: int
+    probes: int
+    errors: int
+    deadline_misses: int
+    rerouted: int  # slices taken off this rail to be sent elsewhere
+    quarantines: int
+    last_error: str
+    samples: int  # completions the estimate has learned from
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class Telemetry:
+    """Snapshot of an engine's rails."""
+
+    time: float
+    policy: str
+    rails: tuple[RailTelemetry, ...]
+    open_transfers: int
+
+    @classmethod
+    def from_planner(cls, planner: Planner, now: float) -> Telemetry:
+        rails = tuple(
+            RailTelemetry(
+                name=r.name,
+                health=r.health.state.value,
+                bandwidth=r.estimator.bandwidth,
+                latency=r.estimator.latency,
+                nominal_bandwidth=r.info.bandwidth,
+                slice_size=r.nominal,
+                inflight_slices=len(r.inflight),
+                inflight_bytes=r.inflight_bytes,
+                bytes_total=r.bytes_total,
+                slices_total=r.slices_total,
+                probes=r.probes_total,
+                errors=r.errors,
+                deadline_misses=r.deadline_misses,
+                rerouted=r.rerouted_from,
+                quarantines=r.health.quarantines,
+                last_error=r.last_error,
+                samples=r.estimator.samples,
+            )
+            for r in planner.rails
+        )
+        return cls(time=now, policy=planner.policy.name, rails=rails, open_transfers=len(planner.transfers()))
+
+    def __getitem__(self, name: str) -> RailTelemetry:
+        for rail in self.rails:
+            if rail.name == name:
+                return rail
+        raise KeyError(f"no rail named {name!r}; rails: {[r.name for r in self.rails]}")
+
+    def __iter__(self) -> Iterator[RailTelemetry]:
+        return iter(self.rails)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return sum(r.inflight_bytes for r in self.rails)
+
+    @property
+    def inflight_slices(self) -> int:
+        return sum(r.inflight_slices for r in self.rails)
+
+    @property
+    def bytes_per_rail(self) -> Mapping[str, int]:
+        return {r.name: r.bytes_total for r in self.rails}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "policy": self.policy,
+            "open_transfers": self.open_transfers,
+            "rails": [r.as_dict() for r in self.rails],
+        }
+
+    def __str__(self) -> str:
+        header = ("rail", "health", "learned bw", "latency", "slice", "in flight", "delivered", "slices", "errors")
+        rows = [
+            (
+                r.name,
+                r.health,
+                format_rate(r.bandwidth),
+                f"{r.latency * 1e6:.0f} us",
+                format_size(r.slice_size),
+                f"{r.inflight_slices} / {format_size(r.inflight_bytes)}",
+                format_size(r.bytes_total),
+                str(r.slices_total),
+                str(r.errors + r.deadline_misses),
+            )
+            for r in self.rails
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        lines = [f"policy={self.policy} open_transfers={self.open_transfers}"]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+        lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+        return "\n".join(lines)
