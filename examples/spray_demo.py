@@ -66,7 +66,10 @@ async def main() -> None:
         shares = [result.bytes_per_rail.get(r.name, 0) / size for r in RAILS]
         table.add_row(
             policy,
-            *(f"{format_size(result.bytes_per_rail.get(r.name, 0))} ({100 * s:.0f}%)" for r, s in zip(RAILS, shares)),
+            *(
+                f"{format_size(result.bytes_per_rail.get(r.name, 0))} ({100 * s:.0f}%)"
+                for r, s in zip(RAILS, shares, strict=True)
+            ),
             str(result.slices),
             format_rate(result.throughput),
             f"{result.throughput / capacity:.2f}",
