@@ -334,8 +334,12 @@ class Engine:
                 await h._settled.wait()
             await self._backend.aclose()
         self._close_state()
+        # The body's own exception propagates unchanged (not wrapped in an
+        # exception group): the task group is closed as if the body ended
+        # cleanly, so it raises only if one of the engine's tasks failed.
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        await self._tg.__aexit__(None, None, None)
+        return None
 
     def _close_state(self) -> None:
         self._state = "closed"
@@ -343,7 +347,7 @@ class Engine:
             self._timer.cancel()
             self._timer = None
         for seg in self._segments.values():
-            seg._registered = False
+            seg._release()
         self._segments.clear()
         for sub in list(self._subscriptions):
             sub.close()
@@ -424,7 +428,7 @@ class Engine:
             raise SegmentBusyError(
                 f"segment {seg.name!r} is used by {seg.busy} open transfer(s); await or cancel them first"
             )
-        seg._registered = False
+        seg._release()
         del self._segments[seg.name]
         self._on_unregister(seg)
 

@@ -12,15 +12,13 @@ the same way.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import attrs
+import numpy as np
 
 from .errors import OutOfBoundsError, UnregisteredSegmentError
 from .memory import Memory
-
-if TYPE_CHECKING:
-    pass
 
 Permission = Literal["r", "rw"]
 PERMISSIONS: tuple[Permission, ...] = ("r", "rw")
@@ -100,6 +98,11 @@ class Segment(SegmentBase):
     @property
     def registered(self) -> bool:
         return self._registered
+
+    def _release(self) -> None:
+        """Forget the memory, so the application can free it (close an mmap, drop a tensor)."""
+        self._registered = False
+        self.memory = Memory(array=np.empty(0, dtype=np.uint8), kind=self.kind, readonly=True, owner=None)
 
     @property
     def busy(self) -> int:

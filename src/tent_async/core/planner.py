@@ -70,6 +70,11 @@ class Planner:
         self._events: list[RailEvent] = []
         self._next_tid = 1
         self._next_aid = 1
+        self._quarantined: set[RailState] = set()  # rails whose quarantine timer runs
+        self._probing: set[RailState] = set()  # rails waiting for (or carrying) a probe
+        self._idle_check_at = -float("inf")
+        self._deadline_floor = self.config.deadline_floor
+        self._deadline_factor = self.config.deadline_factor
 
     # ================================================================ intent
 
@@ -135,7 +140,7 @@ class Planner:
         if wire_time is None:
             wire_time = now - max(a.posted_at, rail.last_completion)
         rail.estimator.observe(a.length, wire_time, started_idle=a.started_idle)
-        rail.refresh_nominal()
+        rail.refresh()
         rail.last_completion = now
         rail.last_activity = now
         t = self._transfers[a.transfer_id]
@@ -147,6 +152,7 @@ class Planner:
             t.bytes_per_rail[rail.name] = t.bytes_per_rail.get(rail.name, 0) + a.length
             before = rail.health.state
             if before is not Health.HEALTHY and rail.health.on_success(now) is Health.HEALTHY:
+                self._probing.discard(rail)
                 self._event(now, EventKind.RECOVERY, rail, f"rail {rail.name} is healthy again")
         a.state = _DONE
         t.live.discard(aid)
@@ -229,11 +235,16 @@ class Planner:
 
     def poll(self, now: float) -> list[Decision]:
         """Run deadlines, health timers and dispatch; return the decisions to carry out."""
-        self._expire_deadlines(now)
-        for rail in self.rails:
-            if rail.health.state is Health.QUARANTINED and now >= rail.health.quarantine_until:
-                rail.health.tick(now)
-                self._event(now, EventKind.PROBE, rail, f"quarantine of {rail.name} ended; probing")
+        heap = self._deadlines
+        if heap and heap[0][0] <= now:
+            self._expire_deadlines(now)
+        if self._quarantined:
+            for rail in list(self._quarantined):
+                if now >= rail.health.quarantine_until:
+                    rail.health.tick(now)
+                    self._quarantined.discard(rail)
+                    self._probing.add(rail)
+                    self._event(now, EventKind.PROBE, rail, f"quarantine of {rail.name} ended; probing")
         self._dispatch(now)
         out = self._decisions
         self._decisions = []
@@ -253,7 +264,8 @@ class Planner:
         if self._active and self.policy.probes_idle_rails:
             for rail in self.rails:
                 if not rail.inflight and rail.health.state is not Health.QUARANTINED:
-                    times.append(max(rail.last_activity, rail.probe_checked) + self.config.probe_interval)
+                    due = max(rail.last_activity, rail.probe_checked) + self.config.probe_interval
+                    times.append(max(due, self._idle_check_at))
         return min(times) if times else None
 
     def drain_events(self) -> list[RailEvent]:
@@ -312,8 +324,7 @@ class Planner:
 
     @staticmethod
     def _release(rail: RailState, a: Attempt) -> None:
-        if rail.inflight.pop(a.id, None) is not None:
-            rail.inflight_bytes -= a.length
+        rail.remove(a)
 
     def _stale_deadline(self, entry: tuple[float, int]) -> bool:
         a = self._attempts.get(entry[1])
@@ -362,6 +373,9 @@ class Planner:
             self._event(now, EventKind.REROUTE, rail, f"{moved} slice(s) taken off {rail.name}", slices=moved)
         before = rail.health.state
         after = rail.health.on_failure(now, rail_down=rail_down)
+        if after is Health.QUARANTINED:
+            self._quarantined.add(rail)
+            self._probing.discard(rail)
         if after is Health.QUARANTINED and before is not Health.QUARANTINED:
             self._event(
                 now,
@@ -453,7 +467,8 @@ class Planner:
             active.popleft().in_active = False
         if not active:
             return
-        self._health_probes(now)
+        if self._quarantined or self._probing:
+            self._health_probes(now)
         choose = self.policy.choose
         misses = 0
         while active and misses < len(active):
@@ -481,7 +496,8 @@ class Planner:
             else:
                 active.popleft().in_active = False
             misses = 0
-        if self.policy.probes_idle_rails and active:
+        if self.policy.probes_idle_rails and active and now >= self._idle_check_at:
+            self._idle_check_at = now + 0.25 * self.config.probe_interval
             self._idle_probes(now)
 
     def _post(self, t: TransferState, rail: RailState, size: int, now: float, *, probe: bool) -> None:
@@ -496,31 +512,30 @@ class Planner:
             rng.length -= size
         piece = t.pieces[piece_index]
         expected = rail.expected_time(size, now)
-        cfg = self.config
-        deadline = now + max(cfg.deadline_floor, cfg.deadline_factor * expected)
+        deadline = now + max(self._deadline_floor, self._deadline_factor * expected)
         aid = self._next_aid
         self._next_aid = aid + 1
+        # Positional: this runs once per slice and keyword passing costs measurably.
         a = Attempt(
-            id=aid,
-            transfer_id=t.id,
-            rail=rail.index,
-            rail_name=rail.name,
-            piece=piece_index,
-            offset=offset,
-            length=size,
-            src=piece.src,
-            src_offset=piece.src_offset + offset,
-            dst=piece.dst,
-            dst_offset=piece.dst_offset + offset,
-            posted_at=now,
-            expected=expected,
-            deadline=deadline,
-            probe=probe,
-            started_idle=not rail.inflight,
-            history=rng.history,
+            aid,
+            t.id,
+            rail.index,
+            rail.name,
+            piece_index,
+            offset,
+            size,
+            piece.src,
+            piece.src_offset + offset,
+            piece.dst,
+            piece.dst_offset + offset,
+            now,
+            expected,
+            deadline,
+            probe,
+            not rail.inflight,
+            rng.history,
         )
-        rail.inflight[aid] = a
-        rail.inflight_bytes += size
+        rail.add(a)
         rail.last_activity = now
         if probe:
             rail.probes_total += 1

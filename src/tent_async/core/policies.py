@@ -101,12 +101,17 @@ class EarliestFinish:
                 continue
             nominal = rail.nominal
             size = remaining if remaining <= nominal or remaining - nominal < tail * nominal else nominal
-            cost = (
-                rail.estimator.latency + (rail.inflight_bytes + size) / rail.effective_bandwidth(now)
-            ) * rail.penalty
+            # rail.expected_time(size, now) * rail.penalty, inlined: this loop is the hot path.
+            bw = rail.bw
+            inflight = rail.inflight
+            if inflight:
+                elapsed = now - rail.head_posted
+                if elapsed > rail.head_expected > 0.0:
+                    bw *= rail.head_expected / elapsed
+            cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
             if cost < best:
                 best = cost
-            if cost < pick_cost and len(rail.inflight) < (rail.window_full if state is _HEALTHY else 1):
+            if cost < pick_cost and len(inflight) < (rail.window_full if state is _HEALTHY else 1):
                 pick, pick_cost, pick_size = rail, cost, size
         if pick is None:
             return NO_RAIL if best == float("inf") else None

@@ -44,10 +44,13 @@ class RailState:
 
     __slots__ = (
         "_config",
+        "bw",
         "bytes_total",
         "deadline_misses",
         "errors",
         "estimator",
+        "head_expected",
+        "head_posted",
         "health",
         "index",
         "inflight",
@@ -56,6 +59,7 @@ class RailState:
         "last_activity",
         "last_completion",
         "last_error",
+        "lat",
         "name",
         "nominal",
         "penalty",
@@ -81,6 +85,13 @@ class RailState:
         self.health = RailHealth(config)
         self.inflight: dict[int, Attempt] = {}  # insertion order == post order
         self.inflight_bytes = 0
+        # Mirrors of the estimator and of the oldest attempt in flight, kept as
+        # plain attributes because the dispatcher reads them for every rail of
+        # every decision.
+        self.bw = info.bandwidth
+        self.lat = info.latency
+        self.head_posted = 0.0
+        self.head_expected = 0.0
         self.last_completion = -float("inf")
         self.last_activity = -float("inf")
         self.probe_checked = -float("inf")  # last time an idle probe found nothing to carry
@@ -95,9 +106,30 @@ class RailState:
         self.last_error = ""
         self._config = config
 
-    def refresh_nominal(self) -> None:
-        """Recompute the slice size after the bandwidth estimate moved."""
-        self.nominal = nominal_slice(self.estimator.bandwidth, self._config)
+    def refresh(self) -> None:
+        """Pick up the estimator's new values (and the slice size they imply)."""
+        self.bw = self.estimator.bandwidth
+        self.lat = self.estimator.latency
+        self.nominal = nominal_slice(self.bw, self._config)
+
+    def add(self, attempt: Attempt) -> None:
+        """Account a newly posted attempt."""
+        if not self.inflight:
+            self.head_posted = attempt.posted_at
+            self.head_expected = attempt.expected
+        self.inflight[attempt.id] = attempt
+        self.inflight_bytes += attempt.length
+
+    def remove(self, attempt: Attempt) -> None:
+        """Release a resolved attempt (idempotent)."""
+        inflight = self.inflight
+        if inflight.pop(attempt.id, None) is None:
+            return
+        self.inflight_bytes -= attempt.length
+        if inflight and attempt.posted_at <= self.head_posted:
+            head = next(iter(inflight.values()))
+            self.head_posted = head.posted_at
+            self.head_expected = head.expected
 
     def has_room(self) -> bool:
         health = self.health
@@ -112,14 +144,13 @@ class RailState:
         until one arrives; an overdue slice already proves it is at most
         ``expected / elapsed`` as fast as believed.
         """
-        bw = self.estimator.bandwidth
+        bw = self.bw
         if self.inflight:
-            oldest = next(iter(self.inflight.values()))
-            elapsed = now - oldest.posted_at
-            if elapsed > oldest.expected > 0.0:
-                bw *= oldest.expected / elapsed
+            elapsed = now - self.head_posted
+            if elapsed > self.head_expected > 0.0:
+                bw *= self.head_expected / elapsed
         return bw
 
     def expected_time(self, size: int, now: float) -> float:
         """Seconds until a slice of ``size`` bytes posted now would finish (no penalty)."""
-        return self.estimator.latency + (self.inflight_bytes + size) / self.effective_bandwidth(now)
+        return self.lat + (self.inflight_bytes + size) / self.effective_bandwidth(now)

@@ -1,0 +1,126 @@
+"""The engine on the local backend against the physical limit, a raw numpy copy.
+
+In one run, over the same two buffers:
+
+1. raw ``numpy.copyto`` bandwidth, for the whole buffer and per 64 MiB chunk
+   (the limit: one memcpy, no engine);
+2. the engine with one unthrottled rail and with four, moving the buffer as
+   64 MiB transfers one after another, and as one transfer;
+3. the engine's overhead per slice: the same bytes cut into many small
+   slices, ``(engine time - raw copy time) / slices``.
+
+Target: engine throughput >= 80 % of raw copy bandwidth for 64 MiB transfers.
+
+    tent-async bench local [--size 1GiB] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import anyio
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ..core import SchedulerConfig
+from ..engine import Engine
+from ..rails import RailSpec
+from ..units import format_rate, format_size, parse_size
+
+TARGET = 0.80
+CHUNK = 64 << 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", default="1GiB", help="bytes to move per measurement (default 1GiB)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions; the median is reported (default 3)")
+    parser.add_argument("--small-slice", default="64KiB", help="slice size for the overhead measurement")
+
+
+def _raw(src: np.ndarray, dst: np.ndarray, chunk: int | None) -> float:
+    t0 = time.perf_counter()
+    if chunk is None:
+        np.copyto(dst, src)
+    else:
+        for off in range(0, src.size, chunk):
+            np.copyto(dst[off : off + chunk], src[off : off + chunk])
+    return time.perf_counter() - t0
+
+
+async def _engine_run(
+    src: np.ndarray, dst: np.ndarray, rails: int, chunk: int | None, config: SchedulerConfig | None = None
+) -> tuple[float, int]:
+    specs = [RailSpec(name=f"copy{i}") for i in range(rails)]
+    async with Engine(backend="local", rails=specs, config=config) as engine:
+        a = engine.register(src, name="src", permission="r")
+        b = engine.register(dst, name="dst")
+        await engine.transfer(a[0 : min(CHUNK, src.size)], b[0 : min(CHUNK, src.size)])  # learn the rails
+        slices = 0
+        t0 = time.perf_counter()
+        if chunk is None:
+            slices += (await engine.transfer(a[:], b[:])).slices
+        else:
+            for off in range(0, src.size, chunk):
+                end = min(off + chunk, src.size)
+                slices += (await engine.transfer(a[off:end], b[off:end])).slices
+        return time.perf_counter() - t0, slices
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    console = Console()
+    console.print(f"allocating 2 x {format_size(size)} ...")
+    src = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+    dst = np.zeros_like(src)
+
+    def median(fn: object) -> float:
+        return statistics.median(fn() for _ in range(args.repeat))  # type: ignore[operator]
+
+    raw_whole = median(lambda: _raw(src, dst, None))
+    raw_chunk = median(lambda: _raw(src, dst, CHUNK))
+    rows: list[tuple[str, float, int]] = []
+    for rails in (1, 4):
+        for chunk, label in ((CHUNK, "64 MiB transfers"), (None, f"one {format_size(size)} transfer")):
+            times = [anyio.run(_engine_run, src, dst, rails, chunk) for _ in range(args.repeat)]
+            elapsed = statistics.median(t for t, _ in times)
+            rows.append((f"engine, {rails} rail{'s' if rails > 1 else ''}, {label}", elapsed, times[0][1]))
+    if not np.array_equal(src, dst):
+        console.print("[red]destination differs from source[/red]")
+        return 1
+    small = parse_size(args.small_slice)
+    small_cfg = SchedulerConfig(min_slice=small, max_slice=small, slice_align=min(4096, small))
+    small_times = [anyio.run(_engine_run, src, dst, 1, None, small_cfg) for _ in range(args.repeat)]
+    small_elapsed = statistics.median(t for t, _ in small_times)
+    small_slices = small_times[0][1]
+    overhead_us = max(0.0, small_elapsed - raw_whole) / small_slices * 1e6
+
+    table = Table(title=f"local backend, {format_size(size)} per run, median of {args.repeat}")
+    table.add_column("what")
+    table.add_column("throughput", justify="right")
+    table.add_column("of raw copy", justify="right")
+    table.add_column("slices", justify="right")
+    raw_bw = size / raw_chunk
+    table.add_row("raw numpy copy, whole buffer (limit)", format_rate(size / raw_whole), "", "")
+    table.add_row("raw numpy copy, 64 MiB chunks (limit)", format_rate(raw_bw), "1.00", "")
+    worst_64 = 1.0
+    for label, elapsed, slices in rows:
+        ratio = size / elapsed / raw_bw
+        if "64 MiB" in label:
+            worst_64 = min(worst_64, ratio)
+        table.add_row(label, format_rate(size / elapsed), f"{ratio:.2f}", str(slices))
+        print(json.dumps({"bench": "local", "what": label, "GBps": size / elapsed / 1e9, "of_raw": ratio}))
+    table.add_row(
+        f"engine, 1 rail, {format_size(small)} slices", format_rate(size / small_elapsed), "", str(small_slices)
+    )
+    console.print(table)
+    print(json.dumps({"bench": "local", "raw_GBps": raw_bw / 1e9, "overhead_us_per_slice": overhead_us}))
+    verdict = "met" if worst_64 >= TARGET else "MISSED"
+    console.print(
+        f"engine overhead: {overhead_us:.1f} us/slice; 64 MiB transfers reach {worst_64:.2f} of raw copy "
+        f"(target >= {TARGET:.2f}): {verdict}"
+    )
+    return 0

@@ -1,0 +1,218 @@
+"""The public API on the local backend: the issue's example, batches, handles, telemetry."""
+
+from __future__ import annotations
+
+import mmap
+
+import anyio
+import numpy as np
+import pytest
+
+import tent_async as tent
+
+MiB = 1 << 20
+pytestmark = pytest.mark.anyio
+
+RAILS = [
+    tent.RailSpec(name="nic0", bandwidth="2GB/s"),
+    tent.RailSpec(name="nic1", bandwidth="2GB/s"),
+    tent.RailSpec(name="slow0", bandwidth="200MB/s"),
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_the_issue_example_moves_every_byte() -> None:
+    src = np.arange(32 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    async with tent.Engine(backend="local", rails=RAILS, policy="eft") as engine:
+        a = engine.register(src, name="kv-src")
+        b = engine.register(dst, name="kv-dst")
+        assert isinstance(a, tent.Segment)
+        result = await engine.transfer(a[0 : 8 * MiB], b[1 * MiB : 9 * MiB])
+        assert isinstance(result, tent.TransferResult)
+        assert result.bytes == 8 * MiB and result.slices >= 1 and result.elapsed > 0
+        assert sum(result.bytes_per_rail.values()) == 8 * MiB
+        assert set(result.bytes_per_rail) <= {"nic0", "nic1", "slow0"}
+        np.testing.assert_array_equal(dst[1 * MiB : 9 * MiB], src[0 : 8 * MiB])
+        handle = engine.submit(a[:], b[:])
+        assert isinstance(handle, tent.TransferHandle)
+        async with anyio.create_task_group() as tg:
+            for i in range(16):
+                tg.start_soon(engine.transfer, a[i * MiB : (i + 1) * MiB], b[i * MiB : (i + 1) * MiB])
+        res = await handle
+        assert res.bytes == 32 * MiB
+        assert handle.status is tent.TransferStatus.DONE and handle.bytes_done == 32 * MiB
+        np.testing.assert_array_equal(dst, src)
+        snap = engine.telemetry()
+        assert {r.name for r in snap} == {"nic0", "nic1", "slow0"}
+        assert snap.inflight_bytes == 0 and snap.open_transfers == 0
+        assert sum(r.bytes_total for r in snap) >= 32 * MiB + 8 * MiB + 16 * MiB
+        text = str(snap)
+        assert "nic0" in text and "learned bw" in text
+
+
+async def test_batch_completes_when_all_pairs_do() -> None:
+    src = np.random.default_rng(0).integers(0, 256, 4 * MiB, dtype=np.uint8)
+    dst = np.zeros(8 * MiB, dtype=np.uint8)
+    async with tent.Engine(rails=RAILS) as engine:
+        a = engine.register(src)
+        b = engine.register(dst)
+        pairs = [(a[i * MiB : (i + 1) * MiB], b[(7 - i) * MiB : (8 - i) * MiB]) for i in range(4)]
+        result = await engine.transfer_batch(pairs)
+        assert result.bytes == 4 * MiB
+        for i in range(4):
+            np.testing.assert_array_equal(dst[(7 - i) * MiB : (8 - i) * MiB], src[i * MiB : (i + 1) * MiB])
+        assert not dst[: 3 * MiB].any()  # nothing outside the destinations changed
+
+
+async def test_whole_segments_and_nested_views() -> None:
+    src = bytearray(b"abcdefghij" * 1000)
+    dst = bytearray(len(src))
+    async with tent.Engine() as engine:
+        a = engine.register(src, permission="r")
+        b = engine.register(dst)
+        await engine.transfer(a, b)  # a segment means all of it
+        assert dst == src
+        v = a[100:200][10:20]
+        assert (v.offset, v.length) == (110, 10)
+        await engine.transfer(v, b[0:10])
+        assert dst[0:10] == src[110:120]
+
+
+async def test_registers_every_kind_of_host_buffer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 16)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        arr = np.arange(1024, dtype=np.float32)  # 4096 bytes, a non-byte dtype
+        mv = memoryview(bytearray(4096))
+        async with tent.Engine() as engine:
+            s_mm = engine.register(mm, name="mm")
+            s_arr = engine.register(arr, name="arr")
+            s_mv = engine.register(mv, name="mv")
+            assert s_mm.size == s_arr.size == s_mv.size == 4096
+            assert s_arr.kind == "host" and s_arr.permission == "rw"
+            await engine.transfer(s_mm, s_mv)
+            await engine.transfer(s_mv, s_arr)
+            engine.unregister(s_mm)  # release the mmap export before the file closes
+            engine.unregister(s_mv)
+            engine.unregister(s_arr)
+        assert mv.tobytes() == path.read_bytes()
+        assert arr.tobytes() == path.read_bytes()
+
+
+async def test_dlpack_objects_register_without_copying() -> None:
+    class DLPackOnly:
+        """Exposes only DLPack, like a torch CPU tensor."""
+
+        def __init__(self, arr: np.ndarray) -> None:
+            self.arr = arr
+
+        def __dlpack__(self, **kwargs):  # type: ignore[no-untyped-def]
+            return self.arr.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):  # type: ignore[no-untyped-def]
+            return self.arr.__dlpack_device__()
+
+    backing = np.zeros(4096, dtype=np.uint8)
+    async with tent.Engine() as engine:
+        src = engine.register(np.full(4096, 7, dtype=np.uint8))
+        dst = engine.register(DLPackOnly(backing))
+        await engine.transfer(src, dst)
+    assert (backing == 7).all()
+
+
+async def test_zero_length_transfer() -> None:
+    async with tent.Engine() as engine:
+        a = engine.register(bytearray(10))
+        result = await engine.transfer(a[3:3], a[7:7])
+        assert result.bytes == 0 and result.slices == 0
+
+
+async def test_events_and_listeners_are_delivered() -> None:
+    src = np.ones(8 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    got: list[tent.RailEvent] = []
+    cfg = tent.SchedulerConfig(max_slice="256KiB")
+    async with tent.Engine(rails=[tent.RailSpec(name="a"), tent.RailSpec(name="b")], config=cfg) as engine:
+        remove = engine.add_event_listener(got.append)
+        sub = engine.events()
+        engine.backend.inject_fault("b", "down")  # type: ignore[attr-defined]
+        await engine.transfer(engine.register(src)[:], engine.register(dst)[:])
+        remove()
+        kinds = {e.kind for e in got}
+        assert tent.EventKind.FAILURE in kinds and tent.EventKind.QUARANTINE in kinds
+        first = await sub.__anext__()
+        assert first.rail == "b"
+        sub.close()
+        with pytest.raises(StopAsyncIteration):
+            while True:
+                await sub.__anext__()
+    np.testing.assert_array_equal(src, dst)
+
+
+async def test_notification_arrives_after_the_data() -> None:
+    src = np.full(2 * MiB, 3, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    async with tent.Engine(rails=RAILS, name="decode-0") as engine:
+        a = engine.register(src)
+        b = engine.register(dst)
+        await engine.transfer(a[:], b[:], notify="request 42: KV ready")
+        async for note in engine.notifications():
+            assert note.message == "request 42: KV ready"
+            assert note.source == "decode-0"
+            assert (dst == 3).all()
+            break
+
+
+async def test_many_concurrent_flows_from_a_task_group() -> None:
+    n = 64
+    src = np.random.default_rng(5).integers(0, 256, n * 64 * 1024, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    async with tent.Engine(rails=RAILS) as engine:
+        a = engine.register(src)
+        b = engine.register(dst)
+        results: list[tent.TransferResult] = []
+
+        async def one(i: int) -> None:
+            results.append(await engine.transfer(a[i * 65536 : (i + 1) * 65536], b[i * 65536 : (i + 1) * 65536]))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i)
+        assert len(results) == n
+        assert engine.telemetry().inflight_bytes == 0
+    np.testing.assert_array_equal(src, dst)
+
+
+async def test_engine_restrictions_on_lifecycle() -> None:
+    engine = tent.Engine()
+    with pytest.raises(tent.EngineClosedError, match="not running"):
+        engine.submit(None, None)  # type: ignore[arg-type]
+    async with engine:
+        seg = engine.register(bytearray(16), name="x")
+        assert engine.segment("x") is seg
+    assert not seg.registered
+    with pytest.raises(tent.EngineClosedError):
+        engine.register(bytearray(16))
+    with pytest.raises(tent.EngineClosedError, match="already started"):
+        async with engine:
+            pass
+
+
+async def test_exiting_with_an_error_cancels_open_transfers() -> None:
+    src = np.ones(64 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    slow = [tent.RailSpec(name="slow", bandwidth="100MB/s")]
+    handle = None
+    with pytest.raises(RuntimeError, match="boom"):
+        async with tent.Engine(rails=slow) as engine:
+            handle = engine.submit(engine.register(src)[:], engine.register(dst)[:])
+            await anyio.sleep(0.01)
+            raise RuntimeError("boom")
+    assert handle is not None and handle.status is tent.TransferStatus.CANCELLED
+    with pytest.raises(tent.TransferCancelledError):
+        handle.result()

@@ -1,0 +1,152 @@
+"""Each error of the API raises its own exception, with a message that says what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tent_async as tent
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_views_are_bounds_checked_at_creation() -> None:
+    async with tent.Engine() as engine:
+        seg = engine.register(bytearray(100), name="buf")
+        assert len(seg[10:20]) == 10 and len(seg[-10:]) == 10 and len(seg[:]) == 100
+        for bad in (slice(0, 101), slice(-101, None), slice(50, 40), slice(101, None)):
+            with pytest.raises(tent.OutOfBoundsError, match="outside segment 'buf'") as info:
+                seg[bad]
+            assert isinstance(info.value, IndexError)  # generic handlers still work
+        with pytest.raises(tent.OutOfBoundsError, match="contiguous"):
+            seg[0:10:2]
+        with pytest.raises(TypeError, match="slice"):
+            seg[3]  # type: ignore[index]
+        view = seg[10:20]
+        with pytest.raises(tent.OutOfBoundsError, match="10-byte view"):
+            view[5:11]
+
+
+async def test_length_mismatch() -> None:
+    async with tent.Engine() as engine:
+        a = engine.register(bytearray(100))
+        b = engine.register(bytearray(100))
+        with pytest.raises(tent.LengthMismatchError, match="same length") as info:
+            await engine.transfer(a[0:10], b[0:11])
+        assert isinstance(info.value, ValueError)
+
+
+async def test_unregistered_and_foreign_segments() -> None:
+    async with tent.Engine() as engine, tent.Engine() as other:
+        a = engine.register(bytearray(100))
+        b = engine.register(bytearray(100))
+        foreign = other.register(bytearray(100))
+        with pytest.raises(tent.UnregisteredSegmentError, match="another engine"):
+            await engine.transfer(a[0:10], foreign[0:10])
+        engine.unregister(b)
+        with pytest.raises(tent.UnregisteredSegmentError, match="unregistered"):
+            await engine.transfer(a[0:10], b[0:10])
+        with pytest.raises(tent.UnregisteredSegmentError, match="no segment named"):
+            engine.segment("nope")
+    # after the engine closed, its segments are no longer usable
+    with pytest.raises(tent.UnregisteredSegmentError):
+        a.check_owner(engine)
+
+
+async def test_read_only_destination_and_read_only_buffers() -> None:
+    async with tent.Engine() as engine:
+        src = engine.register(bytearray(100))
+        ro = engine.register(bytearray(100), permission="r")
+        with pytest.raises(tent.ReadOnlySegmentError, match="read-only") as info:
+            await engine.transfer(src[0:10], ro[0:10])
+        assert isinstance(info.value, PermissionError)
+        with pytest.raises(tent.ReadOnlySegmentError, match="permission='r'"):
+            engine.register(b"immutable bytes")
+        frozen = np.zeros(16, dtype=np.uint8)
+        frozen.flags.writeable = False
+        with pytest.raises(tent.ReadOnlySegmentError):
+            engine.register(frozen)
+        seg = engine.register(b"immutable bytes", permission="r")
+        assert seg.permission == "r"
+        with pytest.raises(tent.ConfigError, match="'r' or 'rw'"):
+            engine.register(bytearray(4), permission="w")  # type: ignore[arg-type]
+
+
+async def test_wrong_types() -> None:
+    async with tent.Engine() as engine:
+        with pytest.raises(tent.UnsupportedBufferError, match="neither the buffer protocol") as info:
+            engine.register(object())
+        assert isinstance(info.value, TypeError)
+        with pytest.raises(tent.UnsupportedBufferError, match="non-contiguous"):
+            engine.register(np.zeros((8, 8), dtype=np.uint8)[:, ::2])
+        a = engine.register(bytearray(100))
+        with pytest.raises(tent.UnsupportedBufferError, match="register the buffer"):
+            await engine.transfer(bytearray(10), a[0:10])  # type: ignore[arg-type]
+        with pytest.raises(tent.UnsupportedBufferError, match="registered already"):
+            engine.register(a)
+        with pytest.raises(TypeError, match="pairs"):
+            engine.submit_batch([a[0:1]])  # type: ignore[list-item]
+
+
+async def test_duplicate_names_and_busy_segments() -> None:
+    async with tent.Engine(rails=[tent.RailSpec(name="slow", bandwidth="50MB/s")]) as engine:
+        a = engine.register(np.zeros(8 << 20, dtype=np.uint8), name="a")
+        with pytest.raises(tent.DuplicateSegmentError, match="'a' is registered already"):
+            engine.register(bytearray(4), name="a")
+        b = engine.register(np.zeros(8 << 20, dtype=np.uint8), name="b")
+        handle = engine.submit(a[:], b[:])
+        with pytest.raises(tent.SegmentBusyError, match="1 open transfer"):
+            engine.unregister(a)
+        handle.cancel()
+        with pytest.raises(tent.TransferCancelledError):
+            await handle
+        engine.unregister("a")  # idle again: allowed
+        assert "a" not in engine.segments
+
+
+async def test_overlapping_views() -> None:
+    async with tent.Engine() as engine:
+        a = engine.register(bytearray(100))
+        with pytest.raises(tent.OverlappingViewsError, match="overlaps"):
+            await engine.transfer(a[0:50], a[25:75])
+        with pytest.raises(tent.OverlappingViewsError, match="overlaps destination"):
+            await engine.transfer_batch([(a[0:10], a[50:60]), (a[20:30], a[55:65])])
+        await engine.transfer(a[0:50], a[50:100])  # adjacent is fine
+
+
+async def test_bad_configuration() -> None:
+    with pytest.raises(tent.ConfigError, match="unknown policy"):
+        tent.Engine(policy="fastest")
+    with pytest.raises(tent.ConfigError, match="unknown backend"):
+        tent.Engine(backend="carrier-pigeon")
+    with pytest.raises(tent.ConfigError, match="unique"):
+        tent.Engine(rails=[tent.RailSpec(name="a"), tent.RailSpec(name="a")])
+    with pytest.raises(ValueError, match="bandwidth"):
+        tent.RailSpec(name="a", bandwidth="fast")
+    with pytest.raises(ValueError, match="rail name"):
+        tent.RailSpec(name="")
+    with pytest.raises(ValueError, match="min_slice"):
+        tent.SchedulerConfig(min_slice="1MiB", max_slice="64KiB")
+    with pytest.raises(tent.ConfigError, match="RailSpec"):
+        tent.Engine(rails=["nic0"])  # type: ignore[list-item]
+
+
+def test_units() -> None:
+    assert tent.parse_bandwidth("2GB/s") == 2e9
+    assert tent.parse_bandwidth("400Gb/s") == 50e9
+    assert tent.parse_bandwidth("800mbit") == 100e6
+    assert tent.parse_bandwidth("1GiB/s") == 1024**3
+    assert tent.parse_size("64MiB") == 64 << 20
+    assert tent.parse_size(4096) == 4096
+    assert tent.parse_duration("5us") == pytest.approx(5e-6)
+    assert tent.parse_duration("2ms") == pytest.approx(2e-3)
+    for bad in ("-1", "1Gb", "lots"):
+        with pytest.raises(ValueError, match="size"):
+            tent.parse_size(bad)
+    with pytest.raises(ValueError, match="positive"):
+        tent.parse_bandwidth(0)
