@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import anyio
 import numpy as np
@@ -77,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     src = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
     dst = np.zeros_like(src)
 
-    def median(fn: object) -> float:
-        return statistics.median(fn() for _ in range(args.repeat))  # type: ignore[operator]
+    def median(fn: Callable[[], float]) -> float:
+        return statistics.median(fn() for _ in range(args.repeat))
 
     raw_whole = median(lambda: _raw(src, dst, None))
     raw_chunk = median(lambda: _raw(src, dst, CHUNK))
