@@ -434,8 +434,8 @@ class Planner:
         self._maybe_finish(t, now)
 
     def _maybe_finish(self, t: TransferState, now: float) -> None:
-        if t.live:
-            return
+        if t.live or self._transfers.get(t.id) is not t:
+            return  # attempts still out, or reported finished already
         if t.phase is Phase.RUNNING:
             if t.acked < t.total:
                 return
