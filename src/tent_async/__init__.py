@@ -9,6 +9,8 @@ rail expected to finish it first, rerouting around failed or slow rails::
         result = await engine.transfer(a[0:n], b[0:n])
 """
 
+import logging as _logging
+
 from .core import EventKind, Health, RailEvent, SchedulerConfig
 from .engine import (
     Engine,
@@ -43,6 +45,10 @@ from .telemetry import RailTelemetry, Telemetry
 from .units import parse_bandwidth, parse_duration, parse_size
 
 __version__ = "0.1.0"
+
+# A library does not configure logging; without this, rail events at WARNING
+# would reach stderr through logging's last-resort handler.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "ConfigError",

@@ -1,6 +1,7 @@
 """The ``tent-async`` command line: demo, benchmarks, telemetry.
 
 ``tent-async demo``            slice spraying over heterogeneous local rails
+``tent-async watch``           a workload on local rails, with live per-rail telemetry
 ``tent-async bench NAME ...``  a benchmark (``tent-async bench --help`` lists them)
 """
 
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="slice spraying over heterogeneous local rails")
     demo.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for examples/spray_demo.py")
     demo.set_defaults(func=_demo)
+    from . import watch
+
+    watch_parser = sub.add_parser("watch", help="run a workload on local rails and watch the rails live")
+    watch.add_arguments(watch_parser)
+    watch_parser.set_defaults(func=watch.run)
     bench = sub.add_parser("bench", help="run a benchmark (figure beside the physical limit)")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True)
     for name, (module_name, help_text) in BENCHMARKS.items():

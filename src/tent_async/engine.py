@@ -297,6 +297,7 @@ class Engine:
         self._pump_scheduled = False
         self._timer: Any = None
         self._timer_at: float | None = None
+        self._counters: collections.Counter[str] = collections.Counter()
 
     # ============================================================ lifecycle
 
@@ -574,7 +575,16 @@ class Engine:
     def telemetry(self) -> Telemetry:
         """A snapshot of every rail: health, learned bandwidth and latency, in flight, totals."""
         planner = self._require_running()
-        return Telemetry.from_planner(planner, self._backend.clock())
+        c = self._counters
+        return Telemetry.from_planner(
+            planner,
+            self._backend.clock(),
+            engine=self.name,
+            done=c["done"],
+            failed=c["failed"],
+            cancelled=c["cancelled"],
+            bytes_done=c["bytes"],
+        )
 
     def events(self, maxlen: int = 10_000) -> EventSubscription:
         """Subscribe to rail events (failures, reroutes, quarantines, probes, recoveries).
@@ -680,13 +690,17 @@ class Engine:
             )
             if notify is not None:
                 self._send_notification(handle, notify)
+            self._counters["done"] += 1
+            self._counters["bytes"] += handle.total_bytes
             handle._settle(TransferStatus.DONE, result, None)
         elif fin.outcome is Outcome.CANCELLED:
+            self._counters["cancelled"] += 1
             handle._settle(
                 TransferStatus.CANCELLED, None, TransferCancelledError(f"transfer {fin.transfer_id} was cancelled")
             )
         else:
             error = fin.error or TransferError(f"transfer {fin.transfer_id} failed")
+            self._counters["failed"] += 1
             handle._settle(TransferStatus.FAILED, None, error)
 
     def _send_notification(self, handle: TransferHandle, message: str) -> None:

@@ -51,9 +51,24 @@ class Telemetry:
     policy: str
     rails: tuple[RailTelemetry, ...]
     open_transfers: int
+    engine: str = ""
+    transfers_done: int = 0
+    transfers_failed: int = 0
+    transfers_cancelled: int = 0
+    bytes_done: int = 0  # bytes of transfers that completed
 
     @classmethod
-    def from_planner(cls, planner: Planner, now: float) -> Telemetry:
+    def from_planner(
+        cls,
+        planner: Planner,
+        now: float,
+        *,
+        engine: str = "",
+        done: int = 0,
+        failed: int = 0,
+        cancelled: int = 0,
+        bytes_done: int = 0,
+    ) -> Telemetry:
         rails = tuple(
             RailTelemetry(
                 name=r.name,
@@ -76,7 +91,17 @@ class Telemetry:
             )
             for r in planner.rails
         )
-        return cls(time=now, policy=planner.policy.name, rails=rails, open_transfers=len(planner.transfers()))
+        return cls(
+            time=now,
+            policy=planner.policy.name,
+            rails=rails,
+            open_transfers=len(planner.transfers()),
+            engine=engine,
+            transfers_done=done,
+            transfers_failed=failed,
+            transfers_cancelled=cancelled,
+            bytes_done=bytes_done,
+        )
 
     def __getitem__(self, name: str) -> RailTelemetry:
         for rail in self.rails:
@@ -100,12 +125,9 @@ class Telemetry:
         return {r.name: r.bytes_total for r in self.rails}
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "time": self.time,
-            "policy": self.policy,
-            "open_transfers": self.open_transfers,
-            "rails": [r.as_dict() for r in self.rails],
-        }
+        out = attrs.asdict(self, recurse=False)
+        out["rails"] = [r.as_dict() for r in self.rails]
+        return out
 
     def __str__(self) -> str:
         header = ("rail", "health", "learned bw", "latency", "slice", "in flight", "delivered", "slices", "errors")
@@ -124,7 +146,10 @@ class Telemetry:
             for r in self.rails
         ]
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        lines = [f"policy={self.policy} open_transfers={self.open_transfers}"]
+        lines = [
+            f"engine={self.engine or '?'} policy={self.policy} open_transfers={self.open_transfers} "
+            f"done={self.transfers_done} failed={self.transfers_failed} cancelled={self.transfers_cancelled}"
+        ]
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
         lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
         return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Terminal views of telemetry, with rich.
+
+rich renders tables and live-updating displays in any terminal (and degrades
+to plain text in logs and CI), which is what an operator watching a long
+transfer wants; the CLI and the benchmarks use these views.
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+from .telemetry import Telemetry
+from .units import format_rate, format_size
+
+_HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "probing": "cyan", "quarantined": "bold red"}
+
+
+def telemetry_table(snap: Telemetry, title: str | None = None) -> Table:
+    """One row per rail: health, learned bandwidth and latency, in flight, delivered, failures."""
+    table = Table(
+        title=title
+        or (
+            f"{snap.engine or 'engine'} ({snap.policy}): {snap.open_transfers} open, "
+            f"{snap.transfers_done} done, {snap.transfers_failed} failed, {snap.transfers_cancelled} cancelled"
+        )
+    )
+    for col, justify in (
+        ("rail", "left"),
+        ("health", "left"),
+        ("learned bw", "right"),
+        ("nominal", "right"),
+        ("latency", "right"),
+        ("slice", "right"),
+        ("in flight", "right"),
+        ("delivered", "right"),
+        ("errors", "right"),
+        ("deadline misses", "right"),
+        ("rerouted", "right"),
+        ("quarantines", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in snap.rails:
+        table.add_row(
+            r.name,
+            Text(r.health, style=_HEALTH_STYLE.get(r.health, "")),
+            format_rate(r.bandwidth),
+            format_rate(r.nominal_bandwidth),
+            f"{r.latency * 1e6:.0f} us",
+            format_size(r.slice_size),
+            f"{r.inflight_slices} ({format_size(r.inflight_bytes)})",
+            format_size(r.bytes_total),
+            str(r.errors),
+            str(r.deadline_misses),
+            str(r.rerouted),
+            str(r.quarantines),
+        )
+    return table

@@ -1,0 +1,103 @@
+"""Telemetry is inspectable from Python, exported to Prometheus and shown by the CLI."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import anyio
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import tent_async as tent
+from tent_async.cli import main
+from tent_async.metrics import serve_metrics
+from tent_async.watch import parse_fault, parse_rails
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+@pytest.mark.anyio
+async def test_prometheus_metrics_match_the_telemetry_snapshot() -> None:
+    rails = [tent.RailSpec(name="nic0", bandwidth="1GB/s"), tent.RailSpec(name="nic1", bandwidth="500MB/s")]
+    cfg = tent.SchedulerConfig(max_slice="256KiB", deadline_floor="50ms")
+    async with tent.Engine(rails=rails, name="e1", config=cfg) as engine:
+        a = engine.register(np.ones(8 * MiB, dtype=np.uint8))
+        b = engine.register(np.zeros(8 * MiB, dtype=np.uint8))
+        engine.backend.inject_fault("nic1", "down")  # type: ignore[attr-defined]
+        await engine.transfer(a[:], b[:])
+        server = serve_metrics(engine, port=0)
+        try:
+            samples = await anyio.to_thread.run_sync(_scrape, server.port)
+        finally:
+            server.close()
+        snap = engine.telemetry()
+    for rail in snap.rails:
+        labels = (("engine", "e1"), ("rail", rail.name))
+        assert samples[("tent_rail_bytes_total", labels)] == rail.bytes_total
+        assert samples[("tent_rail_errors_total", labels)] == rail.errors
+        assert samples[("tent_rail_bandwidth_bytes_per_second", labels)] == pytest.approx(rail.bandwidth)
+    assert samples[("tent_rail_health", (("engine", "e1"), ("rail", "nic1"), ("state", "quarantined")))] == 1.0
+    assert samples[("tent_rail_health", (("engine", "e1"), ("rail", "nic0"), ("state", "healthy")))] == 1.0
+    assert samples[("tent_engine_transfers_total", (("engine", "e1"), ("outcome", "done")))] == 1.0
+    assert samples[("tent_engine_bytes_total", (("engine", "e1"),))] == 8 * MiB
+
+
+@pytest.mark.anyio
+async def test_telemetry_snapshot_as_dict_and_lookup() -> None:
+    async with tent.Engine(rails=[tent.RailSpec(name="x")], name="e2") as engine:
+        a = engine.register(bytearray(1 << 16))
+        b = engine.register(bytearray(1 << 16))
+        await engine.transfer(a, b)
+        snap = engine.telemetry()
+    d = snap.as_dict()
+    assert d["engine"] == "e2"
+    assert d["transfers_done"] == 1
+    assert d["rails"][0]["name"] == "x"
+    assert snap["x"].bytes_total == 1 << 16
+    assert snap.bytes_per_rail == {"x": 1 << 16}
+    with pytest.raises(KeyError, match="no rail named"):
+        snap["y"]
+
+
+def test_cli_watch_shows_rails_and_survives_a_fault(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    code = main(["watch", "--count", "6", "--size", "2MiB", "--concurrency", "2", "--fault", "nic1:down@0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "nic1" in out and "quarantin" in out
+    assert "6 x 2.0 MiB" in out and "0 failed" in out
+
+
+def test_cli_bench_core_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "core", "--slices", "3000", "--policies", "eft"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines[0]["policy"] == "eft"
+    assert lines[0]["dispatch_us"] > 0
+
+
+def test_cli_argument_errors() -> None:
+    assert [r.name for r in parse_rails("a=1GB/s, b")] == ["a", "b"]
+    assert parse_fault("nic1:slow=0.1@2.5") == ("nic1", "slow=0.1", 2.5)
+    with pytest.raises(tent.ConfigError, match="RAIL:MODE@SECONDS"):
+        parse_fault("nic1@now")
+    with pytest.raises(tent.ConfigError, match="at least one rail"):
+        parse_rails(" , ")
