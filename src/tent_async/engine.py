@@ -34,7 +34,7 @@ import anyio
 import attrs
 
 from .backends import Backend, make_backend
-from .core import Finished, Outcome, Piece, Planner, Post, RailEvent, SchedulerConfig, Withdraw
+from .core import Finished, Outcome, Piece, Planner, Post, RailEvent, RailInfo, SchedulerConfig, Withdraw
 from .core.events import EventKind
 from .errors import (
     ConfigError,
@@ -122,6 +122,7 @@ class TransferHandle:
         self.id = tid
         self.total_bytes = total
         self._segments = segments
+        self._destinations: list[SegmentBase] = []
         self._status = TransferStatus.RUNNING
         self._result: TransferResult | None = None
         self._error: BaseException | None = None
@@ -429,9 +430,9 @@ class Engine:
             raise SegmentBusyError(
                 f"segment {seg.name!r} is used by {seg.busy} open transfer(s); await or cancel them first"
             )
+        self._on_unregister(seg)  # the backend may refuse (peers still writing into it)
         seg._release()
         del self._segments[seg.name]
-        self._on_unregister(seg)
 
     def segment(self, name: str) -> Segment:
         """The registered segment called ``name``."""
@@ -447,14 +448,22 @@ class Engine:
         return dict(self._segments)
 
     def _on_register(self, seg: Segment) -> None:
-        hook = getattr(self._backend, "on_register", None)
-        if hook is not None:
-            hook(seg)
+        self._backend.on_register(seg)
 
     def _on_unregister(self, seg: Segment) -> None:
-        hook = getattr(self._backend, "on_unregister", None)
-        if hook is not None:
-            hook(seg)
+        self._backend.on_unregister(seg)
+
+    # ================================================================ peers
+
+    @property
+    def address(self) -> str | None:
+        """What peers connect to (backends that listen, e.g. ucx); ``None`` otherwise."""
+        return self._backend.address
+
+    async def connect(self, address: str, **options: Any) -> Any:
+        """Connect to the engine listening at ``address``; returns a :class:`Peer` (ucx backend)."""
+        self._require_running()
+        return await self._backend.connect(address, **options)
 
     # ============================================================ transfers
 
@@ -500,6 +509,7 @@ class Engine:
         now = self._backend.clock()
         tid = planner.submit(pieces, now, rails)
         handle = TransferHandle(self, tid, sum(p.length for p in pieces), list(segments.values()))
+        handle._destinations = list({id(d.segment): d.segment for _s, d in views}.values())
         for seg in handle._segments:
             if isinstance(seg, Segment):
                 seg._busy += 1
@@ -545,12 +555,7 @@ class Engine:
         if isinstance(seg, Segment):
             seg.check_owner(self)
         else:
-            check = getattr(self._backend, "check_remote", None)
-            if check is None:
-                raise UnregisteredSegmentError(
-                    f"{seg!r} is not a segment of this engine; the {self._backend.name} backend has no peers"
-                )
-            check(seg)
+            self._backend.check_remote(seg)
         return obj
 
     def _eligible(self, views: Sequence[tuple[View, View]]) -> list[str] | None:
@@ -704,10 +709,7 @@ class Engine:
             handle._settle(TransferStatus.FAILED, None, error)
 
     def _send_notification(self, handle: TransferHandle, message: str) -> None:
-        sender = getattr(self._backend, "send_notification", None)
-        if sender is not None:
-            sender(handle._segments, message)
-        else:
+        if not self._backend.send_notification(handle._destinations, message):
             self._deliver_notification(Notification(message=message, source=self.name))
 
     def _publish(self, events: list[RailEvent]) -> None:
@@ -772,6 +774,20 @@ class _Context:
 
     def deliver_notification(self, message: str, source: str) -> None:
         self._engine._deliver_notification(Notification(message=message, source=source))
+
+    def add_rail(self, info: RailInfo) -> None:
+        planner = self._planner()
+        if planner is None:
+            raise EngineClosedError("the engine is not running")
+        planner.add_rail(info)
+
+    def lookup_segment(self, name: str) -> Segment | None:
+        seg = self._engine._segments.get(name)
+        return seg if seg is not None and seg.registered else None
+
+    @property
+    def engine_name(self) -> str:
+        return self._engine.name
 
 
 def _check_overlaps(views: Sequence[tuple[View, View]]) -> None:

@@ -23,8 +23,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ClassVar, Protocol
 
 from ..core import Attempt, RailInfo
+from ..errors import ConfigError, UnregisteredSegmentError
 from ..rails import RailSpec
-from ..segments import SegmentBase
+from ..segments import Segment, SegmentBase
 
 
 class Cancellable(Protocol):
@@ -53,6 +54,19 @@ class BackendContext(Protocol):
 
     def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule ``fn(*args)`` on the engine's event loop from any thread."""
+
+    def add_rail(self, info: RailInfo) -> None:
+        """Add a rail discovered after start (e.g. paired with a newly connected peer)."""
+
+    def lookup_segment(self, name: str) -> Segment | None:
+        """The engine's registered local segment called ``name``, if any (for serving peers)."""
+
+    def deliver_notification(self, message: str, source: str) -> None:
+        """Hand a peer's notification to the application (after the data it announces)."""
+
+    @property
+    def engine_name(self) -> str:
+        """The engine's name, as peers should know it."""
 
 
 class Backend(abc.ABC):
@@ -92,6 +106,38 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def withdraw(self, attempt: Attempt) -> None:
         """Stop a posted attempt if possible, then report it (see the fencing contract)."""
+
+    # Peers.  Backends that connect to other engines override these.
+
+    @property
+    def address(self) -> str | None:
+        """What peers connect to, for backends that listen; ``None`` otherwise."""
+        return None
+
+    async def connect(self, address: str, **options: Any) -> Any:
+        """Connect to a peer engine; returns a peer object."""
+        raise ConfigError(f"the {self.name} backend has no peers; use backend='ucx' to reach other engines")
+
+    def check_remote(self, segment: SegmentBase) -> None:
+        """Raise unless ``segment`` is a remote segment this backend can reach."""
+        raise UnregisteredSegmentError(
+            f"{segment!r} is not a segment of this engine; the {self.name} backend has no peers"
+        )
+
+    def on_register(self, segment: Segment) -> None:
+        """A local segment was registered (e.g. to publish it to peers)."""
+        return None
+
+    def on_unregister(self, segment: Segment) -> None:
+        """A local segment is about to be unregistered; raise SegmentBusyError to refuse."""
+        return None
+
+    def send_notification(self, destinations: Sequence[SegmentBase], message: str) -> bool:
+        """Deliver ``message`` to the engine owning remote ``destinations``, after the data.
+
+        Return False when the destinations are local (the engine then delivers it itself).
+        """
+        return False
 
     def rails_for(self, src: SegmentBase, dst: SegmentBase) -> Sequence[str] | None:
         """Names of the rails that can carry data from ``src`` to ``dst``; ``None`` for all."""
