@@ -216,3 +216,20 @@ async def test_exiting_with_an_error_cancels_open_transfers() -> None:
     assert handle is not None and handle.status is tent.TransferStatus.CANCELLED
     with pytest.raises(tent.TransferCancelledError):
         handle.result()
+
+
+async def test_an_internal_failure_fails_transfers_instead_of_hanging() -> None:
+    from tent_async.backends.local import LocalBackend
+
+    class Broken(LocalBackend):
+        def withdraw(self, attempt):  # type: ignore[no-untyped-def]
+            raise RuntimeError("backend bug")
+
+    src = np.ones(16 * MiB, dtype=np.uint8)
+    backend = Broken([tent.RailSpec(name="slow", bandwidth="100MB/s")])
+    async with tent.Engine(backend=backend) as engine:
+        handle = engine.submit(engine.register(src)[:], engine.register(np.zeros_like(src))[:])
+        await anyio.sleep(0.01)
+        handle.cancel()  # the withdrawal raises inside the engine
+        with anyio.fail_after(5), pytest.raises(tent.TransferError, match="failed internally"):
+            await handle

@@ -126,7 +126,7 @@ class TransferHandle:
         self._status = TransferStatus.RUNNING
         self._result: TransferResult | None = None
         self._error: BaseException | None = None
-        self._settled = anyio.Event()
+        self._settled = asyncio.Event()
 
     @property
     def status(self) -> TransferStatus:
@@ -196,7 +196,7 @@ class EventSubscription:
     def __init__(self, engine: Engine, maxlen: int) -> None:
         self._engine = engine
         self._queue: collections.deque[RailEvent] = collections.deque(maxlen=maxlen)
-        self._wakeup = anyio.Event()
+        self._wakeup = asyncio.Event()
         self._closed = False
         self.dropped = 0
 
@@ -218,7 +218,7 @@ class EventSubscription:
         while not self._queue:
             if self._closed:
                 raise StopAsyncIteration
-            self._wakeup = anyio.Event()
+            self._wakeup = asyncio.Event()
             await self._wakeup.wait()
         return self._queue.popleft()
 
@@ -289,7 +289,7 @@ class Engine:
         self._subscriptions: set[EventSubscription] = set()
         self._listeners: list[Callable[[RailEvent], None]] = []
         self._notifications: collections.deque[Notification] = collections.deque()
-        self._notify_wakeup: anyio.Event | None = None
+        self._notify_wakeup: asyncio.Event | None = None
         self._notify_for: dict[int, str] = {}
         self._seg_ids = itertools.count(1)
         self._state = "new"  # new -> running -> closing -> closed
@@ -621,7 +621,7 @@ class Engine:
                 yield self._notifications.popleft()
             if self._state == "closed":
                 return
-            self._notify_wakeup = anyio.Event()
+            self._notify_wakeup = asyncio.Event()
             await self._notify_wakeup.wait()
 
     def _deliver_notification(self, note: Notification) -> None:
@@ -639,6 +639,22 @@ class Engine:
 
     def _pump(self) -> None:
         self._pump_scheduled = False
+        try:
+            self._pump_once()
+        except Exception as exc:  # a bug in the engine or a backend: fail loudly, never hang
+            logger.exception("tent_async engine %r crashed while scheduling", self.name)
+            self._crash(exc)
+
+    def _crash(self, exc: Exception) -> None:
+        """Fail every open transfer with the internal error, so that no caller waits forever."""
+        self._state = "closing"
+        for handle in list(self._handles.values()):
+            error = TransferError(f"engine {self.name!r} failed internally: {exc!r}; please report this")
+            error.__cause__ = exc
+            handle._settle(TransferStatus.FAILED, None, error)
+        self._handles.clear()
+
+    def _pump_once(self) -> None:
         planner = self._planner
         if planner is None or self._state == "closed":
             return
