@@ -546,9 +546,12 @@ class Planner:
 
     def _idle_probes(self, now: float) -> None:
         """Under ``eft``, a usable rail idle for ``probe_interval`` gets one small slice."""
-        horizon = now - self.config.probe_interval
+        interval = self.config.probe_interval
         for rail in self.rails:
-            if rail.inflight or rail.last_activity > horizon or rail.probe_checked > horizon:
+            # The same expression as next_wakeup(), so a poll at exactly the wakeup time
+            # probes (comparing with now - interval can round the other way and, on a
+            # virtual clock that sits at that instant, wake the planner there forever).
+            if rail.inflight or max(rail.last_activity, rail.probe_checked) + interval > now:
                 continue
             state = rail.health.state
             if state is not Health.HEALTHY and state is not Health.SUSPECT:
