@@ -132,9 +132,13 @@ class Planner:
             return  # unknown or already resolved: a duplicate report is harmless
         rail = self.rails[a.rail]
         self._release(rail, a)
+        alone = a.started_idle
         if wire_time is None:
             wire_time = now - max(a.posted_at, rail.last_completion)
-        rail.estimator.observe(a.length, wire_time, started_idle=a.started_idle)
+            # An inferred wire time of a slice that shared the rail with a later one
+            # includes that sharing, so it cannot tell the rail's latency apart.
+            alone = alone and not a.overlapped
+        rail.estimator.observe(a.length, wire_time, started_idle=alone)
         rail.refresh_nominal()
         rail.last_completion = now
         rail.last_activity = now
@@ -519,6 +523,8 @@ class Planner:
             started_idle=not rail.inflight,
             history=rng.history,
         )
+        for other in rail.inflight.values():
+            other.overlapped = True
         rail.inflight[aid] = a
         rail.inflight_bytes += size
         rail.last_activity = now
