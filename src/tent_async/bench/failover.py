@@ -35,6 +35,7 @@ from ..backends.sim import (
     SimRail,
     Stall,
 )
+from ..backends.sim.scenarios import JITTER
 from ..backends.sim.timeline import Recovery, capacity, goodput, recovery
 from ..core import SchedulerConfig
 from ..units import format_size, parse_bandwidth, parse_duration, parse_size
@@ -77,7 +78,7 @@ def _scenario(args: argparse.Namespace) -> tuple[Scenario, list[tuple[str, str, 
         2: (Degrade(at=degrade_at, factor=args.degrade_to),),
     }
     rails = tuple(
-        SimRail(name=f"nic{i}", capacity=speed, error_delay=error_delay, profile=profiles.get(i, ()))
+        SimRail(name=f"nic{i}", capacity=speed, jitter=JITTER, error_delay=error_delay, profile=profiles.get(i, ()))
         for i in range(args.rails)
     )
     scenario = Scenario(

@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="scale sizes and durations (default 1.0)")
     parser.add_argument("--seed", type=int, default=1, help="seed of jitter, bursts and arrivals (default 1)")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON lines")
+    parser.add_argument("--kv-load", type=float, default=None, help="offered KV load of mixed and cluster")
+    parser.add_argument(
+        "--no-background", action="store_true", help="drop the cross-tenant bursts (congested, mixed, cluster)"
+    )
     parser.add_argument(
         "--speed",
         action="store_true",
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     lines: list[dict[str, object]] = []
     scenarios: dict[str, Scenario] = {}
     for name in names:
-        sc = scenario(name, args.scale, args.seed)
+        sc = scenario(name, args.scale, args.seed, kv_load=args.kv_load, background=not args.no_background)
         scenarios[name] = sc
         runs: dict[str, RunResult] = {}
         walls: dict[str, float] = {}

@@ -126,6 +126,7 @@ class Flow:
     __slots__ = (
         "comp",
         "finished_at",
+        "history",
         "id",
         "path",
         "posted_at",
@@ -151,6 +152,7 @@ class Flow:
         self.state = _PENDING
         self.timer: Timer | None = None
         self.comp: Component = path[0].comp
+        self.history: list[tuple[float, float]] | None = None  # (time, rate) changes, when recorded
 
     @property
     def moved(self) -> float:
@@ -289,6 +291,7 @@ class FluidFabric:
             raise ConfigError(f"links {missing} belong to no component")
         self._next_id = 1
         self.monitor: Monitor | None = None
+        self.record_rates = False  # keep every flow's (time, rate) history, for exact timelines
         self.flows_started = 0
         self.flows_completed = 0
         self.bytes_completed = 0
@@ -464,6 +467,19 @@ class FluidFabric:
         for link in flow.path:
             link.rate_flows.pop(flow.id, None)
         flow.rate = 0.0
+        if flow.history is not None:
+            self._note_rate(flow, self.clock.now)
+
+    @staticmethod
+    def _note_rate(flow: Flow, now: float) -> None:
+        h = flow.history
+        if h is None:
+            flow.history = [(now, flow.rate)]
+        elif h[-1][1] != flow.rate:
+            if h[-1][0] == now:
+                h[-1] = (now, flow.rate)
+            else:
+                h.append((now, flow.rate))
 
     def _on_link_change(self, link: Link) -> None:
         link.timer = None
@@ -515,6 +531,10 @@ class FluidFabric:
             link.used = rate * n
         else:
             self._water_fill(comp)
+        if self.record_rates:
+            now = self.clock.now
+            for flow in active.values():
+                self._note_rate(flow, now)
         monitor = self.monitor
         if monitor is not None:
             now = self.clock.now

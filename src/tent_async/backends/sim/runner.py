@@ -129,6 +129,7 @@ class SliceRecord:
     ended: float
     outcome: str
     probe: bool
+    rates: tuple[tuple[float, float], ...] = ()  # (time, bytes/s) from each rate change until it ended
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -247,6 +248,7 @@ class ScenarioRunner:
             origin=0.0,
         )
         self.fabric.monitor = monitor
+        self.fabric.record_rates = record
         self.planners: dict[int, Planner] = {
             node: Planner(self.topology.rail_infos(node), self.config, policy) for node in self.topology.senders()
         }
@@ -401,6 +403,7 @@ class ScenarioRunner:
                 ended=self.clock.now,
                 outcome=outcome,
                 probe=a.probe,
+                rates=tuple(flow.history or ()),
             )
         )
 

@@ -1,10 +1,11 @@
 """Throughput over time and recovery after a fault, from a recorded run.
 
 Goodput counts only bytes that reached the destination for their transfer:
-each delivered slice's bytes are spread evenly over the time it spent on the
-wire (from its first byte to its completion), which is exact while its rate
-is constant and close otherwise (slices last about a millisecond).  Bytes of
-slices that failed, were withdrawn or completed stale count as nothing.
+each delivered slice contributes its fluid rate over time as the fabric
+recorded it (``record=True``), so the timeline is exact, not an
+approximation; a slice without a rate history (recorded elsewhere) is spread
+evenly over its time on the wire.  Bytes of slices that failed, were
+withdrawn or completed stale count as nothing.
 
 Recovery after a fault at ``at`` on ``rail``:
 
@@ -49,26 +50,36 @@ def goodput(slices: Sequence[SliceRecord], t0: float, t1: float, bucket: float) 
     for s in slices:
         if s.outcome != "done" or s.length == 0:
             continue
+        if s.rates:
+            segments = zip(s.rates, [*s.rates[1:], (s.ended, 0.0)], strict=True)
+            for (a, rate), (b, _) in segments:
+                if rate > 0.0:
+                    _spread(acc, t0, bucket, max(a, t0), min(b, t1), rate)
+            continue
         span = s.ended - s.started
         if span <= 0:  # delivered in an instant: all its bytes in one bucket
             if t0 <= s.ended < t1:
                 acc[min(n - 1, int((s.ended - t0) / bucket))] += s.length
             continue
-        a, b = max(s.started, t0), min(s.ended, t1)
-        if b <= a:
-            continue
-        rate = s.length / span
-        i = int((a - t0) / bucket)
-        while i < n:
-            lo = t0 + i * bucket
-            hi = lo + bucket
-            overlap = min(b, hi) - max(a, lo)
-            if overlap > 0:
-                acc[i] += rate * overlap
-            if hi >= b:
-                break
-            i += 1
+        _spread(acc, t0, bucket, max(s.started, t0), min(s.ended, t1), s.length / span)
     return [x / bucket for x in acc]
+
+
+def _spread(acc: list[float], t0: float, bucket: float, a: float, b: float, rate: float) -> None:
+    """Add ``rate`` bytes/s over ``[a, b)`` to the buckets it overlaps."""
+    n = len(acc)
+    if b <= a:
+        return
+    i = max(0, int((a - t0) / bucket))
+    while i < n:
+        lo = t0 + i * bucket
+        hi = lo + bucket
+        overlap = min(b, hi) - max(a, lo)
+        if overlap > 0:
+            acc[i] += rate * overlap
+        if hi >= b:
+            break
+        i += 1
 
 
 def capacity(fabric: FluidFabric, t0: float, t1: float, bucket: float) -> list[float]:
