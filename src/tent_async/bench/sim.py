@@ -50,7 +50,7 @@ class Target:
 
 def _efficiency(runs: dict[str, RunResult]) -> tuple[bool, str]:
     eff = runs["eft"].efficiency
-    return eff >= 0.95, f"{eff:.3f}"
+    return eff >= 0.95, f"{eff:.4f}"
 
 
 def _speedup(runs: dict[str, RunResult]) -> tuple[bool, str]:
@@ -60,7 +60,7 @@ def _speedup(runs: dict[str, RunResult]) -> tuple[bool, str]:
 
 def _tail(runs: dict[str, RunResult]) -> tuple[bool, str]:
     ratio = runs["eft"].percentile(99) / runs["round_robin"].percentile(99)
-    return ratio <= 0.30, f"{ratio:.3f}x"
+    return ratio <= 0.30, f"{ratio:.4f}x"
 
 
 TARGETS = (
@@ -179,7 +179,7 @@ def _table(
             str(line["policy"]),
             f"{line['throughput_GBps']:.1f}",
             f"{line['capacity_GBps']:.1f}",
-            f"{line['efficiency']:.3f}",
+            f"{line['efficiency']:.4f}",
             f"{line['p50_ms']:.2f}",
             f"{line['p90_ms']:.2f}",
             f"{line['p99_ms']:.2f}",
