@@ -374,3 +374,29 @@ def test_every_byte_lands_exactly_once_despite_faults(monkeypatch: pytest.Monkey
         assert off == pos, f"gap or overlap at byte {pos}"
         pos += n
     assert pos == 96 << 20
+
+
+def test_second_engine_keeps_time_moving_after_the_first_closes() -> None:
+    async def main() -> None:
+        src = data(16 << 20)
+        dst = np.zeros_like(src)
+        leader_up = anyio.Event()
+
+        async def first() -> None:
+            async with tent.Engine(backend="sim", fabric=rails(1)) as engine:  # starts first: drives the clock
+                leader_up.set()
+                backend = engine.backend
+                assert isinstance(backend, SimBackend)
+                await backend.sleep(0.001)
+
+        with anyio.fail_after(60):  # a hang guard, not a speed assertion
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await leader_up.wait()
+                async with tent.Engine(backend="sim", fabric=rails(1, speed="1Gb/s")) as slow:
+                    a, b = slow.register(src), slow.register(dst)
+                    result = await slow.transfer(a[:], b[:])  # ~134 virtual ms: outlives the first engine
+        assert result.bytes == src.size
+        assert np.array_equal(src, dst)
+
+    run(main)

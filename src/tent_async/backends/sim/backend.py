@@ -208,20 +208,24 @@ class SimBackend(Backend):
     async def _drive(self) -> None:
         """Advance virtual time whenever the loop is idle (while this backend leads its world)."""
         world = self._require_world()
-        while self in world.members:
-            if world.leader is None:
-                world.leader = self
-            if world.leader is not self:
-                await world.changed.wait()
-                continue
-            await self._settle()
-            if world.leader is not self:
-                continue
-            if world.clock.next_time() is None:
-                world.wake.clear()
-                await world.wake.wait()
-                continue
-            world.clock.step()
+        try:
+            while self in world.members:
+                if world.leader is None:
+                    world.leader = self
+                if world.leader is not self:
+                    await world.changed.wait()
+                    continue
+                await self._settle()
+                if world.leader is not self:
+                    continue
+                if world.clock.next_time() is None:
+                    world.wake.clear()
+                    await world.wake.wait()
+                    continue
+                world.clock.step()
+        finally:
+            if world.leader is self:  # cancelled or closed: another engine on the loop takes over
+                world.hand_over()
 
     async def _settle(self) -> None:
         """Return once nothing else on the loop is ready to run."""
