@@ -62,10 +62,10 @@ class Attempt:
     deadline: float
     probe: bool = False
     started_idle: bool = False
-    overlapped: bool = False  # another slice was posted on the rail while this one was in flight
     history: dict[int, int] | None = None  # failed tries of these bytes per rail index
     state: AttemptState = AttemptState.LIVE
     tag: Any = None  # free for the driver (e.g. a task or request handle)
+    overlapped: bool = False  # another slice was posted on the rail while this one was in flight
 
 
 @attrs.frozen
