@@ -65,6 +65,7 @@ class Attempt:
     history: dict[int, int] | None = None  # failed tries of these bytes per rail index
     state: AttemptState = AttemptState.LIVE
     tag: Any = None  # free for the driver (e.g. a task or request handle)
+    overlapped: bool = False  # another slice was posted on the rail while this one was in flight
 
 
 # Post and Withdraw are created once per slice on the hot path; attrs' frozen

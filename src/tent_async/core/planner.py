@@ -137,9 +137,13 @@ class Planner:
             return  # unknown or already resolved: a duplicate report is harmless
         rail = self.rails[a.rail]
         self._release(rail, a)
+        alone = a.started_idle
         if wire_time is None:
             wire_time = now - max(a.posted_at, rail.last_completion)
-        rail.estimator.observe(a.length, wire_time, started_idle=a.started_idle)
+            # An inferred wire time of a slice that shared the rail with a later one
+            # includes that sharing, so it cannot tell the rail's latency apart.
+            alone = alone and not a.overlapped
+        rail.estimator.observe(a.length, wire_time, started_idle=alone)
         rail.refresh()
         rail.last_completion = now
         rail.last_activity = now
@@ -535,6 +539,8 @@ class Planner:
             not rail.inflight,
             rng.history,
         )
+        for other in rail.inflight.values():
+            other.overlapped = True
         rail.add(a)
         rail.last_activity = now
         if probe:
@@ -561,9 +567,12 @@ class Planner:
 
     def _idle_probes(self, now: float) -> None:
         """Under ``eft``, a usable rail idle for ``probe_interval`` gets one small slice."""
-        horizon = now - self.config.probe_interval
+        interval = self.config.probe_interval
         for rail in self.rails:
-            if rail.inflight or rail.last_activity > horizon or rail.probe_checked > horizon:
+            # The same expression as next_wakeup(), so a poll at exactly the wakeup time
+            # probes (comparing with now - interval can round the other way and, on a
+            # virtual clock that sits at that instant, wake the planner there forever).
+            if rail.inflight or max(rail.last_activity, rail.probe_checked) + interval > now:
                 continue
             state = rail.health.state
             if state is not Health.HEALTHY and state is not Health.SUSPECT:

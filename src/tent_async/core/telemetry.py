@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import attrs
 
+_LATENCY_FLOOR = 1e-6  # seconds: lets a rail declared with zero latency still learn one
+
 
 @attrs.define(slots=True)
 class RailEstimator:
@@ -34,15 +36,24 @@ class RailEstimator:
     def observe(self, nbytes: int, wire_time: float, *, started_idle: bool) -> None:
         """Learn from one completed slice.
 
-        ``started_idle`` says the rail had nothing else in flight when the slice
-        was posted, so its wire time includes one latency; that latency is
-        split off and learned separately.
+        ``started_idle`` says the slice had the rail to itself (nothing else in
+        flight when it was posted, and, when the wire time is inferred, nothing
+        posted after it before it finished), so its wire time includes one
+        latency; that latency is split off and learned separately, weighted by
+        latency's expected share of the wire time (a big slice can hardly tell
+        a slower rail from a longer one, a small probe can).
         """
         wire_time = max(wire_time, 1e-9)
         if started_idle:
             lat_sample = max(0.0, wire_time - nbytes / self.bandwidth)
             lat_sample = min(lat_sample, wire_time)
-            self.latency += self.alpha * (lat_sample - self.latency)
+            # A sample says little about latency when the slice's transfer time
+            # dwarfs it: a rail that slowed down would pass for one that got
+            # further away, and the latency would then penalise every slice on it.
+            # Weight the update by latency's expected share of the wire time.
+            expected_latency = self.latency + _LATENCY_FLOOR
+            weight = expected_latency / (expected_latency + nbytes / self.bandwidth)
+            self.latency += self.alpha * weight * (lat_sample - self.latency)
             transfer_time = max(wire_time - self.latency, 0.5 * wire_time)
         else:
             transfer_time = wire_time
