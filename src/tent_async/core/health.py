@@ -6,7 +6,8 @@ call passes ``now``.
 
 * **healthy**: full window.
 * **suspect**: after one error or missed deadline.  Keeps a window of one
-  slice until ``recover_after`` successes in a row bring it back.
+  slice, of at most ``min_slice`` bytes, until ``recover_after`` successes in
+  a row bring it back.
 * **quarantined**: after ``quarantine_after`` failures within
   ``failure_window``, a failure while probing, or a backend saying the rail is
   down.  Carries nothing until the back-off expires; the back-off doubles on

@@ -73,6 +73,7 @@ class Planner:
         self._quarantined: set[RailState] = set()  # rails whose quarantine timer runs
         self._probing: set[RailState] = set()  # rails waiting for (or carrying) a probe
         self._idle_check_at = -float("inf")
+        self._suspect_slice = self.config.min_slice
         self._deadline_floor = self.config.deadline_floor
         self._deadline_factor = self.config.deadline_factor
 
@@ -494,6 +495,10 @@ class Planner:
                     self._no_rail(t, now)
                 continue
             rail, size = choice  # type: ignore[misc]
+            if rail.health.state is Health.SUSPECT and size > self._suspect_slice:
+                # A suspect rail proves itself with small slices, so that a rail that
+                # is really stalled holds little data hostage until its quarantine.
+                size = cut(self._suspect_slice, t.pending[0].length, 0.0)
             self._post(t, rail, size, now, probe=False)
             if t.pending:
                 active.rotate(-1)
