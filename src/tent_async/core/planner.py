@@ -157,6 +157,7 @@ class Planner:
             t.bytes_per_rail[rail.name] = t.bytes_per_rail.get(rail.name, 0) + a.length
             before = rail.health.state
             if before is not Health.HEALTHY and rail.health.on_success(now) is Health.HEALTHY:
+                rail.sync_health()
                 self._probing.discard(rail)
                 self._event(now, EventKind.RECOVERY, rail, f"rail {rail.name} is healthy again")
         a.state = _DONE
@@ -247,6 +248,7 @@ class Planner:
             for rail in list(self._quarantined):
                 if now >= rail.health.quarantine_until:
                     rail.health.tick(now)
+                    rail.sync_health()
                     self._quarantined.discard(rail)
                     self._probing.add(rail)
                     self._event(now, EventKind.PROBE, rail, f"quarantine of {rail.name} ended; probing")
@@ -378,6 +380,7 @@ class Planner:
             self._event(now, EventKind.REROUTE, rail, f"{moved} slice(s) taken off {rail.name}", slices=moved)
         before = rail.health.state
         after = rail.health.on_failure(now, rail_down=rail_down)
+        rail.sync_health()
         if after is Health.QUARANTINED:
             self._quarantined.add(rail)
             self._probing.discard(rail)

@@ -93,9 +93,7 @@ class EarliestFinish:
         pick_cost = float("inf")
         pick_size = 0
         for rail in transfer.rails:
-            health = rail.health
-            state = health.state
-            if state is not _HEALTHY and state is not _SUSPECT:
+            if not rail.dispatchable:
                 continue
             if history is not None and history.get(rail.index, 0) >= self._max_per_rail:
                 continue
@@ -111,7 +109,7 @@ class EarliestFinish:
             cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
             if cost < best:
                 best = cost
-            if cost < pick_cost and len(inflight) < (rail.window_full if state is _HEALTHY else 1):
+            if cost < pick_cost and len(inflight) < rail.window:
                 pick, pick_cost, pick_size = rail, cost, size
         if pick is None:
             return NO_RAIL if best == float("inf") else None

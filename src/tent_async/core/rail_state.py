@@ -47,6 +47,7 @@ class RailState:
         "bw",
         "bytes_total",
         "deadline_misses",
+        "dispatchable",
         "errors",
         "estimator",
         "head_expected",
@@ -67,6 +68,7 @@ class RailState:
         "probes_total",
         "rerouted_from",
         "slices_total",
+        "window",
         "window_full",
     )
 
@@ -97,6 +99,8 @@ class RailState:
         self.probe_checked = -float("inf")  # last time an idle probe found nothing to carry
         self.nominal = nominal_slice(info.bandwidth, config)
         self.window_full = config.window
+        self.window = config.window  # slices allowed in flight in the current health state
+        self.dispatchable = True  # healthy or suspect: a policy may choose it
         self.bytes_total = 0
         self.slices_total = 0
         self.probes_total = 0
@@ -131,11 +135,17 @@ class RailState:
             self.head_posted = head.posted_at
             self.head_expected = head.expected
 
+    def sync_health(self) -> None:
+        """Mirror the health state into the two fields the dispatcher reads for every decision."""
+        state = self.health.state
+        self.dispatchable = state is Health.HEALTHY or state is Health.SUSPECT
+        if state is Health.QUARANTINED:
+            self.window = 0
+        else:
+            self.window = self.window_full if state is Health.HEALTHY else 1
+
     def has_room(self) -> bool:
-        health = self.health
-        if health.state is Health.QUARANTINED:
-            return False
-        return len(self.inflight) < (self.window_full if health.state is Health.HEALTHY else 1)
+        return len(self.inflight) < self.window
 
     def effective_bandwidth(self, now: float) -> float:
         """Estimated bandwidth, lowered when the oldest slice in flight is overdue.
