@@ -25,6 +25,7 @@ from collections.abc import Callable
 import anyio
 import numpy as np
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..core import SchedulerConfig
@@ -81,20 +82,40 @@ def run(args: argparse.Namespace) -> int:
     def median(fn: Callable[[], float]) -> float:
         return statistics.median(fn() for _ in range(args.repeat))
 
-    raw_whole = median(lambda: _raw(src, dst, None))
-    raw_chunk = median(lambda: _raw(src, dst, CHUNK))
     rows: list[tuple[str, float, int]] = []
-    for rails in (1, 4):
-        for chunk, label in ((CHUNK, "64 MiB transfers"), (None, f"one {format_size(size)} transfer")):
-            times = [anyio.run(_engine_run, src, dst, rails, chunk) for _ in range(args.repeat)]
-            elapsed = statistics.median(t for t, _ in times)
-            rows.append((f"engine, {rails} rail{'s' if rails > 1 else ''}, {label}", elapsed, times[0][1]))
-    if not np.array_equal(src, dst):
-        console.print("[red]destination differs from source[/red]")
-        return 1
     small = parse_size(args.small_slice)
     small_cfg = SchedulerConfig(min_slice=small, max_slice=small, slice_align=min(4096, small))
-    small_times = [anyio.run(_engine_run, src, dst, 1, None, small_cfg) for _ in range(args.repeat)]
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("raw copy", total=5 * args.repeat)
+
+        def step(description: str) -> None:
+            progress.update(task, description=description, advance=1)
+
+        raw_whole = median(lambda: _raw(src, dst, None))
+        raw_chunk = median(lambda: _raw(src, dst, CHUNK))
+        for rails in (1, 4):
+            for chunk, label in ((CHUNK, "64 MiB transfers"), (None, f"one {format_size(size)} transfer")):
+                name = f"engine, {rails} rail{'s' if rails > 1 else ''}, {label}"
+                times = []
+                for _ in range(args.repeat):
+                    times.append(anyio.run(_engine_run, src, dst, rails, chunk))
+                    step(name)
+                elapsed = statistics.median(t for t, _ in times)
+                rows.append((name, elapsed, times[0][1]))
+        if not np.array_equal(src, dst):
+            console.print("[red]destination differs from source[/red]")
+            return 1
+        small_times = []
+        for _ in range(args.repeat):
+            small_times.append(anyio.run(_engine_run, src, dst, 1, None, small_cfg))
+            step(f"engine, 1 rail, {format_size(small)} slices")
     small_elapsed = statistics.median(t for t, _ in small_times)
     small_slices = small_times[0][1]
     overhead_us = max(0.0, small_elapsed - raw_whole) / small_slices * 1e6

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import attrs
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..backends.sim import Elephants, PairTopology, RunResult, Scenario, SimRail, run_scenario
@@ -134,19 +135,32 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, RunResult]] = {}
     lines: list[dict[str, object]] = []
     scenarios: dict[str, Scenario] = {}
-    for name in names:
-        sc = scenario(name, args.scale, args.seed, kv_load=args.kv_load, background=not args.no_background)
-        scenarios[name] = sc
-        runs: dict[str, RunResult] = {}
-        walls: dict[str, float] = {}
-        for policy in policies:
-            t0 = time.perf_counter()
-            runs[policy] = run_scenario(sc, policy)
-            walls[policy] = time.perf_counter() - t0
-        results[name] = runs
-        rr = runs.get("round_robin")
-        for policy in policies:
-            lines.append(_row(name, policy, runs[policy], rr, args.scale, walls[policy]))
+    # Progress goes to stderr (and only on a terminal), so stdout stays table + JSON lines.
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=args.json_only,
+    ) as progress:
+        task = progress.add_task("simulating", total=len(names) * len(policies))
+        for name in names:
+            sc = scenario(name, args.scale, args.seed, kv_load=args.kv_load, background=not args.no_background)
+            scenarios[name] = sc
+            runs: dict[str, RunResult] = {}
+            walls: dict[str, float] = {}
+            for policy in policies:
+                progress.update(task, description=f"{name} / {policy}")
+                t0 = time.perf_counter()
+                runs[policy] = run_scenario(sc, policy)
+                walls[policy] = time.perf_counter() - t0
+                progress.advance(task)
+            results[name] = runs
+            rr = runs.get("round_robin")
+            for policy in policies:
+                lines.append(_row(name, policy, runs[policy], rr, args.scale, walls[policy]))
     if not args.json_only:
         _table(console, scenarios, results, lines)
         _targets(console, results)
