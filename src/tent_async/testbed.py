@@ -50,7 +50,7 @@ from types import FrameType, TracebackType
 from typing import Any, Literal, NamedTuple, Self
 
 from .errors import TentError
-from .units import format_rate, parse_bandwidth, parse_duration, parse_size
+from .units import parse_bandwidth, parse_duration, parse_size
 
 __all__ = [
     "PREFIX",
@@ -938,13 +938,13 @@ def _rail_table(tb: VethTestbed, title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("rail", "rate", "client dev", "client ip", "server dev", "server ip", "state"):
+    for col in ("rail", "Mbit/s", "client dev", "client ip", "server dev", "server ip", "state"):
         table.add_column(col)
     for r in tb.rails:
         states = tb.link_state(r.index)
         table.add_row(
             str(r.index),
-            f"{r.mbit:g} Mbit/s ({format_rate(r.bandwidth)})",
+            f"{r.mbit:g}",
             r.client_dev,
             r.client_ip,
             r.server_dev,
