@@ -653,15 +653,22 @@ class VethTestbed:
 
     # -------------------------------------------------------------- faults
 
-    def link_down(self, index: int, side: Side | Literal["both"] = "client") -> None:
+    def link_down(self, index: int, side: Side | Literal["both"] = "client", *, wait: bool = True) -> None:
         """Take rail ``index`` down (``ip link set DEV down``): the peer loses carrier, traffic stops.
 
-        Connections are not told; the kernel keeps retransmitting, as on a pulled cable.
+        Connections are not told; the kernel keeps retransmitting, as on a pulled cable.  With
+        ``wait`` it returns once both ends report the link not up (the peer's carrier change
+        is asynchronous, a few ms).
         """
         self._require_up()
         rail = self.rails[index]
         for s in _SIDES if side == "both" else (_side(side),):
             _cmd(["ip", "-n", self.ns(s), "link", "set", rail.dev(s), "down"])
+        deadline = time.monotonic() + self.link_timeout
+        while wait and "UP" in self.link_state(index).values():
+            if time.monotonic() > deadline:
+                raise TestbedError(f"rail {index} still reports UP {self.link_timeout:g} s after link down")
+            time.sleep(0.01)
 
     def link_up(self, index: int, *, wait: bool = True) -> None:
         """Bring rail ``index`` up on both sides and (by default) wait until it carries traffic."""
@@ -934,24 +941,23 @@ def run_cli(args: argparse.Namespace) -> int:
         return 1
 
 
-def _rail_table(tb: VethTestbed, title: str) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("rail", "Mbit/s", "client dev", "client ip", "server dev", "server ip", "state"):
-        table.add_column(col)
+def _rail_table(tb: VethTestbed, title: str) -> str:
+    """Plain fixed-width lines (never truncated, easy to copy addresses from)."""
+    width = max(10, *(len(r.server_dev) for r in tb.rails)) + 2
+    head = f"{'rail':<5}{'Mbit/s':>8}  {'client dev':<{width}}{'client ip':<16}{'server dev':<{width}}{'server ip':<16}"
+    head += "state"
+    lines = [title, head]
     for r in tb.rails:
         states = tb.link_state(r.index)
-        table.add_row(
-            str(r.index),
-            f"{r.mbit:g}",
-            r.client_dev,
-            r.client_ip,
-            r.server_dev,
-            r.server_ip,
-            "/".join(states.get(s, "?") for s in _SIDES),
+        state = "/".join(states.get(s, "?") for s in _SIDES)
+        lines.append(
+            f"{r.index:<5}{r.mbit:>8g}  {r.client_dev:<{width}}{r.client_ip:<16}{r.server_dev:<{width}}"
+            f"{r.server_ip:<16}{state}"
         )
-    return table
+    return "\n".join(lines)
+
+
+_PLAIN: dict[str, Any] = {"soft_wrap": True, "highlight": False}
 
 
 def _cli_up(console: Any, args: argparse.Namespace) -> int:
@@ -964,11 +970,12 @@ def _cli_up(console: Any, args: argparse.Namespace) -> int:
     tb.start()
     tb.detach()
     c, s = tb.namespaces
-    console.print(_rail_table(tb, f"testbed {args.name!r}: client namespace {c}, server namespace {s}"))
+    console.print(_rail_table(tb, f"testbed {args.name!r}: client namespace {c}, server namespace {s}"), **_PLAIN)
     console.print(
-        f"run in a namespace:  ip netns exec {s} python server.py   /   ip netns exec {c} python client.py\n"
-        f"fault:               ip -n {c} link set {tb.rails[0].client_dev} down\n"
-        f"remove:              tent-async testbed down --name {args.name}"
+        f"run inside:  ip netns exec {s} python server.py ...  /  ip netns exec {c} python client.py ...\n"
+        f"a fault:     ip -n {c} link set {tb.rails[0].client_dev} down   (and ... up)\n"
+        f"remove:      tent-async testbed down --name {args.name}",
+        **_PLAIN,
     )
     return 0
 
@@ -1008,7 +1015,7 @@ def _cli_status(console: Any) -> int:
         tb = VethTestbed._attach_token(info.token)
         tb._state = "detached"  # a view only: never remove it from here
         c, s = info.namespaces
-        console.print(_rail_table(tb, f"{info.token} ({owner}){flag}: client {c}, server {s}"))
+        console.print(_rail_table(tb, f"{info.token} ({owner}){flag}: client {c}, server {s}"), **_PLAIN)
     return 0
 
 
