@@ -600,6 +600,21 @@ class VethTestbed:
                     states[side] = str(link.get("operstate", "UNKNOWN"))
         return states
 
+    def byte_counters(self, side: Side) -> list[tuple[int, int]]:
+        """Kernel ``(tx_bytes, rx_bytes)`` of each rail's interface on ``side``, in rail order.
+
+        What really crossed each link (headers included), whoever sent it: the way to see
+        how a transfer was split over the rails.
+        """
+        self._require_up()
+        out = _cmd(["ip", "-n", self.ns(side), "-s", "-j", "link", "show"])
+        stats = {str(link.get("ifname")): link.get("stats64", {}) for link in json.loads(out or "[]")}
+        counters = []
+        for r in self.rails:
+            st = stats.get(r.dev(side), {})
+            counters.append((int(st.get("tx", {}).get("bytes", 0)), int(st.get("rx", {}).get("bytes", 0))))
+        return counters
+
     def wait_links_up(self, indices: Sequence[int] | None = None, timeout: float | None = None) -> None:
         """Block until the given rails (default all) are operationally up on both sides."""
         self._require_up()

@@ -202,9 +202,15 @@ def test_two_testbeds_side_by_side(netns: None) -> None:
     with VethTestbed(["100mbit"]) as a, VethTestbed(["100mbit"]) as b:
         assert not set(a.namespaces) & set(b.namespaces)
         assert a.rails[0].server_ip == b.rails[0].server_ip  # same addresses, separate namespaces
-        for tb in (a, b):
-            with tb.tcp_stream(0) as stream:
-                stream.wait_flowing()
+        before = b.byte_counters("client")[0][0]
+        with a.tcp_stream(0) as stream:
+            stream.wait_flowing()
+            assert stream.wait_bytes(1 << 20, timeout=10)
+        assert a.byte_counters("client")[0][0] > 1 << 20
+        assert a.byte_counters("server")[0][1] > 1 << 20
+        assert b.byte_counters("client")[0][0] - before < 64 * 1024  # b saw none of a's traffic
+        with b.tcp_stream(0) as stream:
+            stream.wait_flowing()
 
 
 def test_shaping_holds_in_both_directions(netns: None) -> None:
