@@ -155,10 +155,15 @@ class _Worker:
         try:
             msg = self.events.get(timeout=timeout)
         except queue.Empty:
-            raise BenchStepError(f"{self.role}: no {event!r} within {timeout:.0f} s{self._tail()}") from None
+            raise BenchStepError(f"{self.role}: no {event!r} within {timeout:g} s{self._tail()}") from None
         if msg is None:
             self.proc.wait(5)
             raise BenchStepError(f"{self.role} exited ({self.proc.returncode}) before {event!r}{self._tail()}")
+        if msg.get("event") == "error":
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
+            time.sleep(0.1)  # let the stderr pump take the traceback's last lines
+            raise BenchStepError(f"{self.role} failed before {event!r}: {msg.get('error')}{self._tail()}")
         if msg.get("event") != event:
             raise BenchStepError(f"{self.role}: expected {event!r}, got {msg}{self._tail()}")
         return msg
@@ -170,7 +175,7 @@ class _Worker:
             self.proc.stdin.flush()
 
     def _tail(self) -> str:
-        return ("\n  stderr: " + "\n  stderr: ".join(self.stderr[-8:])) if self.stderr else ""
+        return ("\n  stderr: " + "\n  stderr: ".join(self.stderr[-4:])) if self.stderr else ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -801,7 +806,7 @@ def _worker_main(spec_json: str) -> int:
         "engine_client": _engine_client,
     }[spec["role"]]
     try:
-        asyncio.run(asyncio.wait_for(entry(spec), spec.get("timeout", 300.0)))
+        asyncio.run(asyncio.wait_for(entry(spec), _READY_TIMEOUT + spec.get("timeout", 300.0)))
     except Exception as exc:
         _emit("error", error=f"{type(exc).__name__}: {exc}")
         raise
