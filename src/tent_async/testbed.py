@@ -277,7 +277,10 @@ def _probe() -> tuple[bool, str]:
             what="sch_tbf support",
         )
     except TestbedError as exc:
-        return False, f"cannot build a veth testbed here: {exc}"
+        return False, (
+            f"cannot build a veth testbed here: {exc} "
+            "(needs CAP_NET_ADMIN and CAP_SYS_ADMIN, e.g. root outside a restricted container)"
+        )
     finally:
         with suppress(TestbedError):
             _delete_namespace(ns)
@@ -978,7 +981,7 @@ _PLAIN: dict[str, Any] = {"soft_wrap": True, "highlight": False}
 def _cli_up(console: Any, args: argparse.Namespace) -> int:
     ok, reason = available()
     if not ok:
-        console.print(f"[bold red]cannot build a testbed here:[/] {reason}")
+        console.print(f"[bold red]error:[/] {reason}")
         return 1
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     tb = VethTestbed(rates, name=args.name, subnet=args.subnet, burst=args.burst, latency=args.latency)
