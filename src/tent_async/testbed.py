@@ -530,6 +530,9 @@ class VethTestbed:
         """Stop the processes started in the namespaces and remove both namespaces (idempotent)."""
         if self._state in ("closed", "detached"):
             return
+        if self._state == "new":  # never started: nothing of ours to remove (a same-named testbed is not ours)
+            self._state = "closed"
+            return
         with _signals_deferred():
             self._state = "closed"
             for proc in self._procs:
@@ -666,6 +669,7 @@ class VethTestbed:
         """``subprocess.Popen`` inside ``side``'s namespace; stopped by :meth:`close` if still running."""
         self._require_up()
         proc: subprocess.Popen[Any] = subprocess.Popen(self.exec_argv(side, argv), **kwargs)
+        self._procs = [p for p in self._procs if p.poll() is None]
         self._procs.append(proc)
         return proc
 

@@ -265,6 +265,8 @@ def test_attach_to_a_named_testbed(netns: None) -> None:
         assert [r.bandwidth for r in again.rails] == pytest.approx([r.bandwidth for r in tb.rails])
         with pytest.raises(TestbedError, match="already up"):
             VethTestbed(name=name).start()
+        VethTestbed(name=name).close()  # never started: must not touch the one that is up
+        assert set(tb.namespaces) <= namespaces()
         again.close()
         assert not set(tb.namespaces) & namespaces()
     finally:
