@@ -1048,6 +1048,7 @@ def _cli_measure(console: Any, args: argparse.Namespace) -> int:
         got = tb.tcp_throughput(r.index, args.seconds)
         console.print(
             f"rail {r.index} ({r.client_dev} -> {r.server_ip}) shaped {r.mbit:g} Mbit/s: "
-            f"TCP goodput {got * 8 / 1e6:.1f} Mbit/s = {got / r.bandwidth:.0%} of the rate"
+            f"TCP goodput {got * 8 / 1e6:.1f} Mbit/s = {got / r.bandwidth:.1%} of the rate",
+            **_PLAIN,
         )
     return 0
