@@ -14,7 +14,16 @@ import os
 import pytest
 from rich.console import Console
 
-from tent_async.bench.ucx_veth import _plan, _split, add_veth_arguments, engine_available, rail_names, run_veth
+from tent_async.bench.ucx_veth import (
+    _is_rail,
+    _plan,
+    _split,
+    add_veth_arguments,
+    engine_available,
+    rail_names,
+    run_veth,
+    timeline_metrics,
+)
 from tent_async.testbed import VethTestbed, available, list_testbeds
 
 
@@ -35,6 +44,28 @@ def test_split_and_plan() -> None:
     assert _plan(spec, warmup=True) == [[(0, 4 << 20)], [(10 << 20, 13 << 20)]]
     assert _plan({"mode": "multirail", "sizes": [64 << 20], "slice": 4 << 20}, warmup=False) == [[(0, 64 << 20)]]
     assert rail_names(VethTestbed(["800mbit", "200mbit", "200mbit"])) == ["r800", "r200", "r200_2"]
+
+
+def test_timeline_metrics_on_a_synthetic_failover() -> None:
+    # 125 MB/s until the link goes down at t=1, nothing for 0.2 s, the engine notices at
+    # 1.15 s, then the surviving 25 MB/s rail carries everything.
+    dt = 0.005
+    samples, n, t = [], 0.0, 0.0
+    while t < 2.0:
+        rate = 125e6 if t < 1.0 else 0.0 if t < 1.2 else 24e6
+        n += rate * dt
+        t += dt
+        samples.append((round(t, 6), int(n)))
+    m = timeline_metrics(samples, 1.0, [0.5, 1.15, 1.3], survivors=25e6)
+    assert m["detected_s"] == pytest.approx(0.15)
+    assert m["longest_stall_s"] == pytest.approx(0.2, abs=0.011)
+    assert m["recovery_s"] == pytest.approx(0.2, abs=0.011)
+    assert m["recovery_after_detection_s"] == pytest.approx(0.05, abs=0.011)
+    assert m["goodput_before"] == pytest.approx(125e6, rel=0.02)
+    assert m["goodput_per_window"][0][0] == -0.5
+    assert (
+        _is_rail("server/r800", "r800") and _is_rail("server/r800:r800", "r800") and not _is_rail("server/r200", "r800")
+    )
 
 
 @pytest.mark.netns
