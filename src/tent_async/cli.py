@@ -3,6 +3,7 @@
 ``tent-async demo``            slice spraying over heterogeneous local rails
 ``tent-async watch``           a workload on local rails, with live per-rail telemetry
 ``tent-async bench NAME ...``  a benchmark (``tent-async bench --help`` lists them)
+``tent-async testbed up|down|status|measure``  network-namespace rails shaped with tc (root)
 """
 
 from __future__ import annotations
@@ -49,7 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.add_arguments(p)
         p.set_defaults(func=module.run)
+    _add_testbed(sub)
     return parser
+
+
+def _add_testbed(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``tent-async testbed``: real shaped rails between two network namespaces (docs/testbed.md)."""
+    from . import testbed
+
+    parser = sub.add_parser("testbed", help="network namespaces joined by tbf-shaped veth rails (root)")
+    testbed.add_cli_arguments(parser)
+    parser.set_defaults(func=testbed.run_cli)
 
 
 def _unavailable(name: str, exc: ImportError) -> int:

@@ -13,4 +13,5 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "sim": ("tent_async.bench.sim", "simulated fabric scenarios: eft vs round_robin vs single"),
     "failover": ("tent_async.bench.failover", "recovery time after rail faults on the simulated fabric"),
     "ucx": ("tent_async.bench.ucx", "raw ucxx vs the engine, and the veth testbed"),
+    "veth": ("tent_async.bench.ucx_veth", "raw ucxx and UCX multi-rail on the veth testbed (root)"),
 }
