@@ -109,4 +109,8 @@ async def main(config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    import logging
+    import os
+
+    logging.basicConfig(level=os.environ.get("TENT_TEST_LOG", "WARNING"), format="peer %(name)s: %(message)s")
     asyncio.run(main(json.loads(sys.argv[1])))

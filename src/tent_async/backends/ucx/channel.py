@@ -9,6 +9,14 @@
 * Incoming active messages (headers and replies) are received one after
   another; a message that does not decode is counted, logged, and closes the
   endpoint — it never reaches the engine.
+* ucxx files a waiting active-message receive under the endpoint's raw UCX
+  handle, and a receive still waiting when its endpoint is closed stays filed
+  there.  UCX recycles endpoint memory, so the *next* endpoint given that
+  handle loses its first message to the dead one's receive (seen here: the
+  BIND of a second client vanished).  A channel closed by the peer is
+  therefore only *retired*: marked closed, its endpoint kept referenced and
+  never closed by us, so UCX cannot recycle the handle.  Only ``abort()``
+  (fencing a stuck rail, engine shutdown) really closes an endpoint.
 * The endpoint's close callback (progress thread) is handed to the loop.
   ``abort()`` closes the endpoint, which cancels every request on it within
   milliseconds: the only way to stop a send once it has started.
@@ -58,6 +66,8 @@ class Channel:
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
         self._am_req: Any = None
         self._ucx = _ucxx.loaded()
+        self.handle = int(ep.handle)
+        rail.channels.add(self)
         ep.set_close_callback(self._closed_from_ucx)
         self._arm()
 
@@ -84,7 +94,12 @@ class Channel:
             return
         buf = req.recv_buffer
         del req
+        if self.closed:
+            return
         self._arm()
+        self._dispatch(buf)
+
+    def _dispatch(self, buf: Any) -> None:
         try:
             msg = decode(memoryview(buf) if buf is not None else b"")
         except ProtocolError as exc:
@@ -163,6 +178,11 @@ class Channel:
         self.closed = True
         self.close_reason = reason
         self._on_close(self, reason)
+
+    def retire(self, reason: str) -> None:
+        """Stop using the endpoint without closing it (its handle stays ours; see the module docstring)."""
+        if not self.closed:
+            self._close(reason)
 
     def abort(self, reason: str) -> None:
         """Close the endpoint now: every request on it is cancelled (sends included)."""

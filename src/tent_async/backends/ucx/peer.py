@@ -335,8 +335,14 @@ class Link:
         if self._fence is not None:
             self._fence.cancel()
             self._fence = None
-        if self.channel is not None:
-            self.channel.abort(reason)
+        ch = self.channel
+        if ch is not None:
+            # Close (cancelling what is in flight) only if something is; otherwise retire
+            # the endpoint so that UCX cannot recycle its handle (see channel.py).
+            if any(op.channel is ch for op in self.ops.values()):
+                ch.abort(reason)
+            else:
+                ch.retire(reason)
 
 
 def _check_contiguous(view: Any) -> None:

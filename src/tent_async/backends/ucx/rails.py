@@ -292,6 +292,7 @@ class LocalRail:
         self.loop = loop
         self.port = 0
         self._listener: Any = None
+        self.channels: set[Any] = set()  # every Channel ever opened here: retired ones keep their handle
         self._on_accept: Callable[[LocalRail, Any], None] | None = None
         features = (L.Feature.TAG, L.Feature.WAKEUP, L.Feature.AM)
         try:
@@ -352,6 +353,9 @@ class LocalRail:
         """Stop accepting, stop the threads.  Endpoints must be closed before."""
         self._listener = None
         self._on_accept = None
+        for channel in list(self.channels):
+            channel.abort("rail closing")
+        self.channels.clear()
         try:
             self.worker.stop_progress_thread()
         except Exception:  # pragma: no cover - best effort at shutdown

@@ -89,10 +89,11 @@ class Connection:
 class _Binding:
     """Server-side state of one data endpoint."""
 
-    __slots__ = ("conn", "drains", "ops")
+    __slots__ = ("conn", "drains", "early", "ops")
 
     def __init__(self) -> None:
         self.conn: Connection | None = None
+        self.early: list[Message] = []  # requests that overtook the BIND (see Channel: stale receives)
         self.drains = 0
         self.ops = 0
 
@@ -248,7 +249,9 @@ class Server:
         conn.closed = True
         self.connections.pop(conn.conn_id, None)
         for ch in list(conn.channels):
-            ch.abort(reason)  # cancels the receives posted for this client
+            # Retire, not close: the client closes its side (which cancels the receives
+            # posted for it), and closing ours would let UCX recycle the handle.
+            ch.retire(reason)
         conn.channels.clear()
 
     # ================================================================= data
@@ -256,6 +259,7 @@ class Server:
     def accept(self, rail: LocalRail, ep: Any) -> None:
         """A peer opened a data endpoint to one of our rails; it must BIND first."""
         ch = Channel(rail, ep, f"rail {rail.name} (inbound)", self._on_message, self._on_close, self._on_bad)
+        logger.debug("%s: accepted endpoint %#x", ch.label, ep.handle)
         ch.state = _Binding()
         self._unbound.add(ch)
         loop = asyncio.get_running_loop()
@@ -264,7 +268,7 @@ class Server:
     def _bind_timeout(self, ch: Channel) -> None:
         if ch in self._unbound and not ch.closed:
             self._unbound.discard(ch)
-            ch.abort("no BIND within the timeout")
+            ch.retire("no BIND within the timeout")
 
     def _on_bad(self, ch: Channel, exc: ProtocolError) -> None:
         self.backend.stats["protocol_errors"] += 1
@@ -280,6 +284,8 @@ class Server:
         binding: _Binding = ch.state
         if isinstance(msg, SliceRequest) and binding.conn is not None:
             self._serve(ch, binding, binding.conn, msg)
+        elif isinstance(msg, SliceRequest) and len(binding.early) < 64:
+            binding.early.append(msg)
         elif isinstance(msg, Bind) and binding.conn is None:
             conn = self.connections.get(msg.conn_id)
             if conn is None or conn.closed or not macs_equal(conn.token, msg.token) or msg.rail != ch.rail.name:
@@ -292,6 +298,9 @@ class Server:
             conn.channels.add(ch)
             ch.label = f"rail {ch.rail.name} <- {conn.name!r}"
             ch.send(Bound(rail=ch.rail.name))
+            early, binding.early = binding.early, []
+            for request in early:
+                self._on_message(ch, request)
         else:
             self.backend.stats["protocol_errors"] += 1
             logger.warning("%s: unexpected %s; closing the endpoint", ch.label, type(msg).__name__)
@@ -443,7 +452,7 @@ class Server:
                 write_message(conn.writer, Bye(reason="engine closing"))
             self._drop(conn, "engine closing")
         for ch in list(self._unbound):
-            ch.abort("engine closing")
+            ch.retire("engine closing")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
