@@ -47,7 +47,7 @@ async def serve_raw(config: dict[str, Any]) -> None:
     stop = asyncio.ensure_future(_stdin_closed())
     try:
         ep = await accepted.get()
-        buf = np.empty(config["size"], dtype=np.uint8)
+        buf = np.ones(config["size"], dtype=np.uint8)
         ack = np.zeros(8, dtype=np.uint8)
         tag = 0
         for nbytes, count in config["rounds"]:
@@ -71,7 +71,7 @@ async def serve_engine(config: dict[str, Any]) -> None:
     from ..engine import Engine
 
     async with Engine(backend="ucx", name="bench-server", listen="127.0.0.1:0", rails=[rail_spec(config["rail"])]) as e:
-        e.register(np.zeros(config["size"], dtype=np.uint8), name="dst")
+        e.register(np.ones(config["size"], dtype=np.uint8), name="dst")  # touched: no first-touch page faults
         e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
         print(json.dumps({"address": e.address}), flush=True)
         await _stdin_closed()

@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lat-iters", type=int, default=500, help="4 KiB round trips per measurement (default 500)")
     parser.add_argument("--repeat", type=int, default=2, help="alternations of raw and engine runs (default 2)")
     parser.add_argument("--rails", default="tcp,shm", help="rail kinds to measure: tcp (over lo), shm")
+    parser.add_argument("--limit", type=float, default=120.0, help="seconds before one run counts as hung")
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
     if veth is not None and hasattr(veth, "add_arguments"):
@@ -127,11 +128,35 @@ async def _raw_client(rail: str, port: int, iters: int, lat_iters: int) -> tuple
         local.close()
 
 
-def _raw(rail: str, iters: int, lat_iters: int) -> tuple[float, float]:
+def _raw_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
     config = {"rail": rail, "size": SIZE, "rounds": [[SIZE, iters + 2], [SMALL, lat_iters + 50]]}
     with _peer("raw", config) as hello:
         big, small = asyncio.run(_raw_client(rail, hello["port"], iters, lat_iters))
-    return SIZE / statistics.median(big), statistics.median(small)
+    return {"bw": SIZE / statistics.median(big), "lat": statistics.median(small)}
+
+
+def _isolated(what: str, rail: str, iters: int, lat_iters: int, limit: float) -> dict[str, float] | None:
+    """Run one measurement's client side in a fresh interpreter too, bounded by ``limit`` seconds.
+
+    Both sides then start from a clean UCX state, and a measurement that hangs is
+    reported as such instead of stopping the benchmark.
+    """
+    code = (
+        "import json, sys; from tent_async.bench import ucx; "
+        f"print(json.dumps(ucx._{what}_here({rail!r}, {iters}, {lat_iters})))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return None
+    result: dict[str, float] = json.loads(lines[-1])
+    return result
 
 
 async def _engine_client(rail: str, address: str, iters: int, lat_iters: int) -> dict[str, float]:
@@ -140,7 +165,7 @@ async def _engine_client(rail: str, address: str, iters: int, lat_iters: int) ->
 
     async with Engine(backend="ucx", name="bench-client", rails=[rail_spec(rail)]) as engine:
         src = engine.register(np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8), name="src")
-        dst = engine.register(np.zeros(SIZE, dtype=np.uint8), name="dst")
+        dst = engine.register(np.ones(SIZE, dtype=np.uint8), name="dst")  # touched: no first-touch faults
         peer = await engine.connect(address)
         remote_dst = await peer.segment("dst")
         remote_src = await peer.segment("src")
@@ -166,7 +191,7 @@ async def _engine_client(rail: str, address: str, iters: int, lat_iters: int) ->
         }
 
 
-def _engine(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
+def _engine_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
     with _peer("engine", {"rail": rail, "size": SIZE}) as hello:
         return asyncio.run(_engine_client(rail, hello["address"], iters, lat_iters))
 
@@ -185,13 +210,23 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("rail", "what", "target") else "right")
     verdict = True
     for rail in rails:
-        raws: list[tuple[float, float]] = []
+        raws: list[dict[str, float]] = []
         engines: list[dict[str, float]] = []
         for _ in range(args.repeat):
-            raws.append(_raw(rail, args.iters, args.lat_iters))
-            engines.append(_engine(rail, args.iters, args.lat_iters))
-        raw_bw = statistics.median(r[0] for r in raws)
-        raw_lat = statistics.median(r[1] for r in raws)
+            for what, into in (("raw", raws), ("engine", engines)):
+                got = _isolated(what, rail, args.iters, args.lat_iters, args.limit)
+                if got is None:
+                    console.print(
+                        f"[yellow]{rail}: a {what} run failed or hung for {args.limit:g} s; left out[/yellow]"
+                    )
+                else:
+                    into.append(got)
+        if not raws or not engines:
+            console.print(f"[red]{rail}: no complete raw and engine runs; no figure[/red]")
+            verdict = False
+            continue
+        raw_bw = statistics.median(r["bw"] for r in raws)
+        raw_lat = statistics.median(r["lat"] for r in raws)
         eng = {k: statistics.median(e[k] for e in engines) for k in engines[0]}
         ratio = eng["write_bw"] / raw_bw
         extra_us = (eng["write_lat"] - raw_lat) * 1e6
@@ -236,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     console.print(
-        f"medians of {args.iters} x 64 MiB and {args.lat_iters} x 4 KiB per run, {args.repeat} alternating runs; "
+        f"medians of {args.iters} x 64 MiB and {args.lat_iters} x 4 KiB per run, {args.repeat} alternating runs "
+        f"(raw {len(raws)}, engine {len(engines)} complete for the last rail); "
         f"targets {'met' if verdict else 'MISSED'}"
     )
     if args.veth:

@@ -80,6 +80,7 @@ class _Op:
         "channel",
         "error",
         "fatal",
+        "fence_at",
         "kind",
         "link",
         "pending",
@@ -102,6 +103,7 @@ class _Op:
         self.fatal: str | None = None  # the peer refused the slice
         self.error: str | None = None  # a UCX request failed
         self.withdrawing = False
+        self.fence_at = 0.0  # when a withdrawn op still in flight gets its endpoint closed
 
 
 class Link:
@@ -310,21 +312,35 @@ class Link:
             self.peer.backend.ctx.withdrawn(a.id)
             return
         op.withdrawing = True
+        # Grace: the configured minimum, or a few times what the planner expected the
+        # slice to take, whichever is longer (a big slice on a loaded host is not stuck).
+        grace = max(self.peer.backend.withdraw_grace, 4.0 * a.expected)
+        op.fence_at = self.peer.backend.clock() + grace
         self._settle(op)
-        if a.id in self.ops and self._fence is None:
-            loop = asyncio.get_running_loop()
-            self._fence = loop.call_later(self.peer.backend.withdraw_grace, self._force_fence)
+        if a.id in self.ops:
+            self._arm_fence()
+
+    def _arm_fence(self) -> None:
+        pending = [op.fence_at for op in self.ops.values() if op.withdrawing]
+        if not pending or self._fence is not None:
+            return
+        delay = max(0.0, min(pending) - self.peer.backend.clock())
+        self._fence = asyncio.get_running_loop().call_later(delay, self._force_fence)
 
     def _force_fence(self) -> None:
-        """Withdrawn slices did not finish within the grace period: close the endpoint (cancels them)."""
+        """Withdrawn slices did not finish within their grace: close the endpoint (cancels them)."""
         self._fence = None
-        stuck = [op for op in self.ops.values() if op.withdrawing]
+        now = self.peer.backend.clock()
+        stuck = [op for op in self.ops.values() if op.withdrawing and op.fence_at <= now]
         ch = self.channel
-        if not stuck or ch is None or ch.closed:
+        if not stuck:
+            self._arm_fence()  # younger withdrawals: look again when theirs expires
+            return
+        if ch is None or ch.closed:
             return
         reason = (
-            f"rail {self.name}: {len(stuck)} withdrawn slice(s) still in flight after "
-            f"{self.peer.backend.withdraw_grace * 1e3:.0f} ms; endpoint closed to stop them"
+            f"rail {self.name}: {len(stuck)} withdrawn slice(s) still in flight after their grace "
+            f"period; endpoint closed to stop them"
         )
         logger.info("%s", reason)
         ch.abort(reason)
