@@ -11,6 +11,7 @@ rail expected to finish it first, rerouting around failed or slow rails::
 
 import logging as _logging
 
+from .backends.ucx.peer import Peer
 from .core import EventKind, Health, RailEvent, SchedulerConfig
 from .engine import (
     Engine,
@@ -24,10 +25,15 @@ from .errors import (
     ConfigError,
     DuplicateSegmentError,
     EngineClosedError,
+    HandshakeError,
     LengthMismatchError,
     NoRailError,
     OutOfBoundsError,
     OverlappingViewsError,
+    PeerClosedError,
+    PeerConnectError,
+    PeerError,
+    ProtocolError,
     ReadOnlySegmentError,
     RemoteAccessError,
     SegmentBusyError,
@@ -40,7 +46,7 @@ from .errors import (
     UnsupportedBufferError,
 )
 from .rails import RailSpec, Tier
-from .segments import Segment, SegmentBase, View
+from .segments import RemoteSegment, Segment, SegmentBase, View
 from .telemetry import RailTelemetry, Telemetry
 from .units import parse_bandwidth, parse_duration, parse_size
 
@@ -57,17 +63,24 @@ __all__ = [
     "EngineClosedError",
     "EventKind",
     "EventSubscription",
+    "HandshakeError",
     "Health",
     "LengthMismatchError",
     "NoRailError",
     "Notification",
     "OutOfBoundsError",
     "OverlappingViewsError",
+    "Peer",
+    "PeerClosedError",
+    "PeerConnectError",
+    "PeerError",
+    "ProtocolError",
     "RailEvent",
     "RailSpec",
     "RailTelemetry",
     "ReadOnlySegmentError",
     "RemoteAccessError",
+    "RemoteSegment",
     "SchedulerConfig",
     "Segment",
     "SegmentBase",

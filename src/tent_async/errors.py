@@ -101,3 +101,26 @@ class RemoteAccessError(TransferError):
 
 class OverlappingViewsError(TransferError, ValueError):
     """A destination overlaps another destination or a source of the same transfer."""
+
+
+# ------------------------------------------------------------------------ peers
+
+
+class PeerError(TentError):
+    """Base class for problems talking to a peer engine (ucx backend)."""
+
+
+class PeerConnectError(PeerError, ConnectionError):
+    """The peer could not be reached: nothing listens there, or it did not answer in time."""
+
+
+class HandshakeError(PeerError):
+    """The handshake was refused: protocol version or shared secret mismatch."""
+
+
+class ProtocolError(PeerError):
+    """A peer sent a malformed, truncated or unexpected message."""
+
+
+class PeerClosedError(PeerError):
+    """The peer closed the connection (or its process ended)."""

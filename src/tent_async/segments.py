@@ -121,6 +121,31 @@ class Segment(SegmentBase):
             )
 
 
+class RemoteSegment(SegmentBase):
+    """A segment registered with a peer engine, as this engine knows it.
+
+    Get one from ``await peer.segment(name)`` (ucx backend) and slice it like a
+    local segment: ``remote[off:off + n]``.  Size, kind and permission come from
+    the peer's catalogue and are checked again by the peer for every slice;
+    ``sid`` identifies this registration, so a segment the peer unregistered and
+    registered again under the same name is refused instead of written blindly.
+    """
+
+    __slots__ = ("peer", "sid")
+
+    def __init__(self, peer: Any, name: str, size: int, kind: str, permission: Permission, sid: int) -> None:
+        super().__init__(name, size, kind, permission)
+        self.peer = peer
+        self.sid = sid
+
+    @property
+    def is_remote(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"segment {self.name!r} of peer {getattr(self.peer, 'name', '?')!r}"
+
+
 @attrs.frozen(repr=False)
 class View:
     """Bytes ``[offset, offset + length)`` of a segment.

@@ -1,0 +1,84 @@
+"""Loading ucxx lazily, and the few low-level helpers every module shares.
+
+``import ucxx`` takes about half a second and writes UCX defaults into
+``os.environ`` (``UCX_MAX_RNDV_RAILS=1``, ``UCX_RNDV_THRESH=8192``, ...), so it
+happens only when a ucx backend starts, never at ``import tent_async``.
+Before the import, ``UCX_WARN_UNUSED_ENV_VARS=n`` silences the warning every
+UCX context would otherwise print about ucxx's own ``UCX_MEMTYPE_CACHE``; a
+value the user set explicitly is left alone.
+
+We use the Cython layer (``ucxx._lib.libucxx``) directly, not
+``ApplicationContext``: only the first ``ApplicationContext`` of an event loop
+gets a progress thread, and we need one context per rail.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+_lock = threading.Lock()
+_loaded: SimpleNamespace | None = None
+
+
+def load() -> SimpleNamespace:
+    """Import ucxx once; returns ``L`` (libucxx), ``Array``, ``notifier`` and ``UCXError``.
+
+    Raises ImportError with an install hint when ucxx is missing.
+    """
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        try:
+            import ucxx  # noqa: F401  (sets UCX_* defaults, loads libucx)
+            import ucxx._lib.libucxx as libucxx
+            from ucxx._lib.arr import Array
+            from ucxx._lib_async.notifier_thread import _notifierThread
+        except ImportError as exc:
+            raise ImportError(f"{exc}; install the ucx extra: pip install 'tent_async[ucx]'") from exc
+        _loaded = SimpleNamespace(
+            L=libucxx,
+            Array=Array,
+            notifier=_notifierThread,
+            UCXError=libucxx.UCXError,
+            CanceledError=libucxx.UCXCanceledError,
+            version=".".join(map(str, libucxx.get_ucx_version())),
+        )
+        return _loaded
+
+
+def loaded() -> SimpleNamespace:
+    """The ucxx bindings, which :func:`load` must have imported already."""
+    if _loaded is None:
+        raise RuntimeError("ucxx is not loaded yet; the ucx backend loads it when the engine starts")
+    return _loaded
+
+
+def available() -> str | None:
+    """``None`` if ucxx can be loaded here, otherwise the reason it cannot."""
+    try:
+        load()
+    except Exception as exc:  # ImportError, or a broken libucx (OSError)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """A UCX error as people read it: ``UCXXConnectionResetError: Connection reset by remote peer``."""
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def future_error(future: Any) -> BaseException | None:
+    """The exception of a finished request future (also marks it retrieved), or None."""
+    if future.cancelled():
+        return RuntimeError("request future cancelled")
+    exc: BaseException | None = future.exception()
+    return exc

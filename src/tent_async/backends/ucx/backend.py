@@ -1,0 +1,423 @@
+"""``backend="ucx"``: real transfers between engines over ucxx, one UCX context per rail.
+
+The backend owns this host's local rails (:mod:`.rails`), serves peers that
+connect to it (:mod:`.server`) and connects to peers (:mod:`.peer`).  The
+planner sees one rail per (local rail, peer rail) pair, added when the peer
+connects, and alone decides which rail carries which slice; UCX's own
+multi-rail is off in every context.
+
+Options (``tent.Engine(backend="ucx", ...)``):
+
+``listen``
+    ``"host:port"`` to accept peers on (port 0: any free port; read the real
+    one from ``engine.address``).  Without it the engine only connects out.
+``secret``
+    A shared secret both engines must know (never sent; HMAC challenge).
+``connect_timeout``
+    Seconds to wait for a peer that does not answer (default 5; a refused
+    connection fails at once).
+``withdraw_grace``
+    Seconds a withdrawn slice may take to finish by itself before its rail's
+    endpoint is closed to stop it (default 0.1).
+``inline_limit``
+    Slices up to this many bytes travel inside the header (default 16 KiB).
+``max_request``
+    Largest slice a peer may ask this engine to serve (default 1 GiB).
+``host_id``
+    Override the host identity used to pair shared-memory rails.
+``delayed_submission``
+    ucxx's delayed submission (requests posted by the progress thread; default True).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import anyio
+
+from ...core import Attempt, RailInfo
+from ...errors import (
+    ConfigError,
+    HandshakeError,
+    PeerClosedError,
+    PeerConnectError,
+    ProtocolError,
+    SegmentBusyError,
+    SegmentError,
+    UnregisteredSegmentError,
+)
+from ...rails import RailSpec
+from ...segments import RemoteSegment, Segment, SegmentBase
+from ...units import parse_duration, parse_size
+from ..base import Backend, BackendContext
+from . import _ucxx
+from .control import (
+    advertised_host,
+    close_writer,
+    mac,
+    macs_equal,
+    parse_address,
+    read_message,
+    secret_bytes,
+    write_message,
+)
+from .pairing import pair_rails
+from .peer import Link, Peer, RailLinkError
+from .protocol import NONCE_BYTES, PROTOCOL_VERSION, Challenge, Hello, RailAd, Refused, VersionMismatch, Welcome
+from .rails import LocalRail, RailPlan, host_id, resolve_plans
+from .server import Server
+
+logger = logging.getLogger("tent_async.ucx")
+
+
+class UcxBackend(Backend):
+    """Rails over ucxx to peer engines in other processes or on other machines."""
+
+    name: ClassVar[str] = "ucx"
+
+    def __init__(
+        self,
+        rails: Sequence[RailSpec] | None = None,
+        *,
+        listen: str | None = None,
+        secret: str | bytes | None = None,
+        connect_timeout: float | str = 5.0,
+        handshake_timeout: float | str = 5.0,
+        withdraw_grace: float | str = 0.1,
+        inline_limit: int | str = 16 * 1024,
+        max_request: int | str = 1 << 30,
+        host_id: str | None = None,
+        delayed_submission: bool = True,
+    ) -> None:
+        self._specs = list(rails) if rails is not None else None
+        self._listen = parse_address(listen, default_host="0.0.0.0") if listen is not None else None
+        self.secret = secret_bytes(secret)
+        self.connect_timeout = parse_duration(connect_timeout)
+        self.handshake_timeout = parse_duration(handshake_timeout)
+        self.withdraw_grace = parse_duration(withdraw_grace)
+        self.inline_limit = parse_size(inline_limit)
+        self.max_request = parse_size(max_request)
+        self.drain_limit = min(self.max_request, 64 << 20)
+        if self.connect_timeout <= 0 or self.handshake_timeout <= 0 or self.withdraw_grace < 0:
+            raise ConfigError("timeouts must be positive and withdraw_grace not negative")
+        self._host_id_override = host_id
+        self.host_id = host_id or ""
+        self._delayed = delayed_submission
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.plans: list[RailPlan] = []
+        self.local_rails: dict[str, LocalRail] = {}
+        self.peers: list[Peer] = []
+        self._links: dict[str, Link] = {}
+        self._server: Server | None = None
+        self._address: str | None = None
+        self._ctx: BackendContext | None = None
+
+    # ============================================================ lifecycle
+
+    @property
+    def ctx(self) -> BackendContext:
+        if self._ctx is None:
+            raise RuntimeError("the ucx backend is not started")
+        return self._ctx
+
+    @property
+    def engine_name(self) -> str:
+        return self.ctx.engine_name
+
+    def rail_specs(self) -> Sequence[RailSpec]:
+        return list(self._specs or [])
+
+    def rail_infos(self) -> list[RailInfo]:
+        """No rail before a peer connects: engine rails are (local rail, peer rail) pairs."""
+        return []
+
+    async def start(self, ctx: BackendContext) -> None:
+        self._ctx = ctx
+        try:
+            await anyio.to_thread.run_sync(_ucxx.load)
+        except ImportError as exc:
+            raise ConfigError(f"backend 'ucx' is not available: {exc}") from exc
+        self.plans = resolve_plans(self._specs)
+        self.host_id = self._host_id_override or host_id()
+        loop = asyncio.get_running_loop()
+        try:
+            for plan in self.plans:
+                self.local_rails[plan.name] = LocalRail(plan, loop, delayed_submission=self._delayed)
+            if self._listen is not None:
+                self._server = Server(self)
+                for rail in self.local_rails.values():
+                    rail.listen(self._server.accept)
+                host, port = self._listen
+                real_port = await self._server.start(host, port)
+                self._address = f"{advertised_host(host, [p.ip for p in self.plans])}:{real_port}"
+        except BaseException:
+            await self.aclose()
+            raise
+        logger.info(
+            "engine %r: ucx %s rails %s%s",
+            ctx.engine_name,
+            _ucxx.loaded().version,
+            {name: rail.resources() for name, rail in self.local_rails.items()},
+            f", listening on {self._address}" if self._address else "",
+        )
+
+    async def aclose(self) -> None:
+        for peer in list(self.peers):
+            await peer.close()
+        if self._server is not None:
+            await self._server.aclose()
+        for rail in self.local_rails.values():
+            rail.close()
+        self.local_rails.clear()
+
+    @property
+    def address(self) -> str | None:
+        return self._address
+
+    def rail_ads(self) -> tuple[RailAd, ...]:
+        return tuple(rail.plan.advert(rail.port) for rail in self.local_rails.values() if rail.port)
+
+    # ================================================================ peers
+
+    async def connect(self, address: str, **options: Any) -> Peer:
+        """Handshake with the engine listening at ``address`` and pair rails with it."""
+        timeout = parse_duration(options.pop("timeout", self.connect_timeout))
+        if options:
+            raise ConfigError(f"unknown connect options {sorted(options)}; only timeout= is supported")
+        host, port = parse_address(address)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except ConnectionRefusedError:
+            raise PeerConnectError(
+                f"nothing listens at {address} (connection refused); start the peer engine with "
+                f"listen='{host}:{port}' or check the address"
+            ) from None
+        except TimeoutError:
+            raise PeerConnectError(f"no answer from {address} within {timeout:g} s; is the host reachable?") from None
+        except OSError as exc:
+            raise PeerConnectError(f"cannot connect to {address}: {exc}") from None
+        try:
+            welcome = await self._handshake(address, reader, writer, limit=timeout)
+        except BaseException:
+            await close_writer(writer)
+            raise
+        peer = Peer(self, address, welcome, reader, writer)
+        same_host = welcome.host_id == self.host_id
+        pairs = pair_rails(self.plans, welcome.rails, same_host)
+        if not pairs:
+            await peer.close()
+            raise PeerConnectError(
+                f"no rail of this engine can reach peer {welcome.name!r} at {address}: ours "
+                f"{[(p.name, p.kind, p.ip) for p in self.plans]}, theirs "
+                f"{[(r.name, r.kind, r.ip) for r in welcome.rails]} (same host: {same_host}); "
+                "give rails that share a subnet, or pair them explicitly with RailSpec(options={'pair': ...})"
+            )
+        links = []
+        for pair in pairs:
+            name = pair.rail_name(peer.name)
+            base, n = name, 2
+            while name in self._links and not self._links[name].peer.closed:
+                name, n = f"{base}#{n}", n + 1
+            links.append(Link(peer, pair, self.local_rails[pair.local.name], name))
+        # Open every rail's endpoint now and wait until the peer accepted it: the first
+        # message of a connection pays UCX's wire-up (and, for shared memory, travels over
+        # TCP), which must not count against the first slice's deadline.  A rail that
+        # cannot be wired up is left out rather than quarantined at the first transfer.
+        results = await asyncio.gather(
+            *(asyncio.wait_for(link.open(), timeout) for link in links), return_exceptions=True
+        )
+        for link, result in zip(links, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning(
+                    "engine %r: rail %s to %r is not usable: %s", self.engine_name, link.name, peer.name, result
+                )
+                link.close(f"not usable: {result}")
+                continue
+            peer.links[link.name] = link
+            if link.name not in self._links:
+                info = RailInfo(
+                    name=link.name,
+                    bandwidth=link.pair.bandwidth,
+                    latency=link.pair.local.latency,
+                    tier=link.pair.local.tier,
+                )
+                self.ctx.add_rail(info)
+            self._links[link.name] = link
+        if not peer.links:
+            await peer.close()
+            raise PeerConnectError(
+                f"none of the rails paired with peer {peer.name!r} at {address} could be wired up: "
+                + "; ".join(f"{link.name}: {result}" for link, result in zip(links, results, strict=True))
+            )
+        self.peers.append(peer)
+        self.ctx.spawn(self._run_peer, peer, name=f"tent-ucx-peer-{peer.name}")
+        logger.info("engine %r connected to %r at %s: rails %s", self.engine_name, peer.name, address, peer.rails)
+        return peer
+
+    async def _run_peer(self, peer: Peer) -> None:
+        try:
+            await peer.run()
+        finally:
+            if peer in self.peers:
+                self.peers.remove(peer)
+
+    async def _handshake(
+        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: float
+    ) -> Welcome:
+        timeout = limit
+        try:
+            challenge = await read_message(reader, limit=timeout)
+        except VersionMismatch as exc:
+            write_message(writer, Refused(reason=str(exc)))
+            raise HandshakeError(f"peer at {address}: {exc}") from None
+        except TimeoutError:
+            raise PeerConnectError(f"peer at {address} did not start the handshake within {timeout:g} s") from None
+        except (ProtocolError, PeerClosedError) as exc:
+            raise HandshakeError(f"{address} does not speak the tent_async ucx protocol: {exc}") from None
+        if isinstance(challenge, Refused):
+            raise HandshakeError(f"peer at {address} refused the connection: {challenge.reason}")
+        if not isinstance(challenge, Challenge):
+            raise HandshakeError(f"peer at {address} opened with {type(challenge).__name__}, not CHALLENGE")
+        nonce = os.urandom(NONCE_BYTES)
+        name = self.engine_name
+        auth = mac(self.secret, b"hello", challenge.nonce, nonce, name) if self.secret else b""
+        write_message(
+            writer,
+            Hello(
+                version=PROTOCOL_VERSION,
+                name=name,
+                host_id=self.host_id,
+                rails=tuple(p.advert(self.local_rails[p.name].port or 1) for p in self.plans),
+                nonce=nonce,
+                auth=auth,
+            ),
+        )
+        try:
+            reply = await read_message(reader, limit=timeout)
+        except TimeoutError:
+            raise PeerConnectError(f"peer at {address} did not answer HELLO within {timeout:g} s") from None
+        except PeerClosedError:
+            raise HandshakeError(f"peer at {address} closed the connection during the handshake") from None
+        except ProtocolError as exc:
+            raise HandshakeError(f"peer at {address} answered with a malformed message: {exc}") from None
+        if isinstance(reply, Refused):
+            raise HandshakeError(f"peer at {address} refused the handshake: {reply.reason}")
+        if not isinstance(reply, Welcome):
+            raise HandshakeError(f"peer at {address} answered HELLO with {type(reply).__name__}")
+        if self.secret is not None:
+            expected = mac(self.secret, b"welcome", nonce, challenge.nonce, reply.name, reply.conn_id)
+            if not reply.auth or not macs_equal(reply.auth, expected):
+                reason = (
+                    f"peer {reply.name!r} at {address} did not prove it knows the shared secret; "
+                    "pass the same secret= to both engines"
+                )
+                self.stats["handshake_refused"] += 1
+                write_message(writer, Refused(reason="shared secret mismatch"))
+                raise HandshakeError(reason)
+        return reply
+
+    # ============================================================ segments
+
+    def on_register(self, segment: Segment) -> None:
+        if self._server is not None:
+            self._server.register(segment)
+
+    def on_unregister(self, segment: Segment) -> None:
+        if self._server is None:
+            return
+        busy = self._server.segment_ops.get(segment.name, 0)
+        if busy:
+            raise SegmentBusyError(
+                f"segment {segment.name!r} has {busy} slice(s) of peers in flight; retry once they finished"
+            )
+        self._server.unregister(segment)
+
+    def _peer_of(self, seg: SegmentBase) -> Peer:
+        if not isinstance(seg, RemoteSegment) or not isinstance(seg.peer, Peer) or seg.peer.backend is not self:
+            raise UnregisteredSegmentError(
+                f"{seg!r} is neither a segment of this engine nor of a peer it connected to; "
+                "get remote segments from `await peer.segment(name)` of this engine's peers"
+            )
+        peer = seg.peer
+        if peer.closed:
+            raise PeerClosedError(peer.closed_reason())
+        return peer
+
+    def check_remote(self, segment: SegmentBase) -> None:
+        self._peer_of(segment)
+
+    def check_pair(self, src: SegmentBase, dst: SegmentBase) -> None:
+        remote_src = isinstance(src, RemoteSegment)
+        remote_dst = isinstance(dst, RemoteSegment)
+        if remote_src == remote_dst:
+            where = "two peer segments" if remote_src else "two local segments"
+            raise SegmentError(
+                f"the ucx backend moves bytes between this engine and a peer; {src!r} -> {dst!r} are {where}. "
+                "Copy local memory with numpy (or backend='local'); ask the peer to move its own bytes"
+            )
+
+    def rails_for(self, src: SegmentBase, dst: SegmentBase) -> Sequence[str] | None:
+        remote = src if isinstance(src, RemoteSegment) else dst
+        local = dst if remote is src else src
+        peer = self._peer_of(remote)
+        cuda = local.kind.startswith("cuda") or remote.kind.startswith("cuda")
+        if not cuda:
+            return list(peer.links)
+        names = [name for name, link in peer.links.items() if link.pair.local.kind == "cuda"]
+        if not names:
+            raise ConfigError(
+                f"no CUDA rail reaches peer {peer.name!r}; GPU segments need rails with CUDA transports "
+                "(RailSpec(device='cuda:N')) on both engines"
+            )
+        return names
+
+    def send_notification(self, destinations: Sequence[SegmentBase], message: str) -> bool:
+        peers = {id(seg.peer): seg.peer for seg in destinations if isinstance(seg, RemoteSegment)}
+        if not peers:
+            return False
+        for peer in peers.values():
+            if not isinstance(peer, Peer):
+                continue
+            try:
+                peer.notify(message)
+            except PeerClosedError:
+                logger.warning("notification %r to %r dropped: the peer is gone", message, peer.name)
+        return True
+
+    # ========================================================= data movement
+
+    def post(self, attempt: Attempt) -> None:
+        link = self._links.get(attempt.rail_name)
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        if link is None:  # pragma: no cover - the planner only posts to rails we added
+            loop.call_soon(ctx.fail, attempt.id, RailLinkError(f"unknown rail {attempt.rail_name!r}"))
+            return
+        if link.peer.closed:
+            loop.call_soon(
+                lambda: ctx.fail(attempt.id, PeerClosedError(link.peer.closed_reason()), transfer_fatal=True)
+            )
+            return
+        try:
+            link.post(attempt, self.clock())
+        except (RailLinkError, _ucxx.loaded().UCXError) as exc:
+            link.ops.pop(attempt.id, None)
+            err = (
+                exc
+                if isinstance(exc, RailLinkError)
+                else RailLinkError(f"rail {link.name}: {_ucxx.describe_error(exc)}")
+            )
+            loop.call_soon(functools.partial(ctx.fail, attempt.id, err, rail_down=True))
+
+    def withdraw(self, attempt: Attempt) -> None:
+        link = self._links.get(attempt.rail_name)
+        if link is None:  # pragma: no cover
+            self.ctx.withdrawn(attempt.id)
+            return
+        link.withdraw(attempt)

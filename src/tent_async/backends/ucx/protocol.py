@@ -1,0 +1,619 @@
+"""The wire protocol between two ucx-backend engines: messages and their codec.
+
+Two planes, one codec:
+
+* **Control** (a TCP connection to the engine's ``listen`` address, framed by
+  :func:`frame`): ``CHALLENGE`` (server's nonce) → ``HELLO`` → ``WELCOME`` or
+  ``REFUSED``; afterwards ``LOOKUP``/``LOOKED_UP`` (segment catalogue),
+  ``NOTIFY`` and ``BYE``.
+* **Data** (UCX active messages on each rail's endpoint): ``BIND`` (this
+  endpoint belongs to connection N), slice headers ``WRITE``/``READ``, and the
+  replies ``ACK``, ``ERROR`` and ``DATA`` (small READs answered inline).
+
+Every message is a msgpack array ``[type, field, ...]``.  :func:`decode`
+checks every field by hand (type, range, length) and builds a frozen attrs
+value, so the rest of the backend never sees unchecked data; anything else
+(truncated, malformed, unknown type, wrong arity, out-of-range values) raises
+:class:`~tent_async.errors.ProtocolError` and nothing else.
+
+Versioning: ``CHALLENGE`` and ``HELLO`` start with a magic string and the
+protocol version, and those two fields keep their place in every version, so
+a peer speaking another version is refused with a message that names both
+versions (:class:`VersionMismatch`) instead of a parse error.  Any change to a
+message layout bumps :data:`PROTOCOL_VERSION`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import attrs
+import msgpack
+
+from ...errors import ProtocolError
+
+MAGIC: Final = "tent-ucx"
+PROTOCOL_VERSION: Final = 1
+
+NONCE_BYTES: Final = 32
+MAC_BYTES: Final = 32  # HMAC-SHA256
+TOKEN_BYTES: Final = 16
+MAX_NAME: Final = 256  # engine, rail, device and segment names (characters)
+MAX_REASON: Final = 4096
+MAX_MESSAGE: Final = 1 << 16  # a notification's text
+MAX_RAILS: Final = 64
+MAX_SEGMENTS: Final = 1 << 16
+MAX_INLINE: Final = 1 << 20  # payload bytes carried inside one message
+MAX_FRAME: Final = 16 << 20  # a control frame (the catalogue can be long)
+MAX_U64: Final = (1 << 64) - 1
+MAX_PORT: Final = 65535
+
+TAG_REQUEST_BITS: Final = 40
+TAG_REQUEST_MASK: Final = (1 << TAG_REQUEST_BITS) - 1
+MAX_NAMESPACE: Final = (1 << (64 - TAG_REQUEST_BITS)) - 1
+
+RAIL_KINDS: Final = ("tcp", "shm", "cuda")
+_FRAME_HEADER = struct.Struct("!I")
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version (``.version`` is the peer's)."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+def make_tag(namespace: int, request: int) -> int:
+    """The 64-bit UCX tag of one slice: the receiver's namespace high, the request id low.
+
+    Tags match per UCX *worker*, not per endpoint, so every receiver gives each
+    connection its own namespace and no two connections' slices can match.
+    """
+    return ((namespace & MAX_NAMESPACE) << TAG_REQUEST_BITS) | (request & TAG_REQUEST_MASK)
+
+
+# ================================================================ value types
+
+
+@attrs.frozen
+class RailAd:
+    """One rail as advertised in the handshake: what the peer may connect to."""
+
+    name: str
+    kind: str  # tcp | shm | cuda
+    device: str
+    ip: str
+    port: int
+    bandwidth: float  # bytes/s, a hint
+    prefix: int  # IPv4 prefix length of ``ip``'s subnet
+
+
+@attrs.frozen
+class SegmentAd:
+    """One entry of a segment catalogue."""
+
+    name: str
+    sid: int  # registration id: changes when a name is registered again
+    size: int
+    kind: str  # host | cuda:N
+    permission: str  # r | rw
+
+
+class Op(enum.IntEnum):
+    """Message type codes (the first array element)."""
+
+    CHALLENGE = 1
+    HELLO = 2
+    WELCOME = 3
+    REFUSED = 4
+    LOOKUP = 5
+    LOOKED_UP = 6
+    NOTIFY = 7
+    BYE = 8
+    BIND = 20
+    WRITE = 21
+    READ = 22
+    ACK = 23
+    ERROR = 24
+    DATA = 25
+    BOUND = 26
+
+
+@attrs.frozen
+class Challenge:
+    """Server → client, first: the protocol version and the server's nonce."""
+
+    version: int
+    nonce: bytes
+
+
+@attrs.frozen
+class Hello:
+    """Client → server: who we are, our rails, our nonce and (with a secret) our MAC."""
+
+    version: int
+    name: str
+    host_id: str
+    rails: tuple[RailAd, ...]
+    nonce: bytes
+    auth: bytes  # b"" without a secret
+
+
+@attrs.frozen
+class Welcome:
+    """Server → client: accepted; the connection id, rails and segment catalogue."""
+
+    version: int
+    name: str
+    host_id: str
+    conn_id: int
+    token: bytes  # proves on the data plane that an endpoint belongs to this connection
+    rails: tuple[RailAd, ...]
+    catalogue: tuple[SegmentAd, ...]
+    auth: bytes
+
+
+@attrs.frozen
+class Refused:
+    """Either side: the handshake is refused, with the reason."""
+
+    reason: str
+
+
+@attrs.frozen
+class Lookup:
+    """Client → server: describe the segment called ``name``."""
+
+    name: str
+
+
+@attrs.frozen
+class LookedUp:
+    """Server → client: the answer to :class:`Lookup` (``segment`` None: not registered)."""
+
+    name: str
+    segment: SegmentAd | None
+
+
+@attrs.frozen
+class Notify:
+    """Client → server: a transfer's notification, sent after all its slices were acknowledged."""
+
+    message: str
+
+
+@attrs.frozen
+class Bye:
+    """Either side: the connection is closing on purpose."""
+
+    reason: str
+
+
+@attrs.frozen
+class Bind:
+    """Data plane, first message on a new endpoint: it belongs to connection ``conn_id``."""
+
+    conn_id: int
+    token: bytes
+    rail: str  # the server's rail name this endpoint was opened to
+
+
+@attrs.frozen
+class Bound:
+    """Data plane, the answer to :class:`Bind`: the endpoint is wired up and accepted."""
+
+    rail: str
+
+
+@attrs.frozen
+class SliceRequest:
+    """A slice header: WRITE (``payload`` inline, or a tagged send follows) or READ."""
+
+    op: Op  # Op.WRITE or Op.READ
+    request: int
+    segment: str
+    sid: int
+    offset: int
+    length: int
+    tag: int
+    payload: bytes | None = None  # WRITE: the bytes themselves, for small slices
+    inline: bool = False  # READ: answer with DATA instead of a tagged send
+
+
+@attrs.frozen
+class Ack:
+    """The slice landed (WRITE: the receive completed)."""
+
+    request: int
+
+
+@attrs.frozen
+class Error:
+    """The slice was refused; nothing of it was written."""
+
+    request: int
+    reason: str
+
+
+@attrs.frozen
+class Data:
+    """A small READ's bytes."""
+
+    request: int
+    payload: bytes
+
+
+Message = (
+    Challenge
+    | Hello
+    | Welcome
+    | Refused
+    | Lookup
+    | LookedUp
+    | Notify
+    | Bye
+    | Bind
+    | Bound
+    | SliceRequest
+    | Ack
+    | Error
+    | Data
+)
+
+
+# ====================================================================== encode
+
+
+def _rail(r: RailAd) -> list[Any]:
+    return [r.name, r.kind, r.device, r.ip, r.port, float(r.bandwidth), r.prefix]
+
+
+def _segment(s: SegmentAd) -> list[Any]:
+    return [s.name, s.sid, s.size, s.kind, s.permission]
+
+
+def encode(msg: Message) -> bytes:
+    """The wire bytes of ``msg`` (one msgpack array)."""
+    if isinstance(msg, SliceRequest):
+        if msg.op is Op.WRITE:
+            fields: list[Any] = [Op.WRITE, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.tag]
+            fields.append(msg.payload)
+        else:
+            fields = [Op.READ, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.tag, msg.inline]
+    elif isinstance(msg, Ack):
+        fields = [Op.ACK, msg.request]
+    elif isinstance(msg, Error):
+        fields = [Op.ERROR, msg.request, msg.reason]
+    elif isinstance(msg, Data):
+        fields = [Op.DATA, msg.request, msg.payload]
+    elif isinstance(msg, Bind):
+        fields = [Op.BIND, msg.conn_id, msg.token, msg.rail]
+    elif isinstance(msg, Bound):
+        fields = [Op.BOUND, msg.rail]
+    elif isinstance(msg, Challenge):
+        fields = [Op.CHALLENGE, MAGIC, msg.version, msg.nonce]
+    elif isinstance(msg, Hello):
+        fields = [Op.HELLO, MAGIC, msg.version, msg.name, msg.host_id, [_rail(r) for r in msg.rails]]
+        fields += [msg.nonce, msg.auth]
+    elif isinstance(msg, Welcome):
+        fields = [Op.WELCOME, msg.version, msg.name, msg.host_id, msg.conn_id, msg.token]
+        fields += [[_rail(r) for r in msg.rails], [_segment(s) for s in msg.catalogue], msg.auth]
+    elif isinstance(msg, Refused):
+        fields = [Op.REFUSED, msg.reason]
+    elif isinstance(msg, Lookup):
+        fields = [Op.LOOKUP, msg.name]
+    elif isinstance(msg, LookedUp):
+        fields = [Op.LOOKED_UP, msg.name, None if msg.segment is None else _segment(msg.segment)]
+    elif isinstance(msg, Notify):
+        fields = [Op.NOTIFY, msg.message]
+    elif isinstance(msg, Bye):
+        fields = [Op.BYE, msg.reason]
+    else:  # pragma: no cover - guarded by the Message union
+        raise TypeError(f"not a protocol message: {msg!r}")
+    data: bytes = msgpack.packb(fields, use_bin_type=True)
+    return data
+
+
+def frame(msg: Message) -> bytes:
+    """``msg`` with its 4-byte length prefix, for the control connection."""
+    body = encode(msg)
+    return _FRAME_HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length announced by a 4-byte frame header; refuses oversized frames."""
+    if len(header) != _FRAME_HEADER.size:
+        raise ProtocolError(f"truncated frame header ({len(header)} of {_FRAME_HEADER.size} bytes)")
+    (length,) = _FRAME_HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    return int(length)
+
+
+# ====================================================================== decode
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_U64) -> int:
+    if type(value) is not int:  # bool is an int subclass: refuse it too
+        raise ProtocolError(f"{what} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{what} = {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _str(value: Any, what: str, limit: int = MAX_NAME, *, empty: bool = False) -> str:
+    if type(value) is not str:
+        raise ProtocolError(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise ProtocolError(f"{what} is {len(value)} characters long; the limit is {limit}")
+    if not empty and not value:
+        raise ProtocolError(f"{what} must not be empty")
+    return value
+
+
+def _bytes(value: Any, what: str, sizes: Sequence[int] | None = None, limit: int = MAX_INLINE) -> bytes:
+    if type(value) is not bytes:
+        raise ProtocolError(f"{what} must be bytes, got {type(value).__name__}")
+    if sizes is not None and len(value) not in sizes:
+        raise ProtocolError(f"{what} must be {' or '.join(map(str, sizes))} bytes long, got {len(value)}")
+    if len(value) > limit:
+        raise ProtocolError(f"{what} is {len(value)} bytes long; the limit is {limit}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError(f"{what} must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _float(value: Any, what: str) -> float:
+    if type(value) not in (int, float):
+        raise ProtocolError(f"{what} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not 0.0 < number < 1e15:  # also refuses NaN and infinities
+        raise ProtocolError(f"{what} = {value!r} is not a plausible bandwidth in bytes/s")
+    return number
+
+
+def _list(value: Any, what: str, limit: int) -> list[Any]:
+    if type(value) is not list:
+        raise ProtocolError(f"{what} must be an array, got {type(value).__name__}")
+    if len(value) > limit:
+        raise ProtocolError(f"{what} has {len(value)} entries; the limit is {limit}")
+    return value
+
+
+def _fields(value: Any, what: str, arity: int) -> list[Any]:
+    items = _list(value, what, arity)
+    if len(items) != arity:
+        raise ProtocolError(f"{what} must have {arity} fields, got {len(items)}")
+    return items
+
+
+def _ip(value: Any, what: str) -> str:
+    text = _str(value, what, 15)
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and p.isascii() and len(p) <= 3 and int(p) <= 255 for p in parts):
+        raise ProtocolError(f"{what} = {text!r} is not an IPv4 address")
+    return text
+
+
+def _rail_ad(value: Any) -> RailAd:
+    name, kind, device, ip, port, bandwidth, prefix = _fields(value, "rail", 7)
+    kind = _str(kind, "rail kind", 8)
+    if kind not in RAIL_KINDS:
+        raise ProtocolError(f"rail kind {kind!r} is not one of {RAIL_KINDS}")
+    return RailAd(
+        name=_str(name, "rail name"),
+        kind=kind,
+        device=_str(device, "rail device"),
+        ip=_ip(ip, "rail ip"),
+        port=_int(port, "rail port", 1, MAX_PORT),
+        bandwidth=_float(bandwidth, "rail bandwidth"),
+        prefix=_int(prefix, "rail prefix", 0, 32),
+    )
+
+
+def _segment_ad(value: Any) -> SegmentAd:
+    name, sid, size, kind, permission = _fields(value, "segment", 5)
+    permission = _str(permission, "segment permission", 2)
+    if permission not in ("r", "rw"):
+        raise ProtocolError(f"segment permission {permission!r} is not 'r' or 'rw'")
+    kind = _str(kind, "segment kind", 32)
+    if kind != "host" and not (kind.startswith("cuda:") and kind[5:].isdigit() and kind[5:].isascii()):
+        raise ProtocolError(f"segment kind {kind!r} is not 'host' or 'cuda:N'")
+    return SegmentAd(
+        name=_str(name, "segment name"),
+        sid=_int(sid, "segment id"),
+        size=_int(size, "segment size"),
+        kind=kind,
+        permission=permission,
+    )
+
+
+def _magic_version(f: list[Any], what: str) -> int:
+    if len(f) < 3 or f[1] != MAGIC:
+        raise ProtocolError(f"{what} does not start with the tent-ucx magic; is this a tent_async ucx engine?")
+    version = _int(f[2], f"{what} protocol version", 0, 1 << 31)
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"the peer speaks tent_async ucx protocol version {version}, this engine speaks "
+            f"{PROTOCOL_VERSION}; run the same tent_async release on both sides",
+            version,
+        )
+    return version
+
+
+def _d_challenge(f: list[Any]) -> Challenge:
+    version = _magic_version(f, "CHALLENGE")
+    _fields(f, "CHALLENGE", 4)
+    return Challenge(version=version, nonce=_bytes(f[3], "nonce", (NONCE_BYTES,)))
+
+
+def _d_hello(f: list[Any]) -> Hello:
+    version = _magic_version(f, "HELLO")
+    _, _, _, name, host_id, rails, nonce, auth = _fields(f, "HELLO", 8)
+    return Hello(
+        version=version,
+        name=_str(name, "engine name"),
+        host_id=_str(host_id, "host id", 64),
+        rails=tuple(_rail_ad(r) for r in _list(rails, "rails", MAX_RAILS)),
+        nonce=_bytes(nonce, "nonce", (NONCE_BYTES,)),
+        auth=_bytes(auth, "auth", (0, MAC_BYTES)),
+    )
+
+
+def _d_welcome(f: list[Any]) -> Welcome:
+    _, version, name, host_id, conn_id, token, rails, catalogue, auth = _fields(f, "WELCOME", 9)
+    version = _int(version, "WELCOME protocol version", 0, 1 << 31)
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"the peer answered with protocol version {version}, expected {PROTOCOL_VERSION}", version
+        )
+    return Welcome(
+        version=version,
+        name=_str(name, "engine name"),
+        host_id=_str(host_id, "host id", 64),
+        conn_id=_int(conn_id, "connection id", 1, MAX_NAMESPACE),
+        token=_bytes(token, "token", (TOKEN_BYTES,)),
+        rails=tuple(_rail_ad(r) for r in _list(rails, "rails", MAX_RAILS)),
+        catalogue=tuple(_segment_ad(s) for s in _list(catalogue, "catalogue", MAX_SEGMENTS)),
+        auth=_bytes(auth, "auth", (0, MAC_BYTES)),
+    )
+
+
+def _d_refused(f: list[Any]) -> Refused:
+    return Refused(reason=_str(_fields(f, "REFUSED", 2)[1], "reason", MAX_REASON, empty=True))
+
+
+def _d_lookup(f: list[Any]) -> Lookup:
+    return Lookup(name=_str(_fields(f, "LOOKUP", 2)[1], "segment name"))
+
+
+def _d_looked_up(f: list[Any]) -> LookedUp:
+    _, name, seg = _fields(f, "LOOKED_UP", 3)
+    return LookedUp(name=_str(name, "segment name"), segment=None if seg is None else _segment_ad(seg))
+
+
+def _d_notify(f: list[Any]) -> Notify:
+    return Notify(message=_str(_fields(f, "NOTIFY", 2)[1], "notification", MAX_MESSAGE, empty=True))
+
+
+def _d_bye(f: list[Any]) -> Bye:
+    return Bye(reason=_str(_fields(f, "BYE", 2)[1], "reason", MAX_REASON, empty=True))
+
+
+def _d_bind(f: list[Any]) -> Bind:
+    _, conn_id, token, rail = _fields(f, "BIND", 4)
+    return Bind(
+        conn_id=_int(conn_id, "connection id", 1, MAX_NAMESPACE),
+        token=_bytes(token, "token", (TOKEN_BYTES,)),
+        rail=_str(rail, "rail name"),
+    )
+
+
+def _d_bound(f: list[Any]) -> Bound:
+    return Bound(rail=_str(_fields(f, "BOUND", 2)[1], "rail name"))
+
+
+def _d_write(f: list[Any]) -> SliceRequest:
+    _, request, segment, sid, offset, length, tag, payload = _fields(f, "WRITE", 8)
+    length = _int(length, "length")
+    body = None
+    if payload is not None:
+        body = _bytes(payload, "payload")
+        if len(body) != length:
+            raise ProtocolError(f"WRITE announces {length} bytes but carries {len(body)}")
+    return SliceRequest(
+        op=Op.WRITE,
+        request=_int(request, "request id"),
+        segment=_str(segment, "segment name"),
+        sid=_int(sid, "segment id"),
+        offset=_int(offset, "offset"),
+        length=length,
+        tag=_int(tag, "tag"),
+        payload=body,
+    )
+
+
+def _d_read(f: list[Any]) -> SliceRequest:
+    _, request, segment, sid, offset, length, tag, inline = _fields(f, "READ", 8)
+    return SliceRequest(
+        op=Op.READ,
+        request=_int(request, "request id"),
+        segment=_str(segment, "segment name"),
+        sid=_int(sid, "segment id"),
+        offset=_int(offset, "offset"),
+        length=_int(length, "length"),
+        tag=_int(tag, "tag"),
+        inline=_bool(inline, "inline"),
+    )
+
+
+def _d_ack(f: list[Any]) -> Ack:
+    return Ack(request=_int(_fields(f, "ACK", 2)[1], "request id"))
+
+
+def _d_error(f: list[Any]) -> Error:
+    _, request, reason = _fields(f, "ERROR", 3)
+    return Error(request=_int(request, "request id"), reason=_str(reason, "reason", MAX_REASON, empty=True))
+
+
+def _d_data(f: list[Any]) -> Data:
+    _, request, payload = _fields(f, "DATA", 3)
+    return Data(request=_int(request, "request id"), payload=_bytes(payload, "payload"))
+
+
+_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
+    Op.CHALLENGE: _d_challenge,
+    Op.HELLO: _d_hello,
+    Op.WELCOME: _d_welcome,
+    Op.REFUSED: _d_refused,
+    Op.LOOKUP: _d_lookup,
+    Op.LOOKED_UP: _d_looked_up,
+    Op.NOTIFY: _d_notify,
+    Op.BYE: _d_bye,
+    Op.BIND: _d_bind,
+    Op.BOUND: _d_bound,
+    Op.WRITE: _d_write,
+    Op.READ: _d_read,
+    Op.ACK: _d_ack,
+    Op.ERROR: _d_error,
+    Op.DATA: _d_data,
+}
+
+
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    """Parse and validate one message; raises :class:`ProtocolError` for anything malformed."""
+    try:
+        fields = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=MAX_MESSAGE,
+            max_bin_len=MAX_INLINE,
+            max_array_len=MAX_SEGMENTS,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except ProtocolError:  # pragma: no cover - msgpack never raises ours
+        raise
+    except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError subclasses
+        raise ProtocolError(f"undecodable message ({len(data)} bytes): {type(exc).__name__}: {exc}") from None
+    if type(fields) is not list or not fields:
+        raise ProtocolError(f"a message must be a non-empty array, got {type(fields).__name__}")
+    code = fields[0]
+    decoder = _DECODERS.get(code) if type(code) is int else None
+    if decoder is None:
+        raise ProtocolError(f"unknown message type {code!r}")
+    return decoder(fields)
+
+
+CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye)
+DATA_TYPES: Final = (Bind, Bound, SliceRequest, Ack, Error, Data)

@@ -1,0 +1,86 @@
+"""The far side of ``tent-async bench ucx``, run in its own process.
+
+    python -m tent_async.bench._ucx_peer raw    '{"rail": "shm", "size": N, "rounds": [[bytes, count], ...]}'
+    python -m tent_async.bench._ucx_peer engine '{"rail": "shm", "size": N}'
+
+``raw``: one UCX context with the rail's settings (the same :class:`LocalRail`
+the backend uses), one listener, one endpoint; for each round it receives
+``count`` messages of ``bytes`` into a pre-posted receive and answers each with
+an 8-byte tagged ack.  ``engine``: a listening ucx engine with that one rail and
+one segment.  Both print ``{"port": ...}`` / ``{"address": ...}`` on stdout and
+exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+ACK_TAG = 1 << 62
+
+
+def rail_spec(rail: str) -> Any:
+    from ..rails import RailSpec
+
+    return RailSpec(name=rail, device="shm" if rail == "shm" else "lo")
+
+
+async def _stdin_closed() -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+
+
+async def serve_raw(config: dict[str, Any]) -> None:
+    from ..backends.ucx import _ucxx
+    from ..backends.ucx.rails import LocalRail, plan_from_spec
+
+    ucx = _ucxx.load()
+    loop = asyncio.get_running_loop()
+    rail = LocalRail(plan_from_spec(rail_spec(config["rail"])), loop)
+    accepted: asyncio.Queue[Any] = asyncio.Queue()
+    port = rail.listen(lambda _rail, ep: accepted.put_nowait(ep))
+    print(json.dumps({"port": port}), flush=True)
+    stop = asyncio.ensure_future(_stdin_closed())
+    try:
+        ep = await accepted.get()
+        buf = np.ones(config["size"], dtype=np.uint8)
+        ack = np.zeros(8, dtype=np.uint8)
+        tag = 0
+        for nbytes, count in config["rounds"]:
+            view = buf[:nbytes]
+            recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
+            for _ in range(count):
+                await recv.wait()
+                tag += 1
+                recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))  # pre-post the next one first
+                await ep.tag_send(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | (tag - 1))).wait()
+            recv.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            del recv  # drops (cancels) the receive posted for a round that does not come
+        await stop
+        ep.close_blocking(10**9, 1)
+    finally:
+        stop.cancel()
+        rail.close()
+
+
+async def serve_engine(config: dict[str, Any]) -> None:
+    from ..engine import Engine
+
+    async with Engine(backend="ucx", name="bench-server", listen="127.0.0.1:0", rails=[rail_spec(config["rail"])]) as e:
+        e.register(np.ones(config["size"], dtype=np.uint8), name="dst")  # touched: no first-touch page faults
+        e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
+        print(json.dumps({"address": e.address}), flush=True)
+        await _stdin_closed()
+
+
+def main() -> None:
+    mode, config = sys.argv[1], json.loads(sys.argv[2])
+    asyncio.run(serve_raw(config) if mode == "raw" else serve_engine(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The ucx backend against raw ucxx, two processes on loopback, in one run.
+
+For each rail kind (TCP over ``lo``, shared memory):
+
+1. **raw ucxx** — one endpoint, the same UCX settings and threads the backend
+   uses (its own :class:`~tent_async.backends.ucx.rails.LocalRail`): a 64 MiB
+   tagged send into a pre-posted receive, answered by an 8-byte ack; and a
+   4 KiB send + ack round trip.  This is the physical limit of the binding.
+2. **the engine on that one rail** — ``engine.transfer`` of 64 MiB (WRITE) to a
+   peer engine, and of 4 KiB; default ``SchedulerConfig``.
+
+Targets: engine throughput >= 90 % of raw for 64 MiB; 4 KiB latency within
+raw + 50 us.  Medians of ``--iters`` runs after warm-up; the raw and engine runs
+alternate ``--repeat`` times so that background load hits both alike.
+
+The veth testbed (real shaped rails, needs root) is a separate part: when
+``tent_async.bench.ucx_veth`` exists, ``--veth`` runs its ``run_veth(console,
+args)`` after the loopback part (and its ``add_arguments(parser)``, if any,
+adds its options).
+
+    tent-async bench ucx [--iters 10] [--lat-iters 500] [--repeat 2] [--rails tcp,shm] [--veth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ..units import format_rate
+
+SIZE = 64 << 20
+SMALL = 4096
+TARGET_RATIO = 0.90
+TARGET_LATENCY_US = 50.0
+_PEER = "tent_async.bench._ucx_peer"
+
+
+def _veth_module() -> ModuleType | None:
+    """``tent_async.bench.ucx_veth`` if it exists (the veth testbed part, written separately)."""
+    try:
+        return importlib.import_module("tent_async.bench.ucx_veth")
+    except ModuleNotFoundError as exc:
+        if exc.name == "tent_async.bench.ucx_veth":
+            return None
+        raise
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--iters", type=int, default=10, help="64 MiB transfers per measurement (default 10)")
+    parser.add_argument("--lat-iters", type=int, default=500, help="4 KiB round trips per measurement (default 500)")
+    parser.add_argument("--repeat", type=int, default=2, help="alternations of raw and engine runs (default 2)")
+    parser.add_argument("--rails", default="tcp,shm", help="rail kinds to measure: tcp (over lo), shm")
+    parser.add_argument("--limit", type=float, default=120.0, help="seconds before one run counts as hung")
+    parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
+    veth = _veth_module()
+    if veth is not None and hasattr(veth, "add_arguments"):
+        veth.add_arguments(parser)  # hook: the veth part's own options
+
+
+@contextlib.contextmanager
+def _peer(mode: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Start the far side in a fresh interpreter; stop it (kill if need be) on the way out."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", _PEER, mode, json.dumps(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {mode} peer process exited early (code {proc.wait(10)})")
+        yield json.loads(line)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def _raw_client(rail: str, port: int, iters: int, lat_iters: int) -> tuple[list[float], list[float]]:
+    from ..backends.ucx import _ucxx
+    from ..backends.ucx.rails import LocalRail, plan_from_spec
+    from ._ucx_peer import ACK_TAG, rail_spec
+
+    ucx = _ucxx.load()
+    L = ucx.L
+    local = LocalRail(plan_from_spec(rail_spec(rail)), asyncio.get_running_loop())
+    try:
+        ep = local.connect("127.0.0.1", port)
+        buf = np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8)
+        ack = np.empty(8, dtype=np.uint8)
+        tag = 0
+
+        async def once(nbytes: int) -> float:
+            nonlocal tag
+            recv = ep.tag_recv(ucx.Array(ack), L.UCXXTag(ACK_TAG | tag))
+            t0 = time.perf_counter()
+            send = ep.tag_send(ucx.Array(buf[:nbytes]), L.UCXXTag(tag))
+            await send.wait()
+            await recv.wait()
+            tag += 1
+            return time.perf_counter() - t0
+
+        big = [await once(SIZE) for _ in range(iters + 2)][2:]
+        small = [await once(SMALL) for _ in range(lat_iters + 50)][50:]
+        ep.close_blocking(10**9, 1)
+        return big, small
+    finally:
+        local.close()
+
+
+def _raw_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
+    config = {"rail": rail, "size": SIZE, "rounds": [[SIZE, iters + 2], [SMALL, lat_iters + 50]]}
+    with _peer("raw", config) as hello:
+        big, small = asyncio.run(_raw_client(rail, hello["port"], iters, lat_iters))
+    return {"bw": SIZE / statistics.median(big), "lat": statistics.median(small)}
+
+
+def _isolated(what: str, rail: str, iters: int, lat_iters: int, limit: float) -> dict[str, float] | None:
+    """Run one measurement's client side in a fresh interpreter too, bounded by ``limit`` seconds.
+
+    Both sides then start from a clean UCX state, and a measurement that hangs is
+    reported as such instead of stopping the benchmark.
+    """
+    code = (
+        "import json, sys; from tent_async.bench import ucx; "
+        f"print(json.dumps(ucx._{what}_here({rail!r}, {iters}, {lat_iters})))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return None
+    result: dict[str, float] = json.loads(lines[-1])
+    return result
+
+
+async def _engine_client(rail: str, address: str, iters: int, lat_iters: int) -> dict[str, float]:
+    from ..engine import Engine
+    from ._ucx_peer import rail_spec
+
+    async with Engine(backend="ucx", name="bench-client", rails=[rail_spec(rail)]) as engine:
+        src = engine.register(np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8), name="src")
+        dst = engine.register(np.ones(SIZE, dtype=np.uint8), name="dst")  # touched: no first-touch faults
+        peer = await engine.connect(address)
+        remote_dst = await peer.segment("dst")
+        remote_src = await peer.segment("src")
+
+        async def timed(a: Any, b: Any, count: int, warm: int) -> list[float]:
+            out = []
+            for i in range(count + warm):
+                t0 = time.perf_counter()
+                await engine.transfer(a, b)
+                if i >= warm:
+                    out.append(time.perf_counter() - t0)
+            return out
+
+        write = await timed(src[:], remote_dst[:], iters, 2)
+        read = await timed(remote_src[:], dst[:], iters, 2)
+        write_small = await timed(src[:SMALL], remote_dst[:SMALL], lat_iters, 50)
+        read_small = await timed(remote_src[:SMALL], dst[:SMALL], lat_iters, 50)
+        return {
+            "write_bw": SIZE / statistics.median(write),
+            "read_bw": SIZE / statistics.median(read),
+            "write_lat": statistics.median(write_small),
+            "read_lat": statistics.median(read_small),
+        }
+
+
+def _engine_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
+    with _peer("engine", {"rail": rail, "size": SIZE}) as hello:
+        return asyncio.run(_engine_client(rail, hello["address"], iters, lat_iters))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..backends.ucx import _ucxx
+
+    console = Console()
+    problem = _ucxx.available()
+    if problem is not None:
+        console.print(f"ucxx cannot be loaded here ({problem}); install the ucx extra")
+        return 2
+    rails = [r.strip() for r in args.rails.split(",") if r.strip()]
+    table = Table(title=f"ucx backend vs raw ucxx, 2 processes on loopback, one rail (UCX {_ucxx.loaded().version})")
+    for col in ("rail", "what", "raw ucxx", "engine WRITE", "engine READ", "WRITE vs raw", "target", "met"):
+        table.add_column(col, justify="left" if col in ("rail", "what", "target") else "right")
+    verdict = True
+    for rail in rails:
+        raws: list[dict[str, float]] = []
+        engines: list[dict[str, float]] = []
+        for _ in range(args.repeat):
+            for what, into in (("raw", raws), ("engine", engines)):
+                got = _isolated(what, rail, args.iters, args.lat_iters, args.limit)
+                if got is None:
+                    console.print(
+                        f"[yellow]{rail}: a {what} run failed or hung for {args.limit:g} s; left out[/yellow]"
+                    )
+                else:
+                    into.append(got)
+        if not raws or not engines:
+            console.print(f"[red]{rail}: no complete raw and engine runs; no figure[/red]")
+            verdict = False
+            continue
+        raw_bw = statistics.median(r["bw"] for r in raws)
+        raw_lat = statistics.median(r["lat"] for r in raws)
+        eng = {k: statistics.median(e[k] for e in engines) for k in engines[0]}
+        ratio = eng["write_bw"] / raw_bw
+        extra_us = (eng["write_lat"] - raw_lat) * 1e6
+        ok_bw = ratio >= TARGET_RATIO
+        ok_lat = extra_us <= TARGET_LATENCY_US
+        verdict = verdict and ok_bw and ok_lat
+        label = "TCP over lo" if rail == "tcp" else "shared memory"
+        table.add_row(
+            label,
+            "64 MiB throughput",
+            format_rate(raw_bw),
+            format_rate(eng["write_bw"]),
+            format_rate(eng["read_bw"]),
+            f"{ratio:.2f}",
+            f">= {TARGET_RATIO:.2f}",
+            "yes" if ok_bw else "NO",
+        )
+        table.add_row(
+            label,
+            "4 KiB round trip",
+            f"{raw_lat * 1e6:.0f} us",
+            f"{eng['write_lat'] * 1e6:.0f} us",
+            f"{eng['read_lat'] * 1e6:.0f} us",
+            f"{extra_us:+.0f} us",
+            f"<= +{TARGET_LATENCY_US:.0f} us",
+            "yes" if ok_lat else "NO",
+        )
+        print(
+            json.dumps(
+                {
+                    "bench": "ucx",
+                    "rail": rail,
+                    "raw_GBps": raw_bw / 1e9,
+                    "engine_write_GBps": eng["write_bw"] / 1e9,
+                    "engine_read_GBps": eng["read_bw"] / 1e9,
+                    "of_raw": ratio,
+                    "raw_rtt_us": raw_lat * 1e6,
+                    "engine_write_us": eng["write_lat"] * 1e6,
+                    "engine_read_us": eng["read_lat"] * 1e6,
+                }
+            )
+        )
+    console.print(table)
+    console.print(
+        f"medians of {args.iters} x 64 MiB and {args.lat_iters} x 4 KiB per run, {args.repeat} alternating runs "
+        f"(raw {len(raws)}, engine {len(engines)} complete for the last rail); "
+        f"targets {'met' if verdict else 'MISSED'}"
+    )
+    if args.veth:
+        veth = _veth_module()
+        if veth is None:
+            console.print("the veth-testbed part (tent_async.bench.ucx_veth) is not in this build; skipped")
+        else:
+            rc: int = veth.run_veth(console, args)  # hook for the veth testbed benchmark
+            return rc
+    return 0

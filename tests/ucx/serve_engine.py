@@ -1,0 +1,116 @@
+"""A ucx engine in its own process, driven over stdin/stdout with JSON lines (test helper).
+
+    python tests/ucx/serve_engine.py '{"name": "decode-0", "segments": [...], ...}'
+
+Prints ``{"address": ...}`` once listening, then answers one JSON command per
+line: ``digest`` (sha256 of a segment range), ``read`` (hex of a range),
+``fill`` (reset a segment from its seed), ``notes`` (notifications so far),
+``stats`` (the backend's counters), ``unregister``/``register``, ``quit``.
+It runs in a fresh interpreter (never forked from a process that uses UCX).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+import tent_async as tent
+
+
+def pattern(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+async def main(config: dict[str, Any]) -> None:
+    rails = None
+    if config.get("rails") is not None:
+        rails = [tent.RailSpec(**spec) for spec in config["rails"]]
+    options = {k: config[k] for k in ("secret", "withdraw_grace") if k in config}
+    if "protocol_version" in config:  # tests: pretend to speak another protocol version
+        from tent_async.backends.ucx import protocol
+
+        protocol.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[misc]
+        from tent_async.backends.ucx import backend, server
+
+        backend.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
+        server.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
+    notes: list[dict[str, Any]] = []
+    async with tent.Engine(
+        backend="ucx",
+        name=config.get("name", "server"),
+        listen=config.get("listen", "127.0.0.1:0"),
+        rails=rails,
+        **options,
+    ) as engine:
+        buffers: dict[str, np.ndarray] = {}
+        for seg in config.get("segments", []):
+            buffers[seg["name"]] = pattern(seg.get("seed", 0), seg["size"])
+            engine.register(buffers[seg["name"]], name=seg["name"], permission=seg.get("permission", "rw"))
+
+        async def collect() -> None:
+            async for note in engine.notifications():
+                # what the data looks like when the notification arrives (ordering check)
+                digest = None
+                if note.message.startswith("check "):
+                    _, name, start, stop = note.message.split()
+                    digest = hashlib.sha256(buffers[name][int(start) : int(stop)].tobytes()).hexdigest()
+                notes.append({"message": note.message, "source": note.source, "digest": digest})
+
+        asyncio.get_running_loop().create_task(collect())
+        print(
+            json.dumps(
+                {
+                    "address": engine.address,
+                    "rails": engine.backend.rail_ads() and [r.name for r in engine.backend.rail_ads()],
+                }
+            ),
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            cmd = json.loads(line)
+            op = cmd["cmd"]
+            out: dict[str, Any] = {"ok": True}
+            try:
+                if op == "digest":
+                    buf = buffers[cmd["segment"]][cmd.get("start", 0) : cmd.get("stop")]
+                    out["digest"] = hashlib.sha256(buf.tobytes()).hexdigest()
+                elif op == "read":
+                    out["hex"] = buffers[cmd["segment"]][cmd["start"] : cmd["stop"]].tobytes().hex()
+                elif op == "fill":
+                    buffers[cmd["segment"]][:] = pattern(cmd["seed"], buffers[cmd["segment"]].size)
+                elif op == "notes":
+                    out["notes"] = notes
+                elif op == "stats":
+                    out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
+                elif op == "unregister":
+                    engine.unregister(cmd["segment"])
+                elif op == "register":
+                    buffers[cmd["segment"]] = pattern(cmd.get("seed", 0), cmd["size"])
+                    engine.register(
+                        buffers[cmd["segment"]], name=cmd["segment"], permission=cmd.get("permission", "rw")
+                    )
+                elif op == "quit":
+                    print(json.dumps(out), flush=True)
+                    return
+                else:
+                    out = {"ok": False, "error": f"unknown command {op!r}"}
+            except Exception as exc:
+                out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    import logging
+    import os
+
+    logging.basicConfig(level=os.environ.get("TENT_TEST_LOG", "WARNING"), format="peer %(name)s: %(message)s")
+    asyncio.run(main(json.loads(sys.argv[1])))

@@ -1,0 +1,153 @@
+"""Handshake refusals, connecting to nothing, and peers that die or hang mid-transfer."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import tent_async as tent
+from conftest import requires_ucxx
+
+pytestmark = [pytest.mark.ucx, pytest.mark.anyio, requires_ucxx]
+
+MiB = 1 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_connect_to_nothing_fails_fast() -> None:
+    async with tent.Engine(backend="ucx", name="lonely") as engine:
+        with anyio.fail_after(10), pytest.raises(tent.PeerConnectError, match="connection refused"):
+            await engine.connect(f"127.0.0.1:{_free_port()}")
+
+
+async def test_a_silent_listener_times_out_with_a_clear_error() -> None:
+    """Something accepts the TCP connection but never speaks the protocol."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True)
+    thread.start()
+    try:
+        async with tent.Engine(backend="ucx", name="lonely", connect_timeout=0.5) as engine:
+            with anyio.fail_after(10), pytest.raises(tent.PeerConnectError, match="handshake"):
+                await engine.connect(f"127.0.0.1:{server.getsockname()[1]}")
+    finally:
+        thread.join(5)
+        for s in accepted:
+            s.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("server_cfg", "client_opts", "words"),
+    [
+        ({"protocol_version": 99}, {}, "version 99"),
+        ({"secret": "s3cret"}, {"secret": "wrong"}, "secret"),
+        ({"secret": "s3cret"}, {}, "requires a shared secret"),
+        ({}, {"secret": "s3cret"}, "has none"),
+    ],
+)
+async def test_handshake_mismatch_is_refused_on_both_sides(
+    spawn_peer: Any, server_cfg: dict[str, Any], client_opts: dict[str, Any], words: str
+) -> None:
+    server = spawn_peer(name="decode-0", segments=[{"name": "kv", "size": MiB}], **server_cfg)
+    async with tent.Engine(backend="ucx", name="prefill-0", **client_opts) as engine:
+        with anyio.fail_after(15), pytest.raises(tent.HandshakeError, match=words):
+            await engine.connect(server.address)
+    for _ in range(500):  # the peer logs and counts the refusal too
+        if server.cmd(cmd="stats")["stats"].get("handshake_refused", 0) >= 1:
+            break
+        await anyio.sleep(0.01)
+    assert server.cmd(cmd="stats")["stats"]["handshake_refused"] >= 1
+
+
+async def test_matching_secret_connects(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", secret="s3cret", segments=[{"name": "kv", "size": MiB, "seed": 1}])
+    async with tent.Engine(backend="ucx", name="prefill-0", secret="s3cret") as engine:
+        with anyio.fail_after(15):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+            src = engine.register(np.full(MiB, 3, dtype=np.uint8), name="src")
+            await engine.transfer(src[:], kv[:])
+        assert server.cmd(cmd="read", segment="kv", start=0, stop=4)["hex"] == "03030303"
+
+
+async def test_a_killed_peer_fails_the_transfer_quickly_and_clearly(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", segments=[{"name": "kv", "size": 64 * MiB}])
+    async with tent.Engine(backend="ucx", name="prefill-0") as engine:
+        with anyio.fail_after(15):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
+        failures: list[BaseException] = []
+
+        async def pump() -> None:
+            try:
+                while True:
+                    await engine.transfer(src[:], kv[:])
+            except tent.TentError as exc:
+                failures.append(exc)
+
+        with anyio.fail_after(20):  # a hang guard, not a speed assertion
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                await anyio.sleep(0.3)
+                server.signal(signal.SIGKILL)
+        assert failures, "the transfer to a killed peer did not fail"
+        text = str(failures[0])
+        assert "decode-0" in text
+        for _ in range(500):
+            if peer.closed:
+                break
+            await anyio.sleep(0.01)
+        assert peer.closed
+        with pytest.raises(tent.PeerClosedError, match="decode-0"):
+            engine.submit(src[:MiB], kv[:MiB])
+
+
+async def test_a_hung_peer_is_caught_by_deadlines_and_its_endpoints_fenced(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", segments=[{"name": "kv", "size": 64 * MiB}])
+    try:
+        async with tent.Engine(backend="ucx", name="prefill-0", withdraw_grace=0.05) as engine:
+            with anyio.fail_after(15):
+                peer = await engine.connect(server.address)
+                kv = await peer.segment("kv")
+            src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
+            with anyio.fail_after(15):
+                await engine.transfer(src[:], kv[:])
+            server.signal(signal.SIGSTOP)
+            with anyio.fail_after(60), pytest.raises((tent.TransferFailedError, tent.NoRailError)):
+                await engine.transfer(src[:], kv[:])
+            assert engine.backend.stats["fenced_endpoints"] >= 1  # type: ignore[attr-defined]
+            snap = engine.telemetry()
+            assert snap.inflight_bytes == 0 and snap.open_transfers == 0
+            assert any(r.deadline_misses for r in snap)
+    finally:
+        server.signal(signal.SIGCONT)
+
+
+async def test_cancelling_a_transfer_to_a_peer_restores_accounting(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", segments=[{"name": "kv", "size": 64 * MiB}])
+    async with tent.Engine(backend="ucx", name="prefill-0") as engine:
+        with anyio.fail_after(15):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
+        with anyio.fail_after(30):
+            with anyio.move_on_after(0.01):
+                await engine.transfer(src[:], kv[:])
+            snap = engine.telemetry()
+            assert snap.inflight_bytes == 0 and snap.open_transfers == 0
+            await engine.transfer(src[:MiB], kv[:MiB])  # still usable

@@ -1,0 +1,169 @@
+"""The wire codec: round trips, and no input can make the decoder raise anything but ProtocolError.
+
+Pure Python: needs msgpack, not ucxx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tent_async.backends.ucx import protocol as p
+from tent_async.backends.ucx.control import frame_length, mac, parse_address
+from tent_async.errors import ConfigError, ProtocolError
+
+names = st.text(min_size=1, max_size=40)
+u64 = st.integers(0, 2**64 - 1)
+rails = st.builds(
+    p.RailAd,
+    name=names,
+    kind=st.sampled_from(p.RAIL_KINDS),
+    device=names,
+    ip=st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t))),
+    port=st.integers(1, 65535),
+    bandwidth=st.floats(1.0, 1e12),
+    prefix=st.integers(0, 32),
+)
+segments = st.builds(
+    p.SegmentAd,
+    name=names,
+    sid=u64,
+    size=u64,
+    kind=st.sampled_from(["host", "cuda:0", "cuda:7"]),
+    permission=st.sampled_from(["r", "rw"]),
+)
+nonce = st.binary(min_size=p.NONCE_BYTES, max_size=p.NONCE_BYTES)
+auth = st.one_of(st.just(b""), st.binary(min_size=p.MAC_BYTES, max_size=p.MAC_BYTES))
+token = st.binary(min_size=p.TOKEN_BYTES, max_size=p.TOKEN_BYTES)
+messages = st.one_of(
+    st.builds(p.Challenge, version=st.just(p.PROTOCOL_VERSION), nonce=nonce),
+    st.builds(
+        p.Hello,
+        version=st.just(p.PROTOCOL_VERSION),
+        name=names,
+        host_id=st.text(min_size=1, max_size=64),
+        rails=st.lists(rails, max_size=4).map(tuple),
+        nonce=nonce,
+        auth=auth,
+    ),
+    st.builds(
+        p.Welcome,
+        version=st.just(p.PROTOCOL_VERSION),
+        name=names,
+        host_id=st.text(min_size=1, max_size=64),
+        conn_id=st.integers(1, p.MAX_NAMESPACE),
+        token=token,
+        rails=st.lists(rails, max_size=4).map(tuple),
+        catalogue=st.lists(segments, max_size=4).map(tuple),
+        auth=auth,
+    ),
+    st.builds(p.Refused, reason=st.text(max_size=100)),
+    st.builds(p.Lookup, name=names),
+    st.builds(p.LookedUp, name=names, segment=st.one_of(st.none(), segments)),
+    st.builds(p.Notify, message=st.text(max_size=200)),
+    st.builds(p.Bye, reason=st.text(max_size=50)),
+    st.builds(p.Bind, conn_id=st.integers(1, p.MAX_NAMESPACE), token=token, rail=names),
+    st.builds(p.Bound, rail=names),
+    st.builds(
+        p.SliceRequest,
+        op=st.just(p.Op.WRITE),
+        request=u64,
+        segment=names,
+        sid=u64,
+        offset=u64,
+        length=st.just(5),
+        tag=u64,
+        payload=st.one_of(st.none(), st.binary(min_size=5, max_size=5)),
+    ),
+    st.builds(
+        p.SliceRequest,
+        op=st.just(p.Op.READ),
+        request=u64,
+        segment=names,
+        sid=u64,
+        offset=u64,
+        length=u64,
+        tag=u64,
+        inline=st.booleans(),
+    ),
+    st.builds(p.Ack, request=u64),
+    st.builds(p.Error, request=u64, reason=st.text(max_size=100)),
+    st.builds(p.Data, request=u64, payload=st.binary(max_size=100)),
+)
+
+
+@given(messages)
+def test_every_message_round_trips(msg: p.Message) -> None:
+    assert p.decode(p.encode(msg)) == msg
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_only_ever_raise_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        p.decode(data)
+
+
+@given(messages, st.data())
+def test_mutated_and_truncated_messages_only_raise_protocol_error(msg: p.Message, data: st.DataObject) -> None:
+    raw = bytearray(p.encode(msg))
+    how = data.draw(st.sampled_from(["truncate", "flip", "insert"]))
+    if how == "truncate":
+        raw = raw[: data.draw(st.integers(0, max(0, len(raw) - 1)))]
+    elif how == "flip" and raw:
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    else:
+        i = data.draw(st.integers(0, len(raw)))
+        raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    with contextlib.suppress(ProtocolError):
+        p.decode(bytes(raw))
+
+
+@given(
+    st.lists(
+        st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(), st.binary(), st.booleans(), st.none(), st.floats()),
+        max_size=10,
+    )
+)
+def test_well_formed_msgpack_with_wrong_fields_is_refused_cleanly(fields: list[object]) -> None:
+    for code in list(p.Op):
+        with contextlib.suppress(ProtocolError):
+            p.decode(msgpack.packb([int(code), *fields], use_bin_type=True))
+
+
+def test_specific_refusals() -> None:
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        p.decode(msgpack.packb([99]))
+    with pytest.raises(ProtocolError, match="magic"):
+        p.decode(msgpack.packb([int(p.Op.HELLO), "other", 1]))
+    with pytest.raises(p.VersionMismatch, match="version 7") as info:
+        p.decode(msgpack.packb([int(p.Op.CHALLENGE), p.MAGIC, 7, b"x" * 32]))
+    assert info.value.version == 7
+    with pytest.raises(ProtocolError, match="carries"):
+        p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, 0, b"abc"], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="integer"):
+        p.decode(msgpack.packb([int(p.Op.ACK), True]))
+    with pytest.raises(ProtocolError, match="outside"):
+        p.decode(msgpack.packb([int(p.Op.ACK), -1]))
+    with pytest.raises(ProtocolError, match="limit"):
+        frame_length((p.MAX_FRAME + 1).to_bytes(4, "big"))
+
+
+def test_tags_keep_namespaces_apart() -> None:
+    assert p.make_tag(1, 5) != p.make_tag(2, 5)
+    assert p.make_tag(3, 2**40 + 5) == p.make_tag(3, 5)  # request ids wrap inside their field
+    assert p.make_tag(p.MAX_NAMESPACE, p.TAG_REQUEST_MASK) == 2**64 - 1
+
+
+def test_addresses_and_macs() -> None:
+    assert parse_address("decode-0:7100") == ("decode-0", 7100)
+    assert parse_address("[::1]:80") == ("::1", 80)
+    assert parse_address(":0", default_host="0.0.0.0") == ("0.0.0.0", 0)
+    for bad in ("decode-0", "h:x", "h:70000"):
+        with pytest.raises(ConfigError):
+            parse_address(bad)
+    assert mac(b"k", b"l", b"ab", b"c") != mac(b"k", b"l", b"a", b"bc")  # parts are length-prefixed
