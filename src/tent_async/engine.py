@@ -244,7 +244,8 @@ class Engine:
         ``"eft"`` (earliest expected finish, default), ``"round_robin"`` or
         ``"single"``: see :mod:`tent_async.core.policies`.
     ``config``
-        :class:`SchedulerConfig`; defaults are documented there.
+        :class:`SchedulerConfig`; by default the backend's
+        (:meth:`Backend.default_config`), documented there and in the backend.
     ``name``
         This engine's name (shown to peers and in notifications).
     Other keyword arguments go to the backend.
@@ -281,8 +282,8 @@ class Engine:
             raise ConfigError(f"config must be a tent_async.SchedulerConfig, got {type(config).__name__}")
         self.name = name or f"engine-{next(self._ids)}"
         self.policy = policy
-        self.config = config or SchedulerConfig()
         self._backend = make_backend(backend, rails, **backend_options)
+        self.config = config or self._backend.default_config()
         self._planner: Planner | None = None
         self._segments: dict[str, Segment] = {}
         self._handles: dict[int, TransferHandle] = {}
@@ -295,7 +296,8 @@ class Engine:
         self._state = "new"  # new -> running -> closing -> closed
         self._tg: anyio.abc.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pump_scheduled = False
+        self._pumping = False
+        self._pump_again = False
         self._timer: Any = None
         self._timer_at: float | None = None
         self._counters: collections.Counter[str] = collections.Counter()
@@ -632,18 +634,31 @@ class Engine:
     # ================================================================ pump
 
     def _kick(self) -> None:
-        """Make sure the planner is polled soon (once, however many reports arrive)."""
-        if not self._pump_scheduled and self._loop is not None and self._state != "closed":
-            self._pump_scheduled = True
-            self._loop.call_soon(self._pump)
+        """Poll the planner now: every report or request is acted on without a loop iteration.
+
+        Reentrant calls (a backend reporting synchronously from inside ``post``)
+        only ask the running pump to go round once more.
+        """
+        if self._loop is None or self._state == "closed":
+            return
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pump()
 
     def _pump(self) -> None:
-        self._pump_scheduled = False
+        self._pumping = True
         try:
-            self._pump_once()
+            while True:
+                self._pump_again = False
+                self._pump_once()
+                if not self._pump_again:
+                    break
         except Exception as exc:  # a bug in the engine or a backend: fail loudly, never hang
             logger.exception("tent_async engine %r crashed while scheduling", self.name)
             self._crash(exc)
+        finally:
+            self._pumping = False
 
     def _crash(self, exc: Exception) -> None:
         """Fail every open transfer with the internal error, so that no caller waits forever."""

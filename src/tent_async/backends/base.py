@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ClassVar, Protocol
 
-from ..core import Attempt, RailInfo
+from ..core import Attempt, RailInfo, SchedulerConfig
 from ..errors import ConfigError, UnregisteredSegmentError
 from ..rails import RailSpec
 from ..segments import Segment, SegmentBase
@@ -86,6 +86,15 @@ class Backend(abc.ABC):
             bandwidth = spec.bandwidth if spec.bandwidth is not None else self.default_bandwidth(spec)
             infos.append(RailInfo(name=spec.name, bandwidth=bandwidth, latency=spec.latency, tier=int(spec.tier)))
         return infos
+
+    def default_config(self) -> SchedulerConfig:
+        """The scheduler settings an engine on this backend uses unless given others.
+
+        The defaults suit rails whose per-slice overhead is a few microseconds;
+        a backend with a costlier round trip per slice (ucx) asks for longer
+        slices and a deeper window so that the overhead stays amortised.
+        """
+        return SchedulerConfig()
 
     def default_bandwidth(self, spec: RailSpec) -> float:
         """Starting bandwidth estimate of a rail given without one (bytes/s)."""

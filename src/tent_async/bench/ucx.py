@@ -62,13 +62,13 @@ def _veth_module() -> ModuleType | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=10, help="64 MiB transfers per measurement (default 10)")
     parser.add_argument("--lat-iters", type=int, default=500, help="4 KiB round trips per measurement (default 500)")
-    parser.add_argument("--repeat", type=int, default=2, help="alternations of raw and engine runs (default 2)")
+    parser.add_argument("--repeat", type=int, default=3, help="alternations of raw and engine runs (default 3)")
     parser.add_argument("--rails", default="tcp,shm", help="rail kinds to measure: tcp (over lo), shm")
     parser.add_argument("--limit", type=float, default=120.0, help="seconds before one run counts as hung")
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
-    if veth is not None and hasattr(veth, "add_arguments"):
-        veth.add_arguments(parser)  # hook: the veth part's own options
+    if veth is not None and hasattr(veth, "add_veth_arguments"):
+        veth.add_veth_arguments(parser)  # the veth part's own options
 
 
 @contextlib.contextmanager
@@ -280,6 +280,5 @@ def run(args: argparse.Namespace) -> int:
         if veth is None:
             console.print("the veth-testbed part (tent_async.bench.ucx_veth) is not in this build; skipped")
         else:
-            rc: int = veth.run_veth(console, args)  # hook for the veth testbed benchmark
-            return rc
+            veth.run_veth(console, args)  # prints its own table and JSON lines
     return 0

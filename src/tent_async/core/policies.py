@@ -31,11 +31,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
+from .config import SchedulerConfig
 from .health import Health
-from .slicing import cut
+from .slicing import cut, nominal_slice
 
 if TYPE_CHECKING:
-    from .config import SchedulerConfig
     from .rail_state import RailState
     from .transfer_state import TransferState
 
@@ -125,18 +125,34 @@ class RoundRobin:
     probes_idle_rails: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self.slice_size = 1 << 20
+        self._fixed = 0
+        self._config = SchedulerConfig()
         self._tail = 0.5
         self._max_per_rail = 2
+        self._sizes: dict[tuple[int, ...], int] = {}
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
+        self._config = config
         self._tail = config.tail_merge
         self._max_per_rail = config.max_attempts_per_rail
-        if config.round_robin_slice:
-            self.slice_size = config.round_robin_slice
-        else:
-            sizes = sorted(rail.nominal for rail in rails)
-            self.slice_size = sizes[len(sizes) // 2] if sizes else config.min_slice
+        self._fixed = config.round_robin_slice
+
+    def slice_size(self, rails: tuple[RailState, ...]) -> int:
+        """The fixed slice size for a transfer over ``rails``.
+
+        ``round_robin_slice`` if set, else the median of the rails' slice sizes
+        at their *nominal* bandwidth: derived from the configuration only, never
+        from telemetry, so the baseline stays state-blind.  Computed when first
+        needed, because some backends (ucx) add rails after the planner starts.
+        """
+        if self._fixed:
+            return self._fixed
+        key = tuple(r.index for r in rails)
+        size = self._sizes.get(key)
+        if size is None:
+            sizes = sorted(nominal_slice(r.info.bandwidth, self._config) for r in rails)
+            size = self._sizes[key] = sizes[len(sizes) // 2]
+        return size
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
         rails = transfer.rails
@@ -154,7 +170,7 @@ class RoundRobin:
             if not rail.has_room():
                 return None  # strict striping: wait for the next rail in the cycle
             transfer.rr_next = (start + k + 1) % n
-            return rail, cut(self.slice_size, rng.length, self._tail)
+            return rail, cut(self.slice_size(rails), rng.length, self._tail)
         return NO_RAIL
 
 

@@ -26,7 +26,10 @@ Options (``tent.Engine(backend="ucx", ...)``):
 ``host_id``
     Override the host identity used to pair shared-memory rails.
 ``delayed_submission``
-    ucxx's delayed submission (requests posted by the progress thread; default True).
+    ucxx's delayed submission: requests posted by the progress thread instead
+    of the caller (default False: posting from the event loop saves a thread
+    wake-up per message; measured ~10-30 % lower 4 KiB round trips for raw
+    ucxx and the engine alike, throughput unchanged within noise).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any, ClassVar
 
 import anyio
 
-from ...core import Attempt, RailInfo
+from ...core import Attempt, RailInfo, SchedulerConfig
 from ...errors import (
     ConfigError,
     HandshakeError,
@@ -93,7 +96,7 @@ class UcxBackend(Backend):
         inline_limit: int | str = 16 * 1024,
         max_request: int | str = 1 << 30,
         host_id: str | None = None,
-        delayed_submission: bool = True,
+        delayed_submission: bool = False,
     ) -> None:
         self._specs = list(rails) if rails is not None else None
         self._listen = parse_address(listen, default_host="0.0.0.0") if listen is not None else None
@@ -132,6 +135,19 @@ class UcxBackend(Backend):
 
     def rail_specs(self) -> Sequence[RailSpec]:
         return list(self._specs or [])
+
+    def default_config(self) -> SchedulerConfig:
+        """4 ms slices and three in flight per rail, instead of 1 ms and two.
+
+        Every slice over UCX costs a header, a check on the peer and an ACK, each
+        crossing a progress thread, a notifier thread and an event loop on both
+        sides: 0.1-0.3 ms on a busy host.  With 1 ms slices and a window of two
+        that overhead showed as ~15-50 % less throughput than raw ucxx on one
+        rail (docs/benchmarks.md); 4 ms slices amortise it and a third slice in
+        flight hides the round trip.  Failover is unaffected in kind: deadlines
+        scale with the expected time of each slice.
+        """
+        return SchedulerConfig(target_slice_time=4e-3, window=3)
 
     def rail_infos(self) -> list[RailInfo]:
         """No rail before a peer connects: engine rails are (local rail, peer rail) pairs."""

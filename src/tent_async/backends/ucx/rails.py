@@ -284,7 +284,7 @@ class LocalRail:
     loop with ``call_soon_threadsafe``.
     """
 
-    def __init__(self, plan: RailPlan, loop: asyncio.AbstractEventLoop, *, delayed_submission: bool = True) -> None:
+    def __init__(self, plan: RailPlan, loop: asyncio.AbstractEventLoop, *, delayed_submission: bool = False) -> None:
         ucx = _ucxx.loaded()
         L = ucx.L
         self.plan = plan
