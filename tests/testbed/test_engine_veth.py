@@ -75,7 +75,7 @@ def test_a_peer_killed_mid_transfer_gives_a_clear_error() -> None:
             server.proc.kill()
             with pytest.raises(V.BenchStepError) as info:
                 client.expect("timeline", 10)  # the transfer must fail, within seconds
-    message = str(info.value)
-    assert "failed before 'timeline'" in message
+            message = str(info.value) + "\n" + "\n".join(client.stderr[-20:])
+    assert "failed before 'timeline'" in message, message
     assert "PeerClosedError: peer 'server'" in message  # names the peer that went away, and why
     assert "is gone" in message
