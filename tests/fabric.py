@@ -19,12 +19,16 @@ class FifoFabric:
         policy: str = "eft",
         config: SchedulerConfig | None = None,
         hints: Sequence[float] | None = None,
+        withdraw_finishes: bool = False,
     ) -> None:
         hints = hints or bandwidths
         self.planner = Planner(
             [RailInfo(f"r{i}", h, latency=0.0) for i, h in enumerate(hints)], config or SchedulerConfig(), policy
         )
         self.bw = list(bandwidths)
+        # False: a withdrawal stops the slice at once (a cancel); True: the slice still
+        # finishes and reports (a slice that was late, not lost, as on real hardware).
+        self.withdraw_finishes = withdraw_finishes
         self.now = 0.0
         self.free_at = [0.0] * len(bandwidths)
         self.pending: dict[int, tuple[float, Attempt]] = {}  # aid -> (finish time, attempt)
@@ -57,6 +61,8 @@ class FifoFabric:
                 self.pending[a.id] = (finish, a)
             elif isinstance(d, Withdraw):
                 self.withdraws.append(d.attempt)
+                if self.withdraw_finishes and self.pending.get(d.attempt.id, (float("inf"),))[0] < float("inf"):
+                    continue
                 if d.attempt.id in self.pending:
                     del self.pending[d.attempt.id]
                     self.planner.withdrawn(d.attempt.id, self.now)

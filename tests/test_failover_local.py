@@ -134,8 +134,10 @@ async def test_no_rail_left_is_a_clear_error_not_a_hang() -> None:
         b = engine.register(dst)
         local(engine).inject_fault("r0", "down")
         local(engine).inject_fault("r1", "down")
+        # Every rail is down: the transfer waits for a quarantine to end (no_rail_wait), the
+        # probes fail too, and it ends with an error naming every rail, not a hang.
         with anyio.fail_after(5):
-            with pytest.raises(tent.NoRailError, match="no usable rail") as info:
+            with pytest.raises((tent.NoRailError, tent.TransferFailedError)) as info:
                 await engine.transfer(a[:], b[4096 : 4096 + src.size])
         assert set(info.value.rail_errors) == {"r0", "r1"}
         assert "down" in info.value.rail_errors["r0"]
@@ -185,4 +187,24 @@ async def test_recovered_rail_is_used_again_automatically() -> None:
         assert recovered and recovered[0].rail == "r0"
         assert result.bytes_per_rail.get("r0", 0) > 0
         assert engine.telemetry()["r0"].health == "healthy"
+    check(src, dst, before)
+
+
+async def test_a_single_rail_hiccup_does_not_fail_the_transfer() -> None:
+    """The only rail goes down briefly: the transfer waits for it (no_rail_wait) and completes."""
+    src, dst, before = buffers(8 * MiB)
+    async with tent.Engine(rails=rails(1), config=CONFIG) as engine:
+        a = engine.register(src)
+        b = engine.register(dst)
+        # The link comes back as soon as the rail is quarantined, before its probe.
+        engine.add_event_listener(
+            lambda e: local(engine).clear_fault("r0") if e.kind is tent.EventKind.QUARANTINE else None
+        )
+        handle = engine.submit(a[:], b[4096 : 4096 + src.size])
+        await anyio.sleep(0.005)
+        local(engine).inject_fault("r0", "down")
+        with anyio.fail_after(5):
+            result = await handle
+        assert result.bytes == src.size
+        assert engine.telemetry()["r0"].quarantines >= 1
     check(src, dst, before)

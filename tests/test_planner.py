@@ -257,3 +257,42 @@ def test_cancel_withdraws_and_restores_accounting() -> None:
     assert fab.withdraws
     assert fab.planner.idle
     assert all(r.inflight_bytes == 0 for r in fab.planner.rails)
+
+
+def test_a_late_but_not_lost_slice_relaxes_its_rails_deadlines() -> None:
+    # The rail is 4x slower than its hint: slices miss their deadline but still complete.
+    cfg = SchedulerConfig(deadline_floor=0.001, deadline_factor=1.5)
+    fab = FifoFabric([2.5e8], "eft", cfg, hints=[1e9], withdraw_finishes=True)
+    tid = fab.submit(16 * MiB)
+    rail = fab.planner.rails[0]
+    widest = 1.0
+    while fab.step():
+        widest = max(widest, rail.deadline_scale)
+    assert fab.finished[tid].outcome is Outcome.DONE  # a late slice is not charged as a failure
+    assert rail.deadline_misses >= 1
+    assert widest >= 2.0  # it learned that this rail's slices are late, not lost...
+    assert rail.deadline_scale < widest  # ...and relaxed again as slices came in on time
+
+
+def test_a_transfer_waits_for_its_only_quarantined_rail() -> None:
+    cfg = SchedulerConfig(backoff_base=0.01, no_rail_wait=0.5)
+    fab = FifoFabric([1e9], "eft", cfg)
+    tid = fab.submit(8 * MiB)
+    fab.step()
+    fab.planner.rail_down(0, fab.now, "link flap")  # quarantined: no usable rail for a moment
+    fab.run()
+    assert fab.finished[tid].outcome is Outcome.DONE
+    assert fab.planner.rails[0].health.quarantines == 1
+
+
+def test_no_rail_wait_bounds_the_wait() -> None:
+    cfg = SchedulerConfig(backoff_base=2.0, backoff_cap=2.0, no_rail_wait=0.3)
+    fab = FifoFabric([1e9], "eft", cfg)
+    tid = fab.submit(8 * MiB)
+    fab.step()
+    fab.planner.rail_down(0, fab.now, "link down")  # back-off (2 s) is longer than no_rail_wait
+    fab.run()
+    fin = fab.finished[tid]
+    assert fin.outcome is Outcome.FAILED
+    assert "no usable rail" in str(fin.error)
+    assert fin.finished_at < 1.0  # failed after no_rail_wait, not after the 2 s back-off

@@ -89,6 +89,15 @@ class SchedulerConfig:
         healthy.  A piece of data is retried at most ``max_attempts_per_rail``
         (2) times on each rail and ``max_attempts`` (16) times overall before
         its transfer fails.
+
+        A missed deadline can be a false alarm (an overloaded host, a rail
+        slower than believed): when a slice withdrawn for its deadline still
+        completes, the rail's deadlines are doubled, up to
+        ``deadline_backoff_cap`` (8) times, and relax again with each slice
+        that completes in time.  When every rail a transfer may use is
+        quarantined, the transfer waits up to ``no_rail_wait`` (1 s) for one to
+        come back (quarantine over, probe succeeded) before failing with
+        ``NoRailError``: one rail's hiccup must not fail a single-rail engine.
     """
 
     target_slice_time: float = attrs.field(default=1e-3, converter=parse_duration, validator=_positive)
@@ -116,6 +125,8 @@ class SchedulerConfig:
     recover_after: int = attrs.field(default=2, validator=_at_least_one)
     max_attempts_per_rail: int = attrs.field(default=2, validator=_at_least_one)
     max_attempts: int = attrs.field(default=16, validator=_at_least_one)
+    deadline_backoff_cap: float = attrs.field(default=8.0, validator=_positive)
+    no_rail_wait: float = attrs.field(default=1.0, converter=parse_duration, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.min_slice > self.max_slice:

@@ -66,6 +66,7 @@ class Attempt:
     state: AttemptState = AttemptState.LIVE
     tag: Any = None  # free for the driver (e.g. a task or request handle)
     overlapped: bool = False  # another slice was posted on the rail while this one was in flight
+    missed: bool = False  # withdrawn because it missed its deadline
 
 
 # Post and Withdraw are created once per slice on the hot path; attrs' frozen

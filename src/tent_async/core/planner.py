@@ -73,6 +73,7 @@ class Planner:
         self._next_aid = 1
         self._quarantined: set[RailState] = set()  # rails whose quarantine timer runs
         self._probing: set[RailState] = set()  # rails waiting for (or carrying) a probe
+        self._stalled: set[TransferState] = set()  # transfers waiting for a quarantined rail
         self._idle_check_at = -float("inf")
         self._suspect_slice = self.config.min_slice
         self._deadline_floor = self.config.deadline_floor
@@ -150,6 +151,11 @@ class Planner:
         rail.last_completion = now
         rail.last_activity = now
         t = self._transfers[a.transfer_id]
+        if a.missed:
+            # The slice was not stuck, only late: give this rail's deadlines more slack.
+            rail.deadline_scale = min(self.config.deadline_backoff_cap, rail.deadline_scale * 2.0)
+        elif a.state is _LIVE and rail.deadline_scale > 1.0:
+            rail.deadline_scale = max(1.0, rail.deadline_scale * 0.9)
         if a.state is _LIVE:
             rail.bytes_total += a.length
             rail.slices_total += 1
@@ -269,6 +275,9 @@ class Planner:
         for rail in self.rails:
             if rail.health.state is Health.QUARANTINED:
                 times.append(rail.health.quarantine_until)
+        for t in self._stalled:
+            if t.stalled_since is not None:
+                times.append(t.stalled_since + self.config.no_rail_wait)
         if self._active and self.policy.probes_idle_rails:
             for rail in self.rails:
                 if not rail.inflight and rail.health.state is not Health.QUARANTINED:
@@ -347,6 +356,7 @@ class Planner:
                 continue
             rail = self.rails[a.rail]
             rail.deadline_misses += 1
+            a.missed = True
             late_ms = (now - a.posted_at) * 1e3
             self._rail_failure(
                 rail,
@@ -354,19 +364,34 @@ class Planner:
                 f"deadline missed: {a.length} B slice not done after {late_ms:.1f} ms "
                 f"(expected {a.expected * 1e3:.2f} ms)",
                 a,
+                charge=False,
             )
 
     def _rail_failure(
-        self, rail: RailState, now: float, reason: str, failed: Attempt | None, *, rail_down: bool = False
+        self,
+        rail: RailState,
+        now: float,
+        reason: str,
+        failed: Attempt | None,
+        *,
+        rail_down: bool = False,
+        charge: bool = True,
     ) -> None:
-        """Charge ``rail`` with a failure and take every live slice off it."""
+        """Charge ``rail`` with a failure and take every live slice off it.
+
+        ``charge``: count the failure against the failed slice's bytes (their
+        retry bound).  A missed deadline is not charged: it says the rail is
+        slow or stuck, which is the rail's health's business (suspect, then
+        quarantine), not that the bytes cannot be moved; charging it failed
+        transfers on a single rail that was merely slower than believed.
+        """
         rail.last_error = reason
         self._event(now, EventKind.FAILURE, rail, f"{rail.name}: {reason}")
         if failed is not None:
             if failed.state is _LIVE:  # still out there (missed deadline): withdraw it
                 failed.state = _WITHDRAWING
                 self._decisions.append(Withdraw(failed))
-            self._requeue(failed, now, charge=True, reason=reason)
+            self._requeue(failed, now, charge=charge, reason=reason)
         moved = 0
         for a in list(rail.inflight.values()):
             if a.state is _LIVE:
@@ -454,6 +479,7 @@ class Planner:
         else:
             outcome = Outcome.CANCELLED
         del self._transfers[t.id]
+        self._stalled.discard(t)
         self._decisions.append(
             Finished(
                 transfer_id=t.id,
@@ -491,11 +517,12 @@ class Planner:
                 misses += 1
                 continue
             if choice is NO_RAIL:
-                if self._waiting_for_probe(t):
+                if self._waiting_for_probe(t) or self._waiting_for_quarantine(t, now):
                     active.rotate(-1)
                     misses += 1
                 else:
                     active.popleft().in_active = False
+                    self._stalled.discard(t)
                     self._no_rail(t, now)
                 continue
             rail, size = choice  # type: ignore[misc]
@@ -504,6 +531,9 @@ class Planner:
                 # is really stalled holds little data hostage until its quarantine.
                 size = cut(self._suspect_slice, t.pending[0].length, 0.0)
             self._post(t, rail, size, now, probe=False)
+            if t.stalled_since is not None:
+                t.stalled_since = None
+                self._stalled.discard(t)
             if t.pending:
                 active.rotate(-1)
             else:
@@ -525,7 +555,7 @@ class Planner:
             rng.length -= size
         piece = t.pieces[piece_index]
         expected = rail.expected_time(size, now)
-        deadline = now + max(self._deadline_floor, self._deadline_factor * expected)
+        deadline = now + max(self._deadline_floor, self._deadline_factor * expected) * rail.deadline_scale
         aid = self._next_aid
         self._next_aid = aid + 1
         # Positional: this runs once per slice and keyword passing costs measurably.
@@ -595,6 +625,21 @@ class Planner:
                     break
             else:
                 rail.probe_checked = now  # nothing to probe with: look again one interval later
+
+    def _waiting_for_quarantine(self, t: TransferState, now: float) -> bool:
+        """Every rail of ``t`` is out: wait (at most ``no_rail_wait``) if one will be probed again."""
+        history = t.pending[0].history if t.pending else None
+        limit = self.config.max_attempts_per_rail
+        coming_back = any(
+            r.health.state is Health.QUARANTINED and (history is None or history.get(r.index, 0) < limit)
+            for r in t.rails
+        )
+        if not coming_back:
+            return False
+        if t.stalled_since is None:
+            t.stalled_since = now
+            self._stalled.add(t)
+        return now - t.stalled_since < self.config.no_rail_wait
 
     def _waiting_for_probe(self, t: TransferState) -> bool:
         """Is some rail of ``t`` probing (so the transfer should wait, not fail)?"""

@@ -47,6 +47,7 @@ class RailState:
         "bw",
         "bytes_total",
         "deadline_misses",
+        "deadline_scale",
         "dispatchable",
         "errors",
         "estimator",
@@ -101,6 +102,7 @@ class RailState:
         self.window_full = config.window
         self.window = config.window  # slices allowed in flight in the current health state
         self.dispatchable = True  # healthy or suspect: a policy may choose it
+        self.deadline_scale = 1.0  # grows when a slice withdrawn for its deadline completes after all
         self.bytes_total = 0
         self.slices_total = 0
         self.probes_total = 0

@@ -62,6 +62,7 @@ class TransferState:
         "reroutes",
         "rr_next",
         "slices",
+        "stalled_since",
         "submitted_at",
         "total",
     )
@@ -87,3 +88,4 @@ class TransferState:
         self.rr_next = tid % len(self.rails) if self.rails else 0
         self.bound: RailState | None = None
         self.in_active = False
+        self.stalled_since: float | None = None  # every rail quarantined since then
