@@ -6,11 +6,11 @@ turns backend reports back into planner events.  It never decides which rail
 carries a slice; the planner does.
 
 Concurrency model: one event loop thread.  Backends report on that thread
-(threads use ``call_soon_threadsafe``); every report updates the planner at
-once and schedules one *pump* on the loop, which polls the planner and executes
-its decisions.  A timer re-arms the pump for the planner's next deadline.  No
-task is spawned per transfer or per slice, so thousands of concurrent
-transfers cost only their bookkeeping.
+(threads use ``call_soon_threadsafe``); every report updates the planner and
+at once *pumps* it: polls it and executes its decisions (a report made from
+inside the pump only asks for one more round).  A timer re-arms the pump for
+the planner's next deadline.  No task is spawned per transfer or per slice,
+so thousands of concurrent transfers cost only their bookkeeping.
 
 Structured concurrency: the engine owns an anyio task group for its lifetime
 (``async with Engine(...)``); backend tasks live in it.  Cancelling a caller's
