@@ -7,6 +7,8 @@ transfer wants; the CLI and the benchmarks use these views.
 
 from __future__ import annotations
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -56,3 +58,20 @@ def telemetry_table(snap: Telemetry, title: str | None = None) -> Table:
             str(r.quarantines),
         )
     return table
+
+
+def step_progress(disable: bool = False) -> Progress:
+    """A progress bar for a benchmark's steps, on stderr and gone when done.
+
+    On stderr so that stdout stays the table and the JSON lines; rich shows it
+    only on a terminal.
+    """
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=disable,
+    )

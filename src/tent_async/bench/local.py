@@ -27,10 +27,10 @@ from collections.abc import Callable
 import anyio
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..core import SchedulerConfig
+from ..display import step_progress
 from ..engine import Engine
 from ..rails import RailSpec
 from ..units import format_rate, format_size, parse_size
@@ -101,14 +101,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, float, int]] = []
     small = parse_size(args.small_slice)
     small_cfg = SchedulerConfig(min_slice=small, max_slice=small, slice_align=min(4096, small))
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
+    with step_progress() as progress:
         task = progress.add_task("raw copy", total=5 * args.repeat)
 
         def step(description: str) -> None:

@@ -29,12 +29,12 @@ from collections.abc import Callable
 
 import attrs
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..backends.sim import Elephants, PairTopology, RunResult, Scenario, SimRail, run_scenario
 from ..backends.sim.scenarios import SCENARIO_NAMES, scenario
 from ..core import SchedulerConfig
+from ..display import step_progress
 from ..units import parse_size
 
 POLICIES = ("eft", "round_robin", "single")
@@ -135,16 +135,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, RunResult]] = {}
     lines: list[dict[str, object]] = []
     scenarios: dict[str, Scenario] = {}
-    # Progress goes to stderr (and only on a terminal), so stdout stays table + JSON lines.
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=args.json_only,
-    ) as progress:
+    with step_progress(disable=args.json_only) as progress:
         task = progress.add_task("simulating", total=len(names) * len(policies))
         for name in names:
             sc = scenario(name, args.scale, args.seed, kv_load=args.kv_load, background=not args.no_background)
