@@ -233,3 +233,24 @@ async def test_an_internal_failure_fails_transfers_instead_of_hanging() -> None:
         handle.cancel()  # the withdrawal raises inside the engine
         with anyio.fail_after(5), pytest.raises(tent.TransferError, match="failed internally"):
             await handle
+        assert all(seg.busy == 0 for seg in engine.segments.values())  # segments released
+
+
+async def test_two_consumers_of_notifications_both_get_served() -> None:
+    async with tent.Engine() as engine:
+        a = engine.register(bytearray(64))
+        b = engine.register(bytearray(64))
+        got: list[str] = []
+
+        async def consume() -> None:
+            async for note in engine.notifications():
+                got.append(note.message)
+                return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            tg.start_soon(consume)
+            await anyio.sleep(0.01)  # both are waiting
+            await engine.transfer(a, b, notify="one")
+            await engine.transfer(a, b, notify="two")
+        assert sorted(got) == ["one", "two"]

@@ -150,3 +150,36 @@ def test_units() -> None:
             tent.parse_size(bad)
     with pytest.raises(ValueError, match="positive"):
         tent.parse_bandwidth(0)
+
+
+async def test_start_up_errors_come_out_as_themselves() -> None:
+    from tent_async.backends.local import LocalBackend
+
+    class Failing(LocalBackend):
+        async def start(self, ctx):  # type: ignore[no-untyped-def]
+            raise tent.ConfigError("no such device: nic9")
+
+    with pytest.raises(tent.ConfigError, match="nic9"):  # not wrapped in an ExceptionGroup
+        async with tent.Engine(backend=Failing()):
+            pass
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    for bad in (float("inf"), float("nan"), "infGB/s"):
+        with pytest.raises(ValueError, match="bandwidth"):
+            tent.RailSpec(name="a", bandwidth=bad)
+    with pytest.raises(ValueError, match="size"):
+        tent.parse_size(float("inf"))
+    with pytest.raises(ValueError, match="duration"):
+        tent.parse_duration(float("nan"))
+
+
+async def test_numpy_integers_slice_and_booleans_do_not() -> None:
+    async with tent.Engine() as engine:
+        seg = engine.register(bytearray(100))
+        view = seg[np.int64(10) : np.int32(20)]
+        assert (view.offset, view.length) == (10, 10)
+        with pytest.raises(TypeError, match="booleans"):
+            seg[True:5]
+        with pytest.raises(TypeError, match="integers"):
+            seg[1.5:5]  # type: ignore[misc]

@@ -85,6 +85,8 @@ class PlannerMachine(RuleBasedStateMachine):
             else:
                 self._on_finished(d)
         self._check_new_failures()
+        wake = self.planner.next_wakeup()
+        assert wake is None or wake > self.now, f"next_wakeup {wake} is not after now {self.now}: the driver would spin"
 
     def _on_finished(self, fin: Finished) -> None:
         tid = fin.transfer_id
@@ -196,6 +198,24 @@ class PlannerMachine(RuleBasedStateMachine):
                     self.charged[a.transfer_id].add(rail)
             self.planner.rail_down(rail, self.now, "link down")
             self._poll()
+
+    def teardown(self) -> None:
+        """Liveness: once the backend answers everything and time moves on, every transfer ends."""
+        if not hasattr(self, "planner"):
+            return
+        for _ in range(200):
+            if not self.planner.transfers():
+                return
+            for aid, a in sorted(self.outstanding.items()):
+                del self.outstanding[aid]
+                if a.state is AttemptState.LIVE:
+                    self.acked[a.transfer_id].append((a.piece, a.offset, a.length))
+                    self.planner.complete(aid, self.now)
+                else:
+                    self.planner.withdrawn(aid, self.now)
+            self.now += 0.5
+            self._poll()
+        raise AssertionError(f"transfers never ended: {[t.id for t in self.planner.transfers()]}")
 
     # -------------------------------------------------------------- invariants
 

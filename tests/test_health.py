@@ -30,11 +30,21 @@ def test_k_failures_in_the_window_quarantine() -> None:
     assert h.quarantine_until == 0.9 + 0.1
 
 
-def test_failures_outside_the_window_do_not_add_up() -> None:
+def test_failures_outside_the_window_with_successes_between_do_not_add_up() -> None:
     h = make()
     h.on_failure(0.0)
+    h.on_success(0.2)
     h.on_failure(0.5)
-    assert h.on_failure(1.6) is Health.SUSPECT  # the first two aged out
+    h.on_success(0.7)
+    assert h.on_failure(1.6) is Health.SUSPECT  # the first two aged out, and it worked between
+
+
+def test_failures_in_a_row_quarantine_however_far_apart() -> None:
+    # e.g. a stalled rail whose withdrawals take long to confirm: one miss every 0.6 s
+    h = make()
+    h.on_failure(0.0)
+    h.on_failure(0.6)
+    assert h.on_failure(1.2) is Health.QUARANTINED
 
 
 def test_rail_down_quarantines_at_once() -> None:

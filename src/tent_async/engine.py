@@ -290,7 +290,7 @@ class Engine:
         self._subscriptions: set[EventSubscription] = set()
         self._listeners: list[Callable[[RailEvent], None]] = []
         self._notifications: collections.deque[Notification] = collections.deque()
-        self._notify_wakeup: asyncio.Event | None = None
+        self._notify_waiters: set[asyncio.Event] = set()
         self._notify_for: dict[int, str] = {}
         self._seg_ids = itertools.count(1)
         self._state = "new"  # new -> running -> closing -> closed
@@ -316,10 +316,12 @@ class Engine:
         try:
             await self._backend.start(_Context(self))
             self._planner = Planner(self._backend.rail_infos(), self.config, self.policy)
-        except BaseException as exc:
+        except BaseException:
+            # Close the task group as if nothing happened, so the start-up error comes out
+            # as itself (a ConfigError, say), not wrapped in an exception group.
             self._state = "closed"
             self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._tg.__aexit__(None, None, None)
             raise
         self._state = "running"
         return self
@@ -355,8 +357,7 @@ class Engine:
         self._segments.clear()
         for sub in list(self._subscriptions):
             sub.close()
-        if self._notify_wakeup is not None:
-            self._notify_wakeup.set()
+        self._wake_notification_waiters()
 
     def _require_running(self) -> Planner:
         if self._state != "running" or self._planner is None:
@@ -617,19 +618,29 @@ class Engine:
         return remove
 
     async def notifications(self) -> AsyncIterator[Notification]:
-        """Messages attached to transfers into this engine's segments, each after its data landed."""
+        """Messages attached to transfers into this engine's segments, each after its data landed.
+
+        Several consumers share one queue: each notification goes to one of them.
+        """
         while True:
             while self._notifications:
                 yield self._notifications.popleft()
             if self._state == "closed":
                 return
-            self._notify_wakeup = asyncio.Event()
-            await self._notify_wakeup.wait()
+            wakeup = asyncio.Event()
+            self._notify_waiters.add(wakeup)
+            try:
+                await wakeup.wait()
+            finally:
+                self._notify_waiters.discard(wakeup)
 
     def _deliver_notification(self, note: Notification) -> None:
         self._notifications.append(note)
-        if self._notify_wakeup is not None:
-            self._notify_wakeup.set()
+        self._wake_notification_waiters()
+
+    def _wake_notification_waiters(self) -> None:
+        for wakeup in list(self._notify_waiters):
+            wakeup.set()
 
     # ================================================================ pump
 
@@ -661,10 +672,27 @@ class Engine:
             self._pumping = False
 
     def _crash(self, exc: Exception) -> None:
-        """Fail every open transfer with the internal error, so that no caller waits forever."""
+        """Fail every open transfer with the internal error, so that no caller waits forever.
+
+        Every attempt still out is asked to stop (best effort: the backend may be what
+        failed), and the segments are released, so the application can clean up.
+        """
         self._state = "closing"
+        planner = self._planner
+        if planner is not None:
+            for attempt in planner.attempts():
+                try:
+                    self._backend.withdraw(attempt)
+                except Exception:
+                    logger.debug("withdrawing attempt %d after a crash failed", attempt.id, exc_info=True)
         for handle in list(self._handles.values()):
-            error = TransferError(f"engine {self.name!r} failed internally: {exc!r}; please report this")
+            for seg in handle._segments:
+                if isinstance(seg, Segment):
+                    seg._busy -= 1
+            error = TransferError(
+                f"engine {self.name!r} failed internally: {exc!r}; please report this. "
+                "Slices already handed to the backend were asked to stop, but may still land"
+            )
             error.__cause__ = exc
             handle._settle(TransferStatus.FAILED, None, error)
         self._handles.clear()

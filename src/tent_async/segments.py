@@ -12,6 +12,7 @@ the same way.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Literal
 
 import attrs
@@ -30,10 +31,14 @@ def _resolve(key: Any, size: int, what: str) -> tuple[int, int]:
         raise TypeError(f"index {what} with a slice such as [0:4096] to get a view; got {type(key).__name__} {key!r}")
     if key.step not in (None, 1):
         raise OutOfBoundsError(f"views of {what} must be contiguous; step {key.step} is not supported")
-    start = 0 if key.start is None else key.start
-    stop = size if key.stop is None else key.stop
-    if not isinstance(start, int) or not isinstance(stop, int):
-        raise TypeError(f"slice bounds of {what} must be integers, got {key.start!r}:{key.stop!r}")
+    try:
+        # operator.index accepts numpy integers, which index arithmetic often produces.
+        start = 0 if key.start is None else operator.index(key.start)
+        stop = size if key.stop is None else operator.index(key.stop)
+    except TypeError:
+        raise TypeError(f"slice bounds of {what} must be integers, got {key.start!r}:{key.stop!r}") from None
+    if isinstance(key.start, bool) or isinstance(key.stop, bool):
+        raise TypeError(f"slice bounds of {what} must be integers, not booleans: {key.start!r}:{key.stop!r}")
     if start < 0:
         start += size
     if stop < 0:

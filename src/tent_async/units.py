@@ -10,6 +10,7 @@ bit; ``K/M/G/T`` are powers of 1000 and ``Ki/Mi/Gi/Ti`` powers of 1024.
 
 from __future__ import annotations
 
+import math
 import re
 
 _PREFIX = {
@@ -57,8 +58,8 @@ def parse_size(value: int | float | str) -> int:
         number = float(m.group(1)) * _norm_prefix(m.group(2))
     else:
         raise ValueError(f"size must be a number of bytes or a string like '64MiB', got {type(value).__name__}")
-    if number < 0:
-        raise ValueError(f"size must not be negative, got {value!r}")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"size must be a finite, non-negative number of bytes, got {value!r}")
     return round(number)
 
 
@@ -83,8 +84,8 @@ def parse_bandwidth(value: int | float | str) -> float:
         rate = float(m.group(1)) * _norm_prefix(m.group(2)) / (8.0 if bits else 1.0)
     else:
         raise ValueError(f"bandwidth must be bytes/s or a string like '2GB/s', got {type(value).__name__}")
-    if not rate > 0:
-        raise ValueError(f"bandwidth must be positive, got {value!r}")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"bandwidth must be positive and finite, got {value!r}")
     return rate
 
 
@@ -101,8 +102,8 @@ def parse_duration(value: int | float | str) -> float:
         seconds = float(m.group(1)) * _TIME_UNIT[m.group(2)]
     else:
         raise ValueError(f"duration must be seconds or a string like '5us', got {type(value).__name__}")
-    if seconds < 0:
-        raise ValueError(f"duration must not be negative, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration must be finite and not negative, got {value!r}")
     return seconds
 
 

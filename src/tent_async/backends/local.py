@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar
 
+import anyio
+
 from ..core import Attempt
 from ..errors import ConfigError, SegmentError, TentError
 from ..memory import copy_bytes
@@ -141,10 +143,15 @@ class LocalBackend(Backend):
             worker.start()
 
     async def aclose(self) -> None:
-        for worker in self._workers.values():
+        workers = list(self._workers.values())
+        for worker in workers:
             worker.queue.put(None)
-        for worker in self._workers.values():
-            worker.join(timeout=5.0)
+
+        def join_all() -> None:
+            for worker in workers:
+                worker.join(timeout=5.0)
+
+        await anyio.to_thread.run_sync(join_all)  # never block the event loop on a busy copy
         self._workers.clear()
 
     # --------------------------------------------------------- data movement

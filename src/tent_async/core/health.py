@@ -9,8 +9,8 @@ call passes ``now``.
   slice, of at most ``min_slice`` bytes, until ``recover_after`` successes in
   a row bring it back.
 * **quarantined**: after ``quarantine_after`` failures within
-  ``failure_window``, a failure while probing, or a backend saying the rail is
-  down.  Carries nothing until the back-off expires; the back-off doubles on
+  ``failure_window`` or in a row (no success between them), a failure while
+  probing, or a backend saying the rail is down.  Carries nothing until the back-off expires; the back-off doubles on
   each quarantine up to a cap.
 * **probing**: after the back-off; carries one small probe slice at a time.
   A probe that succeeds makes the rail healthy; one that fails sends it back
@@ -44,6 +44,7 @@ class RailHealth:
     __slots__ = (
         "_clean_since",
         "_config",
+        "_consecutive",
         "_failures",
         "_successes",
         "level",
@@ -59,6 +60,7 @@ class RailHealth:
         self.quarantine_until = 0.0
         self.quarantines = 0
         self._failures: deque[float] = deque()
+        self._consecutive = 0  # failures since the last success, however far apart
         self._successes = 0
         self._clean_since = 0.0
 
@@ -80,10 +82,18 @@ class RailHealth:
         cfg = self._config
         self._forgive(now)
         self._successes = 0
+        self._consecutive += 1
         self._failures.append(now)
         while self._failures and self._failures[0] < now - cfg.failure_window:
             self._failures.popleft()
-        if rail_down or self.state is Health.PROBING or len(self._failures) >= cfg.quarantine_after:
+        # K failures close together, or K in a row with no success between them (a rail
+        # whose failures are spread out, e.g. slow-to-confirm stalls, is just as broken).
+        if (
+            rail_down
+            or self.state is Health.PROBING
+            or len(self._failures) >= cfg.quarantine_after
+            or self._consecutive >= cfg.quarantine_after
+        ):
             self._quarantine(now)
         elif self.state is Health.HEALTHY:
             self.state = Health.SUSPECT
@@ -91,6 +101,7 @@ class RailHealth:
 
     def on_success(self, now: float) -> Health:
         """Record a completed slice; returns the new state."""
+        self._consecutive = 0
         if self.state is Health.PROBING:
             self.state = Health.HEALTHY
             self._failures.clear()
@@ -118,6 +129,7 @@ class RailHealth:
         self.level += 1
         self.quarantines += 1
         self._failures.clear()
+        self._consecutive = 0
         self._clean_since = float("inf")
 
     def _forgive(self, now: float) -> None:

@@ -276,7 +276,9 @@ class Planner:
             if rail.health.state is Health.QUARANTINED:
                 times.append(rail.health.quarantine_until)
         for t in self._stalled:
-            if t.stalled_since is not None:
+            # Only while bytes wait: with all of them out on a probe, the probe's own
+            # deadline is what wakes the planner.
+            if t.stalled_since is not None and t.pending:
                 times.append(t.stalled_since + self.config.no_rail_wait)
         if self._active and self.policy.probes_idle_rails:
             for rail in self.rails:
@@ -460,6 +462,8 @@ class Planner:
         t.phase = phase
         t.error = error
         t.pending.clear()
+        t.stalled_since = None
+        self._stalled.discard(t)
         for aid in list(t.live):
             a = self._attempts[aid]
             if a.state is _LIVE:
@@ -513,11 +517,14 @@ class Planner:
                 continue
             choice = choose(t, now)
             if choice is None:
+                if t.stalled_since is not None:  # a rail is usable again, only busy
+                    t.stalled_since = None
+                    self._stalled.discard(t)
                 active.rotate(-1)
                 misses += 1
                 continue
             if choice is NO_RAIL:
-                if self._waiting_for_probe(t) or self._waiting_for_quarantine(t, now):
+                if self._waiting_for_rail(t, now):
                     active.rotate(-1)
                     misses += 1
                 else:
@@ -531,9 +538,6 @@ class Planner:
                 # is really stalled holds little data hostage until its quarantine.
                 size = cut(self._suspect_slice, t.pending[0].length, 0.0)
             self._post(t, rail, size, now, probe=False)
-            if t.stalled_since is not None:
-                t.stalled_since = None
-                self._stalled.discard(t)
             if t.pending:
                 active.rotate(-1)
             else:
@@ -582,6 +586,9 @@ class Planner:
             other.overlapped = True
         rail.add(a)
         rail.last_activity = now
+        if t.stalled_since is not None and not probe:  # a rail took bytes: the wait is over
+            t.stalled_since = None  # (a probe does not end it: it may stall like the rail did)
+            self._stalled.discard(t)
         if probe:
             rail.probes_total += 1
         self._attempts[aid] = a
@@ -626,12 +633,20 @@ class Planner:
             else:
                 rail.probe_checked = now  # nothing to probe with: look again one interval later
 
-    def _waiting_for_quarantine(self, t: TransferState, now: float) -> bool:
-        """Every rail of ``t`` is out: wait (at most ``no_rail_wait``) if one will be probed again."""
+    def _waiting_for_rail(self, t: TransferState, now: float) -> bool:
+        """No rail of ``t`` can take its next bytes now: wait for one, at most ``no_rail_wait``.
+
+        Worth waiting for: a rail that is quarantined (it will be probed) or
+        probing, and that the bytes have not exhausted their retries on.  The
+        wait is bounded from the first moment the transfer had no rail, so a
+        rail whose probes keep failing (or are never confirmed withdrawn)
+        cannot keep a transfer open forever.
+        """
         history = t.pending[0].history if t.pending else None
         limit = self.config.max_attempts_per_rail
         coming_back = any(
-            r.health.state is Health.QUARANTINED and (history is None or history.get(r.index, 0) < limit)
+            (r.health.state is Health.QUARANTINED or r.health.state is Health.PROBING)
+            and (history is None or history.get(r.index, 0) < limit)
             for r in t.rails
         )
         if not coming_back:
@@ -639,11 +654,8 @@ class Planner:
         if t.stalled_since is None:
             t.stalled_since = now
             self._stalled.add(t)
-        return now - t.stalled_since < self.config.no_rail_wait
-
-    def _waiting_for_probe(self, t: TransferState) -> bool:
-        """Is some rail of ``t`` probing (so the transfer should wait, not fail)?"""
-        return any(r.health.state is Health.PROBING and self._probe_target(t, r) for r in t.rails)
+        # The same expression as next_wakeup(), so the wakeup at that instant ends the wait.
+        return now < t.stalled_since + self.config.no_rail_wait
 
     def _no_rail(self, t: TransferState, now: float) -> None:
         errors = {r.name: (r.last_error or r.health.state.value) for r in t.rails}
