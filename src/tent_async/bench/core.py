@@ -62,7 +62,8 @@ def measure(policy: str, rails: int, slices: int) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     console = Console()
     table = Table(title=f"sans-IO core, {args.rails} rails: cost per slice (target: dispatch <= {TARGET_US} us)")
-    for col in ("policy", "dispatch (poll + next_wakeup) us/slice", "complete us/slice", "total us/slice", "decisions/s"):
+    columns = ("policy", "dispatch (poll + next_wakeup) us/slice", "complete us/slice", "total us/slice", "decisions/s")
+    for col in columns:
         table.add_column(col, justify="right")
     worst = 0.0
     for policy in args.policies.split(","):
