@@ -71,7 +71,7 @@ class Channel:
             return
         data = np.frombuffer(pack_data(msg), dtype=np.uint8)
         try:
-            req = self.ep.tag_send(self._ucx.Array(data), self._ucx.L.UCXXTag(tag))
+            req = self.tag_send(data, tag)
         except self._ucx.UCXError as exc:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
@@ -90,17 +90,22 @@ class Channel:
 
         req.future.add_done_callback(done)
 
+    def _endpoint(self) -> Any:
+        if self.ep is None:
+            raise self._ucx.CanceledError(f"{self.label}: the endpoint is closed ({self.close_reason})")
+        return self.ep
+
     def tag_send(self, array: Any, tag: int) -> Any:
         """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request."""
-        return self.ep.tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
+        return self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
 
     def tag_recv(self, array: Any, tag: int) -> Any:
         """Post a tagged receive into ``array`` (matched per worker, cancelled if the endpoint closes)."""
-        return self.ep.tag_recv(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
+        return self._endpoint().tag_recv(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
 
     def recv_with_handle(self, array: Any, probe: Any) -> Any:
         """Receive a message the sweeper took out of the unexpected queue, into ``array``."""
-        return self.ep.tag_recv_with_handle(self._ucx.Array(array), probe)
+        return self._endpoint().tag_recv_with_handle(self._ucx.Array(array), probe)
 
     def recv_message(self, buffer: np.ndarray, tag: int, then: ReceiveHandler) -> Any:
         """Post a bounded receive for one control message; ``then(message, error)`` once it arrived.
@@ -143,7 +148,7 @@ class Channel:
     def _reason(self) -> str:
         detail = "endpoint closed"
         try:
-            self.ep.raise_on_error()
+            self._endpoint().raise_on_error()
         except Exception as exc:  # the endpoint's own error says more than "Request canceled"
             detail = _ucxx.describe_error(exc)
         return f"{self.label}: {detail}"
@@ -176,5 +181,9 @@ class Channel:
             ep.close_blocking(10**9, 1)
         except Exception:  # pragma: no cover - best effort: the endpoint may be dead already
             logger.debug("%s: close_blocking failed", self.label, exc_info=True)
+        # Our last reference: the endpoint holds its worker (and the worker its descriptors and
+        # sockets) until every reference is gone, and a channel can sit in a reference cycle
+        # until the garbage collector runs.  Requests still completing hold their own.
+        self.ep = None
         self.rail.channels.discard(self)
         self._on_close(self, reason)
