@@ -54,6 +54,15 @@ async def main(config: dict[str, Any]) -> None:
             serve(self, link, msg)
 
         server.Server.serve = short_serve  # type: ignore[method-assign]
+    if config.get("slow_headers"):  # tests: headers dispatched late, so WRITE bytes overtake them
+        from tent_async.backends.ucx import server as srv
+
+        on_header = srv.ServerLink._on_header
+
+        def slow_header(self: Any, slot: int, msg: Any, error: Any) -> None:
+            asyncio.get_running_loop().call_later(0.05, on_header, self, slot, msg, error)
+
+        srv.ServerLink._on_header = slow_header  # type: ignore[method-assign]
     notes: list[dict[str, Any]] = []
     async with tent.Engine(
         backend="ucx",

@@ -7,6 +7,7 @@ attack runs.  See docs/ucx.md, "Threat model".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -290,3 +291,36 @@ async def test_descriptors_and_threads_stay_flat_across_connect_close_cycles(spa
     assert len(os.listdir("/proc/self/fd")) - fds <= 2
     assert threading.active_count() == threads
     assert server.cmd(cmd="fds")["fds"] - server_fds <= 2
+
+
+async def test_write_bytes_that_overtake_their_header_are_kept_for_it(spawn_peer: Any) -> None:
+    """The sweeper finds a WRITE's bytes before their header was dispatched: kept, then received."""
+    server = spawn_peer(
+        name="slow",
+        slow_headers=True,
+        rails=RAILS[:1],
+        segments=[{"name": "kv", "size": 4 * MiB, "seed": 1}, {"name": "ro", "size": MiB, "permission": "r"}],
+    )
+    # Every header waits 50 ms on the peer: deadlines that allow for it.
+    config = tent.SchedulerConfig(target_slice_time=4e-3, window=3, deadline_floor=1.0)
+    rails = [tent.RailSpec(**RAILS[0])]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, config=config) as engine:
+        with anyio.fail_after(30):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+            ro = await peer.segment("ro")
+        data = np.random.default_rng(7).integers(0, 256, 4 * MiB, dtype=np.uint8)
+        src = engine.register(data, name="src")
+        with anyio.fail_after(30):
+            await engine.transfer(src[:], kv[:])
+        digest = server.cmd(cmd="digest", segment="kv")["digest"]
+        assert digest == hashlib.sha256(data.tobytes()).hexdigest()
+        # A refused WRITE whose bytes came early: dropped, nothing written, the link lives on.
+        forged = tent.RemoteSegment(peer, "ro", ro.size, "host", "rw", ro.sid)
+        with anyio.fail_after(30), pytest.raises(tent.RemoteAccessError, match="read-only"):
+            await engine.transfer(src[:MiB], forged[:])
+        with anyio.fail_after(30):
+            await engine.transfer(src[:MiB], kv[:MiB])
+        stats = server.cmd(cmd="stats")["stats"]
+        assert stats.get("early_writes", 0) >= 1, stats
+        assert stats.get("protocol_errors", 0) == 0, stats

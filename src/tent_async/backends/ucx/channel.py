@@ -69,9 +69,9 @@ class Channel:
         """Send one control message with ``tag``; its bytes stay referenced until the send completes."""
         if self.closed:
             return
-        data = np.frombuffer(pack_data(msg), dtype=np.uint8)
+        data = pack_data(msg)  # bytes: ucxx sends from any buffer, and these stay referenced below
         try:
-            req = self.tag_send(data, tag)
+            req = self._endpoint().tag_send(self._ucx.Array(data), self._ucx.L.UCXXTag(tag))
         except self._ucx.UCXError as exc:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
@@ -113,13 +113,14 @@ class Channel:
         ``error`` is :class:`MessageTruncated` for a message larger than
         ``buffer``, a :class:`~tent_async.errors.ProtocolError` for one that
         does not decode, or the UCX error (cancelled: the endpoint closed).
-        The buffer is cleared after decoding, ready to be posted again.
-        Returns the request (held here until it completes).
+        The buffer is all zeros again when ``then`` runs, ready to be posted
+        again.  Returns the request (held here until it completes).
         """
         req = self.tag_recv(buffer, tag)
 
         def done(error: BaseException | None) -> None:
             if error is not None:
+                buffer[:] = 0  # a truncated message may have left its first bytes
                 if isinstance(error, self._ucx.L.UCXMessageTruncatedError):
                     error = MessageTruncated(
                         f"{self.label}: a control message larger than the {len(buffer)}-byte receive posted for it"

@@ -160,6 +160,7 @@ class Link:
         self.ns = 0  # our namespace: the peer's replies and READ bytes
         self.peer_ns = 0  # the peer's namespace: our headers and WRITE bytes
         self.free_slots: list[int] = []
+        self._buffers: list[np.ndarray] = []  # reply receive buffers to reuse (all zeros)
         self.waiting: collections.deque[_Op] = collections.deque()  # not sent: no link yet, or no free slot
         self.ops: dict[int, _Op] = {}
         self.last_done = 0.0
@@ -323,7 +324,6 @@ class Link:
         op.sent = True
         op.channel = ch
         a = op.attempt
-        room = REPLY_ROOM + 4
         header: Message
         if a is None:
             header = Bind(request=op.request)
@@ -336,11 +336,10 @@ class Link:
         else:
             remote: RemoteSegment = a.src  # type: ignore[assignment]
             header = SliceRequest(Op.READ, a.id, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline)
-            if op.inline:
-                room += a.length
         reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
+        buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
         try:
-            ch.recv_message(np.zeros(room, dtype=np.uint8), reply_tag, self._reply_done(op))
+            ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
             op.pending += 1
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
@@ -365,8 +364,15 @@ class Link:
                 op.error = f"rail {self.name}: {_ucxx.describe_error(exc)}"
             ch.abort(op.error)  # the endpoint is unusable: tear the link down
 
-    def _reply_done(self, op: _Op) -> Any:
+    @property
+    def reply_room(self) -> int:
+        """Bytes of a reply receive: any reply, DATA with an inline payload included."""
+        return 4 + REPLY_ROOM + self.peer.inline_limit
+
+    def _reply_done(self, op: _Op, buffer: np.ndarray) -> Any:
         def done(msg: Message | None, error: BaseException | None) -> None:
+            if len(self._buffers) < self.peer.slots:
+                self._buffers.append(buffer)  # cleared by recv_message
             op.pending -= 1
             if error is not None:
                 if isinstance(error, ProtocolError):

@@ -173,6 +173,7 @@ class ServerLink:
         if kind == KIND_DATA and len(self.stash) < len(self.slots) and index not in self.stash:
             # A WRITE's bytes overtook their header (still being dispatched): keep them for it.
             self.stash[index] = (probe, length, asyncio.get_running_loop().time())
+            self.server.backend.stats["early_writes"] += 1
             if self._stash_timer is None:
                 self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL, self._expire_stash)
             return True
