@@ -5,7 +5,8 @@
 Prints ``{"address": ...}`` once listening, then answers one JSON command per
 line: ``digest`` (sha256 of a segment range), ``read`` (hex of a range),
 ``fill`` (reset a segment from its seed), ``notes`` (notifications so far),
-``stats`` (the backend's counters), ``unregister``/``register``, ``quit``.
+``stats`` (the backend's counters), ``fds`` (open descriptors), ``unregister``/``register``,
+``quit``.
 It runs in a fresh interpreter (never forked from a process that uses UCX).
 """
 
@@ -39,6 +40,29 @@ async def main(config: dict[str, Any]) -> None:
 
         backend.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
         server.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
+    if config.get("short_reads"):  # tests: a peer that answers large READs with half the bytes (and says so)
+        import attrs
+
+        from tent_async.backends.ucx import server
+        from tent_async.backends.ucx.protocol import Op
+
+        serve = server.Server.serve
+
+        def short_serve(self: Any, link: Any, msg: Any) -> None:
+            if msg.op is Op.READ and not msg.inline:
+                msg = attrs.evolve(msg, length=msg.length // 2)
+            serve(self, link, msg)
+
+        server.Server.serve = short_serve  # type: ignore[method-assign]
+    if config.get("slow_headers"):  # tests: headers dispatched late, so WRITE bytes overtake them
+        from tent_async.backends.ucx import server as srv
+
+        on_header = srv.ServerLink._on_header
+
+        def slow_header(self: Any, slot: int, msg: Any, error: Any) -> None:
+            asyncio.get_running_loop().call_later(0.05, on_header, self, slot, msg, error)
+
+        srv.ServerLink._on_header = slow_header  # type: ignore[method-assign]
     notes: list[dict[str, Any]] = []
     async with tent.Engine(
         backend="ucx",
@@ -91,6 +115,10 @@ async def main(config: dict[str, Any]) -> None:
                     out["notes"] = notes
                 elif op == "stats":
                     out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
+                elif op == "fds":
+                    import os
+
+                    out["fds"] = len(os.listdir("/proc/self/fd"))
                 elif op == "unregister":
                     engine.unregister(cmd["segment"])
                 elif op == "register":

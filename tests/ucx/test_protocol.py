@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,9 +25,9 @@ rails = st.builds(
     kind=st.sampled_from(p.RAIL_KINDS),
     device=names,
     ip=st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t))),
-    port=st.integers(1, 65535),
     bandwidth=st.floats(1.0, 1e12),
     prefix=st.integers(0, 32),
+    address=st.binary(max_size=200),
 )
 segments = st.builds(
     p.SegmentAd,
@@ -38,7 +39,7 @@ segments = st.builds(
 )
 nonce = st.binary(min_size=p.NONCE_BYTES, max_size=p.NONCE_BYTES)
 auth = st.one_of(st.just(b""), st.binary(min_size=p.MAC_BYTES, max_size=p.MAC_BYTES))
-token = st.binary(min_size=p.TOKEN_BYTES, max_size=p.TOKEN_BYTES)
+namespaces = st.integers(1, p.MAX_NAMESPACE)
 messages = st.one_of(
     st.builds(p.Challenge, version=st.just(p.PROTOCOL_VERSION), nonce=nonce),
     st.builds(
@@ -55,19 +56,23 @@ messages = st.one_of(
         version=st.just(p.PROTOCOL_VERSION),
         name=names,
         host_id=st.text(min_size=1, max_size=64),
-        conn_id=st.integers(1, p.MAX_NAMESPACE),
-        token=token,
+        conn_id=st.integers(1, p.MAX_CONN_ID),
         rails=st.lists(rails, max_size=4).map(tuple),
         catalogue=st.lists(segments, max_size=4).map(tuple),
         auth=auth,
+        slots=st.integers(1, p.MAX_SLOTS),
+        inline_limit=st.integers(0, p.MAX_INLINE),
     ),
     st.builds(p.Refused, reason=st.text(max_size=100)),
     st.builds(p.Lookup, name=names),
     st.builds(p.LookedUp, name=names, segment=st.one_of(st.none(), segments)),
     st.builds(p.Notify, message=st.text(max_size=200)),
     st.builds(p.Bye, reason=st.text(max_size=50)),
-    st.builds(p.Bind, conn_id=st.integers(1, p.MAX_NAMESPACE), token=token, rail=names),
-    st.builds(p.Bound, rail=names),
+    st.builds(p.Link, link_id=u64, rail=names, address=st.binary(max_size=200), namespace=namespaces),
+    st.builds(p.Linked, link_id=u64, namespace=namespaces),
+    st.builds(p.Unlink, link_id=u64, reason=st.text(max_size=50)),
+    st.builds(p.Bind, request=u64),
+    st.builds(p.Bound, request=u64),
     st.builds(
         p.SliceRequest,
         op=st.just(p.Op.WRITE),
@@ -76,7 +81,6 @@ messages = st.one_of(
         sid=u64,
         offset=u64,
         length=st.just(5),
-        tag=u64,
         payload=st.one_of(st.none(), st.binary(min_size=5, max_size=5)),
     ),
     st.builds(
@@ -87,18 +91,46 @@ messages = st.one_of(
         sid=u64,
         offset=u64,
         length=u64,
-        tag=u64,
         inline=st.booleans(),
     ),
     st.builds(p.Ack, request=u64),
     st.builds(p.Error, request=u64, reason=st.text(max_size=100)),
     st.builds(p.Data, request=u64, payload=st.binary(max_size=100)),
+    st.builds(p.Sent, request=u64, length=u64),
 )
 
 
 @given(messages)
 def test_every_message_round_trips(msg: p.Message) -> None:
     assert p.decode(p.encode(msg)) == msg
+
+
+@given(messages, st.integers(0, 64))
+def test_data_plane_framing_round_trips_in_a_larger_buffer(msg: p.Message, spare: int) -> None:
+    data = p.pack_data(msg)
+    buf = np.zeros(len(data) + spare, dtype=np.uint8)
+    buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    got, used = p.unpack_data(buf)
+    assert got == msg and used == len(data)
+
+
+@given(st.binary(max_size=64), st.integers(0, 64))
+def test_data_plane_framing_refuses_what_does_not_fit(data: bytes, spare: int) -> None:
+    buf = np.zeros(len(data) + spare, dtype=np.uint8)
+    buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    with contextlib.suppress(ProtocolError):
+        p.unpack_data(buf)
+
+
+def test_data_plane_framing_specific_refusals() -> None:
+    with pytest.raises(ProtocolError, match="announces"):
+        p.unpack_data(np.frombuffer((100).to_bytes(4, "little") + b"x" * 10, dtype=np.uint8))
+    with pytest.raises(ProtocolError, match="announces"):
+        p.unpack_data(np.zeros(16, dtype=np.uint8))  # nothing arrived: length 0
+    with pytest.raises(ProtocolError, match="cannot hold"):
+        p.unpack_data(np.zeros(2, dtype=np.uint8))
+    assert len(p.clip_reason("é" * 2000).encode()) <= p.MAX_DATA_REASON
+    assert p.clip_reason("short") == "short"
 
 
 @given(st.binary(max_size=300))
@@ -144,19 +176,27 @@ def test_specific_refusals() -> None:
         p.decode(msgpack.packb([int(p.Op.CHALLENGE), p.MAGIC, 7, b"x" * 32]))
     assert info.value.version == 7
     with pytest.raises(ProtocolError, match="carries"):
-        p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, 0, b"abc"], use_bin_type=True))
+        p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, b"abc"], use_bin_type=True))
     with pytest.raises(ProtocolError, match="integer"):
         p.decode(msgpack.packb([int(p.Op.ACK), True]))
     with pytest.raises(ProtocolError, match="outside"):
         p.decode(msgpack.packb([int(p.Op.ACK), -1]))
     with pytest.raises(ProtocolError, match="limit"):
         frame_length((p.MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match="limit"):
+        frame_length((p.MAX_HELLO_FRAME + 1).to_bytes(4, "big"), p.MAX_HELLO_FRAME)
+    with pytest.raises(ProtocolError, match="outside"):
+        p.decode(msgpack.packb([int(p.Op.LINK), 1, "lo", b"addr", 0], use_bin_type=True))  # namespace 0
+    with pytest.raises(ProtocolError, match="limit"):
+        p.decode(msgpack.packb([int(p.Op.LINK), 1, "lo", b"a" * (p.MAX_ADDRESS + 1), 5], use_bin_type=True))
 
 
-def test_tags_keep_namespaces_apart() -> None:
-    assert p.make_tag(1, 5) != p.make_tag(2, 5)
-    assert p.make_tag(3, 2**40 + 5) == p.make_tag(3, 5)  # request ids wrap inside their field
-    assert p.make_tag(p.MAX_NAMESPACE, p.TAG_REQUEST_MASK) == 2**64 - 1
+def test_tags_keep_namespaces_and_kinds_apart() -> None:
+    assert p.make_tag(1, p.KIND_CONTROL, 5) != p.make_tag(2, p.KIND_CONTROL, 5)
+    assert p.make_tag(1, p.KIND_CONTROL, 5) != p.make_tag(1, p.KIND_DATA, 5)
+    assert p.make_tag(3, p.KIND_DATA, 2**23 + 5) == p.make_tag(3, p.KIND_DATA, 5)  # indices wrap in their field
+    assert p.make_tag(p.MAX_NAMESPACE, p.KIND_DATA, p.TAG_INDEX_MASK) == 2**64 - 1
+    assert p.split_tag(p.make_tag(0xABCDE12345, p.KIND_DATA, 77)) == (0xABCDE12345, p.KIND_DATA, 77)
 
 
 def test_addresses_and_macs() -> None:

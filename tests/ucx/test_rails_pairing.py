@@ -20,7 +20,7 @@ def plan(name: str, kind: str, ip: str, prefix: int = 24, pair: str | None = Non
 
 
 def ad(name: str, kind: str, ip: str) -> RailAd:
-    return RailAd(name, kind, name, ip, 7000, 1e9, 24)
+    return RailAd(name, kind, name, ip, 1e9, 24, b"worker-address")
 
 
 def test_discovery_finds_shm_and_loopback_with_ucx_multirail_off() -> None:

@@ -4,10 +4,12 @@
     python -m tent_async.bench._ucx_peer engine '{"rail": "shm", "size": N}'
 
 ``raw``: one UCX context with the rail's settings (the same :class:`LocalRail`
-the backend uses), one listener, one endpoint; for each round it receives
-``count`` messages of ``bytes`` into a pre-posted receive and answers each with
-an 8-byte tagged ack.  ``engine``: a listening ucx engine with that one rail and
-one segment.  Both print ``{"port": ...}`` / ``{"address": ...}`` on stdout and
+the backend uses), one endpoint opened from the client's worker address (as
+the backend does: no listener); for each round it receives ``count`` messages
+of ``bytes`` into a pre-posted receive and answers each with an 8-byte tagged
+ack.  It prints ``{"address": <its worker address, hex>}`` and then reads the
+client's as one JSON line on stdin.  ``engine``: a listening ucx engine with
+that one rail and one segment; it prints ``{"address": "host:port"}``.  Both
 exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
 """
 
@@ -41,12 +43,11 @@ async def serve_raw(config: dict[str, Any]) -> None:
     ucx = _ucxx.load()
     loop = asyncio.get_running_loop()
     rail = LocalRail(plan_from_spec(rail_spec(config["rail"])), loop)
-    accepted: asyncio.Queue[Any] = asyncio.Queue()
-    port = rail.listen(lambda _rail, ep: accepted.put_nowait(ep))
-    print(json.dumps({"port": port}), flush=True)
+    print(json.dumps({"address": rail.address.hex()}), flush=True)
+    line = await loop.run_in_executor(None, sys.stdin.readline)
     stop = asyncio.ensure_future(_stdin_closed())
     try:
-        ep = await accepted.get()
+        ep = rail.connect(bytes.fromhex(json.loads(line)["address"]))
         buf = np.ones(config["size"], dtype=np.uint8)
         ack = np.zeros(8, dtype=np.uint8)
         tag = 0

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _peer(mode: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _peer(mode: str, config: dict[str, Any]) -> Iterator[tuple[dict[str, Any], subprocess.Popen[str]]]:
     """Start the far side in a fresh interpreter; stop it (kill if need be) on the way out."""
     proc = subprocess.Popen(
         [sys.executable, "-m", _PEER, mode, json.dumps(config)],
@@ -85,7 +85,7 @@ def _peer(mode: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the {mode} peer process exited early (code {proc.wait(10)})")
-        yield json.loads(line)
+        yield json.loads(line), proc
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
@@ -96,7 +96,9 @@ def _peer(mode: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
             proc.wait(5)
 
 
-async def _raw_client(rail: str, port: int, iters: int, lat_iters: int) -> tuple[list[float], list[float]]:
+async def _raw_client(
+    rail: str, proc: subprocess.Popen[str], address: bytes, iters: int, lat_iters: int
+) -> tuple[list[float], list[float]]:
     from ..backends.ucx import _ucxx
     from ..backends.ucx.rails import LocalRail, plan_from_spec
     from ._ucx_peer import ACK_TAG, rail_spec
@@ -105,7 +107,10 @@ async def _raw_client(rail: str, port: int, iters: int, lat_iters: int) -> tuple
     L = ucx.L
     local = LocalRail(plan_from_spec(rail_spec(rail)), asyncio.get_running_loop())
     try:
-        ep = local.connect("127.0.0.1", port)
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"address": local.address.hex()}) + "\n")  # the peer answers to this
+        proc.stdin.flush()
+        ep = local.connect(address)
         buf = np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8)
         ack = np.empty(8, dtype=np.uint8)
         tag = 0
@@ -130,8 +135,8 @@ async def _raw_client(rail: str, port: int, iters: int, lat_iters: int) -> tuple
 
 def _raw_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
     config = {"rail": rail, "size": SIZE, "rounds": [[SIZE, iters + 2], [SMALL, lat_iters + 50]]}
-    with _peer("raw", config) as hello:
-        big, small = asyncio.run(_raw_client(rail, hello["port"], iters, lat_iters))
+    with _peer("raw", config) as (hello, proc):
+        big, small = asyncio.run(_raw_client(rail, proc, bytes.fromhex(hello["address"]), iters, lat_iters))
     return {"bw": SIZE / statistics.median(big), "lat": statistics.median(small)}
 
 
@@ -192,7 +197,7 @@ async def _engine_client(rail: str, address: str, iters: int, lat_iters: int) ->
 
 
 def _engine_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
-    with _peer("engine", {"rail": rail, "size": SIZE}) as hello:
+    with _peer("engine", {"rail": rail, "size": SIZE}) as (hello, _proc):
         return asyncio.run(_engine_client(rail, hello["address"], iters, lat_iters))
 
 

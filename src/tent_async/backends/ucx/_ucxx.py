@@ -4,8 +4,11 @@
 ``os.environ`` (``UCX_MAX_RNDV_RAILS=1``, ``UCX_RNDV_THRESH=8192``, ...), so it
 happens only when a ucx backend starts, never at ``import tent_async``.
 Before the import, ``UCX_WARN_UNUSED_ENV_VARS=n`` silences the warning every
-UCX context would otherwise print about ucxx's own ``UCX_MEMTYPE_CACHE``; a
-value the user set explicitly is left alone.
+UCX context would otherwise print about ucxx's own ``UCX_MEMTYPE_CACHE``, and
+``UCX_LOG_LEVEL=error`` keeps UCX from printing a warning (with a backtrace)
+to stdout for every active-message or stream fragment that arrives at a
+worker without those features: anyone who reaches a UCX port could otherwise
+flood our stdout.  Values the user set explicitly are left alone.
 
 We use the Cython layer (``ucxx._lib.libucxx``) directly, not
 ``ApplicationContext``: only the first ``ApplicationContext`` of an event loop
@@ -33,6 +36,7 @@ def load() -> SimpleNamespace:
         if _loaded is not None:
             return _loaded
         os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        os.environ.setdefault("UCX_LOG_LEVEL", "error")
         try:
             import ucxx  # noqa: F401  (sets UCX_* defaults, loads libucx)
             import ucxx._lib.libucxx as libucxx

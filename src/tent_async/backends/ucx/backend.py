@@ -20,7 +20,10 @@ Options (``tent.Engine(backend="ucx", ...)``):
     Seconds a withdrawn slice may take to finish by itself before its rail's
     endpoint is closed to stop it (default 0.1).
 ``inline_limit``
-    Slices up to this many bytes travel inside the header (default 16 KiB).
+    Slices up to this many bytes travel inside the header (default 16 KiB, at
+    most 1 MiB).  A serving engine also accepts inline slices up to its own
+    limit only, and sizes the receives it posts for headers by it; two
+    engines use the smaller of their limits.
 ``max_request``
     Largest slice a peer may ask this engine to serve (default 1 GiB).
 ``host_id``
@@ -72,7 +75,17 @@ from .control import (
 )
 from .pairing import pair_rails
 from .peer import Link, Peer, RailLinkError
-from .protocol import NONCE_BYTES, PROTOCOL_VERSION, Challenge, Hello, RailAd, Refused, VersionMismatch, Welcome
+from .protocol import (
+    MAX_INLINE,
+    NONCE_BYTES,
+    PROTOCOL_VERSION,
+    Challenge,
+    Hello,
+    RailAd,
+    Refused,
+    VersionMismatch,
+    Welcome,
+)
 from .rails import LocalRail, RailPlan, host_id, resolve_plans
 from .server import Server
 
@@ -106,9 +119,10 @@ class UcxBackend(Backend):
         self.withdraw_grace = parse_duration(withdraw_grace)
         self.inline_limit = parse_size(inline_limit)
         self.max_request = parse_size(max_request)
-        self.drain_limit = min(self.max_request, 64 << 20)
         if self.connect_timeout <= 0 or self.handshake_timeout <= 0 or self.withdraw_grace < 0:
             raise ConfigError("timeouts must be positive and withdraw_grace not negative")
+        if not 0 <= self.inline_limit <= MAX_INLINE:
+            raise ConfigError(f"inline_limit must be between 0 and {MAX_INLINE} bytes, got {self.inline_limit}")
         self._host_id_override = host_id
         self.host_id = host_id or ""
         self._delayed = delayed_submission
@@ -164,11 +178,9 @@ class UcxBackend(Backend):
         loop = asyncio.get_running_loop()
         try:
             for plan in self.plans:
-                self.local_rails[plan.name] = LocalRail(plan, loop, delayed_submission=self._delayed)
+                self.local_rails[plan.name] = LocalRail(plan, loop, delayed_submission=self._delayed, stats=self.stats)
             if self._listen is not None:
                 self._server = Server(self)
-                for rail in self.local_rails.values():
-                    rail.listen(self._server.accept)
                 host, port = self._listen
                 real_port = await self._server.start(host, port)
                 self._address = f"{advertised_host(host, [p.ip for p in self.plans])}:{real_port}"
@@ -190,14 +202,20 @@ class UcxBackend(Backend):
             await self._server.aclose()
         for rail in self.local_rails.values():
             rail.close()
+        # Drop every reference to UCX objects, so that the workers and contexts (and their
+        # descriptors and sockets) are released now, not when the engine object is.
         self.local_rails.clear()
+        self.peers.clear()
+        self._links.clear()
+        self._server = None
 
     @property
     def address(self) -> str | None:
         return self._address
 
     def rail_ads(self) -> tuple[RailAd, ...]:
-        return tuple(rail.plan.advert(rail.port) for rail in self.local_rails.values() if rail.port)
+        """Our rails with their UCX worker addresses (sent only in WELCOME, after authentication)."""
+        return tuple(rail.plan.advert(rail.address) for rail in self.local_rails.values())
 
     # ================================================================ peers
 
@@ -224,8 +242,17 @@ class UcxBackend(Backend):
             await close_writer(writer)
             raise
         peer = Peer(self, address, welcome, reader, writer)
+        # The control reader runs from now on: links are set up over it (LINK -> LINKED).
+        self.ctx.spawn(self._run_peer, peer, name=f"tent-ucx-peer-{peer.name}")
+        try:
+            return await self._link_peer(peer, address, welcome, timeout)
+        except BaseException:
+            await peer.close()
+            raise
+
+    async def _link_peer(self, peer: Peer, address: str, welcome: Welcome, limit: float) -> Peer:
         same_host = welcome.host_id == self.host_id
-        pairs = pair_rails(self.plans, welcome.rails, same_host)
+        pairs = pair_rails(self.plans, [r for r in welcome.rails if r.address], same_host)
         if not pairs:
             await peer.close()
             raise PeerConnectError(
@@ -240,20 +267,22 @@ class UcxBackend(Backend):
             base, n = name, 2
             while name in self._links and not self._links[name].peer.closed:
                 name, n = f"{base}#{n}", n + 1
-            links.append(Link(peer, pair, self.local_rails[pair.local.name], name))
-        # Open every rail's endpoint now and wait until the peer accepted it: the first
-        # message of a connection pays UCX's wire-up (and, for shared memory, travels over
-        # TCP), which must not count against the first slice's deadline.  A rail that
-        # cannot be wired up is left out rather than quarantined at the first transfer.
+            link = Link(peer, pair, self.local_rails[pair.local.name], name)
+            peer.add_link(link)
+            links.append(link)
+        # Set every link up now and wait until the peer answered its BIND: the first message
+        # of a connection pays UCX's wire-up, which must not count against the first slice's
+        # deadline.  A rail that cannot be wired up is left out rather than quarantined at
+        # the first transfer.
         results = await asyncio.gather(
-            *(asyncio.wait_for(link.open(), timeout) for link in links), return_exceptions=True
+            *(asyncio.wait_for(link.open(), limit) for link in links), return_exceptions=True
         )
         for link, result in zip(links, results, strict=True):
             if isinstance(result, BaseException):
                 logger.warning(
                     "engine %r: rail %s to %r is not usable: %s", self.engine_name, link.name, peer.name, result
                 )
-                link.close(f"not usable: {result}")
+                link.close(f"not usable: {result}", tell=True)
                 continue
             peer.links[link.name] = link
             if link.name not in self._links:
@@ -272,7 +301,6 @@ class UcxBackend(Backend):
                 + "; ".join(f"{link.name}: {result}" for link, result in zip(links, results, strict=True))
             )
         self.peers.append(peer)
-        self.ctx.spawn(self._run_peer, peer, name=f"tent-ucx-peer-{peer.name}")
         logger.info("engine %r connected to %r at %s: rails %s", self.engine_name, peer.name, address, peer.rails)
         return peer
 
@@ -309,7 +337,7 @@ class UcxBackend(Backend):
                 version=PROTOCOL_VERSION,
                 name=name,
                 host_id=self.host_id,
-                rails=tuple(p.advert(self.local_rails[p.name].port or 1) for p in self.plans),
+                rails=tuple(p.advert() for p in self.plans),  # no worker addresses before authentication
                 nonce=nonce,
                 auth=auth,
             ),

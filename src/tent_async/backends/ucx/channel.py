@@ -6,20 +6,20 @@
 * Completions arrive as asyncio futures resolved by the rail's notifier
   thread; we attach done-callbacks instead of awaiting them, so no task exists
   per message or per slice.
-* Incoming active messages (headers and replies) are received one after
-  another; a message that does not decode is counted, logged, and closes the
-  endpoint — it never reaches the engine.
-* ucxx files a waiting active-message receive under the endpoint's raw UCX
-  handle, and a receive still waiting when its endpoint is closed stays filed
-  there.  UCX recycles endpoint memory, so the *next* endpoint given that
-  handle loses its first message to the dead one's receive (seen here: the
-  BIND of a second client vanished).  A channel closed by the peer is
-  therefore only *retired*: marked closed, its endpoint kept referenced and
-  never closed by us, so UCX cannot recycle the handle.  Only ``abort()``
-  (fencing a stuck rail, engine shutdown) really closes an endpoint.
+* Everything travels as *tagged* messages.  Receives are posted on the
+  endpoint (ucxx tracks them there), so closing the endpoint cancels them
+  along with its sends: ``abort()`` is the one way to stop everything of a
+  link at once, sends included.  Tags still match per worker, which is why
+  every tag carries the receiver's namespace for the link.
+* Control messages (:func:`~.protocol.pack_data`) are received into bounded
+  buffers: :meth:`recv_message` posts one and decodes what arrived.  A
+  message larger than the buffer fails the receive with a truncation error
+  (UCX drops it); the caller decides what a truncation means.
 * The endpoint's close callback (progress thread) is handed to the loop.
-  ``abort()`` closes the endpoint, which cancels every request on it within
-  milliseconds: the only way to stop a send once it has started.
+
+No channel is merely "retired" any more: without active messages there is no
+receive filed under a raw endpoint handle that a recycled handle could
+inherit, so closed endpoints are really closed and their resources released.
 """
 
 from __future__ import annotations
@@ -29,15 +29,21 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ...errors import ProtocolError
 from . import _ucxx
-from .protocol import Message, decode, encode
+from .protocol import Message, pack_data, unpack_data
 from .rails import LocalRail
 
 logger = logging.getLogger("tent_async.ucx")
 
-MessageHandler = Callable[["Channel", Message], None]
 CloseHandler = Callable[["Channel", str], None]
+ReceiveHandler = Callable[[Message | None, BaseException | None], None]
+
+
+class MessageTruncated(ProtocolError):
+    """A control message did not fit the bounded receive posted for it."""
 
 
 class Channel:
@@ -45,82 +51,27 @@ class Channel:
 
     _keys = itertools.count()
 
-    def __init__(
-        self,
-        rail: LocalRail,
-        ep: Any,
-        label: str,
-        on_message: MessageHandler,
-        on_close: CloseHandler,
-        on_protocol_error: Callable[[Channel, ProtocolError], None] | None = None,
-    ) -> None:
+    def __init__(self, rail: LocalRail, ep: Any, label: str, on_close: CloseHandler) -> None:
         self.rail = rail
-        self.ep = ep
+        self.ep: Any = ep
         self.label = label
         self.closed = False
         self.close_reason = ""
-        self.state: Any = None  # owner's per-channel state (client link or server binding)
-        self._on_message = on_message
         self._on_close = on_close
-        self._on_protocol_error = on_protocol_error
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
-        self._am_req: Any = None
         self._ucx = _ucxx.loaded()
-        self.handle = int(ep.handle)
         rail.channels.add(self)
         ep.set_close_callback(self._closed_from_ucx)
-        self._arm()
-
-    # ------------------------------------------------------------- receiving
-
-    def _arm(self) -> None:
-        if self.closed:
-            return
-        try:
-            req = self.ep.am_recv()
-        except self._ucx.UCXError as exc:
-            self._close(f"cannot receive on {self.label}: {_ucxx.describe_error(exc)}")
-            return
-        self._am_req = req
-        req.future.add_done_callback(self._on_am)
-
-    def _on_am(self, future: Any) -> None:
-        req = self._am_req
-        self._am_req = None
-        error = _ucxx.future_error(future)
-        if error is not None or req is None:
-            if not self.closed:
-                self._close(self._reason(error))
-            return
-        buf = req.recv_buffer
-        del req
-        if self.closed:
-            return
-        self._arm()
-        self._dispatch(buf)
-
-    def _dispatch(self, buf: Any) -> None:
-        try:
-            msg = decode(memoryview(buf) if buf is not None else b"")
-        except ProtocolError as exc:
-            if self._on_protocol_error is not None:
-                self._on_protocol_error(self, exc)
-            logger.warning("%s: dropping the connection after a malformed message: %s", self.label, exc)
-            self.abort(f"protocol error: {exc}")
-            return
-        self._on_message(self, msg)
 
     # --------------------------------------------------------------- sending
 
-    def send(self, msg: Message) -> None:
-        """Send one active message; its bytes stay referenced until the send completes."""
-        self.send_raw(encode(msg))
-
-    def send_raw(self, data: bytes) -> None:
+    def send_message(self, msg: Message, tag: int) -> None:
+        """Send one control message with ``tag``; its bytes stay referenced until the send completes."""
         if self.closed:
             return
+        data = pack_data(msg)  # bytes: ucxx sends from any buffer, and these stay referenced below
         try:
-            req = self.ep.am_send(self._ucx.Array(data))
+            req = self._endpoint().tag_send(self._ucx.Array(data), self._ucx.L.UCXXTag(tag))
         except self._ucx.UCXError as exc:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
@@ -139,15 +90,54 @@ class Channel:
 
         req.future.add_done_callback(done)
 
+    def _endpoint(self) -> Any:
+        if self.ep is None:
+            raise self._ucx.CanceledError(f"{self.label}: the endpoint is closed ({self.close_reason})")
+        return self.ep
+
     def tag_send(self, array: Any, tag: int) -> Any:
         """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request."""
-        L = self._ucx.L
-        return self.ep.tag_send(self._ucx.Array(array), L.UCXXTag(tag))
+        return self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
 
     def tag_recv(self, array: Any, tag: int) -> Any:
         """Post a tagged receive into ``array`` (matched per worker, cancelled if the endpoint closes)."""
-        L = self._ucx.L
-        return self.ep.tag_recv(self._ucx.Array(array), L.UCXXTag(tag))
+        return self._endpoint().tag_recv(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
+
+    def recv_with_handle(self, array: Any, probe: Any) -> Any:
+        """Receive a message the sweeper took out of the unexpected queue, into ``array``."""
+        return self._endpoint().tag_recv_with_handle(self._ucx.Array(array), probe)
+
+    def recv_message(self, buffer: np.ndarray, tag: int, then: ReceiveHandler) -> Any:
+        """Post a bounded receive for one control message; ``then(message, error)`` once it arrived.
+
+        ``error`` is :class:`MessageTruncated` for a message larger than
+        ``buffer``, a :class:`~tent_async.errors.ProtocolError` for one that
+        does not decode, or the UCX error (cancelled: the endpoint closed).
+        The buffer is all zeros again when ``then`` runs, ready to be posted
+        again.  Returns the request (held here until it completes).
+        """
+        req = self.tag_recv(buffer, tag)
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                buffer[:] = 0  # a truncated message may have left its first bytes
+                if isinstance(error, self._ucx.L.UCXMessageTruncatedError):
+                    error = MessageTruncated(
+                        f"{self.label}: a control message larger than the {len(buffer)}-byte receive posted for it"
+                    )
+                then(None, error)
+                return
+            try:
+                msg, used = unpack_data(buffer)
+            except ProtocolError as exc:
+                buffer[:] = 0
+                then(None, exc)
+                return
+            buffer[:used] = 0
+            then(msg, None)
+
+        self.keep(req, buffer, done)
+        return req
 
     @property
     def pending(self) -> int:
@@ -156,10 +146,10 @@ class Channel:
 
     # --------------------------------------------------------------- closing
 
-    def _reason(self, error: BaseException | None) -> str:
-        detail = _ucxx.describe_error(error)
+    def _reason(self) -> str:
+        detail = "endpoint closed"
         try:
-            self.ep.raise_on_error()
+            self._endpoint().raise_on_error()
         except Exception as exc:  # the endpoint's own error says more than "Request canceled"
             detail = _ucxx.describe_error(exc)
         return f"{self.label}: {detail}"
@@ -172,17 +162,10 @@ class Channel:
 
     def _closed_on_loop(self) -> None:
         if not self.closed:
-            self._close(self._reason(None))
+            self.abort(self._reason())
 
     def _close(self, reason: str) -> None:
-        self.closed = True
-        self.close_reason = reason
-        self._on_close(self, reason)
-
-    def retire(self, reason: str) -> None:
-        """Stop using the endpoint without closing it (its handle stays ours; see the module docstring)."""
-        if not self.closed:
-            self._close(reason)
+        self.abort(reason)
 
     def abort(self, reason: str) -> None:
         """Close the endpoint now: every request on it is cancelled (sends included)."""
@@ -190,8 +173,18 @@ class Channel:
             return
         self.closed = True
         self.close_reason = reason
+        ep = self.ep
         try:
-            self.ep.close_blocking(10**9, 1)
+            ep.remove_close_callback()
+        except Exception:  # pragma: no cover - best effort
+            logger.debug("%s: remove_close_callback failed", self.label, exc_info=True)
+        try:
+            ep.close_blocking(10**9, 1)
         except Exception:  # pragma: no cover - best effort: the endpoint may be dead already
             logger.debug("%s: close_blocking failed", self.label, exc_info=True)
+        # Our last reference: the endpoint holds its worker (and the worker its descriptors and
+        # sockets) until every reference is gone, and a channel can sit in a reference cycle
+        # until the garbage collector runs.  Requests still completing hold their own.
+        self.ep = None
+        self.rail.channels.discard(self)
         self._on_close(self, reason)

@@ -20,7 +20,7 @@ import logging
 import socket
 
 from ...errors import ConfigError, PeerClosedError, ProtocolError
-from .protocol import Message, decode, frame, frame_length
+from .protocol import MAX_FRAME, Message, decode, frame, frame_length
 
 logger = logging.getLogger("tent_async.ucx")
 
@@ -82,8 +82,9 @@ def macs_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-async def read_message(reader: asyncio.StreamReader, limit: float | None = None) -> Message:
-    """One framed message; ProtocolError if malformed, PeerClosedError at end of stream."""
+async def read_message(reader: asyncio.StreamReader, limit: float | None = None, max_frame: int = MAX_FRAME) -> Message:
+    """One framed message of at most ``max_frame`` bytes; ProtocolError if malformed or larger,
+    PeerClosedError at end of stream.  ``limit``: seconds to wait for it."""
 
     async def _read() -> Message:
         try:
@@ -92,7 +93,7 @@ async def read_message(reader: asyncio.StreamReader, limit: float | None = None)
             if exc.partial:
                 raise ProtocolError("the connection ended inside a frame header") from None
             raise PeerClosedError("the peer closed the control connection") from None
-        length = frame_length(header)
+        length = frame_length(header, max_frame)
         try:
             body = await reader.readexactly(length)
         except asyncio.IncompleteReadError as exc:

@@ -3,19 +3,29 @@
 ``await engine.connect("host:port")`` runs the handshake, pairs our rails
 with the peer's (:mod:`.pairing`), adds one engine rail per pair to the
 planner (``"decode-0/nic0"``) and returns a :class:`Peer`.  Each engine rail
-is a :class:`Link`: our rail's worker, an endpoint to the peer's rail
-listener (opened lazily, re-opened after a failure), and the slices in flight
-on it.
+is a :class:`Link`: our rail's worker, an endpoint to the peer rail's worker,
+the tag namespaces both sides receive in, the peer's header slots, and the
+slices in flight.  A link is set up over the authenticated control connection
+(``LINK`` → ``LINKED``: worker addresses and namespaces), then wired up with
+one ``BIND``/``BOUND`` round trip on UCX; after a failure or a fence it is
+torn down (``UNLINK``) and set up afresh, with new namespaces, when the
+planner next posts to it.
 
-Slices (one planner attempt each), emulating one-sided operations with tags:
+Slices (one planner attempt each), emulating one-sided operations with tags;
+every header goes to a free header slot of the peer and gets exactly one
+reply, into a bounded receive posted *before* the header is sent:
 
 * WRITE, small: the header carries the bytes; the peer copies them and ACKs.
 * WRITE: header, then a tagged send of the source view; the peer checks the
   header, posts a receive into the destination at the right offset, and ACKs
   once the receive completed (a completed send proves nothing).
 * READ, small: the peer answers with the bytes (``DATA``).
-* READ: we post a receive into our destination view, then send the header; the
-  peer checks it and sends the source view with our tag.
+* READ: we post a receive into our destination view, then send the header;
+  the peer checks it, sends the source view, and once its send completed
+  answers ``SENT`` with the length it sent.  The READ completes only when
+  our receive completed *and* the peer confirmed exactly the requested
+  length: a tagged receive matched by a shorter message completes without
+  error and UCX does not say how much arrived.
 
 An attempt is reported only when every UCX request of it has completed (or was
 cancelled) and its outcome is known, so its buffers are never released early.
@@ -24,6 +34,7 @@ cancelled) and its outcome is known, so its buffers are never released early.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -36,26 +47,35 @@ from ...core import Attempt
 from ...errors import PeerClosedError, ProtocolError, RemoteAccessError, TentError, UnregisteredSegmentError
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx
-from .channel import Channel
+from .channel import Channel, MessageTruncated
 from .control import close_writer, read_message, write_message
 from .pairing import Pair
 from .protocol import (
-    MAX_NAMESPACE,
+    KIND_CONTROL,
+    KIND_DATA,
+    MAX_U64,
+    REPLY_ROOM,
     Ack,
     Bind,
     Bound,
     Bye,
     Data,
     Error,
+    Linked,
     LookedUp,
     Lookup,
     Message,
+    Notify,
     Op,
     SegmentAd,
+    Sent,
     SliceRequest,
+    Unlink,
     Welcome,
-    encode,
     make_tag,
+)
+from .protocol import (
+    Link as LinkMessage,
 )
 from .rails import LocalRail
 
@@ -64,46 +84,66 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("tent_async.ucx")
 
-_ids = itertools.count(1)
+BIND_REQUEST = MAX_U64  # the request id of a link's BIND (nothing else is in flight on a new link)
 
 
 class RailLinkError(TentError):
-    """A slice failed because the rail's endpoint to the peer failed."""
+    """A slice failed because the rail's link to the peer failed."""
 
 
 class _Op:
-    """One attempt in flight on a link."""
+    """One attempt (or a link's BIND) in flight on a link."""
 
     __slots__ = (
         "attempt",
         "buffer",
         "channel",
+        "data_ok",
+        "data_req",
         "error",
         "fatal",
         "fence_at",
         "kind",
         "link",
         "pending",
-        "recv_req",
         "reply",
+        "reported",
+        "request",
+        "sent",
+        "slot",
         "t_post",
+        "violation",
         "withdrawing",
     )
 
-    def __init__(self, attempt: Attempt, link: Link, channel: Channel, kind: Op, t_post: float) -> None:
+    def __init__(self, attempt: Attempt | None, link: Link, kind: Op, t_post: float) -> None:
         self.attempt = attempt
+        self.request = attempt.id if attempt is not None else BIND_REQUEST
         self.link = link
-        self.channel = channel
-        self.buffer: Any = None  # memory a READ's receive writes into, held until it is done
+        self.channel: Channel | None = None  # set when the header is sent
         self.kind = kind
         self.t_post = t_post
-        self.pending = 0  # UCX requests of this op not completed yet
-        self.recv_req: Any = None  # a READ's receive, dropped to cancel it
-        self.reply: bool = False  # success known (ACK, DATA copied, or receive completed)
+        self.sent = False  # the header went out (before that the op only waits in the link's queue)
+        self.slot: int | None = None  # the peer's header slot it occupies until its reply arrives
+        self.pending = 0  # UCX requests of this op not completed yet (reply receive, bulk send/receive)
+        self.data_req: Any = None  # a READ's bulk receive, dropped to cancel it
+        self.buffer: Any = None  # memory the READ's receive writes into, held until it is done
+        self.data_ok = False  # the READ's bulk receive completed
+        self.reply: Message | None = None  # the peer's one reply (ACK, ERROR, DATA, SENT, BOUND)
         self.fatal: str | None = None  # the peer refused the slice
-        self.error: str | None = None  # a UCX request failed
+        self.violation: str | None = None  # the peer broke the protocol on this slice
+        self.error: str | None = None  # a UCX request failed, or the link went down
         self.withdrawing = False
-        self.fence_at = 0.0  # when a withdrawn op still in flight gets its endpoint closed
+        self.reported = False  # the planner has its outcome (a withdrawn small READ: before its reply)
+        self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
+
+    @property
+    def inline(self) -> bool:
+        a = self.attempt
+        if a is None:
+            return False
+        local = a.src if self.kind is Op.WRITE else a.dst
+        return not local.memory.is_cuda and a.length <= self.link.peer.inline_limit  # type: ignore[attr-defined]
 
 
 class Link:
@@ -114,139 +154,299 @@ class Link:
         self.pair = pair
         self.rail = rail
         self.name = name
+        self.state = "idle"  # idle -> linking -> binding -> up; back to idle when torn down
+        self.link_id = 0
         self.channel: Channel | None = None
+        self.ns = 0  # our namespace: the peer's replies and READ bytes
+        self.peer_ns = 0  # the peer's namespace: our headers and WRITE bytes
+        self.free_slots: list[int] = []
+        self._buffers: list[np.ndarray] = []  # reply receive buffers to reuse (all zeros)
+        self.waiting: collections.deque[_Op] = collections.deque()  # not sent: no link yet, or no free slot
         self.ops: dict[int, _Op] = {}
         self.last_done = 0.0
         self._fence: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.reconnects = 0
-        self.bound: asyncio.Future[None] | None = None  # the first endpoint's BOUND, awaited by connect()
+        self.opened: asyncio.Future[None] | None = None  # resolves when the link is up (awaited by connect())
 
-    # ----------------------------------------------------------- connecting
-
-    def channel_for_post(self) -> Channel:
-        ch = self.channel
-        if ch is None or ch.closed:
-            ch = self._open()
-        return ch
+    # ----------------------------------------------------------- linking
 
     def open(self) -> asyncio.Future[None]:
-        """Open the endpoint now; the future resolves when the peer accepted it (BOUND)."""
-        self.bound = asyncio.get_running_loop().create_future()
-        self._open()
-        return self.bound
+        """Set the link up now; the future resolves once it is up (LINKED, then BIND answered)."""
+        if self.opened is None or self.opened.done():
+            self.opened = asyncio.get_running_loop().create_future()
+        if self.state == "idle":
+            self._start()
+        elif self.state == "up":
+            self.opened.set_result(None)
+        return self.opened
 
-    def _open(self) -> Channel:
+    def _start(self) -> None:
         peer = self.peer
-        try:
-            ep = self.rail.connect(self.pair.dial, self.pair.remote.port)
-        except Exception as exc:
-            raise RailLinkError(
-                f"rail {self.name}: cannot open an endpoint to {self.pair.dial}:{self.pair.remote.port}: "
-                f"{_ucxx.describe_error(exc)}"
-            ) from exc
-        ch = Channel(self.rail, ep, f"rail {self.name}", self._on_message, self._on_close, self._on_bad)
-        ch.state = self
-        if self.channel is not None:
+        if peer.closed:
+            self._teardown(peer.closed_reason(), tell=False)
+            return
+        if self.link_id:
             self.reconnects += 1
-        self.channel = ch
-        ch.send(Bind(conn_id=peer.conn_id, token=peer.token, rail=self.pair.remote.name))
-        return ch
+        self.state = "linking"
+        self.link_id = peer.register_link(self)
+        self.ns = self.rail.claim_namespace(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(peer.backend.connect_timeout, self._link_timeout, self.link_id)
+        try:
+            peer.send_control(
+                LinkMessage(
+                    link_id=self.link_id, rail=self.pair.remote.name, address=self.rail.address, namespace=self.ns
+                )
+            )
+        except PeerClosedError:
+            self._teardown(peer.closed_reason(), tell=False)
 
-    # ------------------------------------------------------------ messages
+    def _link_timeout(self, link_id: int) -> None:
+        self._timer = None
+        if self.link_id == link_id and self.state in ("linking", "binding"):
+            self._teardown(
+                f"rail {self.name}: the peer did not set the link up within {self.peer.backend.connect_timeout:g} s"
+            )
 
-    def _on_bad(self, ch: Channel, exc: ProtocolError) -> None:
-        self.peer.backend.stats["protocol_errors"] += 1
+    def on_linked(self, msg: Linked) -> None:
+        """The peer posted its header slots (control connection): open our endpoint and BIND."""
+        if self.state != "linking" or msg.link_id != self.link_id:
+            return
+        try:
+            ep = self.rail.connect(self.pair.remote.address)
+        except Exception as exc:
+            self._teardown(f"rail {self.name}: cannot open an endpoint to the peer: {_ucxx.describe_error(exc)}")
+            return
+        self.channel = Channel(self.rail, ep, f"rail {self.name}", self._on_close)
+        self.peer_ns = msg.namespace
+        self.free_slots = list(range(self.peer.slots - 1, -1, -1))
+        self.state = "binding"
+        op = _Op(None, self, Op.BIND, self.peer.backend.clock())
+        self.ops[-1] = op
+        self._send(op)
 
-    def _on_message(self, ch: Channel, msg: Message) -> None:
-        if isinstance(msg, Bound):
-            if self.bound is not None and not self.bound.done():
-                self.bound.set_result(None)
-        elif isinstance(msg, Ack):
-            op = self.ops.get(msg.request)
-            if op is not None:
-                op.reply = True
-                self._settle(op)
-        elif isinstance(msg, Error):
-            op = self.ops.get(msg.request)
-            if op is not None:
-                op.fatal = msg.reason
-                if op.recv_req is not None:
-                    op.recv_req = None  # the last reference: ucxx cancels the posted receive
-                self._settle(op)
-        elif isinstance(msg, Data):
-            op = self.ops.get(msg.request)
-            if op is not None:
-                a = op.attempt
-                if not op.withdrawing and len(msg.payload) == a.length:
-                    dst: Segment = a.dst  # type: ignore[assignment]
-                    view = dst.memory.array[a.dst_offset : a.dst_offset + a.length]
-                    np.copyto(view, np.frombuffer(msg.payload, dtype=np.uint8))
-                    op.reply = True
-                elif len(msg.payload) != a.length:
-                    op.error = f"DATA of {len(msg.payload)} bytes for a {a.length}-byte READ"
-                self._settle(op)
-        else:
-            self.peer.backend.stats["protocol_errors"] += 1
-            logger.warning("rail %s: unexpected %s from the peer; closing the endpoint", self.name, type(msg).__name__)
-            ch.abort(f"unexpected {type(msg).__name__}")
+    def on_unlink(self, msg: Unlink) -> None:
+        """The peer refused or closed the link (control connection)."""
+        if msg.link_id == self.link_id and self.state != "idle":
+            self._teardown(f"rail {self.name}: the peer closed the link: {msg.reason}", tell=False)
+
+    def _bound(self) -> None:
+        self.state = "up"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.opened is not None and not self.opened.done():
+            self.opened.set_result(None)
+        self._flush()
+
+    def _teardown(self, reason: str, *, tell: bool = True) -> None:
+        """Close the link: cancel everything on it, release our namespace, tell the peer.
+
+        The ops are settled from the event loop, not from here: a teardown can
+        happen inside ``post()``, and the planner takes no report from inside it.
+        """
+        was = self.state
+        self.state = "idle"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.ns:
+            self.rail.release_namespace(self.ns)
+            self.ns = 0
+        ch, self.channel = self.channel, None
+        if ch is not None and not ch.closed:
+            ch.abort(reason)  # cancels every request on it; their callbacks settle the ops
+        ops = list(self.ops.values())
+        for op in ops:
+            if op.error is None and (op.sent or not op.withdrawing):
+                op.error = reason
+        self.waiting.clear()
+        if ops:
+            asyncio.get_running_loop().call_soon(self._settle_many, ops)
+        if self.opened is not None and not self.opened.done():
+            self.opened.set_exception(RailLinkError(reason))
+        if tell and was != "idle" and not self.peer.closed:
+            with contextlib.suppress(PeerClosedError):
+                self.peer.send_control(Unlink(link_id=self.link_id, reason=reason[:1000]))
+
+    def _settle_many(self, ops: list[_Op]) -> None:
+        for op in ops:
+            self._settle(op)
 
     def _on_close(self, ch: Channel, reason: str) -> None:
-        if self.bound is not None and not self.bound.done():
-            self.bound.set_exception(RailLinkError(reason))
-        for op in list(self.ops.values()):
-            if op.channel is not ch:
-                continue
-            if op.error is None:
-                op.error = reason
-            self._settle(op)
+        """Our endpoint closed (UCX error, or our own abort)."""
+        if ch is self.channel:
+            self._teardown(reason)
+
+    def on_unexpected(self, probe: Any, kind: int, index: int, length: int) -> bool:
+        """A message in our namespace that no receive expected: the peer broke the protocol."""
+        self.peer.backend.stats["protocol_errors"] += 1
+        reason = f"rail {self.name}: the peer sent {length} bytes nobody asked for (tag kind {kind}, index {index})"
+        logger.warning("%s; closing the link", reason)
+        asyncio.get_running_loop().call_soon(self._teardown, reason)
+        return False
 
     # --------------------------------------------------------------- slices
 
     def post(self, a: Attempt, now: float) -> None:
-        backend = self.peer.backend
-        ch = self.channel_for_post()
         src, dst = a.src, a.dst
-        limit = backend.inline_limit
         if isinstance(dst, RemoteSegment):  # WRITE
             local: Segment = src  # type: ignore[assignment]
             view = local.memory.array[a.src_offset : a.src_offset + a.length]
-            _check_contiguous(view)
-            tag = make_tag(self.peer.conn_id, a.id)
-            host = not local.memory.is_cuda
-            op = _Op(a, self, ch, Op.WRITE, now)
-            self.ops[a.id] = op
-            if host and a.length <= limit:
-                ch.send(SliceRequest(Op.WRITE, a.id, dst.name, dst.sid, a.dst_offset, a.length, tag, view.tobytes()))
-                return
-            ch.send(SliceRequest(Op.WRITE, a.id, dst.name, dst.sid, a.dst_offset, a.length, tag))
-            req = ch.tag_send(view, tag)
-            op.pending += 1
-            ch.keep(req, (view, local), self._req_done(op))
-            return
-        # READ
-        remote: RemoteSegment = src  # type: ignore[assignment]
-        local = dst  # type: ignore[assignment]
-        view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
+            kind = Op.WRITE
+        else:
+            local = dst  # type: ignore[assignment]
+            view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
+            if local.memory.readonly:
+                raise UnregisteredSegmentError(f"{local!r} is read-only memory; nothing may be received into it")
+            kind = Op.READ
         _check_contiguous(view)
-        if local.memory.readonly:
-            raise UnregisteredSegmentError(f"{local!r} is read-only memory; nothing may be received into it")
-        tag = make_tag(self.peer.read_ns, a.id)
-        op = _Op(a, self, ch, Op.READ, now)
+        op = _Op(a, self, kind, now)
         self.ops[a.id] = op
-        if not local.memory.is_cuda and a.length <= limit:
-            ch.send(SliceRequest(Op.READ, a.id, remote.name, remote.sid, a.src_offset, a.length, tag, inline=True))
+        if self.state == "up" and self.free_slots and not self.waiting:
+            self._send(op)
             return
-        # Not ch.keep(): the op holds the only reference to this request, so that
-        # dropping it (the peer refused the READ) cancels the posted receive.
-        req = ch.tag_recv(view, tag)
-        op.recv_req = req
-        op.buffer = (view, local)
-        op.pending += 1
-        req.future.add_done_callback(self._recv_done(op))
-        del req
-        ch.send(SliceRequest(Op.READ, a.id, remote.name, remote.sid, a.src_offset, a.length, tag))
+        self.waiting.append(op)
+        if self.state == "idle":
+            self._start()
 
-    def _req_done(self, op: _Op) -> Any:
+    def _flush(self) -> None:
+        while self.waiting and self.free_slots and self.state == "up":
+            self._send(self.waiting.popleft())
+
+    def _send(self, op: _Op) -> None:
+        """Post the reply receive (and a READ's bulk receive), then the header (and a WRITE's bytes)."""
+        ch = self.channel
+        assert ch is not None
+        assert self.free_slots
+        op.slot = self.free_slots.pop()
+        op.sent = True
+        op.channel = ch
+        a = op.attempt
+        header: Message
+        if a is None:
+            header = Bind(request=op.request)
+        elif op.kind is Op.WRITE:
+            dst: RemoteSegment = a.dst  # type: ignore[assignment]
+            local: Segment = a.src  # type: ignore[assignment]
+            view = local.memory.array[a.src_offset : a.src_offset + a.length]
+            payload = view.tobytes() if op.inline else None
+            header = SliceRequest(Op.WRITE, a.id, dst.name, dst.sid, a.dst_offset, a.length, payload)
+        else:
+            remote: RemoteSegment = a.src  # type: ignore[assignment]
+            header = SliceRequest(Op.READ, a.id, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline)
+        reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
+        buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
+        try:
+            ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
+            op.pending += 1
+            if a is not None and op.kind is Op.READ and not op.inline:
+                local = a.dst  # type: ignore[assignment]
+                view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
+                # Not ch.keep(): the op holds the only reference to this request, so that
+                # dropping it (the peer refused the READ) cancels the posted receive.
+                req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request))
+                op.data_req = req
+                op.buffer = (view, local)
+                op.pending += 1
+                req.future.add_done_callback(self._data_done(op))
+                del req
+            ch.send_message(header, make_tag(self.peer_ns, KIND_CONTROL, op.slot))
+            if a is not None and op.kind is Op.WRITE and not op.inline:
+                local = a.src  # type: ignore[assignment]
+                view = local.memory.array[a.src_offset : a.src_offset + a.length]
+                req = ch.tag_send(view, make_tag(self.peer_ns, KIND_DATA, op.request))
+                op.pending += 1
+                ch.keep(req, (view, local), self._send_done(op))
+        except _ucxx.loaded().UCXError as exc:
+            if op.error is None:
+                op.error = f"rail {self.name}: {_ucxx.describe_error(exc)}"
+            ch.abort(op.error)  # the endpoint is unusable: tear the link down
+
+    @property
+    def reply_room(self) -> int:
+        """Bytes of a reply receive: any reply, DATA with an inline payload included."""
+        return 4 + REPLY_ROOM + self.peer.inline_limit
+
+    def _reply_done(self, op: _Op, buffer: np.ndarray) -> Any:
+        def done(msg: Message | None, error: BaseException | None) -> None:
+            if len(self._buffers) < self.peer.slots:
+                self._buffers.append(buffer)  # cleared by recv_message
+            op.pending -= 1
+            if error is not None:
+                if isinstance(error, ProtocolError):
+                    truncated = isinstance(error, MessageTruncated)
+                    self._violation(op, f"a malformed reply: {error}", truncated=truncated, teardown=True)
+                elif op.error is None and op.fatal is None:
+                    op.error = f"rail {self.name}: {_ucxx.describe_error(error)}"
+            elif msg is not None:
+                self._on_reply(op, msg)
+            self._settle(op)
+
+        return done
+
+    def _on_reply(self, op: _Op, msg: Message) -> None:
+        request = getattr(msg, "request", None)
+        if request != op.request:
+            self._violation(op, f"a reply for request {request} to request {op.request}", teardown=True)
+            return
+        op.reply = msg
+        if op.slot is not None and op.channel is self.channel:
+            self.free_slots.append(op.slot)  # the peer re-posted the slot before it answered
+            op.slot = None
+            asyncio.get_running_loop().call_soon(self._flush)
+        a = op.attempt
+        if isinstance(msg, Error):
+            op.fatal = msg.reason
+            op.data_req = None  # the last reference: ucxx cancels a READ's posted receive
+            return
+        expected = {Op.BIND: Bound, Op.WRITE: Ack, Op.READ: Data if op.inline else Sent}[op.kind]
+        if not isinstance(msg, expected):
+            self._violation(op, f"{type(msg).__name__} where {expected.__name__} was due")
+            return
+        if a is None:
+            return
+        if isinstance(msg, Data):
+            if len(msg.payload) != a.length:
+                self._violation(op, f"DATA of {len(msg.payload)} bytes for a {a.length}-byte READ")
+            elif not op.withdrawing:
+                dst: Segment = a.dst  # type: ignore[assignment]
+                view = dst.memory.array[a.dst_offset : a.dst_offset + a.length]
+                np.copyto(view, np.frombuffer(msg.payload, dtype=np.uint8))
+        elif isinstance(msg, Sent) and msg.length != a.length:
+            self._violation(op, f"the peer sent {msg.length} bytes for a {a.length}-byte READ")
+
+    def _violation(self, op: _Op, what: str, *, truncated: bool = False, teardown: bool = False) -> None:
+        """The peer broke the protocol on ``op``: count it, log it, fail the slice.
+
+        With ``teardown`` (the reply itself was unusable, so the slot's state is
+        unknown) the link is closed too.
+        """
+        stats = self.peer.backend.stats
+        stats["protocol_errors"] += 1
+        if truncated:
+            stats["truncated"] += 1
+        op.violation = f"peer {self.peer.name!r} on rail {self.name}: {what}"
+        logger.warning("%s", op.violation)
+        if teardown and op.channel is self.channel and self.channel is not None:
+            asyncio.get_running_loop().call_soon(self._teardown, op.violation)
+
+    def _data_done(self, op: _Op) -> Any:
+        def done(future: Any) -> None:
+            error = _ucxx.future_error(future)
+            op.pending -= 1
+            op.data_req = None
+            op.buffer = None
+            if error is None:
+                op.data_ok = True
+            elif op.error is None and op.fatal is None:
+                op.error = f"rail {self.name}: {_ucxx.describe_error(error)}"
+            self._settle(op)
+
+        return done
+
+    def _send_done(self, op: _Op) -> Any:
         def done(error: BaseException | None) -> None:
             op.pending -= 1
             if error is not None and op.error is None and op.fatal is None:
@@ -255,110 +455,114 @@ class Link:
 
         return done
 
-    def _recv_done(self, op: _Op) -> Any:
-        def done(future: Any) -> None:
-            error = _ucxx.future_error(future)
-            op.pending -= 1
-            op.recv_req = None
-            op.buffer = None
-            if error is None:
-                op.reply = True
-            elif op.error is None and op.fatal is None:
-                op.error = f"rail {self.name}: {_ucxx.describe_error(error)}"
-            self._settle(op)
-
-        return done
+    def _succeeded(self, op: _Op) -> bool:
+        if op.reply is None or op.error is not None or op.violation is not None or op.fatal is not None:
+            return False
+        return op.kind is not Op.READ or op.inline or op.data_ok
 
     def _settle(self, op: _Op) -> None:
         """Report ``op`` once all its requests are done and its outcome is known."""
         if op.pending:
             return
-        ch = op.channel
-        closed = ch.closed
-        if op.fatal is None and op.error is None and not op.reply and not closed:
-            if op.withdrawing and op.kind is Op.READ and op.recv_req is None:
-                pass  # a small READ: the reply will be ignored, nothing of it can land
+        key = -1 if op.attempt is None else op.attempt.id
+        known = op.reply is not None or op.error is not None or op.violation is not None
+        if not known and not (op.withdrawing and not op.sent):
+            if op.withdrawing and op.kind is Op.READ and op.inline and op.sent and not op.reported:
+                self._report(op)  # a small READ: its reply will be ignored, nothing of it can land
+            return
+        if self.ops.get(key) is op:
+            del self.ops[key]
+        if not op.reported:
+            self._report(op)
+
+    def _report(self, op: _Op) -> None:
+        op.reported = True
+        a = op.attempt
+        if a is None:  # the link's BIND
+            if self.state != "binding" or op.channel is not self.channel:
+                return  # a BIND of a link set-up that was torn down since
+            if self._succeeded(op):
+                self._bound()
             else:
-                return
-        aid = op.attempt.id
-        if self.ops.pop(aid, None) is None:
+                self._teardown(op.violation or op.fatal or op.error or f"rail {self.name}: BIND failed")
             return
         backend = self.peer.backend
         ctx = backend.ctx
         if op.withdrawing:
-            ctx.withdrawn(aid)
+            ctx.withdrawn(a.id)
         elif op.fatal is not None:
             ctx.fail(
-                aid,
+                a.id,
                 RemoteAccessError(f"peer {self.peer.name!r} refused the slice: {op.fatal}"),
                 transfer_fatal=True,
             )
-        elif op.error is None and op.reply:
+        elif op.violation is not None:
+            ctx.fail(a.id, ProtocolError(op.violation), transfer_fatal=True)
+        elif self._succeeded(op):
             now = backend.clock()
             wire = now - max(op.t_post, self.last_done)
             self.last_done = now
-            ctx.complete(aid, wire)
+            ctx.complete(a.id, wire)
         elif self.peer.closed:
-            ctx.fail(aid, PeerClosedError(self.peer.closed_reason()), transfer_fatal=True)
+            ctx.fail(a.id, PeerClosedError(self.peer.closed_reason()), transfer_fatal=True)
         else:
-            reason = op.error or ch.close_reason or "endpoint closed"
-            ctx.fail(aid, RailLinkError(reason), rail_down=True)
+            ctx.fail(a.id, RailLinkError(op.error or f"rail {self.name}: link closed"), rail_down=True)
 
     # ------------------------------------------------------------- fencing
 
     def withdraw(self, a: Attempt) -> None:
         op = self.ops.get(a.id)
-        if op is None:
-            self.peer.backend.ctx.withdrawn(a.id)
+        if op is None or op.reported:
+            if op is None:
+                self.peer.backend.ctx.withdrawn(a.id)
             return
         op.withdrawing = True
+        if not op.sent:  # still queued here: nothing of it reached UCX
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(op)
+            self._settle(op)
+            return
         # Grace: the configured minimum, or a few times what the planner expected the
         # slice to take, whichever is longer (a big slice on a loaded host is not stuck).
         grace = max(self.peer.backend.withdraw_grace, 4.0 * a.expected)
         op.fence_at = self.peer.backend.clock() + grace
         self._settle(op)
-        if a.id in self.ops:
+        if not op.reported:
             self._arm_fence()
 
     def _arm_fence(self) -> None:
-        pending = [op.fence_at for op in self.ops.values() if op.withdrawing]
+        pending = [op.fence_at for op in self.ops.values() if op.withdrawing and not op.reported and op.sent]
         if not pending or self._fence is not None:
             return
         delay = max(0.0, min(pending) - self.peer.backend.clock())
         self._fence = asyncio.get_running_loop().call_later(delay, self._force_fence)
 
     def _force_fence(self) -> None:
-        """Withdrawn slices did not finish within their grace: close the endpoint (cancels them)."""
+        """Withdrawn slices did not finish within their grace: close the link (cancels them)."""
         self._fence = None
         now = self.peer.backend.clock()
-        stuck = [op for op in self.ops.values() if op.withdrawing and op.fence_at <= now]
-        ch = self.channel
+        stuck = [
+            op for op in self.ops.values() if op.withdrawing and not op.reported and op.sent and op.fence_at <= now
+        ]
         if not stuck:
             self._arm_fence()  # younger withdrawals: look again when theirs expires
             return
-        if ch is None or ch.closed:
+        if self.channel is None:
             return
         reason = (
             f"rail {self.name}: {len(stuck)} withdrawn slice(s) still in flight after their grace "
-            f"period; endpoint closed to stop them"
+            f"period; link closed to stop them"
         )
         logger.info("%s", reason)
-        ch.abort(reason)
         self.peer.backend.stats["fenced_endpoints"] += 1
+        self._teardown(reason)
         self.peer.backend.ctx.rail_down(self.name, reason)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, tell: bool = False) -> None:
         if self._fence is not None:
             self._fence.cancel()
             self._fence = None
-        ch = self.channel
-        if ch is not None:
-            # Close (cancelling what is in flight) only if something is; otherwise retire
-            # the endpoint so that UCX cannot recycle its handle (see channel.py).
-            if any(op.channel is ch for op in self.ops.values()):
-                ch.abort(reason)
-            else:
-                ch.retire(reason)
+        self._teardown(reason, tell=tell)
 
 
 def _check_contiguous(view: Any) -> None:
@@ -374,14 +578,16 @@ class Peer:
     returns a :class:`~tent_async.segments.RemoteSegment` to slice and transfer.
     """
 
+    _link_ids = itertools.count(1)
+
     def __init__(self, backend: UcxBackend, address: str, welcome: Welcome, reader: Any, writer: Any) -> None:
         self.backend = backend
         self.address = address
         self.name = welcome.name
         self.host_id = welcome.host_id
         self.conn_id = welcome.conn_id
-        self.token = welcome.token
-        self.read_ns = next(_ids) % MAX_NAMESPACE or 1  # our tag namespace for this peer's READ replies
+        self.slots = welcome.slots
+        self.inline_limit = min(backend.inline_limit, welcome.inline_limit)
         self.links: dict[str, Link] = {}
         self.closed = False
         self._closed_reason = ""
@@ -389,6 +595,8 @@ class Peer:
         self._writer = writer
         self._catalogue: dict[str, SegmentAd] = {ad.name: ad for ad in welcome.catalogue}
         self._lookups: dict[str, list[asyncio.Future[SegmentAd | None]]] = {}
+        self._by_link_id: dict[int, Link] = {}
+        self._all_links: list[Link] = []  # also the ones connect() left out (closed with the peer)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "connected"
@@ -409,6 +617,23 @@ class Peer:
 
     def closed_reason(self) -> str:
         return f"peer {self.name!r} at {self.address} is gone: {self._closed_reason}"
+
+    def add_link(self, link: Link) -> None:
+        self._all_links.append(link)
+
+    def register_link(self, link: Link) -> int:
+        """A fresh link id for ``link`` (each setup of a link gets its own)."""
+        for old, owner in list(self._by_link_id.items()):
+            if owner is link:
+                del self._by_link_id[old]
+        link_id = next(self._link_ids)
+        self._by_link_id[link_id] = link
+        return link_id
+
+    def send_control(self, msg: Message) -> None:
+        if self.closed:
+            raise PeerClosedError(self.closed_reason())
+        write_message(self._writer, msg)
 
     async def segment(self, name: str, *, refresh: bool = False) -> RemoteSegment:
         """The peer's segment ``name``; asks the peer unless it is in the catalogue (or ``refresh``)."""
@@ -431,8 +656,6 @@ class Peer:
         return self._remote(ad)
 
     def notify(self, message: str) -> None:
-        from .protocol import Notify
-
         if not self.closed:
             write_message(self._writer, Notify(message=message))
 
@@ -446,6 +669,14 @@ class Peer:
                     for fut in self._lookups.pop(msg.name, []):
                         if not fut.done():
                             fut.set_result(msg.segment)
+                elif isinstance(msg, Linked):
+                    link = self._by_link_id.get(msg.link_id)
+                    if link is not None:
+                        link.on_linked(msg)
+                elif isinstance(msg, Unlink):
+                    link = self._by_link_id.get(msg.link_id)
+                    if link is not None:
+                        link.on_unlink(msg)
                 elif isinstance(msg, Bye):
                     reason = f"it said goodbye ({msg.reason})"
                     return
@@ -474,18 +705,15 @@ class Peer:
                 if not fut.done():
                     fut.set_exception(PeerClosedError(self.closed_reason()))
         self._lookups.clear()
-        for link in self.links.values():
+        for link in self._all_links:
             link.close(self.closed_reason())
+        self._by_link_id.clear()
 
     async def close(self) -> None:
-        """Say goodbye and close every endpoint to the peer (slices in flight fail)."""
+        """Say goodbye and close every link to the peer (slices in flight fail)."""
         if self.closed:
             return
         with contextlib.suppress(PeerClosedError):
             write_message(self._writer, Bye(reason="closed by the application"))
         self._gone("closed by this engine")
         await close_writer(self._writer)
-
-
-def encoded_size(msg: Message) -> int:  # pragma: no cover - debugging aid
-    return len(encode(msg))

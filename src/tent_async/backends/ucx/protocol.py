@@ -4,11 +4,20 @@ Two planes, one codec:
 
 * **Control** (a TCP connection to the engine's ``listen`` address, framed by
   :func:`frame`): ``CHALLENGE`` (server's nonce) → ``HELLO`` → ``WELCOME`` or
-  ``REFUSED``; afterwards ``LOOKUP``/``LOOKED_UP`` (segment catalogue),
-  ``NOTIFY`` and ``BYE``.
-* **Data** (UCX active messages on each rail's endpoint): ``BIND`` (this
-  endpoint belongs to connection N), slice headers ``WRITE``/``READ``, and the
-  replies ``ACK``, ``ERROR`` and ``DATA`` (small READs answered inline).
+  ``REFUSED``; afterwards ``LINK``/``LINKED``/``UNLINK`` (the data plane's
+  UCX worker addresses and tag namespaces, one link per rail pair),
+  ``LOOKUP``/``LOOKED_UP`` (segment catalogue), ``NOTIFY`` and ``BYE``.
+* **Data** (UCX *tagged* messages into bounded receives the receiver posted
+  beforehand, framed by :func:`pack_data`): ``BIND`` (wire-up ping), slice
+  headers ``WRITE``/``READ``, and the replies ``BOUND``, ``ACK``, ``ERROR``,
+  ``DATA`` (small READs answered inline) and ``SENT`` (a large READ's bytes
+  were sent, and how many).
+
+Tags (:func:`make_tag`): the *receiver's* random 40-bit namespace for the
+link, one bit for control or bulk data, and a 23-bit slot or request index.
+Tags match per UCX worker, so the namespace alone says which link (and which
+direction) a message belongs to; namespaces are chosen by the receiver and
+only ever travel over the authenticated control connection.
 
 Every message is a msgpack array ``[type, field, ...]``.  :func:`decode`
 checks every field by hand (type, range, length) and builds a frozen attrs
@@ -36,11 +45,10 @@ import msgpack
 from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
-TOKEN_BYTES: Final = 16
 MAX_NAME: Final = 256  # engine, rail, device and segment names (characters)
 MAX_REASON: Final = 4096
 MAX_MESSAGE: Final = 1 << 16  # a notification's text
@@ -48,12 +56,25 @@ MAX_RAILS: Final = 64
 MAX_SEGMENTS: Final = 1 << 16
 MAX_INLINE: Final = 1 << 20  # payload bytes carried inside one message
 MAX_FRAME: Final = 16 << 20  # a control frame (the catalogue can be long)
+MAX_HELLO_FRAME: Final = 64 << 10  # what a server reads before the client authenticated
+MAX_CLIENT_FRAME: Final = 1 << 20  # what a server reads from an authenticated client
+MAX_ADDRESS: Final = 8192  # a UCX worker address
+MAX_SLOTS: Final = 64  # header receives a server posts per link
 MAX_U64: Final = (1 << 64) - 1
 MAX_PORT: Final = 65535
 
-TAG_REQUEST_BITS: Final = 40
-TAG_REQUEST_MASK: Final = (1 << TAG_REQUEST_BITS) - 1
-MAX_NAMESPACE: Final = (1 << (64 - TAG_REQUEST_BITS)) - 1
+TAG_INDEX_BITS: Final = 23  # slot or request index
+TAG_INDEX_MASK: Final = (1 << TAG_INDEX_BITS) - 1
+TAG_NAMESPACE_BITS: Final = 40
+MAX_NAMESPACE: Final = (1 << TAG_NAMESPACE_BITS) - 1
+KIND_CONTROL: Final = 0  # headers (slot index) and replies (request index)
+KIND_DATA: Final = 1  # bulk bytes of a slice (request index)
+MAX_CONN_ID: Final = (1 << 32) - 1
+
+HEADER_ROOM: Final = 2048  # a slice header without its inline payload, with room to spare
+REPLY_ROOM: Final = 2048  # a reply without DATA's payload
+MAX_DATA_REASON: Final = 1024  # bytes of an ERROR reason on the data plane
+_DATA_PREFIX = struct.Struct("<I")
 
 RAIL_KINDS: Final = ("tcp", "shm", "cuda")
 _FRAME_HEADER = struct.Struct("!I")
@@ -67,13 +88,23 @@ class VersionMismatch(ProtocolError):
         self.version = version
 
 
-def make_tag(namespace: int, request: int) -> int:
-    """The 64-bit UCX tag of one slice: the receiver's namespace high, the request id low.
+def make_tag(namespace: int, kind: int, index: int) -> int:
+    """The 64-bit UCX tag: the receiver's namespace, control or data, and a slot or request index.
 
     Tags match per UCX *worker*, not per endpoint, so every receiver gives each
-    connection its own namespace and no two connections' slices can match.
+    link its own random namespace: no other link's messages can match its
+    receives, and nobody who has not been told the namespace can aim at them.
     """
-    return ((namespace & MAX_NAMESPACE) << TAG_REQUEST_BITS) | (request & TAG_REQUEST_MASK)
+    return (
+        ((namespace & MAX_NAMESPACE) << (TAG_INDEX_BITS + 1))
+        | ((kind & 1) << TAG_INDEX_BITS)
+        | (index & TAG_INDEX_MASK)
+    )
+
+
+def split_tag(tag: int) -> tuple[int, int, int]:
+    """``(namespace, kind, index)`` of a tag made by :func:`make_tag`."""
+    return tag >> (TAG_INDEX_BITS + 1), (tag >> TAG_INDEX_BITS) & 1, tag & TAG_INDEX_MASK
 
 
 # ================================================================ value types
@@ -87,9 +118,9 @@ class RailAd:
     kind: str  # tcp | shm | cuda
     device: str
     ip: str
-    port: int
     bandwidth: float  # bytes/s, a hint
     prefix: int  # IPv4 prefix length of ``ip``'s subnet
+    address: bytes = b""  # the rail's UCX worker address (WELCOME only, after authentication)
 
 
 @attrs.frozen
@@ -114,6 +145,9 @@ class Op(enum.IntEnum):
     LOOKED_UP = 6
     NOTIFY = 7
     BYE = 8
+    LINK = 9
+    LINKED = 10
+    UNLINK = 11
     BIND = 20
     WRITE = 21
     READ = 22
@@ -121,6 +155,7 @@ class Op(enum.IntEnum):
     ERROR = 24
     DATA = 25
     BOUND = 26
+    SENT = 27
 
 
 @attrs.frozen
@@ -145,16 +180,21 @@ class Hello:
 
 @attrs.frozen
 class Welcome:
-    """Server → client: accepted; the connection id, rails and segment catalogue."""
+    """Server → client: accepted; the connection id, rails (with worker addresses) and catalogue.
+
+    ``slots`` header receives are posted per link, each with room for an inline
+    payload of up to ``inline_limit`` bytes.
+    """
 
     version: int
     name: str
     host_id: str
     conn_id: int
-    token: bytes  # proves on the data plane that an endpoint belongs to this connection
     rails: tuple[RailAd, ...]
     catalogue: tuple[SegmentAd, ...]
     auth: bytes
+    slots: int
+    inline_limit: int
 
 
 @attrs.frozen
@@ -194,19 +234,48 @@ class Bye:
 
 
 @attrs.frozen
-class Bind:
-    """Data plane, first message on a new endpoint: it belongs to connection ``conn_id``."""
+class Link:
+    """Client → server: open (or reopen) the data plane on the server's rail ``rail``.
 
-    conn_id: int
-    token: bytes
-    rail: str  # the server's rail name this endpoint was opened to
+    ``address`` is the client rail's UCX worker address (the server opens its
+    endpoint for replies to it), ``namespace`` the client's tag namespace for
+    this link's replies and READ data.
+    """
+
+    link_id: int
+    rail: str
+    address: bytes
+    namespace: int
+
+
+@attrs.frozen
+class Linked:
+    """Server → client: the link is ready; its header slots are posted in ``namespace``."""
+
+    link_id: int
+    namespace: int
+
+
+@attrs.frozen
+class Unlink:
+    """Either side: the link is gone (refused, failed, fenced or closed) and why."""
+
+    link_id: int
+    reason: str
+
+
+@attrs.frozen
+class Bind:
+    """Data plane, the first header on a new link: a wire-up round trip."""
+
+    request: int
 
 
 @attrs.frozen
 class Bound:
-    """Data plane, the answer to :class:`Bind`: the endpoint is wired up and accepted."""
+    """Data plane, the answer to :class:`Bind`."""
 
-    rail: str
+    request: int
 
 
 @attrs.frozen
@@ -219,7 +288,6 @@ class SliceRequest:
     sid: int
     offset: int
     length: int
-    tag: int
     payload: bytes | None = None  # WRITE: the bytes themselves, for small slices
     inline: bool = False  # READ: answer with DATA instead of a tagged send
 
@@ -247,6 +315,14 @@ class Data:
     payload: bytes
 
 
+@attrs.frozen
+class Sent:
+    """A large READ's tagged send completed on the serving side, with ``length`` bytes."""
+
+    request: int
+    length: int
+
+
 Message = (
     Challenge
     | Hello
@@ -256,12 +332,16 @@ Message = (
     | LookedUp
     | Notify
     | Bye
+    | Link
+    | Linked
+    | Unlink
     | Bind
     | Bound
     | SliceRequest
     | Ack
     | Error
     | Data
+    | Sent
 )
 
 
@@ -269,7 +349,7 @@ Message = (
 
 
 def _rail(r: RailAd) -> list[Any]:
-    return [r.name, r.kind, r.device, r.ip, r.port, float(r.bandwidth), r.prefix]
+    return [r.name, r.kind, r.device, r.ip, float(r.bandwidth), r.prefix, r.address]
 
 
 def _segment(s: SegmentAd) -> list[Any]:
@@ -280,28 +360,36 @@ def encode(msg: Message) -> bytes:
     """The wire bytes of ``msg`` (one msgpack array)."""
     if isinstance(msg, SliceRequest):
         if msg.op is Op.WRITE:
-            fields: list[Any] = [Op.WRITE, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.tag]
-            fields.append(msg.payload)
+            fields: list[Any] = [Op.WRITE, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.payload]
         else:
-            fields = [Op.READ, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.tag, msg.inline]
+            fields = [Op.READ, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.inline]
     elif isinstance(msg, Ack):
         fields = [Op.ACK, msg.request]
     elif isinstance(msg, Error):
         fields = [Op.ERROR, msg.request, msg.reason]
     elif isinstance(msg, Data):
         fields = [Op.DATA, msg.request, msg.payload]
+    elif isinstance(msg, Sent):
+        fields = [Op.SENT, msg.request, msg.length]
     elif isinstance(msg, Bind):
-        fields = [Op.BIND, msg.conn_id, msg.token, msg.rail]
+        fields = [Op.BIND, msg.request]
     elif isinstance(msg, Bound):
-        fields = [Op.BOUND, msg.rail]
+        fields = [Op.BOUND, msg.request]
+    elif isinstance(msg, Link):
+        fields = [Op.LINK, msg.link_id, msg.rail, msg.address, msg.namespace]
+    elif isinstance(msg, Linked):
+        fields = [Op.LINKED, msg.link_id, msg.namespace]
+    elif isinstance(msg, Unlink):
+        fields = [Op.UNLINK, msg.link_id, msg.reason]
     elif isinstance(msg, Challenge):
         fields = [Op.CHALLENGE, MAGIC, msg.version, msg.nonce]
     elif isinstance(msg, Hello):
         fields = [Op.HELLO, MAGIC, msg.version, msg.name, msg.host_id, [_rail(r) for r in msg.rails]]
         fields += [msg.nonce, msg.auth]
     elif isinstance(msg, Welcome):
-        fields = [Op.WELCOME, msg.version, msg.name, msg.host_id, msg.conn_id, msg.token]
+        fields = [Op.WELCOME, msg.version, msg.name, msg.host_id, msg.conn_id]
         fields += [[_rail(r) for r in msg.rails], [_segment(s) for s in msg.catalogue], msg.auth]
+        fields += [msg.slots, msg.inline_limit]
     elif isinstance(msg, Refused):
         fields = [Op.REFUSED, msg.reason]
     elif isinstance(msg, Lookup):
@@ -324,14 +412,48 @@ def frame(msg: Message) -> bytes:
     return _FRAME_HEADER.pack(len(body)) + body
 
 
-def frame_length(header: bytes) -> int:
-    """The body length announced by a 4-byte frame header; refuses oversized frames."""
+def frame_length(header: bytes, limit: int = MAX_FRAME) -> int:
+    """The body length announced by a 4-byte frame header; refuses frames over ``limit`` bytes."""
     if len(header) != _FRAME_HEADER.size:
         raise ProtocolError(f"truncated frame header ({len(header)} of {_FRAME_HEADER.size} bytes)")
     (length,) = _FRAME_HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    if length > limit:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit")
     return int(length)
+
+
+def pack_data(msg: Message) -> bytes:
+    """``msg`` as a data-plane message: a 4-byte little-endian length, then the body.
+
+    A tagged receive does not report how many bytes arrived, so the length
+    travels in front of the body.
+    """
+    body = encode(msg)
+    return _DATA_PREFIX.pack(len(body)) + body
+
+
+def unpack_data(buf: Any) -> tuple[Message, int]:
+    """Decode a data-plane message from the start of a receive buffer (a uint8 array).
+
+    Returns the message and the number of bytes it used (prefix included), so
+    that the caller can clear exactly those before reusing the buffer.
+    """
+    view = memoryview(buf).cast("B")
+    if len(view) < _DATA_PREFIX.size:
+        raise ProtocolError(f"a receive buffer of {len(view)} bytes cannot hold a message")
+    (length,) = _DATA_PREFIX.unpack_from(view)
+    used = _DATA_PREFIX.size + length
+    if length == 0 or used > len(view):
+        raise ProtocolError(f"a message announces {length} bytes in a {len(view)}-byte receive")
+    return decode(view[_DATA_PREFIX.size : used]), used
+
+
+def clip_reason(reason: str, limit: int = MAX_DATA_REASON) -> str:
+    """``reason`` cut to at most ``limit`` bytes of UTF-8 (data-plane replies have bounded room)."""
+    data = reason.encode()
+    if len(data) <= limit:
+        return reason
+    return data[: limit - 3].decode(errors="ignore") + "..."
 
 
 # ====================================================================== decode
@@ -404,7 +526,7 @@ def _ip(value: Any, what: str) -> str:
 
 
 def _rail_ad(value: Any) -> RailAd:
-    name, kind, device, ip, port, bandwidth, prefix = _fields(value, "rail", 7)
+    name, kind, device, ip, bandwidth, prefix, address = _fields(value, "rail", 7)
     kind = _str(kind, "rail kind", 8)
     if kind not in RAIL_KINDS:
         raise ProtocolError(f"rail kind {kind!r} is not one of {RAIL_KINDS}")
@@ -413,9 +535,9 @@ def _rail_ad(value: Any) -> RailAd:
         kind=kind,
         device=_str(device, "rail device"),
         ip=_ip(ip, "rail ip"),
-        port=_int(port, "rail port", 1, MAX_PORT),
         bandwidth=_float(bandwidth, "rail bandwidth"),
         prefix=_int(prefix, "rail prefix", 0, 32),
+        address=_bytes(address, "worker address", limit=MAX_ADDRESS),
     )
 
 
@@ -469,7 +591,7 @@ def _d_hello(f: list[Any]) -> Hello:
 
 
 def _d_welcome(f: list[Any]) -> Welcome:
-    _, version, name, host_id, conn_id, token, rails, catalogue, auth = _fields(f, "WELCOME", 9)
+    _, version, name, host_id, conn_id, rails, catalogue, auth, slots, inline_limit = _fields(f, "WELCOME", 10)
     version = _int(version, "WELCOME protocol version", 0, 1 << 31)
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(
@@ -479,11 +601,12 @@ def _d_welcome(f: list[Any]) -> Welcome:
         version=version,
         name=_str(name, "engine name"),
         host_id=_str(host_id, "host id", 64),
-        conn_id=_int(conn_id, "connection id", 1, MAX_NAMESPACE),
-        token=_bytes(token, "token", (TOKEN_BYTES,)),
+        conn_id=_int(conn_id, "connection id", 1, MAX_CONN_ID),
         rails=tuple(_rail_ad(r) for r in _list(rails, "rails", MAX_RAILS)),
         catalogue=tuple(_segment_ad(s) for s in _list(catalogue, "catalogue", MAX_SEGMENTS)),
         auth=_bytes(auth, "auth", (0, MAC_BYTES)),
+        slots=_int(slots, "header slots", 1, MAX_SLOTS),
+        inline_limit=_int(inline_limit, "inline limit", 0, MAX_INLINE),
     )
 
 
@@ -508,21 +631,36 @@ def _d_bye(f: list[Any]) -> Bye:
     return Bye(reason=_str(_fields(f, "BYE", 2)[1], "reason", MAX_REASON, empty=True))
 
 
-def _d_bind(f: list[Any]) -> Bind:
-    _, conn_id, token, rail = _fields(f, "BIND", 4)
-    return Bind(
-        conn_id=_int(conn_id, "connection id", 1, MAX_NAMESPACE),
-        token=_bytes(token, "token", (TOKEN_BYTES,)),
+def _d_link(f: list[Any]) -> Link:
+    _, link_id, rail, address, namespace = _fields(f, "LINK", 5)
+    return Link(
+        link_id=_int(link_id, "link id"),
         rail=_str(rail, "rail name"),
+        address=_bytes(address, "worker address", limit=MAX_ADDRESS),
+        namespace=_int(namespace, "namespace", 1, MAX_NAMESPACE),
     )
 
 
+def _d_linked(f: list[Any]) -> Linked:
+    _, link_id, namespace = _fields(f, "LINKED", 3)
+    return Linked(link_id=_int(link_id, "link id"), namespace=_int(namespace, "namespace", 1, MAX_NAMESPACE))
+
+
+def _d_unlink(f: list[Any]) -> Unlink:
+    _, link_id, reason = _fields(f, "UNLINK", 3)
+    return Unlink(link_id=_int(link_id, "link id"), reason=_str(reason, "reason", MAX_REASON, empty=True))
+
+
+def _d_bind(f: list[Any]) -> Bind:
+    return Bind(request=_int(_fields(f, "BIND", 2)[1], "request id"))
+
+
 def _d_bound(f: list[Any]) -> Bound:
-    return Bound(rail=_str(_fields(f, "BOUND", 2)[1], "rail name"))
+    return Bound(request=_int(_fields(f, "BOUND", 2)[1], "request id"))
 
 
 def _d_write(f: list[Any]) -> SliceRequest:
-    _, request, segment, sid, offset, length, tag, payload = _fields(f, "WRITE", 8)
+    _, request, segment, sid, offset, length, payload = _fields(f, "WRITE", 7)
     length = _int(length, "length")
     body = None
     if payload is not None:
@@ -536,13 +674,12 @@ def _d_write(f: list[Any]) -> SliceRequest:
         sid=_int(sid, "segment id"),
         offset=_int(offset, "offset"),
         length=length,
-        tag=_int(tag, "tag"),
         payload=body,
     )
 
 
 def _d_read(f: list[Any]) -> SliceRequest:
-    _, request, segment, sid, offset, length, tag, inline = _fields(f, "READ", 8)
+    _, request, segment, sid, offset, length, inline = _fields(f, "READ", 7)
     return SliceRequest(
         op=Op.READ,
         request=_int(request, "request id"),
@@ -550,7 +687,6 @@ def _d_read(f: list[Any]) -> SliceRequest:
         sid=_int(sid, "segment id"),
         offset=_int(offset, "offset"),
         length=_int(length, "length"),
-        tag=_int(tag, "tag"),
         inline=_bool(inline, "inline"),
     )
 
@@ -569,6 +705,11 @@ def _d_data(f: list[Any]) -> Data:
     return Data(request=_int(request, "request id"), payload=_bytes(payload, "payload"))
 
 
+def _d_sent(f: list[Any]) -> Sent:
+    _, request, length = _fields(f, "SENT", 3)
+    return Sent(request=_int(request, "request id"), length=_int(length, "length"))
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.CHALLENGE: _d_challenge,
     Op.HELLO: _d_hello,
@@ -578,6 +719,9 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.LOOKED_UP: _d_looked_up,
     Op.NOTIFY: _d_notify,
     Op.BYE: _d_bye,
+    Op.LINK: _d_link,
+    Op.LINKED: _d_linked,
+    Op.UNLINK: _d_unlink,
     Op.BIND: _d_bind,
     Op.BOUND: _d_bound,
     Op.WRITE: _d_write,
@@ -585,6 +729,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.ACK: _d_ack,
     Op.ERROR: _d_error,
     Op.DATA: _d_data,
+    Op.SENT: _d_sent,
 }
 
 
@@ -615,5 +760,5 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     return decoder(fields)
 
 
-CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye)
-DATA_TYPES: Final = (Bind, Bound, SliceRequest, Ack, Error, Data)
+CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye, Link, Linked, Unlink)
+DATA_TYPES: Final = (Bind, Bound, SliceRequest, Ack, Error, Data, Sent)

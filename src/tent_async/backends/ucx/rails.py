@@ -2,11 +2,19 @@
 
 A *local rail* is one device: a NIC (UCX's ``tcp`` transport pinned with
 ``NET_DEVICES``), shared memory for peers on the same host, or a GPU (CUDA
-transports).  Each gets its own UCX context, worker, progress thread,
-notifier thread and (on a listening engine) listener, with UCX's own
-multi-rail off (``MAX_RNDV_RAILS=1``): the planner alone decides which rail
-carries which slice.  An *engine rail* is a local rail paired with a peer's
-rail in the handshake (:mod:`.pairing`).
+transports).  Each gets its own UCX context (tagged messages only: no active
+messages, no streams), worker, progress thread, notifier thread and
+unexpected-message sweeper, with UCX's own multi-rail off
+(``MAX_RNDV_RAILS=1``): the planner alone decides which rail carries which
+slice.  An *engine rail* is a local rail paired with a peer's rail in the
+handshake (:mod:`.pairing`).
+
+There is no UCX listener: peers learn a rail's UCX worker address only over
+the authenticated control connection and open endpoints to it
+(:meth:`LocalRail.connect`).  Whatever still reaches the worker without
+having been told an address (see docs/ucx.md, "Threat model") can only leave
+tagged messages that no receive expects; the sweeper (:meth:`LocalRail.sweep`)
+takes them out of UCX's unexpected queue and drops them unread.
 
 Discovery (``rails=None``): every interface that is up and has an IPv4
 address (link speed from the OS through psutil), a shared-memory rail, and
@@ -22,17 +30,19 @@ import logging
 import os
 import queue
 import re
+import secrets
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import attrs
 
 from ...errors import ConfigError
 from ...rails import RailSpec, Tier
 from . import _ucxx
-from .protocol import RailAd
+from .protocol import MAX_NAMESPACE, RailAd, split_tag
 
 logger = logging.getLogger("tent_async.ucx")
 
@@ -48,6 +58,12 @@ LATENCY = {"tcp": 50e-6, "shm": 10e-6, "cuda": 20e-6}
 
 _PAIR_OPTION = "pair"  # RailSpec.options key (not a UCX setting): pair with the peer's rail of this name
 _RAIL_NAME = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+SWEEP_INTERVAL = 0.01  # seconds between looks into UCX's unexpected-message queue
+SWEEP_BUSY = 0.001  # ... while it keeps finding something
+SWEEP_BUDGET = 256  # messages taken out per look (keeps the event loop responsive)
+MAX_DISCARDS = 4096  # discarding receives in flight per rail; beyond that the sweeper waits
+LOG_EVERY = 10.0  # seconds between warnings about dropped unexpected messages
 
 
 @attrs.frozen
@@ -73,15 +89,15 @@ class RailPlan:
     def subnet(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(f"{self.ip}/{self.prefix}", strict=False)
 
-    def advert(self, port: int) -> RailAd:
+    def advert(self, address: bytes = b"") -> RailAd:
         return RailAd(
             name=self.name,
             kind=self.kind,
             device=self.device,
             ip=self.ip,
-            port=port,
             bandwidth=self.bandwidth,
             prefix=self.prefix,
+            address=address,
         )
 
 
@@ -165,15 +181,16 @@ def tcp_config(device: str) -> dict[str, str]:
 
 
 def shm_config() -> dict[str, str]:
-    # The listener (sockaddr) path needs a tcp device for wire-up, and endpoints
-    # accepted by a listener always use error handling, which drops shared memory
-    # unless POSIX_ERROR_HANDLING=y (verified by experiment).
-    return {"TLS": "posix,self,tcp", "NET_DEVICES": "lo", "POSIX_ERROR_HANDLING": "y", "MAX_RNDV_RAILS": "1"}
+    # Endpoints are opened from worker addresses (no listener), so shared memory
+    # needs no tcp lane for wire-up and the rail opens no network port at all.
+    # Endpoints use error handling, which drops shared memory unless
+    # POSIX_ERROR_HANDLING=y (verified by experiment).
+    return {"TLS": "posix,self", "POSIX_ERROR_HANDLING": "y", "MAX_RNDV_RAILS": "1"}
 
 
 def cuda_config() -> dict[str, str]:
     config = shm_config()
-    config["TLS"] = "cuda_copy,cuda_ipc,posix,self,tcp"
+    config["TLS"] = "cuda_copy,cuda_ipc,posix,self"
     return config
 
 
@@ -276,33 +293,58 @@ def _set_cuda_device(gpu: int) -> None:  # pragma: no cover - needs a GPU
     cupy.cuda.runtime.free(0)  # forces the primary context into existence
 
 
-class LocalRail:
-    """One UCX context + worker + progress thread + notifier thread (+ listener).
+class NamespaceOwner(Protocol):
+    """What owns a tag namespace on a rail: one direction of one link."""
 
-    Create it on the event loop thread.  UCX callbacks (a peer connecting, an
-    endpoint failing) run on the progress thread; they only hand work to the
-    loop with ``call_soon_threadsafe``.
+    def on_unexpected(self, probe: Any, kind: int, index: int, length: int) -> bool:
+        """A message in this namespace that no receive expected; True if the owner took ``probe``."""
+        ...
+
+
+class LocalRail:
+    """One UCX context + worker + progress thread + notifier thread + unexpected-message sweeper.
+
+    Create it on the event loop thread.  UCX callbacks (an endpoint failing)
+    run on the progress thread; they only hand work to the loop with
+    ``call_soon_threadsafe``.
     """
 
-    def __init__(self, plan: RailPlan, loop: asyncio.AbstractEventLoop, *, delayed_submission: bool = False) -> None:
+    def __init__(
+        self,
+        plan: RailPlan,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        delayed_submission: bool = False,
+        stats: Any = None,
+    ) -> None:
         ucx = _ucxx.loaded()
         L = ucx.L
         self.plan = plan
         self.name = plan.name
         self.loop = loop
-        self.port = 0
-        self._listener: Any = None
-        self.channels: set[Any] = set()  # every Channel ever opened here: retired ones keep their handle
-        self._on_accept: Callable[[LocalRail, Any], None] | None = None
-        features = (L.Feature.TAG, L.Feature.WAKEUP, L.Feature.AM)
+        self.stats = stats  # the backend's counters (``unexpected_dropped``), or None
+        self.channels: set[Any] = set()  # open Channels (closed with the rail)
+        self.owners: dict[int, NamespaceOwner] = {}  # tag namespace -> who receives in it
+        self._discards: dict[int, tuple[Any, Any]] = {}  # id -> (request, buffer) of dropped messages
+        self._scratch = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._dropped = 0  # unexpected messages dropped since the last warning
+        self._dropped_bytes = 0
+        self._warned_at = -LOG_EVERY
+        # Tagged messages only: with active messages, ucxx allocates every incoming one
+        # (any size, from anyone holding an endpoint) before we could look at it, and
+        # UCX buffers unrequested stream data the same way.
+        features = (L.Feature.TAG, L.Feature.WAKEUP)
         try:
-            self.context = L.UCXContext(dict(plan.ucx_config), feature_flags=features)
+            self.context: Any = L.UCXContext(dict(plan.ucx_config), feature_flags=features)
         except ucx.UCXError as exc:
             raise ConfigError(
                 f"rail {plan.name!r}: UCX cannot open {plan.device!r} with {dict(plan.ucx_config)}: "
                 f"{_ucxx.describe_error(exc)} (is the device up? for RDMA see docs/ucx.md)"
             ) from exc
-        self.worker = L.UCXWorker(self.context, enable_delayed_submission=delayed_submission, enable_python_future=True)
+        self.worker: Any = L.UCXWorker(
+            self.context, enable_delayed_submission=delayed_submission, enable_python_future=True
+        )
         if plan.gpu is not None:  # pragma: no cover - needs a GPU
             self.worker.set_progress_thread_start_callback(_set_cuda_device, cb_args=(plan.gpu,))
         self.worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
@@ -314,6 +356,11 @@ class LocalRail:
             daemon=True,
         )
         self._notifier.start()
+        self.address: bytes = bytes(self.worker.address.tobytes())
+        import numpy as np
+
+        self._scratch = np.empty(1, dtype=np.uint8)  # dropped messages are "received" into this byte
+        self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def resources(self) -> list[str]:
         """Transports and devices this context really opened, e.g. ``['tcp/eth0']``."""
@@ -323,39 +370,111 @@ class LocalRail:
                 out.append(line.split("flags")[-1].strip().lstrip("-").strip())
         return out
 
-    def listen(self, on_accept: Callable[[LocalRail, Any], None]) -> int:
-        """Accept peers on an ephemeral port of every address (UCX listeners bind 0.0.0.0)."""
+    def connect(self, address: bytes) -> Any:
+        """A new endpoint to the peer worker at ``address`` (returns at once; wire-up happens on progress)."""
         L = _ucxx.loaded().L
-        self._on_accept = on_accept
-        self._listener = L.UCXListener.create(self.worker, 0, self._conn_request, deliver_endpoint=False)
-        self.port = int(self._listener.port)
-        return self.port
+        return self.worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(address), True)
 
-    def _conn_request(self, conn_request: Any) -> None:
-        # Progress thread: create the endpoint here (error handling on), work on the loop.
-        listener = self._listener
-        if listener is None:
-            return
+    # ------------------------------------------------------------ namespaces
+
+    def claim_namespace(self, owner: NamespaceOwner) -> int:
+        """A fresh random tag namespace for ``owner`` (unguessable: 40 random bits)."""
+        while True:
+            ns = secrets.randbits(MAX_NAMESPACE.bit_length())
+            if ns and ns not in self.owners:
+                self.owners[ns] = owner
+                return ns
+
+    def release_namespace(self, ns: int) -> None:
+        """Messages that still arrive in ``ns`` are dropped by the sweeper from now on."""
+        self.owners.pop(ns, None)
+
+    # ---------------------------------------------------------------- sweeper
+
+    def sweep(self) -> int:
+        """Take unexpected messages out of UCX's queue: their owner's, or dropped unread.
+
+        A message is *unexpected* when no posted receive matched it.  Every
+        message of our own protocol has its receive posted before it is sent,
+        except a WRITE's bulk bytes overtaking their header (the owner keeps
+        those); anything else is foreign or a protocol violation.  UCX keeps an
+        unexpected eager message in memory until it is matched, so they are
+        matched here (``tag_probe`` + a receive into one scratch byte: UCX
+        reports truncation and frees the message).  Returns how many were found.
+        """
+        self._sweep_handle = None
+        L = _ucxx.loaded().L
+        found = 0
+        worker = self.worker
+        if worker is None:
+            return 0
+        while found < SWEEP_BUDGET and len(self._discards) < MAX_DISCARDS:
+            try:
+                probe = worker.tag_probe(L.UCXXTag(0), L.UCXXTagMask(0), remove=True)
+            except Exception:  # pragma: no cover - a worker being torn down
+                logger.debug("rail %s: tag_probe failed", self.name, exc_info=True)
+                break
+            if not probe.matched:
+                break
+            found += 1
+            ns, kind, index = split_tag(int(probe.sender_tag.value))
+            length = int(probe.length)
+            owner = self.owners.get(ns)
+            if owner is not None and owner.on_unexpected(probe, kind, index, length):
+                continue
+            self.discard(probe, foreign=owner is None)
+        if self.worker is not None and not self.loop.is_closed():
+            self._sweep_handle = self.loop.call_later(SWEEP_BUSY if found else SWEEP_INTERVAL, self.sweep)
+        return found
+
+    def discard(self, probe: Any, *, foreign: bool = True) -> None:
+        """Match a probed message into one scratch byte: UCX drops it (truncation) and frees its memory."""
+        ucx = _ucxx.loaded()
+        length = int(probe.length)
         try:
-            ep = listener.create_endpoint_from_conn_request(conn_request, True)
-        except Exception:
-            logger.exception("rail %s: could not accept a connection", self.name)
+            req = self.worker.tag_recv_with_handle(ucx.Array(self._scratch), probe)
+        except Exception:  # pragma: no cover - a worker being torn down
+            logger.debug("rail %s: discarding a message failed", self.name, exc_info=True)
             return
-        if self._on_accept is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._on_accept, self, ep)
+        key = id(req)
+        self._discards[key] = (req, self._scratch)
 
-    def connect(self, ip: str, port: int) -> Any:
-        """A new endpoint to ``ip:port`` (returns at once; wire-up happens on progress)."""
-        L = _ucxx.loaded().L
-        return L.UCXEndpoint.create(self.worker, ip, port, True)
+        def done(future: Any) -> None:
+            self._discards.pop(key, None)
+            _ucxx.future_error(future)  # truncation expected; mark it retrieved
+
+        req.future.add_done_callback(done)
+        if not foreign:
+            return
+        if self.stats is not None:
+            self.stats["unexpected_dropped"] += 1
+        self._dropped += 1
+        self._dropped_bytes += length
+        now = time.monotonic()
+        if now - self._warned_at >= LOG_EVERY:
+            logger.warning(
+                "rail %s: dropped %d unexpected UCX message(s) (%d bytes) that no link of this engine "
+                "expected: a stale peer, or a host that reached the UCX port without the control handshake",
+                self.name,
+                self._dropped,
+                self._dropped_bytes,
+            )
+            self._warned_at = now
+            self._dropped = self._dropped_bytes = 0
+
+    # ---------------------------------------------------------------- closing
 
     def close(self) -> None:
-        """Stop accepting, stop the threads.  Endpoints must be closed before."""
-        self._listener = None
-        self._on_accept = None
+        """Close every endpoint, stop the threads, and let UCX release the worker and context."""
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         for channel in list(self.channels):
             channel.abort("rail closing")
         self.channels.clear()
+        self.owners.clear()
+        if self.worker is None:
+            return
         try:
             self.worker.stop_progress_thread()
         except Exception:  # pragma: no cover - best effort at shutdown
@@ -365,6 +484,10 @@ class LocalRail:
             self.worker.stop_request_notifier_thread()  # wakes the notifier now, not in 1 s
             self._notifier.join(timeout=3)
             self._notifier = None
+        # The discarding receives die with the worker (it cancels what is still in flight).
+        self._discards.clear()
+        self.worker = None
+        self.context = None
 
 
 def resolve_plans(specs: Sequence[RailSpec] | None) -> list[RailPlan]:

@@ -1,21 +1,31 @@
-"""Serving peers: the handshake, segment look-ups, and inbound slice requests.
+"""Serving peers: the handshake, segment look-ups, links, and inbound slice requests.
 
-A listening engine accepts control connections on its ``listen`` address and
-data endpoints on each rail's listener.  A data endpoint must first say which
-connection it belongs to (``BIND`` with the connection's token); after that
-every slice header is checked **before** any byte moves:
+A listening engine accepts control connections on its ``listen`` address;
+UCX itself listens nowhere.  Once a client authenticated, it asks for one
+*link* per rail pair (``LINK``: its rail's UCX worker address and the tag
+namespace it receives in); the server opens an endpoint back to that address,
+picks a random namespace of its own, posts ``slots`` bounded receives for
+slice headers in it, and answers ``LINKED``.  Nothing is posted, and no UCX
+address is parsed, before the client authenticated.
+
+Every slice header is checked **before** any byte moves:
 
 * the segment is registered and is the registration the client looked up;
 * WRITE needs permission ``"rw"`` (and writable memory); nothing is ever
   received into a read-only segment;
 * ``0 <= offset``, ``0 < length <= max_request``, ``offset + length <= size``;
-* a WRITE's tag is in the connection's own tag namespace.
+* inline slices only for host memory and up to the negotiated inline limit.
 
 A violation is answered with ``ERROR`` (the reason), counted in
 ``backend.stats["rejected"]``, logged, and never writes a byte.  The rejected
-WRITE's data is still on its way (a send cannot be cancelled); it is drained
-into scratch memory so that the client's send completes, or, if it is too
-large or in a foreign tag namespace, the endpoint is closed, which stops it.
+WRITE's data is still on its way (a send cannot be cancelled); it is matched
+by a receive into one scratch byte, which UCX reports as truncated and drops,
+so that the client's send completes without the server holding its bytes.
+
+A header larger than its slot (truncation), one that does not decode, a
+header or reply-kind message that no slot expected, and bulk bytes that no
+header announced are protocol violations: counted, logged, and the whole
+connection is dropped.
 """
 
 from __future__ import annotations
@@ -34,14 +44,17 @@ import numpy as np
 from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
 from . import _ucxx
-from .channel import Channel
+from .channel import Channel, MessageTruncated
 from .control import close_writer, mac, macs_equal, read_message, write_message
 from .protocol import (
-    MAX_INLINE,
-    MAX_NAMESPACE,
+    HEADER_ROOM,
+    KIND_CONTROL,
+    KIND_DATA,
+    MAX_CLIENT_FRAME,
+    MAX_CONN_ID,
+    MAX_HELLO_FRAME,
     NONCE_BYTES,
     PROTOCOL_VERSION,
-    TOKEN_BYTES,
     Ack,
     Bind,
     Bound,
@@ -50,6 +63,8 @@ from .protocol import (
     Data,
     Error,
     Hello,
+    Link,
+    Linked,
     LookedUp,
     Lookup,
     Message,
@@ -57,9 +72,12 @@ from .protocol import (
     Op,
     Refused,
     SegmentAd,
+    Sent,
     SliceRequest,
+    Unlink,
     VersionMismatch,
     Welcome,
+    clip_reason,
     make_tag,
 )
 from .rails import LocalRail
@@ -69,33 +87,129 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("tent_async.ucx")
 
-MAX_DRAINS = 4  # rejected WRITEs being drained at once per endpoint; more closes the endpoint
-BIND_TIMEOUT = 10.0
+SLOTS = 8  # header receives posted per link (the client keeps at most this many headers unanswered)
+MAX_PENDING_HANDSHAKES = 32  # unauthenticated control connections at once; more are closed at once
+MAX_CONNECTIONS = 256  # authenticated connections at once
+MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
+STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
+MAX_WRITE_BUFFER = 4 << 20  # unsent control bytes to one client before it counts as not reading
 
 
 class Connection:
-    """One client engine connected to us: its control stream and its data endpoints."""
+    """One client engine connected to us: its control stream and its links (one per our rail)."""
 
-    def __init__(self, conn_id: int, token: bytes, name: str, host_id: str, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, conn_id: int, name: str, host_id: str, writer: asyncio.StreamWriter) -> None:
         self.conn_id = conn_id
-        self.token = token
         self.name = name
         self.host_id = host_id
         self.writer = writer
-        self.channels: set[Channel] = set()
+        self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
 
 
-class _Binding:
-    """Server-side state of one data endpoint."""
+class ServerLink:
+    """The serving side of one link: our endpoint back to the client, header slots, early WRITE bytes."""
 
-    __slots__ = ("conn", "drains", "early", "ops")
-
-    def __init__(self) -> None:
-        self.conn: Connection | None = None
-        self.early: list[Message] = []  # requests that overtook the BIND (see Channel: stale receives)
+    def __init__(self, server: Server, conn: Connection, rail: LocalRail, msg: Link, channel: Channel) -> None:
+        self.server = server
+        self.conn = conn
+        self.rail = rail
+        self.link_id = msg.link_id
+        self.peer_ns = msg.namespace
+        self.channel = channel
+        self.closed = False
+        self.ns = rail.claim_namespace(self)
         self.drains = 0
-        self.ops = 0
+        self.stash: dict[int, tuple[Any, int, float]] = {}  # request index -> (probe, length, when)
+        self._stash_timer: asyncio.TimerHandle | None = None
+        size = 4 + HEADER_ROOM + server.backend.inline_limit
+        self.slots = [np.zeros(size, dtype=np.uint8) for _ in range(server.slots)]
+
+    @property
+    def label(self) -> str:
+        return f"rail {self.rail.name} <- {self.conn.name!r}"
+
+    def arm(self, slot: int) -> None:
+        if self.closed:
+            return
+        tag = make_tag(self.ns, KIND_CONTROL, slot)
+        try:
+            self.channel.recv_message(self.slots[slot], tag, lambda msg, err: self._on_header(slot, msg, err))
+        except Exception as exc:
+            self.server.close_link(self, f"cannot post a header receive: {_ucxx.describe_error(exc)}")
+
+    def _on_header(self, slot: int, msg: Message | None, error: BaseException | None) -> None:
+        if self.closed or self.channel.closed:
+            return
+        server = self.server
+        if isinstance(error, ProtocolError):
+            server.backend.stats["protocol_errors"] += 1
+            if isinstance(error, MessageTruncated):
+                server.backend.stats["truncated"] += 1
+            server.violation(self.conn, str(error))
+            return
+        if error is not None:
+            server.close_link(self, f"{self.label}: {_ucxx.describe_error(error)}")
+            return
+        self.arm(slot)  # before answering: the client reuses the slot once it has the answer
+        assert msg is not None
+        if isinstance(msg, SliceRequest):
+            server.serve(self, msg)
+        elif isinstance(msg, Bind):
+            self.reply(Bound(request=msg.request), msg.request)
+        else:
+            server.backend.stats["protocol_errors"] += 1
+            server.violation(self.conn, f"{self.label}: unexpected {type(msg).__name__} in a header slot")
+
+    def reply(self, msg: Message, request: int) -> None:
+        self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, request))
+
+    # ------------------------------------------------------- unexpected bytes
+
+    def on_unexpected(self, probe: Any, kind: int, index: int, length: int) -> bool:
+        """The rail's sweeper found a message in our namespace that no receive expected."""
+        if self.closed:
+            return False
+        if kind == KIND_DATA and len(self.stash) < len(self.slots) and index not in self.stash:
+            # A WRITE's bytes overtook their header (still being dispatched): keep them for it.
+            self.stash[index] = (probe, length, asyncio.get_running_loop().time())
+            self.server.backend.stats["early_writes"] += 1
+            if self._stash_timer is None:
+                self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL, self._expire_stash)
+            return True
+        self.server.backend.stats["protocol_errors"] += 1
+        what = "bulk bytes no header announced" if kind == KIND_DATA else "a header no slot was free for"
+        self.server.loop_soon(self.server.violation, self.conn, f"{self.label}: {what} ({length} bytes)")
+        return False
+
+    def take_stashed(self, index: int) -> tuple[Any, int] | None:
+        entry = self.stash.pop(index, None)
+        return None if entry is None else (entry[0], entry[1])
+
+    def _expire_stash(self) -> None:
+        self._stash_timer = None
+        if self.closed or not self.stash:
+            return
+        now = asyncio.get_running_loop().time()
+        if any(now - when >= STASH_TTL for _p, _n, when in self.stash.values()):
+            self.server.backend.stats["protocol_errors"] += 1
+            self.server.violation(self.conn, f"{self.label}: bulk bytes whose header never came")
+            return
+        oldest = min(when for _p, _n, when in self.stash.values())
+        self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL - (now - oldest), self._expire_stash)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._stash_timer is not None:
+            self._stash_timer.cancel()
+            self._stash_timer = None
+        for probe, _length, _when in self.stash.values():
+            self.rail.discard(probe, foreign=False)
+        self.stash.clear()
+        self.rail.release_namespace(self.ns)
+        self.channel.abort(reason)  # cancels the header slots and every slice in flight
 
 
 class Server:
@@ -103,14 +217,16 @@ class Server:
 
     def __init__(self, backend: UcxBackend) -> None:
         self.backend = backend
+        self.slots = SLOTS
         self.connections: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._unbound: set[Channel] = set()
+        self._handshakes = 0
         self.segment_ops: collections.Counter[str] = collections.Counter()
         self._sids: dict[str, tuple[Segment, int]] = {}
         self._sid_counter = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
+        self._tiny = np.zeros(1, dtype=np.uint8)  # refused WRITEs' bytes are matched into this byte
 
     # ============================================================ catalogue
 
@@ -140,7 +256,19 @@ class Server:
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
+    def loop_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        asyncio.get_running_loop().call_soon(fn, *args)
+
     def _accept_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._handshakes >= MAX_PENDING_HANDSHAKES:
+            # Before authentication nobody gets more than this many sockets' worth of our memory.
+            self.backend.stats["handshake_refused"] += 1
+            logger.debug(
+                "engine %r: too many handshakes in progress; closing a new connection", self.backend.engine_name
+            )
+            writer.transport.abort()
+            return
+        self._handshakes += 1
         task = asyncio.get_running_loop().create_task(self._serve_control(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -151,58 +279,72 @@ class Server:
         with contextlib.suppress(PeerClosedError):
             write_message(writer, Refused(reason=reason))
 
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str
+    ) -> Connection | None:
+        backend = self.backend
+        nonce = os.urandom(NONCE_BYTES)
+        write_message(writer, Challenge(version=PROTOCOL_VERSION, nonce=nonce))
+        try:
+            hello = await read_message(reader, limit=backend.handshake_timeout, max_frame=MAX_HELLO_FRAME)
+        except VersionMismatch as exc:
+            self._refuse(writer, where, str(exc))
+            return None
+        except (ProtocolError, TimeoutError) as exc:
+            self._refuse(writer, where, f"bad handshake: {exc or 'timed out'}")
+            return None
+        if not isinstance(hello, Hello):
+            self._refuse(writer, where, f"expected HELLO, got {type(hello).__name__}")
+            return None
+        who = f"engine {hello.name!r} at {where}"
+        secret = backend.secret
+        if secret is not None:
+            expected = mac(secret, b"hello", nonce, hello.nonce, hello.name)
+            if not hello.auth:
+                self._refuse(writer, who, "this engine requires a shared secret; pass the same secret= to both")
+                return None
+            if not macs_equal(hello.auth, expected):
+                self._refuse(writer, who, "shared secret mismatch; pass the same secret= to both engines")
+                return None
+        elif hello.auth:
+            self._refuse(writer, who, "the client uses a shared secret but this engine has none; set both")
+            return None
+        if len(self.connections) >= MAX_CONNECTIONS:
+            self._refuse(writer, who, f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS} peers")
+            return None
+        conn_id = self._next_conn_id()
+        auth = mac(secret, b"welcome", hello.nonce, nonce, backend.engine_name, conn_id) if secret else b""
+        conn = Connection(conn_id, hello.name, hello.host_id, writer)
+        write_message(
+            writer,
+            Welcome(
+                version=PROTOCOL_VERSION,
+                name=backend.engine_name,
+                host_id=backend.host_id,
+                conn_id=conn_id,
+                rails=backend.rail_ads(),
+                catalogue=self.catalogue(),
+                auth=auth,
+                slots=self.slots,
+                inline_limit=backend.inline_limit,
+            ),
+        )
+        self.connections[conn_id] = conn
+        logger.info("engine %r: %s connected (connection %d)", backend.engine_name, who, conn_id)
+        return conn
+
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         backend = self.backend
         peername = writer.get_extra_info("peername")
         where = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         conn: Connection | None = None
+        authenticating = True
         try:
-            nonce = os.urandom(NONCE_BYTES)
-            write_message(writer, Challenge(version=PROTOCOL_VERSION, nonce=nonce))
-            try:
-                hello = await read_message(reader, limit=backend.handshake_timeout)
-            except VersionMismatch as exc:
-                self._refuse(writer, where, str(exc))
-                return
-            except (ProtocolError, TimeoutError) as exc:
-                self._refuse(writer, where, f"bad handshake: {exc or 'timed out'}")
-                return
-            if not isinstance(hello, Hello):
-                self._refuse(writer, where, f"expected HELLO, got {type(hello).__name__}")
-                return
-            who = f"engine {hello.name!r} at {where}"
-            secret = backend.secret
-            if secret is not None:
-                expected = mac(secret, b"hello", nonce, hello.nonce, hello.name)
-                if not hello.auth:
-                    self._refuse(writer, who, "this engine requires a shared secret; pass the same secret= to both")
-                    return
-                if not macs_equal(hello.auth, expected):
-                    self._refuse(writer, who, "shared secret mismatch; pass the same secret= to both engines")
-                    return
-            elif hello.auth:
-                self._refuse(writer, who, "the client uses a shared secret but this engine has none; set both")
-                return
-            conn_id = self._next_conn_id()
-            token = os.urandom(TOKEN_BYTES)
-            auth = mac(secret, b"welcome", hello.nonce, nonce, backend.engine_name, conn_id) if secret else b""
-            conn = Connection(conn_id, token, hello.name, hello.host_id, writer)
-            self.connections[conn_id] = conn
-            write_message(
-                writer,
-                Welcome(
-                    version=PROTOCOL_VERSION,
-                    name=backend.engine_name,
-                    host_id=backend.host_id,
-                    conn_id=conn_id,
-                    token=token,
-                    rails=backend.rail_ads(),
-                    catalogue=self.catalogue(),
-                    auth=auth,
-                ),
-            )
-            logger.info("engine %r: %s connected (connection %d)", backend.engine_name, who, conn_id)
-            await self._control_loop(conn, reader, who)
+            conn = await self._handshake(reader, writer, where)
+            self._handshakes -= 1
+            authenticating = False
+            if conn is not None:
+                await self._control_loop(conn, reader, f"engine {conn.name!r} at {where}")
         except (PeerClosedError, ConnectionError):
             pass
         except ProtocolError as exc:
@@ -213,6 +355,8 @@ class Server:
         except Exception:
             logger.exception("engine %r: serving %s failed", backend.engine_name, where)
         finally:
+            if authenticating:
+                self._handshakes -= 1
             if conn is not None:
                 self._drop(conn, "the client closed the control connection")
             await close_writer(writer)
@@ -220,9 +364,19 @@ class Server:
     async def _control_loop(self, conn: Connection, reader: asyncio.StreamReader, who: str) -> None:
         ctx = self.backend.ctx
         while True:
-            msg = await read_message(reader)
+            msg = await read_message(reader, max_frame=MAX_CLIENT_FRAME)
+            if conn.closed:  # dropped meanwhile (a data-plane violation)
+                return
+            if conn.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                raise ProtocolError(f"{who} does not read its answers ({MAX_WRITE_BUFFER} bytes queued)")
             if isinstance(msg, Lookup):
                 write_message(conn.writer, LookedUp(name=msg.name, segment=self.advert(msg.name)))
+            elif isinstance(msg, Link):
+                self._link(conn, msg)
+            elif isinstance(msg, Unlink):
+                for link in list(conn.links.values()):
+                    if link.link_id == msg.link_id:
+                        self.close_link(link, f"the client closed the link: {msg.reason}", tell=False)
             elif isinstance(msg, Notify):
                 ctx.deliver_notification(msg.message, conn.name)
             elif isinstance(msg, Bye):
@@ -237,76 +391,84 @@ class Server:
     def _next_conn_id(self) -> int:
         while True:
             cid = next(self._conn_ids)
-            if cid > MAX_NAMESPACE:
+            if cid > MAX_CONN_ID:
                 self._conn_ids = itertools.count(1)
                 continue
             if cid not in self.connections:
                 return cid
+
+    # ================================================================ links
+
+    def _link(self, conn: Connection, msg: Link) -> None:
+        """Open (or reopen) the link on our rail ``msg.rail`` to the client's worker."""
+        rail = self.backend.local_rails.get(msg.rail)
+        if rail is None:
+            write_message(conn.writer, Unlink(link_id=msg.link_id, reason=f"this engine has no rail {msg.rail!r}"))
+            return
+        old = conn.links.pop(rail.name, None)
+        if old is not None:
+            self.close_link(old, "replaced by a new link on the same rail", tell=False)
+        try:
+            ep = rail.connect(msg.address)
+        except Exception as exc:
+            reason = f"cannot open an endpoint to the client's worker: {_ucxx.describe_error(exc)}"
+            write_message(conn.writer, Unlink(link_id=msg.link_id, reason=reason))
+            return
+        label = f"rail {rail.name} <- {conn.name!r}"
+        holder: list[ServerLink] = []
+        channel = Channel(rail, ep, label, lambda ch, reason: self._channel_closed(holder, reason))
+        link = ServerLink(self, conn, rail, msg, channel)
+        holder.append(link)
+        conn.links[rail.name] = link
+        for slot in range(len(link.slots)):
+            link.arm(slot)
+        if not link.closed:
+            write_message(conn.writer, Linked(link_id=msg.link_id, namespace=link.ns))
+        logger.debug("%s: link %d up (namespace %#x)", link.label, link.link_id, link.ns)
+
+    def _channel_closed(self, holder: list[ServerLink], reason: str) -> None:
+        if holder and not holder[0].closed:
+            self.close_link(holder[0], reason)
+
+    def close_link(self, link: ServerLink, reason: str, *, tell: bool = True) -> None:
+        if link.closed:
+            return
+        conn = link.conn
+        if conn.links.get(link.rail.name) is link:
+            del conn.links[link.rail.name]
+        link.close(reason)
+        logger.debug("%s: link %d closed: %s", link.label, link.link_id, reason)
+        if tell and not conn.closed:
+            with contextlib.suppress(PeerClosedError):
+                write_message(conn.writer, Unlink(link_id=link.link_id, reason=reason))
+
+    def violation(self, conn: Connection, reason: str) -> None:
+        """A protocol violation on the data plane: drop the whole connection."""
+        if conn.closed:
+            return
+        logger.warning(
+            "engine %r: dropping the connection of %r after a protocol violation: %s",
+            self.backend.engine_name,
+            conn.name,
+            reason,
+        )
+        with contextlib.suppress(PeerClosedError):
+            write_message(conn.writer, Bye(reason=f"protocol violation: {reason}"))
+        self._drop(conn, f"protocol violation: {reason}")
+        conn.writer.close()  # ends its control loop
 
     def _drop(self, conn: Connection, reason: str) -> None:
         if conn.closed:
             return
         conn.closed = True
         self.connections.pop(conn.conn_id, None)
-        for ch in list(conn.channels):
-            # Retire, not close: the client closes its side (which cancels the receives
-            # posted for it), and closing ours would let UCX recycle the handle.
-            ch.retire(reason)
-        conn.channels.clear()
+        for link in list(conn.links.values()):
+            self.close_link(link, reason, tell=False)
+        conn.links.clear()
 
     # ================================================================= data
 
-    def accept(self, rail: LocalRail, ep: Any) -> None:
-        """A peer opened a data endpoint to one of our rails; it must BIND first."""
-        ch = Channel(rail, ep, f"rail {rail.name} (inbound)", self._on_message, self._on_close, self._on_bad)
-        logger.debug("%s: accepted endpoint %#x", ch.label, ep.handle)
-        ch.state = _Binding()
-        self._unbound.add(ch)
-        loop = asyncio.get_running_loop()
-        loop.call_later(BIND_TIMEOUT, self._bind_timeout, ch)
-
-    def _bind_timeout(self, ch: Channel) -> None:
-        if ch in self._unbound and not ch.closed:
-            self._unbound.discard(ch)
-            ch.retire("no BIND within the timeout")
-
-    def _on_bad(self, ch: Channel, exc: ProtocolError) -> None:
-        self.backend.stats["protocol_errors"] += 1
-
-    def _on_close(self, ch: Channel, reason: str) -> None:
-        self._unbound.discard(ch)
-        binding: _Binding = ch.state
-        if binding.conn is not None:
-            binding.conn.channels.discard(ch)
-        logger.debug("%s closed: %s", ch.label, reason)
-
-    def _on_message(self, ch: Channel, msg: Message) -> None:
-        binding: _Binding = ch.state
-        if isinstance(msg, SliceRequest) and binding.conn is not None:
-            self._serve(ch, binding, binding.conn, msg)
-        elif isinstance(msg, SliceRequest) and len(binding.early) < 64:
-            binding.early.append(msg)
-        elif isinstance(msg, Bind) and binding.conn is None:
-            conn = self.connections.get(msg.conn_id)
-            if conn is None or conn.closed or not macs_equal(conn.token, msg.token) or msg.rail != ch.rail.name:
-                self.backend.stats["rejected"] += 1
-                logger.warning("%s: refusing a BIND for unknown connection %d", ch.label, msg.conn_id)
-                ch.abort("bad BIND")
-                return
-            binding.conn = conn
-            self._unbound.discard(ch)
-            conn.channels.add(ch)
-            ch.label = f"rail {ch.rail.name} <- {conn.name!r}"
-            ch.send(Bound(rail=ch.rail.name))
-            early, binding.early = binding.early, []
-            for request in early:
-                self._on_message(ch, request)
-        else:
-            self.backend.stats["protocol_errors"] += 1
-            logger.warning("%s: unexpected %s; closing the endpoint", ch.label, type(msg).__name__)
-            ch.abort(f"unexpected {type(msg).__name__}")
-
-    def _check(self, conn: Connection, msg: SliceRequest) -> tuple[Segment | None, str]:
+    def _check(self, msg: SliceRequest) -> tuple[Segment | None, str]:
         """The segment a request may touch, or the reason it may not."""
         entry = self._sids.get(msg.segment)
         if entry is None or not entry[0].registered:
@@ -317,11 +479,8 @@ class Server:
                 f"segment {msg.segment!r} was registered again since it was looked up; "
                 "look it up again with peer.segment()"
             )
-        if msg.op is Op.WRITE:
-            if seg.permission != "rw" or seg.memory.readonly:
-                return None, f"segment {msg.segment!r} is read-only (permission {seg.permission!r}); WRITE refused"
-            if msg.tag != make_tag(conn.conn_id, msg.request):
-                return None, "WRITE tag outside the connection's namespace"
+        if msg.op is Op.WRITE and (seg.permission != "rw" or seg.memory.readonly):
+            return None, f"segment {msg.segment!r} is read-only (permission {seg.permission!r}); WRITE refused"
         if msg.length <= 0:
             return None, f"length must be positive, got {msg.length}"
         if msg.length > self.backend.max_request:
@@ -331,13 +490,15 @@ class Server:
                 f"[{msg.offset}:{msg.offset + msg.length}] is outside segment {msg.segment!r} of {seg.size} bytes"
             )
         inline = msg.payload is not None or msg.inline
-        if inline and (seg.memory.is_cuda or msg.length > MAX_INLINE):
-            return None, "inline slices are for host memory up to 1 MiB"
+        if inline and (seg.memory.is_cuda or msg.length > self.backend.inline_limit):
+            return None, f"inline slices are for host memory up to {self.backend.inline_limit} bytes"
         return seg, ""
 
-    def _serve(self, ch: Channel, binding: _Binding, conn: Connection, msg: SliceRequest) -> None:
-        seg, reason = self._check(conn, msg)
+    def serve(self, link: ServerLink, msg: SliceRequest) -> None:
+        seg, reason = self._check(msg)
         stats = self.backend.stats
+        ch = link.channel
+        conn = link.conn
         if seg is None:
             stats["rejected"] += 1
             logger.warning(
@@ -350,9 +511,9 @@ class Server:
                 conn.name,
                 reason,
             )
-            ch.send(Error(request=msg.request, reason=reason))
+            link.reply(Error(request=msg.request, reason=clip_reason(reason)), msg.request)
             if msg.op is Op.WRITE and msg.payload is None:
-                self._drain(ch, binding, conn, msg)
+                self._drain(link, msg)
             return
         view = seg.memory.array[msg.offset : msg.offset + msg.length]
         if msg.op is Op.WRITE:
@@ -360,87 +521,100 @@ class Server:
                 np.copyto(view, np.frombuffer(msg.payload, dtype=np.uint8))
                 stats["served_write"] += 1
                 stats["bytes_written"] += msg.length
-                ch.send(Ack(request=msg.request))
+                link.reply(Ack(request=msg.request), msg.request)
                 return
-            self._begin(seg, binding)
+            stashed = link.take_stashed(msg.request)
+            if stashed is not None and stashed[1] != msg.length:
+                stats["rejected"] += 1
+                link.rail.discard(stashed[0], foreign=False)
+                why = f"WRITE announced {msg.length} bytes but {stashed[1]} were sent"
+                link.reply(Error(request=msg.request, reason=why), msg.request)
+                return
+            self._begin(seg)
             try:
-                req = ch.tag_recv(view, msg.tag)
+                if stashed is not None:
+                    req = ch.recv_with_handle(view, stashed[0])
+                else:
+                    req = ch.tag_recv(view, make_tag(link.ns, KIND_DATA, msg.request))
             except Exception as exc:
-                self._end(seg, binding)
-                ch.send(Error(request=msg.request, reason=f"cannot receive: {_ucxx.describe_error(exc)}"))
+                self._end(seg)
+                why = clip_reason(f"cannot receive: {_ucxx.describe_error(exc)}")
+                link.reply(Error(request=msg.request, reason=why), msg.request)
                 return
-            ch.keep(req, (view, seg), self._after_recv(ch, binding, seg, msg))
+            ch.keep(req, (view, seg), self._after_recv(link, seg, msg))
             return
         # READ
         if msg.inline:
             stats["served_read"] += 1
             stats["bytes_read"] += msg.length
-            ch.send(Data(request=msg.request, payload=view.tobytes()))
+            link.reply(Data(request=msg.request, payload=view.tobytes()), msg.request)
             return
-        self._begin(seg, binding)
+        self._begin(seg)
         try:
-            req = ch.tag_send(view, msg.tag)
+            req = ch.tag_send(view, make_tag(link.peer_ns, KIND_DATA, msg.request))
         except Exception as exc:
-            self._end(seg, binding)
-            ch.send(Error(request=msg.request, reason=f"cannot send: {_ucxx.describe_error(exc)}"))
+            self._end(seg)
+            why = clip_reason(f"cannot send: {_ucxx.describe_error(exc)}")
+            link.reply(Error(request=msg.request, reason=why), msg.request)
             return
-        ch.keep(req, (view, seg), self._after_send(binding, seg, msg))
+        ch.keep(req, (view, seg), self._after_send(link, seg, msg))
 
-    def _begin(self, seg: Segment, binding: _Binding) -> None:
+    def _begin(self, seg: Segment) -> None:
         self.segment_ops[seg.name] += 1
-        binding.ops += 1
 
-    def _end(self, seg: Segment, binding: _Binding) -> None:
+    def _end(self, seg: Segment) -> None:
         self.segment_ops[seg.name] -= 1
         if self.segment_ops[seg.name] <= 0:
             del self.segment_ops[seg.name]
-        binding.ops -= 1
 
-    def _after_recv(
-        self, ch: Channel, binding: _Binding, seg: Segment, msg: SliceRequest
-    ) -> Callable[[BaseException | None], None]:
+    def _after_recv(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
-            self._end(seg, binding)
-            if error is None and not ch.closed:
+            self._end(seg)
+            if error is None and not link.closed:
                 self.backend.stats["served_write"] += 1
                 self.backend.stats["bytes_written"] += msg.length
-                ch.send(Ack(request=msg.request))
-            elif error is not None:
-                logger.debug("%s: receive of request %d ended: %s", ch.label, msg.request, error)
+                link.reply(Ack(request=msg.request), msg.request)
+            elif error is not None and not link.closed:
+                why = clip_reason(f"receive failed: {_ucxx.describe_error(error)}")
+                link.reply(Error(request=msg.request, reason=why), msg.request)
 
         return done
 
-    def _after_send(self, binding: _Binding, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
+    def _after_send(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
-            self._end(seg, binding)
+            self._end(seg)
+            if link.closed:
+                return
             if error is None:
                 self.backend.stats["served_read"] += 1
                 self.backend.stats["bytes_read"] += msg.length
+                link.reply(Sent(request=msg.request, length=msg.length), msg.request)
+            else:
+                why = clip_reason(f"send failed: {_ucxx.describe_error(error)}")
+                link.reply(Error(request=msg.request, reason=why), msg.request)
 
         return done
 
-    def _drain(self, ch: Channel, binding: _Binding, conn: Connection, msg: SliceRequest) -> None:
-        """Receive a refused WRITE's bytes into scratch memory so the client's send completes."""
-        if (
-            msg.tag != make_tag(conn.conn_id, msg.request)
-            or msg.length > self.backend.drain_limit
-            or binding.drains >= MAX_DRAINS
-        ):
-            ch.abort("refused WRITE cannot be drained")
+    def _drain(self, link: ServerLink, msg: SliceRequest) -> None:
+        """Let a refused WRITE's bytes arrive without keeping them: matched into one byte, UCX drops them."""
+        stashed = link.take_stashed(msg.request)
+        if stashed is not None:
+            link.rail.discard(stashed[0], foreign=False)
             return
-        scratch = np.empty(msg.length, dtype=np.uint8)
-        binding.drains += 1
+        if link.drains >= MAX_DRAINS:
+            self.close_link(link, f"more than {MAX_DRAINS} refused WRITEs whose bytes never came")
+            return
         try:
-            req = ch.tag_recv(scratch, msg.tag)
+            req = link.channel.tag_recv(self._tiny, make_tag(link.ns, KIND_DATA, msg.request))
         except Exception:
-            binding.drains -= 1
-            ch.abort("refused WRITE cannot be drained")
+            self.close_link(link, "refused WRITE cannot be drained")
             return
+        link.drains += 1
 
         def drained(_error: BaseException | None) -> None:
-            binding.drains -= 1
+            link.drains -= 1
 
-        ch.keep(req, scratch, drained)
+        link.channel.keep(req, self._tiny, drained)
 
     # ============================================================== closing
 
@@ -451,8 +625,6 @@ class Server:
             with contextlib.suppress(PeerClosedError):
                 write_message(conn.writer, Bye(reason="engine closing"))
             self._drop(conn, "engine closing")
-        for ch in list(self._unbound):
-            ch.retire("engine closing")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
