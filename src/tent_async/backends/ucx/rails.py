@@ -177,7 +177,14 @@ def _config(base: Mapping[str, str], options: Mapping[str, str]) -> dict[str, st
 
 
 def tcp_config(device: str) -> dict[str, str]:
-    return {"TLS": "tcp", "NET_DEVICES": device, "MAX_RNDV_RAILS": "1"}
+    # TCP_CONN_NB: UCX's tcp transport connects with a *blocking* connect() by
+    # default, on the worker's progress thread, while ucxx's endpoint creation
+    # waits for it on the event loop.  To a peer whose link is down that is a
+    # SYN timeout (minutes): the event loop stood still and every other rail
+    # missed its deadlines (found by the link-down test).  Non-blocking connects
+    # return at once; a connection that never completes is caught by the link
+    # timeout and the slices' deadlines like any other dead rail.
+    return {"TLS": "tcp", "NET_DEVICES": device, "MAX_RNDV_RAILS": "1", "TCP_CONN_NB": "y"}
 
 
 def shm_config() -> dict[str, str]:
