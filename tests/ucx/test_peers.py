@@ -31,6 +31,18 @@ async def test_connect_to_nothing_fails_fast() -> None:
             await engine.connect(f"127.0.0.1:{_free_port()}")
 
 
+@pytest.mark.parametrize("where", ["256.1.1.1:0", "192.0.2.1:0", "in-use"])
+async def test_listening_where_one_cannot_is_a_config_error(where: str) -> None:
+    """A bad host name, an address of another machine, or a port in use: ConfigError, nothing left open."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        listen = f"127.0.0.1:{taken.getsockname()[1]}" if where == "in-use" else where
+        with anyio.fail_after(20), pytest.raises(tent.ConfigError, match="cannot listen on"):
+            async with tent.Engine(backend="ucx", name="nowhere", listen=listen):
+                pass  # pragma: no cover - start must fail
+
+
 async def test_a_silent_listener_times_out_with_a_clear_error() -> None:
     """Something accepts the TCP connection but never speaks the protocol."""
     server = socket.socket()
@@ -146,8 +158,9 @@ async def test_cancelling_a_transfer_to_a_peer_restores_accounting(spawn_peer: A
             kv = await peer.segment("kv")
         src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
         with anyio.fail_after(30):
-            with anyio.move_on_after(0.01):
+            with anyio.move_on_after(0.01) as scope:
                 await engine.transfer(src[:], kv[:])
+            assert scope.cancelled_caught  # 64 MiB do not cross in 10 ms: the transfer was cancelled
             snap = engine.telemetry()
             assert snap.inflight_bytes == 0 and snap.open_transfers == 0
             await engine.transfer(src[:MiB], kv[:MiB])  # still usable

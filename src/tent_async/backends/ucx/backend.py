@@ -182,7 +182,13 @@ class UcxBackend(Backend):
             if self._listen is not None:
                 self._server = Server(self)
                 host, port = self._listen
-                real_port = await self._server.start(host, port)
+                try:
+                    real_port = await self._server.start(host, port)
+                except OSError as exc:  # unknown host, address not on this machine, port in use
+                    raise ConfigError(
+                        f"cannot listen on {host}:{port}: {exc.strerror or exc}; give an address of this "
+                        "machine (or 0.0.0.0) and a free port (0 picks one)"
+                    ) from exc
                 self._address = f"{advertised_host(host, [p.ip for p in self.plans])}:{real_port}"
         except BaseException:
             await self.aclose()
