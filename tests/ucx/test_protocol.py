@@ -207,3 +207,29 @@ def test_addresses_and_macs() -> None:
         with pytest.raises(ConfigError):
             parse_address(bad)
     assert mac(b"k", b"l", b"ab", b"c") != mac(b"k", b"l", b"a", b"bc")  # parts are length-prefixed
+
+
+@pytest.mark.parametrize(
+    ("local_cuda", "remote_kind", "length", "inline"),
+    [
+        (False, "host", 4096, True),
+        (False, "host", 1 << 20, False),  # over the negotiated inline limit
+        (True, "host", 4096, False),  # our GPU memory
+        (False, "cuda:0", 4096, False),  # the peer's GPU memory: it refuses inline slices there
+    ],
+)
+@pytest.mark.parametrize("kind", ["WRITE", "READ"])
+def test_only_small_host_to_host_slices_travel_inline(
+    local_cuda: bool, remote_kind: str, length: int, inline: bool, kind: str
+) -> None:
+    from types import SimpleNamespace
+
+    from tent_async.backends.ucx.peer import Op, _Op
+
+    local = SimpleNamespace(memory=SimpleNamespace(is_cuda=local_cuda))
+    remote = SimpleNamespace(kind=remote_kind)
+    op_kind = Op[kind]
+    src, dst = (local, remote) if op_kind is Op.WRITE else (remote, local)
+    attempt = SimpleNamespace(id=1, src=src, dst=dst, length=length)
+    link = SimpleNamespace(peer=SimpleNamespace(inline_limit=16 << 10))
+    assert _Op(attempt, link, op_kind, 0.0).inline is inline  # type: ignore[arg-type]

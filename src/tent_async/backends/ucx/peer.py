@@ -142,8 +142,11 @@ class _Op:
         a = self.attempt
         if a is None:
             return False
-        local = a.src if self.kind is Op.WRITE else a.dst
-        return not local.memory.is_cuda and a.length <= self.link.peer.inline_limit  # type: ignore[attr-defined]
+        local, remote = (a.src, a.dst) if self.kind is Op.WRITE else (a.dst, a.src)
+        # Inline bytes are copied by the CPU on both sides: host memory at both ends only
+        # (the peer refuses an inline slice into or out of its GPU memory).
+        host = not local.memory.is_cuda and remote.kind == "host"  # type: ignore[attr-defined]
+        return host and a.length <= self.link.peer.inline_limit
 
 
 class Link:
