@@ -42,7 +42,7 @@ async def serve_raw(config: dict[str, Any]) -> None:
 
     ucx = _ucxx.load()
     loop = asyncio.get_running_loop()
-    rail = LocalRail(plan_from_spec(rail_spec(config["rail"])), loop)
+    rail = LocalRail(plan_from_spec(rail_spec(config["rail"])), loop, sweep=False)
     print(json.dumps({"address": rail.address.hex()}), flush=True)
     line = await loop.run_in_executor(None, sys.stdin.readline)
     stop = asyncio.ensure_future(_stdin_closed())
@@ -54,13 +54,13 @@ async def serve_raw(config: dict[str, Any]) -> None:
         for nbytes, count in config["rounds"]:
             view = buf[:nbytes]
             recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
-            for _ in range(count):
+            for i in range(count):
                 await recv.wait()
                 tag += 1
-                recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))  # pre-post the next one first
+                if i + 1 < count:  # pre-post the next one before the ack; none past the round:
+                    # cancelling a receive races with the client's next message matching it.
+                    recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
                 await ep.tag_send(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | (tag - 1))).wait()
-            recv.future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            del recv  # drops (cancels) the receive posted for a round that does not come
         await stop
         ep.close_blocking(10**9, 1)
     finally:

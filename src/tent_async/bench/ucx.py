@@ -105,7 +105,7 @@ async def _raw_client(
 
     ucx = _ucxx.load()
     L = ucx.L
-    local = LocalRail(plan_from_spec(rail_spec(rail)), asyncio.get_running_loop())
+    local = LocalRail(plan_from_spec(rail_spec(rail)), asyncio.get_running_loop(), sweep=False)
     try:
         assert proc.stdin is not None
         proc.stdin.write(json.dumps({"address": local.address.hex()}) + "\n")  # the peer answers to this

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
+import numpy as np
 
 from ...errors import ConfigError
 from ...rails import RailSpec, Tier
@@ -323,7 +324,10 @@ class LocalRail:
         *,
         delayed_submission: bool = False,
         stats: Any = None,
+        sweep: bool = True,
     ) -> None:
+        """``sweep=False`` leaves UCX's unexpected queue alone (raw ucxx in the benchmark, which
+        relies on messages that arrive before their receive was posted)."""
         ucx = _ucxx.loaded()
         L = ucx.L
         self.plan = plan
@@ -364,10 +368,9 @@ class LocalRail:
         )
         self._notifier.start()
         self.address: bytes = bytes(self.worker.address.tobytes())
-        import numpy as np
-
         self._scratch = np.empty(1, dtype=np.uint8)  # dropped messages are "received" into this byte
-        self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self.sweep)
+        if sweep:
+            self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def resources(self) -> list[str]:
         """Transports and devices this context really opened, e.g. ``['tcp/eth0']``."""
