@@ -293,8 +293,13 @@ async def test_descriptors_and_threads_stay_flat_across_connect_close_cycles(spa
     assert server.cmd(cmd="fds")["fds"] - server_fds <= 2
 
 
-async def test_write_bytes_that_overtake_their_header_are_kept_for_it(spawn_peer: Any) -> None:
-    """The sweeper finds a WRITE's bytes before their header was dispatched: kept, then received."""
+@pytest.mark.parametrize("first_attempt", [1, (1 << 23) - 4], ids=["fresh", "ids-past-the-tag-index"])
+async def test_write_bytes_that_overtake_their_header_are_kept_for_it(spawn_peer: Any, first_attempt: int) -> None:
+    """The sweeper finds a WRITE's bytes before their header was dispatched: kept, then received.
+
+    Tags carry only an attempt id's low 23 bits; a long-running engine's ids outgrow them
+    (the second case crosses that boundary), and early bytes must still find their header.
+    """
     server = spawn_peer(
         name="slow",
         slow_headers=True,
@@ -311,6 +316,8 @@ async def test_write_bytes_that_overtake_their_header_are_kept_for_it(spawn_peer
             ro = await peer.segment("ro")
         data = np.random.default_rng(7).integers(0, 256, 4 * MiB, dtype=np.uint8)
         src = engine.register(data, name="src")
+        assert engine._planner is not None
+        engine._planner._next_aid = first_attempt
         with anyio.fail_after(30):
             await engine.transfer(src[:], kv[:])
         digest = server.cmd(cmd="digest", segment="kv")["digest"]

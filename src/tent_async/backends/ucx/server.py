@@ -55,6 +55,7 @@ from .protocol import (
     MAX_HELLO_FRAME,
     NONCE_BYTES,
     PROTOCOL_VERSION,
+    TAG_INDEX_MASK,
     Ack,
     Bind,
     Bound,
@@ -182,8 +183,9 @@ class ServerLink:
         self.server.loop_soon(self.server.violation, self.conn, f"{self.label}: {what} ({length} bytes)")
         return False
 
-    def take_stashed(self, index: int) -> tuple[Any, int] | None:
-        entry = self.stash.pop(index, None)
+    def take_stashed(self, request: int) -> tuple[Any, int] | None:
+        """The early bytes of ``request``: filed under its tag's index (the request id's low bits)."""
+        entry = self.stash.pop(request & TAG_INDEX_MASK, None)
         return None if entry is None else (entry[0], entry[1])
 
     def _expire_stash(self) -> None:
