@@ -134,7 +134,7 @@ class _Op:
         self.violation: str | None = None  # the peer broke the protocol on this slice
         self.error: str | None = None  # a UCX request failed, or the link went down
         self.withdrawing = False
-        self.reported = False  # the planner has its outcome (a withdrawn small READ: before its reply)
+        self.reported = False  # the planner has its outcome
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
 
     @property
@@ -432,6 +432,9 @@ class Link:
             stats["truncated"] += 1
         op.violation = f"peer {self.peer.name!r} on rail {self.name}: {what}"
         logger.warning("%s", op.violation)
+        # A large READ's receive may still be posted (a wrong or short answer): dropping the last
+        # reference cancels it, so the op can settle instead of waiting for the fence.
+        op.data_req = None
         if teardown and op.channel is self.channel and self.channel is not None:
             asyncio.get_running_loop().call_soon(self._teardown, op.violation)
 
@@ -470,8 +473,6 @@ class Link:
         key = -1 if op.attempt is None else op.attempt.id
         known = op.reply is not None or op.error is not None or op.violation is not None
         if not known and not (op.withdrawing and not op.sent):
-            if op.withdrawing and op.kind is Op.READ and op.inline and op.sent and not op.reported:
-                self._report(op)  # a small READ: its reply will be ignored, nothing of it can land
             return
         if self.ops.get(key) is op:
             del self.ops[key]
