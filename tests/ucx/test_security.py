@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from procnet import listening_ports
 
 import tent_async as tent
 from conftest import PeerProcess, requires_ucxx
@@ -63,25 +64,6 @@ class RssWatch:
         self._stop.set()
         self._thread.join(5)
         return self.peak - self.base
-
-
-def listening_ports(pid: int) -> list[int]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/{pid}/net/{table}") as fh:
-            for line in fh.read().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
 
 
 def attack(how: str, port: int, mode: str, size: int = ATTACK, count: int = 1) -> dict[str, Any]:

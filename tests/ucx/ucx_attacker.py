@@ -33,32 +33,9 @@ os.environ.setdefault("UCX_LOG_LEVEL", "error")
 import numpy as np
 import ucxx  # noqa: F401  (sets UCX_* defaults)
 import ucxx._lib.libucxx as L
+from procnet import listening_ports  # this directory: the script runs as a file
 from ucxx._lib.arr import Array
 from ucxx._lib_async.notifier_thread import _notifierThread
-
-
-def listening_ports(pid: str = "self") -> list[int]:
-    """TCP ports the process listens on (from its socket descriptors and /proc/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = []
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as fh:
-                lines = fh.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
-                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
-    return sorted(set(ports))
 
 
 async def main(how: str, port: int, mode: str, size: int, count: int) -> dict[str, object]:
