@@ -640,10 +640,10 @@ async def _stdin_line() -> str:
 
 
 class _RawRail:
-    """One UCX context + worker + progress thread, as the ucx backend will have per rail.
+    """One UCX context + worker + progress thread, as the ucx backend has per rail.
 
     Cython layer directly (``ucxx._lib.libucxx``): ApplicationContext gives progress only
-    to the first context of a loop (docs/testbed.md, FINDINGS §1b).
+    to the first context of a loop (docs/ucx.md, "ucxx's sharp edges").
     """
 
     def __init__(self, config: dict[str, str]) -> None:
