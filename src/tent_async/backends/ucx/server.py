@@ -157,13 +157,18 @@ class ServerLink:
         if isinstance(msg, SliceRequest):
             server.serve(self, msg)
         elif isinstance(msg, Bind):
-            self.reply(Bound(request=msg.request), msg.request)
+            self.reply(Bound(request=msg.request))
         else:
             server.backend.stats["protocol_errors"] += 1
             server.violation(self.conn, f"{self.label}: unexpected {type(msg).__name__} in a header slot")
 
-    def reply(self, msg: Message, request: int) -> None:
-        self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, request))
+    def reply(self, msg: Ack | Bound | Data | Error | Sent) -> None:
+        """The one reply to a header, into the receive the client posted for its request."""
+        self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, msg.request))
+
+    def refuse(self, request: int, reason: str) -> None:
+        """Answer ``request`` with ``ERROR`` (the reason cut to what the client's receive holds)."""
+        self.reply(Error(request=request, reason=clip_reason(reason)))
 
     # ------------------------------------------------------- unexpected bytes
 
@@ -513,7 +518,7 @@ class Server:
                 conn.name,
                 reason,
             )
-            link.reply(Error(request=msg.request, reason=clip_reason(reason)), msg.request)
+            link.refuse(msg.request, reason)
             if msg.op is Op.WRITE and msg.payload is None:
                 self._drain(link, msg)
             return
@@ -523,14 +528,13 @@ class Server:
                 np.copyto(view, np.frombuffer(msg.payload, dtype=np.uint8))
                 stats["served_write"] += 1
                 stats["bytes_written"] += msg.length
-                link.reply(Ack(request=msg.request), msg.request)
+                link.reply(Ack(request=msg.request))
                 return
             stashed = link.take_stashed(msg.request)
             if stashed is not None and stashed[1] != msg.length:
                 stats["rejected"] += 1
                 link.rail.discard(stashed[0], foreign=False)
-                why = f"WRITE announced {msg.length} bytes but {stashed[1]} were sent"
-                link.reply(Error(request=msg.request, reason=why), msg.request)
+                link.refuse(msg.request, f"WRITE announced {msg.length} bytes but {stashed[1]} were sent")
                 return
             self._begin(seg)
             try:
@@ -540,8 +544,7 @@ class Server:
                     req = ch.tag_recv(view, make_tag(link.ns, KIND_DATA, msg.request))
             except Exception as exc:
                 self._end(seg)
-                why = clip_reason(f"cannot receive: {_ucxx.describe_error(exc)}")
-                link.reply(Error(request=msg.request, reason=why), msg.request)
+                link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
                 return
             ch.keep(req, (view, seg), self._after_recv(link, seg, msg))
             return
@@ -549,15 +552,14 @@ class Server:
         if msg.inline:
             stats["served_read"] += 1
             stats["bytes_read"] += msg.length
-            link.reply(Data(request=msg.request, payload=view.tobytes()), msg.request)
+            link.reply(Data(request=msg.request, payload=view.tobytes()))
             return
         self._begin(seg)
         try:
             req = ch.tag_send(view, make_tag(link.peer_ns, KIND_DATA, msg.request))
         except Exception as exc:
             self._end(seg)
-            why = clip_reason(f"cannot send: {_ucxx.describe_error(exc)}")
-            link.reply(Error(request=msg.request, reason=why), msg.request)
+            link.refuse(msg.request, f"cannot send: {_ucxx.describe_error(exc)}")
             return
         ch.keep(req, (view, seg), self._after_send(link, seg, msg))
 
@@ -575,10 +577,9 @@ class Server:
             if error is None and not link.closed:
                 self.backend.stats["served_write"] += 1
                 self.backend.stats["bytes_written"] += msg.length
-                link.reply(Ack(request=msg.request), msg.request)
+                link.reply(Ack(request=msg.request))
             elif error is not None and not link.closed:
-                why = clip_reason(f"receive failed: {_ucxx.describe_error(error)}")
-                link.reply(Error(request=msg.request, reason=why), msg.request)
+                link.refuse(msg.request, f"receive failed: {_ucxx.describe_error(error)}")
 
         return done
 
@@ -590,10 +591,9 @@ class Server:
             if error is None:
                 self.backend.stats["served_read"] += 1
                 self.backend.stats["bytes_read"] += msg.length
-                link.reply(Sent(request=msg.request, length=msg.length), msg.request)
+                link.reply(Sent(request=msg.request, length=msg.length))
             else:
-                why = clip_reason(f"send failed: {_ucxx.describe_error(error)}")
-                link.reply(Error(request=msg.request, reason=why), msg.request)
+                link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
 
         return done
 
