@@ -35,6 +35,7 @@ from ...core import (
     Withdraw,
 )
 from ...core.decisions import Attempt
+from ...core.transfer_state import TransferState
 from ...errors import TentError
 from .clock import Timer, VirtualClock
 from .fabric import Flow, FluidFabric, SimRailError
@@ -208,6 +209,25 @@ class _Open:
         self.tid = tid
         self.ranges: list[tuple[int, int, int]] = []
 
+    def record(self, counts: Finished | TransferState, *, finished: float, outcome: str, acked: int) -> FlowRecord:
+        """This flow's :class:`FlowRecord`; ``counts`` gives its submit time and slice counts."""
+        a = self.arrival
+        return FlowRecord(
+            id=self.id,
+            kind=a.kind,
+            tenant=a.tenant,
+            src=a.src,
+            dst=a.dst,
+            size=a.size,
+            submitted=counts.submitted_at,
+            finished=finished,
+            outcome=outcome,
+            acked=acked,
+            slices=counts.slices,
+            attempts=counts.attempts,
+            reroutes=counts.reroutes,
+        )
+
 
 class ScenarioRunner:
     """Runs one scenario under one policy; see the module docstring.
@@ -356,23 +376,7 @@ class ScenarioRunner:
         if fin.outcome is Outcome.DONE and self.check:
             self._verify(entry, a.size)
         acked = a.size if fin.outcome is Outcome.DONE else sum(r[2] for r in entry.ranges)
-        self._records.append(
-            FlowRecord(
-                id=entry.id,
-                kind=a.kind,
-                tenant=a.tenant,
-                src=a.src,
-                dst=a.dst,
-                size=a.size,
-                submitted=fin.submitted_at,
-                finished=fin.finished_at,
-                outcome=outcome,
-                acked=acked,
-                slices=fin.slices,
-                attempts=fin.attempts,
-                reroutes=fin.reroutes,
-            )
-        )
+        self._records.append(entry.record(fin, finished=fin.finished_at, outcome=outcome, acked=acked))
         for nxt in entry.source.finished(a, self.clock.now):
             self.clock.call_at(nxt.time, self._arrive, nxt, entry.source)
 
@@ -442,26 +446,9 @@ class ScenarioRunner:
         now = self.clock.now
         records = list(self._records)
         for (node, tid), entry in sorted(self._open.items()):
-            a = entry.arrival
             acked, _total = self.planners[node].progress(tid)
             t = self.planners[node].transfer(tid)
-            records.append(
-                FlowRecord(
-                    id=entry.id,
-                    kind=a.kind,
-                    tenant=a.tenant,
-                    src=a.src,
-                    dst=a.dst,
-                    size=a.size,
-                    submitted=t.submitted_at,
-                    finished=INF,
-                    outcome="unfinished",
-                    acked=acked,
-                    slices=t.slices,
-                    attempts=t.attempts,
-                    reroutes=t.reroutes,
-                )
-            )
+            records.append(entry.record(t, finished=INF, outcome="unfinished", acked=acked))
         records.sort(key=lambda r: r.id)
         start = min((r.submitted for r in records), default=0.0)
         ends = [r.finished for r in records if r.finished < INF]
