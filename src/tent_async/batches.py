@@ -53,7 +53,7 @@ def check_pair(s: View, d: View) -> None:
 def _space(seg: Hashable) -> tuple[int, int]:
     """``(address space, base address)`` of a segment: local memory shares one space."""
     if isinstance(seg, Segment):
-        return 0, seg.memory.address
+        return 0, seg.address
     return id(seg), 0
 
 

@@ -308,7 +308,6 @@ class Engine:
         self._timer: Any = None
         self._timer_at: float | None = None
         self._counters: collections.Counter[str] = collections.Counter()
-        self._late_by = 0.0  # how late the timer that started this pump fired
         self.loop_lag = LoopLag()
 
     # ============================================================ lifecycle
@@ -608,6 +607,8 @@ class Engine:
 
     @staticmethod
     def _priority(priority: PriorityName | Priority) -> Priority:
+        if priority == "normal":
+            return Priority.NORMAL
         try:
             return Priority.parse(priority)
         except ValueError as exc:
@@ -825,9 +826,20 @@ class Engine:
         if planner is None or self._state == "closed":
             return
         backend = self._backend
-        late_by = self._late_by
-        self._late_by = 0.0
-        for decision in planner.poll(backend.clock(), late_by=late_by):
+        now = backend.clock()
+        # Deadlines are judged only once the timer is due: it was armed for the earliest
+        # one, and a report that runs before the timer's callback was queued before it.
+        # How late past the timer we got here is the loop's lag, which excuses the
+        # deadlines that passed meanwhile (Planner.poll).
+        due_at = self._timer_at
+        late_by = 0.0
+        judge = due_at is not None and now >= due_at
+        if judge:
+            assert due_at is not None
+            late_by = now - due_at
+            self.loop_lag.record(late_by)
+            self._timer_at = None  # consumed: _arm_timer arms the next one
+        for decision in planner.poll(now, late_by=late_by, deadlines=judge):
             if type(decision) is Post:
                 try:
                     backend.post(decision.attempt)
@@ -855,14 +867,7 @@ class Engine:
             self._timer = self._backend.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
-        # The timer's lateness is the event loop's lag: whatever the loop did
-        # instead of waking us is not a rail's fault (see Planner.poll).
-        if self._timer_at is not None:
-            lag = max(0.0, self._backend.clock() - self._timer_at)
-            self.loop_lag.record(lag)
-            self._late_by = lag
         self._timer = None
-        self._timer_at = None
         self._kick()
 
     def _finish(self, fin: Finished) -> None:

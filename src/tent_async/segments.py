@@ -91,11 +91,12 @@ class Segment(SegmentBase):
     stays valid until :meth:`Engine.unregister` or the engine closes.
     """
 
-    __slots__ = ("_busy", "_owner", "_registered", "memory")
+    __slots__ = ("_busy", "_owner", "_registered", "address", "memory")
 
     def __init__(self, name: str, memory: Memory, permission: Permission, owner: object) -> None:
         super().__init__(name, memory.nbytes, memory.kind, permission)
         self.memory = memory
+        self.address = memory.address  # where its first byte is, to compare memory across segments
         self._owner = owner  # the engine this segment belongs to
         self._registered = True
         self._busy = 0  # open transfers that read or write it

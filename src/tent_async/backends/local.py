@@ -11,19 +11,28 @@ exercise failover: ``"error"`` fails each slice, ``"down"`` fails it and
 declares the rail gone, ``"stall"`` swallows slices silently (a hung peer), and
 :meth:`LocalBackend.set_slowdown` degrades a rail without errors.
 
+Small host-memory slices (up to ``inline_max``, 256 KiB by default) are
+copied on the event loop itself, at once, and their completion is reported
+when the rail's pacing says the bytes would have arrived (a loop timer): a
+hand-off to a thread and back costs more than such a memcpy, and thousands
+of small flows would otherwise convoy on the GIL between the loop and the
+rail threads.  Large slices and anything touching CUDA go to the rail's thread.
+
 Fencing: a withdrawn attempt that has not started is dropped; one being copied
 is reported only after its copy finished; a stalled one is released at once
-(it never touched the destination).  So a withdrawal is always confirmed, and
-only once nothing of the attempt can land any more.
+(it never touched the destination); an inline one has landed already and is
+reported withdrawn at once.  So a withdrawal is always confirmed, and only
+once nothing of the attempt can land any more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 
@@ -32,14 +41,38 @@ from ..errors import ConfigError, SegmentError, TentError
 from ..memory import copy_bytes, copy_extents
 from ..rails import RailSpec
 from ..segments import Segment, SegmentBase
+from ..units import parse_size
 from .base import Backend, BackendContext
 
 FAULT_MODES = ("error", "down", "stall")
 _BURST = 1e-3
+INLINE_MAX = 256 * 1024
 
 
 class RailFaultError(TentError):
     """An injected fault on a local rail."""
+
+
+def _copy(a: Attempt) -> None:
+    """Move an attempt's bytes (one extent, or a scatter-gather extent list)."""
+    ext = a.extents
+    if ext is None:
+        src, dst = a.src, a.dst
+        if not isinstance(src, Segment) or not isinstance(dst, Segment):
+            raise SegmentError(f"local rails copy between local segments only, got {src!r} -> {dst!r}")
+        copy_bytes(dst.memory, a.dst_offset, src.memory, a.src_offset, a.length)
+        return
+    memories = []
+    for seg in ext.segments:
+        if not isinstance(seg, Segment):
+            raise SegmentError(f"local rails copy between local segments only, got {seg!r}")
+        memories.append(seg.memory)
+    copy_extents(memories, *ext.arrays())
+
+
+def _host_only(a: Attempt) -> bool:
+    segs = a.extents.segments if a.extents is not None else (a.src, a.dst)
+    return all(isinstance(s, Segment) and not s.memory.is_cuda for s in segs)
 
 
 class _Worker(threading.Thread):
@@ -83,31 +116,9 @@ class _Worker(threading.Thread):
         if fault == "down":
             backend.report_fail(a.id, RailFaultError(f"rail {self.spec.name} is down (injected)"), rail_down=True)
             return
-        src = a.src
-        dst = a.dst
-        if not isinstance(src, Segment) or not isinstance(dst, Segment):
-            raise SegmentError(f"local rails copy between local segments only, got {src!r} -> {dst!r}")
         start = time.monotonic()
-        ext = a.extents
-        if ext is None:
-            copy_bytes(dst.memory, a.dst_offset, src.memory, a.src_offset, a.length)
-        else:
-            memories = []
-            for seg in ext.segments:
-                if not isinstance(seg, Segment):
-                    raise SegmentError(f"local rails copy between local segments only, got {seg!r}")
-                memories.append(seg.memory)
-            copy_extents(memories, *ext.arrays())
-        slowdown = self.slowdown
-        if self.rate is not None:
-            # Pace on an ideal timeline with up to _BURST seconds of catch-up, so
-            # that sleep overshoot does not accumulate into a lower rate.
-            self.next_free = max(self.next_free, start - _BURST) + a.length / (self.rate * slowdown)
-            finish = self.next_free
-        elif slowdown < 1.0:
-            finish = start + (time.monotonic() - start) / slowdown
-        else:
-            finish = 0.0
+        _copy(a)
+        finish = self.paced_finish(a.length, start)
         delay = finish - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -116,6 +127,19 @@ class _Worker(threading.Thread):
             backend.report_withdrawn(a.id)
         else:
             backend.report_complete(a.id, wire)
+
+    def paced_finish(self, nbytes: int, start: float) -> float:
+        """When ``nbytes`` copied from ``start`` on would have arrived at the rail's pace (0: now)."""
+        slowdown = self.slowdown
+        if self.rate is not None:
+            # Pace on an ideal timeline with up to _BURST seconds of catch-up, so
+            # that sleep overshoot does not accumulate into a lower rate.
+            with self.lock:
+                self.next_free = max(self.next_free, start - _BURST) + nbytes / (self.rate * slowdown)
+                return self.next_free
+        if slowdown < 1.0:
+            return start + (time.monotonic() - start) / slowdown
+        return 0.0
 
     def release_stalled(self, aid: int) -> bool:
         with self.lock:
@@ -128,8 +152,12 @@ class LocalBackend(Backend):
     name: ClassVar[str] = "local"
     scatter_gather: ClassVar[bool] = True
 
-    def __init__(self, rails: Sequence[RailSpec] | None = None) -> None:
+    def __init__(self, rails: Sequence[RailSpec] | None = None, *, inline_max: int | str = INLINE_MAX) -> None:
         specs = list(rails) if rails is not None else [RailSpec(name="local0")]
+        try:
+            self.inline_max = parse_size(inline_max)
+        except ValueError as exc:
+            raise ConfigError(f"inline_max: {exc}") from None
         if not specs:
             raise ConfigError("the local backend needs at least one rail")
         for spec in specs:
@@ -138,6 +166,8 @@ class LocalBackend(Backend):
         self._specs = specs
         self._workers: dict[str, _Worker] = {}
         self._withdrawn: set[int] = set()
+        self._inline: dict[int, asyncio.Handle] = {}  # inline copies waiting for their paced arrival
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx: BackendContext | None = None
 
     # ----------------------------------------------------------- lifecycle
@@ -151,6 +181,7 @@ class LocalBackend(Backend):
 
     async def start(self, ctx: BackendContext) -> None:
         self._ctx = ctx
+        self._loop = asyncio.get_running_loop()
         for spec in self._specs:
             worker = _Worker(self, spec)
             self._workers[spec.name] = worker
@@ -179,9 +210,65 @@ class LocalBackend(Backend):
                 )
 
     def post(self, attempt: Attempt) -> None:
-        self._workers[attempt.rail_name].queue.put(attempt)
+        worker = self._workers[attempt.rail_name]
+        if attempt.length <= self.inline_max and worker.queue.empty() and _host_only(attempt):
+            self._post_inline(worker, attempt)
+        else:
+            worker.queue.put(attempt)
+
+    def _post_inline(self, worker: _Worker, a: Attempt) -> None:
+        """Copy now on the loop; report when the rail's pace says the bytes arrived."""
+        loop = self._loop
+        ctx = self._ctx
+        assert loop is not None
+        assert ctx is not None
+        aid = a.id
+        with worker.lock:
+            fault = worker.fault
+            if fault == "stall":
+                worker.stalled[aid] = a
+                return
+        if fault is not None:
+            error = RailFaultError(
+                f"injected error on rail {worker.spec.name}" if fault == "error" else f"rail {worker.spec.name} is down"
+            )
+            loop.call_soon(self._deliver_inline, aid, "fail", error, fault == "down")
+            return
+        start = time.monotonic()
+        try:
+            _copy(a)
+        except Exception as exc:
+            loop.call_soon(self._deliver_inline, aid, "error", exc, False)
+            return
+        finish = worker.paced_finish(a.length, start)
+        now = time.monotonic()
+        wire = max(finish, now) - start
+        if finish > now:
+            self._inline[aid] = loop.call_at(loop.time() + (finish - now), self._deliver_inline, aid, "ok", wire, False)
+        else:
+            self._inline[aid] = loop.call_soon(self._deliver_inline, aid, "ok", wire, False)
+
+    def _deliver_inline(self, aid: int, what: str, value: Any, rail_down: bool) -> None:
+        self._inline.pop(aid, None)
+        ctx = self._ctx
+        if ctx is None:
+            return
+        if aid in self._withdrawn:
+            self._withdrawn.discard(aid)
+            ctx.withdrawn(aid)
+        elif what == "ok":
+            ctx.complete(aid, value)
+        else:
+            ctx.fail(aid, value, rail_down=rail_down)
 
     def withdraw(self, attempt: Attempt) -> None:
+        handle = self._inline.pop(attempt.id, None)
+        if handle is not None:  # copied already: nothing more of it can land
+            handle.cancel()
+            assert self._loop is not None
+            self._loop.call_soon(self._deliver_inline, attempt.id, "withdrawn", None, False)
+            self._withdrawn.add(attempt.id)
+            return
         self._withdrawn.add(attempt.id)
         worker = self._workers.get(attempt.rail_name)
         if worker is not None and worker.release_stalled(attempt.id):

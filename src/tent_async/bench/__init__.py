@@ -12,6 +12,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("tent_async.bench.core", "per-slice dispatch cost of the sans-IO core"),
     "sim": ("tent_async.bench.sim", "simulated fabric scenarios: eft vs round_robin vs single"),
     "failover": ("tent_async.bench.failover", "recovery time after rail faults on the simulated fabric"),
+    "flows": ("tent_async.bench.flows", "thousands of concurrent transfer() calls vs one batch, local rails"),
+    "kv": ("tent_async.bench.kv", "scattered KV-cache blocks vs one contiguous transfer, local rails"),
     "ucx": ("tent_async.bench.ucx", "raw ucxx vs the engine, and the veth testbed"),
     "veth": ("tent_async.bench.ucx_veth", "raw ucxx and UCX multi-rail on the veth testbed (root)"),
 }

@@ -294,17 +294,21 @@ class Planner:
 
     # ============================================================== decisions
 
-    def poll(self, now: float, *, late_by: float = 0.0) -> list[Decision]:
+    def poll(self, now: float, *, late_by: float = 0.0, deadlines: bool = True) -> list[Decision]:
         """Run deadlines, health timers and dispatch; return the decisions to carry out.
 
         ``late_by``: how much later than asked the driver got round to this
         poll (its event loop's lag).  A deadline that passed during that lag
         is not held against its rail: the completion may be waiting in the
         driver's own queue.  It is pushed back once, by the lag, and counted
-        in :attr:`lag_excused`.
+        in :attr:`lag_excused`.  ``deadlines=False`` skips deadline checks in
+        this poll: a driver whose reports queue behind other work (an event
+        loop) judges deadlines only from its timer, which runs after every
+        report queued before it, so a busy loop never blames a rail for a
+        completion it has not read yet.
         """
         heap = self._deadlines
-        if heap and heap[0][0] <= now:
+        if deadlines and heap and heap[0][0] <= now:
             self._expire_deadlines(now, late_by)
         if self._quarantined:
             for rail in list(self._quarantined):
@@ -493,7 +497,7 @@ class Planner:
             if a is None or a.state is not _LIVE:
                 continue
             rail = self.rails[a.rail]
-            if late_by > 0.0 and deadline > now - late_by and not a.excused:
+            if late_by > 0.0 and deadline >= now - late_by and not a.excused:
                 # It expired while the driver was not looking: its completion may be
                 # queued behind us.  Look again one lag later, once.
                 a.excused = True

@@ -11,8 +11,10 @@ Fairness rule, stated once here:
 * the highest class with waiting work is served first;
 * within a class, transfers take turns one slice at a time (round-robin), so
   a big transfer cannot starve the small ones submitted after it;
-* a lower class that was passed over ``aging`` times in a row takes the next
-  turn (bounded aging), so background traffic always makes progress.
+* a lower class that higher classes were served ``aging`` times in a row
+  ahead of takes the next turn (bounded aging; the highest such class first),
+  so background traffic always makes progress, and no class waits more than
+  ``aging + 2`` slices while it has work.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class RailGroup:
         all their bytes in flight) are dropped from the fronts on the way.
         """
         chosen: int | None = None
+        starving: int | None = None
         for c in _CLASSES:
             q = self.queues[c]
             while q and not q[0].pending:
@@ -79,16 +82,18 @@ class RailGroup:
             if not q:
                 self.passed[c] = 0
                 continue
-            if chosen is None or self.passed[c] >= self.aging:
+            if chosen is None:
                 chosen = c
-        return chosen
+            elif starving is None and self.passed[c] >= self.aging:
+                starving = c
+        return chosen if starving is None else starving
 
     def served(self, c: int) -> None:
         """The front transfer of class ``c`` got a slice: rotate it, count the turn."""
         passed = self.passed
         passed[c] = 0
-        for lower in _CLASSES:
-            if lower != c and self.queues[lower]:
+        for lower in range(c + 1, 3):  # only service to a higher class counts as passing over
+            if self.queues[lower]:
                 passed[lower] += 1
         q = self.queues[c]
         t = q.popleft()

@@ -1,0 +1,199 @@
+"""Many concurrent flows on the local backend: ``tent-async bench flows``.
+
+N concurrent ``engine.transfer()`` calls of 64 KiB from one anyio task group,
+on paced local rails, against the same pairs submitted as one
+``transfer_batch`` (the fast way), alternating in the same run.  Reports
+throughput beside the rails' paced aggregate (the physical limit), the ratio
+to the batch, the planner's dispatch cost per slice (time inside ``poll`` and
+``next_wakeup``), deadline misses, the event loop's lag, and the Python memory
+one open transfer costs.  Targets: >= 0.9x the batch at every count, dispatch
+cost flat within 1.2x from the smallest to the largest count, zero deadline
+misses, <= 2 KiB per open transfer.
+
+    tent-async bench flows [--counts 100,1000,10000] [--rails 3] [--rate 400MB/s]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import tracemalloc
+from typing import Any
+
+import anyio
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ..core import Planner
+from ..display import step_progress
+from ..engine import Engine
+from ..rails import RailSpec
+from ..units import format_rate, format_size, parse_bandwidth, parse_size
+
+FLOW_RATIO = 0.9
+FLAT = 1.2
+PER_TRANSFER = 2048
+PER_BLOCK = 64
+
+
+# ------------------------------------------------------------------ flows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--counts", default="100,1000,10000", help="concurrent transfers per run (comma-separated)")
+    parser.add_argument("--size", default="64KiB", help="bytes per transfer (default 64KiB)")
+    parser.add_argument("--rails", type=int, default=3, help="paced local rails (default 3)")
+    parser.add_argument("--rate", default="400MB/s", help="pace of each rail (default 400MB/s)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions; the median is reported (default 3)")
+
+
+class _PollTimer:
+    """Wraps a planner's poll and next_wakeup to add up the time spent deciding."""
+
+    def __init__(self, planner: Planner) -> None:
+        self.seconds = 0.0
+        self.posts = 0
+        poll, wake = planner.poll, planner.next_wakeup
+        clock = time.perf_counter
+
+        def timed_poll(now: float, *, late_by: float = 0.0) -> Any:
+            t0 = clock()
+            out = poll(now, late_by=late_by)
+            self.seconds += clock() - t0
+            self.posts += sum(1 for d in out if type(d).__name__ == "Post")
+            return out
+
+        def timed_wake() -> Any:
+            t0 = clock()
+            out = wake()
+            self.seconds += clock() - t0
+            return out
+
+        planner.poll = timed_poll  # type: ignore[method-assign]
+        planner.next_wakeup = timed_wake  # type: ignore[method-assign]
+
+
+async def _flows_once(n: int, size: int, specs: list[RailSpec], batch: bool) -> dict[str, float]:
+    src = np.random.default_rng(n).integers(0, 256, n * size, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    async with Engine(backend="local", rails=specs) as engine:
+        a = engine.register(src, name="src", permission="r")
+        b = engine.register(dst, name="dst")
+        await engine.transfer(a[: min(len(src), 4 << 20)], b[: min(len(src), 4 << 20)])  # learn the rails
+        dst[:] = 0
+        timer = _PollTimer(engine.planner)
+        t0 = time.perf_counter()
+        if batch:
+            await engine.transfer_batch(
+                [(a[i * size : (i + 1) * size], b[i * size : (i + 1) * size]) for i in range(n)]
+            )
+        else:
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(engine.transfer, a[i * size : (i + 1) * size], b[i * size : (i + 1) * size])
+        elapsed = time.perf_counter() - t0
+        tele = engine.telemetry()
+        if not np.array_equal(src, dst):
+            raise AssertionError("destination differs from source")
+        return {
+            "elapsed": elapsed,
+            "dispatch_us": timer.seconds / max(1, timer.posts) * 1e6,
+            "slices": timer.posts,
+            "misses": sum(r.deadline_misses for r in tele.rails),
+            "excused": sum(r.lag_excused for r in tele.rails),
+            "lag_max_ms": tele.loop_lag_max * 1e3,
+        }
+
+
+async def _open_transfer_bytes(n: int, size: int, specs: list[RailSpec]) -> float:
+    """Python memory (tracemalloc) one open, queued transfer costs, handle included."""
+    src = np.zeros(n * size, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    async with Engine(backend="local", rails=specs) as engine:
+        a = engine.register(src, name="src", permission="r")
+        b = engine.register(dst, name="dst")
+        views = [(a[i * size : (i + 1) * size], b[i * size : (i + 1) * size]) for i in range(n)]
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        handles = [engine.submit(s, d) for s, d in views]
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        for h in handles:
+            await h
+        return (after - before) / n
+
+
+def run(args: argparse.Namespace) -> int:
+    counts = [int(c) for c in args.counts.split(",")]
+    size = parse_size(args.size)
+    rate = parse_bandwidth(args.rate)
+    specs = [RailSpec(name=f"paced{i}", bandwidth=rate) for i in range(args.rails)]
+    limit = rate * args.rails
+    console = Console()
+    rows = []
+    with step_progress() as progress:
+        task = progress.add_task("flows", total=len(counts) * 2 * args.repeat)
+        for n in counts:
+            runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+            for _ in range(args.repeat):
+                for batch in (True, False):  # alternate, so drift hits both alike
+                    runs[batch].append(anyio.run(_flows_once, n, size, specs, batch))
+                    progress.update(task, advance=1, description=f"{n} flows")
+            med: dict[bool, dict[str, float]] = {}
+            for batch, rs in runs.items():
+                med[batch] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                med[batch]["misses"] = max(r["misses"] for r in rs)
+            rows.append((n, med[True], med[False]))
+    per_open = anyio.run(_open_transfer_bytes, counts[-1], size, specs)
+    table = Table(
+        title=f"{format_size(size)} flows on {args.rails} local rails paced at {format_rate(rate)} "
+        f"(limit {format_rate(limit)}), median of {args.repeat}"
+    )
+    for col in (
+        "open transfers",
+        "one batch",
+        "concurrent transfer()",
+        "ratio",
+        "of limit",
+        "dispatch us/slice",
+        "deadline misses",
+        "loop lag max",
+    ):
+        table.add_column(col, justify="right")
+    worst = float("inf")
+    dispatch = []
+    misses = 0
+    for n, b, f in rows:
+        total = n * size
+        ratio = b["elapsed"] / f["elapsed"]
+        worst = min(worst, ratio)
+        dispatch.append(f["dispatch_us"])
+        misses += int(f["misses"])
+        table.add_row(
+            f"{n:,}",
+            format_rate(total / b["elapsed"]),
+            format_rate(total / f["elapsed"]),
+            f"{ratio:.2f}",
+            f"{total / f['elapsed'] / limit:.2f}",
+            f"{f['dispatch_us']:.1f}",
+            str(int(f["misses"])),
+            f"{f['lag_max_ms']:.1f} ms",
+        )
+        print(json.dumps({"bench": "flows", "n": n, "batch": b, "flows": f, "ratio": ratio}))
+    console.print(table, width=200)
+    flat = max(dispatch) / min(dispatch)
+    print(json.dumps({"bench": "flows", "bytes_per_open_transfer": per_open}))
+    console.print(
+        f"concurrent transfer() vs one batch: worst {worst:.2f} (target >= {FLOW_RATIO}): "
+        f"{'met' if worst >= FLOW_RATIO else 'MISSED'}\n"
+        f"dispatch cost {min(dispatch):.1f}-{max(dispatch):.1f} us/slice, spread {flat:.2f}x (target <= {FLAT}x): "
+        f"{'met' if flat <= FLAT else 'MISSED'}\n"
+        f"deadline misses on healthy rails: {misses} (target 0): {'met' if misses == 0 else 'MISSED'}\n"
+        f"memory per open transfer: {per_open:,.0f} B (target <= {PER_TRANSFER} B): "
+        f"{'met' if per_open <= PER_TRANSFER else 'MISSED'}",
+        width=200,
+    )
+    return 0

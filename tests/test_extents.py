@@ -1,0 +1,90 @@
+"""Extent lists: coalescing merges exactly the adjacent extents; windows carry exactly their bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tent_async.core import Piece
+from tent_async.core.extents import Extents
+
+extent = st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 64), st.sampled_from(["c", "d"]), st.integers(0, 64))
+
+
+@st.composite
+def piece_lists(draw: st.DrawFn) -> list[Piece]:
+    """Pieces where some continue the previous one on both sides (and some only on one)."""
+    pieces: list[Piece] = []
+    for _ in range(draw(st.integers(0, 12))):
+        length = draw(st.integers(0, 40))
+        how = draw(st.sampled_from(["adjacent", "src-only", "random"]))
+        if pieces and how != "random":
+            p = pieces[-1]
+            src_off = p.src_offset + p.length
+            dst_off = p.dst_offset + p.length + (0 if how == "adjacent" else 1)
+            pieces.append(Piece(p.src, src_off, p.dst, dst_off, length))
+        else:
+            s, so, d, do = draw(extent)
+            pieces.append(Piece(s, so, d, do, length))
+    return pieces
+
+
+def reference_merge(pieces: list[Piece]) -> list[tuple[object, int, object, int, int]]:
+    out: list[tuple[object, int, object, int, int]] = []
+    for p in pieces:
+        if p.length == 0:
+            continue
+        if out:
+            s, so, d, do, n = out[-1]
+            if s == p.src and d == p.dst and so + n == p.src_offset and do + n == p.dst_offset:
+                out[-1] = (s, so, d, do, n + p.length)
+                continue
+        out.append((p.src, p.src_offset, p.dst, p.dst_offset, p.length))
+    return out
+
+
+def as_tuples(ext: Extents) -> list[tuple[object, int, object, int, int]]:
+    return list(ext.window(0, ext.total)) if ext.total else []
+
+
+@given(piece_lists())
+def test_coalescing_merges_exactly_the_adjacent_extents(pieces: list[Piece]) -> None:
+    ext = Extents.from_pieces(pieces).coalesced() if pieces else None
+    if ext is None:
+        return
+    assert as_tuples(ext) == reference_merge(pieces)
+    assert ext.total == sum(p.length for p in pieces)
+
+
+@given(piece_lists(), st.data())
+def test_a_window_carries_exactly_its_stream_bytes(pieces: list[Piece], data: st.DataObject) -> None:
+    ext = Extents.from_pieces(pieces)
+    if ext.total == 0:
+        return
+    offset = data.draw(st.integers(0, ext.total - 1))
+    length = data.draw(st.integers(1, ext.total - offset))
+    # The stream byte by byte, as (src, src byte, dst, dst byte).
+    stream = [(p.src, p.src_offset + i, p.dst, p.dst_offset + i) for p in pieces for i in range(p.length)][
+        offset : offset + length
+    ]
+    win = ext.window(offset, length)
+    got = [(s, so + i, d, do + i) for s, so, d, do, n in win for i in range(n)]
+    assert got == stream
+    assert win.nbytes == length
+    assert ext.first(offset) == stream[0]
+
+
+def test_between_takes_block_tables_and_refuses_bad_ones() -> None:
+    ext = Extents.between("pool", np.array([0, 4096, 8192]), "pool2", [8192, 0, 4096], 4096)
+    assert ext.total == 3 * 4096
+    assert len(ext) == 3
+    merged = Extents.between("pool", [0, 4096], "pool2", [100, 4196], 4096).coalesced()
+    assert len(merged) == 1 and merged.total == 8192
+    with pytest.raises(ValueError, match="negative"):
+        Extents.between("a", [-1], "b", [0], 10)
+    with pytest.raises(ValueError, match="3 values"):
+        Extents.between("a", [0, 1, 2], "b", [0, 1], 10)
+    with pytest.raises(ValueError, match="integers"):
+        Extents.between("a", [0], "b", [0.5], 10)
