@@ -183,3 +183,44 @@ async def test_numpy_integers_slice_and_booleans_do_not() -> None:
             seg[True:5]
         with pytest.raises(TypeError, match="integers"):
             seg[1.5:5]  # type: ignore[misc]
+
+
+def test_every_configuration_error_is_a_config_error() -> None:
+    """Bad settings raise ConfigError (a TentError and a ValueError), saying what is wrong."""
+    cases: list[tuple[object, str]] = [
+        (lambda: tent.RailSpec(name="a", bandwidth="abc"), "cannot read 'abc' as a bandwidth"),
+        (lambda: tent.RailSpec(name="a", bandwidth="-1GB/s"), "a bandwidth must be positive"),
+        (lambda: tent.RailSpec(name="a", bandwidth=0), "a bandwidth must be positive"),
+        (lambda: tent.RailSpec(name="a", bandwidth=float("inf")), "a bandwidth must be finite"),
+        (lambda: tent.RailSpec(name="a", latency="-5us"), "not negative"),
+        (lambda: tent.RailSpec(name="a", tier="far"), "unknown tier"),
+        (lambda: tent.RailSpec(name="a", tier=7), "unknown tier"),
+        (lambda: tent.RailSpec(name="a", options=["x"]), "mapping"),
+        (lambda: tent.RailSpec(name="a b"), "rail name"),
+        (lambda: tent.SchedulerConfig(window=0), "window must be at least 1"),
+        (lambda: tent.SchedulerConfig(window="2"), "window must be an integer"),
+        (lambda: tent.SchedulerConfig(tie_band=-0.1), "tie_band must not be negative"),
+        (lambda: tent.SchedulerConfig(ewma_alpha=2.0), r"ewma_alpha must be in \(0, 1\]"),
+        (lambda: tent.SchedulerConfig(deadline_factor="4"), "deadline_factor must be a number"),
+        (lambda: tent.SchedulerConfig(tier_penalty=(1.0, 0.5)), "tier_penalty"),
+        (lambda: tent.SchedulerConfig(min_slice="1MiB", max_slice="64KiB"), "must not exceed max_slice"),
+        (lambda: tent.SchedulerConfig(min_slice="-4KiB"), "size must be a finite, non-negative"),
+        (lambda: tent.SchedulerConfig(deadline_floor="soon"), "as a duration"),
+        (lambda: tent.parse_size("1Gb"), "as a size"),
+    ]
+    for make, message in cases:
+        with pytest.raises(tent.ConfigError, match=message) as info:
+            make()  # type: ignore[operator]
+        assert isinstance(info.value, tent.TentError) and isinstance(info.value, ValueError)
+    tent.SchedulerConfig(window=np.int64(3), tie_band=np.float64(0.1))  # numpy numbers are numbers
+
+
+def test_a_bandwidth_needs_a_per_second_unit() -> None:
+    for amount in ("1GB", "500 MB", "2GiB"):
+        with pytest.raises(tent.ConfigError, match="per-second unit") as info:
+            tent.RailSpec(name="a", bandwidth=amount)
+        assert f"'{amount.strip()}/s'" in str(info.value)  # says what to write instead
+    assert tent.parse_bandwidth("1GB/s") == 1e9
+    assert tent.parse_bandwidth("1GBps") == 1e9
+    assert tent.parse_bandwidth("8Gbit") == 1e9  # bits are rates, as tc writes them
+    assert tent.parse_bandwidth("2e9") == 2e9  # a plain number is bytes/s
