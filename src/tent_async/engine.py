@@ -301,6 +301,7 @@ class Engine:
         self._timer: Any = None
         self._timer_at: float | None = None
         self._counters: collections.Counter[str] = collections.Counter()
+        self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
 
     # ============================================================ lifecycle
 
@@ -348,6 +349,8 @@ class Engine:
         return None
 
     def _close_state(self) -> None:
+        if self._planner is not None:
+            self._final_telemetry = self._snapshot(self._planner)
         self._state = "closed"
         if self._timer is not None:
             self._timer.cancel()
@@ -581,8 +584,19 @@ class Engine:
     # ======================================================== observability
 
     def telemetry(self) -> Telemetry:
-        """A snapshot of every rail: health, learned bandwidth and latency, in flight, totals."""
-        planner = self._require_running()
+        """A snapshot of every rail: health, learned bandwidth and latency, in flight, totals.
+
+        After the engine closed this is the snapshot taken as it closed (the
+        run's final totals), the same object every time; before it started
+        it raises :class:`EngineClosedError`.
+        """
+        if self._state == "closed" and self._final_telemetry is not None:
+            return self._final_telemetry
+        if self._state == "closing" and self._planner is not None:
+            return self._snapshot(self._planner)
+        return self._snapshot(self._require_running())
+
+    def _snapshot(self, planner: Planner) -> Telemetry:
         c = self._counters
         return Telemetry.from_planner(
             planner,
