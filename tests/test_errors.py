@@ -224,3 +224,39 @@ def test_a_bandwidth_needs_a_per_second_unit() -> None:
     assert tent.parse_bandwidth("1GBps") == 1e9
     assert tent.parse_bandwidth("8Gbit") == 1e9  # bits are rates, as tc writes them
     assert tent.parse_bandwidth("2e9") == 2e9  # a plain number is bytes/s
+
+
+async def test_notify_must_be_text_of_bounded_size() -> None:
+    async with tent.Engine() as engine:
+        a = engine.register(bytearray(100))
+        b = engine.register(bytearray(100))
+        with pytest.raises(tent.ConfigError, match=r"notify must be a str.*got int 123"):
+            await engine.transfer(a[0:10], b[0:10], notify=123)  # type: ignore[arg-type]
+        with pytest.raises(tent.ConfigError, match="notify must be a str"):
+            engine.submit_batch([(a[0:10], b[0:10])], notify=b"bytes")  # type: ignore[arg-type]
+        with pytest.raises(tent.ConfigError, match="the limit is 65536"):
+            engine.submit(a[0:10], b[0:10], notify="x" * 65537)
+        with pytest.raises(tent.ConfigError, match="valid Unicode"):
+            engine.submit(a[0:10], b[0:10], notify="\ud800")
+        assert engine.telemetry().open_transfers == 0  # nothing was started by a refused call
+        await engine.transfer(a[0:10], b[0:10], notify="")  # an empty message is a message
+        await engine.transfer(a[0:10], b[0:10], notify="é" * (65536 // 2))  # at the limit
+
+
+async def test_writing_into_a_peers_read_only_segment_says_the_peer_granted_read_only() -> None:
+    from tent_async.backends.local import LocalBackend
+
+    class Reaching(LocalBackend):  # a backend that can reach "peers" (as ucx does)
+        def check_remote(self, segment: tent.SegmentBase) -> None:
+            return None
+
+    class FakePeer:
+        name = "decode-0"
+
+    async with tent.Engine(backend=Reaching()) as engine:
+        src = engine.register(bytearray(100))
+        remote = tent.RemoteSegment(FakePeer(), "kv", 100, "host", "r", sid=1)
+        with pytest.raises(tent.ReadOnlySegmentError, match="the peer granted read-only") as info:
+            engine.submit(src[0:10], remote[0:10])
+        message = str(info.value)
+        assert "segment 'kv' of peer 'decode-0'" in message and "read from it instead" in message

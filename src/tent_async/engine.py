@@ -58,6 +58,10 @@ from .telemetry import Telemetry
 logger = logging.getLogger("tent_async")
 event_logger = logging.getLogger("tent_async.rails")
 
+# A notification travels in one control message; the ucx protocol refuses longer text
+# (backends/ucx/protocol.py MAX_MESSAGE), so every backend refuses it up front.
+MAX_NOTIFY_BYTES = 1 << 16
+
 _EVENT_LEVEL = {
     EventKind.FAILURE: logging.WARNING,
     EventKind.QUARANTINE: logging.WARNING,
@@ -485,6 +489,8 @@ class Engine:
     def submit_batch(self, pairs: Iterable[Pair], *, notify: str | None = None) -> TransferHandle:
         """Start many copies as one transfer that completes when all of them do."""
         planner = self._require_running()
+        if notify is not None:
+            _check_notify(notify)
         pieces: list[Piece] = []
         segments: dict[int, SegmentBase] = {}
         views: list[tuple[View, View]] = []
@@ -501,10 +507,7 @@ class Engine:
                     "slice them to the same length"
                 )
             if not d.segment.writable:
-                raise ReadOnlySegmentError(
-                    f"destination {d!r} is in segment {d.segment.name!r}, registered read-only; "
-                    "register the destination with permission='rw'"
-                )
+                raise ReadOnlySegmentError(_read_only_message(d))
             self._backend.check_pair(s.segment, d.segment)
             views.append((s, d))
             segments[id(s.segment)] = s.segment
@@ -861,6 +864,39 @@ class _Context:
     @property
     def engine_name(self) -> str:
         return self._engine.name
+
+
+def _read_only_message(d: View) -> str:
+    seg = d.segment
+    if isinstance(seg, Segment):
+        return (
+            f"destination {d!r} is in segment {seg.name!r}, registered read-only; "
+            "register the destination with permission='rw'"
+        )
+    # A peer's segment: only the peer can change how it registered its memory.
+    return (
+        f"destination {d!r} is {seg.describe()}, which the peer granted read-only (permission 'r'): nothing may be "
+        "written into it from here; read from it instead, or have the peer register it with permission='rw'"
+    )
+
+
+def _check_notify(notify: object) -> None:
+    """A notification is text of at most MAX_NOTIFY_BYTES in UTF-8; anything else is refused now,
+    not when the transfer has completed (or, for a peer, by its protocol check)."""
+    if not isinstance(notify, str):
+        raise ConfigError(
+            f"notify must be a str (the message delivered after the data), got {type(notify).__name__} "
+            f"{notify!r:.40}; pass e.g. notify=str(request_id)"
+        )
+    try:
+        size = len(notify.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"notify must be valid Unicode text: {exc}") from None
+    if size > MAX_NOTIFY_BYTES:
+        raise ConfigError(
+            f"notify is {size} bytes of UTF-8; the limit is {MAX_NOTIFY_BYTES}: send a key "
+            "(a request id) and keep the payload in a registered segment"
+        )
 
 
 def _check_overlaps(views: Sequence[tuple[View, View]]) -> None:
