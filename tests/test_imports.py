@@ -10,7 +10,15 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("msgpack", "ucxx", "tent_async.backends.ucx", "tent_async.backends.sim", "prometheus_client", "rich")
+HEAVY = (
+    "msgpack",
+    "ucxx",
+    "hypothesis",
+    "tent_async.backends.ucx",
+    "tent_async.backends.sim",
+    "prometheus_client",
+    "rich",
+)
 
 
 def _modules_after(code: str) -> set[str]:
