@@ -260,3 +260,19 @@ async def test_writing_into_a_peers_read_only_segment_says_the_peer_granted_read
             engine.submit(src[0:10], remote[0:10])
         message = str(info.value)
         assert "segment 'kv' of peer 'decode-0'" in message and "read from it instead" in message
+
+
+def test_simulated_fabric_values_raise_config_errors() -> None:
+    from tent_async.backends.sim import Degrade, Elephants, PairTopology, SimRail, flapping
+
+    for make, message in [
+        (lambda: SimRail(name="", capacity="1GB/s"), "non-empty name"),
+        (lambda: SimRail(name="a", capacity="-1GB/s"), "a bandwidth must be positive"),
+        (lambda: SimRail(name="a", capacity="1GB/s", profile=["x"]), "link profile"),
+        (lambda: Degrade(at=0.0, factor=0.0), "Degrade factor"),
+        (lambda: flapping(0.0, "1ms", "1ms", count=0), "at least one outage"),
+        (lambda: PairTopology(rails=()), "at least one rail"),
+        (lambda: Elephants(size="1MiB", concurrency=0), "concurrency must be at least 1"),
+    ]:
+        with pytest.raises(tent.ConfigError, match=message):
+            make()  # type: ignore[no-untyped-call]
