@@ -1,6 +1,7 @@
-"""Hypothesis state machine over the planner: random submits, completions, errors, stalls,
-clock advances, cancellations and rail recoveries, with the failover invariants checked
-after every step.
+"""Hypothesis state machine over the planner: random submits (scattered or adjacent pieces,
+every priority, with and without scatter-gather slices), completions, errors, stalls, clock
+advances, cancellations and rail recoveries, with the failover invariants checked after
+every step.
 
 The machine plays the driver: it carries out the planner's decisions the way a
 backend would (an attempt can complete, fail, or sit silently until its
@@ -57,8 +58,8 @@ class PlannerMachine(RuleBasedStateMachine):
         self.planner: Planner
         self.now = 0.0
         self.outstanding: dict[int, Attempt] = {}  # posted, not yet reported back
-        self.pieces: dict[int, list[int]] = {}  # tid -> piece lengths
-        self.acked: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # tid -> (piece, offset, length)
+        self.pieces: dict[int, list[Piece]] = {}
+        self.acked: dict[int, list[tuple[int, int]]] = defaultdict(list)  # tid -> (stream offset, length)
         self.charged: dict[int, set[int]] = defaultdict(set)  # tid -> rails charged with a failure of it
         self.fatal: set[int] = set()
         self.finished: dict[int, Finished] = {}
@@ -67,10 +68,11 @@ class PlannerMachine(RuleBasedStateMachine):
     @initialize(
         policy=st.sampled_from(["eft", "round_robin", "single"]),
         bandwidths=st.lists(st.sampled_from([1e8, 3e8, 1e9]), min_size=1, max_size=4),
+        scatter_gather=st.booleans(),
     )
-    def setup(self, policy: str, bandwidths: list[float]) -> None:
+    def setup(self, policy: str, bandwidths: list[float], scatter_gather: bool) -> None:
         rails = [RailInfo(f"r{i}", bw) for i, bw in enumerate(bandwidths)]
-        self.planner = Planner(rails, CONFIG, policy)
+        self.planner = Planner(rails, CONFIG, policy, scatter_gather=scatter_gather)
 
     # ------------------------------------------------------------------ driver
 
@@ -79,6 +81,7 @@ class PlannerMachine(RuleBasedStateMachine):
             if isinstance(d, Post):
                 a = d.attempt
                 assert self.planner.rails[a.rail].health.state is not Health.QUARANTINED, "posted to a quarantined rail"
+                self._check_extents(a)
                 self.outstanding[a.id] = a
             elif isinstance(d, Withdraw):
                 assert d.attempt.state is AttemptState.WITHDRAWING
@@ -96,8 +99,8 @@ class PlannerMachine(RuleBasedStateMachine):
         assert all(a.transfer_id != tid for a in self.planner.attempts())
         assert not any(a.transfer_id == tid for a in self.outstanding.values())
         if fin.outcome is Outcome.DONE:
-            for piece, length in enumerate(self.pieces[tid]):
-                assert self._tiles(tid, piece, length), f"transfer {tid} finished without all bytes acknowledged"
+            total = sum(p.length for p in self.pieces[tid])
+            assert self._tiles(tid, total), f"transfer {tid} finished without all bytes acknowledged"
         elif fin.outcome is Outcome.FAILED:
             err = fin.error
             assert isinstance(err, NoRailError | TransferFailedError | Fatal), err
@@ -116,25 +119,47 @@ class PlannerMachine(RuleBasedStateMachine):
                 clean = rail.health.state in (Health.HEALTHY, Health.SUSPECT) and rail.index not in self.charged[t.id]
                 assert not clean, f"NoRailError while {rail.name} was usable and never failed this transfer"
 
-    def _tiles(self, tid: int, piece: int, length: int) -> bool:
-        spans = sorted((o, o + n) for (p, o, n) in self.acked[tid] if p == piece)
+    def _check_extents(self, a: Attempt) -> None:
+        """The slice carries exactly the bytes its stream range maps to (after merging neighbours)."""
+        got = list(a.extents) if a.extents is not None else [(a.src, a.src_offset, a.dst, a.dst_offset, a.length)]
+        if not self.planner.scatter_gather:
+            assert a.extents is None, "a multi-extent slice for a driver without scatter-gather"
+        want = []
+        pos = 0
+        for p in self.pieces[a.transfer_id]:
+            lo, hi = max(pos, a.offset), min(pos + p.length, a.offset + a.length)
+            if lo < hi:
+                want.append((p.src, p.src_offset + lo - pos, p.dst, p.dst_offset + lo - pos, hi - lo))
+            pos += p.length
+        assert _merged(got) == _merged(want), (got, want)
+
+    def _tiles(self, tid: int, total: int) -> bool:
+        spans = sorted((o, o + n) for (o, n) in self.acked[tid])
         pos = 0
         for start, end in spans:
             if start != pos:
                 return False
             pos = end
-        return pos == length
+        return pos == total
 
     # ------------------------------------------------------------------- rules
 
-    @rule(sizes=st.lists(st.integers(0, 1024 * KiB), min_size=1, max_size=3), data=st.data())
-    def submit(self, sizes: list[int], data: st.DataObject) -> None:
+    @rule(
+        sizes=st.lists(st.integers(0, 1024 * KiB), min_size=1, max_size=3),
+        adjacent=st.booleans(),
+        priority=st.sampled_from(["high", "normal", "background"]),
+        data=st.data(),
+    )
+    def submit(self, sizes: list[int], adjacent: bool, priority: str, data: st.DataObject) -> None:
         n = len(self.planner.rails)
         eligible = data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n))
-        tid = self.planner.submit(
-            [Piece(f"s{i}", 0, f"d{i}", 0, size) for i, size in enumerate(sizes)], self.now, sorted(eligible)
-        )
-        self.pieces[tid] = sizes
+        if adjacent:  # one run in memory on both sides: the planner merges them
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            pieces = [Piece("s", 7 + st_, "d", st_, size) for st_, size in zip(starts, sizes, strict=True)]
+        else:
+            pieces = [Piece(f"s{i}", 0, f"d{i}", 0, size) for i, size in enumerate(sizes)]
+        tid = self.planner.submit(pieces, self.now, sorted(eligible), priority=priority)
+        self.pieces[tid] = pieces
         self._poll()
 
     @precondition(lambda self: self.outstanding)
@@ -143,7 +168,7 @@ class PlannerMachine(RuleBasedStateMachine):
         aid = data.draw(st.sampled_from(sorted(self.outstanding)))
         a = self.outstanding.pop(aid)
         if a.state is AttemptState.LIVE:
-            self.acked[a.transfer_id].append((a.piece, a.offset, a.length))
+            self.acked[a.transfer_id].append((a.offset, a.length))
         self.planner.complete(aid, self.now)
         self._poll()
 
@@ -209,7 +234,7 @@ class PlannerMachine(RuleBasedStateMachine):
             for aid, a in sorted(self.outstanding.items()):
                 del self.outstanding[aid]
                 if a.state is AttemptState.LIVE:
-                    self.acked[a.transfer_id].append((a.piece, a.offset, a.length))
+                    self.acked[a.transfer_id].append((a.offset, a.length))
                     self.planner.complete(aid, self.now)
                 else:
                     self.planner.withdrawn(aid, self.now)
@@ -236,22 +261,36 @@ class PlannerMachine(RuleBasedStateMachine):
             if t.phase.value != "running":
                 continue
             live = [a for a in self.planner.attempts() if a.transfer_id == t.id and a.state is AttemptState.LIVE]
-            for piece, length in enumerate(self.pieces[t.id]):
-                spans = [(o, o + n) for (p, o, n) in self.acked[t.id] if p == piece]
-                spans += [(a.offset, a.offset + a.length) for a in live if a.piece == piece]
-                spans += [(r.offset, r.offset + r.length) for r in t.pending if r.piece == piece]
-                spans.sort()
-                pos = 0
-                for start, end in spans:
-                    assert start == pos, f"transfer {t.id} piece {piece}: gap or overlap at {pos} ({spans})"
-                    pos = end
-                assert pos == length
+            spans = [(o, o + n) for (o, n) in self.acked[t.id]]
+            spans += [(a.offset, a.offset + a.length) for a in live]
+            spans += [(r.offset, r.offset + r.length) for r in t.pending]
+            spans.sort()
+            pos = 0
+            for start, end in spans:
+                assert start == pos, f"transfer {t.id}: gap or overlap at {pos} ({spans})"
+                pos = end
+            assert pos == sum(p.length for p in self.pieces[t.id])
+            assert t.pending_bytes == sum(r.length for r in t.pending)
             # an open transfer is never complete-but-unreported
             assert not (t.acked == t.total and not t.live)
 
     @invariant()
     def planner_and_driver_agree_on_live_attempts(self) -> None:
         assert {a.id for a in self.planner.attempts()} == set(self.outstanding)
+
+
+def _merged(extents: list[tuple[object, int, object, int, int]]) -> list[tuple[object, int, object, int, int]]:
+    out: list[tuple[object, int, object, int, int]] = []
+    for src, so, dst, do, n in extents:
+        if n == 0:
+            continue
+        if out:
+            ps, pso, pd, pdo, pn = out[-1]
+            if ps == src and pd == dst and pso + pn == so and pdo + pn == do:
+                out[-1] = (ps, pso, pd, pdo, pn + n)
+                continue
+        out.append((src, so, dst, do, n))
+    return out
 
 
 TestPlannerFailover = PlannerMachine.TestCase

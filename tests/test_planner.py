@@ -96,11 +96,14 @@ def test_batch_pieces_keep_their_offsets() -> None:
     pieces = [Piece("s", 0, "d", 1000, 5000), Piece("s2", 77, "d2", 0, 3 * MiB)]
     planner.submit(pieces, 0.0)
     posts = [d.attempt for d in planner.poll(0.0) if isinstance(d, Post)]
+    starts = [0, 5000]  # where each piece begins in the transfer's byte stream
     for a in posts:
-        p = pieces[a.piece]
+        i = 1 if a.offset >= 5000 else 0
+        p = pieces[i]
+        within = a.offset - starts[i]
         assert a.src == p.src and a.dst == p.dst
-        assert a.src_offset - p.src_offset == a.offset == a.dst_offset - p.dst_offset
-        assert a.offset + a.length <= p.length
+        assert a.src_offset - p.src_offset == within == a.dst_offset - p.dst_offset
+        assert within + a.length <= p.length  # no scatter-gather: a slice stays in one piece
 
 
 def test_submit_validates_rails() -> None:
@@ -133,13 +136,20 @@ class CheckedEft(EarliestFinish):
         if choice is None or choice is NO_RAIL:
             return choice
         rail, size = choice
-        remaining = transfer.pending[0].length
+        # The documented sizing, recomputed here: water-fill the transfer's remaining
+        # bytes over its usable rails, cap at the nominal slice, floor at min_slice.
+        remaining = transfer.pending_bytes
+        usable = [r for r in transfer.rails if r.health.state in (Health.HEALTHY, Health.SUSPECT)]
+        bws = {r: r.effective_bandwidth(now) for r in usable}
+        level = (remaining + sum(r.inflight_bytes + bws[r] * r.lat for r in usable)) / sum(bws.values())
         costs = []
-        for r in transfer.rails:
-            if r.health.state not in (Health.HEALTHY, Health.SUSPECT):
-                continue
-            s = cut(r.nominal, remaining, self._tail)
-            costs.append(r.expected_time(s, now) * r.penalty)
+        sizes = {}
+        for r in usable:
+            share = bws[r] * level - r.inflight_bytes - bws[r] * r.lat
+            s = r.nominal if share >= r.nominal else max(self._floor, int(share) - int(share) % self._align)
+            sizes[r] = min(s, remaining)
+            costs.append(r.expected_time(sizes[r], now) * r.penalty)
+        assert size == sizes[rail]
         chosen = rail.expected_time(size, now) * rail.penalty
         assert chosen <= min(costs) * self._band + 1e-12, (chosen, costs)
         assert rail.has_room()

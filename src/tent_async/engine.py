@@ -28,21 +28,23 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import attrs
+import numpy as np
 
+from . import batches
 from .backends import Backend, make_backend
 from .core import Finished, Outcome, Piece, Planner, Post, RailEvent, RailInfo, SchedulerConfig, Withdraw
 from .core.events import EventKind
+from .core.extents import Extents
+from .core.transfer_state import Priority
 from .errors import (
     ConfigError,
     DuplicateSegmentError,
     EngineClosedError,
-    LengthMismatchError,
     NoRailError,
-    OverlappingViewsError,
     ReadOnlySegmentError,
     SegmentBusyError,
     TransferCancelledError,
@@ -130,6 +132,7 @@ class TransferHandle:
         self._status = TransferStatus.RUNNING
         self._result: TransferResult | None = None
         self._error: BaseException | None = None
+        self._acked = 0
         self._settled = asyncio.Event()
 
     @property
@@ -138,13 +141,13 @@ class TransferHandle:
 
     @property
     def bytes_done(self) -> int:
-        """Bytes acknowledged so far."""
-        if self._result is not None:
-            return self._result.bytes
+        """Bytes that landed so far (after a cancel or failure: what landed before it)."""
+        if self._settled.is_set():
+            return self._acked
         planner = self._engine._planner
         if planner is not None and planner.has_transfer(self.id):
             return planner.progress(self.id)[0]
-        return 0
+        return self._acked
 
     def done(self) -> bool:
         """Has the transfer ended (done, failed or cancelled) with nothing left in flight?"""
@@ -182,7 +185,10 @@ class TransferHandle:
         return f"<TransferHandle {self.id} {self._status.value} {self.bytes_done}/{self.total_bytes} B>"
 
     # engine side
-    def _settle(self, status: TransferStatus, result: TransferResult | None, error: BaseException | None) -> None:
+    def _settle(
+        self, status: TransferStatus, result: TransferResult | None, error: BaseException | None, acked: int = 0
+    ) -> None:
+        self._acked = acked
         self._status = status
         self._result = result
         self._error = error
@@ -234,6 +240,7 @@ class EventSubscription:
 
 
 Pair = tuple["View | SegmentBase", "View | SegmentBase"]
+PriorityName = Literal["high", "normal", "background"] | Priority
 
 
 class Engine:
@@ -305,6 +312,8 @@ class Engine:
         self._timer: Any = None
         self._timer_at: float | None = None
         self._counters: collections.Counter[str] = collections.Counter()
+        self._late_by = 0.0  # how late the timer that started this pump fired
+        self.loop_lag = LoopLag()
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
 
     # ============================================================ lifecycle
@@ -320,7 +329,12 @@ class Engine:
         await self._tg.__aenter__()
         try:
             await self._backend.start(_Context(self))
-            self._planner = Planner(self._backend.rail_infos(), self.config, self.policy)
+            self._planner = Planner(
+                self._backend.rail_infos(),
+                self.config,
+                self.policy,
+                scatter_gather=self._backend.scatter_gather,
+            )
         except BaseException:
             # Close the task group as if nothing happened, so the start-up error comes out
             # as itself (a ConfigError, say), not wrapped in an exception group.
@@ -477,49 +491,120 @@ class Engine:
 
     # ============================================================ transfers
 
-    def submit(self, src: View | SegmentBase, dst: View | SegmentBase, *, notify: str | None = None) -> TransferHandle:
+    def submit(
+        self,
+        src: View | SegmentBase,
+        dst: View | SegmentBase,
+        *,
+        notify: str | None = None,
+        priority: PriorityName = "normal",
+    ) -> TransferHandle:
         """Start copying ``src`` into ``dst``; returns at once with a :class:`TransferHandle`.
 
         Both are views (``seg[a:b]``) or whole segments, of equal length.
         ``notify``: a message delivered to the destination's engine after
-        the data landed (see :meth:`notifications`).
+        the data landed (see :meth:`notifications`).  ``priority``:
+        ``"high"`` (latency-critical, e.g. KV cache on the TTFT path),
+        ``"normal"`` or ``"background"`` (offload, bulk); see
+        :mod:`tent_async.core.queues` for the rule.
         """
-        return self.submit_batch([(src, dst)], notify=notify)
-
-    def submit_batch(self, pairs: Iterable[Pair], *, notify: str | None = None) -> TransferHandle:
-        """Start many copies as one transfer that completes when all of them do."""
         planner = self._require_running()
+        prio = self._priority(priority)
+        s = self._as_view(src, "source")
+        d = self._as_view(dst, "destination")
+        batches.check_pair(s, d)
+        self._backend.check_pair(s.segment, d.segment)
+        batches.check_overlap_pair(s, d)
+        rails = self._backend.rails_for(s.segment, d.segment)
+        if rails is not None and not rails:
+            raise NoRailError(f"no rail can carry {s!r} -> {d!r}")
+        piece = Piece(s.segment, s.offset, d.segment, d.offset, s.length)
+        segments = [s.segment] if s.segment is d.segment else [s.segment, d.segment]
+        return self._start(planner, [piece], s.length, segments, [d.segment], rails, notify, prio)
+
+    def submit_batch(
+        self, pairs: Iterable[Pair], *, notify: str | None = None, priority: PriorityName = "normal"
+    ) -> TransferHandle:
+        """Start many copies as one transfer that completes when all of them do.
+
+        The pairs become one extent list; pairs adjacent on both sides (the
+        next source continues the previous one, and so does the next
+        destination) are merged, and slices may carry many blocks.  For
+        thousands of blocks between two segments, :meth:`submit_blocks` takes
+        the block table as arrays and is much cheaper per block.
+        """
+        planner = self._require_running()
+        prio = self._priority(priority)
+        views: list[tuple[View, View]] = []
+        checked: set[int] = set()
+        as_view = self._as_view
+        for src, dst in batches.pairs_of(pairs):
+            s = as_view(src, "source")
+            d = as_view(dst, "destination")
+            batches.check_pair(s, d)
+            key = id(s.segment) * 31 + id(d.segment)
+            if key not in checked:
+                self._backend.check_pair(s.segment, d.segment)
+                checked.add(key)
+            views.append((s, d))
+        ext = batches.from_views(views)
+        return self._submit_extents(planner, ext, notify, prio)
+
+    def submit_blocks(
+        self,
+        src: SegmentBase,
+        src_offsets: Any,
+        dst: SegmentBase,
+        dst_offsets: Any,
+        lengths: Any,
+        *,
+        notify: str | None = None,
+        priority: PriorityName = "normal",
+    ) -> TransferHandle:
+        """Start copying blocks ``src[src_offsets[i]:+lengths[i]]`` to ``dst[dst_offsets[i]:...]`` as one transfer.
+
+        The block table is given as arrays (numpy or sequences of ints;
+        ``lengths`` may be one number): the shape of a paged KV cache, where a
+        request is thousands of blocks scattered in a registered pool.  Checked
+        as arrays (bounds, permission, overlap in memory), held as arrays,
+        copied in scatter-gather slices: the cost per block is a few array
+        elements, not a Python object.
+        """
+        planner = self._require_running()
+        prio = self._priority(priority)
+        s_seg = self._as_view(src, "source").segment
+        d_seg = self._as_view(dst, "destination").segment
+        if not d_seg.writable:
+            raise batches.read_only_error(d_seg, d_seg)
+        self._backend.check_pair(s_seg, d_seg)
+        ext = batches.from_blocks(s_seg, src_offsets, d_seg, dst_offsets, lengths)
+        return self._submit_extents(planner, ext, notify, prio)
+
+    def _submit_extents(self, planner: Planner, ext: Extents, notify: str | None, prio: Priority) -> TransferHandle:
+        batches.check_overlaps(ext)
+        segments = [seg for seg in ext.segments if isinstance(seg, SegmentBase)]
+        dst_used = np.unique(ext.dst_seg).tolist() if len(ext) else []
+        destinations = [segments[i] for i in dst_used]
+        rails = self._eligible(ext)
+        return self._start(planner, ext, ext.total, segments, destinations, rails, notify, prio)
+
+    def _start(
+        self,
+        planner: Planner,
+        pieces: Sequence[Piece] | Extents,
+        total: int,
+        segments: Sequence[SegmentBase],
+        destinations: list[SegmentBase],
+        rails: Sequence[str] | None,
+        notify: str | None,
+        prio: Priority,
+    ) -> TransferHandle:
         if notify is not None:
             _check_notify(notify)
-        pieces: list[Piece] = []
-        segments: dict[int, SegmentBase] = {}
-        views: list[tuple[View, View]] = []
-        for pair in pairs:
-            try:
-                src, dst = pair
-            except (TypeError, ValueError):
-                raise TypeError(f"a batch is an iterable of (src, dst) pairs; got {pair!r}") from None
-            s = self._as_view(src, "source")
-            d = self._as_view(dst, "destination")
-            if s.length != d.length:
-                raise LengthMismatchError(
-                    f"source {s!r} has {s.length} bytes but destination {d!r} has {d.length}; "
-                    "slice them to the same length"
-                )
-            if not d.segment.writable:
-                raise ReadOnlySegmentError(_read_only_message(d))
-            self._backend.check_pair(s.segment, d.segment)
-            views.append((s, d))
-            segments[id(s.segment)] = s.segment
-            segments[id(d.segment)] = d.segment
-            pieces.append(Piece(s.segment, s.offset, d.segment, d.offset, s.length))
-        _check_overlaps(views)
-        rails = self._eligible(views)
-        now = self._backend.clock()
-        tid = planner.submit(pieces, now, rails)
-        handle = TransferHandle(self, tid, sum(p.length for p in pieces), list(segments.values()))
-        handle._destinations = list({id(d.segment): d.segment for _s, d in views}.values())
-        for seg in handle._segments:
+        tid = planner.submit(pieces, self._backend.clock(), rails, priority=prio)
+        handle = TransferHandle(self, tid, total, segments)
+        handle._destinations = destinations
+        for seg in segments:
             if isinstance(seg, Segment):
                 seg._busy += 1
         self._handles[tid] = handle
@@ -528,19 +613,48 @@ class Engine:
         self._kick()
         return handle
 
+    @staticmethod
+    def _priority(priority: PriorityName | Priority) -> Priority:
+        try:
+            return Priority.parse(priority)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     async def transfer(
-        self, src: View | SegmentBase, dst: View | SegmentBase, *, notify: str | None = None
+        self,
+        src: View | SegmentBase,
+        dst: View | SegmentBase,
+        *,
+        notify: str | None = None,
+        priority: PriorityName = "normal",
     ) -> TransferResult:
         """Copy ``src`` into ``dst`` and wait for it; the engine chooses the rails.
 
         Cancelling the caller cancels the transfer; the call returns (raising
         the cancellation) only after nothing of it can land any more.
         """
-        return await self._wait(self.submit(src, dst, notify=notify))
+        return await self._wait(self.submit(src, dst, notify=notify, priority=priority))
 
-    async def transfer_batch(self, pairs: Iterable[Pair], *, notify: str | None = None) -> TransferResult:
+    async def transfer_batch(
+        self, pairs: Iterable[Pair], *, notify: str | None = None, priority: PriorityName = "normal"
+    ) -> TransferResult:
         """Copy many (src, dst) pairs as one transfer and wait for all of them."""
-        return await self._wait(self.submit_batch(pairs, notify=notify))
+        return await self._wait(self.submit_batch(pairs, notify=notify, priority=priority))
+
+    async def transfer_blocks(
+        self,
+        src: SegmentBase,
+        src_offsets: Any,
+        dst: SegmentBase,
+        dst_offsets: Any,
+        lengths: Any,
+        *,
+        notify: str | None = None,
+        priority: PriorityName = "normal",
+    ) -> TransferResult:
+        """Copy a block table between two segments and wait for it (see :meth:`submit_blocks`)."""
+        handle = self.submit_blocks(src, src_offsets, dst, dst_offsets, lengths, notify=notify, priority=priority)
+        return await self._wait(handle)
 
     async def _wait(self, handle: TransferHandle) -> TransferResult:
         try:
@@ -567,10 +681,17 @@ class Engine:
             self._backend.check_remote(seg)
         return obj
 
-    def _eligible(self, views: Sequence[tuple[View, View]]) -> list[str] | None:
+    def _eligible(self, ext: Extents) -> list[str] | None:
+        """Rails that can carry every (source segment, destination segment) pair of ``ext``."""
         allowed: set[str] | None = None
-        for s, d in views:
-            names = self._backend.rails_for(s.segment, d.segment)
+        if not len(ext):
+            return None
+        pairs = np.unique(np.stack((ext.src_seg, ext.dst_seg)), axis=1).T.tolist()
+        for si, di in pairs:
+            src, dst = ext.segments[si], ext.segments[di]
+            assert isinstance(src, SegmentBase)
+            assert isinstance(dst, SegmentBase)
+            names = self._backend.rails_for(src, dst)
             if names is None:
                 continue
             allowed = set(names) if allowed is None else allowed & set(names)
@@ -609,6 +730,9 @@ class Engine:
             failed=c["failed"],
             cancelled=c["cancelled"],
             bytes_done=c["bytes"],
+            loop_lag_last=self.loop_lag.last,
+            loop_lag_max=self.loop_lag.max,
+            loop_lag_mean=self.loop_lag.mean,
         )
 
     def events(self, maxlen: int = 10_000) -> EventSubscription:
@@ -719,7 +843,9 @@ class Engine:
         if planner is None or self._state == "closed":
             return
         backend = self._backend
-        for decision in planner.poll(backend.clock()):
+        late_by = self._late_by
+        self._late_by = 0.0
+        for decision in planner.poll(backend.clock(), late_by=late_by):
             if type(decision) is Post:
                 try:
                     backend.post(decision.attempt)
@@ -747,6 +873,12 @@ class Engine:
             self._timer = self._backend.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
+        # The timer's lateness is the event loop's lag: whatever the loop did
+        # instead of waking us is not a rail's fault (see Planner.poll).
+        if self._timer_at is not None:
+            lag = max(0.0, self._backend.clock() - self._timer_at)
+            self.loop_lag.record(lag)
+            self._late_by = lag
         self._timer = None
         self._timer_at = None
         self._kick()
@@ -759,6 +891,7 @@ class Engine:
         for seg in handle._segments:
             if isinstance(seg, Segment):
                 seg._busy -= 1
+        handle._acked = fin.acked
         if fin.outcome is Outcome.DONE:
             result = TransferResult(
                 id=fin.transfer_id,
@@ -773,16 +906,21 @@ class Engine:
                 self._send_notification(handle, notify)
             self._counters["done"] += 1
             self._counters["bytes"] += handle.total_bytes
-            handle._settle(TransferStatus.DONE, result, None)
+            handle._settle(TransferStatus.DONE, result, None, fin.acked)
         elif fin.outcome is Outcome.CANCELLED:
             self._counters["cancelled"] += 1
             handle._settle(
-                TransferStatus.CANCELLED, None, TransferCancelledError(f"transfer {fin.transfer_id} was cancelled")
+                TransferStatus.CANCELLED,
+                None,
+                TransferCancelledError(
+                    f"transfer {fin.transfer_id} was cancelled after {fin.acked} of {handle.total_bytes} bytes landed"
+                ),
+                fin.acked,
             )
         else:
             error = fin.error or TransferError(f"transfer {fin.transfer_id} failed")
             self._counters["failed"] += 1
-            handle._settle(TransferStatus.FAILED, None, error)
+            handle._settle(TransferStatus.FAILED, None, error, fin.acked)
 
     def _send_notification(self, handle: TransferHandle, message: str) -> None:
         if not self._backend.send_notification(handle._destinations, message):
@@ -798,6 +936,32 @@ class Engine:
                     callback(event)
                 except Exception:
                     logger.exception("rail event listener %r raised", callback)
+
+
+@attrs.define
+class LoopLag:
+    """How late the engine's timers fired: the event loop's lag, as the engine saw it.
+
+    ``last`` and ``max`` in seconds, ``mean`` over ``samples`` timer wakeups.
+    A late wakeup excuses deadlines that passed meanwhile
+    (``Telemetry.lag_excused``).
+    """
+
+    last: float = 0.0
+    max: float = 0.0
+    total: float = 0.0
+    samples: int = 0
+
+    def record(self, lag: float) -> None:
+        self.last = lag
+        self.total += lag
+        self.samples += 1
+        if lag > self.max:
+            self.max = lag
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.samples if self.samples else 0.0
 
 
 class _Context:
@@ -866,20 +1030,6 @@ class _Context:
         return self._engine.name
 
 
-def _read_only_message(d: View) -> str:
-    seg = d.segment
-    if isinstance(seg, Segment):
-        return (
-            f"destination {d!r} is in segment {seg.name!r}, registered read-only; "
-            "register the destination with permission='rw'"
-        )
-    # A peer's segment: only the peer can change how it registered its memory.
-    return (
-        f"destination {d!r} is {seg.describe()}, which the peer granted read-only (permission 'r'): nothing may be "
-        "written into it from here; read from it instead, or have the peer register it with permission='rw'"
-    )
-
-
 def _check_notify(notify: object) -> None:
     """A notification is text of at most MAX_NOTIFY_BYTES in UTF-8; anything else is refused now,
     not when the transfer has completed (or, for a peer, by its protocol check)."""
@@ -897,36 +1047,3 @@ def _check_notify(notify: object) -> None:
             f"notify is {size} bytes of UTF-8; the limit is {MAX_NOTIFY_BYTES}: send a key "
             "(a request id) and keep the payload in a registered segment"
         )
-
-
-def _check_overlaps(views: Sequence[tuple[View, View]]) -> None:
-    """Destinations must not overlap each other or any source of the same batch."""
-    spans: list[tuple[int, int, int, str, View]] = []
-    for s, d in views:
-        if d.length:
-            spans.append((id(d.segment), d.offset, d.end, "dst", d))
-        if s.length:
-            spans.append((id(s.segment), s.offset, s.end, "src", s))
-    spans.sort(key=lambda x: (x[0], x[1]))
-    # Sweep per segment, remembering the furthest-reaching destination and source so far.
-    current = None
-    far_dst: tuple[int, View] | None = None
-    far_src: tuple[int, View] | None = None
-    for seg_id, start, end, role, view in spans:
-        if seg_id != current:
-            current, far_dst, far_src = seg_id, None, None
-        if far_dst is not None and start < far_dst[0]:
-            raise OverlappingViewsError(
-                f"{view!r} overlaps destination {far_dst[1]!r} in the same transfer; "
-                "destinations must not overlap each other or the sources"
-            )
-        if role == "dst" and far_src is not None and start < far_src[0]:
-            raise OverlappingViewsError(
-                f"destination {view!r} overlaps source {far_src[1]!r} in the same transfer; "
-                "copy through a separate buffer"
-            )
-        if role == "dst":
-            if far_dst is None or end > far_dst[0]:
-                far_dst = (end, view)
-        elif far_src is None or end > far_src[0]:
-            far_src = (end, view)

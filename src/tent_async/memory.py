@@ -12,6 +12,7 @@ cupy is optional: it is imported only when a CUDA object is registered.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -57,6 +58,13 @@ class Memory:
     @property
     def device(self) -> int | None:
         return int(self.kind.split(":", 1)[1]) if self.is_cuda else None
+
+    @property
+    def address(self) -> int:
+        """Address of the first byte (host, or device under CUDA's unified addressing)."""
+        if self.is_cuda:
+            return int(self.array.data.ptr)
+        return int(self.array.__array_interface__["data"][0])
 
 
 def _flat_host(arr: np.ndarray, owner: Any, readonly: bool | None = None) -> Memory:
@@ -153,3 +161,39 @@ def copy_bytes(dst: Memory, dst_offset: int, src: Memory, src_offset: int, lengt
             else:
                 s.get(out=d, stream=stream)
         stream.synchronize()
+
+
+def copy_extents(
+    memories: Sequence[Memory],
+    src_seg: Any,
+    src_off: Any,
+    dst_seg: Any,
+    dst_off: Any,
+    length: Any,
+) -> None:
+    """Copy many extents between registered memories (a scatter-gather slice).
+
+    ``memories`` is the slice's segment table; the five arrays index into it.
+    Host to host is one Python-level loop of buffer slice assignments, the
+    fastest way found to move 4-64 KiB blocks from Python (faster than numpy
+    fancy indexing, which gathers then scatters, and than ctypes.memmove per
+    block; docs/benchmarks.md).  Anything touching CUDA goes extent by extent
+    through :func:`copy_bytes`.
+    """
+    if any(m.is_cuda for m in memories):
+        for a, b, c, d, n in zip(
+            src_seg.tolist(), src_off.tolist(), dst_seg.tolist(), dst_off.tolist(), length.tolist(), strict=True
+        ):
+            copy_bytes(memories[c], d, memories[a], b, n)
+        return
+    views = [memoryview(m.array) for m in memories]
+    if len(views) <= 2 and (src_seg == src_seg[0]).all() and (dst_seg == dst_seg[0]).all():
+        sv = views[int(src_seg[0])]
+        dv = views[int(dst_seg[0])]
+        for b, d, n in zip(src_off.tolist(), dst_off.tolist(), length.tolist(), strict=True):
+            dv[d : d + n] = sv[b : b + n]
+        return
+    for a, b, c, d, n in zip(
+        src_seg.tolist(), src_off.tolist(), dst_seg.tolist(), dst_off.tolist(), length.tolist(), strict=True
+    ):
+        views[c][d : d + n] = views[a][b : b + n]

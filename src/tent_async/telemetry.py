@@ -34,6 +34,7 @@ class RailTelemetry:
     probes: int
     errors: int
     deadline_misses: int
+    lag_excused: int  # deadlines pushed back because the engine's own loop was late
     rerouted: int  # slices taken off this rail to be sent elsewhere
     quarantines: int
     last_error: str
@@ -56,6 +57,9 @@ class Telemetry:
     transfers_failed: int = 0
     transfers_cancelled: int = 0
     bytes_done: int = 0  # bytes of transfers that completed
+    loop_lag_last: float = 0.0  # seconds the engine's last timer fired late (event-loop lag)
+    loop_lag_max: float = 0.0
+    loop_lag_mean: float = 0.0
 
     @classmethod
     def from_planner(
@@ -68,6 +72,9 @@ class Telemetry:
         failed: int = 0,
         cancelled: int = 0,
         bytes_done: int = 0,
+        loop_lag_last: float = 0.0,
+        loop_lag_max: float = 0.0,
+        loop_lag_mean: float = 0.0,
     ) -> Telemetry:
         rails = tuple(
             RailTelemetry(
@@ -84,6 +91,7 @@ class Telemetry:
                 probes=r.probes_total,
                 errors=r.errors,
                 deadline_misses=r.deadline_misses,
+                lag_excused=r.lag_excused,
                 rerouted=r.rerouted_from,
                 quarantines=r.health.quarantines,
                 last_error=r.last_error,
@@ -95,12 +103,15 @@ class Telemetry:
             time=now,
             policy=planner.policy.name,
             rails=rails,
-            open_transfers=len(planner.transfers()),
+            open_transfers=planner.open_transfers(),
             engine=engine,
             transfers_done=done,
             transfers_failed=failed,
             transfers_cancelled=cancelled,
             bytes_done=bytes_done,
+            loop_lag_last=loop_lag_last,
+            loop_lag_max=loop_lag_max,
+            loop_lag_mean=loop_lag_mean,
         )
 
     def __getitem__(self, name: str) -> RailTelemetry:
@@ -148,7 +159,8 @@ class Telemetry:
         widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
         lines = [
             f"engine={self.engine or '?'} policy={self.policy} open_transfers={self.open_transfers} "
-            f"done={self.transfers_done} failed={self.transfers_failed} cancelled={self.transfers_cancelled}"
+            f"done={self.transfers_done} failed={self.transfers_failed} cancelled={self.transfers_cancelled} "
+            f"loop_lag_max={self.loop_lag_max * 1e3:.1f}ms"
         ]
         if not rows:
             # A listening ucx engine has no rails until a peer connects.

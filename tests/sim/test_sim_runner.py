@@ -120,13 +120,13 @@ def test_accounting_catches_overlaps_and_gaps() -> None:
     runner = ScenarioRunner(scenario("homogeneous", SMALL), "eft")
     arrival = Arrival(0.0, 100, 0, 1, "x", "t")
     entry = _Open(7, arrival, None, 0, 1)  # type: ignore[arg-type]
-    entry.ranges = [(0, 0, 60), (0, 50, 50)]
+    entry.ranges = [(0, 60), (50, 50)]
     with pytest.raises(AccountingError, match="overlap"):
         runner._verify(entry, 100)
-    entry.ranges = [(0, 0, 40), (0, 50, 50)]
+    entry.ranges = [(0, 40), (50, 50)]
     with pytest.raises(AccountingError, match="gap"):
         runner._verify(entry, 100)
-    entry.ranges = [(0, 0, 40)]
+    entry.ranges = [(0, 40)]
     with pytest.raises(AccountingError, match="40 of 100"):
         runner._verify(entry, 100)
 

@@ -242,7 +242,7 @@ async def test_a_short_read_answer_is_never_reported_complete(spawn_peer: Any) -
             kv = await peer.segment("kv")
         out = np.zeros(MiB, dtype=np.uint8)
         dst = engine.register(out, name="dst")
-        with anyio.fail_after(30), pytest.raises(tent.ProtocolError, match="sent 524288 bytes for a 1048576-byte READ"):
+        with anyio.fail_after(30), pytest.raises(tent.ProtocolError, match=r"sent \d+ bytes for a \d+-byte READ"):
             await engine.transfer(kv[:], dst[:])
         assert engine.backend.stats["protocol_errors"] >= 1  # type: ignore[attr-defined]
         # Small READs (answered inline) are not affected by the fault and still complete.

@@ -179,7 +179,9 @@ async def test_permission_and_bounds_violations_write_nothing(server: PeerProces
         cases = [
             (src[:4096], forged_ro[:4096], "read-only"),  # small: inline
             (src[: 1 * MiB], forged_ro[: 1 * MiB], "read-only"),  # large: tagged send, drained
-            (src[: 2 * MiB], forged_kv[KV - MiB : KV + MiB], "outside segment"),
+            # Wholly past the end: a WRITE that straddles the end may be sprayed, and its
+            # slices inside the segment are legitimate writes; every slice here is refused.
+            (src[: 2 * MiB], forged_kv[KV : KV + 2 * MiB], "outside segment"),
             (src[:4096], unknown[:4096], "unknown segment"),
         ]
         for s, d, words in cases:

@@ -73,6 +73,9 @@ class Backend(abc.ABC):
     """Carries attempts over rails.  Subclasses live in ``tent_async.backends``."""
 
     name: ClassVar[str]
+    scatter_gather: ClassVar[bool] = False
+    """Can one attempt carry many extents (``Attempt.extents``)?  Without it the
+    planner cuts every slice inside one extent."""
     _ctx: BackendContext | None = None
 
     @abc.abstractmethod
@@ -84,8 +87,25 @@ class Backend(abc.ABC):
         infos = []
         for spec in self.rail_specs():
             bandwidth = spec.bandwidth if spec.bandwidth is not None else self.default_bandwidth(spec)
-            infos.append(RailInfo(name=spec.name, bandwidth=bandwidth, latency=spec.latency, tier=int(spec.tier)))
+            infos.append(
+                RailInfo(
+                    name=spec.name,
+                    bandwidth=bandwidth,
+                    latency=spec.latency,
+                    tier=int(spec.tier),
+                    slice_cost=self.slice_cost(spec),
+                )
+            )
         return infos
+
+    def slice_cost(self, spec: RailSpec) -> float:
+        """The fixed cost of one slice on this rail, in seconds (header, check, ACK, thread hops).
+
+        Enters the expected finish of every slice (as the starting latency the
+        estimator then refines), so a small transfer is not split when one
+        more slice would cost more than it saves.
+        """
+        return 0.0
 
     def default_config(self) -> SchedulerConfig:
         """The scheduler settings an engine on this backend uses unless given others.

@@ -62,8 +62,11 @@ class SchedulerConfig:
         failed rail can hold hostage.  ``min_slice`` (64 KiB) keeps per-slice
         overhead small on slow rails; ``max_slice`` (16 MiB) bounds a slice on
         very fast rails; slices are multiples of ``slice_align`` (4 KiB) except
-        the last one of a piece.  A remainder smaller than ``tail_merge`` (0.5)
-        of a slice is merged into the slice before it rather than sent alone.
+        the last one of an extent.  Under ``eft`` a transfer that would fill
+        fewer slices than it has rails is water-filled over them instead
+        (see :class:`~.policies.EarliestFinish`), never below ``min_slice``.
+        A remainder smaller than ``tail_merge`` (0.5) of a slice is merged into
+        the slice before it rather than sent alone.
 
     Dispatch
         ``window`` (2): slices a healthy rail may hold in flight.  Two keeps the
@@ -78,6 +81,14 @@ class SchedulerConfig:
         ``round_robin_slice`` (0 = derive): the fixed slice size of the
         state-blind ``round_robin`` baseline; by default the median of the
         rails' nominal slice sizes, so both policies cut similar slices.
+
+    Queues
+        Transfers that may use the same rails wait in one queue per priority
+        class (``high``, ``normal``, ``background``).  The next slice goes to
+        the highest class with work, round-robin between the transfers of that
+        class (one slice each), except that a lower class passed over
+        ``priority_aging`` (8) times in a row takes the next turn: background
+        traffic gets at least one slice in nine however busy the rails are.
 
     Telemetry
         Bandwidth is a ratio of exponentially weighted sums of bytes and wire
@@ -121,6 +132,7 @@ class SchedulerConfig:
     tier_penalty: tuple[float, ...] = attrs.field(default=(1.0, 1.15, 1.4), converter=tuple, validator=_penalties)
     probe_interval: float = attrs.field(default=0.1, converter=parse_duration, validator=_positive)
     round_robin_slice: int = attrs.field(default=0, converter=parse_size, validator=_non_negative)
+    priority_aging: int = attrs.field(default=8, validator=_at_least_one)
 
     ewma_alpha: float = attrs.field(default=0.25, validator=_fraction)
     ewma_alpha_down: float = attrs.field(default=0.5, validator=_fraction)

@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from .extents import SliceExtents
+
 
 @attrs.frozen
 class Piece:
@@ -41,6 +43,12 @@ class AttemptState(enum.Enum):
 class Attempt:
     """One try at moving one slice over one rail.
 
+    A slice is a run of its transfer's byte stream.  When the run lies in one
+    extent, ``src``/``src_offset``/``dst``/``dst_offset`` say where, and
+    ``extents`` is ``None``.  A scatter-gather slice (only for backends that
+    declare ``scatter_gather``) carries several extents in ``extents``; the
+    four fields then describe its first extent.
+
     A slice that fails is re-cut and retried as new attempts, so every attempt
     id is unique for the planner's lifetime and a late report for an old
     attempt can never be mistaken for a new one.
@@ -50,8 +58,7 @@ class Attempt:
     transfer_id: int
     rail: int
     rail_name: str
-    piece: int
-    offset: int  # within the piece
+    offset: int  # within the transfer's byte stream
     length: int
     src: Hashable
     src_offset: int
@@ -63,10 +70,12 @@ class Attempt:
     probe: bool = False
     started_idle: bool = False
     history: dict[int, int] | None = None  # failed tries of these bytes per rail index
+    extents: SliceExtents | None = None  # several extents: a scatter-gather slice
     state: AttemptState = AttemptState.LIVE
     tag: Any = None  # free for the driver (e.g. a task or request handle)
     overlapped: bool = False  # another slice was posted on the rail while this one was in flight
     missed: bool = False  # withdrawn because it missed its deadline
+    excused: bool = False  # its deadline was pushed back once because the driver itself was late
 
 
 # Post and Withdraw are created once per slice on the hot path; attrs' frozen
@@ -115,6 +124,7 @@ class Finished:
     submitted_at: float
     finished_at: float
     error: BaseException | None = None
+    acked: int = 0  # bytes that landed (all of them when DONE; what got through before a cancel or failure)
 
 
 Decision = Post | Withdraw | Finished

@@ -27,6 +27,7 @@ import enum
 from collections import deque
 
 from .config import SchedulerConfig
+from .events import EventKind
 
 
 class Health(enum.Enum):
@@ -36,6 +37,34 @@ class Health(enum.Enum):
     SUSPECT = "suspect"
     QUARANTINED = "quarantined"
     PROBING = "probing"
+
+
+_H = Health
+# Every move the state machine may make; anything else is a bug and raises.
+TRANSITIONS: frozenset[tuple[Health, Health]] = frozenset(
+    {
+        (_H.HEALTHY, _H.SUSPECT),  # one failure
+        (_H.HEALTHY, _H.QUARANTINED),  # rail down, or K failures at once
+        (_H.SUSPECT, _H.HEALTHY),  # recover_after successes
+        (_H.SUSPECT, _H.QUARANTINED),  # K failures
+        (_H.QUARANTINED, _H.QUARANTINED),  # reported down again: the back-off restarts, longer
+        (_H.QUARANTINED, _H.PROBING),  # back-off over
+        (_H.PROBING, _H.HEALTHY),  # probe succeeded
+        (_H.PROBING, _H.QUARANTINED),  # probe failed
+    }
+)
+
+# The rail event that announces arriving in a state (None: no event).
+ARRIVAL_EVENT: dict[Health, EventKind] = {
+    _H.SUSPECT: EventKind.SUSPECT,
+    _H.QUARANTINED: EventKind.QUARANTINE,
+    _H.PROBING: EventKind.PROBE,
+    _H.HEALTHY: EventKind.RECOVERY,
+}
+
+
+class IllegalTransition(RuntimeError):
+    """The health state machine was asked for a move it does not have (a bug)."""
 
 
 class RailHealth:
@@ -71,9 +100,17 @@ class RailHealth:
         """May the rail be given a slice at all (window permitting)?"""
         return self.state is not Health.QUARANTINED
 
+    @property
+    def dispatchable(self) -> bool:
+        """May a policy choose the rail for ordinary slices (probing rails only get probes)?"""
+        return self.state is Health.HEALTHY or self.state is Health.SUSPECT
+
     def window(self, full: int) -> int:
-        """Slices the rail may hold in flight in its current state."""
-        return full if self.state is Health.HEALTHY else 1
+        """Slices the rail may hold in flight: ``full`` if healthy, one if suspect or probing, none in quarantine."""
+        state = self.state
+        if state is Health.HEALTHY:
+            return full
+        return 0 if state is Health.QUARANTINED else 1
 
     # -------------------------------------------------------------- events
 
@@ -96,20 +133,20 @@ class RailHealth:
         ):
             self._quarantine(now)
         elif self.state is Health.HEALTHY:
-            self.state = Health.SUSPECT
+            self._move(Health.SUSPECT)
         return self.state
 
     def on_success(self, now: float) -> Health:
         """Record a completed slice; returns the new state."""
         self._consecutive = 0
         if self.state is Health.PROBING:
-            self.state = Health.HEALTHY
+            self._move(Health.HEALTHY)
             self._failures.clear()
             self._clean_since = now
         elif self.state is Health.SUSPECT:
             self._successes += 1
             if self._successes >= self._config.recover_after:
-                self.state = Health.HEALTHY
+                self._move(Health.HEALTHY)
                 self._successes = 0
                 self._clean_since = now
         return self.state
@@ -117,20 +154,25 @@ class RailHealth:
     def tick(self, now: float) -> Health:
         """Advance timers: a quarantine that expired turns into probing."""
         if self.state is Health.QUARANTINED and now >= self.quarantine_until:
-            self.state = Health.PROBING
+            self._move(Health.PROBING)
         return self.state
 
     # ------------------------------------------------------------ internals
 
     def _quarantine(self, now: float) -> None:
         cfg = self._config
-        self.state = Health.QUARANTINED
+        self._move(Health.QUARANTINED)
         self.quarantine_until = now + min(cfg.backoff_cap, cfg.backoff_base * (2.0**self.level))
         self.level += 1
         self.quarantines += 1
         self._failures.clear()
         self._consecutive = 0
         self._clean_since = float("inf")
+
+    def _move(self, new: Health) -> None:
+        if (self.state, new) not in TRANSITIONS:
+            raise IllegalTransition(f"rail health cannot go from {self.state.value} to {new.value}")
+        self.state = new
 
     def _forgive(self, now: float) -> None:
         if self.state is Health.HEALTHY and self.level and now > self._clean_since:

@@ -20,23 +20,31 @@ Invariants the planner keeps (checked by the state-machine tests):
 * a transfer is reported finished only when no attempt of it is LIVE or
   WITHDRAWING, so after :class:`Finished` nothing of it can still land;
 * a rail's in-flight bytes are the sum of its LIVE and WITHDRAWING attempts.
+
+Cost: open transfers wait in per-rail-set, per-priority queues
+(:mod:`.queues`); a poll does work only while some rail has a free window,
+so it costs the same with ten thousand open transfers as with ten.  A
+transfer is a byte stream over its extents (:mod:`.extents`); with a
+``scatter_gather`` driver one slice may carry many extents, otherwise slices
+are cut at extent boundaries.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 from ..errors import NoRailError, TransferFailedError
 from .config import SchedulerConfig
 from .decisions import Attempt, AttemptState, Decision, Finished, Outcome, Piece, Post, Withdraw
 from .events import EventKind, RailEvent
-from .health import Health
+from .extents import Extents
+from .health import ARRIVAL_EVENT, Health
 from .policies import NO_RAIL, Policy, make_policy
+from .queues import RailGroup
 from .rail_state import RailInfo, RailState
 from .slicing import cut
-from .transfer_state import PendingRange, Phase, TransferState
+from .transfer_state import PendingRange, Phase, Priority, TransferProgress, TransferState
 
 _LIVE = AttemptState.LIVE
 _WITHDRAWING = AttemptState.WITHDRAWING
@@ -51,6 +59,8 @@ class Planner:
         rails: Sequence[RailInfo],
         config: SchedulerConfig | None = None,
         policy: str | Policy = "eft",
+        *,
+        scatter_gather: bool = False,
     ) -> None:
         # No rails is allowed: a backend that pairs rails with peers (ucx) starts
         # empty and adds them with add_rail(); a transfer with no rail fails with
@@ -63,8 +73,10 @@ class Planner:
         self._by_name = {r.name: r for r in self.rails}
         self.policy: Policy = make_policy(policy)
         self.policy.bind(self.rails, self.config)
+        self.scatter_gather = scatter_gather  # may one slice carry several extents?
         self._transfers: dict[int, TransferState] = {}
-        self._active: deque[TransferState] = deque()
+        self._groups: dict[tuple[int, ...], RailGroup] = {}
+        self._work: dict[RailGroup, None] = {}  # groups with queued transfers, in order
         self._attempts: dict[int, Attempt] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._decisions: list[Decision] = []
@@ -73,7 +85,10 @@ class Planner:
         self._next_aid = 1
         self._quarantined: set[RailState] = set()  # rails whose quarantine timer runs
         self._probing: set[RailState] = set()  # rails waiting for (or carrying) a probe
-        self._stalled: set[TransferState] = set()  # transfers waiting for a quarantined rail
+        self._stalled: dict[TransferState, None] = {}  # out of their queue, waiting for a rail to come back
+        self._rails_changed = False  # a rail became usable again: stalled transfers retry
+        self._stall_check_at = float("inf")  # when the earliest stalled transfer's wait ends
+        self.lag_excused = 0  # deadlines pushed back because the driver polled late
         self._idle_check_at = -float("inf")
         self._suspect_slice = self.config.min_slice
         self._deadline_floor = self.config.deadline_floor
@@ -81,12 +96,24 @@ class Planner:
 
     # ================================================================ intent
 
-    def submit(self, pieces: Sequence[Piece], now: float, rails: Iterable[int | str] | None = None) -> int:
-        """Accept a transfer made of ``pieces``; returns its id.
+    def submit(
+        self,
+        pieces: Sequence[Piece] | Extents,
+        now: float,
+        rails: Iterable[int | str] | None = None,
+        *,
+        priority: str | int | Priority = Priority.NORMAL,
+    ) -> int:
+        """Accept a transfer; returns its id.
 
-        ``rails`` restricts which rails may carry it (indices or names; default
-        all).  A transfer of zero bytes finishes at the next :meth:`poll`.
+        ``pieces`` are its (source, destination) pairs, as :class:`Piece`
+        objects or as :class:`~.extents.Extents` arrays; pairs adjacent on both
+        sides are merged.  ``rails`` restricts which rails may carry it
+        (indices or names; default all).  ``priority``: ``"high"``,
+        ``"normal"`` or ``"background"`` (see :mod:`.queues`).  A transfer of
+        zero bytes finishes at the next :meth:`poll`.
         """
+        prio = Priority.parse(priority)
         if rails is None:
             eligible = list(self.rails)
         else:
@@ -100,12 +127,34 @@ class Planner:
             eligible.sort(key=lambda r: r.index)
             if not eligible:
                 raise ValueError("a transfer needs at least one eligible rail")
-        for p in pieces:
+        extents: Extents | None
+        single: tuple[Hashable, int, Hashable, int] | None = None
+        if isinstance(pieces, Extents):
+            extents = pieces.coalesced()
+        elif len(pieces) == 1:
+            p = pieces[0]
             if p.length < 0 or p.src_offset < 0 or p.dst_offset < 0:
                 raise ValueError(f"piece lengths and offsets must not be negative: {p!r}")
+            extents = None
+            single = (p.src, p.src_offset, p.dst, p.dst_offset)
+            total = p.length
+        else:
+            extents = Extents.from_pieces(pieces).coalesced()
+        if extents is not None:
+            total = extents.total
+            if len(extents) == 1:
+                single = extents.first(0)
+                extents = None
+            elif len(extents) == 0:
+                extents = None
         tid = self._next_tid
         self._next_tid += 1
-        t = TransferState(tid, pieces, eligible, now)
+        t = TransferState(tid, extents, single, total, eligible, now, prio)
+        group_key = tuple(r.index for r in eligible)
+        group = self._groups.get(group_key)
+        if group is None:
+            group = self._groups[group_key] = RailGroup(group_key, tuple(eligible), self.config.priority_aging)
+        t.group = group
         self._transfers[tid] = t
         if t.pending:
             self._activate(t)
@@ -163,10 +212,9 @@ class Planner:
             t.slices += 1
             t.bytes_per_rail[rail.name] = t.bytes_per_rail.get(rail.name, 0) + a.length
             before = rail.health.state
-            if before is not Health.HEALTHY and rail.health.on_success(now) is Health.HEALTHY:
-                rail.sync_health()
-                self._probing.discard(rail)
-                self._event(now, EventKind.RECOVERY, rail, f"rail {rail.name} is healthy again")
+            if before is not Health.HEALTHY:
+                rail.health.on_success(now)
+                self._health_changed(rail, before, now)
         a.state = _DONE
         t.live.discard(aid)
         self._maybe_finish(t, now)
@@ -246,19 +294,25 @@ class Planner:
 
     # ============================================================== decisions
 
-    def poll(self, now: float) -> list[Decision]:
-        """Run deadlines, health timers and dispatch; return the decisions to carry out."""
+    def poll(self, now: float, *, late_by: float = 0.0) -> list[Decision]:
+        """Run deadlines, health timers and dispatch; return the decisions to carry out.
+
+        ``late_by``: how much later than asked the driver got round to this
+        poll (its event loop's lag).  A deadline that passed during that lag
+        is not held against its rail: the completion may be waiting in the
+        driver's own queue.  It is pushed back once, by the lag, and counted
+        in :attr:`lag_excused`.
+        """
         heap = self._deadlines
         if heap and heap[0][0] <= now:
-            self._expire_deadlines(now)
+            self._expire_deadlines(now, late_by)
         if self._quarantined:
             for rail in list(self._quarantined):
                 if now >= rail.health.quarantine_until:
                     rail.health.tick(now)
-                    rail.sync_health()
-                    self._quarantined.discard(rail)
-                    self._probing.add(rail)
-                    self._event(now, EventKind.PROBE, rail, f"quarantine of {rail.name} ended; probing")
+                    self._health_changed(rail, Health.QUARANTINED, now)
+        if self._stalled:
+            self._retry_stalled(now)
         self._dispatch(now)
         out = self._decisions
         self._decisions = []
@@ -275,12 +329,9 @@ class Planner:
         for rail in self.rails:
             if rail.health.state is Health.QUARANTINED:
                 times.append(rail.health.quarantine_until)
-        for t in self._stalled:
-            # Only while bytes wait: with all of them out on a probe, the probe's own
-            # deadline is what wakes the planner.
-            if t.stalled_since is not None and t.pending:
-                times.append(t.stalled_since + self.config.no_rail_wait)
-        if self._active and self.policy.probes_idle_rails:
+        if self._stalled and self._stall_check_at < float("inf"):
+            times.append(self._stall_check_at)
+        if self._work and self.policy.probes_idle_rails:
             for rail in self.rails:
                 if not rail.inflight and rail.health.state is not Health.QUARANTINED:
                     due = max(rail.last_activity, rail.probe_checked) + self.config.probe_interval
@@ -308,12 +359,24 @@ class Planner:
         t = self._transfers[tid]
         return t.acked, t.total
 
+    def status(self, tid: int) -> TransferProgress:
+        """What an open transfer has done so far, as a value."""
+        return self._transfers[tid].progress()
+
+    def open_transfers(self) -> int:
+        return len(self._transfers)
+
     def transfer(self, tid: int) -> TransferState:
-        """The live state of an open transfer (read-only use, for tests and tools)."""
+        """The live state of an open transfer (read-only use, for the planner's own tests)."""
         return self._transfers[tid]
 
     def transfers(self) -> list[TransferState]:
+        """Live states of every open transfer (read-only use, for the planner's own tests)."""
         return list(self._transfers.values())
+
+    def queued(self) -> int:
+        """Transfers waiting in a queue or stalled for a rail (entries, finished ones included until dropped)."""
+        return sum(g.waiting() for g in self._work) + len(self._stalled)
 
     def attempts(self) -> list[Attempt]:
         """Attempts that are LIVE or WITHDRAWING."""
@@ -337,9 +400,81 @@ class Planner:
         self._events.append(RailEvent(time=now, kind=kind, rail=rail.name, detail=detail, **extra))  # type: ignore[arg-type]
 
     def _activate(self, t: TransferState) -> None:
-        if not t.in_active:
-            t.in_active = True
-            self._active.append(t)
+        """Queue ``t`` for dispatch (it has bytes to send)."""
+        if self._stalled and t in self._stalled:
+            del self._stalled[t]
+        if not t.queued:
+            group = t.group
+            assert group is not None
+            group.push(t)
+            self._work[group] = None
+
+    def _stall(self, t: TransferState) -> None:
+        """Take ``t`` out of its queue until a rail comes back or its wait ends."""
+        t.queued = False
+        if not self._stalled:
+            self._stall_check_at = float("inf")  # forget the times of transfers no longer stalled
+        self._stalled[t] = None
+        assert t.stalled_since is not None
+        self._stall_check_at = min(self._stall_check_at, t.stalled_since + self.config.no_rail_wait)
+
+    def _retry_stalled(self, now: float) -> None:
+        """Requeue stalled transfers whose rail may be back, or whose wait is over (to fail them).
+
+        Looks at them only when a rail changed or the earliest wait ended, so
+        an outage with many open transfers does not make every poll scan them.
+        """
+        changed = self._rails_changed
+        if not changed and now < self._stall_check_at:
+            return
+        self._rails_changed = False
+        wait = self.config.no_rail_wait
+        self._stall_check_at = float("inf")
+        for t in list(self._stalled):
+            since = t.stalled_since
+            if changed or since is None or now >= since + wait:
+                del self._stalled[t]
+                if t.pending and t.phase is Phase.RUNNING:
+                    self._activate(t)
+            else:
+                self._stall_check_at = min(self._stall_check_at, since + wait)
+
+    def _health_changed(self, rail: RailState, before: Health, now: float) -> None:
+        """React to a move of ``rail``'s health (the state machine itself is in :mod:`.health`).
+
+        The one place that mirrors a new state into the dispatcher's view,
+        keeps the timer sets, wakes stalled transfers and emits the event.
+        """
+        after = rail.health.state
+        rail.sync_health()
+        if after is Health.QUARANTINED:
+            self._quarantined.add(rail)
+            self._probing.discard(rail)
+        elif after is Health.PROBING:
+            self._quarantined.discard(rail)
+            self._probing.add(rail)
+            self._rails_changed = True
+        else:
+            self._probing.discard(rail)
+            if before is Health.QUARANTINED or before is Health.PROBING:
+                self._rails_changed = True
+        if after is before:
+            return
+        kind = ARRIVAL_EVENT[after]
+        if after is Health.QUARANTINED:
+            self._event(
+                now,
+                kind,
+                rail,
+                f"{rail.name} quarantined for {(rail.health.quarantine_until - now) * 1e3:.0f} ms",
+                until=rail.health.quarantine_until,
+            )
+        elif after is Health.PROBING:
+            self._event(now, kind, rail, f"quarantine of {rail.name} ended; probing")
+        elif after is Health.SUSPECT:
+            self._event(now, kind, rail, f"{rail.name} is suspect")
+        else:
+            self._event(now, kind, rail, f"rail {rail.name} is healthy again")
 
     @staticmethod
     def _release(rail: RailState, a: Attempt) -> None:
@@ -349,14 +484,24 @@ class Planner:
         a = self._attempts.get(entry[1])
         return a is None or a.state is not _LIVE
 
-    def _expire_deadlines(self, now: float) -> None:
+    def _expire_deadlines(self, now: float, late_by: float) -> None:
         heap = self._deadlines
+        excused: list[tuple[float, int]] = []
         while heap and heap[0][0] <= now:
-            _, aid = heapq.heappop(heap)
+            deadline, aid = heapq.heappop(heap)
             a = self._attempts.get(aid)
             if a is None or a.state is not _LIVE:
                 continue
             rail = self.rails[a.rail]
+            if late_by > 0.0 and deadline > now - late_by and not a.excused:
+                # It expired while the driver was not looking: its completion may be
+                # queued behind us.  Look again one lag later, once.
+                a.excused = True
+                a.deadline = now + late_by
+                rail.lag_excused += 1
+                self.lag_excused += 1
+                excused.append((a.deadline, aid))
+                continue
             rail.deadline_misses += 1
             a.missed = True
             late_ms = (now - a.posted_at) * 1e3
@@ -368,6 +513,8 @@ class Planner:
                 a,
                 charge=False,
             )
+        for entry in excused:
+            heapq.heappush(heap, entry)
 
     def _rail_failure(
         self,
@@ -407,21 +554,8 @@ class Planner:
             rail.rerouted_from += moved
             self._event(now, EventKind.REROUTE, rail, f"{moved} slice(s) taken off {rail.name}", slices=moved)
         before = rail.health.state
-        after = rail.health.on_failure(now, rail_down=rail_down)
-        rail.sync_health()
-        if after is Health.QUARANTINED:
-            self._quarantined.add(rail)
-            self._probing.discard(rail)
-        if after is Health.QUARANTINED and before is not Health.QUARANTINED:
-            self._event(
-                now,
-                EventKind.QUARANTINE,
-                rail,
-                f"{rail.name} quarantined for {(rail.health.quarantine_until - now) * 1e3:.0f} ms",
-                until=rail.health.quarantine_until,
-            )
-        elif after is Health.SUSPECT and before is Health.HEALTHY:
-            self._event(now, EventKind.SUSPECT, rail, f"{rail.name} is suspect")
+        rail.health.on_failure(now, rail_down=rail_down)
+        self._health_changed(rail, before, now)
 
     def _requeue(self, a: Attempt, now: float, *, charge: bool, reason: str) -> None:
         """Put an attempt's bytes back at the front of its transfer's queue."""
@@ -435,7 +569,8 @@ class Planner:
         if charge:
             history = history or {}
             history[a.rail] = history.get(a.rail, 0) + 1
-        t.pending.appendleft(PendingRange(a.piece, a.offset, a.length, history))
+        t.pending.appendleft(PendingRange(a.offset, a.length, history))
+        t.pending_bytes += a.length
         self._activate(t)
         if charge and history is not None:
             cfg = self.config
@@ -447,7 +582,7 @@ class Planner:
                     t,
                     Phase.FAILING,
                     TransferFailedError(
-                        f"transfer {t.id}: {a.length} bytes at piece {a.piece} offset {a.offset} failed on "
+                        f"transfer {t.id}: {a.length} bytes at offset {a.offset} failed on "
                         f"every rail it may use ({tried}); last errors: {t.rail_errors}. Check the rails' "
                         f"health in engine.telemetry() and the peer's logs.",
                         t.rail_errors,
@@ -462,8 +597,9 @@ class Planner:
         t.phase = phase
         t.error = error
         t.pending.clear()
+        t.pending_bytes = 0
         t.stalled_since = None
-        self._stalled.discard(t)
+        self._stalled.pop(t, None)
         for aid in list(t.live):
             a = self._attempts[aid]
             if a.state is _LIVE:
@@ -483,7 +619,7 @@ class Planner:
         else:
             outcome = Outcome.CANCELLED
         del self._transfers[t.id]
-        self._stalled.discard(t)
+        self._stalled.pop(t, None)
         self._decisions.append(
             Finished(
                 transfer_id=t.id,
@@ -495,69 +631,75 @@ class Planner:
                 submitted_at=t.submitted_at,
                 finished_at=now,
                 error=t.error,
+                acked=t.acked,
             )
         )
 
     # --------------------------------------------------------------- dispatch
 
     def _dispatch(self, now: float) -> None:
-        active = self._active
-        while active and not active[0].pending:  # finished, failed or cancelled meanwhile
-            active.popleft().in_active = False
-        if not active:
+        work = self._work
+        if not work:
             return
         if self._quarantined or self._probing:
             self._health_probes(now)
         choose = self.policy.choose
-        misses = 0
-        while active and misses < len(active):
-            t = active[0]
-            if not t.pending:
-                active.popleft().in_active = False
-                continue
-            choice = choose(t, now)
-            if choice is None:
-                if t.stalled_since is not None:  # a rail is usable again, only busy
-                    t.stalled_since = None
-                    self._stalled.discard(t)
-                active.rotate(-1)
-                misses += 1
-                continue
-            if choice is NO_RAIL:
-                if self._waiting_for_rail(t, now):
-                    active.rotate(-1)
-                    misses += 1
-                else:
-                    active.popleft().in_active = False
-                    self._stalled.discard(t)
-                    self._no_rail(t, now)
-                continue
-            rail, size = choice  # type: ignore[misc]
-            if rail.health.state is Health.SUSPECT and size > self._suspect_slice:
-                # A suspect rail proves itself with small slices, so that a rail that
-                # is really stalled holds little data hostage until its quarantine.
-                size = cut(self._suspect_slice, t.pending[0].length, 0.0)
-            self._post(t, rail, size, now, probe=False)
-            if t.pending:
-                active.rotate(-1)
-            else:
-                active.popleft().in_active = False
-            misses = 0
-        if self.policy.probes_idle_rails and active and now >= self._idle_check_at:
+        for group in list(work):
+            queues = group.queues
+            while group.worth_asking():
+                c = group.next_class()
+                if c is None:
+                    del work[group]
+                    break
+                t = queues[c][0]
+                choice = choose(t, now)
+                if choice is None:
+                    if t.stalled_since is not None:  # a rail is usable again, only busy
+                        t.stalled_since = None
+                    break  # every rail this group may use is busy (or a better one soon free)
+                if choice is NO_RAIL:
+                    group.pop_front(c)
+                    if self._waiting_for_rail(t, now):
+                        self._stall(t)
+                    else:
+                        self._no_rail(t, now)
+                    continue
+                rail, size = choice  # type: ignore[misc]
+                if rail.health.state is Health.SUSPECT and size > self._suspect_slice:
+                    # A suspect rail proves itself with small slices, so that a rail that
+                    # is really stalled holds little data hostage until its quarantine.
+                    size = self._suspect_slice
+                self._post(t, rail, size, now, probe=False)
+                group.served(c)
+        if self.policy.probes_idle_rails and work and now >= self._idle_check_at:
             self._idle_check_at = now + 0.25 * self.config.probe_interval
             self._idle_probes(now)
 
     def _post(self, t: TransferState, rail: RailState, size: int, now: float, *, probe: bool) -> None:
+        """Cut the next slice of ``t`` (at most ``size`` bytes) and post it on ``rail``."""
         rng = t.pending[0]
-        if size >= rng.length:
-            size = rng.length
-            t.pending.popleft()
-        piece_index = rng.piece
         offset = rng.offset
-        if size < rng.length:
+        limit = rng.length
+        ext = t.extents
+        if ext is not None and not self.scatter_gather:
+            limit = min(limit, ext.extent_end(offset) - offset)  # one extent per slice
+        size = cut(size, limit, self.config.tail_merge)
+        if size >= rng.length:
+            t.pending.popleft()
+        else:
             rng.offset += size
             rng.length -= size
-        piece = t.pieces[piece_index]
+        t.pending_bytes -= size
+        extents = None
+        if ext is None:
+            src, src_off, dst, dst_off = t.single  # type: ignore[misc]
+            src_off += offset
+            dst_off += offset
+        else:
+            win = ext.window(offset, size)
+            src, src_off, dst, dst_off = ext.first(offset)
+            if len(win) > 1:
+                extents = win
         expected = rail.expected_time(size, now)
         deadline = now + max(self._deadline_floor, self._deadline_factor * expected) * rail.deadline_scale
         aid = self._next_aid
@@ -568,19 +710,19 @@ class Planner:
             t.id,
             rail.index,
             rail.name,
-            piece_index,
             offset,
             size,
-            piece.src,
-            piece.src_offset + offset,
-            piece.dst,
-            piece.dst_offset + offset,
+            src,
+            src_off,
+            dst,
+            dst_off,
             now,
             expected,
             deadline,
             probe,
             not rail.inflight,
             rng.history,
+            extents,
         )
         for other in rail.inflight.values():
             other.overlapped = True
@@ -588,7 +730,6 @@ class Planner:
         rail.last_activity = now
         if t.stalled_since is not None and not probe:  # a rail took bytes: the wait is over
             t.stalled_since = None  # (a probe does not end it: it may stall like the rail did)
-            self._stalled.discard(t)
         if probe:
             rail.probes_total += 1
         self._attempts[aid] = a
@@ -598,18 +739,31 @@ class Planner:
         self._decisions.append(Post(a))
 
     def _probe_target(self, t: TransferState, rail: RailState) -> bool:
+        if not t.pending or t.phase is not Phase.RUNNING:
+            return False
         history = t.pending[0].history
-        return rail in t.rails and (history is None or history.get(rail.index, 0) < self.config.max_attempts_per_rail)
+        return history is None or history.get(rail.index, 0) < self.config.max_attempts_per_rail
+
+    def _probe_candidate(self, rail: RailState) -> TransferState | None:
+        """A waiting transfer that may send a probe slice over ``rail``."""
+        for group in self._work:
+            if rail in group.rail_set:
+                for t in group:
+                    if self._probe_target(t, rail):
+                        return t
+        for t in self._stalled:
+            if t.group is not None and rail in t.group.rail_set and self._probe_target(t, rail):
+                return t
+        return None
 
     def _health_probes(self, now: float) -> None:
         """A probing rail with nothing in flight gets one small slice from any eligible transfer."""
-        for rail in self.rails:
+        for rail in self.rails:  # in rail order, so a seeded simulation replays exactly
             if rail.health.state is not Health.PROBING or rail.inflight:
                 continue
-            for t in self._active:
-                if t.pending and self._probe_target(t, rail):
-                    self._post(t, rail, cut(self.config.min_slice, t.pending[0].length, 0.0), now, probe=True)
-                    break
+            t = self._probe_candidate(rail)
+            if t is not None:
+                self._post(t, rail, self.config.min_slice, now, probe=True)
 
     def _idle_probes(self, now: float) -> None:
         """Under ``eft``, a usable rail idle for ``probe_interval`` gets one small slice."""
@@ -623,13 +777,9 @@ class Planner:
             state = rail.health.state
             if state is not Health.HEALTHY and state is not Health.SUSPECT:
                 continue
-            for t in self._active:
-                if t.pending and self._probe_target(t, rail):
-                    self._post(t, rail, cut(self.config.min_slice, t.pending[0].length, 0.0), now, probe=True)
-                    if not t.pending:
-                        self._active.remove(t)
-                        t.in_active = False
-                    break
+            t = self._probe_candidate(rail)
+            if t is not None:
+                self._post(t, rail, self.config.min_slice, now, probe=True)
             else:
                 rail.probe_checked = now  # nothing to probe with: look again one interval later
 
@@ -653,7 +803,6 @@ class Planner:
             return False
         if t.stalled_since is None:
             t.stalled_since = now
-            self._stalled.add(t)
         # The same expression as next_wakeup(), so the wakeup at that instant ends the wait.
         return now < t.stalled_since + self.config.no_rail_wait
 

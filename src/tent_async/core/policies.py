@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from .config import SchedulerConfig
 from .health import Health
-from .slicing import cut, nominal_slice
+from .slicing import nominal_slice
 
 if TYPE_CHECKING:
     from .rail_state import RailState
@@ -64,56 +64,94 @@ class Policy(Protocol):
         """Called once by the planner with its rails and config."""
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
-        """Pick ``(rail, size)`` for ``transfer.pending[0]``, ``None`` to hold, or NO_RAIL."""
+        """Pick ``(rail, size)`` for the transfer's next slice, ``None`` to hold, or NO_RAIL.
+
+        ``size`` is what the policy would like; the planner cuts it to the
+        front pending range (and to one extent for backends without
+        scatter-gather), merging a small tail.
+        """
 
 
 class EarliestFinish:
-    """``eft``: the rail expected to finish the slice first, late-bound."""
+    """``eft``: the rail expected to finish the slice first, late-bound, sprayed.
+
+    Slice sizes follow what finishes the *transfer* first: the transfer's
+    remaining bytes are water-filled over its usable rails (each rail busy
+    until the same instant ``T``, counting what it already has in flight and
+    its latency, which includes the backend's stated per-slice cost), and a
+    rail's slice is its share, capped at its nominal size (``bw x
+    target_slice_time``) and at least ``min_slice``.  So an elephant gets
+    nominal slices as before, a 16 MiB transfer on eight fast rails is cut
+    into eight shares that finish together, and a 4 KiB one stays whole and
+    goes to the rail with the earliest finish including latency.
+    """
 
     name: ClassVar[str] = "eft"
     probes_idle_rails: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._band = 1.0
-        self._tail = 0.5
         self._max_per_rail = 2
+        self._floor = 64 * 1024
+        self._align = 4096
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
         self._band = 1.0 + config.tie_band
-        self._tail = config.tail_merge
         self._max_per_rail = config.max_attempts_per_rail
+        self._floor = config.min_slice
+        self._align = config.slice_align
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
-        rng = transfer.pending[0]
-        remaining = rng.length
-        history = rng.history
-        tail = self._tail
+        history = transfer.pending[0].history
+        remaining = transfer.pending_bytes
+        max_per_rail = self._max_per_rail
+        # Pass 1: usable rails, their effective bandwidth and backlog (bytes they
+        # would move before a new slice's bytes: in flight plus latency's worth).
+        usable = []
+        sum_bw = 0.0
+        sum_backlog = 0.0
+        for rail in transfer.rails:
+            if not rail.dispatchable:
+                continue
+            if history is not None and history.get(rail.index, 0) >= max_per_rail:
+                continue
+            # rail.effective_bandwidth(now), inlined: this loop is the hot path.
+            bw = rail.bw
+            if rail.inflight:
+                elapsed = now - rail.head_posted
+                if elapsed > rail.head_expected > 0.0:
+                    bw *= rail.head_expected / elapsed
+            backlog = rail.inflight_bytes + bw * rail.lat
+            usable.append((rail, bw, backlog))
+            sum_bw += bw
+            sum_backlog += backlog
+        if not usable:
+            return NO_RAIL
+        level = (remaining + sum_backlog) / sum_bw  # the instant every rail would finish together
+        floor = self._floor
+        align = self._align
         best = float("inf")
         pick: RailState | None = None
         pick_cost = float("inf")
         pick_size = 0
-        for rail in transfer.rails:
-            if not rail.dispatchable:
-                continue
-            if history is not None and history.get(rail.index, 0) >= self._max_per_rail:
-                continue
+        for rail, bw, backlog in usable:
             nominal = rail.nominal
-            size = remaining if remaining <= nominal or remaining - nominal < tail * nominal else nominal
-            # rail.expected_time(size, now) * rail.penalty, inlined: this loop is the hot path.
-            bw = rail.bw
-            inflight = rail.inflight
-            if inflight:
-                elapsed = now - rail.head_posted
-                if elapsed > rail.head_expected > 0.0:
-                    bw *= rail.head_expected / elapsed
+            share = bw * level - backlog
+            if share >= nominal:
+                size = nominal
+            elif share > floor:
+                size = int(share)
+                size -= size % align
+            else:
+                size = floor
+            if size > remaining:
+                size = remaining
             cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
             if cost < best:
                 best = cost
-            if cost < pick_cost and len(inflight) < rail.window:
+            if cost < pick_cost and len(rail.inflight) < rail.window:
                 pick, pick_cost, pick_size = rail, cost, size
-        if pick is None:
-            return NO_RAIL if best == float("inf") else None
-        if pick_cost > best * self._band:
+        if pick is None or pick_cost > best * self._band:
             return None
         return pick, pick_size
 
@@ -127,13 +165,11 @@ class RoundRobin:
     def __init__(self) -> None:
         self._fixed = 0
         self._config = SchedulerConfig()
-        self._tail = 0.5
         self._max_per_rail = 2
         self._sizes: dict[tuple[int, ...], int] = {}
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
         self._config = config
-        self._tail = config.tail_merge
         self._max_per_rail = config.max_attempts_per_rail
         self._fixed = config.round_robin_slice
 
@@ -170,7 +206,7 @@ class RoundRobin:
             if not rail.has_room():
                 return None  # strict striping: wait for the next rail in the cycle
             transfer.rr_next = (start + k + 1) % n
-            return rail, cut(self.slice_size(rails), rng.length, self._tail)
+            return rail, self.slice_size(rails)
         return NO_RAIL
 
 
@@ -182,11 +218,9 @@ class SingleRail:
 
     def __init__(self) -> None:
         self._turn = 0
-        self._tail = 0.5
         self._max_per_rail = 2
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
-        self._tail = config.tail_merge
         self._max_per_rail = config.max_attempts_per_rail
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
@@ -215,7 +249,7 @@ class SingleRail:
             transfer.bound = rail
         if not rail.has_room():
             return None
-        return rail, cut(rail.nominal, rng.length, self._tail)
+        return rail, rail.nominal
 
 
 POLICIES: dict[str, type[EarliestFinish] | type[RoundRobin] | type[SingleRail]] = {

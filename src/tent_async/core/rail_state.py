@@ -14,7 +14,7 @@ import attrs
 
 from .config import SchedulerConfig
 from .decisions import Attempt
-from .health import Health, RailHealth
+from .health import RailHealth
 from .slicing import nominal_slice
 from .telemetry import RailEstimator
 
@@ -31,12 +31,17 @@ class RailInfo:
     ``bandwidth`` (bytes/s) and ``latency`` (s) are starting points that
     telemetry replaces; ``tier`` indexes ``SchedulerConfig.tier_penalty``
     (0: same PCIe switch, 1: same NUMA node, 2: across NUMA nodes).
+    ``slice_cost`` (s) is the fixed cost the backend states for every slice
+    (header, check, acknowledgement, thread hops): it is added to the
+    latency the estimator starts from, so the expected finish of a slice
+    includes it, and the estimator then learns the real intercept.
     """
 
     name: str
     bandwidth: float = attrs.field(validator=_positive)
     latency: float = 0.0
     tier: int = 0
+    slice_cost: float = 0.0
 
 
 class RailState:
@@ -58,6 +63,7 @@ class RailState:
         "inflight",
         "inflight_bytes",
         "info",
+        "lag_excused",
         "last_activity",
         "last_completion",
         "last_error",
@@ -81,7 +87,7 @@ class RailState:
         self.penalty = penalties[min(max(info.tier, 0), len(penalties) - 1)]
         self.estimator = RailEstimator(
             bandwidth=info.bandwidth,
-            latency=info.latency,
+            latency=info.latency + info.slice_cost,
             alpha=config.ewma_alpha,
             alpha_down=config.ewma_alpha_down,
         )
@@ -92,7 +98,7 @@ class RailState:
         # plain attributes because the dispatcher reads them for every rail of
         # every decision.
         self.bw = info.bandwidth
-        self.lat = info.latency
+        self.lat = self.estimator.latency
         self.head_posted = 0.0
         self.head_expected = 0.0
         self.last_completion = -float("inf")
@@ -108,6 +114,7 @@ class RailState:
         self.probes_total = 0
         self.errors = 0
         self.deadline_misses = 0
+        self.lag_excused = 0  # deadlines pushed back because the driver polled late
         self.rerouted_from = 0
         self.last_error = ""
         self._config = config
@@ -138,13 +145,18 @@ class RailState:
             self.head_expected = head.expected
 
     def sync_health(self) -> None:
-        """Mirror the health state into the two fields the dispatcher reads for every decision."""
-        state = self.health.state
-        self.dispatchable = state is Health.HEALTHY or state is Health.SUSPECT
-        if state is Health.QUARANTINED:
-            self.window = 0
-        else:
-            self.window = self.window_full if state is Health.HEALTHY else 1
+        """Mirror the health state into the two fields the dispatcher reads for every decision.
+
+        Both come from :class:`~.health.RailHealth`, which alone decides what a
+        state allows; this only caches the answer.
+        """
+        health = self.health
+        self.dispatchable = health.dispatchable
+        self.window = health.window(self.window_full)
+
+    def has_free_window(self) -> bool:
+        """Could a policy give this rail an ordinary slice now?"""
+        return self.dispatchable and len(self.inflight) < self.window
 
     def has_room(self) -> bool:
         return len(self.inflight) < self.window

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from ...core import Attempt
 from ...errors import ConfigError, SegmentError
-from ...memory import copy_bytes
+from ...memory import copy_bytes, copy_extents
 from ...rails import RailSpec
 from ...segments import Segment, SegmentBase
 from ..base import Backend, BackendContext, Cancellable
@@ -98,6 +98,7 @@ class SimBackend(Backend):
     """
 
     name: ClassVar[str] = "sim"
+    scatter_gather: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -273,7 +274,15 @@ class SimBackend(Backend):
             try:
                 if not isinstance(src, Segment) or not isinstance(dst, Segment):
                     raise SegmentError(f"sim rails copy between local segments only, got {src!r} -> {dst!r}")
-                copy_bytes(dst.memory, a.dst_offset, src.memory, a.src_offset, a.length)
+                if a.extents is None:
+                    copy_bytes(dst.memory, a.dst_offset, src.memory, a.src_offset, a.length)
+                else:
+                    memories = []
+                    for seg in a.extents.segments:
+                        if not isinstance(seg, Segment):
+                            raise SegmentError(f"sim rails copy between local segments only, got {seg!r}")
+                        memories.append(seg.memory)
+                    copy_extents(memories, *a.extents.arrays())
             except Exception as exc:
                 ctx.fail(a.id, exc, transfer_fatal=True)
                 return

@@ -35,7 +35,7 @@ from ...core import (
     Withdraw,
 )
 from ...core.decisions import Attempt
-from ...core.transfer_state import TransferState
+from ...core.transfer_state import TransferProgress
 from ...errors import TentError
 from .clock import Timer, VirtualClock
 from .fabric import Flow, FluidFabric, SimRailError
@@ -207,9 +207,9 @@ class _Open:
         self.source = source
         self.node = node
         self.tid = tid
-        self.ranges: list[tuple[int, int, int]] = []
+        self.ranges: list[tuple[int, int]] = []  # (stream offset, length) of delivered slices
 
-    def record(self, counts: Finished | TransferState, *, finished: float, outcome: str, acked: int) -> FlowRecord:
+    def record(self, counts: Finished | TransferProgress, *, finished: float, outcome: str, acked: int) -> FlowRecord:
         """This flow's :class:`FlowRecord`; ``counts`` gives its submit time and slice counts."""
         a = self.arrival
         return FlowRecord(
@@ -375,15 +375,15 @@ class ScenarioRunner:
         outcome = fin.outcome.value
         if fin.outcome is Outcome.DONE and self.check:
             self._verify(entry, a.size)
-        acked = a.size if fin.outcome is Outcome.DONE else sum(r[2] for r in entry.ranges)
+        acked = a.size if fin.outcome is Outcome.DONE else sum(r[1] for r in entry.ranges)
         self._records.append(entry.record(fin, finished=fin.finished_at, outcome=outcome, acked=acked))
         for nxt in entry.source.finished(a, self.clock.now):
             self.clock.call_at(nxt.time, self._arrive, nxt, entry.source)
 
     def _verify(self, entry: _Open, size: int) -> None:
         pos = 0
-        for piece, offset, length in sorted(entry.ranges):
-            if piece != 0 or offset != pos:
+        for offset, length in sorted(entry.ranges):
+            if offset != pos:
                 what = "overlap" if offset < pos else "gap"
                 raise AccountingError(
                     f"flow {entry.id} (transfer {entry.tid} of node {entry.node}): {what} at byte {min(offset, pos)}; "
@@ -417,7 +417,7 @@ class ScenarioRunner:
         if live:
             entry = self._open.get((node, a.transfer_id))
             if entry is not None and self.check:
-                entry.ranges.append((a.piece, a.offset, a.length))
+                entry.ranges.append((a.offset, a.length))
             self._acked += a.length
         else:
             self._stale += 1
@@ -446,9 +446,8 @@ class ScenarioRunner:
         now = self.clock.now
         records = list(self._records)
         for (node, tid), entry in sorted(self._open.items()):
-            acked, _total = self.planners[node].progress(tid)
-            t = self.planners[node].transfer(tid)
-            records.append(entry.record(t, finished=INF, outcome="unfinished", acked=acked))
+            progress = self.planners[node].status(tid)
+            records.append(entry.record(progress, finished=INF, outcome="unfinished", acked=progress.acked))
         records.sort(key=lambda r: r.id)
         start = min((r.submitted for r in records), default=0.0)
         ends = [r.finished for r in records if r.finished < INF]

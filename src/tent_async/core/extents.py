@@ -1,0 +1,246 @@
+"""A transfer's bytes as one stream over many (source, destination) extents.
+
+Serving traffic is thousands of small scattered blocks (a KV-cache page per
+layer), not one buffer.  A batch is one intent: its extents are laid end to
+end as one *byte stream*, and the planner cuts slices out of that stream, so
+one slice may carry many extents.  Extents are held as numpy arrays, never as
+a Python object per block, so that the per-block cost is a few array elements
+and the per-slice cost is what the planner budgets.
+
+Segments are opaque to the core (the engine passes its segments, the
+simulator node ids); each side refers to a small table of them by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .decisions import Piece
+
+_I32 = np.int32
+_I64 = np.int64
+
+Array = np.ndarray[Any, np.dtype[Any]]
+
+
+def _as_i64(values: Any, n: int, what: str) -> Array:
+    arr = np.asarray(values)
+    if arr.ndim == 0:
+        arr = np.full(n, int(arr), dtype=_I64)
+    if arr.shape != (n,):
+        raise ValueError(f"{what} must be one value or {n} values, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=_I64)
+
+
+class Extents:
+    """Immutable extent list: arrays of (source, source offset, destination, destination offset, length).
+
+    ``segments`` is the table that ``src_seg`` and ``dst_seg`` index into;
+    ``starts`` (one longer than the list) is where each extent begins in the
+    byte stream, so ``starts[-1]`` is the total.  Zero-length extents are
+    dropped on construction.
+    """
+
+    __slots__ = ("dst_off", "dst_seg", "length", "segments", "src_off", "src_seg", "starts")
+
+    def __init__(
+        self,
+        segments: Sequence[Hashable],
+        src_seg: Array,
+        src_off: Array,
+        dst_seg: Array,
+        dst_off: Array,
+        length: Array,
+    ) -> None:
+        keep = length > 0
+        if not keep.all():
+            src_seg, src_off, dst_seg, dst_off, length = (
+                src_seg[keep],
+                src_off[keep],
+                dst_seg[keep],
+                dst_off[keep],
+                length[keep],
+            )
+        self.segments = tuple(segments)
+        self.src_seg = src_seg
+        self.src_off = src_off
+        self.dst_seg = dst_seg
+        self.dst_off = dst_off
+        self.length = length
+        starts = np.empty(len(length) + 1, dtype=_I64)
+        starts[0] = 0
+        np.cumsum(length, out=starts[1:])
+        self.starts = starts
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pieces(cls, pieces: Sequence[Piece]) -> Extents:
+        """From :class:`~tent_async.core.Piece` objects (one per (src, dst) pair)."""
+        table: dict[Hashable, int] = {}
+        n = len(pieces)
+        src_seg = np.empty(n, dtype=_I32)
+        dst_seg = np.empty(n, dtype=_I32)
+        src_off = np.empty(n, dtype=_I64)
+        dst_off = np.empty(n, dtype=_I64)
+        length = np.empty(n, dtype=_I64)
+        for i, p in enumerate(pieces):
+            if p.length < 0 or p.src_offset < 0 or p.dst_offset < 0:
+                raise ValueError(f"piece lengths and offsets must not be negative: {p!r}")
+            src_seg[i] = table.setdefault(p.src, len(table))
+            dst_seg[i] = table.setdefault(p.dst, len(table))
+            src_off[i] = p.src_offset
+            dst_off[i] = p.dst_offset
+            length[i] = p.length
+        return cls(list(table), src_seg, src_off, dst_seg, dst_off, length)
+
+    @classmethod
+    def between(cls, src: Hashable, src_offsets: Any, dst: Hashable, dst_offsets: Any, lengths: Any) -> Extents:
+        """Blocks from one source segment to one destination segment, given as arrays.
+
+        ``lengths`` may be one number (every block the same size).  Offsets
+        and lengths must not be negative.
+        """
+        src_off = np.ascontiguousarray(np.asarray(src_offsets), dtype=_I64).reshape(-1)
+        n = len(src_off)
+        dst_off = _as_i64(dst_offsets, n, "destination offsets")
+        length = _as_i64(lengths, n, "lengths")
+        if n and (src_off.min() < 0 or dst_off.min() < 0 or length.min() < 0):
+            raise ValueError("block offsets and lengths must not be negative")
+        same = src == dst
+        segments: list[Hashable] = [src] if same else [src, dst]
+        src_seg = np.zeros(n, dtype=_I32)
+        dst_seg = np.zeros(n, dtype=_I32) if same else np.ones(n, dtype=_I32)
+        return cls(segments, src_seg, src_off, dst_seg, dst_off, length)
+
+    def coalesced(self) -> Extents:
+        """The same bytes with every run of extents adjacent on both sides merged into one.
+
+        Extent ``i + 1`` joins extent ``i`` when it continues it in the source
+        *and* in the destination (same segments, offsets one length on).  Only
+        neighbours in the list are compared: the stream order is the
+        application's, and it is kept.
+        """
+        n = len(self.length)
+        if n < 2:
+            return self
+        src_end = self.src_off[:-1] + self.length[:-1]
+        dst_end = self.dst_off[:-1] + self.length[:-1]
+        joins = (
+            (self.src_seg[1:] == self.src_seg[:-1])
+            & (self.dst_seg[1:] == self.dst_seg[:-1])
+            & (self.src_off[1:] == src_end)
+            & (self.dst_off[1:] == dst_end)
+        )
+        if not joins.any():
+            return self
+        heads = np.flatnonzero(np.concatenate(([True], ~joins)))
+        merged = np.add.reduceat(self.length, heads)
+        return Extents(
+            self.segments,
+            self.src_seg[heads],
+            self.src_off[heads],
+            self.dst_seg[heads],
+            self.dst_off[heads],
+            merged.astype(_I64, copy=False),
+        )
+
+    # ----------------------------------------------------------------- queries
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    @property
+    def total(self) -> int:
+        return int(self.starts[-1])
+
+    def index_at(self, offset: int) -> int:
+        """The extent holding stream byte ``offset`` (``0 <= offset < total``)."""
+        return int(np.searchsorted(self.starts, offset, side="right")) - 1
+
+    def extent_end(self, offset: int) -> int:
+        """Stream offset where the extent holding byte ``offset`` ends."""
+        return int(self.starts[self.index_at(offset) + 1])
+
+    def first(self, offset: int) -> tuple[Hashable, int, Hashable, int]:
+        """``(src, src offset, dst, dst offset)`` of stream byte ``offset``."""
+        i = self.index_at(offset)
+        skip = offset - int(self.starts[i])
+        return (
+            self.segments[self.src_seg[i]],
+            int(self.src_off[i]) + skip,
+            self.segments[self.dst_seg[i]],
+            int(self.dst_off[i]) + skip,
+        )
+
+    def window(self, offset: int, length: int) -> SliceExtents:
+        """The extents of stream bytes ``[offset, offset + length)``."""
+        i0 = self.index_at(offset)
+        i1 = int(np.searchsorted(self.starts, offset + length, side="left"))
+        return SliceExtents(self, i0, i1, offset - int(self.starts[i0]), int(self.starts[i1]) - offset - length)
+
+    def __repr__(self) -> str:
+        return f"<Extents {len(self)} extents, {self.total} bytes, {len(self.segments)} segments>"
+
+
+class SliceExtents:
+    """The extents one slice carries: a window of its transfer's :class:`Extents`.
+
+    Cheap to make (no copy until :meth:`arrays` is called).  ``head`` bytes are
+    skipped at the start of the first extent and ``tail`` bytes dropped at the
+    end of the last one.
+    """
+
+    __slots__ = ("_ext", "head", "i0", "i1", "tail")
+
+    def __init__(self, ext: Extents, i0: int, i1: int, head: int, tail: int) -> None:
+        self._ext = ext
+        self.i0 = i0
+        self.i1 = i1
+        self.head = head
+        self.tail = tail
+
+    def __len__(self) -> int:
+        return self.i1 - self.i0
+
+    @property
+    def segments(self) -> tuple[Hashable, ...]:
+        return self._ext.segments
+
+    @property
+    def nbytes(self) -> int:
+        e = self._ext
+        return int(e.starts[self.i1] - e.starts[self.i0]) - self.head - self.tail
+
+    def arrays(self) -> tuple[Array, Array, Array, Array, Array]:
+        """``(src_seg, src_off, dst_seg, dst_off, length)`` of this slice, trimmed (fresh arrays)."""
+        e = self._ext
+        s = slice(self.i0, self.i1)
+        src_off = e.src_off[s].copy()
+        dst_off = e.dst_off[s].copy()
+        length = e.length[s].copy()
+        if self.head:
+            src_off[0] += self.head
+            dst_off[0] += self.head
+            length[0] -= self.head
+        if self.tail:
+            length[-1] -= self.tail
+        return e.src_seg[s], src_off, e.dst_seg[s], dst_off, length
+
+    def __iter__(self) -> Iterator[tuple[Hashable, int, Hashable, int, int]]:
+        """``(src, src offset, dst, dst offset, length)`` per extent, as Python values."""
+        segs = self._ext.segments
+        src_seg, src_off, dst_seg, dst_off, length = self.arrays()
+        for a, b, c, d, n in zip(
+            src_seg.tolist(), src_off.tolist(), dst_seg.tolist(), dst_off.tolist(), length.tolist(), strict=True
+        ):
+            yield segs[a], b, segs[c], d, n
+
+    def __repr__(self) -> str:
+        return f"<SliceExtents {len(self)} extents, {self.nbytes} bytes>"

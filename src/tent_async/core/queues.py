@@ -1,0 +1,110 @@
+"""Queues, not scans: where open transfers wait for a rail with a free window.
+
+Transfers that may use exactly the same rails form a :class:`RailGroup`, with
+one queue per priority class.  The planner serves a group only while one of
+its rails has room, and then takes transfers from the front of the queue
+that :meth:`RailGroup.next_class` names, so a poll when every rail is full
+costs the same for ten open transfers as for ten thousand.
+
+Fairness rule, stated once here:
+
+* the highest class with waiting work is served first;
+* within a class, transfers take turns one slice at a time (round-robin), so
+  a big transfer cannot starve the small ones submitted after it;
+* a lower class that was passed over ``aging`` times in a row takes the next
+  turn (bounded aging), so background traffic always makes progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+from .rail_state import RailState
+from .transfer_state import TransferState
+
+_CLASSES = (0, 1, 2)
+
+
+class RailGroup:
+    """The transfers of one eligible-rail set, queued by priority class."""
+
+    __slots__ = ("aging", "key", "passed", "queues", "rail_set", "rails")
+
+    def __init__(self, key: tuple[int, ...], rails: tuple[RailState, ...], aging: int) -> None:
+        self.key = key
+        self.rails = rails
+        self.rail_set = frozenset(rails)
+        self.aging = aging
+        self.queues: tuple[deque[TransferState], deque[TransferState], deque[TransferState]] = (
+            deque(),
+            deque(),
+            deque(),
+        )
+        self.passed = [0, 0, 0]  # turns each class was passed over while it had work
+
+    def push(self, t: TransferState) -> None:
+        """Queue ``t`` at the back of its class."""
+        t.queued = True
+        self.queues[t.priority].append(t)
+
+    def worth_asking(self) -> bool:
+        """Is a dispatch decision worth making for this group now?
+
+        Yes when one of its rails can take an ordinary slice, and also when
+        none of them may carry data at all (quarantined or probing): the
+        policy then answers NO_RAIL, and the transfers are stalled or failed
+        instead of waiting in the queue unseen.  No when every usable rail is
+        merely full: that is the common, O(rails) answer.
+        """
+        usable = False
+        for rail in self.rails:
+            if rail.dispatchable:
+                if len(rail.inflight) < rail.window:
+                    return True
+                usable = True
+        return not usable
+
+    def next_class(self) -> int | None:
+        """The class whose front transfer gets the next slice; ``None`` when nothing waits.
+
+        Transfers with nothing left to send (finished, failed, cancelled, or
+        all their bytes in flight) are dropped from the fronts on the way.
+        """
+        chosen: int | None = None
+        for c in _CLASSES:
+            q = self.queues[c]
+            while q and not q[0].pending:
+                q.popleft().queued = False
+            if not q:
+                self.passed[c] = 0
+                continue
+            if chosen is None or self.passed[c] >= self.aging:
+                chosen = c
+        return chosen
+
+    def served(self, c: int) -> None:
+        """The front transfer of class ``c`` got a slice: rotate it, count the turn."""
+        passed = self.passed
+        passed[c] = 0
+        for lower in _CLASSES:
+            if lower != c and self.queues[lower]:
+                passed[lower] += 1
+        q = self.queues[c]
+        t = q.popleft()
+        if t.pending:
+            q.append(t)
+        else:
+            t.queued = False
+
+    def pop_front(self, c: int) -> TransferState:
+        t = self.queues[c].popleft()
+        t.queued = False
+        return t
+
+    def waiting(self) -> int:
+        return sum(len(q) for q in self.queues)
+
+    def __iter__(self) -> Iterator[TransferState]:
+        for q in self.queues:
+            yield from q
