@@ -183,3 +183,95 @@ async def test_numpy_integers_slice_and_booleans_do_not() -> None:
             seg[True:5]
         with pytest.raises(TypeError, match="integers"):
             seg[1.5:5]  # type: ignore[misc]
+
+
+def test_every_configuration_error_is_a_config_error() -> None:
+    """Bad settings raise ConfigError (a TentError and a ValueError), saying what is wrong."""
+    cases: list[tuple[object, str]] = [
+        (lambda: tent.RailSpec(name="a", bandwidth="abc"), "cannot read 'abc' as a bandwidth"),
+        (lambda: tent.RailSpec(name="a", bandwidth="-1GB/s"), "a bandwidth must be positive"),
+        (lambda: tent.RailSpec(name="a", bandwidth=0), "a bandwidth must be positive"),
+        (lambda: tent.RailSpec(name="a", bandwidth=float("inf")), "a bandwidth must be finite"),
+        (lambda: tent.RailSpec(name="a", latency="-5us"), "not negative"),
+        (lambda: tent.RailSpec(name="a", tier="far"), "unknown tier"),
+        (lambda: tent.RailSpec(name="a", tier=7), "unknown tier"),
+        (lambda: tent.RailSpec(name="a", options=["x"]), "mapping"),
+        (lambda: tent.RailSpec(name="a b"), "rail name"),
+        (lambda: tent.SchedulerConfig(window=0), "window must be at least 1"),
+        (lambda: tent.SchedulerConfig(window="2"), "window must be an integer"),
+        (lambda: tent.SchedulerConfig(tie_band=-0.1), "tie_band must not be negative"),
+        (lambda: tent.SchedulerConfig(ewma_alpha=2.0), r"ewma_alpha must be in \(0, 1\]"),
+        (lambda: tent.SchedulerConfig(deadline_factor="4"), "deadline_factor must be a number"),
+        (lambda: tent.SchedulerConfig(tier_penalty=(1.0, 0.5)), "tier_penalty"),
+        (lambda: tent.SchedulerConfig(min_slice="1MiB", max_slice="64KiB"), "must not exceed max_slice"),
+        (lambda: tent.SchedulerConfig(min_slice="-4KiB"), "size must be a finite, non-negative"),
+        (lambda: tent.SchedulerConfig(deadline_floor="soon"), "as a duration"),
+        (lambda: tent.parse_size("1Gb"), "as a size"),
+    ]
+    for make, message in cases:
+        with pytest.raises(tent.ConfigError, match=message) as info:
+            make()  # type: ignore[operator]
+        assert isinstance(info.value, tent.TentError) and isinstance(info.value, ValueError)
+    tent.SchedulerConfig(window=np.int64(3), tie_band=np.float64(0.1))  # numpy numbers are numbers
+
+
+def test_a_bandwidth_needs_a_per_second_unit() -> None:
+    for amount in ("1GB", "500 MB", "2GiB"):
+        with pytest.raises(tent.ConfigError, match="per-second unit") as info:
+            tent.RailSpec(name="a", bandwidth=amount)
+        assert f"'{amount.strip()}/s'" in str(info.value)  # says what to write instead
+    assert tent.parse_bandwidth("1GB/s") == 1e9
+    assert tent.parse_bandwidth("1GBps") == 1e9
+    assert tent.parse_bandwidth("8Gbit") == 1e9  # bits are rates, as tc writes them
+    assert tent.parse_bandwidth("2e9") == 2e9  # a plain number is bytes/s
+
+
+async def test_notify_must_be_text_of_bounded_size() -> None:
+    async with tent.Engine() as engine:
+        a = engine.register(bytearray(100))
+        b = engine.register(bytearray(100))
+        with pytest.raises(tent.ConfigError, match=r"notify must be a str.*got int 123"):
+            await engine.transfer(a[0:10], b[0:10], notify=123)  # type: ignore[arg-type]
+        with pytest.raises(tent.ConfigError, match="notify must be a str"):
+            engine.submit_batch([(a[0:10], b[0:10])], notify=b"bytes")  # type: ignore[arg-type]
+        with pytest.raises(tent.ConfigError, match="the limit is 65536"):
+            engine.submit(a[0:10], b[0:10], notify="x" * 65537)
+        with pytest.raises(tent.ConfigError, match="valid Unicode"):
+            engine.submit(a[0:10], b[0:10], notify="\ud800")
+        assert engine.telemetry().open_transfers == 0  # nothing was started by a refused call
+        await engine.transfer(a[0:10], b[0:10], notify="")  # an empty message is a message
+        await engine.transfer(a[0:10], b[0:10], notify="é" * (65536 // 2))  # at the limit
+
+
+async def test_writing_into_a_peers_read_only_segment_says_the_peer_granted_read_only() -> None:
+    from tent_async.backends.local import LocalBackend
+
+    class Reaching(LocalBackend):  # a backend that can reach "peers" (as ucx does)
+        def check_remote(self, segment: tent.SegmentBase) -> None:
+            return None
+
+    class FakePeer:
+        name = "decode-0"
+
+    async with tent.Engine(backend=Reaching()) as engine:
+        src = engine.register(bytearray(100))
+        remote = tent.RemoteSegment(FakePeer(), "kv", 100, "host", "r", sid=1)
+        with pytest.raises(tent.ReadOnlySegmentError, match="the peer granted read-only") as info:
+            engine.submit(src[0:10], remote[0:10])
+        assert "peer's segment 'kv'" in str(info.value) and "permission='rw'" in str(info.value)
+
+
+def test_simulated_fabric_values_raise_config_errors() -> None:
+    from tent_async.backends.sim import Degrade, Elephants, PairTopology, SimRail, flapping
+
+    for make, message in [
+        (lambda: SimRail(name="", capacity="1GB/s"), "non-empty name"),
+        (lambda: SimRail(name="a", capacity="-1GB/s"), "a bandwidth must be positive"),
+        (lambda: SimRail(name="a", capacity="1GB/s", profile=["x"]), "link profile"),
+        (lambda: Degrade(at=0.0, factor=0.0), "Degrade factor"),
+        (lambda: flapping(0.0, "1ms", "1ms", count=0), "at least one outage"),
+        (lambda: PairTopology(rails=()), "at least one rail"),
+        (lambda: Elephants(size="1MiB", concurrency=0), "concurrency must be at least 1"),
+    ]:
+        with pytest.raises(tent.ConfigError, match=message):
+            make()  # type: ignore[no-untyped-call]

@@ -101,3 +101,43 @@ def test_cli_argument_errors() -> None:
         parse_fault("nic1@now")
     with pytest.raises(tent.ConfigError, match="at least one rail"):
         parse_rails(" , ")
+
+
+def test_telemetry_of_an_engine_with_no_rails_prints() -> None:
+    # A listening ucx engine has no rails until a peer connects; printing its snapshot must work.
+    snap = tent.Telemetry(time=0.0, policy="eft", rails=(), open_transfers=0, engine="decode-0")
+    text = str(snap)
+    assert "engine=decode-0" in text and "no rails yet" in text
+    assert snap.inflight_bytes == 0 and dict(snap.bytes_per_rail) == {} and snap.as_dict()["rails"] == []
+
+
+@pytest.mark.anyio
+async def test_a_final_snapshot_is_readable_after_close_and_served_as_metrics() -> None:
+    rails = [tent.RailSpec(name="nic0"), tent.RailSpec(name="nic1")]
+    never_started = tent.Engine(rails=rails, name="later")
+    with pytest.raises(tent.EngineClosedError, match="not running"):
+        never_started.telemetry()
+    async with tent.Engine(rails=rails, name="e2") as engine:
+        a = engine.register(np.ones(2 * MiB, dtype=np.uint8))
+        b = engine.register(np.zeros(2 * MiB, dtype=np.uint8))
+        await engine.transfer(a[:], b[:])
+        server = serve_metrics(engine, port=0)
+        server.collector.add(never_started)
+        live = await anyio.to_thread.run_sync(_scrape, server.port)
+    try:
+        final = engine.telemetry()  # after the block: the run's totals, not EngineClosedError
+        assert final is engine.telemetry()  # frozen: the same snapshot every time
+        assert final.transfers_done == 1 and final.bytes_done == 2 * MiB
+        assert sum(final.bytes_per_rail.values()) == 2 * MiB and final.inflight_bytes == 0
+        assert "done=1" in str(final)
+        after = await anyio.to_thread.run_sync(_scrape, server.port)
+    finally:
+        server.close()
+    engine_label = (("engine", "e2"),)
+    assert live[("tent_engine_running", engine_label)] == 1.0
+    assert after[("tent_engine_running", engine_label)] == 0.0  # closed, still served with its totals
+    assert after[("tent_engine_bytes_total", engine_label)] == 2 * MiB
+    assert after[("tent_engine_transfers_total", (("engine", "e2"), ("outcome", "done")))] == 1.0
+    for rail in final.rails:
+        assert after[("tent_rail_bytes_total", (("engine", "e2"), ("rail", rail.name)))] == rail.bytes_total
+    assert not any(labels and dict(labels).get("engine") == "later" for _name, labels in after)  # never started

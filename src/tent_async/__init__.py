@@ -10,8 +10,8 @@ rail expected to finish it first, rerouting around failed or slow rails::
 """
 
 import logging as _logging
+from typing import TYPE_CHECKING, Any
 
-from .backends.ucx.peer import Peer
 from .core import EventKind, Health, RailEvent, SchedulerConfig
 from .engine import (
     Engine,
@@ -50,11 +50,26 @@ from .segments import RemoteSegment, Segment, SegmentBase, View
 from .telemetry import RailTelemetry, Telemetry
 from .units import parse_bandwidth, parse_duration, parse_size
 
+if TYPE_CHECKING:
+    from .backends.ucx.peer import Peer
+
 __version__ = "0.1.0"
 
 # A library does not configure logging; without this, rail events at WARNING
 # would reach stderr through logging's last-resort handler.
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    # ``tent.Peer`` is the ucx backend's class; importing it pulls in the whole
+    # backend and msgpack, so it is loaded on first use, not at ``import tent_async``.
+    if name == "Peer":
+        from .backends.ucx.peer import Peer
+
+        globals()["Peer"] = Peer
+        return Peer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",

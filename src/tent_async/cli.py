@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import runpy
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from .bench import BENCHMARKS
-
-
-def _demo(args: argparse.Namespace) -> int:
-    example = Path(__file__).resolve().parents[2] / "examples" / "spray_demo.py"
-    if not example.exists():
-        print(f"the demo lives in examples/spray_demo.py of the source tree; {example} is missing", file=sys.stderr)
-        return 2
-    sys.argv = [str(example), *args.rest]
-    runpy.run_path(str(example), run_name="__main__")
-    return 0
+from .errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tent-async", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="slice spraying over heterogeneous local rails")
-    demo.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for examples/spray_demo.py")
-    demo.set_defaults(func=_demo)
-    from . import watch
+    from . import demo, watch
+
+    demo_parser = sub.add_parser("demo", help="slice spraying over heterogeneous local rails")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=demo.run)
 
     watch_parser = sub.add_parser("watch", help="run a workload on local rails and watch the rails live")
     watch.add_arguments(watch_parser)
@@ -71,7 +61,10 @@ def _unavailable(name: str, exc: ImportError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:  # a bad option value: say so as argparse does, without a traceback
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
     return result
 
 

@@ -7,6 +7,8 @@ transfer wants; the CLI and the benchmarks use these views.
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -14,6 +16,24 @@ from rich.text import Text
 
 from .telemetry import Telemetry
 from .units import format_rate, format_size
+
+# Width for output that does not go to a terminal (a pipe, a log file, CI): rich
+# would otherwise assume 80 columns and cut table cells ("throughp…").
+PLAIN_WIDTH = 240
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich console: the terminal's width on a terminal, wide enough for every table elsewhere.
+
+    Rich falls back to 80 columns (or ``$COLUMNS``) when the output is not a
+    terminal and squeezes tables to fit.  Tables do not expand to the width,
+    so a wide limit costs nothing on narrow output.  ``$COLUMNS`` still wins.
+    """
+    probe = Console(stderr=stderr)
+    if probe.is_terminal or os.environ.get("COLUMNS"):
+        return probe
+    return Console(stderr=stderr, width=PLAIN_WIDTH)
+
 
 _HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "probing": "cyan", "quarantined": "bold red"}
 

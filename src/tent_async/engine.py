@@ -60,6 +60,10 @@ from .telemetry import Telemetry
 logger = logging.getLogger("tent_async")
 event_logger = logging.getLogger("tent_async.rails")
 
+# A notification travels in one control message; the ucx protocol refuses longer text
+# (backends/ucx/protocol.py MAX_MESSAGE), so every backend refuses it up front.
+MAX_NOTIFY_BYTES = 1 << 16
+
 _EVENT_LEVEL = {
     EventKind.FAILURE: logging.WARNING,
     EventKind.QUARANTINE: logging.WARNING,
@@ -309,6 +313,7 @@ class Engine:
         self._timer_at: float | None = None
         self._counters: collections.Counter[str] = collections.Counter()
         self.loop_lag = LoopLag()
+        self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
 
     # ============================================================ lifecycle
 
@@ -361,6 +366,8 @@ class Engine:
         return None
 
     def _close_state(self) -> None:
+        if self._planner is not None:
+            self._final_telemetry = self._snapshot(self._planner)
         self._state = "closed"
         if self._timer is not None:
             self._timer.cancel()
@@ -591,8 +598,8 @@ class Engine:
         notify: str | None,
         prio: Priority,
     ) -> TransferHandle:
-        if notify is not None and not isinstance(notify, str):
-            raise TypeError(f"notify must be a str (a message for the destination's engine), got {notify!r}")
+        if notify is not None:
+            _check_notify(notify)
         tid = planner.submit(pieces, self._backend.clock(), rails, priority=prio)
         handle = TransferHandle(self, tid, total, segments)
         handle._destinations = destinations
@@ -702,8 +709,19 @@ class Engine:
     # ======================================================== observability
 
     def telemetry(self) -> Telemetry:
-        """A snapshot of every rail: health, learned bandwidth and latency, in flight, totals."""
-        planner = self._require_running()
+        """A snapshot of every rail: health, learned bandwidth and latency, in flight, totals.
+
+        After the engine closed this is the snapshot taken as it closed (the
+        run's final totals), the same object every time; before it started
+        it raises :class:`EngineClosedError`.
+        """
+        if self._state == "closed" and self._final_telemetry is not None:
+            return self._final_telemetry
+        if self._state == "closing" and self._planner is not None:
+            return self._snapshot(self._planner)
+        return self._snapshot(self._require_running())
+
+    def _snapshot(self, planner: Planner) -> Telemetry:
         c = self._counters
         return Telemetry.from_planner(
             planner,
@@ -1015,3 +1033,22 @@ class _Context:
     @property
     def engine_name(self) -> str:
         return self._engine.name
+
+
+def _check_notify(notify: object) -> None:
+    """A notification is text of at most MAX_NOTIFY_BYTES in UTF-8; anything else is refused now,
+    not when the transfer has completed (or, for a peer, by its protocol check)."""
+    if not isinstance(notify, str):
+        raise ConfigError(
+            f"notify must be a str (the message delivered after the data), got {type(notify).__name__} "
+            f"{notify!r:.40}; pass e.g. notify=str(request_id)"
+        )
+    try:
+        size = len(notify.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"notify must be valid Unicode text: {exc}") from None
+    if size > MAX_NOTIFY_BYTES:
+        raise ConfigError(
+            f"notify is {size} bytes of UTF-8; the limit is {MAX_NOTIFY_BYTES}: send a key "
+            "(a request id) and keep the payload in a registered segment"
+        )

@@ -13,6 +13,12 @@ counters to keep in step.  The snapshot is taken on the engine's event loop
 
 Metric names follow Prometheus conventions: ``tent_rail_*`` per rail
 (labels ``engine``, ``rail``), ``tent_engine_*`` per engine.
+
+An engine that has not started yet is not exported.  After an engine closed,
+the endpoint keeps serving its final snapshot (:meth:`Engine.telemetry` after
+close): counters frozen at the run's totals, nothing in flight, and
+``tent_engine_running`` 0, until the engine is removed from the collector
+(``server.collector.remove(engine)``) or the server is closed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .core.health import Health
+from .errors import EngineClosedError
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -50,10 +57,16 @@ class EngineCollector(Collector):
             if engine in self._engines:
                 self._engines.remove(engine)
 
-    def _snapshots(self) -> list[Telemetry]:
+    def _snapshots(self) -> list[tuple[Telemetry, bool]]:
+        """(snapshot, running) for each engine that has one: running, or closed with its final totals."""
         with self._lock:
             engines = list(self._engines)
-        return [snap for snap in (_snapshot(e) for e in engines) if snap is not None]
+        out = []
+        for engine in engines:
+            snap = _snapshot(engine)
+            if snap is not None:
+                out.append((snap, engine.running))
+        return out
 
     def collect(self) -> Iterator[Any]:
         snaps = self._snapshots()
@@ -92,10 +105,14 @@ class EngineCollector(Collector):
                 "tent_rail_quarantines", "Times the rail was quarantined", labels=rail_labels
             ),
         }
+        running = GaugeMetricFamily(
+            "tent_engine_running", "1 while the engine runs, 0 once closed (its final totals)", labels=["engine"]
+        )
         open_transfers = GaugeMetricFamily("tent_engine_open_transfers", "Transfers in progress", labels=["engine"])
         transfers = CounterMetricFamily("tent_engine_transfers", "Transfers that ended", labels=["engine", "outcome"])
         moved = CounterMetricFamily("tent_engine_bytes", "Bytes of completed transfers", labels=["engine"])
-        for snap in snaps:
+        for snap, is_running in snaps:
+            running.add_metric([snap.engine], 1.0 if is_running else 0.0)
             for rail in snap.rails:
                 labels = [snap.engine, rail.name]
                 gauges["bandwidth"].add_metric(labels, rail.bandwidth)
@@ -116,15 +133,25 @@ class EngineCollector(Collector):
         yield from gauges.values()
         yield health
         yield from counters.values()
+        yield running
         yield open_transfers
         yield transfers
         yield moved
 
 
 def _snapshot(engine: Engine) -> Telemetry | None:
-    """The engine's telemetry, taken on its own event loop when called from another thread."""
-    if not engine.running:
+    """The engine's telemetry, taken on its own event loop when called from another thread.
+
+    ``None`` for an engine that never started; a closed engine's final snapshot
+    is immutable and read directly.
+    """
+    if engine._state == "new":
         return None
+    if engine._state == "closed":
+        try:
+            return engine.telemetry()
+        except EngineClosedError:  # it failed to start: there is no snapshot
+            return None
     loop = engine._loop
     try:
         running = asyncio.get_running_loop()

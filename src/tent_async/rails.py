@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from .errors import ConfigError
 from .units import parse_bandwidth, parse_duration
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
@@ -37,7 +38,7 @@ class Tier(enum.IntEnum):
 
 def _check_name(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
     if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ValueError(f"rail name must be a non-empty string of letters, digits, '_.:-'; got {value!r}")
+        raise ConfigError(f"rail name must be a non-empty string of letters, digits, '_.:-'; got {value!r}")
 
 
 def _optional_bandwidth(value: Any) -> float | None:
@@ -45,15 +46,15 @@ def _optional_bandwidth(value: Any) -> float | None:
 
 
 def _tier(value: Any) -> Tier:
-    if isinstance(value, str):
-        try:
-            return Tier[value.upper()]
-        except KeyError:
-            raise ValueError(f"unknown tier {value!r}; use one of {[t.name.lower() for t in Tier]}") from None
-    return Tier(value)
+    try:
+        return Tier[value.upper()] if isinstance(value, str) else Tier(value)
+    except (KeyError, ValueError):
+        raise ConfigError(f"unknown tier {value!r}; use one of {[t.name.lower() for t in Tier]}") from None
 
 
 def _options(value: Mapping[str, Any] | None) -> dict[str, str]:
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigError(f"rail options must be a mapping of setting -> value, got {type(value).__name__}")
     return {str(k): str(v) for k, v in (value or {}).items()}
 
 

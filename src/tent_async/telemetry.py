@@ -156,12 +156,16 @@ class Telemetry:
             )
             for r in self.rails
         ]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
         lines = [
             f"engine={self.engine or '?'} policy={self.policy} open_transfers={self.open_transfers} "
             f"done={self.transfers_done} failed={self.transfers_failed} cancelled={self.transfers_cancelled} "
             f"loop_lag_max={self.loop_lag_max * 1e3:.1f}ms"
         ]
+        if not rows:
+            # A listening ucx engine has no rails until a peer connects.
+            lines.append("no rails yet (a listening ucx engine gets its rails when a peer connects)")
+            return "\n".join(lines)
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
         lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
         return "\n".join(lines)

@@ -947,9 +947,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Entry point of ``tent-async testbed``."""
-    from rich.console import Console
+    from .display import console as make_console
 
-    console = Console()
+    console = make_console()
     try:
         if args.testbed_command == "up":
             return _cli_up(console, args)

@@ -6,12 +6,18 @@ converters sit at the boundary so that nothing inside ever sees a string.
 
 Conventions follow networking practice: ``B`` is a byte and ``b``/``bit`` is a
 bit; ``K/M/G/T`` are powers of 1000 and ``Ki/Mi/Gi/Ti`` powers of 1024.
+
+Every converter raises :class:`~tent_async.errors.ConfigError` (a ``ValueError``)
+for a value it cannot read, so a bad setting is a ``TentError`` like every
+other error of the library.
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+from .errors import ConfigError
 
 _PREFIX = {
     "": 1.0,
@@ -26,11 +32,11 @@ _PREFIX = {
     "Ti": 1024.0**4,
 }
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKMGT]i?)?\s*(B|b|bit|bits)?\s*$")
+_SIZE_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKMGT]i?)?\s*(B|b|bit|bits)?\s*$")
 _RATE_RE = re.compile(
-    r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]i?)?\s*(B|b|bit|bits|bps)?\s*(?:/\s*s|ps)?\s*$"
+    r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]i?)?\s*(B|b|bit|bits|bps)?\s*(/\s*s|ps)?\s*$"
 )
-_TIME_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ns|us|µs|ms|s)?\s*$")
+_TIME_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ns|us|µs|ms|s)?\s*$")
 _TIME_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
 
 
@@ -45,21 +51,22 @@ def _norm_prefix(prefix: str | None) -> float:
 def parse_size(value: int | float | str) -> int:
     """Return a byte count from ``4096``, ``"64MiB"``, ``"1.5GB"``.
 
-    Raises ``ValueError`` for negative sizes, bits, or unknown units.
+    Raises :class:`~tent_async.errors.ConfigError` (a ``ValueError``) for
+    negative sizes, bits, or unknown units.
     """
     if isinstance(value, bool):
-        raise ValueError(f"size must be a number of bytes or a string like '64MiB', got {value!r}")
+        raise ConfigError(f"size must be a number of bytes or a string like '64MiB', got {value!r}")
     if isinstance(value, int | float):
         number = float(value)
     elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if not m or m.group(3) in ("b", "bit", "bits"):
-            raise ValueError(f"cannot read {value!r} as a size; write e.g. 4096, '64KiB', '16MiB' or '1GB'")
+            raise ConfigError(f"cannot read {value!r} as a size; write e.g. 4096, '64KiB', '16MiB' or '1GB'")
         number = float(m.group(1)) * _norm_prefix(m.group(2))
     else:
-        raise ValueError(f"size must be a number of bytes or a string like '64MiB', got {type(value).__name__}")
+        raise ConfigError(f"size must be a number of bytes or a string like '64MiB', got {type(value).__name__}")
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"size must be a finite, non-negative number of bytes, got {value!r}")
+        raise ConfigError(f"size must be a finite, non-negative number of bytes, got {value!r}")
     return round(number)
 
 
@@ -67,43 +74,53 @@ def parse_bandwidth(value: int | float | str) -> float:
     """Return bytes per second from ``2e9``, ``"2GB/s"``, ``"400Gb/s"``, ``"800mbit"``.
 
     A plain number is bytes per second.  In strings ``B`` means bytes and
-    ``b``/``bit``/``bps`` bits.  Zero and negative rates are refused.
+    ``b``/``bit``/``bps`` bits.  Bytes need a per-second unit (``"1GB"`` is
+    an amount, refused; write ``"1GB/s"``); bits are rates as in ``tc``
+    (``"800mbit"``).  Zero, negative and non-finite rates are refused.
     """
     if isinstance(value, bool):
-        raise ValueError(f"bandwidth must be bytes/s or a string like '2GB/s', got {value!r}")
+        raise ConfigError(f"bandwidth must be bytes/s or a string like '2GB/s', got {value!r}")
     if isinstance(value, int | float):
         rate = float(value)
     elif isinstance(value, str):
         m = _RATE_RE.match(value)
         if not m:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot read {value!r} as a bandwidth; write e.g. '2GB/s' (bytes), '400Gb/s' or '800mbit' (bits)"
             )
         unit = m.group(3) or "B"
         bits = unit in ("b", "bit", "bits", "bps")
+        if m.group(3) == "B" and not m.group(4):
+            # "1GB" is an amount, not a rate: refuse rather than guess what was meant.
+            raise ConfigError(
+                f"{value!r} is an amount of bytes, not a rate; a bandwidth needs a per-second unit: "
+                f"write e.g. '{value.strip()}/s' (bytes per second) or '800mbit' (bits per second)"
+            )
         rate = float(m.group(1)) * _norm_prefix(m.group(2)) / (8.0 if bits else 1.0)
     else:
-        raise ValueError(f"bandwidth must be bytes/s or a string like '2GB/s', got {type(value).__name__}")
-    if not (rate > 0 and math.isfinite(rate)):
-        raise ValueError(f"bandwidth must be positive and finite, got {value!r}")
+        raise ConfigError(f"bandwidth must be bytes/s or a string like '2GB/s', got {type(value).__name__}")
+    if not math.isfinite(rate):
+        raise ConfigError(f"a bandwidth must be finite, got {value!r}")
+    if not rate > 0:
+        raise ConfigError(f"a bandwidth must be positive (bytes/s > 0), got {value!r}")
     return rate
 
 
 def parse_duration(value: int | float | str) -> float:
     """Return seconds from ``0.001``, ``"1ms"``, ``"5us"``."""
     if isinstance(value, bool):
-        raise ValueError(f"duration must be seconds or a string like '5us', got {value!r}")
+        raise ConfigError(f"duration must be seconds or a string like '5us', got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         m = _TIME_RE.match(value)
         if not m:
-            raise ValueError(f"cannot read {value!r} as a duration; write e.g. '5us', '2ms' or 0.5 (seconds)")
+            raise ConfigError(f"cannot read {value!r} as a duration; write e.g. '5us', '2ms' or 0.5 (seconds)")
         seconds = float(m.group(1)) * _TIME_UNIT[m.group(2)]
     else:
-        raise ValueError(f"duration must be seconds or a string like '5us', got {type(value).__name__}")
+        raise ConfigError(f"duration must be seconds or a string like '5us', got {type(value).__name__}")
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"duration must be finite and not negative, got {value!r}")
+        raise ConfigError(f"duration must be finite and not negative, got {value!r}")
     return seconds
 
 

@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
 from .core import SchedulerConfig
+from .display import console as make_console
 from .display import telemetry_table
 from .engine import Engine
 from .errors import ConfigError
@@ -78,7 +79,7 @@ async def _inject(engine: Engine, faults: list[tuple[str, str, float]], start: f
 
 
 async def watch(args: argparse.Namespace, console: Console | None = None) -> int:
-    console = console or Console()
+    console = console or make_console()
     rails = parse_rails(args.rails)
     faults = [parse_fault(f) for f in args.fault]
     size = parse_size(args.size)

@@ -16,10 +16,10 @@ import argparse
 import json
 import time
 
-from rich.console import Console
 from rich.table import Table
 
 from ..core import Piece, Planner, Post, RailInfo, SchedulerConfig
+from ..display import console as make_console
 
 TARGET_US = 5.0
 
@@ -60,7 +60,7 @@ def measure(policy: str, rails: int, slices: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     table = Table(title=f"sans-IO core, {args.rails} rails: cost per slice (target: dispatch <= {TARGET_US} us)")
     columns = ("policy", "dispatch (poll + next_wakeup) us/slice", "complete us/slice", "total us/slice", "decisions/s")
     for col in columns:

@@ -38,6 +38,7 @@ from ..backends.sim import (
 from ..backends.sim.scenarios import JITTER
 from ..backends.sim.timeline import Recovery, capacity, goodput, recovery
 from ..core import SchedulerConfig
+from ..display import console as make_console
 from ..units import format_size, parse_bandwidth, parse_duration, parse_size
 
 POLICIES = ("eft", "round_robin", "single")
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     resolution = parse_duration(args.resolution)
     window = parse_duration(args.window)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    console = Console(width=None if Console().is_terminal else 140)
+    console = make_console()
     runs: dict[str, tuple[RunResult, ScenarioRunner, float]] = {}
     for policy in policies:
         runner = ScenarioRunner(scenario, policy, record=True)

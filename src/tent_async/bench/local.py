@@ -26,10 +26,10 @@ from collections.abc import Callable
 
 import anyio
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from ..core import SchedulerConfig
+from ..display import console as make_console
 from ..display import step_progress
 from ..engine import Engine
 from ..rails import RailSpec
@@ -90,7 +90,7 @@ async def _engine_run(
 
 def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
-    console = Console()
+    console = make_console()
     console.print(f"allocating 2 x {format_size(size)} ...")
     src = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
     dst = np.zeros_like(src)

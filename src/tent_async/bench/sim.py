@@ -34,6 +34,7 @@ from rich.table import Table
 from ..backends.sim import Elephants, PairTopology, RunResult, Scenario, SimRail, run_scenario
 from ..backends.sim.scenarios import SCENARIO_NAMES, scenario
 from ..core import SchedulerConfig
+from ..display import console as make_console
 from ..display import step_progress
 from ..units import parse_size
 
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         if n not in SCENARIO_NAMES:
             raise SystemExit(f"unknown scenario {n!r}; choose from {', '.join(SCENARIO_NAMES)}")
-    console = Console(width=None if Console().is_terminal else 160)
+    console = make_console()
     results: dict[str, dict[str, RunResult]] = {}
     lines: list[dict[str, object]] = []
     scenarios: dict[str, Scenario] = {}

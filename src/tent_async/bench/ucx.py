@@ -37,9 +37,9 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from ..display import console as make_console
 from ..units import format_rate
 
 SIZE = 64 << 20
@@ -204,7 +204,7 @@ def _engine_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from ..backends.ucx import _ucxx
 
-    console = Console()
+    console = make_console()
     problem = _ucxx.available()
     if problem is not None:
         console.print(f"ucxx cannot be loaded here ({problem}); install the ucx extra")

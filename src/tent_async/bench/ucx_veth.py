@@ -45,6 +45,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ..display import console as make_console
 from ..testbed import Side, TestbedError, VethTestbed, available
 from ..units import parse_size
 
@@ -79,7 +80,7 @@ add_arguments = add_veth_arguments
 
 def run(args: argparse.Namespace) -> int:
     """``tent-async bench veth``."""
-    rows = run_veth(Console(), args)
+    rows = run_veth(make_console(), args)
     return 0 if rows else 1
 
 

@@ -8,36 +8,46 @@ size is expected.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import attrs
 
+from ..errors import ConfigError
 from ..units import parse_duration, parse_size
 
 
+def _number(attribute: attrs.Attribute[Any], value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
+    return value
+
+
 def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+    if not _number(attribute, value) > 0:
+        raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
 
 
 def _non_negative(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must not be negative, got {value!r}")
+    if not _number(attribute, value) >= 0:
+        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
 
 
 def _fraction(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in (0, 1], got {value!r}")
+    if not 0.0 < _number(attribute, value) <= 1.0:
+        raise ConfigError(f"{attribute.name} must be in (0, 1], got {value!r}")
 
 
-def _at_least_one(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+def _at_least_one(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{attribute.name} must be an integer, got {value!r}")
     if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
+        raise ConfigError(f"{attribute.name} must be at least 1, got {value!r}")
 
 
-def _penalties(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[float, ...]) -> None:
-    if not value or any(not p >= 1.0 for p in value):
-        raise ValueError(f"{attribute.name} must be a non-empty tuple of factors >= 1.0, got {value!r}")
+def _penalties(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+    if not value or any(isinstance(p, bool) or not isinstance(p, numbers.Real) or not float(p) >= 1.0 for p in value):
+        raise ConfigError(f"{attribute.name} must be a non-empty tuple of factors >= 1.0, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -142,8 +152,8 @@ class SchedulerConfig:
 
     def __attrs_post_init__(self) -> None:
         if self.min_slice > self.max_slice:
-            raise ValueError(f"min_slice ({self.min_slice}) must not exceed max_slice ({self.max_slice})")
+            raise ConfigError(f"min_slice ({self.min_slice}) must not exceed max_slice ({self.max_slice})")
         if self.slice_align > self.min_slice:
-            raise ValueError(f"slice_align ({self.slice_align}) must not exceed min_slice ({self.min_slice})")
+            raise ConfigError(f"slice_align ({self.slice_align}) must not exceed min_slice ({self.min_slice})")
         if self.backoff_base > self.backoff_cap:
-            raise ValueError(f"backoff_base ({self.backoff_base}) must not exceed backoff_cap ({self.backoff_cap})")
+            raise ConfigError(f"backoff_base ({self.backoff_base}) must not exceed backoff_cap ({self.backoff_cap})")

@@ -61,12 +61,12 @@ class SimRailError(TentError):
 
 def _name(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"a link needs a non-empty name, got {value!r}")
+        raise ConfigError(f"a link needs a non-empty name, got {value!r}")
 
 
 def _non_negative(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
-        raise ValueError(f"{attribute.name} must not be negative, got {value!r}")
+        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
 
 
 def _profile(value: Any) -> tuple[Profile, ...]:
@@ -75,7 +75,7 @@ def _profile(value: Any) -> tuple[Profile, ...]:
     items = tuple(value)
     for item in items:
         if not isinstance(item, PROFILE_TYPES):
-            raise ValueError(
+            raise ConfigError(
                 f"a link profile holds Bursts, Trace, Degrade, Outage, Stall or Errors values; got {item!r}"
             )
     return items

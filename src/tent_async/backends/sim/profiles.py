@@ -31,6 +31,7 @@ from typing import Any
 
 import attrs
 
+from ...errors import ConfigError
 from ...units import parse_duration
 
 INF = math.inf
@@ -62,17 +63,17 @@ def _points(value: Any) -> tuple[tuple[float, float], ...]:
 
 def _load(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be a fraction in [0, 1], got {value!r}")
+        raise ConfigError(f"{attribute.name} must be a fraction in [0, 1], got {value!r}")
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+        raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
 
 
 def _check_window(at: float, until: float | None, what: str) -> None:
     if until is not None and until <= at:
-        raise ValueError(f"{what}: until ({until}) must be later than at ({at})")
+        raise ConfigError(f"{what}: until ({until}) must be later than at ({at})")
 
 
 @attrs.frozen
@@ -112,10 +113,10 @@ class Trace:
     def __attrs_post_init__(self) -> None:
         times = [t for t, _ in self.points]
         if times != sorted(times) or len(set(times)) != len(times):
-            raise ValueError(f"Trace times must be strictly increasing, got {times}")
+            raise ConfigError(f"Trace times must be strictly increasing, got {times}")
         for _, v in self.points:
             if not 0.0 <= v <= 1.0:
-                raise ValueError(f"Trace loads must be fractions in [0, 1], got {v!r}")
+                raise ConfigError(f"Trace loads must be fractions in [0, 1], got {v!r}")
 
 
 @attrs.frozen
@@ -129,7 +130,7 @@ class Degrade:
     @factor.validator
     def _factor(self, _attribute: attrs.Attribute[Any], value: float) -> None:
         if not 0.0 < value <= 1.0:
-            raise ValueError(f"Degrade factor must be in (0, 1] (use Stall or Outage for 0), got {value!r}")
+            raise ConfigError(f"Degrade factor must be in (0, 1] (use Stall or Outage for 0), got {value!r}")
 
     def __attrs_post_init__(self) -> None:
         _check_window(self.at, self.until, "Degrade")
@@ -185,10 +186,10 @@ PROFILE_TYPES = (Bursts, Trace, Degrade, Outage, Stall, Errors)
 def flapping(start: float | str, down: float | str, up: float | str, count: int) -> tuple[Outage, ...]:
     """``count`` outages of ``down`` seconds separated by ``up`` seconds of service, from ``start``."""
     if count < 1:
-        raise ValueError(f"flapping needs at least one outage, got count={count}")
+        raise ConfigError(f"flapping needs at least one outage, got count={count}")
     t0, d, u = parse_duration(start), parse_duration(down), parse_duration(up)
     if not d > 0 or not u > 0:
-        raise ValueError("flapping: down and up periods must be positive")
+        raise ConfigError("flapping: down and up periods must be positive")
     return tuple(Outage(at=t0 + i * (d + u), until=t0 + i * (d + u) + d) for i in range(count))
 
 

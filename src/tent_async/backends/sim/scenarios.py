@@ -30,6 +30,7 @@ see how much of a result is due to those choices.
 
 from __future__ import annotations
 
+from ...errors import ConfigError
 from .fabric import SimRail
 from .profiles import Bursts, Degrade, Profile
 from .runner import Scenario
@@ -169,9 +170,9 @@ def scenario(
     try:
         build = BUILDERS[name]
     except KeyError:
-        raise ValueError(f"unknown scenario {name!r}; choose from {list(SCENARIO_NAMES)}") from None
+        raise ConfigError(f"unknown scenario {name!r}; choose from {list(SCENARIO_NAMES)}") from None
     if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+        raise ConfigError(f"scale must be positive, got {scale}")
     if kv_load is not None and not kv_load > 0:
-        raise ValueError(f"kv_load must be positive, got {kv_load}")
+        raise ConfigError(f"kv_load must be positive, got {kv_load}")
     return build(scale, seed, kv_load=kv_load, background=background)

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 
 from ...core import RailInfo
+from ...errors import ConfigError
 from ...units import parse_bandwidth, parse_duration
 from .fabric import FluidFabric, SimRail
 from .profiles import INF, PROFILE_TYPES, LinkTimeline, Profile
@@ -36,13 +37,13 @@ from .profiles import INF, PROFILE_TYPES, LinkTimeline, Profile
 def _rails(value: Any) -> tuple[SimRail, ...]:
     rails = tuple(value)
     if not rails:
-        raise ValueError("a pair topology needs at least one rail")
+        raise ConfigError("a pair topology needs at least one rail")
     for r in rails:
         if not isinstance(r, SimRail):
-            raise ValueError(f"rails must be SimRail values, got {r!r}")
+            raise ConfigError(f"rails must be SimRail values, got {r!r}")
     names = [r.name for r in rails]
     if len(set(names)) != len(names):
-        raise ValueError(f"rail names must be unique, got {names}")
+        raise ConfigError(f"rail names must be unique, got {names}")
     return rails
 
 
@@ -114,7 +115,7 @@ def _opt_bandwidth(value: Any) -> float | None:
 def _at_least(n: int) -> Any:
     def check(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
         if value < n:
-            raise ValueError(f"{attribute.name} must be at least {n}, got {value!r}")
+            raise ConfigError(f"{attribute.name} must be at least {n}, got {value!r}")
 
     return check
 
@@ -140,10 +141,10 @@ class ClusterTopology:
 
     def __attrs_post_init__(self) -> None:
         if not self.spine_ratio > 0:
-            raise ValueError(f"spine_ratio must be positive, got {self.spine_ratio}")
+            raise ConfigError(f"spine_ratio must be positive, got {self.spine_ratio}")
         for plane, _ in self.spine_profile:
             if not 0 <= plane < self.rails_per_node:
-                raise ValueError(f"spine_profile names plane {plane}, but planes are 0..{self.rails_per_node - 1}")
+                raise ConfigError(f"spine_profile names plane {plane}, but planes are 0..{self.rails_per_node - 1}")
 
     @property
     def rail_names(self) -> list[str]:

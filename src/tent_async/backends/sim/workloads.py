@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from ...errors import ConfigError
 from ...units import parse_duration, parse_size
 
 _ALIGN = 4096
@@ -100,12 +101,12 @@ def _opt_size(value: Any) -> int | None:
 
 def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+        raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
 
 
 def _at_least_one(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
+        raise ConfigError(f"{attribute.name} must be at least 1, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -126,9 +127,9 @@ class Elephants:
 
     def __attrs_post_init__(self) -> None:
         if self.size_max is not None and self.size_max < self.size:
-            raise ValueError(f"size_max ({self.size_max}) must not be below size ({self.size})")
+            raise ConfigError(f"size_max ({self.size_max}) must not be below size ({self.size})")
         if self.count is not None and self.count < 1:
-            raise ValueError(f"count must be at least 1, got {self.count}")
+            raise ConfigError(f"count must be at least 1, got {self.count}")
 
     def source(self, ctx: WorkloadContext) -> Source:
         return _ElephantSource(self, ctx)
@@ -212,7 +213,7 @@ class KVBlocks:
 
     def __attrs_post_init__(self) -> None:
         if self.size_max < self.size_min:
-            raise ValueError(f"size_max ({self.size_max}) must not be below size_min ({self.size_min})")
+            raise ConfigError(f"size_max ({self.size_max}) must not be below size_min ({self.size_min})")
 
     @property
     def mean_size(self) -> float:
@@ -259,8 +260,8 @@ WORKLOAD_TYPES = (Elephants, Periodic, KVBlocks)
 def check_workloads(value: Sequence[Any]) -> tuple[Workload, ...]:
     items = (value,) if isinstance(value, WORKLOAD_TYPES) else tuple(value)
     if not items:
-        raise ValueError("a scenario needs at least one workload")
+        raise ConfigError("a scenario needs at least one workload")
     for w in items:
         if not isinstance(w, WORKLOAD_TYPES):
-            raise ValueError(f"workloads are Elephants, Periodic or KVBlocks values; got {w!r}")
+            raise ConfigError(f"workloads are Elephants, Periodic or KVBlocks values; got {w!r}")
     return items

@@ -1,0 +1,130 @@
+"""tent_async.testing: rail-set and fault-schedule strategies, and the guide's worked example."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tent_async as tent
+from tent_async.testing import ACTIONS, FaultSchedule, FaultStep, fault_schedules, rail_specs
+
+MiB = 1 << 20
+
+
+@given(rail_specs(min_rails=2, max_rails=5, bandwidth=(1e8, 1e10), latency=(1e-6, 1e-4), tiers=["same_switch"]))
+def test_rail_specs_are_valid_engine_rails(rails: list[tent.RailSpec]) -> None:
+    assert 2 <= len(rails) <= 5
+    assert len({r.name for r in rails}) == len(rails)
+    for r in rails:
+        assert r.bandwidth is not None and 1e8 <= r.bandwidth <= 1e10
+        assert 1e-6 <= r.latency <= 1e-4
+        assert r.tier is tent.Tier.SAME_SWITCH
+    tent.Engine(backend="sim", rails=rails)  # accepted as they are
+
+
+@given(st.data())
+def test_fault_schedules_respect_spares_horizon_and_healing(data: st.DataObject) -> None:
+    rails = data.draw(rail_specs(min_rails=1, max_rails=5))
+    names = [r.name for r in rails]
+    spare = data.draw(st.integers(0, len(names)))
+    heal = data.draw(st.booleans())
+    schedule = data.draw(fault_schedules(rails, horizon=0.5, spare=spare, heal=heal))
+    assert isinstance(schedule, FaultSchedule)
+    schedule.check_rails(names)
+    times = [s.at for s in schedule]
+    assert times == sorted(times) and all(0.0 <= t <= 0.5 for t in times)
+    assert all(s.action in ACTIONS for s in schedule)
+    assert set(names[:spare]) <= set(schedule.untouched(names))  # spares are never touched
+    if heal:
+        assert schedule.healed() and not schedule.faulty_at(math.inf)
+    assert str(schedule)  # printable, in `tent-async watch --fault` syntax
+
+
+def test_all_but_one_leaves_exactly_one_rail_up() -> None:
+    @given(fault_schedules(["a", "b", "c", "d"], kinds=["all_but_one"], spare=0, max_faults=1))
+    @settings(max_examples=30)
+    def check(schedule: FaultSchedule) -> None:
+        if schedule.steps:
+            assert len(schedule.faulty_at(schedule.end)) == 3
+
+    check()
+
+
+def test_fault_values_are_checked() -> None:
+    with pytest.raises(tent.ConfigError, match="unknown fault action"):
+        FaultStep(0.0, "nic0", "melt")  # type: ignore[arg-type]
+    with pytest.raises(tent.ConfigError, match=r"fraction must be in \(0, 1\]"):
+        FaultStep(0.0, "nic0", "slow", 0.0)
+    with pytest.raises(tent.ConfigError, match="not negative"):
+        FaultStep(-1.0, "nic0", "down")
+    with pytest.raises(tent.ConfigError, match="unknown rails"):
+        FaultSchedule([FaultStep(0.1, "nic9", "down")]).check_rails(["nic0"])
+
+    @given(st.data())
+    @settings(max_examples=1)
+    def draw_unknown_kind(data: st.DataObject) -> None:
+        data.draw(fault_schedules(["a"], kinds=["meteor"]))
+
+    with pytest.raises(tent.ConfigError, match="unknown fault kinds"):
+        draw_unknown_kind()
+    schedule = FaultSchedule([FaultStep(0.2, "b", "clear"), FaultStep(0.1, "b", "slow", 0.5)])
+    assert [s.action for s in schedule] == ["slow", "clear"]  # sorted by time
+    assert str(schedule) == "b:slow=0.5@0.1 b:clear@0.2"
+    assert schedule.faulty_at(0.15) == set() and schedule.healed()
+
+
+# ---------------------------------------------------------------- worked example (docs/guide.md)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rails=rail_specs(min_rails=2, max_rails=4, bandwidth=(1e9, 1e10), latency=(1e-6, 1e-4)),
+    data=st.data(),
+)
+def test_a_transfer_completes_byte_exact_whatever_the_other_rails_do(
+    rails: list[tent.RailSpec], data: st.DataObject
+) -> None:
+    schedule = data.draw(fault_schedules(rails, horizon=0.02, spare=1))
+    src = np.random.default_rng(1).integers(0, 256, 8 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+
+    async def main() -> tent.TransferResult:
+        async with tent.Engine(backend="sim", rails=rails, seed=1) as engine:
+            a, b = engine.register(src), engine.register(dst)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(schedule.run, engine.backend)
+                result = await engine.transfer(a[:], b[:])
+                tg.cancel_scope.cancel()  # the schedule may be longer than the transfer
+            return result
+
+    result = anyio.run(main)
+    np.testing.assert_array_equal(src, dst)
+    assert result.bytes == src.size
+
+
+def test_a_schedule_on_the_sim_backend_replays_exactly() -> None:
+    rails = [tent.RailSpec(name=f"r{i}", bandwidth=f"{i + 1}GB/s") for i in range(3)]
+    schedule = FaultSchedule(
+        [FaultStep(0.001, "r2", "stall"), FaultStep(0.002, "r1", "slow", 0.25), FaultStep(0.004, "r1", "down")]
+    )
+
+    async def once() -> tuple[dict[str, int], float, int]:
+        src = np.arange(16 * MiB, dtype=np.uint64).view(np.uint8)[: 16 * MiB]
+        dst = np.zeros_like(src)
+        async with tent.Engine(backend="sim", rails=rails, seed=3) as engine:
+            a, b = engine.register(src), engine.register(dst)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(schedule.run, engine.backend)
+                result = await engine.transfer(a[:], b[:])
+            snap = engine.telemetry()
+        np.testing.assert_array_equal(src, dst)
+        return dict(result.bytes_per_rail), result.elapsed, snap["r2"].deadline_misses + snap["r1"].errors
+
+    first, second = anyio.run(once), anyio.run(once)
+    assert first == second  # virtual time: the same schedule gives the same run
+    assert first[2] > 0  # and the faults did hit the transfer
