@@ -59,9 +59,9 @@ class _PollTimer:
         poll, wake = planner.poll, planner.next_wakeup
         clock = time.perf_counter
 
-        def timed_poll(now: float, *, late_by: float = 0.0) -> Any:
+        def timed_poll(now: float, *, late_by: float = 0.0, deadlines: bool = True) -> Any:
             t0 = clock()
-            out = poll(now, late_by=late_by)
+            out = poll(now, late_by=late_by, deadlines=deadlines)
             self.seconds += clock() - t0
             self.posts += sum(1 for d in out if type(d).__name__ == "Post")
             return out
