@@ -107,3 +107,23 @@ def test_priority_parsing_is_checked() -> None:
     for bad in ("urgent", 7, None):
         with pytest.raises(ValueError, match="'high', 'normal' or 'background'"):
             planner.submit([Piece("s", 0, "d", 0, 10)], 0.0, priority=bad)  # type: ignore[arg-type]
+
+
+def test_bulk_leaves_a_slot_free_and_yields_rails_that_carry_urgent_slices() -> None:
+    cfg = SchedulerConfig(window=2, min_slice=64 * KiB, background_slice=0.25)
+    planner = Planner([RailInfo("a", 1e9), RailInfo("b", 1e9)], cfg)
+    planner.submit([Piece("s", 0, "bulk", 0, 1 << 30)], 0.0, priority="background")
+    bulk = [d.attempt for d in planner.poll(0.0) if isinstance(d, Post)]
+    assert len(bulk) == 2 and {a.rail for a in bulk} == {0, 1}  # one slot per rail, the other kept free
+    nominal = planner.rails[0].nominal
+    assert all(a.length <= nominal // 4 for a in bulk)  # short bulk slices drain fast
+    hi = planner.submit([Piece("s", 0, "urgent", 0, 64 * KiB)], 0.0, priority="high")
+    (urgent,) = [d.attempt for d in planner.poll(0.0) if isinstance(d, Post)]
+    assert urgent.transfer_id == hi  # it found the free slot at once
+    # The bulk slice on the urgent slice's rail completes: bulk does not take that rail back yet.
+    (same_rail,) = [a for a in bulk if a.rail == urgent.rail]
+    planner.complete(same_rail.id, 1e-4)
+    assert not [d for d in planner.poll(1e-4) if isinstance(d, Post)]
+    planner.complete(urgent.id, 2e-4)
+    again = [d.attempt for d in planner.poll(2e-4) if isinstance(d, Post)]
+    assert [a.rail for a in again] == [urgent.rail]

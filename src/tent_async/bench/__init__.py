@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "failover": ("tent_async.bench.failover", "recovery time after rail faults on the simulated fabric"),
     "flows": ("tent_async.bench.flows", "thousands of concurrent transfer() calls vs one batch, local rails"),
     "kv": ("tent_async.bench.kv", "scattered KV-cache blocks vs one contiguous transfer, local rails"),
+    "spray": ("tent_async.bench.spray", "one medium transfer alone on the simulated fabric vs its limit"),
+    "priority": ("tent_async.bench.priority", "high-priority latency under background bulk, simulated fabric"),
     "ucx": ("tent_async.bench.ucx", "raw ucxx vs the engine, and the veth testbed"),
     "veth": ("tent_async.bench.ucx_veth", "raw ucxx and UCX multi-rail on the veth testbed (root)"),
 }

@@ -89,6 +89,13 @@ class SchedulerConfig:
         class (one slice each), except that a lower class passed over
         ``priority_aging`` (8) times in a row takes the next turn: background
         traffic gets at least one slice in nine however busy the rails are.
+        Under ``eft`` background slices are ``background_slice`` (0.1) of
+        the nominal size, leave one slot of each window free and avoid rails
+        that carry a higher class's slice, so latency-critical traffic never
+        waits behind a full window of bulk.  The fraction trades bulk's
+        decisions per second (ten times more at 0.1) against how long an
+        urgent slice shares a rail with bulk already in flight
+        (docs/benchmarks.md, ``bench priority``).
 
     Telemetry
         Bandwidth is a ratio of exponentially weighted sums of bytes and wire
@@ -133,6 +140,7 @@ class SchedulerConfig:
     probe_interval: float = attrs.field(default=0.1, converter=parse_duration, validator=_positive)
     round_robin_slice: int = attrs.field(default=0, converter=parse_size, validator=_non_negative)
     priority_aging: int = attrs.field(default=8, validator=_at_least_one)
+    background_slice: float = attrs.field(default=0.1, validator=_fraction)
 
     ewma_alpha: float = attrs.field(default=0.25, validator=_fraction)
     ewma_alpha_down: float = attrs.field(default=0.5, validator=_fraction)

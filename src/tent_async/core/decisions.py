@@ -71,6 +71,7 @@ class Attempt:
     started_idle: bool = False
     history: dict[int, int] | None = None  # failed tries of these bytes per rail index
     extents: SliceExtents | None = None  # several extents: a scatter-gather slice
+    bulk: bool = False  # of a background-class transfer
     state: AttemptState = AttemptState.LIVE
     tag: Any = None  # free for the driver (e.g. a task or request handle)
     overlapped: bool = False  # another slice was posted on the rail while this one was in flight

@@ -727,6 +727,7 @@ class Planner:
             not rail.inflight,
             rng.history,
             extents,
+            t.priority == 2,
         )
         for other in rail.inflight.values():
             other.overlapped = True

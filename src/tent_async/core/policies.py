@@ -84,6 +84,13 @@ class EarliestFinish:
     nominal slices as before, a 16 MiB transfer on eight fast rails is cut
     into eight shares that finish together, and a 4 KiB one stays whole and
     goes to the rail with the earliest finish including latency.
+
+    A ``background`` transfer gets slices of ``background_slice`` (1/10) of
+    the nominal size, may fill only ``window - 1`` slots of a rail (at least
+    one), and takes no rail that carries a slice of a higher class: a
+    latency-critical slice that arrives while bulk keeps every rail busy
+    finds a free slot at once, and within one short bulk slice has the rail
+    to itself.
     """
 
     name: ClassVar[str] = "eft"
@@ -94,17 +101,21 @@ class EarliestFinish:
         self._max_per_rail = 2
         self._floor = 64 * 1024
         self._align = 4096
+        self._bg_fraction = 0.1
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
         self._band = 1.0 + config.tie_band
         self._max_per_rail = config.max_attempts_per_rail
         self._floor = config.min_slice
         self._align = config.slice_align
+        self._bg_fraction = config.background_slice
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
         history = transfer.pending[0].history
         remaining = transfer.pending_bytes
         max_per_rail = self._max_per_rail
+        background = transfer.priority == 2
+        cap = self._bg_fraction if background else 1.0
         # Pass 1: usable rails, their effective bandwidth and backlog (bytes they
         # would move before a new slice's bytes: in flight plus latency's worth).
         usable = []
@@ -136,6 +147,8 @@ class EarliestFinish:
         pick_size = 0
         for rail, bw, backlog in usable:
             nominal = rail.nominal
+            if cap < 1.0:
+                nominal = max(floor, int(nominal * cap) // align * align)
             share = bw * level - backlog
             if share >= nominal:
                 size = nominal
@@ -149,7 +162,16 @@ class EarliestFinish:
             cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
             if cost < best:
                 best = cost
-            if cost < pick_cost and len(rail.inflight) < rail.window:
+            inflight = len(rail.inflight)
+            if background:
+                # Bulk leaves a rail alone while a higher class has a slice on it, and
+                # keeps one slot of the window free, so that a latency-critical slice
+                # arriving later starts at once and soon has the rail to itself
+                # (slices in flight cannot be taken back; short bulk slices drain fast).
+                room = inflight == rail.bulk_inflight and inflight < max(1, rail.window - 1)
+            else:
+                room = inflight < rail.window
+            if cost < pick_cost and room:
                 pick, pick_cost, pick_size = rail, cost, size
         if pick is None or pick_cost > best * self._band:
             return None

@@ -49,6 +49,7 @@ class RailState:
 
     __slots__ = (
         "_config",
+        "bulk_inflight",
         "bw",
         "bytes_total",
         "deadline_misses",
@@ -94,6 +95,7 @@ class RailState:
         self.health = RailHealth(config)
         self.inflight: dict[int, Attempt] = {}  # insertion order == post order
         self.inflight_bytes = 0
+        self.bulk_inflight = 0  # background-class slices among them
         # Mirrors of the estimator and of the oldest attempt in flight, kept as
         # plain attributes because the dispatcher reads them for every rail of
         # every decision.
@@ -132,6 +134,8 @@ class RailState:
             self.head_expected = attempt.expected
         self.inflight[attempt.id] = attempt
         self.inflight_bytes += attempt.length
+        if attempt.bulk:
+            self.bulk_inflight += 1
 
     def remove(self, attempt: Attempt) -> None:
         """Release a resolved attempt (idempotent)."""
@@ -139,6 +143,8 @@ class RailState:
         if inflight.pop(attempt.id, None) is None:
             return
         self.inflight_bytes -= attempt.length
+        if attempt.bulk:
+            self.bulk_inflight -= 1
         if inflight and attempt.posted_at <= self.head_posted:
             head = next(iter(inflight.values()))
             self.head_posted = head.posted_at
