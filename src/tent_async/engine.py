@@ -313,6 +313,7 @@ class Engine:
         self._timer_at: float | None = None
         self._counters: collections.Counter[str] = collections.Counter()
         self.loop_lag = LoopLag()
+        self._timer_fired = False  # the next pump was started by the timer: judge deadlines
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
 
     # ============================================================ lifecycle
@@ -845,16 +846,17 @@ class Engine:
             return
         backend = self._backend
         now = backend.clock()
-        # Deadlines are judged only once the timer is due: it was armed for the earliest
-        # one, and a report that runs before the timer's callback was queued before it.
-        # How late past the timer we got here is the loop's lag, which excuses the
-        # deadlines that passed meanwhile (Planner.poll).
-        due_at = self._timer_at
+        # Deadlines are judged only in the pump the timer's callback starts: it was
+        # armed for the earliest deadline, and asyncio runs it after every report
+        # queued before it (due timers in time order, then thread reports), so a
+        # busy loop never blames a rail for a completion it has not read yet.  How
+        # late the callback ran is the loop's lag, which excuses the deadlines that
+        # passed meanwhile (Planner.poll).
+        judge = self._timer_fired
+        self._timer_fired = False
         late_by = 0.0
-        judge = due_at is not None and now >= due_at
-        if judge:
-            assert due_at is not None
-            late_by = now - due_at
+        if judge and self._timer_at is not None:
+            late_by = max(0.0, now - self._timer_at)
             self.loop_lag.record(late_by)
             self._timer_at = None  # consumed: _arm_timer arms the next one
         for decision in planner.poll(now, late_by=late_by, deadlines=judge):
@@ -877,6 +879,11 @@ class Engine:
     def _arm_timer(self, when: float | None) -> None:
         if when == self._timer_at:
             return
+        due = self._timer_at
+        if due is not None and self._timer is not None:
+            late = self._backend.clock() - due
+            if late > 0.0:  # due, but the loop has not got to it yet: that is lag too
+                self.loop_lag.record(late)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -886,6 +893,7 @@ class Engine:
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_fired = True
         self._kick()
 
     def _finish(self, fin: Finished) -> None:
