@@ -98,6 +98,11 @@ class EngineCollector(Collector):
             "deadline_misses": CounterMetricFamily(
                 "tent_rail_deadline_misses", "Slices that missed their deadline", labels=rail_labels
             ),
+            "lag_excused": CounterMetricFamily(
+                "tent_rail_lag_excused",
+                "Deadlines that passed while the engine's event loop was late (not held against the rail)",
+                labels=rail_labels,
+            ),
             "rerouted": CounterMetricFamily(
                 "tent_rail_rerouted_slices", "Slices taken off the rail to be sent elsewhere", labels=rail_labels
             ),
@@ -111,6 +116,9 @@ class EngineCollector(Collector):
         open_transfers = GaugeMetricFamily("tent_engine_open_transfers", "Transfers in progress", labels=["engine"])
         transfers = CounterMetricFamily("tent_engine_transfers", "Transfers that ended", labels=["engine", "outcome"])
         moved = CounterMetricFamily("tent_engine_bytes", "Bytes of completed transfers", labels=["engine"])
+        lag = GaugeMetricFamily(
+            "tent_engine_loop_lag_seconds", "How late the engine's timer ran (event-loop lag)", labels=["engine", "stat"]
+        )
         for snap, is_running in snaps:
             running.add_metric([snap.engine], 1.0 if is_running else 0.0)
             for rail in snap.rails:
@@ -130,6 +138,9 @@ class EngineCollector(Collector):
             transfers.add_metric([snap.engine, "failed"], snap.transfers_failed)
             transfers.add_metric([snap.engine, "cancelled"], snap.transfers_cancelled)
             moved.add_metric([snap.engine], snap.bytes_done)
+            lag.add_metric([snap.engine, "last"], snap.loop_lag_last)
+            lag.add_metric([snap.engine, "max"], snap.loop_lag_max)
+            lag.add_metric([snap.engine, "mean"], snap.loop_lag_mean)
         yield from gauges.values()
         yield health
         yield from counters.values()
@@ -137,6 +148,7 @@ class EngineCollector(Collector):
         yield open_transfers
         yield transfers
         yield moved
+        yield lag
 
 
 def _snapshot(engine: Engine) -> Telemetry | None:
