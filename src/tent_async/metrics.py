@@ -117,7 +117,9 @@ class EngineCollector(Collector):
         transfers = CounterMetricFamily("tent_engine_transfers", "Transfers that ended", labels=["engine", "outcome"])
         moved = CounterMetricFamily("tent_engine_bytes", "Bytes of completed transfers", labels=["engine"])
         lag = GaugeMetricFamily(
-            "tent_engine_loop_lag_seconds", "How late the engine's timer ran (event-loop lag)", labels=["engine", "stat"]
+            "tent_engine_loop_lag_seconds",
+            "How late the engine's timer ran (event-loop lag)",
+            labels=["engine", "stat"],
         )
         for snap, is_running in snaps:
             running.add_metric([snap.engine], 1.0 if is_running else 0.0)
