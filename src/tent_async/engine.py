@@ -123,6 +123,22 @@ class TransferHandle:
     through :meth:`cancel`).  It can be awaited any number of times.
     """
 
+    # Slotted, and waiters are futures made only when someone waits: ten thousand
+    # open handles are ten thousand times this object (docs/benchmarks.md, flows).
+    __slots__ = (
+        "_acked",
+        "_destinations",
+        "_engine",
+        "_error",
+        "_result",
+        "_segments",
+        "_settled",
+        "_status",
+        "_waiters",
+        "id",
+        "total_bytes",
+    )
+
     def __init__(self, engine: Engine, tid: int, total: int, segments: Sequence[SegmentBase]) -> None:
         self._engine = engine
         self.id = tid
@@ -133,7 +149,8 @@ class TransferHandle:
         self._result: TransferResult | None = None
         self._error: BaseException | None = None
         self._acked = 0
-        self._settled = asyncio.Event()
+        self._settled = False
+        self._waiters: list[asyncio.Future[None]] | None = None
 
     @property
     def status(self) -> TransferStatus:
@@ -142,7 +159,7 @@ class TransferHandle:
     @property
     def bytes_done(self) -> int:
         """Bytes that landed so far (after a cancel or failure: what landed before it)."""
-        if self._settled.is_set():
+        if self._settled:
             return self._acked
         planner = self._engine._planner
         if planner is not None and planner.has_transfer(self.id):
@@ -151,7 +168,7 @@ class TransferHandle:
 
     def done(self) -> bool:
         """Has the transfer ended (done, failed or cancelled) with nothing left in flight?"""
-        return self._settled.is_set()
+        return self._settled
 
     def cancel(self) -> None:
         """Cancel the transfer; a no-op once it ended.  Awaiting it then raises TransferCancelledError."""
@@ -175,8 +192,22 @@ class TransferHandle:
 
     async def wait(self) -> TransferResult:
         """Wait for the end of the transfer and return its result (or raise its error)."""
-        await self._settled.wait()
+        await self._wait_settled()
         return self.result()
+
+    async def _wait_settled(self) -> None:
+        if self._settled:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def __await__(self) -> Any:
         return self.wait().__await__()
@@ -192,7 +223,10 @@ class TransferHandle:
         self._status = status
         self._result = result
         self._error = error
-        self._settled.set()
+        self._settled = True
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class EventSubscription:
@@ -356,7 +390,7 @@ class Engine:
                 for h in handles:
                     h.cancel()
             for h in handles:
-                await h._settled.wait()
+                await h._wait_settled()
             await self._backend.aclose()
         self._close_state()
         # The body's own exception propagates unchanged (not wrapped in an
@@ -665,7 +699,7 @@ class Engine:
             if not handle.done():
                 handle.cancel()
                 with anyio.CancelScope(shield=True):
-                    await handle._settled.wait()
+                    await handle._wait_settled()
             raise
 
     def _as_view(self, obj: object, role: str) -> View:

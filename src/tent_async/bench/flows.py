@@ -24,10 +24,10 @@ from typing import Any
 
 import anyio
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from ..core import Planner
+from ..display import console as make_console
 from ..display import step_progress
 from ..engine import Engine
 from ..rails import RailSpec
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     rate = parse_bandwidth(args.rate)
     specs = [RailSpec(name=f"paced{i}", bandwidth=rate) for i in range(args.rails)]
     limit = rate * args.rails
-    console = Console()
+    console = make_console()
     rows = []
     with step_progress() as progress:
         task = progress.add_task("flows", total=len(counts) * 2 * args.repeat)
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             f"{f['lag_max_ms']:.1f} ms",
         )
         print(json.dumps({"bench": "flows", "n": n, "batch": b, "flows": f, "ratio": ratio}))
-    console.print(table, width=200)
+    console.print(table)
     flat = max(dispatch) / min(dispatch)
     print(json.dumps({"bench": "flows", "bytes_per_open_transfer": per_open}))
     console.print(
@@ -193,7 +193,6 @@ def run(args: argparse.Namespace) -> int:
         f"{'met' if flat <= FLAT else 'MISSED'}\n"
         f"deadline misses on healthy rails: {misses} (target 0): {'met' if misses == 0 else 'MISSED'}\n"
         f"memory per open transfer: {per_open:,.0f} B (target <= {PER_TRANSFER} B): "
-        f"{'met' if per_open <= PER_TRANSFER else 'MISSED'}",
-        width=200,
+        f"{'met' if per_open <= PER_TRANSFER else 'MISSED'}"
     )
     return 0

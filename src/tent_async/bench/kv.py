@@ -20,9 +20,9 @@ import tracemalloc
 
 import anyio
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from ..display import console as make_console
 from ..display import step_progress
 from ..engine import Engine
 from ..rails import RailSpec
@@ -91,7 +91,7 @@ def _block_bytes(n: int, block: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     kinds = ("contiguous", "blocks, permuted", "pairs, permuted", "blocks, adjacent", "pairs, adjacent")
     results = []
     with step_progress() as progress:
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
             )
-    console.print(table, width=200)
+    console.print(table)
     for label, ratio, target in verdicts:
         console.print(
             f"{label}: {ratio:.2f} of contiguous (target >= {target}): {'met' if ratio >= target else 'MISSED'}"

@@ -216,7 +216,7 @@ class Planner:
                 rail.health.on_success(now)
                 self._health_changed(rail, before, now)
         a.state = _DONE
-        t.live.discard(aid)
+        t.live -= 1
         self._maybe_finish(t, now)
 
     def fail(
@@ -246,7 +246,7 @@ class Planner:
         t = self._transfers[a.transfer_id]
         stale = a.state is _WITHDRAWING
         a.state = _DONE
-        t.live.discard(aid)
+        t.live -= 1
         if not stale:
             reason = str(error) or type(error).__name__
             if transfer_fatal:
@@ -269,12 +269,12 @@ class Planner:
             # A withdrawal the planner did not ask for (the backend gave up on
             # its own): treat as a failure so the bytes are sent again.
             a.state = _DONE
-            t.live.discard(aid)
+            t.live -= 1
             rail.errors += 1
             self._rail_failure(rail, now, "attempt withdrawn by the backend", a)
         else:
             a.state = _DONE
-            t.live.discard(aid)
+            t.live -= 1
         self._maybe_finish(t, now)
 
     def rail_down(self, rail: int | str, now: float, reason: str = "rail reported down") -> None:
@@ -568,12 +568,14 @@ class Planner:
             return
         rail = self.rails[a.rail]
         t.reroutes += 1
+        if t.rail_errors is None:
+            t.rail_errors = {}
         t.rail_errors[rail.name] = reason
         history = dict(a.history) if a.history else None
         if charge:
             history = history or {}
             history[a.rail] = history.get(a.rail, 0) + 1
-        t.pending.appendleft(PendingRange(a.offset, a.length, history))
+        t.pending.insert(0, PendingRange(a.offset, a.length, history))
         t.pending_bytes += a.length
         self._activate(t)
         if charge and history is not None:
@@ -604,11 +606,11 @@ class Planner:
         t.pending_bytes = 0
         t.stalled_since = None
         self._stalled.pop(t, None)
-        for aid in list(t.live):
-            a = self._attempts[aid]
-            if a.state is _LIVE:
-                a.state = _WITHDRAWING
-                self._decisions.append(Withdraw(a))
+        if t.live:  # rare (a cancel or failure): the attempts out are few, scan them
+            for a in list(self._attempts.values()):
+                if a.transfer_id == t.id and a.state is _LIVE:
+                    a.state = _WITHDRAWING
+                    self._decisions.append(Withdraw(a))
         self._maybe_finish(t, now)
 
     def _maybe_finish(self, t: TransferState, now: float) -> None:
@@ -689,7 +691,7 @@ class Planner:
             limit = min(limit, ext.extent_end(offset) - offset)  # one extent per slice
         size = cut(size, limit, self.config.tail_merge)
         if size >= rng.length:
-            t.pending.popleft()
+            del t.pending[0]
         else:
             rng.offset += size
             rng.length -= size
@@ -738,7 +740,7 @@ class Planner:
         if probe:
             rail.probes_total += 1
         self._attempts[aid] = a
-        t.live.add(aid)
+        t.live += 1
         t.attempts += 1
         heapq.heappush(self._deadlines, (deadline, aid))
         self._decisions.append(Post(a))

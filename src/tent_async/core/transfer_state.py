@@ -9,7 +9,6 @@ the failure remembered per rail so that retries are bounded.
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
@@ -133,9 +132,11 @@ class TransferState:
         self.rails = tuple(rails)  # eligible rails, in the planner's order
         self.total = total
         self.acked = 0
-        self.pending: deque[PendingRange] = deque([PendingRange(0, total)] if total else ())
+        # A list, front first: nearly always one range, and a deque's first block
+        # alone costs more than half a kilobyte per open transfer.
+        self.pending: list[PendingRange] = [PendingRange(0, total)] if total else []
         self.pending_bytes = total
-        self.live: set[int] = set()  # attempt ids that are LIVE or WITHDRAWING
+        self.live = 0  # attempts that are LIVE or WITHDRAWING
         self.phase = Phase.RUNNING
         self.priority = priority
         self.bytes_per_rail: dict[str, int] = {}
@@ -144,7 +145,7 @@ class TransferState:
         self.reroutes = 0
         self.submitted_at = now
         self.error: BaseException | None = None
-        self.rail_errors: dict[str, str] = {}
+        self.rail_errors: dict[str, str] | None = None  # last error per rail, once there is one
         self.rr_next = tid % len(self.rails) if self.rails else 0
         self.bound: RailState | None = None
         self.group: RailGroup | None = None
