@@ -84,9 +84,16 @@ def check_overlaps(ext: Extents) -> None:
     s_space = spaces[ext.src_seg]
     s_start = bases[ext.src_seg] + ext.src_off
     s_end = s_start + ext.length
-    for space in np.unique(d_space).tolist():
-        dsel = np.flatnonzero(d_space == space)
-        order = dsel[np.argsort(d_start[dsel], kind="stable")]
+    uniform = bool((spaces == spaces[0]).all())  # the usual case: every segment local (one address space)
+    for space in [int(spaces[0])] if uniform else np.unique(d_space).tolist():
+        dsel = None if uniform else np.flatnonzero(d_space == space)
+        starts = d_start if dsel is None else d_start[dsel]
+        if len(starts) > 1 and bool((starts[1:] < starts[:-1]).any()):
+            order = np.argsort(starts)
+            if dsel is not None:
+                order = dsel[order]
+        else:
+            order = np.arange(n) if dsel is None else dsel
         starts = d_start[order]
         ends = d_end[order]
         if len(order) > 1:
@@ -99,16 +106,18 @@ def check_overlaps(ext: Extents) -> None:
                     f"destination {_describe(ext, j, 'dst')} overlaps destination {_describe(ext, int(prev), 'dst')} "
                     "in memory in the same transfer; destinations must not overlap each other or the sources"
                 )
-        ssel = np.flatnonzero(s_space == space)
-        if not len(ssel):
+        ssel = None if uniform else np.flatnonzero(s_space == space)
+        src_start = s_start if ssel is None else s_start[ssel]
+        src_end = s_end if ssel is None else s_end[ssel]
+        if not len(src_start):
             continue
         # Destinations of one space are disjoint now and sorted: the last one starting
         # before a source ends is the only one that can overlap it.
-        idx = np.searchsorted(starts, s_end[ssel], side="left") - 1
-        hit = (idx >= 0) & (ends[np.maximum(idx, 0)] > s_start[ssel])
+        idx = np.searchsorted(starts, src_end, side="left") - 1
+        hit = (idx >= 0) & (ends[np.maximum(idx, 0)] > src_start)
         if hit.any():
             k = int(np.argmax(hit))
-            src = int(ssel[k])
+            src = k if ssel is None else int(ssel[k])
             dst = int(order[idx[k]])
             raise OverlappingViewsError(
                 f"destination {_describe(ext, dst, 'dst')} overlaps source {_describe(ext, src, 'src')} in memory "

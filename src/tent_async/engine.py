@@ -722,8 +722,10 @@ class Engine:
         allowed: set[str] | None = None
         if not len(ext):
             return None
-        pairs = np.unique(np.stack((ext.src_seg, ext.dst_seg)), axis=1).T.tolist()
-        for si, di in pairs:
+        nseg = len(ext.segments)
+        keys = np.unique(ext.src_seg.astype(np.int64) * nseg + ext.dst_seg)  # 1-D: unique(axis=1) is slow
+        for key in keys.tolist():
+            si, di = divmod(key, nseg)
             src, dst = ext.segments[si], ext.segments[di]
             assert isinstance(src, SegmentBase)
             assert isinstance(dst, SegmentBase)

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _shape(text: str) -> tuple[int, int]:
-    count, size = text.lower().split("x", 1)
+    count, size = text.split("x", 1)
     return int(count), parse_size(size)
 
 
