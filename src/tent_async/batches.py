@@ -16,7 +16,7 @@ request costs arrays, not 40,000 Python objects:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -132,36 +132,6 @@ def _describe(ext: Extents, i: int, side: str) -> str:
     return f"{name}[{off}:{off + int(ext.length[i])}]"
 
 
-def from_views(views: Sequence[tuple[View, View]]) -> Extents:
-    """An extent list from checked view pairs (segments deduplicated by identity)."""
-    table: dict[int, int] = {}
-    segments: list[SegmentBase] = []
-    n = len(views)
-    cols = np.empty((5, n), dtype=np.int64)
-    for i, (s, d) in enumerate(views):
-        si = table.get(id(s.segment))
-        if si is None:
-            si = table[id(s.segment)] = len(segments)
-            segments.append(s.segment)
-        di = table.get(id(d.segment))
-        if di is None:
-            di = table[id(d.segment)] = len(segments)
-            segments.append(d.segment)
-        cols[0, i] = si
-        cols[1, i] = s.offset
-        cols[2, i] = di
-        cols[3, i] = d.offset
-        cols[4, i] = s.length
-    return Extents(
-        segments,
-        cols[0].astype(np.int32),
-        cols[1].copy(),
-        cols[2].astype(np.int32),
-        cols[3].copy(),
-        cols[4].copy(),
-    )
-
-
 def from_blocks(src: SegmentBase, src_offsets: Any, dst: SegmentBase, dst_offsets: Any, lengths: Any) -> Extents:
     """An extent list of blocks from ``src`` to ``dst``, bounds-checked as arrays."""
     try:
@@ -178,12 +148,3 @@ def from_blocks(src: SegmentBase, src_offsets: Any, dst: SegmentBase, dst_offset
                     f"{seg.name!r} of {seg.size} bytes; every block must lie within [0:{seg.size}]"
                 )
     return ext
-
-
-def pairs_of(pairs: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
-    for pair in pairs:
-        try:
-            src, dst = pair
-        except (TypeError, ValueError):
-            raise TypeError(f"a batch is an iterable of (src, dst) pairs; got {pair!r}") from None
-        yield src, dst

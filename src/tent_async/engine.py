@@ -569,19 +569,46 @@ class Engine:
         """
         planner = self._require_running()
         prio = self._priority(priority)
-        views: list[tuple[View, View]] = []
-        checked: set[int] = set()
-        as_view = self._as_view
-        for src, dst in batches.pairs_of(pairs):
-            s = as_view(src, "source")
-            d = as_view(dst, "destination")
-            batches.check_pair(s, d)
-            key = id(s.segment) * 31 + id(d.segment)
-            if key not in checked:
+        index: dict[int, int] = {}  # id(segment) -> position in `segments`, once checked
+        segments: list[SegmentBase] = []
+        checked: set[tuple[int, int]] = set()
+        cols: tuple[list[int], list[int], list[int], list[int], list[int]] = ([], [], [], [], [])
+        s_seg, s_off, d_seg, d_off, length = cols
+        for pair in pairs:
+            try:
+                src, dst = pair
+            except (TypeError, ValueError):
+                raise TypeError(f"a batch is an iterable of (src, dst) pairs; got {pair!r}") from None
+            # The per-pair path is the cost of a batch: check a segment once, a view cheaply.
+            s = src if type(src) is View else self._as_view(src, "source")
+            d = dst if type(dst) is View else self._as_view(dst, "destination")
+            si = index.get(id(s.segment))
+            if si is None:
+                self._as_view(s, "source")
+                si = index[id(s.segment)] = len(segments)
+                segments.append(s.segment)
+            di = index.get(id(d.segment))
+            if di is None:
+                self._as_view(d, "destination")
+                di = index[id(d.segment)] = len(segments)
+                segments.append(d.segment)
+            if s.length != d.length or (si, di) not in checked:
+                batches.check_pair(s, d)
                 self._backend.check_pair(s.segment, d.segment)
-                checked.add(key)
-            views.append((s, d))
-        ext = batches.from_views(views)
+                checked.add((si, di))
+            s_seg.append(si)
+            s_off.append(s.offset)
+            d_seg.append(di)
+            d_off.append(d.offset)
+            length.append(s.length)
+        ext = Extents(
+            segments,
+            np.array(s_seg, dtype=np.int32),
+            np.array(s_off, dtype=np.int64),
+            np.array(d_seg, dtype=np.int32),
+            np.array(d_off, dtype=np.int64),
+            np.array(length, dtype=np.int64),
+        )
         return self._submit_extents(planner, ext, notify, prio)
 
     def submit_blocks(
