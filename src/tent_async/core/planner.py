@@ -650,8 +650,10 @@ class Planner:
         if self._quarantined or self._probing:
             self._health_probes(now)
         choose = self.policy.choose
+        global_hold = getattr(self.policy, "holds_for_all", True)
         for group in list(work):
             queues = group.queues
+            misses = 0
             while group.worth_asking():
                 c = group.next_class()
                 if c is None:
@@ -662,7 +664,15 @@ class Planner:
                 if choice is None:
                     if t.stalled_since is not None:  # a rail is usable again, only busy
                         t.stalled_since = None
-                    break  # every rail this group may use is busy (or a better one soon free)
+                    if global_hold:
+                        break  # every rail this group may use is busy (or a better one soon free)
+                    # This transfer waits for its own rail (round_robin's next in the cycle,
+                    # single's bound rail); the others of its class may go meanwhile.
+                    misses += 1
+                    if misses >= len(queues[c]):
+                        break
+                    queues[c].rotate(-1)
+                    continue
                 if choice is NO_RAIL:
                     group.pop_front(c)
                     if self._waiting_for_rail(t, now):
@@ -677,6 +687,7 @@ class Planner:
                     size = self._suspect_slice
                 self._post(t, rail, size, now, probe=False)
                 group.served(c)
+                misses = 0
         if self.policy.probes_idle_rails and work and now >= self._idle_check_at:
             self._idle_check_at = now + 0.25 * self.config.probe_interval
             self._idle_probes(now)

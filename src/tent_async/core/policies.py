@@ -59,6 +59,10 @@ class Policy(Protocol):
 
     name: ClassVar[str]
     probes_idle_rails: ClassVar[bool]
+    holds_for_all: ClassVar[bool]
+    """Does holding one transfer (``None``) mean no transfer of its rail set can go now?
+    True for ``eft`` (its rails are busy or a better one frees soon); False for
+    policies that wait for one particular rail per transfer."""
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
         """Called once by the planner with its rails and config."""
@@ -95,6 +99,7 @@ class EarliestFinish:
 
     name: ClassVar[str] = "eft"
     probes_idle_rails: ClassVar[bool] = True
+    holds_for_all: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._band = 1.0
@@ -183,6 +188,7 @@ class RoundRobin:
 
     name: ClassVar[str] = "round_robin"
     probes_idle_rails: ClassVar[bool] = False
+    holds_for_all: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._fixed = 0
@@ -237,6 +243,7 @@ class SingleRail:
 
     name: ClassVar[str] = "single"
     probes_idle_rails: ClassVar[bool] = False
+    holds_for_all: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._turn = 0
