@@ -940,13 +940,16 @@ class Engine:
         self._arm_timer(planner.next_wakeup())
 
     def _arm_timer(self, when: float | None) -> None:
-        if when == self._timer_at:
+        """Make sure a timer fires by ``when``.
+
+        A timer already armed for an earlier instant is kept: it fires early,
+        the pump finds nothing due and arms the next one.  Re-arming on every
+        pump (the earliest deadline moves with every completion) cost a timer
+        handle and a heap entry per slice.
+        """
+        armed = self._timer_at
+        if self._timer is not None and armed is not None and (when is None or armed <= when):
             return
-        due = self._timer_at
-        if due is not None and self._timer is not None:
-            late = self._backend.clock() - due
-            if late > 0.0:  # due, but the loop has not got to it yet: that is lag too
-                self.loop_lag.record(late)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
