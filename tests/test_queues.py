@@ -127,3 +127,51 @@ def test_bulk_leaves_a_slot_free_and_yields_rails_that_carry_urgent_slices() -> 
     planner.complete(urgent.id, 2e-4)
     again = [d.attempt for d in planner.poll(2e-4) if isinstance(d, Post)]
     assert [a.rail for a in again] == [urgent.rail]
+
+
+def _drive(planner: Planner, speeds: dict[str, float], until: Any, limit: float = 5.0) -> dict[int, float]:
+    """Parallel rails, each slice taking length / speed: returns finish times by transfer id."""
+    import heapq
+
+    from tent_async.core import Finished
+
+    now = 0.0
+    events: list[tuple[float, int, Any]] = []
+    done: dict[int, float] = {}
+
+    def apply(decisions: list[Any]) -> None:
+        for d in decisions:
+            if isinstance(d, Post):
+                a = d.attempt
+                heapq.heappush(events, (now + a.length / speeds[a.rail_name], a.id, a))
+            elif isinstance(d, Finished):
+                done[d.transfer_id] = now
+
+    apply(planner.poll(now))
+    while events and not until(done) and now < limit:
+        now, _, a = heapq.heappop(events)
+        planner.complete(a.id, now, a.length / speeds[a.rail_name])
+        apply(planner.poll(now))
+    return done
+
+
+def test_priority_holds_across_rail_sets() -> None:
+    """A high transfer allowed only rail A is not left behind a normal elephant on A and B."""
+    speeds = {"A": 10e9, "B": 1e9}
+    planner = Planner([RailInfo("A", 10e9), RailInfo("B", 1e9)])
+    elephant = planner.submit([Piece("s", 0, "d", 0, 4 << 30)], 0.0, priority="normal")
+    urgent = planner.submit([Piece("s2", 0, "d2", 0, 1 * MiB)], 0.0, rails=["A"], priority="high")
+    done = _drive(planner, speeds, lambda d: urgent in d)
+    assert done[urgent] < 0.01  # ~2 slice times, not the elephant's 0.4 s
+    assert elephant not in done
+
+
+def test_an_aged_class_that_cannot_go_does_not_block_higher_ones() -> None:
+    """Background's aging turn comes while it cannot be placed: high goes on meanwhile."""
+    speeds = {"A": 10e9, "B": 10e6}
+    planner = Planner([RailInfo("A", 10e9), RailInfo("B", 10e6)])
+    high = planner.submit([Piece("s", 0, "d", 0, 1 << 30)], 0.0, priority="high")
+    planner.submit([Piece("s1", 0, "d1", 0, 1 << 30)], 0.0, priority="background")
+    normal = planner.submit([Piece("s2", 0, "d2", 0, 4 << 30)], 0.0, rails=["A"], priority="normal")
+    done = _drive(planner, speeds, lambda d: high in d)
+    assert high in done and normal not in done  # high finished while the normal elephant still ran

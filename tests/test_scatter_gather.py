@@ -209,3 +209,27 @@ def test_a_blocked_event_loop_is_not_a_rail_fault() -> None:
 
     anyio.run(main)
     assert np.array_equal(src, dst)
+
+
+def test_block_tables_refuse_wrapping_offsets_and_honour_views() -> None:
+    async def main() -> None:
+        async with tent.Engine(backend="local") as engine:
+            a = engine.register(np.arange(8192, dtype=np.uint16).view(np.uint8)[:8192].copy(), name="a")
+            out = np.zeros(8192, dtype=np.uint8)
+            b = engine.register(out, name="b")
+            huge = 2**63 - 8  # offset + length wraps around int64
+            with pytest.raises(tent.OutOfBoundsError, match="outside"):
+                await engine.transfer_blocks(a, [huge], b, [huge], 16)
+            with pytest.raises(tent.OutOfBoundsError, match="integers"):
+                await engine.transfer_blocks(a, [0.9, 100.7], b, [0, 200], 16)
+            with pytest.raises(tent.OutOfBoundsError, match="1-D"):
+                await engine.transfer_blocks(a, [[0, 16]], b, [0, 16], 16)
+            # Views: offsets count from the view, and blocks must stay inside it.
+            await engine.transfer_blocks(a[4096:], [0, 100], b[4096:], [200, 0], 16)
+            assert np.array_equal(out[4096 + 200 : 4096 + 216], np.asarray(a.memory.array[4096:4112]))
+            assert np.array_equal(out[4096:4112], np.asarray(a.memory.array[4196:4212]))
+            assert not out[:4096].any()
+            with pytest.raises(tent.OutOfBoundsError, match="outside"):
+                await engine.transfer_blocks(a[4096:], [4090], b[4096:], [0], 16)
+
+    anyio.run(main)

@@ -132,19 +132,28 @@ def _describe(ext: Extents, i: int, side: str) -> str:
     return f"{name}[{off}:{off + int(ext.length[i])}]"
 
 
-def from_blocks(src: SegmentBase, src_offsets: Any, dst: SegmentBase, dst_offsets: Any, lengths: Any) -> Extents:
-    """An extent list of blocks from ``src`` to ``dst``, bounds-checked as arrays."""
+def from_blocks(src: View, src_offsets: Any, dst: View, dst_offsets: Any, lengths: Any) -> Extents:
+    """An extent list of blocks from ``src`` to ``dst``, bounds-checked as arrays.
+
+    Offsets are relative to the views; every block must lie inside its view.
+    The checks never add an offset to a length (int64 would wrap for
+    absurd values and let a block through).
+    """
     try:
-        ext = Extents.between(src, src_offsets, dst, dst_offsets, lengths)
+        ext = Extents.between(src.segment, src_offsets, dst.segment, dst_offsets, lengths)
     except ValueError as exc:
         raise OutOfBoundsError(f"bad block list: {exc}") from None
     if len(ext):
-        for seg, off, what in ((src, ext.src_off, "source"), (dst, ext.dst_off, "destination")):
-            ends = off + ext.length
-            worst = int(np.argmax(ends))
-            if int(ends[worst]) > seg.size:
+        for view, off, what in ((src, ext.src_off, "source"), (dst, ext.dst_off, "destination")):
+            size = view.length
+            bad = (off > size) | (ext.length > size - off)
+            if bad.any():
+                i = int(np.argmax(bad))
+                start, n = int(off[i]), int(ext.length[i])
                 raise OutOfBoundsError(
-                    f"{what} block {worst} [{int(off[worst])}:{int(ends[worst])}] is outside segment "
-                    f"{seg.name!r} of {seg.size} bytes; every block must lie within [0:{seg.size}]"
+                    f"{what} block {i} [{start}:{start + n}] is outside {view!r} of {size} bytes; "
+                    f"every block must lie within [0:{size}] of it"
                 )
+            if view.offset:
+                off += view.offset  # fresh arrays of this extent list: shifting in place is safe
     return ext

@@ -613,9 +613,9 @@ class Engine:
 
     def submit_blocks(
         self,
-        src: SegmentBase,
+        src: SegmentBase | View,
         src_offsets: Any,
-        dst: SegmentBase,
+        dst: SegmentBase | View,
         dst_offsets: Any,
         lengths: Any,
         *,
@@ -629,16 +629,17 @@ class Engine:
         request is thousands of blocks scattered in a registered pool.  Checked
         as arrays (bounds, permission, overlap in memory), held as arrays,
         copied in scatter-gather slices: the cost per block is a few array
-        elements, not a Python object.
+        elements, not a Python object.  ``src``/``dst`` may be segments or
+        views; offsets are relative to them and every block must lie inside.
         """
         planner = self._require_running()
         prio = self._priority(priority)
-        s_seg = self._as_view(src, "source").segment
-        d_seg = self._as_view(dst, "destination").segment
-        if not d_seg.writable:
-            raise batches.read_only_error(d_seg, d_seg)
-        self._backend.check_pair(s_seg, d_seg)
-        ext = batches.from_blocks(s_seg, src_offsets, d_seg, dst_offsets, lengths)
+        s_view = self._as_view(src, "source")
+        d_view = self._as_view(dst, "destination")
+        if not d_view.segment.writable:
+            raise batches.read_only_error(d_view, d_view.segment)
+        self._backend.check_pair(s_view.segment, d_view.segment)
+        ext = batches.from_blocks(s_view, src_offsets, d_view, dst_offsets, lengths)
         return self._submit_extents(planner, ext, notify, prio)
 
     def _submit_extents(self, planner: Planner, ext: Extents, notify: str | None, prio: Priority) -> TransferHandle:
@@ -706,9 +707,9 @@ class Engine:
 
     async def transfer_blocks(
         self,
-        src: SegmentBase,
+        src: SegmentBase | View,
         src_offsets: Any,
-        dst: SegmentBase,
+        dst: SegmentBase | View,
         dst_offsets: Any,
         lengths: Any,
         *,
@@ -900,7 +901,8 @@ class Engine:
                 "Slices already handed to the backend were asked to stop, but may still land"
             )
             error.__cause__ = exc
-            handle._settle(TransferStatus.FAILED, None, error)
+            acked = planner.progress(handle.id)[0] if planner is not None and planner.has_transfer(handle.id) else 0
+            handle._settle(TransferStatus.FAILED, None, error, acked)
         self._handles.clear()
 
     def _pump_once(self) -> None:

@@ -126,6 +126,10 @@ class SchedulerConfig:
         quarantined, the transfer waits up to ``no_rail_wait`` (1 s) for one to
         come back (quarantine over, probe succeeded) before failing with
         ``NoRailError``: one rail's hiccup must not fail a single-rail engine.
+        A driver that polls late (its event loop's lag) has the deadlines that
+        passed meanwhile pushed back once, when it was late by more than
+        ``lag_tolerance`` (2 ms): less is ordinary timer jitter, and excusing
+        it would only delay the detection of every real stall.
     """
 
     target_slice_time: float = attrs.field(default=1e-3, converter=parse_duration, validator=_positive)
@@ -157,6 +161,7 @@ class SchedulerConfig:
     max_attempts: int = attrs.field(default=16, validator=_at_least_one)
     deadline_backoff_cap: float = attrs.field(default=8.0, validator=_positive)
     no_rail_wait: float = attrs.field(default=1.0, converter=parse_duration, validator=_non_negative)
+    lag_tolerance: float = attrs.field(default=0.002, converter=parse_duration, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.min_slice > self.max_slice:

@@ -25,6 +25,7 @@ _I32 = np.int32
 _I64 = np.int64
 
 Array = np.ndarray[Any, np.dtype[Any]]
+_MAX_TOTAL = 1 << 62  # bytes in one transfer's stream: prefix sums stay far from int64's limit
 
 
 def _as_i64(values: Any, n: int, what: str) -> Array:
@@ -35,7 +36,9 @@ def _as_i64(values: Any, n: int, what: str) -> Array:
         raise ValueError(f"{what} must be one value or {n} values, got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=_I64)
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(_I64).max:
+        raise ValueError(f"{what} do not fit in 64-bit signed integers")
+    return np.array(arr, dtype=_I64)  # a copy: the caller's array is never aliased or changed
 
 
 class Extents:
@@ -107,12 +110,17 @@ class Extents:
         ``lengths`` may be one number (every block the same size).  Offsets
         and lengths must not be negative.
         """
-        src_off = np.ascontiguousarray(np.asarray(src_offsets), dtype=_I64).reshape(-1)
-        n = len(src_off)
+        raw = np.asarray(src_offsets)
+        if raw.ndim != 1:
+            raise ValueError(f"source offsets must be a 1-D sequence of integers, got shape {raw.shape}")
+        n = len(raw)
+        src_off = _as_i64(raw, n, "source offsets")
         dst_off = _as_i64(dst_offsets, n, "destination offsets")
         length = _as_i64(lengths, n, "lengths")
         if n and (src_off.min() < 0 or dst_off.min() < 0 or length.min() < 0):
             raise ValueError("block offsets and lengths must not be negative")
+        if n and int(length.max()) > _MAX_TOTAL // n:
+            raise ValueError(f"{n} blocks of up to {int(length.max())} bytes are more than one transfer can address")
         same = src == dst
         segments: list[Hashable] = [src] if same else [src, dst]
         src_seg = np.zeros(n, dtype=_I32)

@@ -490,6 +490,7 @@ class Planner:
 
     def _expire_deadlines(self, now: float, late_by: float) -> None:
         heap = self._deadlines
+        lag_tolerance = self.config.lag_tolerance
         excused: list[tuple[float, int]] = []
         while heap and heap[0][0] <= now:
             deadline, aid = heapq.heappop(heap)
@@ -497,7 +498,7 @@ class Planner:
             if a is None or a.state is not _LIVE:
                 continue
             rail = self.rails[a.rail]
-            if late_by > 0.0 and deadline >= now - late_by and not a.excused:
+            if late_by > lag_tolerance and deadline >= now - late_by and not a.excused:
                 # It expired while the driver was not looking: its completion may be
                 # queued behind us.  Look again one lag later, once.
                 a.excused = True
@@ -644,53 +645,79 @@ class Planner:
     # --------------------------------------------------------------- dispatch
 
     def _dispatch(self, now: float) -> None:
+        """Post slices while rails have room, one slice per group per round.
+
+        Groups (transfers of one rail set) share rails, so they take turns a
+        slice at a time, the group whose best waiting class is highest first
+        in every round: a high-priority transfer restricted to some rails is
+        not left behind a normal-priority group that could fill them.
+        """
         work = self._work
         if not work:
             return
         if self._quarantined or self._probing:
             self._health_probes(now)
-        choose = self.policy.choose
-        global_hold = getattr(self.policy, "holds_for_all", True)
-        for group in list(work):
-            queues = group.queues
-            misses = 0
-            while group.worth_asking():
-                c = group.next_class()
-                if c is None:
-                    del work[group]
-                    break
-                t = queues[c][0]
-                choice = choose(t, now)
-                if choice is None:
-                    if t.stalled_since is not None:  # a rail is usable again, only busy
-                        t.stalled_since = None
-                    if global_hold:
-                        break  # every rail this group may use is busy (or a better one soon free)
-                    # This transfer waits for its own rail (round_robin's next in the cycle,
-                    # single's bound rail); the others of its class may go meanwhile.
-                    misses += 1
-                    if misses >= len(queues[c]):
-                        break
-                    queues[c].rotate(-1)
-                    continue
-                if choice is NO_RAIL:
-                    group.pop_front(c)
-                    if self._waiting_for_rail(t, now):
-                        self._stall(t)
-                    else:
-                        self._no_rail(t, now)
-                    continue
-                rail, size = choice  # type: ignore[misc]
-                if rail.health.state is Health.SUSPECT and size > self._suspect_slice:
-                    # A suspect rail proves itself with small slices, so that a rail that
-                    # is really stalled holds little data hostage until its quarantine.
-                    size = self._suspect_slice
-                self._post(t, rail, size, now, probe=False)
-                group.served(c)
-                misses = 0
+        active = list(work)
+        while active:
+            if len(active) > 1:
+                active.sort(key=RailGroup.best_class)  # stable: equals keep their turn order
+            active = [group for group in active if self._serve_one(group, now)]
         if self.policy.probes_idle_rails and work and now >= self._idle_check_at:
             self._idle_check_at = now + 0.25 * self.config.probe_interval
             self._idle_probes(now)
+
+    def _serve_one(self, group: RailGroup, now: float) -> bool:
+        """Post at most one slice of ``group``; True if it did (it may have more to post)."""
+        queues = group.queues
+        choose = self.policy.choose
+        misses = 0
+        while group.worth_asking():
+            c = group.next_class()
+            if c is None:
+                del self._work[group]
+                return False
+            t = queues[c][0]
+            choice = choose(t, now)
+            if choice is None:
+                top = group.best_class()
+                if c != top:
+                    # The class whose aging turn it is cannot be placed now (bulk keeps off
+                    # rails that carry urgent slices): the highest class takes this turn
+                    # rather than the whole group waiting behind it.
+                    c = top
+                    t = queues[c][0]
+                    choice = choose(t, now)
+            if choice is None:
+                if t.stalled_since is not None:  # a rail is usable again, only busy
+                    t.stalled_since = None
+                if getattr(self.policy, "holds_for_all", True):
+                    return False  # every rail this group may use is busy (or a better one soon free)
+                # This transfer waits for its own rail (round_robin's next in the cycle,
+                # single's bound rail); the others of its class may go meanwhile.
+                misses += 1
+                if misses >= len(queues[c]):
+                    return False
+                queues[c].rotate(-1)
+                continue
+            if choice is NO_RAIL:
+                group.pop_front(c)
+                if self._waiting_for_rail(t, now):
+                    self._stall(t)
+                else:
+                    self._no_rail(t, now)
+                continue
+            rail, size = choice  # type: ignore[misc]
+            if rail.health.state is Health.SUSPECT and size > self._suspect_slice:
+                # A suspect rail proves itself with small slices, so that a rail that
+                # is really stalled holds little data hostage until its quarantine.
+                size = self._suspect_slice
+            self._post(t, rail, size, now, probe=False)
+            group.served(c)
+            if len(self._work) > 1:  # rotate groups: the next poll starts with another one
+                del self._work[group]
+                self._work[group] = None
+            return True
+        return False
 
     def _post(self, t: TransferState, rail: RailState, size: int, now: float, *, probe: bool) -> None:
         """Cut the next slice of ``t`` (at most ``size`` bytes) and post it on ``rail``."""

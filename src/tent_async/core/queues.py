@@ -88,6 +88,16 @@ class RailGroup:
                 starving = c
         return chosen if starving is None else starving
 
+    def best_class(self) -> int:
+        """The highest class with waiting work (3 when none)."""
+        for c in _CLASSES:
+            q = self.queues[c]
+            while q and not q[0].pending:
+                q.popleft().queued = False
+            if q:
+                return c
+        return 3
+
     def served(self, c: int) -> None:
         """The front transfer of class ``c`` got a slice: rotate it, count the turn."""
         passed = self.passed
