@@ -26,6 +26,9 @@ import collections
 import enum
 import itertools
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -254,8 +257,6 @@ class Engine:
     through anyio's asyncio backend).
     """
 
-    _ids = itertools.count(1)
-
     def __init__(
         self,
         backend: str | Backend = "local",
@@ -280,7 +281,9 @@ class Engine:
             raise ConfigError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
         if config is not None and not isinstance(config, SchedulerConfig):
             raise ConfigError(f"config must be a tent_async.SchedulerConfig, got {type(config).__name__}")
-        self.name = name or f"engine-{next(self._ids)}"
+        # Unique across processes and hosts: two engines left at the default name must never be
+        # mistaken for one another by a peer (issue 11: data reached the wrong peer).
+        self.name = name or f"engine-{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
         self.policy = policy
         self._backend = make_backend(backend, rails, **backend_options)
         self.config = config or self._backend.default_config()

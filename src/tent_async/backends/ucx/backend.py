@@ -131,6 +131,7 @@ class UcxBackend(Backend):
         self.local_rails: dict[str, LocalRail] = {}
         self.peers: list[Peer] = []
         self._links: dict[str, Link] = {}
+        self._reserved: set[str] = set()  # rail names picked by a connect() still wiring its links up
         self._server: Server | None = None
         self._address: str | None = None
         self._ctx: BackendContext | None = None
@@ -213,6 +214,7 @@ class UcxBackend(Backend):
         self.local_rails.clear()
         self.peers.clear()
         self._links.clear()
+        self._reserved.clear()
         self._server = None
 
     @property
@@ -269,13 +271,27 @@ class UcxBackend(Backend):
             )
         links = []
         for pair in pairs:
+            # Rail names are this engine's identity for a (peer connection, rail pair): two
+            # peers with the same engine name, connected one after the other or at the same
+            # time, get distinct rails ("decode-0/lo", "decode-0/lo#2").  A name is reserved
+            # here, before the awaits below, so that a concurrent connect() cannot pick it too
+            # (it did: the later link overwrote the earlier one and slices went to the wrong
+            # peer, issue 11).
             name = pair.rail_name(peer.name)
             base, n = name, 2
-            while name in self._links and not self._links[name].peer.closed:
+            while name in self._reserved or (name in self._links and not self._links[name].peer.closed):
                 name, n = f"{base}#{n}", n + 1
+            self._reserved.add(name)
             link = Link(peer, pair, self.local_rails[pair.local.name], name)
             peer.add_link(link)
             links.append(link)
+        try:
+            return await self._wire_links(peer, address, links, limit)
+        finally:
+            for link in links:
+                self._reserved.discard(link.name)
+
+    async def _wire_links(self, peer: Peer, address: str, links: list[Link], limit: float) -> Peer:
         # Set every link up now and wait until the peer answered its BIND: the first message
         # of a connection pays UCX's wire-up, which must not count against the first slice's
         # deadline.  A rail that cannot be wired up is left out rather than quarantined at
