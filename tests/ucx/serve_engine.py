@@ -54,6 +54,27 @@ async def main(config: dict[str, Any]) -> None:
             serve(self, link, msg)
 
         server.Server.serve = short_serve  # type: ignore[method-assign]
+    if config.get("lying_reads"):  # tests: sends half of every large READ but claims the whole of it
+        import attrs
+
+        from tent_async.backends.ucx import server as lying
+        from tent_async.backends.ucx.protocol import Op
+
+        serve_read = lying.Server.serve
+
+        def lying_serve(self: Any, link: Any, msg: Any) -> None:
+            if msg.op is not Op.READ or msg.inline:
+                serve_read(self, link, msg)
+                return
+            after_send = self._after_send
+            # The reply is built from the request it is given: the whole one, with its true tail.
+            self._after_send = lambda link_, seg, _short: after_send(link_, seg, msg)
+            try:
+                serve_read(self, link, attrs.evolve(msg, length=msg.length // 2))
+            finally:
+                del self._after_send
+
+        lying.Server.serve = lying_serve  # type: ignore[method-assign]
     if config.get("slow_headers"):  # tests: headers dispatched late, so WRITE bytes overtake them
         from tent_async.backends.ucx import server as srv
 

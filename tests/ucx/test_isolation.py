@@ -56,3 +56,21 @@ async def test_two_peers_with_one_name_connected_at_once_each_get_their_own_byte
             await asyncio.gather(*(engine.transfer(kvs[i][:], dsts[i][:]) for i in range(2)))
         for o, d in zip(outs, data, strict=True):
             assert (o == d).all()
+
+
+async def test_a_read_half_delivered_but_claimed_whole_fails(spawn_peer: Any) -> None:
+    """The peer sends half the bytes of every large READ and says SENT with the full length."""
+    server = spawn_peer(name="liar", lying_reads=True, rails=RAILS, segments=[{"name": "kv", "size": MiB, "seed": 3}])
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=[tent.RailSpec(**r) for r in RAILS]) as engine:
+        with anyio.fail_after(30):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        out = np.full(MiB, 0xEE, dtype=np.uint8)  # stale bytes a short message would leave behind
+        dst = engine.register(out, name="dst")
+        with anyio.fail_after(30), pytest.raises(tent.ProtocolError, match="did not all arrive"):
+            await engine.transfer(kv[:], dst[:])
+        assert engine.backend.stats["protocol_errors"] >= 1  # type: ignore[attr-defined]
+        # Small READs (answered inline, with their length) are not affected and still complete.
+        with anyio.fail_after(30):
+            await engine.transfer(kv[:4096], dst[:4096])
+        assert out[:4096].tobytes().hex() == server.cmd(cmd="read", segment="kv", start=0, stop=4096)["hex"]

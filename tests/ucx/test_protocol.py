@@ -96,7 +96,14 @@ messages = st.one_of(
     st.builds(p.Ack, request=u64),
     st.builds(p.Error, request=u64, reason=st.text(max_size=100)),
     st.builds(p.Data, request=u64, payload=st.binary(max_size=100)),
-    st.builds(p.Sent, request=u64, length=u64),
+    st.builds(
+        lambda request, length, tail: p.Sent(
+            request, length, tail[: min(p.TAIL_BYTES, length)].ljust(min(p.TAIL_BYTES, length), b"x")
+        ),
+        request=u64,
+        length=u64,
+        tail=st.binary(max_size=p.TAIL_BYTES),
+    ),
 )
 
 

@@ -38,6 +38,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ from .protocol import (
     KIND_DATA,
     MAX_U64,
     REPLY_ROOM,
+    TAIL_BYTES,
     Ack,
     Bind,
     Bound,
@@ -112,6 +114,7 @@ class _Op:
         "sent",
         "slot",
         "t_post",
+        "tail_check",
         "violation",
         "withdrawing",
     )
@@ -136,6 +139,7 @@ class _Op:
         self.withdrawing = False
         self.reported = False  # the planner has its outcome
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
+        self.tail_check = False  # a large READ into host memory: compare its end with SENT's tail
 
     @property
     def inline(self) -> bool:
@@ -347,6 +351,12 @@ class Link:
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
                 view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
+                if not local.memory.is_cuda:
+                    # Random bytes at the end, before the receive is posted: a message that
+                    # stops short leaves them in place, and SENT's tail will not match.
+                    t = min(TAIL_BYTES, a.length)
+                    view[a.length - t :] = np.frombuffer(os.urandom(t), dtype=np.uint8)
+                    op.tail_check = True
                 # Not ch.keep(): the op holds the only reference to this request, so that
                 # dropping it (the peer refused the READ) cancels the posted receive.
                 req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request))
@@ -466,10 +476,28 @@ class Link:
             return False
         return op.kind is not Op.READ or op.inline or op.data_ok
 
+    def _check_tail(self, op: _Op) -> None:
+        """A large READ's bytes all arrived only if its destination ends with what SENT says was sent."""
+        op.tail_check = False
+        a = op.attempt
+        if a is None or not isinstance(op.reply, Sent) or not op.data_ok or op.withdrawing:
+            return
+        dst: Segment = a.dst  # type: ignore[assignment]
+        t = min(TAIL_BYTES, a.length)
+        end = a.dst_offset + a.length
+        if dst.memory.array[end - t : end].tobytes() != op.reply.tail:
+            self._violation(
+                op,
+                f"a {a.length}-byte READ's bytes did not all arrive (the peer said it sent {op.reply.length}; "
+                "the end of the destination does not hold what it said it sent)",
+            )
+
     def _settle(self, op: _Op) -> None:
         """Report ``op`` once all its requests are done and its outcome is known."""
         if op.pending:
             return
+        if op.tail_check and op.violation is None and op.error is None and op.fatal is None:
+            self._check_tail(op)
         key = -1 if op.attempt is None else op.attempt.id
         known = op.reply is not None or op.error is not None or op.violation is not None
         if not known and not (op.withdrawing and not op.sent):

@@ -45,7 +45,7 @@ import msgpack
 from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
@@ -73,6 +73,7 @@ MAX_CONN_ID: Final = (1 << 32) - 1
 
 HEADER_ROOM: Final = 2048  # a slice header without its inline payload, with room to spare
 REPLY_ROOM: Final = 2048  # a reply without DATA's payload
+TAIL_BYTES: Final = 16  # the end of a large READ that SENT repeats (Sent)
 MAX_DATA_REASON: Final = 1024  # bytes of an ERROR reason on the data plane
 _DATA_PREFIX = struct.Struct("<I")
 
@@ -317,10 +318,18 @@ class Data:
 
 @attrs.frozen
 class Sent:
-    """A large READ's tagged send completed on the serving side, with ``length`` bytes."""
+    """A large READ's tagged send completed on the serving side, with ``length`` bytes.
+
+    ``tail`` is the last ``min(TAIL_BYTES, length)`` bytes that were sent.  A tagged
+    receive matched by a shorter message completes without error and UCX does not
+    say how many bytes arrived, so the reader fills the end of its destination with
+    random bytes before it posts the receive and compares them with ``tail`` after:
+    a message that stopped short leaves the random bytes in place (see peer.py).
+    """
 
     request: int
     length: int
+    tail: bytes = b""
 
 
 Message = (
@@ -370,7 +379,7 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Data):
         fields = [Op.DATA, msg.request, msg.payload]
     elif isinstance(msg, Sent):
-        fields = [Op.SENT, msg.request, msg.length]
+        fields = [Op.SENT, msg.request, msg.length, msg.tail]
     elif isinstance(msg, Bind):
         fields = [Op.BIND, msg.request]
     elif isinstance(msg, Bound):
@@ -706,8 +715,10 @@ def _d_data(f: list[Any]) -> Data:
 
 
 def _d_sent(f: list[Any]) -> Sent:
-    _, request, length = _fields(f, "SENT", 3)
-    return Sent(request=_int(request, "request id"), length=_int(length, "length"))
+    _, request, length, tail = _fields(f, "SENT", 4)
+    length = _int(length, "length")
+    tail = _bytes(tail, "tail", (min(TAIL_BYTES, length),))
+    return Sent(request=_int(request, "request id"), length=length, tail=tail)
 
 
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {

@@ -56,6 +56,7 @@ from .protocol import (
     NONCE_BYTES,
     PROTOCOL_VERSION,
     TAG_INDEX_MASK,
+    TAIL_BYTES,
     Ack,
     Bind,
     Bound,
@@ -94,6 +95,13 @@ MAX_CONNECTIONS = 256  # authenticated connections at once
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 MAX_WRITE_BUFFER = 4 << 20  # unsent control bytes to one client before it counts as not reading
+
+
+def _host_bytes(view: Any) -> bytes:
+    """The bytes of a (numpy or cupy) view, on the host."""
+    if hasattr(view, "get"):  # pragma: no cover - cupy, needs a GPU
+        view = view.get()
+    return bytes(view.tobytes())
 
 
 class Connection:
@@ -591,7 +599,9 @@ class Server:
             if error is None:
                 self.backend.stats["served_read"] += 1
                 self.backend.stats["bytes_read"] += msg.length
-                link.reply(Sent(request=msg.request, length=msg.length))
+                end = msg.offset + msg.length
+                tail = seg.memory.array[end - min(TAIL_BYTES, msg.length) : end]
+                link.reply(Sent(request=msg.request, length=msg.length, tail=_host_bytes(tail)))
             else:
                 link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
 
