@@ -75,6 +75,19 @@ async def main(config: dict[str, Any]) -> None:
                 del self._after_send
 
         lying.Server.serve = lying_serve  # type: ignore[method-assign]
+    if config.get("bad_addresses"):  # tests: a server whose WELCOME carries malformed worker addresses
+        import os as os_
+
+        import attrs
+
+        from tent_async.backends.ucx import backend as bad
+
+        rail_ads = bad.UcxBackend.rail_ads
+
+        def bad_ads(self: Any) -> Any:
+            return tuple(attrs.evolve(ad, address=os_.urandom(40)) for ad in rail_ads(self))
+
+        bad.UcxBackend.rail_ads = bad_ads  # type: ignore[method-assign]
     if config.get("slow_headers"):  # tests: headers dispatched late, so WRITE bytes overtake them
         from tent_async.backends.ucx import server as srv
 

@@ -221,11 +221,13 @@ class Link:
         if self.state != "linking" or msg.link_id != self.link_id:
             return
         try:
-            ep = self.rail.connect(self.pair.remote.address)
+            ep = self.rail.connect(self.pair.remote.address, self.peer.rail_ips)
+            self.channel = Channel(self.rail, ep, f"rail {self.name}", self._on_close)
         except Exception as exc:
+            if isinstance(exc, ProtocolError):  # the peer's worker address failed its check
+                self.peer.backend.stats["protocol_errors"] += 1
             self._teardown(f"rail {self.name}: cannot open an endpoint to the peer: {_ucxx.describe_error(exc)}")
             return
-        self.channel = Channel(self.rail, ep, f"rail {self.name}", self._on_close)
         self.peer_ns = msg.namespace
         self.free_slots = list(range(self.peer.slots - 1, -1, -1))
         self.state = "binding"
@@ -620,6 +622,7 @@ class Peer:
         self.conn_id = welcome.conn_id
         self.slots = welcome.slots
         self.inline_limit = min(backend.inline_limit, welcome.inline_limit)
+        self.rail_ips = frozenset(r.ip for r in welcome.rails)  # where its TCP worker addresses may point
         self.links: dict[str, Link] = {}
         self.closed = False
         self._closed_reason = ""

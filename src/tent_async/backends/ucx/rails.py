@@ -34,7 +34,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -43,6 +43,7 @@ import numpy as np
 from ...errors import ConfigError
 from ...rails import RailSpec, Tier
 from . import _ucxx
+from .address import check_peer_address
 from .protocol import MAX_NAMESPACE, RailAd, split_tag
 
 logger = logging.getLogger("tent_async.ucx")
@@ -380,8 +381,15 @@ class LocalRail:
                 out.append(line.split("flags")[-1].strip().lstrip("-").strip())
         return out
 
-    def connect(self, address: bytes) -> Any:
-        """A new endpoint to the peer worker at ``address`` (returns at once; wire-up happens on progress)."""
+    def connect(self, address: bytes, ips: Collection[str] = ()) -> Any:
+        """A new endpoint to the peer worker at ``address`` (returns at once; wire-up happens on progress).
+
+        ``address`` came from a peer: it is checked first (:mod:`.address`), because UCX
+        unpacks it without knowing its length and a malformed one can crash the process.
+        Raises :class:`~.address.AddressError` (a ProtocolError) for one that fails.
+        ``ips``: the IPv4 addresses the peer advertised, which a TCP address must point at.
+        """
+        check_peer_address(address, self.address, kind=self.plan.kind, ips=ips)
         L = _ucxx.loaded().L
         return self.worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(address), True)
 

@@ -107,10 +107,13 @@ def _host_bytes(view: Any) -> bytes:
 class Connection:
     """One client engine connected to us: its control stream and its links (one per our rail)."""
 
-    def __init__(self, conn_id: int, name: str, host_id: str, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, conn_id: int, name: str, host_id: str, writer: asyncio.StreamWriter, rail_ips: frozenset[str]
+    ) -> None:
         self.conn_id = conn_id
         self.name = name
         self.host_id = host_id
+        self.rail_ips = rail_ips  # the client's rails' IPv4 addresses (its TCP worker addresses point there)
         self.writer = writer
         self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
@@ -329,7 +332,7 @@ class Server:
             return None
         conn_id = self._next_conn_id()
         auth = mac(secret, b"welcome", hello.nonce, nonce, backend.engine_name, conn_id) if secret else b""
-        conn = Connection(conn_id, hello.name, hello.host_id, writer)
+        conn = Connection(conn_id, hello.name, hello.host_id, writer, frozenset(r.ip for r in hello.rails))
         write_message(
             writer,
             Welcome(
@@ -423,15 +426,17 @@ class Server:
         old = conn.links.pop(rail.name, None)
         if old is not None:
             self.close_link(old, "replaced by a new link on the same rail", tell=False)
+        label = f"rail {rail.name} <- {conn.name!r}"
+        holder: list[ServerLink] = []
         try:
-            ep = rail.connect(msg.address)
+            ep = rail.connect(msg.address, conn.rail_ips)
+            channel = Channel(rail, ep, label, lambda ch, reason: self._channel_closed(holder, reason))
         except Exception as exc:
+            if isinstance(exc, ProtocolError):  # the client's worker address failed its check
+                self.backend.stats["protocol_errors"] += 1
             reason = f"cannot open an endpoint to the client's worker: {_ucxx.describe_error(exc)}"
             write_message(conn.writer, Unlink(link_id=msg.link_id, reason=reason))
             return
-        label = f"rail {rail.name} <- {conn.name!r}"
-        holder: list[ServerLink] = []
-        channel = Channel(rail, ep, label, lambda ch, reason: self._channel_closed(holder, reason))
         link = ServerLink(self, conn, rail, msg, channel)
         holder.append(link)
         conn.links[rail.name] = link
