@@ -147,6 +147,8 @@ async def main(config: dict[str, Any]) -> None:
                     buffers[cmd["segment"]][:] = pattern(cmd["seed"], buffers[cmd["segment"]].size)
                 elif op == "notes":
                     out["notes"] = notes
+                elif op == "addresses":  # the UCX worker addresses of its rails (hex)
+                    out["addresses"] = [ad.address.hex() for ad in engine.backend.rail_ads()]  # type: ignore[attr-defined]
                 elif op == "stats":
                     out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
                 elif op == "fds":

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import anyio
+import attrs
 
 from ...core import Attempt, RailInfo, SchedulerConfig
 from ...errors import (
@@ -64,10 +65,9 @@ from ...units import parse_duration, parse_size
 from ..base import Backend, BackendContext
 from . import _ucxx
 from .control import (
+    Session,
     advertised_host,
     close_writer,
-    mac,
-    macs_equal,
     parse_address,
     read_message,
     secret_bytes,
@@ -83,6 +83,7 @@ from .protocol import (
     Hello,
     RailAd,
     Refused,
+    Sealed,
     VersionMismatch,
     Welcome,
 )
@@ -245,11 +246,11 @@ class UcxBackend(Backend):
         except OSError as exc:
             raise PeerConnectError(f"cannot connect to {address}: {exc}") from None
         try:
-            welcome = await self._handshake(address, reader, writer, limit=timeout)
+            welcome, session = await self._handshake(address, reader, writer, limit=timeout)
         except BaseException:
             await close_writer(writer)
             raise
-        peer = Peer(self, address, welcome, reader, writer)
+        peer = Peer(self, address, welcome, reader, writer, session)
         # The control reader runs from now on: links are set up over it (LINK -> LINKED).
         self.ctx.spawn(self._run_peer, peer, name=f"tent-ucx-peer-{peer.name}")
         try:
@@ -335,7 +336,7 @@ class UcxBackend(Backend):
 
     async def _handshake(
         self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: float
-    ) -> Welcome:
+    ) -> tuple[Welcome, Session | None]:
         timeout = limit
         try:
             challenge = await read_message(reader, limit=timeout)
@@ -350,20 +351,19 @@ class UcxBackend(Backend):
             raise HandshakeError(f"peer at {address} refused the connection: {challenge.reason}")
         if not isinstance(challenge, Challenge):
             raise HandshakeError(f"peer at {address} opened with {type(challenge).__name__}, not CHALLENGE")
-        nonce = os.urandom(NONCE_BYTES)
-        name = self.engine_name
-        auth = mac(self.secret, b"hello", challenge.nonce, nonce, name) if self.secret else b""
-        write_message(
-            writer,
-            Hello(
-                version=PROTOCOL_VERSION,
-                name=name,
-                host_id=self.host_id,
-                rails=tuple(p.advert() for p in self.plans),  # no worker addresses before authentication
-                nonce=nonce,
-                auth=auth,
-            ),
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            name=self.engine_name,
+            host_id=self.host_id,
+            rails=tuple(p.advert() for p in self.plans),  # no worker addresses before authentication
+            nonce=os.urandom(NONCE_BYTES),
+            auth=b"",
         )
+        session = None
+        if self.secret is not None:
+            session = Session(self.secret, challenge, hello, server=False)
+            hello = attrs.evolve(hello, auth=session.auth)
+        write_message(writer, hello)
         try:
             reply = await read_message(reader, limit=timeout)
         except TimeoutError:
@@ -374,19 +374,22 @@ class UcxBackend(Backend):
             raise HandshakeError(f"peer at {address} answered with a malformed message: {exc}") from None
         if isinstance(reply, Refused):
             raise HandshakeError(f"peer at {address} refused the handshake: {reply.reason}")
-        if not isinstance(reply, Welcome):
-            raise HandshakeError(f"peer at {address} answered HELLO with {type(reply).__name__}")
-        if self.secret is not None:
-            expected = mac(self.secret, b"welcome", nonce, challenge.nonce, reply.name, reply.conn_id)
-            if not reply.auth or not macs_equal(reply.auth, expected):
-                reason = (
-                    f"peer {reply.name!r} at {address} did not prove it knows the shared secret; "
-                    "pass the same secret= to both engines"
-                )
+        if session is not None:
+            # WELCOME comes sealed with the session key: only an engine that knows the secret
+            # (and saw exactly our HELLO) can have sealed it.
+            try:
+                reply = session.open(reply)
+            except ProtocolError:
                 self.stats["handshake_refused"] += 1
                 write_message(writer, Refused(reason="shared secret mismatch"))
-                raise HandshakeError(reason)
-        return reply
+                raise HandshakeError(
+                    f"peer at {address} did not prove it knows the shared secret; pass the same secret= to both engines"
+                ) from None
+        elif isinstance(reply, Sealed):
+            raise HandshakeError(f"peer at {address} uses a shared secret; pass the same secret= to this engine")
+        if not isinstance(reply, Welcome):
+            raise HandshakeError(f"peer at {address} answered HELLO with {type(reply).__name__}")
+        return reply, session
 
     # ============================================================ segments
 

@@ -49,7 +49,7 @@ from ...errors import PeerClosedError, ProtocolError, RemoteAccessError, TentErr
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx
 from .channel import Channel, MessageTruncated
-from .control import close_writer, read_message, write_message
+from .control import Session, close_writer, read_message, write_message
 from .pairing import Pair
 from .protocol import (
     KIND_CONTROL,
@@ -614,8 +614,11 @@ class Peer:
 
     _link_ids = itertools.count(1)
 
-    def __init__(self, backend: UcxBackend, address: str, welcome: Welcome, reader: Any, writer: Any) -> None:
+    def __init__(
+        self, backend: UcxBackend, address: str, welcome: Welcome, reader: Any, writer: Any, session: Session | None
+    ) -> None:
         self.backend = backend
+        self.session = session  # with a shared secret: every control message is sealed with it
         self.address = address
         self.name = welcome.name
         self.host_id = welcome.host_id
@@ -668,7 +671,10 @@ class Peer:
     def send_control(self, msg: Message) -> None:
         if self.closed:
             raise PeerClosedError(self.closed_reason())
-        write_message(self._writer, msg)
+        self._write(msg)
+
+    def _write(self, msg: Message) -> None:
+        write_message(self._writer, msg, self.session)
 
     async def segment(self, name: str, *, refresh: bool = False) -> RemoteSegment:
         """The peer's segment ``name``; asks the peer unless it is in the catalogue (or ``refresh``)."""
@@ -680,7 +686,7 @@ class Peer:
             waiters = self._lookups.setdefault(name, [])
             waiters.append(future)
             if len(waiters) == 1:
-                write_message(self._writer, Lookup(name=name))
+                self._write(Lookup(name=name))
             ad = await asyncio.wait_for(future, self.backend.connect_timeout)
             if ad is None:
                 self._catalogue.pop(name, None)
@@ -692,14 +698,14 @@ class Peer:
 
     def notify(self, message: str) -> None:
         if not self.closed:
-            write_message(self._writer, Notify(message=message))
+            self._write(Notify(message=message))
 
     async def run(self) -> None:
         """Read control messages until the connection ends (runs in the engine's task group)."""
         reason = "the control connection ended"
         try:
             while True:
-                msg = await read_message(self._reader)
+                msg = await read_message(self._reader, session=self.session)
                 if isinstance(msg, LookedUp):
                     for fut in self._lookups.pop(msg.name, []):
                         if not fut.done():
@@ -749,6 +755,6 @@ class Peer:
         if self.closed:
             return
         with contextlib.suppress(PeerClosedError):
-            write_message(self._writer, Bye(reason="closed by the application"))
+            self._write(Bye(reason="closed by the application"))
         self._gone("closed by this engine")
         await close_writer(self._writer)

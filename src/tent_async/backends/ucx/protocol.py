@@ -149,6 +149,7 @@ class Op(enum.IntEnum):
     LINK = 9
     LINKED = 10
     UNLINK = 11
+    SEALED = 12
     BIND = 20
     WRITE = 21
     READ = 22
@@ -266,6 +267,16 @@ class Unlink:
 
 
 @attrs.frozen
+class Sealed:
+    """Control, with a shared secret: another message, encrypted and authenticated with the session key.
+
+    Everything after ``HELLO`` travels sealed (``WELCOME`` included), see control.py.
+    """
+
+    box: bytes
+
+
+@attrs.frozen
 class Bind:
     """Data plane, the first header on a new link: a wire-up round trip."""
 
@@ -344,6 +355,7 @@ Message = (
     | Link
     | Linked
     | Unlink
+    | Sealed
     | Bind
     | Bound
     | SliceRequest
@@ -390,6 +402,8 @@ def encode(msg: Message) -> bytes:
         fields = [Op.LINKED, msg.link_id, msg.namespace]
     elif isinstance(msg, Unlink):
         fields = [Op.UNLINK, msg.link_id, msg.reason]
+    elif isinstance(msg, Sealed):
+        fields = [Op.SEALED, msg.box]
     elif isinstance(msg, Challenge):
         fields = [Op.CHALLENGE, MAGIC, msg.version, msg.nonce]
     elif isinstance(msg, Hello):
@@ -660,6 +674,10 @@ def _d_unlink(f: list[Any]) -> Unlink:
     return Unlink(link_id=_int(link_id, "link id"), reason=_str(reason, "reason", MAX_REASON, empty=True))
 
 
+def _d_sealed(f: list[Any]) -> Sealed:
+    return Sealed(box=_bytes(_fields(f, "SEALED", 2)[1], "sealed message", limit=MAX_FRAME))
+
+
 def _d_bind(f: list[Any]) -> Bind:
     return Bind(request=_int(_fields(f, "BIND", 2)[1], "request id"))
 
@@ -733,6 +751,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.LINK: _d_link,
     Op.LINKED: _d_linked,
     Op.UNLINK: _d_unlink,
+    Op.SEALED: _d_sealed,
     Op.BIND: _d_bind,
     Op.BOUND: _d_bound,
     Op.WRITE: _d_write,
@@ -753,7 +772,7 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             use_list=True,
             strict_map_key=True,
             max_str_len=MAX_MESSAGE,
-            max_bin_len=MAX_INLINE,
+            max_bin_len=MAX_FRAME,  # a SEALED catalogue; every bytes field has its own limit below
             max_array_len=MAX_SEGMENTS,
             max_map_len=64,
             max_ext_len=0,
@@ -771,5 +790,5 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     return decoder(fields)
 
 
-CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye, Link, Linked, Unlink)
+CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye, Link, Linked, Unlink, Sealed)
 DATA_TYPES: Final = (Bind, Bound, SliceRequest, Ack, Error, Data, Sent)

@@ -45,7 +45,7 @@ from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
 from . import _ucxx
 from .channel import Channel, MessageTruncated
-from .control import close_writer, mac, macs_equal, read_message, write_message
+from .control import Session, close_writer, macs_equal, read_message, write_message
 from .protocol import (
     HEADER_ROOM,
     KIND_CONTROL,
@@ -108,8 +108,15 @@ class Connection:
     """One client engine connected to us: its control stream and its links (one per our rail)."""
 
     def __init__(
-        self, conn_id: int, name: str, host_id: str, writer: asyncio.StreamWriter, rail_ips: frozenset[str]
+        self,
+        conn_id: int,
+        name: str,
+        host_id: str,
+        writer: asyncio.StreamWriter,
+        rail_ips: frozenset[str],
+        session: Session | None,
     ) -> None:
+        self.session = session  # with a shared secret: every message after HELLO is sealed with it
         self.conn_id = conn_id
         self.name = name
         self.host_id = host_id
@@ -117,6 +124,9 @@ class Connection:
         self.writer = writer
         self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
+
+    def send(self, msg: Message) -> None:
+        write_message(self.writer, msg, self.session)
 
 
 class ServerLink:
@@ -301,8 +311,8 @@ class Server:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str
     ) -> Connection | None:
         backend = self.backend
-        nonce = os.urandom(NONCE_BYTES)
-        write_message(writer, Challenge(version=PROTOCOL_VERSION, nonce=nonce))
+        challenge = Challenge(version=PROTOCOL_VERSION, nonce=os.urandom(NONCE_BYTES))
+        write_message(writer, challenge)
         try:
             hello = await read_message(reader, limit=backend.handshake_timeout, max_frame=MAX_HELLO_FRAME)
         except VersionMismatch as exc:
@@ -316,12 +326,14 @@ class Server:
             return None
         who = f"engine {hello.name!r} at {where}"
         secret = backend.secret
+        session = None
         if secret is not None:
-            expected = mac(secret, b"hello", nonce, hello.nonce, hello.name)
+            # Keys from the secret, both nonces and this very CHALLENGE and HELLO (control.Session).
+            session = Session(secret, challenge, hello, server=True)
             if not hello.auth:
                 self._refuse(writer, who, "this engine requires a shared secret; pass the same secret= to both")
                 return None
-            if not macs_equal(hello.auth, expected):
+            if not macs_equal(hello.auth, session.auth):
                 self._refuse(writer, who, "shared secret mismatch; pass the same secret= to both engines")
                 return None
         elif hello.auth:
@@ -331,10 +343,8 @@ class Server:
             self._refuse(writer, who, f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS} peers")
             return None
         conn_id = self._next_conn_id()
-        auth = mac(secret, b"welcome", hello.nonce, nonce, backend.engine_name, conn_id) if secret else b""
-        conn = Connection(conn_id, hello.name, hello.host_id, writer, frozenset(r.ip for r in hello.rails))
-        write_message(
-            writer,
+        conn = Connection(conn_id, hello.name, hello.host_id, writer, frozenset(r.ip for r in hello.rails), session)
+        conn.send(
             Welcome(
                 version=PROTOCOL_VERSION,
                 name=backend.engine_name,
@@ -342,7 +352,7 @@ class Server:
                 conn_id=conn_id,
                 rails=backend.rail_ads(),
                 catalogue=self.catalogue(),
-                auth=auth,
+                auth=b"",  # with a secret, WELCOME is sealed with the session: that authenticates it
                 slots=self.slots,
                 inline_limit=backend.inline_limit,
             ),
@@ -382,13 +392,13 @@ class Server:
     async def _control_loop(self, conn: Connection, reader: asyncio.StreamReader, who: str) -> None:
         ctx = self.backend.ctx
         while True:
-            msg = await read_message(reader, max_frame=MAX_CLIENT_FRAME)
+            msg = await read_message(reader, max_frame=MAX_CLIENT_FRAME, session=conn.session)
             if conn.closed:  # dropped meanwhile (a data-plane violation)
                 return
             if conn.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
                 raise ProtocolError(f"{who} does not read its answers ({MAX_WRITE_BUFFER} bytes queued)")
             if isinstance(msg, Lookup):
-                write_message(conn.writer, LookedUp(name=msg.name, segment=self.advert(msg.name)))
+                conn.send(LookedUp(name=msg.name, segment=self.advert(msg.name)))
             elif isinstance(msg, Link):
                 self._link(conn, msg)
             elif isinstance(msg, Unlink):
@@ -421,7 +431,7 @@ class Server:
         """Open (or reopen) the link on our rail ``msg.rail`` to the client's worker."""
         rail = self.backend.local_rails.get(msg.rail)
         if rail is None:
-            write_message(conn.writer, Unlink(link_id=msg.link_id, reason=f"this engine has no rail {msg.rail!r}"))
+            conn.send(Unlink(link_id=msg.link_id, reason=f"this engine has no rail {msg.rail!r}"))
             return
         old = conn.links.pop(rail.name, None)
         if old is not None:
@@ -435,7 +445,7 @@ class Server:
             if isinstance(exc, ProtocolError):  # the client's worker address failed its check
                 self.backend.stats["protocol_errors"] += 1
             reason = f"cannot open an endpoint to the client's worker: {_ucxx.describe_error(exc)}"
-            write_message(conn.writer, Unlink(link_id=msg.link_id, reason=reason))
+            conn.send(Unlink(link_id=msg.link_id, reason=reason))
             return
         link = ServerLink(self, conn, rail, msg, channel)
         holder.append(link)
@@ -443,7 +453,7 @@ class Server:
         for slot in range(len(link.slots)):
             link.arm(slot)
         if not link.closed:
-            write_message(conn.writer, Linked(link_id=msg.link_id, namespace=link.ns))
+            conn.send(Linked(link_id=msg.link_id, namespace=link.ns))
         logger.debug("%s: link %d up (namespace %#x)", link.label, link.link_id, link.ns)
 
     def _channel_closed(self, holder: list[ServerLink], reason: str) -> None:
@@ -460,7 +470,7 @@ class Server:
         logger.debug("%s: link %d closed: %s", link.label, link.link_id, reason)
         if tell and not conn.closed:
             with contextlib.suppress(PeerClosedError):
-                write_message(conn.writer, Unlink(link_id=link.link_id, reason=reason))
+                conn.send(Unlink(link_id=link.link_id, reason=reason))
 
     def violation(self, conn: Connection, reason: str) -> None:
         """A protocol violation on the data plane: drop the whole connection."""
@@ -473,7 +483,7 @@ class Server:
             reason,
         )
         with contextlib.suppress(PeerClosedError):
-            write_message(conn.writer, Bye(reason=f"protocol violation: {reason}"))
+            conn.send(Bye(reason=f"protocol violation: {reason}"))
         self._drop(conn, f"protocol violation: {reason}")
         conn.writer.close()  # ends its control loop
 
@@ -640,7 +650,7 @@ class Server:
             self._server.close()
         for conn in list(self.connections.values()):
             with contextlib.suppress(PeerClosedError):
-                write_message(conn.writer, Bye(reason="engine closing"))
+                conn.send(Bye(reason="engine closing"))
             self._drop(conn, "engine closing")
         for task in list(self._tasks):
             task.cancel()
