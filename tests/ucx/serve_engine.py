@@ -119,7 +119,8 @@ async def main(config: dict[str, Any]) -> None:
                     digest = hashlib.sha256(buffers[name][int(start) : int(stop)].tobytes()).hexdigest()
                 notes.append({"message": note.message, "source": note.source, "digest": digest})
 
-        asyncio.get_running_loop().create_task(collect())
+        if config.get("read_notes", True):  # tests: False leaves them queued, unread
+            asyncio.get_running_loop().create_task(collect())
         print(
             json.dumps(
                 {

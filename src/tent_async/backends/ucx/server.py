@@ -45,7 +45,7 @@ from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
 from . import _ucxx
 from .channel import Channel, MessageTruncated
-from .control import Session, close_writer, macs_equal, read_message, write_message
+from .control import LogLimiter, Session, close_writer, macs_equal, read_message, write_message
 from .protocol import (
     HEADER_ROOM,
     KIND_CONTROL,
@@ -94,6 +94,8 @@ MAX_PENDING_HANDSHAKES = 32  # unauthenticated control connections at once; more
 MAX_CONNECTIONS = 256  # authenticated connections at once
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
+STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
+STASH_BYTES = 256 << 20  # ... and per engine; beyond either the client's connection is dropped
 MAX_WRITE_BUFFER = 4 << 20  # unsent control bytes to one client before it counts as not reading
 
 
@@ -142,6 +144,7 @@ class ServerLink:
         self.closed = False
         self.ns = rail.claim_namespace(self)
         self.drains = 0
+        self.in_flight = 0  # slices whose receive or send is posted on this link
         self.stash: dict[int, tuple[Any, int, float]] = {}  # request index -> (probe, length, when)
         self._stash_timer: asyncio.TimerHandle | None = None
         size = 4 + HEADER_ROOM + server.backend.inline_limit
@@ -197,10 +200,23 @@ class ServerLink:
         """The rail's sweeper found a message in our namespace that no receive expected."""
         if self.closed:
             return False
+        server = self.server
         if kind == KIND_DATA and len(self.stash) < len(self.slots) and index not in self.stash:
-            # A WRITE's bytes overtook their header (still being dispatched): keep them for it.
+            # A WRITE's bytes overtook their header (still being dispatched): keep them for it,
+            # within bounds per link and per engine (eager bytes held by UCX until received).
+            held = sum(n for _p, n, _w in self.stash.values())
+            if held + length > STASH_BYTES_PER_LINK or server.stashed_bytes + length > STASH_BYTES:
+                server.backend.stats["protocol_errors"] += 1
+                server.loop_soon(
+                    server.violation,
+                    self.conn,
+                    f"{self.label}: early WRITE bytes beyond the bound ({length} bytes; at most "
+                    f"{STASH_BYTES_PER_LINK} per link and {STASH_BYTES} per engine are kept for their headers)",
+                )
+                return False
             self.stash[index] = (probe, length, asyncio.get_running_loop().time())
-            self.server.backend.stats["early_writes"] += 1
+            server.stashed_bytes += length
+            server.backend.stats["early_writes"] += 1
             if self._stash_timer is None:
                 self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL, self._expire_stash)
             return True
@@ -212,7 +228,10 @@ class ServerLink:
     def take_stashed(self, request: int) -> tuple[Any, int] | None:
         """The early bytes of ``request``: filed under its tag's index (the request id's low bits)."""
         entry = self.stash.pop(request & TAG_INDEX_MASK, None)
-        return None if entry is None else (entry[0], entry[1])
+        if entry is None:
+            return None
+        self.server.stashed_bytes -= entry[1]
+        return entry[0], entry[1]
 
     def _expire_stash(self) -> None:
         self._stash_timer = None
@@ -233,8 +252,9 @@ class ServerLink:
         if self._stash_timer is not None:
             self._stash_timer.cancel()
             self._stash_timer = None
-        for probe, _length, _when in self.stash.values():
+        for probe, length, _when in self.stash.values():
             self.rail.discard(probe, foreign=False)
+            self.server.stashed_bytes -= length
         self.stash.clear()
         self.rail.release_namespace(self.ns)
         self.channel.abort(reason)  # cancels the header slots and every slice in flight
@@ -255,6 +275,8 @@ class Server:
         self._sid_counter = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._tiny = np.zeros(1, dtype=np.uint8)  # refused WRITEs' bytes are matched into this byte
+        self.log = LogLimiter()
+        self.stashed_bytes = 0  # early WRITE bytes kept for their headers, all links together
 
     # ============================================================ catalogue
 
@@ -303,7 +325,9 @@ class Server:
 
     def _refuse(self, writer: asyncio.StreamWriter, peer: str, reason: str) -> None:
         self.backend.stats["handshake_refused"] += 1
-        logger.warning("engine %r refused a connection from %s: %s", self.backend.engine_name, peer, reason)
+        self.log.warning(
+            "refused", "engine %r refused a connection from %s: %s", self.backend.engine_name, peer, reason
+        )
         with contextlib.suppress(PeerClosedError):
             write_message(writer, Refused(reason=reason))
 
@@ -377,8 +401,12 @@ class Server:
             pass
         except ProtocolError as exc:
             backend.stats["protocol_errors"] += 1
-            logger.warning(
-                "engine %r: dropping %s after a malformed control message: %s", backend.engine_name, where, exc
+            self.log.warning(
+                "malformed",
+                "engine %r: dropping %s after a malformed control message: %s",
+                backend.engine_name,
+                where,
+                exc,
             )
         except Exception:
             logger.exception("engine %r: serving %s failed", backend.engine_name, where)
@@ -406,7 +434,17 @@ class Server:
                     if link.link_id == msg.link_id:
                         self.close_link(link, f"the client closed the link: {msg.reason}", tell=False)
             elif isinstance(msg, Notify):
-                ctx.deliver_notification(msg.message, conn.name)
+                if not ctx.deliver_notification(msg.message, conn.name):
+                    stats = self.backend.stats
+                    stats["notifications_dropped"] += 1
+                    stats["protocol_errors"] += 1
+                    self.log.warning(
+                        "notification",
+                        "engine %r: dropped a notification from %s: the application has not read the ones queued "
+                        "(bounded per peer and per engine)",
+                        self.backend.engine_name,
+                        who,
+                    )
             elif isinstance(msg, Bye):
                 return
             elif isinstance(msg, Refused):
@@ -476,7 +514,8 @@ class Server:
         """A protocol violation on the data plane: drop the whole connection."""
         if conn.closed:
             return
-        logger.warning(
+        self.log.warning(
+            "violation",
             "engine %r: dropping the connection of %r after a protocol violation: %s",
             self.backend.engine_name,
             conn.name,
@@ -529,9 +568,16 @@ class Server:
         stats = self.backend.stats
         ch = link.channel
         conn = link.conn
+        if seg is not None and link.in_flight >= len(link.slots):
+            # An honest client reuses a header slot only after that slice's reply, so it never has
+            # more slices in flight than slots; a client that does could keep any number of
+            # receives posted (about 3 KB of UCX state each, and the segment busy) (issue 11).
+            stats["protocol_errors"] += 1
+            seg, reason = None, f"more than {len(link.slots)} slices in flight on this link"
         if seg is None:
             stats["rejected"] += 1
-            logger.warning(
+            self.log.warning(
+                "rejected",
                 "engine %r refused %s of %d bytes at %d in %r from %r: %s",
                 self.backend.engine_name,
                 msg.op.name,
@@ -559,14 +605,14 @@ class Server:
                 link.rail.discard(stashed[0], foreign=False)
                 link.refuse(msg.request, f"WRITE announced {msg.length} bytes but {stashed[1]} were sent")
                 return
-            self._begin(seg)
+            self._begin(link, seg)
             try:
                 if stashed is not None:
                     req = ch.recv_with_handle(view, stashed[0])
                 else:
                     req = ch.tag_recv(view, make_tag(link.ns, KIND_DATA, msg.request))
             except Exception as exc:
-                self._end(seg)
+                self._end(link, seg)
                 link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
                 return
             ch.keep(req, (view, seg), self._after_recv(link, seg, msg))
@@ -577,26 +623,28 @@ class Server:
             stats["bytes_read"] += msg.length
             link.reply(Data(request=msg.request, payload=view.tobytes()))
             return
-        self._begin(seg)
+        self._begin(link, seg)
         try:
             req = ch.tag_send(view, make_tag(link.peer_ns, KIND_DATA, msg.request))
         except Exception as exc:
-            self._end(seg)
+            self._end(link, seg)
             link.refuse(msg.request, f"cannot send: {_ucxx.describe_error(exc)}")
             return
         ch.keep(req, (view, seg), self._after_send(link, seg, msg))
 
-    def _begin(self, seg: Segment) -> None:
+    def _begin(self, link: ServerLink, seg: Segment) -> None:
+        link.in_flight += 1
         self.segment_ops[seg.name] += 1
 
-    def _end(self, seg: Segment) -> None:
+    def _end(self, link: ServerLink, seg: Segment) -> None:
+        link.in_flight -= 1
         self.segment_ops[seg.name] -= 1
         if self.segment_ops[seg.name] <= 0:
             del self.segment_ops[seg.name]
 
     def _after_recv(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
-            self._end(seg)
+            self._end(link, seg)
             if error is None and not link.closed:
                 self.backend.stats["served_write"] += 1
                 self.backend.stats["bytes_written"] += msg.length
@@ -608,7 +656,7 @@ class Server:
 
     def _after_send(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
-            self._end(seg)
+            self._end(link, seg)
             if link.closed:
                 return
             if error is None:
