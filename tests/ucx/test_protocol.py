@@ -266,3 +266,13 @@ def test_only_small_host_to_host_slices_travel_inline(
     attempt = SimpleNamespace(id=1, src=src, dst=dst, length=length)
     link = SimpleNamespace(peer=SimpleNamespace(inline_limit=16 << 10))
     assert _Op(attempt, link, op_kind, 0.0).inline is inline  # type: ignore[arg-type]
+
+
+def test_a_frame_of_nested_empty_arrays_is_refused_before_it_becomes_a_gigabyte() -> None:
+    """16 MiB of one-byte arrays would decode into 16 million Python lists (issue 11, finding 7)."""
+    bomb = b"\xdc\xff\xff" + b"\xdc\xff\xff" * 255 + bytes([0x90]) * (p.MAX_FRAME - 1024)
+    with pytest.raises(ProtocolError, match="more than"):
+        p.decode(bomb)
+    catalogue = tuple(p.SegmentAd(f"s{i}", i, 1, "host", "rw") for i in range(p.MAX_SEGMENTS))
+    welcome = p.Welcome(p.PROTOCOL_VERSION, "n", "h", 1, (), catalogue, b"", 8, 0)
+    assert p.decode(p.encode(welcome)) == welcome  # a full catalogue still fits

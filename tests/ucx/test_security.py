@@ -313,3 +313,29 @@ async def test_write_bytes_that_overtake_their_header_are_kept_for_it(spawn_peer
         stats = server.cmd(cmd="stats")["stats"]
         assert stats.get("early_writes", 0) >= 1, stats
         assert stats.get("protocol_errors", 0) == 0, stats
+
+
+async def test_idle_handshakes_cannot_lock_new_peers_out(guarded: PeerProcess) -> None:
+    """Slowloris: sockets that connect and never say HELLO, from many source addresses (issue 11, finding 7).
+
+    Each source may hold a few handshakes; when all are taken the oldest one
+    makes room, so a legitimate peer still gets in.
+    """
+    server = guarded
+    control = int(server.address.rsplit(":", 1)[1])
+    idle = []
+    try:
+        for source in range(2, 12):  # 127.0.0.2-11: every 127/8 address is this host's
+            for _ in range(10):
+                s = socket.socket()
+                s.bind((f"127.0.0.{source}", 0))
+                s.connect(("127.0.0.1", control))
+                idle.append(s)
+        await anyio.sleep(0.5)
+        await serves_a_legitimate_peer(server)
+        stats = server.cmd(cmd="stats")["stats"]
+        assert stats.get("handshakes_evicted", 0) >= 1  # 10 sources x 8 > 32 at once
+        assert stats["handshake_refused"] >= 10 * 2  # each source's 9th and 10th socket
+    finally:
+        for s in idle:
+            s.close()

@@ -54,6 +54,7 @@ MAX_REASON: Final = 4096
 MAX_MESSAGE: Final = 1 << 16  # a notification's text
 MAX_RAILS: Final = 64
 MAX_SEGMENTS: Final = 1 << 16
+MAX_OBJECTS: Final = 8 * MAX_SEGMENTS  # arrays and their elements in one message (a full catalogue fits)
 MAX_INLINE: Final = 1 << 20  # payload bytes carried inside one message
 MAX_FRAME: Final = 16 << 20  # a control frame (the catalogue can be long)
 MAX_HELLO_FRAME: Final = 64 << 10  # what a server reads before the client authenticated
@@ -763,11 +764,29 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
 }
 
 
+class _TooManyObjects(Exception):
+    pass
+
+
 def decode(data: bytes | bytearray | memoryview) -> Message:
-    """Parse and validate one message; raises :class:`ProtocolError` for anything malformed."""
+    """Parse and validate one message; raises :class:`ProtocolError` for anything malformed.
+
+    Besides the per-field limits, the number of arrays and of their elements is
+    bounded (:data:`MAX_OBJECTS`): 16 MiB of one-byte empty arrays would otherwise
+    become 16 million Python lists (over a gigabyte) before any field is checked.
+    """
+    budget = [MAX_OBJECTS]
+
+    def count(items: list[Any]) -> list[Any]:
+        budget[0] -= 1 + len(items)
+        if budget[0] < 0:
+            raise _TooManyObjects
+        return items
+
     try:
         fields = msgpack.unpackb(
             data,
+            list_hook=count,
             raw=False,
             use_list=True,
             strict_map_key=True,
@@ -779,6 +798,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         )
     except ProtocolError:  # pragma: no cover - msgpack never raises ours
         raise
+    except _TooManyObjects:
+        raise ProtocolError(f"a message of {len(data)} bytes holds more than {MAX_OBJECTS} values") from None
     except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError subclasses
         raise ProtocolError(f"undecodable message ({len(data)} bytes): {type(exc).__name__}: {exc}") from None
     if type(fields) is not list or not fields:

@@ -91,7 +91,9 @@ logger = logging.getLogger("tent_async.ucx")
 
 SLOTS = 8  # header receives posted per link (the client keeps at most this many headers unanswered)
 MAX_PENDING_HANDSHAKES = 32  # unauthenticated control connections at once; more are closed at once
+MAX_PENDING_PER_SOURCE = 8  # ... of them from one source address
 MAX_CONNECTIONS = 256  # authenticated connections at once
+MAX_CONNECTIONS_PER_SOURCE = 64  # ... of them from one source address
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
@@ -119,6 +121,7 @@ class Connection:
         session: Session | None,
     ) -> None:
         self.session = session  # with a shared secret: every message after HELLO is sealed with it
+        self.source = ""  # the IP address it connected from
         self.conn_id = conn_id
         self.name = name
         self.host_id = host_id
@@ -269,7 +272,8 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handshakes = 0
+        self._pending: dict[asyncio.Task[None], tuple[str, asyncio.StreamWriter]] = {}  # handshakes, oldest first
+        self._pending_by_source: collections.Counter[str] = collections.Counter()
         self.segment_ops: collections.Counter[str] = collections.Counter()
         self._sids: dict[str, tuple[Segment, int]] = {}
         self._sid_counter = itertools.count(1)
@@ -310,18 +314,42 @@ class Server:
         asyncio.get_running_loop().call_soon(fn, *args)
 
     def _accept_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._handshakes >= MAX_PENDING_HANDSHAKES:
-            # Before authentication nobody gets more than this many sockets' worth of our memory.
-            self.backend.stats["handshake_refused"] += 1
-            logger.debug(
-                "engine %r: too many handshakes in progress; closing a new connection", self.backend.engine_name
+        # Before authentication nobody gets more than MAX_PENDING_HANDSHAKES sockets' worth of our
+        # memory, and no source address more than MAX_PENDING_PER_SOURCE of them.  When all are
+        # taken the oldest handshake makes room: an honest one takes milliseconds, so a host that
+        # keeps handshakes open (slowloris) can no longer lock every new peer out (issue 11).
+        peername = writer.get_extra_info("peername")
+        source = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        stats = self.backend.stats
+        if self._pending_by_source[source] >= MAX_PENDING_PER_SOURCE:
+            stats["handshake_refused"] += 1
+            self.log.warning(
+                "pending",
+                "engine %r: too many handshakes from %s in progress; closing a new one",
+                self.backend.engine_name,
+                source,
             )
             writer.transport.abort()
             return
-        self._handshakes += 1
-        task = asyncio.get_running_loop().create_task(self._serve_control(reader, writer))
+        if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+            oldest, (_source, oldest_writer) = next(iter(self._pending.items()))
+            self._handshake_over(oldest)
+            stats["handshake_refused"] += 1
+            stats["handshakes_evicted"] += 1
+            oldest_writer.transport.abort()
+            oldest.cancel()
+        task = asyncio.get_running_loop().create_task(self._serve_control(reader, writer, source))
+        self._pending[task] = (source, writer)
+        self._pending_by_source[source] += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _handshake_over(self, task: asyncio.Task[None] | None) -> None:
+        entry = self._pending.pop(task, None) if task is not None else None
+        if entry is not None:
+            self._pending_by_source[entry[0]] -= 1
+            if self._pending_by_source[entry[0]] <= 0:
+                del self._pending_by_source[entry[0]]
 
     def _refuse(self, writer: asyncio.StreamWriter, peer: str, reason: str) -> None:
         self.backend.stats["handshake_refused"] += 1
@@ -332,7 +360,7 @@ class Server:
             write_message(writer, Refused(reason=reason))
 
     async def _handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str, source: str
     ) -> Connection | None:
         backend = self.backend
         challenge = Challenge(version=PROTOCOL_VERSION, nonce=os.urandom(NONCE_BYTES))
@@ -366,8 +394,16 @@ class Server:
         if len(self.connections) >= MAX_CONNECTIONS:
             self._refuse(writer, who, f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS} peers")
             return None
+        if sum(1 for c in self.connections.values() if c.source == source) >= MAX_CONNECTIONS_PER_SOURCE:
+            self._refuse(
+                writer,
+                who,
+                f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS_PER_SOURCE} peers at {source}",
+            )
+            return None
         conn_id = self._next_conn_id()
         conn = Connection(conn_id, hello.name, hello.host_id, writer, frozenset(r.ip for r in hello.rails), session)
+        conn.source = source
         conn.send(
             Welcome(
                 version=PROTOCOL_VERSION,
@@ -385,16 +421,15 @@ class Server:
         logger.info("engine %r: %s connected (connection %d)", backend.engine_name, who, conn_id)
         return conn
 
-    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
         backend = self.backend
         peername = writer.get_extra_info("peername")
         where = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         conn: Connection | None = None
-        authenticating = True
+        me = asyncio.current_task()
         try:
-            conn = await self._handshake(reader, writer, where)
-            self._handshakes -= 1
-            authenticating = False
+            conn = await self._handshake(reader, writer, where, source)
+            self._handshake_over(me)
             if conn is not None:
                 await self._control_loop(conn, reader, f"engine {conn.name!r} at {where}")
         except (PeerClosedError, ConnectionError):
@@ -411,8 +446,7 @@ class Server:
         except Exception:
             logger.exception("engine %r: serving %s failed", backend.engine_name, where)
         finally:
-            if authenticating:
-                self._handshakes -= 1
+            self._handshake_over(me)
             if conn is not None:
                 self._drop(conn, "the client closed the control connection")
             await close_writer(writer)
