@@ -131,3 +131,19 @@ async def test_early_write_bytes_beyond_the_bound_drop_the_connection(spawn_peer
         assert "beyond the bound" in peer.closed_reason()
         stats = server.cmd(cmd="stats")["stats"]
         assert stats["protocol_errors"] >= 1 and stats["early_writes"] == 1
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_peer_setting_links_up_without_end_is_dropped(spawn_peer: Any) -> None:
+    """Each LINK costs the server an address check and a UCX endpoint: bounded per connection."""
+    server = spawn_peer(name="decode-0", rails=LO, segments=[{"name": "kv", "size": MiB}])
+    async with tent.Engine(backend="ucx", name="rogue", rails=[tent.RailSpec(**LO[0])]) as rogue:
+        with anyio.fail_after(30):
+            peer = await rogue.connect(server.address)
+        address = rogue.backend.local_rails["lo"].address  # type: ignore[attr-defined]
+        for i in range(srv.LINK_BURST + 10):
+            peer.send_control(p.Link(link_id=10**9 + i, rail="lo", address=address, namespace=1 + i))
+        await until(lambda: peer.closed)
+        assert server.cmd(cmd="stats")["stats"]["protocol_errors"] >= 1

@@ -94,6 +94,8 @@ MAX_PENDING_HANDSHAKES = 32  # unauthenticated control connections at once; more
 MAX_PENDING_PER_SOURCE = 8  # ... of them from one source address
 MAX_CONNECTIONS = 256  # authenticated connections at once
 MAX_CONNECTIONS_PER_SOURCE = 64  # ... of them from one source address
+LINK_BURST = 64  # LINKs a client may send at once (one per rail at connect, one per re-link) ...
+LINK_RATE = 8.0  # ... and per second after that; faster is a protocol violation
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
@@ -122,6 +124,8 @@ class Connection:
     ) -> None:
         self.session = session  # with a shared secret: every message after HELLO is sealed with it
         self.source = ""  # the IP address it connected from
+        self._link_tokens = float(LINK_BURST)
+        self._link_at = 0.0
         self.conn_id = conn_id
         self.name = name
         self.host_id = host_id
@@ -132,6 +136,15 @@ class Connection:
 
     def send(self, msg: Message) -> None:
         write_message(self.writer, msg, self.session)
+
+    def may_link(self, now: float) -> bool:
+        """Token bucket for LINK: each one costs an address check and a UCX endpoint."""
+        self._link_tokens = min(LINK_BURST, self._link_tokens + (now - self._link_at) * LINK_RATE)
+        self._link_at = now
+        if self._link_tokens < 1:
+            return False
+        self._link_tokens -= 1
+        return True
 
 
 class ServerLink:
@@ -462,6 +475,10 @@ class Server:
             if isinstance(msg, Lookup):
                 conn.send(LookedUp(name=msg.name, segment=self.advert(msg.name)))
             elif isinstance(msg, Link):
+                if not conn.may_link(asyncio.get_running_loop().time()):
+                    raise ProtocolError(
+                        f"{who} sets links up faster than {LINK_BURST} at once and {LINK_RATE:g} a second"
+                    )
                 self._link(conn, msg)
             elif isinstance(msg, Unlink):
                 for link in list(conn.links.values()):
