@@ -123,3 +123,26 @@ async def test_a_relayed_handshake_gets_nothing(spawn_peer: Any) -> None:
             assert target.cmd(cmd="stats")["stats"]["protocol_errors"] == before + 1
     finally:
         server.close()
+
+
+async def test_notifications_of_two_peers_with_one_name_are_told_apart(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", rails=RAILS[:1], segments=[{"name": "kv", "size": MiB}])
+    rails = [tent.RailSpec(**RAILS[0])]
+    async with (
+        tent.Engine(backend="ucx", name="twin", rails=rails) as first,
+        tent.Engine(backend="ucx", name="twin", rails=rails) as second,
+    ):
+        for i, engine in enumerate((first, second)):
+            with anyio.fail_after(30):
+                peer = await engine.connect(server.address)
+                kv = await peer.segment("kv")
+                src = engine.register(np.zeros(4096, dtype=np.uint8), name="src")
+                await engine.transfer(src[:], kv[:4096], notify=f"from {i}")
+        for _ in range(500):  # another process: no event to wait on
+            notes = server.cmd(cmd="notes")["notes"]
+            if len(notes) == 2:
+                break
+            await anyio.sleep(0.02)
+        sources = {n["message"]: n["source"] for n in notes}
+        assert sources["from 0"] == "twin"
+        assert sources["from 1"].startswith("twin#") and sources["from 1"] != sources["from 0"]

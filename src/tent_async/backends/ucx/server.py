@@ -124,6 +124,7 @@ class Connection:
     ) -> None:
         self.session = session  # with a shared secret: every message after HELLO is sealed with it
         self.source = ""  # the IP address it connected from
+        self.label = name  # what its notifications give as their source (unique among connections)
         self._link_tokens = float(LINK_BURST)
         self._link_at = 0.0
         self.conn_id = conn_id
@@ -417,6 +418,9 @@ class Server:
         conn_id = self._next_conn_id()
         conn = Connection(conn_id, hello.name, hello.host_id, writer, frozenset(r.ip for r in hello.rails), session)
         conn.source = source
+        if any(conn.name in (c.name, c.label) for c in self.connections.values()):
+            # Another connected peer has this name: its notifications must not pass for this one's.
+            conn.label = f"{conn.name}#{conn_id}"
         conn.send(
             Welcome(
                 version=PROTOCOL_VERSION,
@@ -485,7 +489,7 @@ class Server:
                     if link.link_id == msg.link_id:
                         self.close_link(link, f"the client closed the link: {msg.reason}", tell=False)
             elif isinstance(msg, Notify):
-                if not ctx.deliver_notification(msg.message, conn.name):
+                if not ctx.deliver_notification(msg.message, conn.label):
                     stats = self.backend.stats
                     stats["notifications_dropped"] += 1
                     stats["protocol_errors"] += 1
