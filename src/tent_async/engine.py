@@ -62,6 +62,12 @@ logger = logging.getLogger("tent_async")
 
 MAX_QUEUED_NOTIFICATIONS = 65536  # notifications not read by the application yet (a source: a quarter)
 MAX_QUEUED_NOTIFICATION_BYTES = 64 << 20  # ... and their text (a source: a quarter)
+
+
+def _note_size(note: Notification) -> int:
+    return 4 * len(note.message) + 64  # at most 4 bytes a character, and the object around it
+
+
 event_logger = logging.getLogger("tent_async.rails")
 
 _EVENT_LEVEL = {
@@ -880,10 +886,6 @@ class _Context:
     @property
     def engine_name(self) -> str:
         return self._engine.name
-
-
-def _note_size(note: Notification) -> int:
-    return 4 * len(note.message) + 64  # at most 4 bytes a character, and the object around it
 
 
 def _check_overlaps(views: Sequence[tuple[View, View]]) -> None:
