@@ -223,6 +223,7 @@ async def main(messages: int, flood: int) -> dict[str, Any]:
                     "result": info,
                     "seconds": round(time.monotonic() - t0, 1),
                     "honest_round_after": ok,
+                    "rss_after_mib": round(rss(pid) / MiB, 1),
                 }
 
             async def run_preauth() -> Any:
