@@ -12,7 +12,9 @@ Options (``tent.Engine(backend="ucx", ...)``):
     ``"host:port"`` to accept peers on (port 0: any free port; read the real
     one from ``engine.address``).  Without it the engine only connects out.
 ``secret``
-    A shared secret both engines must know (never sent; HMAC challenge).
+    A shared secret both engines must know (never sent).  With it, session keys are
+    derived from the handshake and every control message after HELLO is encrypted
+    and authenticated (control.py).
 ``connect_timeout``
     Seconds to wait for a peer that does not answer (default 5; a refused
     connection fails at once).

@@ -6,7 +6,8 @@ Two planes, one codec:
   :func:`frame`): ``CHALLENGE`` (server's nonce) → ``HELLO`` → ``WELCOME`` or
   ``REFUSED``; afterwards ``LINK``/``LINKED``/``UNLINK`` (the data plane's
   UCX worker addresses and tag namespaces, one link per rail pair),
-  ``LOOKUP``/``LOOKED_UP`` (segment catalogue), ``NOTIFY`` and ``BYE``.
+  ``LOOKUP``/``LOOKED_UP`` (segment catalogue), ``NOTIFY`` and ``BYE``.  With a
+  shared secret everything after ``HELLO`` travels inside ``SEALED`` (control.py).
 * **Data** (UCX *tagged* messages into bounded receives the receiver posted
   beforehand, framed by :func:`pack_data`): ``BIND`` (wire-up ping), slice
   headers ``WRITE``/``READ``, and the replies ``BOUND``, ``ACK``, ``ERROR``,
