@@ -91,7 +91,7 @@ logger = logging.getLogger("tent_async.ucx")
 
 SLOTS = 8  # header receives posted per link (the client keeps at most this many headers unanswered)
 MAX_PENDING_HANDSHAKES = 32  # unauthenticated control connections at once; more are closed at once
-MAX_PENDING_PER_SOURCE = 8  # ... of them from one source address
+MAX_PENDING_PER_SOURCE = 16  # ... of them from one source address (many engines on one host connect at once)
 MAX_CONNECTIONS = 256  # authenticated connections at once
 MAX_CONNECTIONS_PER_SOURCE = 64  # ... of them from one source address
 LINK_BURST = 64  # LINKs a client may send at once (one per rail at connect, one per re-link) ...
