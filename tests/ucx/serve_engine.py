@@ -150,6 +150,14 @@ async def main(config: dict[str, Any]) -> None:
                     out["notes"] = notes
                 elif op == "addresses":  # the UCX worker addresses of its rails (hex)
                     out["addresses"] = [ad.address.hex() for ad in engine.backend.rail_ads()]  # type: ignore[attr-defined]
+                elif op == "internals":  # what the backend still holds (leak checks)
+                    b = engine.backend
+                    out["internals"] = {
+                        "channels": sum(len(r.channels) for r in b.local_rails.values()),  # type: ignore[attr-defined]
+                        "namespaces": sum(len(r.owners) for r in b.local_rails.values()),  # type: ignore[attr-defined]
+                        "connections": len(b._server.connections),  # type: ignore[attr-defined]
+                        "links": sum(len(c.links) for c in b._server.connections.values()),  # type: ignore[attr-defined]
+                    }
                 elif op == "stats":
                     out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
                 elif op == "fds":

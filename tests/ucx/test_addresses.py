@@ -117,6 +117,9 @@ async def test_malformed_worker_addresses_in_link_never_crash_the_serving_engine
         refused = server.cmd(cmd="stats")["stats"]["protocol_errors"]
         print(f"{sent} LINKs: {refused} addresses refused by the check, {sent - refused} handed to UCX")
         assert refused < sent  # some mutated contents passed the check and reached UCX, harmlessly
+        # Nothing that a refused or failed link set-up registered stays behind (finding 7).
+        held = server.cmd(cmd="internals")["internals"]
+        assert held == {"channels": 0, "namespaces": 0, "connections": 0, "links": 0}, held
     # It still serves an honest peer.
     async with tent.Engine(backend="ucx", name="honest", rails=rails) as honest:
         with anyio.fail_after(30):
