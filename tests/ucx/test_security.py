@@ -340,3 +340,49 @@ async def test_idle_handshakes_cannot_lock_new_peers_out(guarded: PeerProcess) -
     finally:
         for s in idle:
             s.close()
+
+
+async def test_a_flood_of_unexpected_messages_is_dropped_while_a_peer_keeps_transferring(
+    guarded: PeerProcess,
+) -> None:
+    """Issue 11, finding 6: many small tagged messages at a rail's UCX port, from a forged address."""
+    server = guarded
+    pid = server.proc.pid
+    control = int(server.address.rsplit(":", 1)[1])
+    ucx_port = next(port for port in listening_ports(pid) if port != control)
+    count = 30_000
+    await settle()
+    watch = RssWatch(pid)
+    async with tent.Engine(
+        backend="ucx", name="prefill-0", secret="s3cret", rails=[tent.RailSpec(**r) for r in RAILS]
+    ) as engine:
+        with anyio.fail_after(30):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        src = engine.register(np.full(4096, 7, dtype=np.uint8), name="src")
+        flood = subprocess.Popen(  # noqa: ASYNC220 - runs while the transfers below do
+            [sys.executable, str(ATTACKER), "forged", str(ucx_port), "flood", "64", str(count)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        done = 0
+        try:
+            while flood.poll() is None:
+                with anyio.fail_after(30):
+                    await engine.transfer(src[:], kv[:4096])
+                done += 1
+                await anyio.sleep(0.005)
+        finally:
+            out, _ = flood.communicate(timeout=60)
+        if '"skip"' in out:
+            pytest.skip(out)
+        with anyio.fail_after(30):
+            await engine.transfer(src[:], kv[:4096])  # and right after it
+        for _ in range(600):  # another process: poll its counters
+            if server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0) >= count:
+                break
+            await anyio.sleep(0.05)
+    growth = watch.stop()
+    assert server.cmd(cmd="stats")["stats"]["unexpected_dropped"] >= count
+    assert done >= 1
+    assert growth < BOUND, f"the serving engine grew by {growth / MiB:.0f} MiB"
