@@ -26,6 +26,9 @@ import collections
 import enum
 import itertools
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -58,6 +61,15 @@ from .segments import PERMISSIONS, Permission, Segment, SegmentBase, View
 from .telemetry import Telemetry
 
 logger = logging.getLogger("tent_async")
+
+MAX_QUEUED_NOTIFICATIONS = 65536  # notifications not read by the application yet (a source: a quarter)
+MAX_QUEUED_NOTIFICATION_BYTES = 64 << 20  # ... and their text (a source: a quarter)
+
+
+def _note_size(note: Notification) -> int:
+    return 4 * len(note.message) + 64  # at most 4 bytes a character, and the object around it
+
+
 event_logger = logging.getLogger("tent_async.rails")
 
 # A notification travels in one control message; the ucx protocol refuses longer text
@@ -299,8 +311,6 @@ class Engine:
     through anyio's asyncio backend).
     """
 
-    _ids = itertools.count(1)
-
     def __init__(
         self,
         backend: str | Backend = "local",
@@ -325,7 +335,9 @@ class Engine:
             raise ConfigError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
         if config is not None and not isinstance(config, SchedulerConfig):
             raise ConfigError(f"config must be a tent_async.SchedulerConfig, got {type(config).__name__}")
-        self.name = name or f"engine-{next(self._ids)}"
+        # Unique across processes and hosts: two engines left at the default name must never be
+        # mistaken for one another by a peer (issue 11: data reached the wrong peer).
+        self.name = name or f"engine-{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
         self.policy = policy
         self._backend = make_backend(backend, rails, **backend_options)
         self.config = config or self._backend.default_config()
@@ -335,6 +347,9 @@ class Engine:
         self._subscriptions: set[EventSubscription] = set()
         self._listeners: list[Callable[[RailEvent], None]] = []
         self._notifications: collections.deque[Notification] = collections.deque()
+        self._notes_queued: collections.Counter[object] = (
+            collections.Counter()
+        )  # None: bytes; source; (source, "bytes")
         self._notify_waiters: set[asyncio.Event] = set()
         self._notify_for: dict[int, str] = {}
         self._seg_ids = itertools.count(1)
@@ -831,7 +846,12 @@ class Engine:
         """
         while True:
             while self._notifications:
-                yield self._notifications.popleft()
+                note = self._notifications.popleft()
+                size = _note_size(note)
+                self._notes_queued[None] -= size
+                self._notes_queued[note.source] -= 1
+                self._notes_queued[(note.source, "bytes")] -= size
+                yield note
             if self._state == "closed":
                 return
             wakeup = asyncio.Event()
@@ -841,9 +861,27 @@ class Engine:
             finally:
                 self._notify_waiters.discard(wakeup)
 
-    def _deliver_notification(self, note: Notification) -> None:
+    def _deliver_notification(self, note: Notification) -> bool:
+        """Queue ``note``; False (dropped) once the queue holds too much, overall or from its source.
+
+        Peers can send notifications faster than the application reads them: the
+        queue is bounded in count and bytes, and one source may fill only a quarter.
+        """
+        size = _note_size(note)
+        queued = self._notes_queued
+        if (
+            len(self._notifications) >= MAX_QUEUED_NOTIFICATIONS
+            or queued[None] + size > MAX_QUEUED_NOTIFICATION_BYTES
+            or queued[note.source] >= MAX_QUEUED_NOTIFICATIONS // 4
+            or queued[(note.source, "bytes")] + size > MAX_QUEUED_NOTIFICATION_BYTES // 4
+        ):
+            return False
+        queued[None] += size
+        queued[note.source] += 1
+        queued[(note.source, "bytes")] += size
         self._notifications.append(note)
         self._wake_notification_waiters()
+        return True
 
     def _wake_notification_waiters(self) -> None:
         for wakeup in list(self._notify_waiters):
@@ -1093,8 +1131,9 @@ class _Context:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(fn, *args)
 
-    def deliver_notification(self, message: str, source: str) -> None:
-        self._engine._deliver_notification(Notification(message=message, source=source))
+    def deliver_notification(self, message: str, source: str) -> bool:
+        """False: dropped, the engine's notification queue is full (overall or for ``source``)."""
+        return self._engine._deliver_notification(Notification(message=message, source=source))
 
     def add_rail(self, info: RailInfo) -> None:
         planner = self._planner()

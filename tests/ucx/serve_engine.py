@@ -54,6 +54,40 @@ async def main(config: dict[str, Any]) -> None:
             serve(self, link, msg)
 
         server.Server.serve = short_serve  # type: ignore[method-assign]
+    if config.get("lying_reads"):  # tests: sends half of every large READ but claims the whole of it
+        import attrs
+
+        from tent_async.backends.ucx import server as lying
+        from tent_async.backends.ucx.protocol import Op
+
+        serve_read = lying.Server.serve
+
+        def lying_serve(self: Any, link: Any, msg: Any) -> None:
+            if msg.op is not Op.READ or msg.inline:
+                serve_read(self, link, msg)
+                return
+            after_send = self._after_send
+            # The reply is built from the request it is given: the whole one, with its true tail.
+            self._after_send = lambda link_, seg, _short: after_send(link_, seg, msg)
+            try:
+                serve_read(self, link, attrs.evolve(msg, length=msg.length // 2))
+            finally:
+                del self._after_send
+
+        lying.Server.serve = lying_serve  # type: ignore[method-assign]
+    if config.get("bad_addresses"):  # tests: a server whose WELCOME carries malformed worker addresses
+        import os as os_
+
+        import attrs
+
+        from tent_async.backends.ucx import backend as bad
+
+        rail_ads = bad.UcxBackend.rail_ads
+
+        def bad_ads(self: Any) -> Any:
+            return tuple(attrs.evolve(ad, address=os_.urandom(40)) for ad in rail_ads(self))
+
+        bad.UcxBackend.rail_ads = bad_ads  # type: ignore[method-assign]
     if config.get("slow_headers"):  # tests: headers dispatched late, so WRITE bytes overtake them
         from tent_async.backends.ucx import server as srv
 
@@ -85,7 +119,8 @@ async def main(config: dict[str, Any]) -> None:
                     digest = hashlib.sha256(buffers[name][int(start) : int(stop)].tobytes()).hexdigest()
                 notes.append({"message": note.message, "source": note.source, "digest": digest})
 
-        asyncio.get_running_loop().create_task(collect())
+        if config.get("read_notes", True):  # tests: False leaves them queued, unread
+            asyncio.get_running_loop().create_task(collect())
         print(
             json.dumps(
                 {
@@ -113,6 +148,16 @@ async def main(config: dict[str, Any]) -> None:
                     buffers[cmd["segment"]][:] = pattern(cmd["seed"], buffers[cmd["segment"]].size)
                 elif op == "notes":
                     out["notes"] = notes
+                elif op == "addresses":  # the UCX worker addresses of its rails (hex)
+                    out["addresses"] = [ad.address.hex() for ad in engine.backend.rail_ads()]  # type: ignore[attr-defined]
+                elif op == "internals":  # what the backend still holds (leak checks)
+                    b = engine.backend
+                    out["internals"] = {
+                        "channels": sum(len(r.channels) for r in b.local_rails.values()),  # type: ignore[attr-defined]
+                        "namespaces": sum(len(r.owners) for r in b.local_rails.values()),  # type: ignore[attr-defined]
+                        "connections": len(b._server.connections),  # type: ignore[attr-defined]
+                        "links": sum(len(c.links) for c in b._server.connections.values()),  # type: ignore[attr-defined]
+                    }
                 elif op == "stats":
                     out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
                 elif op == "fds":

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tent_async.backends.ucx import protocol as p
-from tent_async.backends.ucx.control import frame_length, mac, parse_address
+from tent_async.backends.ucx.control import Session, frame_length, parse_address
 from tent_async.errors import ConfigError, ProtocolError
 
 names = st.text(min_size=1, max_size=40)
@@ -96,7 +96,14 @@ messages = st.one_of(
     st.builds(p.Ack, request=u64),
     st.builds(p.Error, request=u64, reason=st.text(max_size=100)),
     st.builds(p.Data, request=u64, payload=st.binary(max_size=100)),
-    st.builds(p.Sent, request=u64, length=u64),
+    st.builds(
+        lambda request, length, tail: p.Sent(
+            request, length, tail[: min(p.TAIL_BYTES, length)].ljust(min(p.TAIL_BYTES, length), b"x")
+        ),
+        request=u64,
+        length=u64,
+        tail=st.binary(max_size=p.TAIL_BYTES),
+    ),
 )
 
 
@@ -199,14 +206,40 @@ def test_tags_keep_namespaces_and_kinds_apart() -> None:
     assert p.split_tag(p.make_tag(0xABCDE12345, p.KIND_DATA, 77)) == (0xABCDE12345, p.KIND_DATA, 77)
 
 
-def test_addresses_and_macs() -> None:
+def test_addresses() -> None:
     assert parse_address("decode-0:7100") == ("decode-0", 7100)
     assert parse_address("[::1]:80") == ("::1", 80)
     assert parse_address(":0", default_host="0.0.0.0") == ("0.0.0.0", 0)
     for bad in ("decode-0", "h:x", "h:70000"):
         with pytest.raises(ConfigError):
             parse_address(bad)
-    assert mac(b"k", b"l", b"ab", b"c") != mac(b"k", b"l", b"a", b"bc")  # parts are length-prefixed
+
+
+def _sessions(secret: bytes = b"s3cret", name: str = "prefill-0") -> tuple[Session, Session, p.Hello]:
+    challenge = p.Challenge(version=p.PROTOCOL_VERSION, nonce=bytes(range(32)))
+    hello = p.Hello(p.PROTOCOL_VERSION, name, "h", (), bytes(32), b"")
+    return Session(b"s3cret", challenge, hello, server=True), Session(secret, challenge, hello, server=False), hello
+
+
+def test_sessions_seal_authenticate_and_order_every_control_message() -> None:
+    server, client, _ = _sessions()
+    assert server.auth == client.auth
+    msgs = [p.Link(link_id=1, rail="lo", address=b"addr", namespace=5), p.Notify(message="hi")]
+    sealed = [client.seal(m) for m in msgs]
+    assert b"addr" not in sealed[0].box  # worker addresses and namespaces are encrypted
+    assert [server.open(s) for s in sealed] == msgs
+    with pytest.raises(ProtocolError, match="does not authenticate"):
+        server.open(sealed[1])  # replayed
+    with pytest.raises(ProtocolError, match="in the clear"):
+        server.open(p.Notify(message="injected"))
+    reply = server.seal(p.Linked(link_id=1, namespace=9))
+    forged = p.Sealed(box=bytes([reply.box[0] ^ 1]) + reply.box[1:])
+    with pytest.raises(ProtocolError, match="does not authenticate"):
+        client.open(forged)
+    assert client.open(reply) == p.Linked(link_id=1, namespace=9)
+    # Another secret, or a HELLO changed on the way (a relay rewriting a field), gives other keys.
+    assert _sessions(secret=b"other")[1].auth != server.auth
+    assert _sessions(name="prefill-1")[1].auth != server.auth
 
 
 @pytest.mark.parametrize(
@@ -233,3 +266,13 @@ def test_only_small_host_to_host_slices_travel_inline(
     attempt = SimpleNamespace(id=1, src=src, dst=dst, length=length)
     link = SimpleNamespace(peer=SimpleNamespace(inline_limit=16 << 10))
     assert _Op(attempt, link, op_kind, 0.0).inline is inline  # type: ignore[arg-type]
+
+
+def test_a_frame_of_nested_empty_arrays_is_refused_before_it_becomes_a_gigabyte() -> None:
+    """16 MiB of one-byte arrays would decode into 16 million Python lists (issue 11, finding 7)."""
+    bomb = b"\xdc\xff\xff" + b"\xdc\xff\xff" * 255 + bytes([0x90]) * (p.MAX_FRAME - 1024)
+    with pytest.raises(ProtocolError, match="more than"):
+        p.decode(bomb)
+    catalogue = tuple(p.SegmentAd(f"s{i}", i, 1, "host", "rw") for i in range(p.MAX_SEGMENTS))
+    welcome = p.Welcome(p.PROTOCOL_VERSION, "n", "h", 1, (), catalogue, b"", 8, 0)
+    assert p.decode(p.encode(welcome)) == welcome  # a full catalogue still fits

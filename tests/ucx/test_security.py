@@ -26,6 +26,7 @@ from procnet import listening_ports
 import tent_async as tent
 from conftest import PeerProcess, requires_ucxx
 from tent_async.backends.ucx import protocol as p
+from tent_async.backends.ucx import server as srv
 
 pytestmark = [pytest.mark.ucx, pytest.mark.anyio, requires_ucxx]
 
@@ -313,3 +314,75 @@ async def test_write_bytes_that_overtake_their_header_are_kept_for_it(spawn_peer
         stats = server.cmd(cmd="stats")["stats"]
         assert stats.get("early_writes", 0) >= 1, stats
         assert stats.get("protocol_errors", 0) == 0, stats
+
+
+async def test_idle_handshakes_cannot_lock_new_peers_out(guarded: PeerProcess) -> None:
+    """Slowloris: sockets that connect and never say HELLO, from many source addresses (issue 11, finding 7).
+
+    Each source may hold a few handshakes; when all are taken the oldest one
+    makes room, so a legitimate peer still gets in.
+    """
+    server = guarded
+    control = int(server.address.rsplit(":", 1)[1])
+    idle = []
+    try:
+        for source in range(2, 12):  # 127.0.0.2-11: every 127/8 address is this host's
+            for _ in range(srv.MAX_PENDING_PER_SOURCE + 2):
+                s = socket.socket()
+                s.bind((f"127.0.0.{source}", 0))
+                s.connect(("127.0.0.1", control))
+                idle.append(s)
+        await anyio.sleep(0.5)
+        await serves_a_legitimate_peer(server)
+        stats = server.cmd(cmd="stats")["stats"]
+        assert stats.get("handshakes_evicted", 0) >= 1  # 10 sources x 16 > 32 at once
+        assert stats["handshake_refused"] >= 10 * 2  # each source's last two sockets
+    finally:
+        for s in idle:
+            s.close()
+
+
+async def test_a_flood_of_unexpected_messages_is_dropped_while_a_peer_keeps_transferring(
+    guarded: PeerProcess,
+) -> None:
+    """Issue 11, finding 6: many small tagged messages at a rail's UCX port, from a forged address."""
+    server = guarded
+    pid = server.proc.pid
+    control = int(server.address.rsplit(":", 1)[1])
+    ucx_port = next(port for port in listening_ports(pid) if port != control)
+    count = 30_000
+    await settle()
+    watch = RssWatch(pid)
+    async with tent.Engine(
+        backend="ucx", name="prefill-0", secret="s3cret", rails=[tent.RailSpec(**r) for r in RAILS]
+    ) as engine:
+        with anyio.fail_after(30):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        src = engine.register(np.full(4096, 7, dtype=np.uint8), name="src")
+        flood = subprocess.Popen(  # noqa: ASYNC220 - runs while the transfers below do
+            [sys.executable, str(ATTACKER), "forged", str(ucx_port), "flood", "64", str(count)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        done = 0
+        try:
+            while flood.poll() is None:
+                with anyio.fail_after(30):
+                    await engine.transfer(src[:], kv[:4096])
+                done += 1
+                await anyio.sleep(0.005)
+        finally:
+            out, _ = flood.communicate(timeout=60)
+        if '"skip"' in out:
+            pytest.skip(out)
+        with anyio.fail_after(30):
+            await engine.transfer(src[:], kv[:4096])  # and right after it
+        for _ in range(600):  # another process: poll its counters
+            if server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0) >= count:
+                break
+            await anyio.sleep(0.05)
+    growth = watch.stop()
+    assert server.cmd(cmd="stats")["stats"]["unexpected_dropped"] >= count
+    assert done >= 1
+    assert growth < BOUND, f"the serving engine grew by {growth / MiB:.0f} MiB"

@@ -13,7 +13,8 @@ by ``PORT`` and a random worker id (UCX 1.21's address layout; prints
 MODE is ``am`` (one active message), ``stream``, ``tag`` (tagged, UCX's default
 thresholds: large messages wait at the sender until a receive matches) or
 ``eager`` (tagged, forced eager: the bytes are pushed to the target at once).
-COUNT messages of SIZE bytes each, 0.5 s apart.  Prints one JSON line.
+COUNT messages of SIZE bytes each, 0.5 s apart; or ``flood``: COUNT tagged
+messages of SIZE bytes as fast as the wire takes them.  Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ async def main(how: str, port: int, mode: str, size: int, count: int) -> dict[st
         ep = worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(forged), True)
     payload = np.ones(size, dtype=np.uint8)
     requests = []
+    if mode == "flood":  # COUNT small tagged messages as fast as they go (at most 1024 unfinished)
+        t0 = time.monotonic()
+        pending: list[object] = []
+        for i in range(count):
+            pending.append(ep.tag_send(Array(payload), L.UCXXTag(0x5EED0000 + (i & 0xFFFF))))
+            if len(pending) >= 1024:
+                while pending and pending[0].completed:  # type: ignore[attr-defined]
+                    pending.pop(0)
+                if len(pending) >= 1024:
+                    await asyncio.sleep(0.0005)
+                    pending = [r for r in pending if not r.completed]  # type: ignore[attr-defined]
+        while pending and time.monotonic() - t0 < 60:
+            await asyncio.sleep(0.01)
+            pending = [r for r in pending if not r.completed]  # type: ignore[attr-defined]
+        return {"sent": count, "unfinished": len(pending), "flood_seconds": round(time.monotonic() - t0, 2)}
     for i in range(count):
         if mode == "am":
             requests.append(ep.am_send(Array(payload)))

@@ -61,8 +61,12 @@ class BackendContext(Protocol):
     def lookup_segment(self, name: str) -> Segment | None:
         """The engine's registered local segment called ``name``, if any (for serving peers)."""
 
-    def deliver_notification(self, message: str, source: str) -> None:
-        """Hand a peer's notification to the application (after the data it announces)."""
+    def deliver_notification(self, message: str, source: str) -> bool:
+        """Hand a peer's notification to the application (after the data it announces).
+
+        False: dropped, because the engine's queue of unread notifications is full
+        (overall, or for this source).
+        """
 
     @property
     def engine_name(self) -> str:

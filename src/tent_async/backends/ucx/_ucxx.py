@@ -8,7 +8,9 @@ UCX context would otherwise print about ucxx's own ``UCX_MEMTYPE_CACHE``, and
 ``UCX_LOG_LEVEL=error`` keeps UCX from printing a warning (with a backtrace)
 to stdout for every active-message or stream fragment that arrives at a
 worker without those features: anyone who reaches a UCX port could otherwise
-flood our stdout.  Values the user set explicitly are left alone.
+flood our stdout.  ``UCX_LOG_FILE=stderr``: UCX's error lines (some of which a
+peer can provoke) go to stderr, never into the application's stdout.  Values
+the user set explicitly are left alone.
 
 We use the Cython layer (``ucxx._lib.libucxx``) directly, not
 ``ApplicationContext``: only the first ``ApplicationContext`` of an event loop
@@ -37,6 +39,10 @@ def load() -> SimpleNamespace:
             return _loaded
         os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
         os.environ.setdefault("UCX_LOG_LEVEL", "error")
+        # UCX logs to stdout by default: a peer whose worker address makes UCX log an error
+        # (it refuses another host's loopback address, for instance) would write into the
+        # application's stdout.  stderr is where diagnostics belong.
+        os.environ.setdefault("UCX_LOG_FILE", "stderr")
         try:
             import ucxx  # noqa: F401  (sets UCX_* defaults, loads libucx)
             import ucxx._lib.libucxx as libucxx

@@ -12,7 +12,9 @@ Options (``tent.Engine(backend="ucx", ...)``):
     ``"host:port"`` to accept peers on (port 0: any free port; read the real
     one from ``engine.address``).  Without it the engine only connects out.
 ``secret``
-    A shared secret both engines must know (never sent; HMAC challenge).
+    A shared secret both engines must know (never sent).  With it, session keys are
+    derived from the handshake and every control message after HELLO is encrypted
+    and authenticated (control.py).
 ``connect_timeout``
     Seconds to wait for a peer that does not answer (default 5; a refused
     connection fails at once).
@@ -46,6 +48,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import anyio
+import attrs
 
 from ...core import Attempt, RailInfo, SchedulerConfig
 from ...errors import (
@@ -64,10 +67,9 @@ from ...units import parse_duration, parse_size
 from ..base import Backend, BackendContext
 from . import _ucxx
 from .control import (
+    Session,
     advertised_host,
     close_writer,
-    mac,
-    macs_equal,
     parse_address,
     read_message,
     secret_bytes,
@@ -83,6 +85,7 @@ from .protocol import (
     Hello,
     RailAd,
     Refused,
+    Sealed,
     VersionMismatch,
     Welcome,
 )
@@ -131,6 +134,7 @@ class UcxBackend(Backend):
         self.local_rails: dict[str, LocalRail] = {}
         self.peers: list[Peer] = []
         self._links: dict[str, Link] = {}
+        self._reserved: set[str] = set()  # rail names picked by a connect() still wiring its links up
         self._server: Server | None = None
         self._address: str | None = None
         self._ctx: BackendContext | None = None
@@ -213,6 +217,7 @@ class UcxBackend(Backend):
         self.local_rails.clear()
         self.peers.clear()
         self._links.clear()
+        self._reserved.clear()
         self._server = None
 
     @property
@@ -243,11 +248,11 @@ class UcxBackend(Backend):
         except OSError as exc:
             raise PeerConnectError(f"cannot connect to {address}: {exc}") from None
         try:
-            welcome = await self._handshake(address, reader, writer, limit=timeout)
+            welcome, session = await self._handshake(address, reader, writer, limit=timeout)
         except BaseException:
             await close_writer(writer)
             raise
-        peer = Peer(self, address, welcome, reader, writer)
+        peer = Peer(self, address, welcome, reader, writer, session)
         # The control reader runs from now on: links are set up over it (LINK -> LINKED).
         self.ctx.spawn(self._run_peer, peer, name=f"tent-ucx-peer-{peer.name}")
         try:
@@ -269,13 +274,27 @@ class UcxBackend(Backend):
             )
         links = []
         for pair in pairs:
+            # Rail names are this engine's identity for a (peer connection, rail pair): two
+            # peers with the same engine name, connected one after the other or at the same
+            # time, get distinct rails ("decode-0/lo", "decode-0/lo#2").  A name is reserved
+            # here, before the awaits below, so that a concurrent connect() cannot pick it too
+            # (it did: the later link overwrote the earlier one and slices went to the wrong
+            # peer, issue 11).
             name = pair.rail_name(peer.name)
             base, n = name, 2
-            while name in self._links and not self._links[name].peer.closed:
+            while name in self._reserved or (name in self._links and not self._links[name].peer.closed):
                 name, n = f"{base}#{n}", n + 1
+            self._reserved.add(name)
             link = Link(peer, pair, self.local_rails[pair.local.name], name)
             peer.add_link(link)
             links.append(link)
+        try:
+            return await self._wire_links(peer, address, links, limit)
+        finally:
+            for link in links:
+                self._reserved.discard(link.name)
+
+    async def _wire_links(self, peer: Peer, address: str, links: list[Link], limit: float) -> Peer:
         # Set every link up now and wait until the peer answered its BIND: the first message
         # of a connection pays UCX's wire-up, which must not count against the first slice's
         # deadline.  A rail that cannot be wired up is left out rather than quarantined at
@@ -319,7 +338,7 @@ class UcxBackend(Backend):
 
     async def _handshake(
         self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: float
-    ) -> Welcome:
+    ) -> tuple[Welcome, Session | None]:
         timeout = limit
         try:
             challenge = await read_message(reader, limit=timeout)
@@ -334,20 +353,19 @@ class UcxBackend(Backend):
             raise HandshakeError(f"peer at {address} refused the connection: {challenge.reason}")
         if not isinstance(challenge, Challenge):
             raise HandshakeError(f"peer at {address} opened with {type(challenge).__name__}, not CHALLENGE")
-        nonce = os.urandom(NONCE_BYTES)
-        name = self.engine_name
-        auth = mac(self.secret, b"hello", challenge.nonce, nonce, name) if self.secret else b""
-        write_message(
-            writer,
-            Hello(
-                version=PROTOCOL_VERSION,
-                name=name,
-                host_id=self.host_id,
-                rails=tuple(p.advert() for p in self.plans),  # no worker addresses before authentication
-                nonce=nonce,
-                auth=auth,
-            ),
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            name=self.engine_name,
+            host_id=self.host_id,
+            rails=tuple(p.advert() for p in self.plans),  # no worker addresses before authentication
+            nonce=os.urandom(NONCE_BYTES),
+            auth=b"",
         )
+        session = None
+        if self.secret is not None:
+            session = Session(self.secret, challenge, hello, server=False)
+            hello = attrs.evolve(hello, auth=session.auth)
+        write_message(writer, hello)
         try:
             reply = await read_message(reader, limit=timeout)
         except TimeoutError:
@@ -358,19 +376,22 @@ class UcxBackend(Backend):
             raise HandshakeError(f"peer at {address} answered with a malformed message: {exc}") from None
         if isinstance(reply, Refused):
             raise HandshakeError(f"peer at {address} refused the handshake: {reply.reason}")
-        if not isinstance(reply, Welcome):
-            raise HandshakeError(f"peer at {address} answered HELLO with {type(reply).__name__}")
-        if self.secret is not None:
-            expected = mac(self.secret, b"welcome", nonce, challenge.nonce, reply.name, reply.conn_id)
-            if not reply.auth or not macs_equal(reply.auth, expected):
-                reason = (
-                    f"peer {reply.name!r} at {address} did not prove it knows the shared secret; "
-                    "pass the same secret= to both engines"
-                )
+        if session is not None:
+            # WELCOME comes sealed with the session key: only an engine that knows the secret
+            # (and saw exactly our HELLO) can have sealed it.
+            try:
+                reply = session.open(reply)
+            except ProtocolError:
                 self.stats["handshake_refused"] += 1
                 write_message(writer, Refused(reason="shared secret mismatch"))
-                raise HandshakeError(reason)
-        return reply
+                raise HandshakeError(
+                    f"peer at {address} did not prove it knows the shared secret; pass the same secret= to both engines"
+                ) from None
+        elif isinstance(reply, Sealed):
+            raise HandshakeError(f"peer at {address} uses a shared secret; pass the same secret= to this engine")
+        if not isinstance(reply, Welcome):
+            raise HandshakeError(f"peer at {address} answered HELLO with {type(reply).__name__}")
+        return reply, session
 
     # ============================================================ segments
 

@@ -24,6 +24,7 @@ inherit, so closed endpoints are really closed and their resources released.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable
@@ -60,8 +61,17 @@ class Channel:
         self._on_close = on_close
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
         self._ucx = _ucxx.loaded()
+        try:
+            ep.set_close_callback(self._closed_from_ucx)
+        except Exception:
+            # An endpoint to a dead worker can be closing already ("Endpoint is closing or has
+            # already closed"): nothing may stay registered for it (issue 11, finding 7).
+            self.closed = True
+            self.ep = None
+            with contextlib.suppress(Exception):
+                ep.close_blocking(10**9, 1)
+            raise
         rail.channels.add(self)
-        ep.set_close_callback(self._closed_from_ucx)
 
     # --------------------------------------------------------------- sending
 

@@ -38,6 +38,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +49,14 @@ from ...errors import PeerClosedError, ProtocolError, RemoteAccessError, TentErr
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx
 from .channel import Channel, MessageTruncated
-from .control import close_writer, read_message, write_message
+from .control import Session, close_writer, read_message, write_message
 from .pairing import Pair
 from .protocol import (
     KIND_CONTROL,
     KIND_DATA,
     MAX_U64,
     REPLY_ROOM,
+    TAIL_BYTES,
     Ack,
     Bind,
     Bound,
@@ -112,6 +114,7 @@ class _Op:
         "sent",
         "slot",
         "t_post",
+        "tail_check",
         "violation",
         "withdrawing",
     )
@@ -136,6 +139,7 @@ class _Op:
         self.withdrawing = False
         self.reported = False  # the planner has its outcome
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
+        self.tail_check = False  # a large READ into host memory: compare its end with SENT's tail
 
     @property
     def inline(self) -> bool:
@@ -217,11 +221,13 @@ class Link:
         if self.state != "linking" or msg.link_id != self.link_id:
             return
         try:
-            ep = self.rail.connect(self.pair.remote.address)
+            ep = self.rail.connect(self.pair.remote.address, self.peer.rail_ips)
+            self.channel = Channel(self.rail, ep, f"rail {self.name}", self._on_close)
         except Exception as exc:
+            if isinstance(exc, ProtocolError):  # the peer's worker address failed its check
+                self.peer.backend.stats["protocol_errors"] += 1
             self._teardown(f"rail {self.name}: cannot open an endpoint to the peer: {_ucxx.describe_error(exc)}")
             return
-        self.channel = Channel(self.rail, ep, f"rail {self.name}", self._on_close)
         self.peer_ns = msg.namespace
         self.free_slots = list(range(self.peer.slots - 1, -1, -1))
         self.state = "binding"
@@ -347,6 +353,12 @@ class Link:
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
                 view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
+                if not local.memory.is_cuda:
+                    # Random bytes at the end, before the receive is posted: a message that
+                    # stops short leaves them in place, and SENT's tail will not match.
+                    t = min(TAIL_BYTES, a.length)
+                    view[a.length - t :] = np.frombuffer(os.urandom(t), dtype=np.uint8)
+                    op.tail_check = True
                 # Not ch.keep(): the op holds the only reference to this request, so that
                 # dropping it (the peer refused the READ) cancels the posted receive.
                 req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request))
@@ -466,10 +478,28 @@ class Link:
             return False
         return op.kind is not Op.READ or op.inline or op.data_ok
 
+    def _check_tail(self, op: _Op) -> None:
+        """A large READ's bytes all arrived only if its destination ends with what SENT says was sent."""
+        op.tail_check = False
+        a = op.attempt
+        if a is None or not isinstance(op.reply, Sent) or not op.data_ok or op.withdrawing:
+            return
+        dst: Segment = a.dst  # type: ignore[assignment]
+        t = min(TAIL_BYTES, a.length)
+        end = a.dst_offset + a.length
+        if dst.memory.array[end - t : end].tobytes() != op.reply.tail:
+            self._violation(
+                op,
+                f"a {a.length}-byte READ's bytes did not all arrive (the peer said it sent {op.reply.length}; "
+                "the end of the destination does not hold what it said it sent)",
+            )
+
     def _settle(self, op: _Op) -> None:
         """Report ``op`` once all its requests are done and its outcome is known."""
         if op.pending:
             return
+        if op.tail_check and op.violation is None and op.error is None and op.fatal is None:
+            self._check_tail(op)
         key = -1 if op.attempt is None else op.attempt.id
         known = op.reply is not None or op.error is not None or op.violation is not None
         if not known and not (op.withdrawing and not op.sent):
@@ -584,14 +614,18 @@ class Peer:
 
     _link_ids = itertools.count(1)
 
-    def __init__(self, backend: UcxBackend, address: str, welcome: Welcome, reader: Any, writer: Any) -> None:
+    def __init__(
+        self, backend: UcxBackend, address: str, welcome: Welcome, reader: Any, writer: Any, session: Session | None
+    ) -> None:
         self.backend = backend
+        self.session = session  # with a shared secret: every control message is sealed with it
         self.address = address
         self.name = welcome.name
         self.host_id = welcome.host_id
         self.conn_id = welcome.conn_id
         self.slots = welcome.slots
         self.inline_limit = min(backend.inline_limit, welcome.inline_limit)
+        self.rail_ips = frozenset(r.ip for r in welcome.rails)  # where its TCP worker addresses may point
         self.links: dict[str, Link] = {}
         self.closed = False
         self._closed_reason = ""
@@ -637,7 +671,10 @@ class Peer:
     def send_control(self, msg: Message) -> None:
         if self.closed:
             raise PeerClosedError(self.closed_reason())
-        write_message(self._writer, msg)
+        self._write(msg)
+
+    def _write(self, msg: Message) -> None:
+        write_message(self._writer, msg, self.session)
 
     async def segment(self, name: str, *, refresh: bool = False) -> RemoteSegment:
         """The peer's segment ``name``; asks the peer unless it is in the catalogue (or ``refresh``)."""
@@ -649,7 +686,7 @@ class Peer:
             waiters = self._lookups.setdefault(name, [])
             waiters.append(future)
             if len(waiters) == 1:
-                write_message(self._writer, Lookup(name=name))
+                self._write(Lookup(name=name))
             ad = await asyncio.wait_for(future, self.backend.connect_timeout)
             if ad is None:
                 self._catalogue.pop(name, None)
@@ -661,14 +698,14 @@ class Peer:
 
     def notify(self, message: str) -> None:
         if not self.closed:
-            write_message(self._writer, Notify(message=message))
+            self._write(Notify(message=message))
 
     async def run(self) -> None:
         """Read control messages until the connection ends (runs in the engine's task group)."""
         reason = "the control connection ended"
         try:
             while True:
-                msg = await read_message(self._reader)
+                msg = await read_message(self._reader, session=self.session)
                 if isinstance(msg, LookedUp):
                     for fut in self._lookups.pop(msg.name, []):
                         if not fut.done():
@@ -718,6 +755,6 @@ class Peer:
         if self.closed:
             return
         with contextlib.suppress(PeerClosedError):
-            write_message(self._writer, Bye(reason="closed by the application"))
+            self._write(Bye(reason="closed by the application"))
         self._gone("closed by this engine")
         await close_writer(self._writer)

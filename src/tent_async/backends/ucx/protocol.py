@@ -6,7 +6,8 @@ Two planes, one codec:
   :func:`frame`): ``CHALLENGE`` (server's nonce) → ``HELLO`` → ``WELCOME`` or
   ``REFUSED``; afterwards ``LINK``/``LINKED``/``UNLINK`` (the data plane's
   UCX worker addresses and tag namespaces, one link per rail pair),
-  ``LOOKUP``/``LOOKED_UP`` (segment catalogue), ``NOTIFY`` and ``BYE``.
+  ``LOOKUP``/``LOOKED_UP`` (segment catalogue), ``NOTIFY`` and ``BYE``.  With a
+  shared secret everything after ``HELLO`` travels inside ``SEALED`` (control.py).
 * **Data** (UCX *tagged* messages into bounded receives the receiver posted
   beforehand, framed by :func:`pack_data`): ``BIND`` (wire-up ping), slice
   headers ``WRITE``/``READ``, and the replies ``BOUND``, ``ACK``, ``ERROR``,
@@ -45,7 +46,7 @@ import msgpack
 from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
@@ -54,6 +55,7 @@ MAX_REASON: Final = 4096
 MAX_MESSAGE: Final = 1 << 16  # a notification's text
 MAX_RAILS: Final = 64
 MAX_SEGMENTS: Final = 1 << 16
+MAX_OBJECTS: Final = 8 * MAX_SEGMENTS  # arrays and their elements in one message (a full catalogue fits)
 MAX_INLINE: Final = 1 << 20  # payload bytes carried inside one message
 MAX_FRAME: Final = 16 << 20  # a control frame (the catalogue can be long)
 MAX_HELLO_FRAME: Final = 64 << 10  # what a server reads before the client authenticated
@@ -73,6 +75,7 @@ MAX_CONN_ID: Final = (1 << 32) - 1
 
 HEADER_ROOM: Final = 2048  # a slice header without its inline payload, with room to spare
 REPLY_ROOM: Final = 2048  # a reply without DATA's payload
+TAIL_BYTES: Final = 16  # the end of a large READ that SENT repeats (Sent)
 MAX_DATA_REASON: Final = 1024  # bytes of an ERROR reason on the data plane
 _DATA_PREFIX = struct.Struct("<I")
 
@@ -148,6 +151,7 @@ class Op(enum.IntEnum):
     LINK = 9
     LINKED = 10
     UNLINK = 11
+    SEALED = 12
     BIND = 20
     WRITE = 21
     READ = 22
@@ -265,6 +269,16 @@ class Unlink:
 
 
 @attrs.frozen
+class Sealed:
+    """Control, with a shared secret: another message, encrypted and authenticated with the session key.
+
+    Everything after ``HELLO`` travels sealed (``WELCOME`` included), see control.py.
+    """
+
+    box: bytes
+
+
+@attrs.frozen
 class Bind:
     """Data plane, the first header on a new link: a wire-up round trip."""
 
@@ -317,10 +331,18 @@ class Data:
 
 @attrs.frozen
 class Sent:
-    """A large READ's tagged send completed on the serving side, with ``length`` bytes."""
+    """A large READ's tagged send completed on the serving side, with ``length`` bytes.
+
+    ``tail`` is the last ``min(TAIL_BYTES, length)`` bytes that were sent.  A tagged
+    receive matched by a shorter message completes without error and UCX does not
+    say how many bytes arrived, so the reader fills the end of its destination with
+    random bytes before it posts the receive and compares them with ``tail`` after:
+    a message that stopped short leaves the random bytes in place (see peer.py).
+    """
 
     request: int
     length: int
+    tail: bytes = b""
 
 
 Message = (
@@ -335,6 +357,7 @@ Message = (
     | Link
     | Linked
     | Unlink
+    | Sealed
     | Bind
     | Bound
     | SliceRequest
@@ -370,7 +393,7 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Data):
         fields = [Op.DATA, msg.request, msg.payload]
     elif isinstance(msg, Sent):
-        fields = [Op.SENT, msg.request, msg.length]
+        fields = [Op.SENT, msg.request, msg.length, msg.tail]
     elif isinstance(msg, Bind):
         fields = [Op.BIND, msg.request]
     elif isinstance(msg, Bound):
@@ -381,6 +404,8 @@ def encode(msg: Message) -> bytes:
         fields = [Op.LINKED, msg.link_id, msg.namespace]
     elif isinstance(msg, Unlink):
         fields = [Op.UNLINK, msg.link_id, msg.reason]
+    elif isinstance(msg, Sealed):
+        fields = [Op.SEALED, msg.box]
     elif isinstance(msg, Challenge):
         fields = [Op.CHALLENGE, MAGIC, msg.version, msg.nonce]
     elif isinstance(msg, Hello):
@@ -651,6 +676,10 @@ def _d_unlink(f: list[Any]) -> Unlink:
     return Unlink(link_id=_int(link_id, "link id"), reason=_str(reason, "reason", MAX_REASON, empty=True))
 
 
+def _d_sealed(f: list[Any]) -> Sealed:
+    return Sealed(box=_bytes(_fields(f, "SEALED", 2)[1], "sealed message", limit=MAX_FRAME))
+
+
 def _d_bind(f: list[Any]) -> Bind:
     return Bind(request=_int(_fields(f, "BIND", 2)[1], "request id"))
 
@@ -706,8 +735,10 @@ def _d_data(f: list[Any]) -> Data:
 
 
 def _d_sent(f: list[Any]) -> Sent:
-    _, request, length = _fields(f, "SENT", 3)
-    return Sent(request=_int(request, "request id"), length=_int(length, "length"))
+    _, request, length, tail = _fields(f, "SENT", 4)
+    length = _int(length, "length")
+    tail = _bytes(tail, "tail", (min(TAIL_BYTES, length),))
+    return Sent(request=_int(request, "request id"), length=length, tail=tail)
 
 
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
@@ -722,6 +753,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.LINK: _d_link,
     Op.LINKED: _d_linked,
     Op.UNLINK: _d_unlink,
+    Op.SEALED: _d_sealed,
     Op.BIND: _d_bind,
     Op.BOUND: _d_bound,
     Op.WRITE: _d_write,
@@ -733,22 +765,42 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
 }
 
 
+class _TooManyObjects(Exception):
+    pass
+
+
 def decode(data: bytes | bytearray | memoryview) -> Message:
-    """Parse and validate one message; raises :class:`ProtocolError` for anything malformed."""
+    """Parse and validate one message; raises :class:`ProtocolError` for anything malformed.
+
+    Besides the per-field limits, the number of arrays and of their elements is
+    bounded (:data:`MAX_OBJECTS`): 16 MiB of one-byte empty arrays would otherwise
+    become 16 million Python lists (over a gigabyte) before any field is checked.
+    """
+    budget = [MAX_OBJECTS]
+
+    def count(items: list[Any]) -> list[Any]:
+        budget[0] -= 1 + len(items)
+        if budget[0] < 0:
+            raise _TooManyObjects
+        return items
+
     try:
         fields = msgpack.unpackb(
             data,
+            list_hook=count,
             raw=False,
             use_list=True,
             strict_map_key=True,
             max_str_len=MAX_MESSAGE,
-            max_bin_len=MAX_INLINE,
+            max_bin_len=MAX_FRAME,  # a SEALED catalogue; every bytes field has its own limit below
             max_array_len=MAX_SEGMENTS,
             max_map_len=64,
             max_ext_len=0,
         )
     except ProtocolError:  # pragma: no cover - msgpack never raises ours
         raise
+    except _TooManyObjects:
+        raise ProtocolError(f"a message of {len(data)} bytes holds more than {MAX_OBJECTS} values") from None
     except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError subclasses
         raise ProtocolError(f"undecodable message ({len(data)} bytes): {type(exc).__name__}: {exc}") from None
     if type(fields) is not list or not fields:
@@ -760,5 +812,5 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     return decoder(fields)
 
 
-CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye, Link, Linked, Unlink)
+CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye, Link, Linked, Unlink, Sealed)
 DATA_TYPES: Final = (Bind, Bound, SliceRequest, Ack, Error, Data, Sent)

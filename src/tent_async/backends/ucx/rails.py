@@ -24,6 +24,7 @@ one rail per GPU that NVML reports when nvidia-ml-py is installed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import ipaddress
 import logging
@@ -34,7 +35,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -43,6 +44,7 @@ import numpy as np
 from ...errors import ConfigError
 from ...rails import RailSpec, Tier
 from . import _ucxx
+from .address import check_peer_address
 from .protocol import MAX_NAMESPACE, RailAd, split_tag
 
 logger = logging.getLogger("tent_async.ucx")
@@ -336,7 +338,9 @@ class LocalRail:
         self.stats = stats  # the backend's counters (``unexpected_dropped``), or None
         self.channels: set[Any] = set()  # open Channels (closed with the rail)
         self.owners: dict[int, NamespaceOwner] = {}  # tag namespace -> who receives in it
-        self._discards: dict[int, tuple[Any, Any]] = {}  # id -> (request, buffer) of dropped messages
+        # Receives that drop messages, oldest first; pruned by the sweeper, not by a done-callback
+        # each (one loop callback per dropped message less, which matters in a flood).
+        self._discards: collections.deque[Any] = collections.deque()
         self._scratch = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._dropped = 0  # unexpected messages dropped since the last warning
@@ -369,6 +373,7 @@ class LocalRail:
         self._notifier.start()
         self.address: bytes = bytes(self.worker.address.tobytes())
         self._scratch = np.empty(1, dtype=np.uint8)  # dropped messages are "received" into this byte
+        self._scratch_array = _ucxx.loaded().Array(self._scratch)
         if sweep:
             self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self.sweep)
 
@@ -380,8 +385,15 @@ class LocalRail:
                 out.append(line.split("flags")[-1].strip().lstrip("-").strip())
         return out
 
-    def connect(self, address: bytes) -> Any:
-        """A new endpoint to the peer worker at ``address`` (returns at once; wire-up happens on progress)."""
+    def connect(self, address: bytes, ips: Collection[str] = ()) -> Any:
+        """A new endpoint to the peer worker at ``address`` (returns at once; wire-up happens on progress).
+
+        ``address`` came from a peer: it is checked first (:mod:`.address`), because UCX
+        unpacks it without knowing its length and a malformed one can crash the process.
+        Raises :class:`~.address.AddressError` (a ProtocolError) for one that fails.
+        ``ips``: the IPv4 addresses the peer advertised, which a TCP address must point at.
+        """
+        check_peer_address(address, self.address, kind=self.plan.kind, ips=ips)
         L = _ucxx.loaded().L
         return self.worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(address), True)
 
@@ -418,7 +430,18 @@ class LocalRail:
         worker = self.worker
         if worker is None:
             return 0
-        while found < SWEEP_BUDGET and len(self._discards) < MAX_DISCARDS:
+        discards = self._discards
+        while discards and discards[0].future.done():
+            _ucxx.future_error(discards.popleft().future)  # truncation expected; mark it retrieved
+        if len(discards) >= MAX_DISCARDS // 2:  # one that does not finish must not hold up the rest
+            pending: collections.deque[Any] = collections.deque()
+            for req in discards:
+                if req.future.done():
+                    _ucxx.future_error(req.future)
+                else:
+                    pending.append(req)
+            self._discards = discards = pending
+        while found < SWEEP_BUDGET and len(discards) < MAX_DISCARDS:
             try:
                 probe = worker.tag_probe(L.UCXXTag(0), L.UCXXTagMask(0), remove=True)
             except Exception:  # pragma: no cover - a worker being torn down
@@ -439,21 +462,13 @@ class LocalRail:
 
     def discard(self, probe: Any, *, foreign: bool = True) -> None:
         """Match a probed message into one scratch byte: UCX drops it (truncation) and frees its memory."""
-        ucx = _ucxx.loaded()
         length = int(probe.length)
         try:
-            req = self.worker.tag_recv_with_handle(ucx.Array(self._scratch), probe)
+            req = self.worker.tag_recv_with_handle(self._scratch_array, probe)
         except Exception:  # pragma: no cover - a worker being torn down
             logger.debug("rail %s: discarding a message failed", self.name, exc_info=True)
             return
-        key = id(req)
-        self._discards[key] = (req, self._scratch)
-
-        def done(future: Any) -> None:
-            self._discards.pop(key, None)
-            _ucxx.future_error(future)  # truncation expected; mark it retrieved
-
-        req.future.add_done_callback(done)
+        self._discards.append(req)
         if not foreign:
             return
         if self.stats is not None:

@@ -45,7 +45,7 @@ from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
 from . import _ucxx
 from .channel import Channel, MessageTruncated
-from .control import close_writer, mac, macs_equal, read_message, write_message
+from .control import LogLimiter, Session, close_writer, macs_equal, read_message, write_message
 from .protocol import (
     HEADER_ROOM,
     KIND_CONTROL,
@@ -56,6 +56,7 @@ from .protocol import (
     NONCE_BYTES,
     PROTOCOL_VERSION,
     TAG_INDEX_MASK,
+    TAIL_BYTES,
     Ack,
     Bind,
     Bound,
@@ -90,22 +91,61 @@ logger = logging.getLogger("tent_async.ucx")
 
 SLOTS = 8  # header receives posted per link (the client keeps at most this many headers unanswered)
 MAX_PENDING_HANDSHAKES = 32  # unauthenticated control connections at once; more are closed at once
+MAX_PENDING_PER_SOURCE = 16  # ... of them from one source address (many engines on one host connect at once)
 MAX_CONNECTIONS = 256  # authenticated connections at once
+MAX_CONNECTIONS_PER_SOURCE = 64  # ... of them from one source address
+LINK_BURST = 64  # LINKs a client may send at once (one per rail at connect, one per re-link) ...
+LINK_RATE = 8.0  # ... and per second after that; faster is a protocol violation
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
+STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
+STASH_BYTES = 256 << 20  # ... and per engine; beyond either the client's connection is dropped
 MAX_WRITE_BUFFER = 4 << 20  # unsent control bytes to one client before it counts as not reading
+
+
+def _host_bytes(view: Any) -> bytes:
+    """The bytes of a (numpy or cupy) view, on the host."""
+    if hasattr(view, "get"):  # pragma: no cover - cupy, needs a GPU
+        view = view.get()
+    return bytes(view.tobytes())
 
 
 class Connection:
     """One client engine connected to us: its control stream and its links (one per our rail)."""
 
-    def __init__(self, conn_id: int, name: str, host_id: str, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        conn_id: int,
+        name: str,
+        host_id: str,
+        writer: asyncio.StreamWriter,
+        rail_ips: frozenset[str],
+        session: Session | None,
+    ) -> None:
+        self.session = session  # with a shared secret: every message after HELLO is sealed with it
+        self.source = ""  # the IP address it connected from
+        self.label = name  # what its notifications give as their source (unique among connections)
+        self._link_tokens = float(LINK_BURST)
+        self._link_at = 0.0
         self.conn_id = conn_id
         self.name = name
         self.host_id = host_id
+        self.rail_ips = rail_ips  # the client's rails' IPv4 addresses (its TCP worker addresses point there)
         self.writer = writer
         self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
+
+    def send(self, msg: Message) -> None:
+        write_message(self.writer, msg, self.session)
+
+    def may_link(self, now: float) -> bool:
+        """Token bucket for LINK: each one costs an address check and a UCX endpoint."""
+        self._link_tokens = min(LINK_BURST, self._link_tokens + (now - self._link_at) * LINK_RATE)
+        self._link_at = now
+        if self._link_tokens < 1:
+            return False
+        self._link_tokens -= 1
+        return True
 
 
 class ServerLink:
@@ -121,6 +161,7 @@ class ServerLink:
         self.closed = False
         self.ns = rail.claim_namespace(self)
         self.drains = 0
+        self.in_flight = 0  # slices whose receive or send is posted on this link
         self.stash: dict[int, tuple[Any, int, float]] = {}  # request index -> (probe, length, when)
         self._stash_timer: asyncio.TimerHandle | None = None
         size = 4 + HEADER_ROOM + server.backend.inline_limit
@@ -176,10 +217,23 @@ class ServerLink:
         """The rail's sweeper found a message in our namespace that no receive expected."""
         if self.closed:
             return False
+        server = self.server
         if kind == KIND_DATA and len(self.stash) < len(self.slots) and index not in self.stash:
-            # A WRITE's bytes overtook their header (still being dispatched): keep them for it.
+            # A WRITE's bytes overtook their header (still being dispatched): keep them for it,
+            # within bounds per link and per engine (eager bytes held by UCX until received).
+            held = sum(n for _p, n, _w in self.stash.values())
+            if held + length > STASH_BYTES_PER_LINK or server.stashed_bytes + length > STASH_BYTES:
+                server.backend.stats["protocol_errors"] += 1
+                server.loop_soon(
+                    server.violation,
+                    self.conn,
+                    f"{self.label}: early WRITE bytes beyond the bound ({length} bytes; at most "
+                    f"{STASH_BYTES_PER_LINK} per link and {STASH_BYTES} per engine are kept for their headers)",
+                )
+                return False
             self.stash[index] = (probe, length, asyncio.get_running_loop().time())
-            self.server.backend.stats["early_writes"] += 1
+            server.stashed_bytes += length
+            server.backend.stats["early_writes"] += 1
             if self._stash_timer is None:
                 self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL, self._expire_stash)
             return True
@@ -191,7 +245,10 @@ class ServerLink:
     def take_stashed(self, request: int) -> tuple[Any, int] | None:
         """The early bytes of ``request``: filed under its tag's index (the request id's low bits)."""
         entry = self.stash.pop(request & TAG_INDEX_MASK, None)
-        return None if entry is None else (entry[0], entry[1])
+        if entry is None:
+            return None
+        self.server.stashed_bytes -= entry[1]
+        return entry[0], entry[1]
 
     def _expire_stash(self) -> None:
         self._stash_timer = None
@@ -212,8 +269,9 @@ class ServerLink:
         if self._stash_timer is not None:
             self._stash_timer.cancel()
             self._stash_timer = None
-        for probe, _length, _when in self.stash.values():
+        for probe, length, _when in self.stash.values():
             self.rail.discard(probe, foreign=False)
+            self.server.stashed_bytes -= length
         self.stash.clear()
         self.rail.release_namespace(self.ns)
         self.channel.abort(reason)  # cancels the header slots and every slice in flight
@@ -228,12 +286,15 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handshakes = 0
+        self._pending: dict[asyncio.Task[None], tuple[str, asyncio.StreamWriter]] = {}  # handshakes, oldest first
+        self._pending_by_source: collections.Counter[str] = collections.Counter()
         self.segment_ops: collections.Counter[str] = collections.Counter()
         self._sids: dict[str, tuple[Segment, int]] = {}
         self._sid_counter = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._tiny = np.zeros(1, dtype=np.uint8)  # refused WRITEs' bytes are matched into this byte
+        self.log = LogLimiter()
+        self.stashed_bytes = 0  # early WRITE bytes kept for their headers, all links together
 
     # ============================================================ catalogue
 
@@ -267,31 +328,57 @@ class Server:
         asyncio.get_running_loop().call_soon(fn, *args)
 
     def _accept_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._handshakes >= MAX_PENDING_HANDSHAKES:
-            # Before authentication nobody gets more than this many sockets' worth of our memory.
-            self.backend.stats["handshake_refused"] += 1
-            logger.debug(
-                "engine %r: too many handshakes in progress; closing a new connection", self.backend.engine_name
+        # Before authentication nobody gets more than MAX_PENDING_HANDSHAKES sockets' worth of our
+        # memory, and no source address more than MAX_PENDING_PER_SOURCE of them.  When all are
+        # taken the oldest handshake makes room: an honest one takes milliseconds, so a host that
+        # keeps handshakes open (slowloris) can no longer lock every new peer out (issue 11).
+        peername = writer.get_extra_info("peername")
+        source = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        stats = self.backend.stats
+        if self._pending_by_source[source] >= MAX_PENDING_PER_SOURCE:
+            stats["handshake_refused"] += 1
+            self.log.warning(
+                "pending",
+                "engine %r: too many handshakes from %s in progress; closing a new one",
+                self.backend.engine_name,
+                source,
             )
             writer.transport.abort()
             return
-        self._handshakes += 1
-        task = asyncio.get_running_loop().create_task(self._serve_control(reader, writer))
+        if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+            oldest, (_source, oldest_writer) = next(iter(self._pending.items()))
+            self._handshake_over(oldest)
+            stats["handshake_refused"] += 1
+            stats["handshakes_evicted"] += 1
+            oldest_writer.transport.abort()
+            oldest.cancel()
+        task = asyncio.get_running_loop().create_task(self._serve_control(reader, writer, source))
+        self._pending[task] = (source, writer)
+        self._pending_by_source[source] += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _handshake_over(self, task: asyncio.Task[None] | None) -> None:
+        entry = self._pending.pop(task, None) if task is not None else None
+        if entry is not None:
+            self._pending_by_source[entry[0]] -= 1
+            if self._pending_by_source[entry[0]] <= 0:
+                del self._pending_by_source[entry[0]]
+
     def _refuse(self, writer: asyncio.StreamWriter, peer: str, reason: str) -> None:
         self.backend.stats["handshake_refused"] += 1
-        logger.warning("engine %r refused a connection from %s: %s", self.backend.engine_name, peer, reason)
+        self.log.warning(
+            "refused", "engine %r refused a connection from %s: %s", self.backend.engine_name, peer, reason
+        )
         with contextlib.suppress(PeerClosedError):
             write_message(writer, Refused(reason=reason))
 
     async def _handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str, source: str
     ) -> Connection | None:
         backend = self.backend
-        nonce = os.urandom(NONCE_BYTES)
-        write_message(writer, Challenge(version=PROTOCOL_VERSION, nonce=nonce))
+        challenge = Challenge(version=PROTOCOL_VERSION, nonce=os.urandom(NONCE_BYTES))
+        write_message(writer, challenge)
         try:
             hello = await read_message(reader, limit=backend.handshake_timeout, max_frame=MAX_HELLO_FRAME)
         except VersionMismatch as exc:
@@ -305,12 +392,14 @@ class Server:
             return None
         who = f"engine {hello.name!r} at {where}"
         secret = backend.secret
+        session = None
         if secret is not None:
-            expected = mac(secret, b"hello", nonce, hello.nonce, hello.name)
+            # Keys from the secret, both nonces and this very CHALLENGE and HELLO (control.Session).
+            session = Session(secret, challenge, hello, server=True)
             if not hello.auth:
                 self._refuse(writer, who, "this engine requires a shared secret; pass the same secret= to both")
                 return None
-            if not macs_equal(hello.auth, expected):
+            if not macs_equal(hello.auth, session.auth):
                 self._refuse(writer, who, "shared secret mismatch; pass the same secret= to both engines")
                 return None
         elif hello.auth:
@@ -319,11 +408,20 @@ class Server:
         if len(self.connections) >= MAX_CONNECTIONS:
             self._refuse(writer, who, f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS} peers")
             return None
+        if sum(1 for c in self.connections.values() if c.source == source) >= MAX_CONNECTIONS_PER_SOURCE:
+            self._refuse(
+                writer,
+                who,
+                f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS_PER_SOURCE} peers at {source}",
+            )
+            return None
         conn_id = self._next_conn_id()
-        auth = mac(secret, b"welcome", hello.nonce, nonce, backend.engine_name, conn_id) if secret else b""
-        conn = Connection(conn_id, hello.name, hello.host_id, writer)
-        write_message(
-            writer,
+        conn = Connection(conn_id, hello.name, hello.host_id, writer, frozenset(r.ip for r in hello.rails), session)
+        conn.source = source
+        if any(conn.name in (c.name, c.label) for c in self.connections.values()):
+            # Another connected peer has this name: its notifications must not pass for this one's.
+            conn.label = f"{conn.name}#{conn_id}"
+        conn.send(
             Welcome(
                 version=PROTOCOL_VERSION,
                 name=backend.engine_name,
@@ -331,7 +429,7 @@ class Server:
                 conn_id=conn_id,
                 rails=backend.rail_ads(),
                 catalogue=self.catalogue(),
-                auth=auth,
+                auth=b"",  # with a secret, WELCOME is sealed with the session: that authenticates it
                 slots=self.slots,
                 inline_limit=backend.inline_limit,
             ),
@@ -340,30 +438,32 @@ class Server:
         logger.info("engine %r: %s connected (connection %d)", backend.engine_name, who, conn_id)
         return conn
 
-    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
         backend = self.backend
         peername = writer.get_extra_info("peername")
         where = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         conn: Connection | None = None
-        authenticating = True
+        me = asyncio.current_task()
         try:
-            conn = await self._handshake(reader, writer, where)
-            self._handshakes -= 1
-            authenticating = False
+            conn = await self._handshake(reader, writer, where, source)
+            self._handshake_over(me)
             if conn is not None:
                 await self._control_loop(conn, reader, f"engine {conn.name!r} at {where}")
         except (PeerClosedError, ConnectionError):
             pass
         except ProtocolError as exc:
             backend.stats["protocol_errors"] += 1
-            logger.warning(
-                "engine %r: dropping %s after a malformed control message: %s", backend.engine_name, where, exc
+            self.log.warning(
+                "malformed",
+                "engine %r: dropping %s after a malformed control message: %s",
+                backend.engine_name,
+                where,
+                exc,
             )
         except Exception:
             logger.exception("engine %r: serving %s failed", backend.engine_name, where)
         finally:
-            if authenticating:
-                self._handshakes -= 1
+            self._handshake_over(me)
             if conn is not None:
                 self._drop(conn, "the client closed the control connection")
             await close_writer(writer)
@@ -371,21 +471,35 @@ class Server:
     async def _control_loop(self, conn: Connection, reader: asyncio.StreamReader, who: str) -> None:
         ctx = self.backend.ctx
         while True:
-            msg = await read_message(reader, max_frame=MAX_CLIENT_FRAME)
+            msg = await read_message(reader, max_frame=MAX_CLIENT_FRAME, session=conn.session)
             if conn.closed:  # dropped meanwhile (a data-plane violation)
                 return
             if conn.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
                 raise ProtocolError(f"{who} does not read its answers ({MAX_WRITE_BUFFER} bytes queued)")
             if isinstance(msg, Lookup):
-                write_message(conn.writer, LookedUp(name=msg.name, segment=self.advert(msg.name)))
+                conn.send(LookedUp(name=msg.name, segment=self.advert(msg.name)))
             elif isinstance(msg, Link):
+                if not conn.may_link(asyncio.get_running_loop().time()):
+                    raise ProtocolError(
+                        f"{who} sets links up faster than {LINK_BURST} at once and {LINK_RATE:g} a second"
+                    )
                 self._link(conn, msg)
             elif isinstance(msg, Unlink):
                 for link in list(conn.links.values()):
                     if link.link_id == msg.link_id:
                         self.close_link(link, f"the client closed the link: {msg.reason}", tell=False)
             elif isinstance(msg, Notify):
-                ctx.deliver_notification(msg.message, conn.name)
+                if not ctx.deliver_notification(msg.message, conn.label):
+                    stats = self.backend.stats
+                    stats["notifications_dropped"] += 1
+                    stats["protocol_errors"] += 1
+                    self.log.warning(
+                        "notification",
+                        "engine %r: dropped a notification from %s: the application has not read the ones queued "
+                        "(bounded per peer and per engine)",
+                        self.backend.engine_name,
+                        who,
+                    )
             elif isinstance(msg, Bye):
                 return
             elif isinstance(msg, Refused):
@@ -410,27 +524,29 @@ class Server:
         """Open (or reopen) the link on our rail ``msg.rail`` to the client's worker."""
         rail = self.backend.local_rails.get(msg.rail)
         if rail is None:
-            write_message(conn.writer, Unlink(link_id=msg.link_id, reason=f"this engine has no rail {msg.rail!r}"))
+            conn.send(Unlink(link_id=msg.link_id, reason=f"this engine has no rail {msg.rail!r}"))
             return
         old = conn.links.pop(rail.name, None)
         if old is not None:
             self.close_link(old, "replaced by a new link on the same rail", tell=False)
-        try:
-            ep = rail.connect(msg.address)
-        except Exception as exc:
-            reason = f"cannot open an endpoint to the client's worker: {_ucxx.describe_error(exc)}"
-            write_message(conn.writer, Unlink(link_id=msg.link_id, reason=reason))
-            return
         label = f"rail {rail.name} <- {conn.name!r}"
         holder: list[ServerLink] = []
-        channel = Channel(rail, ep, label, lambda ch, reason: self._channel_closed(holder, reason))
+        try:
+            ep = rail.connect(msg.address, conn.rail_ips)
+            channel = Channel(rail, ep, label, lambda ch, reason: self._channel_closed(holder, reason))
+        except Exception as exc:
+            if isinstance(exc, ProtocolError):  # the client's worker address failed its check
+                self.backend.stats["protocol_errors"] += 1
+            reason = f"cannot open an endpoint to the client's worker: {_ucxx.describe_error(exc)}"
+            conn.send(Unlink(link_id=msg.link_id, reason=reason))
+            return
         link = ServerLink(self, conn, rail, msg, channel)
         holder.append(link)
         conn.links[rail.name] = link
         for slot in range(len(link.slots)):
             link.arm(slot)
         if not link.closed:
-            write_message(conn.writer, Linked(link_id=msg.link_id, namespace=link.ns))
+            conn.send(Linked(link_id=msg.link_id, namespace=link.ns))
         logger.debug("%s: link %d up (namespace %#x)", link.label, link.link_id, link.ns)
 
     def _channel_closed(self, holder: list[ServerLink], reason: str) -> None:
@@ -447,20 +563,21 @@ class Server:
         logger.debug("%s: link %d closed: %s", link.label, link.link_id, reason)
         if tell and not conn.closed:
             with contextlib.suppress(PeerClosedError):
-                write_message(conn.writer, Unlink(link_id=link.link_id, reason=reason))
+                conn.send(Unlink(link_id=link.link_id, reason=reason))
 
     def violation(self, conn: Connection, reason: str) -> None:
         """A protocol violation on the data plane: drop the whole connection."""
         if conn.closed:
             return
-        logger.warning(
+        self.log.warning(
+            "violation",
             "engine %r: dropping the connection of %r after a protocol violation: %s",
             self.backend.engine_name,
             conn.name,
             reason,
         )
         with contextlib.suppress(PeerClosedError):
-            write_message(conn.writer, Bye(reason=f"protocol violation: {reason}"))
+            conn.send(Bye(reason=f"protocol violation: {reason}"))
         self._drop(conn, f"protocol violation: {reason}")
         conn.writer.close()  # ends its control loop
 
@@ -506,9 +623,16 @@ class Server:
         stats = self.backend.stats
         ch = link.channel
         conn = link.conn
+        if seg is not None and link.in_flight >= len(link.slots):
+            # An honest client reuses a header slot only after that slice's reply, so it never has
+            # more slices in flight than slots; a client that does could keep any number of
+            # receives posted (about 3 KB of UCX state each, and the segment busy) (issue 11).
+            stats["protocol_errors"] += 1
+            seg, reason = None, f"more than {len(link.slots)} slices in flight on this link"
         if seg is None:
             stats["rejected"] += 1
-            logger.warning(
+            self.log.warning(
+                "rejected",
                 "engine %r refused %s of %d bytes at %d in %r from %r: %s",
                 self.backend.engine_name,
                 msg.op.name,
@@ -536,14 +660,14 @@ class Server:
                 link.rail.discard(stashed[0], foreign=False)
                 link.refuse(msg.request, f"WRITE announced {msg.length} bytes but {stashed[1]} were sent")
                 return
-            self._begin(seg)
+            self._begin(link, seg)
             try:
                 if stashed is not None:
                     req = ch.recv_with_handle(view, stashed[0])
                 else:
                     req = ch.tag_recv(view, make_tag(link.ns, KIND_DATA, msg.request))
             except Exception as exc:
-                self._end(seg)
+                self._end(link, seg)
                 link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
                 return
             ch.keep(req, (view, seg), self._after_recv(link, seg, msg))
@@ -554,26 +678,28 @@ class Server:
             stats["bytes_read"] += msg.length
             link.reply(Data(request=msg.request, payload=view.tobytes()))
             return
-        self._begin(seg)
+        self._begin(link, seg)
         try:
             req = ch.tag_send(view, make_tag(link.peer_ns, KIND_DATA, msg.request))
         except Exception as exc:
-            self._end(seg)
+            self._end(link, seg)
             link.refuse(msg.request, f"cannot send: {_ucxx.describe_error(exc)}")
             return
         ch.keep(req, (view, seg), self._after_send(link, seg, msg))
 
-    def _begin(self, seg: Segment) -> None:
+    def _begin(self, link: ServerLink, seg: Segment) -> None:
+        link.in_flight += 1
         self.segment_ops[seg.name] += 1
 
-    def _end(self, seg: Segment) -> None:
+    def _end(self, link: ServerLink, seg: Segment) -> None:
+        link.in_flight -= 1
         self.segment_ops[seg.name] -= 1
         if self.segment_ops[seg.name] <= 0:
             del self.segment_ops[seg.name]
 
     def _after_recv(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
-            self._end(seg)
+            self._end(link, seg)
             if error is None and not link.closed:
                 self.backend.stats["served_write"] += 1
                 self.backend.stats["bytes_written"] += msg.length
@@ -585,13 +711,15 @@ class Server:
 
     def _after_send(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
-            self._end(seg)
+            self._end(link, seg)
             if link.closed:
                 return
             if error is None:
                 self.backend.stats["served_read"] += 1
                 self.backend.stats["bytes_read"] += msg.length
-                link.reply(Sent(request=msg.request, length=msg.length))
+                end = msg.offset + msg.length
+                tail = seg.memory.array[end - min(TAIL_BYTES, msg.length) : end]
+                link.reply(Sent(request=msg.request, length=msg.length, tail=_host_bytes(tail)))
             else:
                 link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
 
@@ -625,7 +753,7 @@ class Server:
             self._server.close()
         for conn in list(self.connections.values()):
             with contextlib.suppress(PeerClosedError):
-                write_message(conn.writer, Bye(reason="engine closing"))
+                conn.send(Bye(reason="engine closing"))
             self._drop(conn, "engine closing")
         for task in list(self._tasks):
             task.cancel()
