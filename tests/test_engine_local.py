@@ -228,6 +228,7 @@ async def test_an_internal_failure_fails_transfers_instead_of_hanging() -> None:
     src = np.ones(16 * MiB, dtype=np.uint8)
     backend = Broken([tent.RailSpec(name="slow", bandwidth="100MB/s")])
     async with tent.Engine(backend=backend) as engine:
+        backend.inject_fault("slow", "stall")  # slices stay in flight: the cancel must withdraw them
         handle = engine.submit(engine.register(src)[:], engine.register(np.zeros_like(src))[:])
         await anyio.sleep(0.01)
         handle.cancel()  # the withdrawal raises inside the engine

@@ -363,6 +363,7 @@ class Engine:
         self._counters: collections.Counter[str] = collections.Counter()
         self.loop_lag = LoopLag()
         self._timer_fired = False  # the next pump was started by the timer: judge deadlines
+        self._pump_scheduled = False
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
 
     # ============================================================ lifecycle
@@ -890,17 +891,27 @@ class Engine:
     # ================================================================ pump
 
     def _kick(self) -> None:
-        """Poll the planner now: every report or request is acted on without a loop iteration.
+        """Poll the planner soon: at the end of this turn of the event loop, once.
 
-        Reentrant calls (a backend reporting synchronously from inside ``post``)
-        only ask the running pump to go round once more.
+        Every report and request of one loop iteration (a thousand task starts,
+        a batch of completions) is acted on by one pump, scheduled with
+        ``call_soon``: one poll instead of one per event, for the price of one
+        loop hop.  Calls from inside a running pump only ask it to go round
+        once more.
         """
         if self._loop is None or self._state == "closed":
             return
         if self._pumping:
             self._pump_again = True
             return
-        self._pump()
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        if self._state != "closed":
+            self._pump()
 
     def _pump(self) -> None:
         self._pumping = True
