@@ -150,3 +150,32 @@ def test_overlap_check_agrees_with_brute_force_on_addresses(blocks: list[tuple[i
             return False
 
     assert anyio.run(main) == brute()
+
+
+@given(
+    blocks=st.integers(1, 40),
+    block=st.sampled_from([512, 1024, 4096, 16384]),
+    head=st.integers(0, 1023),
+    tail=st.integers(0, 1023),
+    seed=st.integers(0, 3),
+)
+def test_copy_extents_scatter_path_is_byte_exact(blocks: int, block: int, head: int, tail: int, seed: int) -> None:
+    """Equal blocks from one contiguous run to scattered places, ends trimmed as a slice cuts them."""
+    from tent_async.memory import as_memory, copy_extents
+
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, blocks * block, dtype=np.uint8)
+    dst = np.zeros(blocks * block + 8192, dtype=np.uint8)
+    so = np.arange(blocks, dtype=np.int64) * block
+    do = rng.permutation(blocks).astype(np.int64) * block + 4096
+    ln = np.full(blocks, block, dtype=np.int64)
+    head = min(head, block - 1)
+    so[0] += head
+    do[0] += head
+    ln[0] -= head
+    ln[-1] -= min(tail, int(ln[-1]) - 1)
+    copy_extents([as_memory(src), as_memory(dst)], np.zeros(blocks, np.int32), so, np.ones(blocks, np.int32), do, ln)
+    want = np.zeros_like(dst)
+    for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist(), strict=True):
+        want[d : d + n] = src[s : s + n]
+    assert np.array_equal(dst, want)

@@ -659,6 +659,7 @@ class Engine:
         return self._submit_extents(planner, ext, notify, prio)
 
     def _submit_extents(self, planner: Planner, ext: Extents, notify: str | None, prio: Priority) -> TransferHandle:
+        ext = ext.coalesced()  # checks on the merged runs: the same answer, for a fraction of the work
         batches.check_overlaps(ext)
         segments = [seg for seg in ext.segments if isinstance(seg, SegmentBase)]
         dst_used = np.unique(ext.dst_seg).tolist() if len(ext) else []

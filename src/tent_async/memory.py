@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .errors import UnsupportedBufferError
 
@@ -188,12 +189,54 @@ def copy_extents(
         return
     views = [memoryview(m.array) for m in memories]
     if len(views) <= 2 and (src_seg == src_seg[0]).all() and (dst_seg == dst_seg[0]).all():
+        src_mem = memories[int(src_seg[0])]
+        dst_mem = memories[int(dst_seg[0])]
+        lo, hi = _scatter_run(src_mem, src_off, dst_mem, dst_off, length)
         sv = views[int(src_seg[0])]
         dv = views[int(dst_seg[0])]
-        for b, d, n in zip(src_off.tolist(), dst_off.tolist(), length.tolist(), strict=True):
+        for b, d, n in zip(src_off[:lo].tolist(), dst_off[:lo].tolist(), length[:lo].tolist(), strict=True):
+            dv[d : d + n] = sv[b : b + n]
+        for b, d, n in zip(src_off[hi:].tolist(), dst_off[hi:].tolist(), length[hi:].tolist(), strict=True):
             dv[d : d + n] = sv[b : b + n]
         return
     for a, b, c, d, n in zip(
         src_seg.tolist(), src_off.tolist(), dst_seg.tolist(), dst_off.tolist(), length.tolist(), strict=True
     ):
         views[c][d : d + n] = views[a][b : b + n]
+
+
+_SCATTER_MIN_BLOCK = 1024
+_SCATTER_MIN_COUNT = 8
+
+
+def _scatter_run(src: Memory, src_off: Any, dst: Memory, dst_off: Any, length: Any) -> tuple[int, int]:
+    """Copy the extents ``[lo, hi)`` in one numpy scatter when they allow it; returns ``(lo, hi)``.
+
+    The shape of a KV-cache write: equal blocks read from one contiguous run
+    of the source and written to scattered places.  All but the first and
+    last extent of a slice are whole blocks (the slice's ends may cut one),
+    so the middle is checked: equal lengths of at least 1 KiB, sources one
+    after the other.  It is then one fancy assignment into a byte-strided
+    view of the destination (row ``r`` is bytes ``[r, r + block)``), which
+    numpy performs in C without the GIL: 0.8x of a contiguous copy for 4 KiB
+    blocks, 1x for 16 KiB, against 0.45x and 0.75x for the per-block loop
+    (docs/benchmarks.md).  Returns ``(0, 0)`` when it does not apply.
+    """
+    n = len(length)
+    if n < _SCATTER_MIN_COUNT:
+        return 0, 0
+    lo, hi = 1, n - 1
+    block = int(length[lo])
+    body = length[lo:hi]
+    if block < _SCATTER_MIN_BLOCK or not (body == block).all():
+        return 0, 0
+    starts = src_off[lo:hi]
+    if not (starts[1:] - starts[:-1] == block).all():
+        return 0, 0
+    first = int(starts[0])
+    rows = hi - lo
+    source = src.array[first : first + rows * block].reshape(rows, block)
+    flat = dst.array
+    target = as_strided(flat, shape=(flat.shape[0] - block + 1, block), strides=(1, 1))
+    target[dst_off[lo:hi]] = source
+    return lo, hi
