@@ -42,6 +42,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from procnet import listening_ports  # noqa: E402
+from relay import tcp_relay  # noqa: E402
 from test_addresses import mutations  # noqa: E402
 
 import tent_async as tent  # noqa: E402
@@ -147,35 +148,19 @@ async def headers(rogue_peer: Any, count: int, rng: random.Random, segments: dic
 
 
 async def relay(target: PeerProcess, rails: list[Any]) -> dict[str, Any]:
-    host, port = target.address.rsplit(":", 1)
-    seen = bytearray()
-    upstream: list[asyncio.StreamWriter] = []
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            seen.extend(data)
-            writer.write(data)
-        writer.close()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        t_reader, t_writer = await asyncio.open_connection(host, int(port))
-        upstream.append(t_writer)
-        await asyncio.gather(pump(reader, t_writer), pump(t_reader, writer), return_exceptions=True)
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        async with tent.Engine(backend="ucx", name="relayed", secret=SECRET, rails=rails) as engine:
-            peer = await engine.connect(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
-            await peer.segment("kv")
-            leaked = [a for a in target.cmd(cmd="addresses")["addresses"] if bytes.fromhex(a) in seen]
-            upstream[0].write(p.frame(p.Lookup(name="kv")))
-            for _ in range(500):
-                if peer.closed:
-                    break
-                await asyncio.sleep(0.02)
-            return {"relayed_bytes": len(seen), "addresses_leaked": len(leaked), "session_ended": peer.closed}
-    finally:
-        server.close()
+    async with (
+        tcp_relay(target.address) as tap,
+        tent.Engine(backend="ucx", name="relayed", secret=SECRET, rails=rails) as engine,
+    ):
+        peer = await engine.connect(f"127.0.0.1:{tap.port}")
+        await peer.segment("kv")
+        leaked = [a for a in target.cmd(cmd="addresses")["addresses"] if bytes.fromhex(a) in tap.seen]
+        tap.upstream[0].write(p.frame(p.Lookup(name="kv")))
+        for _ in range(500):
+            if peer.closed:
+                break
+            await asyncio.sleep(0.02)
+        return {"relayed_bytes": len(tap.seen), "addresses_leaked": len(leaked), "session_ended": peer.closed}
 
 
 async def main(messages: int, flood: int) -> dict[str, Any]:

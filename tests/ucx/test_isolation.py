@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from relay import tcp_relay
 
 import tent_async as tent
 from conftest import requires_ucxx
@@ -85,44 +86,25 @@ async def test_a_relayed_handshake_gets_nothing(spawn_peer: Any) -> None:
     """
     name = "kv-cache-of-request-0042"
     target = spawn_peer(name="decode-0", secret="s3cret", rails=RAILS, segments=[{"name": name, "size": MiB}])
-    host, port = target.address.rsplit(":", 1)
-    seen = bytearray()
-    upstream: list[asyncio.StreamWriter] = []
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            seen.extend(data)
-            writer.write(data)
-        writer.close()
-
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        t_reader, t_writer = await asyncio.open_connection(host, int(port))
-        upstream.append(t_writer)
-        await asyncio.gather(pump(reader, t_writer), pump(t_reader, writer), return_exceptions=True)
-
-    server = await asyncio.start_server(relay, "127.0.0.1", 0)
-    relay_port = server.sockets[0].getsockname()[1]
-    try:
+    async with tcp_relay(target.address) as relay:
         rails = [tent.RailSpec(**r) for r in RAILS]
         async with tent.Engine(backend="ucx", name="prefill-0", secret="s3cret", rails=rails) as engine:
             with anyio.fail_after(30):
-                peer = await engine.connect(f"127.0.0.1:{relay_port}")
+                peer = await engine.connect(f"127.0.0.1:{relay.port}")
                 await peer.segment(name)
             assert peer.name == "decode-0"
             for address in target.cmd(cmd="addresses")["addresses"]:
-                assert bytes.fromhex(address) not in seen
-            assert name.encode() not in seen
+                assert bytes.fromhex(address) not in relay.seen
+            assert name.encode() not in relay.seen
             # The relay adds a message of its own (it cannot seal one): the target ends the session.
             before = target.cmd(cmd="stats")["stats"].get("protocol_errors", 0)
-            upstream[0].write(p.frame(p.Lookup(name=name)))
+            relay.upstream[0].write(p.frame(p.Lookup(name=name)))
             for _ in range(1500):  # another process: no event to wait on
                 if peer.closed:
                     break
                 await anyio.sleep(0.02)
             assert peer.closed
             assert target.cmd(cmd="stats")["stats"]["protocol_errors"] == before + 1
-    finally:
-        server.close()
 
 
 async def test_notifications_of_two_peers_with_one_name_are_told_apart(spawn_peer: Any) -> None:

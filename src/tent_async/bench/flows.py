@@ -36,7 +36,6 @@ from ..units import format_rate, format_size, parse_bandwidth, parse_size
 FLOW_RATIO = 0.9
 FLAT = 1.2
 PER_TRANSFER = 2048
-PER_BLOCK = 64
 
 
 # ------------------------------------------------------------------ flows

@@ -28,9 +28,6 @@ from ..engine import Engine
 from ..rails import RailSpec
 from ..units import format_rate, format_size, parse_size
 
-FLOW_RATIO = 0.9
-FLAT = 1.2
-PER_TRANSFER = 2048
 PER_BLOCK = 64
 
 
