@@ -128,3 +128,65 @@ def test_a_schedule_on_the_sim_backend_replays_exactly() -> None:
     first, second = anyio.run(once), anyio.run(once)
     assert first == second  # virtual time: the same schedule gives the same run
     assert first[2] > 0  # and the faults did hit the transfer
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rails=rail_specs(min_rails=2, max_rails=4, bandwidth=(1e9, 1e10)), data=st.data())
+def test_the_slice_trace_of_faulty_runs_keeps_every_invariant(rails: list[tent.RailSpec], data: st.DataObject) -> None:
+    """The kit on the engine itself: concurrent transfers (one of them scattered blocks) under a
+    drawn fault schedule, on the sim backend; the trace must pass the invariant checker."""
+    from tent_async.testing import SliceTrace
+
+    schedule = data.draw(fault_schedules(rails, horizon=0.02, spare=1))
+    src = np.random.default_rng(2).integers(0, 256, 8 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    perm = np.random.default_rng(3).permutation(512)
+
+    async def main() -> SliceTrace:
+        async with tent.Engine(backend="sim", rails=rails, seed=1) as engine:
+            a, b = engine.register(src, permission="r"), engine.register(dst)
+            trace = SliceTrace(engine)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(schedule.run, engine.backend)
+                async with anyio.create_task_group() as work:
+                    work.start_soon(engine.transfer, a[: 4 * MiB], b[: 4 * MiB])
+                    blocks = np.arange(512) * 4096
+                    region = slice(4 * MiB, 6 * MiB)
+                    work.start_soon(engine.transfer_blocks, a[region], blocks, b[region], perm * 4096, 4096)
+                tg.cancel_scope.cancel()
+            trace.close()
+            return trace
+
+    trace = anyio.run(main)
+    trace.check()
+    assert trace.of("post") and len(trace.of("finished")) == 2
+    assert np.array_equal(dst[: 4 * MiB], src[: 4 * MiB])
+    assert np.array_equal(dst[4 * MiB : 6 * MiB].reshape(512, 4096)[perm], src[4 * MiB : 6 * MiB].reshape(512, 4096))
+
+
+def test_the_checker_catches_each_violation() -> None:
+    from tent_async.testing import SliceEvent, TraceViolation, check_trace
+
+    post = SliceEvent(0.0, "post", 1, 1, "r0", 0, 100)
+    done = SliceEvent(1.0, "complete", 1, 1, "r0", 0, 100, counted=True)
+    fin = SliceEvent(2.0, "finished", 1, length=100, outcome="done")
+    check_trace([post, done, fin])  # the honest story passes
+    twice = SliceEvent(1.5, "complete", 1, 2, "r1", 50, 50, counted=True)
+    with pytest.raises(TraceViolation, match="overlap"):
+        check_trace([post, done, twice, fin])
+    short = SliceEvent(1.0, "complete", 1, 1, "r0", 0, 60, counted=True)
+    with pytest.raises(TraceViolation, match="60 of 100"):
+        check_trace([post, short, fin])
+    quarantine = SliceEvent(0.0, "rail", rail="r0", outcome="quarantine")
+    with pytest.raises(TraceViolation, match="quarantined"):
+        check_trace([quarantine, post, done, fin])
+    probe = SliceEvent(0.0, "rail", rail="r0", outcome="probe")
+    check_trace([quarantine, probe, post, done, fin])
+    late = SliceEvent(3.0, "withdrawn", 1, 3, "r1", 0, 100)
+    with pytest.raises(TraceViolation, match="not fenced"):
+        check_trace([post, done, fin, late])
+    with pytest.raises(TraceViolation, match="never ended"):
+        check_trace([post, done])
+    check_trace([post, done], ended=False)
+    with pytest.raises(TraceViolation, match="without an error"):
+        check_trace([post, SliceEvent(2.0, "finished", 1, outcome="failed")])

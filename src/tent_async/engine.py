@@ -39,7 +39,7 @@ import numpy as np
 
 from . import batches
 from .backends import Backend, make_backend
-from .core import Finished, Outcome, Piece, Planner, Post, RailEvent, RailInfo, SchedulerConfig, Withdraw
+from .core import AttemptState, Finished, Outcome, Piece, Planner, Post, RailEvent, RailInfo, SchedulerConfig, Withdraw
 from .core.events import EventKind
 from .core.extents import Extents
 from .core.transfer_state import Priority
@@ -59,6 +59,7 @@ from .memory import as_memory
 from .rails import RailSpec
 from .segments import PERMISSIONS, Permission, Segment, SegmentBase, View
 from .telemetry import Telemetry
+from .testing.trace import SliceEvent
 
 logger = logging.getLogger("tent_async")
 
@@ -346,6 +347,7 @@ class Engine:
         self._handles: dict[int, TransferHandle] = {}
         self._subscriptions: set[EventSubscription] = set()
         self._listeners: list[Callable[[RailEvent], None]] = []
+        self._slice_listeners: list[Callable[[SliceEvent], None]] = []
         self._notifications: collections.deque[Notification] = collections.deque()
         self._notes_queued: collections.Counter[object] = (
             collections.Counter()
@@ -974,7 +976,11 @@ class Engine:
             late_by = max(0.0, now - self._timer_at)
             self.loop_lag.record(late_by)
             self._timer_at = None  # consumed: _arm_timer arms the next one
-        for decision in planner.poll(now, late_by=late_by, deadlines=judge):
+        decisions = planner.poll(now, late_by=late_by, deadlines=judge)
+        events = planner.drain_events()
+        if self._slice_listeners:
+            self._trace_pump(now, decisions, events)
+        for decision in decisions:
             if type(decision) is Post:
                 try:
                     backend.post(decision.attempt)
@@ -986,10 +992,68 @@ class Engine:
             else:
                 assert isinstance(decision, Finished)
                 self._finish(decision)
-        events = planner.drain_events()
         if events:
             self._publish(events)
         self._arm_timer(planner.next_wakeup())
+
+    # ============================================================ slice trace
+
+    def add_slice_listener(self, callback: Callable[[SliceEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every slice event (see :mod:`tent_async.testing.trace`).
+
+        Returns a function that removes it.  Meant for tests and tools: while a
+        listener is attached every slice costs a few more object creations.
+        """
+        self._slice_listeners.append(callback)
+
+        def remove() -> None:
+            if callback in self._slice_listeners:
+                self._slice_listeners.remove(callback)
+
+        return remove
+
+    def _trace(self, event: SliceEvent) -> None:
+        for callback in list(self._slice_listeners):
+            callback(event)
+
+    def _trace_pump(self, now: float, decisions: list[Any], events: list[RailEvent]) -> None:
+        # Rail events first: the planner made them before this poll's decisions.
+        for ev in events:
+            self._trace(SliceEvent(ev.time, "rail", rail=ev.rail, outcome=ev.kind.value, detail=ev.detail))
+        for d in decisions:
+            if type(d) is Post or type(d) is Withdraw:
+                a = d.attempt
+                kind: Literal["post", "withdraw"] = "post" if type(d) is Post else "withdraw"
+                self._trace(SliceEvent(now, kind, a.transfer_id, a.id, a.rail_name, a.offset, a.length, a.probe))
+            else:
+                fin = d
+                detail = str(fin.error) if fin.error is not None else ""
+                self._trace(
+                    SliceEvent(
+                        now, "finished", fin.transfer_id, length=fin.acked, outcome=fin.outcome.value, detail=detail
+                    )
+                )
+
+    def _trace_report(self, kind: Literal["complete", "fail", "withdrawn"], attempt_id: int, detail: str = "") -> None:
+        planner = self._planner
+        a = planner._attempts.get(attempt_id) if planner is not None else None
+        if a is None:
+            return  # unknown or resolved already: the planner ignores it too
+        counted = kind == "complete" and a.state is AttemptState.LIVE
+        self._trace(
+            SliceEvent(
+                self._backend.clock(),
+                kind,
+                a.transfer_id,
+                a.id,
+                a.rail_name,
+                a.offset,
+                a.length,
+                a.probe,
+                counted,
+                detail=detail,
+            )
+        )
 
     def _arm_timer(self, when: float | None) -> None:
         """Make sure a timer fires by ``when``.
@@ -1107,6 +1171,8 @@ class _Context:
     def complete(self, attempt_id: int, wire_time: float | None = None) -> None:
         planner = self._planner()
         if planner is not None:
+            if self._engine._slice_listeners:
+                self._engine._trace_report("complete", attempt_id)
             planner.complete(attempt_id, self._engine._backend.clock(), wire_time)
             self._engine._kick()
 
@@ -1115,6 +1181,8 @@ class _Context:
     ) -> None:
         planner = self._planner()
         if planner is not None:
+            if self._engine._slice_listeners:
+                self._engine._trace_report("fail", attempt_id, str(error) or type(error).__name__)
             planner.fail(
                 attempt_id, self._engine._backend.clock(), error, rail_down=rail_down, transfer_fatal=transfer_fatal
             )
@@ -1123,6 +1191,8 @@ class _Context:
     def withdrawn(self, attempt_id: int) -> None:
         planner = self._planner()
         if planner is not None:
+            if self._engine._slice_listeners:
+                self._engine._trace_report("withdrawn", attempt_id)
             planner.withdrawn(attempt_id, self._engine._backend.clock())
             self._engine._kick()
 

@@ -10,6 +10,9 @@ and hypothesis strategies that draw them:
   clock) or the ``sim`` backend (virtual time: a failing example replays exactly).
 * :func:`rail_specs` and :func:`fault_schedules` (in :mod:`.strategies`, which needs
   hypothesis: ``pip install 'tent_async[testing]'``).
+* :class:`SliceTrace` records every slice of an engine; :func:`check_trace` checks
+  exactly-once coverage, no post to a quarantined rail, nothing after a transfer's
+  end, and that every transfer ends (:mod:`.trace`).
 
 See "Property-testing your use of the engine" in docs/guide.md for a worked example.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .faults import ACTIONS, Action, FaultKnobs, FaultSchedule, FaultStep
+from .trace import SliceEvent, SliceTrace, TraceViolation, check_trace
 
 if TYPE_CHECKING:
     from .strategies import FAULT_KINDS, fault_schedules, rail_specs
@@ -46,6 +50,10 @@ __all__ = [
     "FaultKnobs",
     "FaultSchedule",
     "FaultStep",
+    "SliceEvent",
+    "SliceTrace",
+    "TraceViolation",
+    "check_trace",
     "fault_schedules",
     "rail_specs",
 ]
