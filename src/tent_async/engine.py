@@ -537,7 +537,12 @@ class Engine:
         return self._backend.address
 
     async def connect(self, address: str, **options: Any) -> Any:
-        """Connect to the engine listening at ``address``; returns a :class:`Peer` (ucx backend)."""
+        """Connect to the engine listening at ``address``; returns a :class:`Peer` (ucx backend).
+
+        Options (ucx): ``timeout=`` for the handshake, ``expect_name=`` the peer
+        engine's name, refusing any other engine that answers (a wrong address,
+        or a relay forwarding the connection elsewhere; see docs/ucx.md).
+        """
         self._require_running()
         return await self._backend.connect(address, **options)
 

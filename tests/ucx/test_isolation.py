@@ -128,3 +128,45 @@ async def test_notifications_of_two_peers_with_one_name_are_told_apart(spawn_pee
         sources = {n["message"]: n["source"] for n in notes}
         assert sources["from 0"] == "twin"
         assert sources["from 1"].startswith("twin#") and sources["from 1"] != sources["from 0"]
+
+
+async def test_a_relayed_or_misdirected_connection_to_another_engine_is_refused(spawn_peer: Any) -> None:
+    """A relay can forward a handshake to another engine that knows the secret (review of issue 11,
+    finding 1): with expect_name= the client refuses the engine it did not mean to reach."""
+    decode0 = spawn_peer(name="decode-0", secret="s3cret", rails=RAILS, segments=[{"name": "kv", "size": MiB}])
+    rails = [tent.RailSpec(**r) for r in RAILS]
+    async with (
+        tcp_relay(decode0.address) as relay,  # listens where the client believes decode-1 is
+        tent.Engine(backend="ucx", name="prefill-0", secret="s3cret", rails=rails) as engine,
+    ):
+        with anyio.fail_after(30), pytest.raises(tent.HandshakeError, match="is 'decode-0', not 'decode-1'"):
+            await engine.connect(f"127.0.0.1:{relay.port}", expect_name="decode-1")
+        assert engine.rails == []  # nothing was paired with the wrong engine
+        with anyio.fail_after(30):
+            peer = await engine.connect(decode0.address, expect_name="decode-0")
+        assert peer.name == "decode-0"
+        with pytest.raises(tent.ConfigError, match="expect_name"):
+            await engine.connect(decode0.address, expect_name=7)
+
+
+async def test_a_connection_back_to_oneself_is_refused() -> None:
+    rails = [tent.RailSpec(**RAILS[0])]
+    async with tent.Engine(backend="ucx", name="loop-0", rails=rails, listen="127.0.0.1:0") as engine:
+        assert engine.address is not None
+        with anyio.fail_after(30), pytest.raises(tent.HandshakeError, match="this engine itself"):
+            await engine.connect(engine.address)
+
+
+async def test_rail_names_are_never_reused_after_a_peer_closes(spawn_peer: Any) -> None:
+    """A transfer still queued for a closed peer's rail must not reach a new peer of the same name."""
+    rails = [tent.RailSpec(**RAILS[0])]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails) as engine:
+        first = spawn_peer(name="decode-0", rails=RAILS[:1], segments=[{"name": "kv", "size": MiB}])
+        with anyio.fail_after(30):
+            peer = await engine.connect(first.address)
+        old = list(peer.rails)
+        await peer.close()
+        second = spawn_peer(name="decode-0", rails=RAILS[:1], segments=[{"name": "kv", "size": MiB}])
+        with anyio.fail_after(30):
+            again = await engine.connect(second.address)
+        assert not set(again.rails) & set(old), (old, again.rails)

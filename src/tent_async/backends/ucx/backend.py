@@ -233,8 +233,13 @@ class UcxBackend(Backend):
     async def connect(self, address: str, **options: Any) -> Peer:
         """Handshake with the engine listening at ``address`` and pair rails with it."""
         timeout = parse_duration(options.pop("timeout", self.connect_timeout))
+        expect_name = options.pop("expect_name", None)
         if options:
-            raise ConfigError(f"unknown connect options {sorted(options)}; only timeout= is supported")
+            raise ConfigError(
+                f"unknown connect options {sorted(options)}; supported: timeout=, expect_name="
+            )
+        if expect_name is not None and not isinstance(expect_name, str):
+            raise ConfigError(f"expect_name must be the peer engine's name (a str), got {expect_name!r}")
         host, port = parse_address(address)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
@@ -249,6 +254,19 @@ class UcxBackend(Backend):
             raise PeerConnectError(f"cannot connect to {address}: {exc}") from None
         try:
             welcome, session = await self._handshake(address, reader, writer, limit=timeout)
+            # WELCOME is authenticated, but the session does not say which engine the client
+            # meant to reach: a relay can forward the handshake to another engine that knows
+            # the secret, or back to this one.  Refuse both when we can tell.
+            if welcome.name == self.engine_name and welcome.host_id == self.host_id:
+                raise HandshakeError(
+                    f"{address} is this engine itself ({self.engine_name!r}); a relay may have sent the "
+                    "connection back, or the address is this engine's own"
+                )
+            if expect_name is not None and welcome.name != expect_name:
+                raise HandshakeError(
+                    f"the engine at {address} is {welcome.name!r}, not {expect_name!r}: the address is wrong or "
+                    "something between the hosts relays the connection to another engine"
+                )
         except BaseException:
             await close_writer(writer)
             raise
@@ -282,7 +300,9 @@ class UcxBackend(Backend):
             # peer, issue 11).
             name = pair.rail_name(peer.name)
             base, n = name, 2
-            while name in self._reserved or (name in self._links and not self._links[name].peer.closed):
+            # Never reuse a name, even of a peer that closed: a transfer still queued for the
+            # old peer's rail must not be posted to a new peer that took its name.
+            while name in self._reserved or name in self._links:
                 name, n = f"{base}#{n}", n + 1
             self._reserved.add(name)
             link = Link(peer, pair, self.local_rails[pair.local.name], name)
@@ -474,6 +494,14 @@ class UcxBackend(Backend):
             loop.call_soon(
                 lambda: ctx.fail(attempt.id, PeerClosedError(link.peer.closed_reason()), transfer_fatal=True)
             )
+            return
+        remote = attempt.dst if isinstance(attempt.dst, RemoteSegment) else attempt.src
+        if isinstance(remote, RemoteSegment) and remote.peer is not link.peer:  # pragma: no cover - defence
+            error = RailLinkError(
+                f"rail {link.name} leads to peer {link.peer.name!r}, not to the owner of {remote.name!r}; "
+                "refusing to send its bytes there"
+            )
+            loop.call_soon(functools.partial(ctx.fail, attempt.id, error, transfer_fatal=True))
             return
         try:
             link.post(attempt, self.clock())
