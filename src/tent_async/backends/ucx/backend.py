@@ -235,9 +235,7 @@ class UcxBackend(Backend):
         timeout = parse_duration(options.pop("timeout", self.connect_timeout))
         expect_name = options.pop("expect_name", None)
         if options:
-            raise ConfigError(
-                f"unknown connect options {sorted(options)}; supported: timeout=, expect_name="
-            )
+            raise ConfigError(f"unknown connect options {sorted(options)}; supported: timeout=, expect_name=")
         if expect_name is not None and not isinstance(expect_name, str):
             raise ConfigError(f"expect_name must be the peer engine's name (a str), got {expect_name!r}")
         host, port = parse_address(address)
