@@ -190,3 +190,41 @@ def test_the_checker_catches_each_violation() -> None:
     check_trace([post, done], ended=False)
     with pytest.raises(TraceViolation, match="without an error"):
         check_trace([post, SliceEvent(2.0, "finished", 1, outcome="failed")])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=st.data())
+def test_drawn_workloads_land_byte_exact_through_faults(workload: st.DataObject) -> None:
+    """Concurrent block-table transfers of every class, drawn by the kit, on the sim backend."""
+    from tent_async.testing import SliceTrace, Workload, workloads
+
+    rails = [tent.RailSpec(name=f"r{i}", bandwidth="10GB/s") for i in range(3)]
+    w = workload.draw(workloads(max_transfers=4, max_blocks=24))
+    assert isinstance(w, Workload)
+    schedule = workload.draw(fault_schedules(rails, horizon=0.001, spare=1))
+    src = np.random.default_rng(w.pool_blocks).integers(0, 256, w.pool_bytes, dtype=np.uint8)
+    dst = np.zeros_like(src)
+
+    async def main() -> SliceTrace:
+        async with tent.Engine(backend="sim", rails=rails, seed=1) as engine:
+            a, b = engine.register(src, permission="r"), engine.register(dst)
+            trace = SliceTrace(engine)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(schedule.run, engine.backend)
+                async with anyio.create_task_group() as work:
+                    for t in w.transfers:
+                        work.start_soon(
+                            lambda t=t: engine.transfer_blocks(
+                                a, t.src_offsets(), b, t.dst_offsets(), w.block, priority=t.priority
+                            )
+                        )
+                tg.cancel_scope.cancel()
+            trace.close()
+            return trace
+
+    anyio.run(main).check()
+    want = np.zeros_like(src)
+    for t in w.transfers:
+        for s, d in zip(t.src_offsets(), t.dst_offsets(), strict=True):
+            want[d : d + w.block] = src[s : s + w.block]
+    assert np.array_equal(dst, want)

@@ -8,7 +8,7 @@ and hypothesis strategies that draw them:
 * :class:`FaultSchedule` / :class:`FaultStep`: which rail fails how, and when;
   ``await schedule.run(engine.backend)`` applies it on the ``local`` backend (wall
   clock) or the ``sim`` backend (virtual time: a failing example replays exactly).
-* :func:`rail_specs` and :func:`fault_schedules` (in :mod:`.strategies`, which needs
+* :func:`rail_specs`, :func:`fault_schedules` and :func:`workloads` (in :mod:`.strategies`, which needs
   hypothesis: ``pip install 'tent_async[testing]'``).
 * :class:`SliceTrace` records every slice of an engine; :func:`check_trace` checks
   exactly-once coverage, no post to a quarantined rail, nothing after a transfer's
@@ -25,9 +25,9 @@ from .faults import ACTIONS, Action, FaultKnobs, FaultSchedule, FaultStep
 from .trace import SliceEvent, SliceTrace, TraceViolation, check_trace
 
 if TYPE_CHECKING:
-    from .strategies import FAULT_KINDS, fault_schedules, rail_specs
+    from .strategies import FAULT_KINDS, BlockTransfer, Workload, fault_schedules, rail_specs, workloads
 
-_STRATEGIES = ("FAULT_KINDS", "fault_schedules", "rail_specs")
+_STRATEGIES = ("FAULT_KINDS", "BlockTransfer", "Workload", "fault_schedules", "rail_specs", "workloads")
 
 
 def __getattr__(name: str) -> Any:
@@ -56,4 +56,7 @@ __all__ = [
     "check_trace",
     "fault_schedules",
     "rail_specs",
+    "workloads",
+    "BlockTransfer",
+    "Workload",
 ]

@@ -2,6 +2,8 @@
 
 * :func:`rail_specs` draws a rail set: unique names, speeds spread over a range
   (log-uniform, so a 100x spread is as likely as a 2x one), latencies, tiers.
+* :func:`workloads` draws concurrent block-table transfers (sizes, scattered or
+  adjacent extent lists, priority classes) as a :class:`Workload` value.
 * :func:`fault_schedules` draws a :class:`~tent_async.testing.FaultSchedule` over
   given rails: errors, outages, stalls, flapping, degradation and "all but
   one" failures, at times within a horizon.  With ``spare=1`` (the default) at
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import attrs
 from hypothesis import strategies as st
 
 from ..errors import ConfigError
@@ -163,3 +166,82 @@ def _cleared(schedule: FaultSchedule, rail: str) -> bool:
 
 
 __all__ = ["FAULT_KINDS", "fault_schedules", "rail_specs"]
+
+
+@attrs.frozen
+class BlockTransfer:
+    """One transfer of a drawn workload: ``blocks`` of ``block`` bytes from a source pool to a
+    destination pool, at block indices ``src_blocks`` and ``dst_blocks``; ``priority`` its class.
+
+    ``src_offsets()``/``dst_offsets()`` give byte offsets for ``engine.transfer_blocks``.
+    """
+
+    block: int
+    src_blocks: tuple[int, ...]
+    dst_blocks: tuple[int, ...]
+    priority: str = "normal"
+
+    @property
+    def nbytes(self) -> int:
+        return self.block * len(self.src_blocks)
+
+    def src_offsets(self) -> list[int]:
+        return [b * self.block for b in self.src_blocks]
+
+    def dst_offsets(self) -> list[int]:
+        return [b * self.block for b in self.dst_blocks]
+
+
+@attrs.frozen
+class Workload:
+    """Transfers meant to run concurrently, over pools of ``pool_blocks`` blocks of ``block`` bytes.
+
+    Destination blocks are distinct across all transfers (so every byte of the
+    destination pool has one expected value); sources may repeat.
+    """
+
+    block: int
+    pool_blocks: int
+    transfers: tuple[BlockTransfer, ...]
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.block * self.pool_blocks
+
+
+@st.composite
+def workloads(
+    draw: st.DrawFn,
+    *,
+    max_transfers: int = 6,
+    max_blocks: int = 64,
+    block_sizes: Sequence[int] = (4096, 16384, 65536),
+    priorities: Sequence[str] = ("high", "normal", "background"),
+) -> Workload:
+    """Draw concurrent block-table transfers: sizes, scattered or adjacent extent lists, classes.
+
+    Each transfer's destination blocks are a run (adjacent, they coalesce) or a
+    random pick of the pool (scattered); sources likewise.  Shrinks towards
+    fewer, smaller, adjacent transfers.
+    """
+    if max_transfers < 1 or max_blocks < 1 or not block_sizes:
+        raise ConfigError("workloads needs max_transfers >= 1, max_blocks >= 1 and at least one block size")
+    block = draw(st.sampled_from(list(block_sizes)))
+    counts = draw(st.lists(st.integers(1, max_blocks), min_size=1, max_size=max_transfers))
+    pool = sum(counts)
+    transfers = []
+    used = 0
+    for n in counts:
+        # Each transfer owns the destination blocks [used, used + n): in order (adjacent,
+        # they coalesce) or shuffled (scattered); never another transfer's blocks.
+        adjacent = draw(st.booleans())
+        order = range(n) if adjacent else draw(st.permutations(range(n)))
+        dst = tuple(used + k for k in order)
+        used += n
+        src = (
+            tuple(draw(st.lists(st.integers(0, pool - 1), min_size=n, max_size=n)))
+            if draw(st.booleans())
+            else (tuple(range(n)))
+        )
+        transfers.append(BlockTransfer(block, src, dst, draw(st.sampled_from(list(priorities)))))
+    return Workload(block, pool, tuple(transfers))
