@@ -857,9 +857,13 @@ class Engine:
             while self._notifications:
                 note = self._notifications.popleft()
                 size = _note_size(note)
-                self._notes_queued[None] -= size
-                self._notes_queued[note.source] -= 1
-                self._notes_queued[(note.source, "bytes")] -= size
+                queued = self._notes_queued
+                queued[None] -= size
+                queued[note.source] -= 1
+                queued[(note.source, "bytes")] -= size
+                if queued[note.source] <= 0:  # forget a source with nothing queued (labels come and go)
+                    del queued[note.source]
+                    del queued[(note.source, "bytes")]
                 yield note
             if self._state == "closed":
                 return
