@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import numpy as np
@@ -130,34 +132,48 @@ def test_a_schedule_on_the_sim_backend_replays_exactly() -> None:
     assert first[2] > 0  # and the faults did hit the transfer
 
 
+def _traced_run(
+    rails: list[tent.RailSpec],
+    schedule: FaultSchedule,
+    src: np.ndarray,
+    dst: np.ndarray,
+    work: Callable[[tent.Engine, tent.Segment, tent.Segment, Any], None],
+) -> Any:
+    """Run ``work`` (it starts transfers in the task group it is given) on the sim backend while
+    ``schedule`` plays; returns the slice trace of the run."""
+    from tent_async.testing import SliceTrace
+
+    async def main() -> SliceTrace:
+        async with tent.Engine(backend="sim", rails=rails, seed=1) as engine:
+            a, b = engine.register(src, permission="r"), engine.register(dst)
+            with SliceTrace(engine) as trace:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(schedule.run, engine.backend)
+                    async with anyio.create_task_group() as transfers:
+                        work(engine, a, b, transfers)
+                    tg.cancel_scope.cancel()
+            return trace
+
+    return anyio.run(main)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rails=rail_specs(min_rails=2, max_rails=4, bandwidth=(1e9, 1e10)), data=st.data())
 def test_the_slice_trace_of_faulty_runs_keeps_every_invariant(rails: list[tent.RailSpec], data: st.DataObject) -> None:
     """The kit on the engine itself: concurrent transfers (one of them scattered blocks) under a
     drawn fault schedule, on the sim backend; the trace must pass the invariant checker."""
-    from tent_async.testing import SliceTrace
 
     schedule = data.draw(fault_schedules(rails, horizon=0.02, spare=1))
     src = np.random.default_rng(2).integers(0, 256, 8 * MiB, dtype=np.uint8)
     dst = np.zeros_like(src)
     perm = np.random.default_rng(3).permutation(512)
 
-    async def main() -> SliceTrace:
-        async with tent.Engine(backend="sim", rails=rails, seed=1) as engine:
-            a, b = engine.register(src, permission="r"), engine.register(dst)
-            trace = SliceTrace(engine)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(schedule.run, engine.backend)
-                async with anyio.create_task_group() as work:
-                    work.start_soon(engine.transfer, a[: 4 * MiB], b[: 4 * MiB])
-                    blocks = np.arange(512) * 4096
-                    region = slice(4 * MiB, 6 * MiB)
-                    work.start_soon(engine.transfer_blocks, a[region], blocks, b[region], perm * 4096, 4096)
-                tg.cancel_scope.cancel()
-            trace.close()
-            return trace
+    def work(engine: tent.Engine, a: tent.Segment, b: tent.Segment, tg: Any) -> None:
+        tg.start_soon(engine.transfer, a[: 4 * MiB], b[: 4 * MiB])
+        region = slice(4 * MiB, 6 * MiB)
+        tg.start_soon(engine.transfer_blocks, a[region], np.arange(512) * 4096, b[region], perm * 4096, 4096)
 
-    trace = anyio.run(main)
+    trace = _traced_run(rails, schedule, src, dst, work)
     trace.check()
     assert trace.of("post") and len(trace.of("finished")) == 2
     assert np.array_equal(dst[: 4 * MiB], src[: 4 * MiB])
@@ -196,7 +212,7 @@ def test_the_checker_catches_each_violation() -> None:
 @given(workload=st.data())
 def test_drawn_workloads_land_byte_exact_through_faults(workload: st.DataObject) -> None:
     """Concurrent block-table transfers of every class, drawn by the kit, on the sim backend."""
-    from tent_async.testing import SliceTrace, Workload, workloads
+    from tent_async.testing import Workload, workloads
 
     rails = [tent.RailSpec(name=f"r{i}", bandwidth="10GB/s") for i in range(3)]
     w = workload.draw(workloads(max_transfers=4, max_blocks=24))
@@ -205,24 +221,13 @@ def test_drawn_workloads_land_byte_exact_through_faults(workload: st.DataObject)
     src = np.random.default_rng(w.pool_blocks).integers(0, 256, w.pool_bytes, dtype=np.uint8)
     dst = np.zeros_like(src)
 
-    async def main() -> SliceTrace:
-        async with tent.Engine(backend="sim", rails=rails, seed=1) as engine:
-            a, b = engine.register(src, permission="r"), engine.register(dst)
-            trace = SliceTrace(engine)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(schedule.run, engine.backend)
-                async with anyio.create_task_group() as work:
-                    for t in w.transfers:
-                        work.start_soon(
-                            lambda t=t: engine.transfer_blocks(
-                                a, t.src_offsets(), b, t.dst_offsets(), w.block, priority=t.priority
-                            )
-                        )
-                tg.cancel_scope.cancel()
-            trace.close()
-            return trace
+    def work(engine: tent.Engine, a: tent.Segment, b: tent.Segment, tg: Any) -> None:
+        for t in w.transfers:
+            tg.start_soon(
+                lambda t=t: engine.transfer_blocks(a, t.src_offsets(), b, t.dst_offsets(), w.block, priority=t.priority)
+            )
 
-    anyio.run(main).check()
+    _traced_run(rails, schedule, src, dst, work).check()
     want = np.zeros_like(src)
     for t in w.transfers:
         for s, d in zip(t.src_offsets(), t.dst_offsets(), strict=True):

@@ -1045,7 +1045,7 @@ class Engine:
 
     def _trace_report(self, kind: Literal["complete", "fail", "withdrawn"], attempt_id: int, detail: str = "") -> None:
         planner = self._planner
-        a = planner._attempts.get(attempt_id) if planner is not None else None
+        a = planner.attempt(attempt_id) if planner is not None else None
         if a is None:
             return  # unknown or resolved already: the planner ignores it too
         counted = kind == "complete" and a.state is AttemptState.LIVE

@@ -23,7 +23,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ClassVar, Protocol
 
 from ..core import Attempt, RailInfo, SchedulerConfig
-from ..errors import ConfigError, UnregisteredSegmentError
+from ..errors import ConfigError, SegmentError, UnregisteredSegmentError
+from ..memory import copy_bytes, copy_extents
 from ..rails import RailSpec
 from ..segments import Segment, SegmentBase
 
@@ -189,3 +190,23 @@ class Backend(abc.ABC):
     def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
         loop = asyncio.get_running_loop()
         return loop.call_at(loop.time() + max(0.0, when - self.clock()), callback)
+
+
+def copy_attempt(attempt: Attempt, backend: str) -> None:
+    """Move an attempt's bytes between local segments: one extent, or a scatter-gather list.
+
+    For the backends whose rails copy within this process (``local``, ``sim``).
+    """
+    ext = attempt.extents
+    if ext is None:
+        src, dst = attempt.src, attempt.dst
+        if not isinstance(src, Segment) or not isinstance(dst, Segment):
+            raise SegmentError(f"{backend} rails copy between local segments only, got {src!r} -> {dst!r}")
+        copy_bytes(dst.memory, attempt.dst_offset, src.memory, attempt.src_offset, attempt.length)
+        return
+    memories = []
+    for seg in ext.segments:
+        if not isinstance(seg, Segment):
+            raise SegmentError(f"{backend} rails copy between local segments only, got {seg!r}")
+        memories.append(seg.memory)
+    copy_extents(memories, *ext.arrays())

@@ -38,11 +38,10 @@ import anyio
 
 from ..core import Attempt
 from ..errors import ConfigError, SegmentError, TentError
-from ..memory import copy_bytes, copy_extents
 from ..rails import RailSpec
 from ..segments import Segment, SegmentBase
 from ..units import parse_size
-from .base import Backend, BackendContext
+from .base import Backend, BackendContext, copy_attempt
 
 FAULT_MODES = ("error", "down", "stall")
 _BURST = 1e-3
@@ -51,23 +50,6 @@ INLINE_MAX = 256 * 1024
 
 class RailFaultError(TentError):
     """An injected fault on a local rail."""
-
-
-def _copy(a: Attempt) -> None:
-    """Move an attempt's bytes (one extent, or a scatter-gather extent list)."""
-    ext = a.extents
-    if ext is None:
-        src, dst = a.src, a.dst
-        if not isinstance(src, Segment) or not isinstance(dst, Segment):
-            raise SegmentError(f"local rails copy between local segments only, got {src!r} -> {dst!r}")
-        copy_bytes(dst.memory, a.dst_offset, src.memory, a.src_offset, a.length)
-        return
-    memories = []
-    for seg in ext.segments:
-        if not isinstance(seg, Segment):
-            raise SegmentError(f"local rails copy between local segments only, got {seg!r}")
-        memories.append(seg.memory)
-    copy_extents(memories, *ext.arrays())
 
 
 def _host_only(a: Attempt) -> bool:
@@ -117,7 +99,7 @@ class _Worker(threading.Thread):
             backend.report_fail(a.id, RailFaultError(f"rail {self.spec.name} is down (injected)"), rail_down=True)
             return
         start = time.monotonic()
-        _copy(a)
+        copy_attempt(a, "local")
         finish = self.paced_finish(a.length, start)
         delay = finish - time.monotonic()
         if delay > 0:
@@ -236,7 +218,7 @@ class LocalBackend(Backend):
             return
         start = time.monotonic()
         try:
-            _copy(a)
+            copy_attempt(a, "local")
         except Exception as exc:
             loop.call_soon(self._deliver_inline, aid, "error", exc, False)
             return

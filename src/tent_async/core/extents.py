@@ -217,6 +217,17 @@ class SliceExtents:
     def __len__(self) -> int:
         return self.i1 - self.i0
 
+    def first(self) -> tuple[Hashable, int, Hashable, int]:
+        """``(src, src offset, dst, dst offset)`` of the slice's first byte."""
+        e = self._ext
+        i, skip = self.i0, self.head
+        return (
+            e.segments[e.src_seg[i]],
+            int(e.src_off[i]) + skip,
+            e.segments[e.dst_seg[i]],
+            int(e.dst_off[i]) + skip,
+        )
+
     @property
     def segments(self) -> tuple[Hashable, ...]:
         return self._ext.segments

@@ -378,9 +378,9 @@ class Planner:
         """Live states of every open transfer (read-only use, for the planner's own tests)."""
         return list(self._transfers.values())
 
-    def queued(self) -> int:
-        """Transfers waiting in a queue or stalled for a rail (entries, finished ones included until dropped)."""
-        return sum(g.waiting() for g in self._work) + len(self._stalled)
+    def attempt(self, aid: int) -> Attempt | None:
+        """The attempt ``aid`` while it is LIVE or WITHDRAWING (``None`` once resolved)."""
+        return self._attempts.get(aid)
 
     def attempts(self) -> list[Attempt]:
         """Attempts that are LIVE or WITHDRAWING."""
@@ -741,7 +741,7 @@ class Planner:
             dst_off += offset
         else:
             win = ext.window(offset, size)
-            src, src_off, dst, dst_off = ext.first(offset)
+            src, src_off, dst, dst_off = win.first()
             if len(win) > 1:
                 extents = win
         expected = rail.expected_time(size, now)

@@ -76,10 +76,7 @@ class RailGroup:
         chosen: int | None = None
         starving: int | None = None
         for c in _CLASSES:
-            q = self.queues[c]
-            while q and not q[0].pending:
-                q.popleft().queued = False
-            if not q:
+            if not self._has_work(c):
                 self.passed[c] = 0
                 continue
             if chosen is None:
@@ -91,12 +88,16 @@ class RailGroup:
     def best_class(self) -> int:
         """The highest class with waiting work (3 when none)."""
         for c in _CLASSES:
-            q = self.queues[c]
-            while q and not q[0].pending:
-                q.popleft().queued = False
-            if q:
+            if self._has_work(c):
                 return c
         return 3
+
+    def _has_work(self, c: int) -> bool:
+        """Does class ``c`` have a transfer with bytes to send?  Drops finished fronts on the way."""
+        q = self.queues[c]
+        while q and not q[0].pending:
+            q.popleft().queued = False
+        return bool(q)
 
     def served(self, c: int) -> None:
         """The front transfer of class ``c`` got a slice: rotate it, count the turn."""
@@ -116,9 +117,6 @@ class RailGroup:
         t = self.queues[c].popleft()
         t.queued = False
         return t
-
-    def waiting(self) -> int:
-        return sum(len(q) for q in self.queues)
 
     def __iter__(self) -> Iterator[TransferState]:
         for q in self.queues:

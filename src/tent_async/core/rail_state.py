@@ -160,10 +160,6 @@ class RailState:
         self.dispatchable = health.dispatchable
         self.window = health.window(self.window_full)
 
-    def has_free_window(self) -> bool:
-        """Could a policy give this rail an ordinary slice now?"""
-        return self.dispatchable and len(self.inflight) < self.window
-
     def has_room(self) -> bool:
         return len(self.inflight) < self.window
 

@@ -31,10 +31,9 @@ from typing import Any, ClassVar
 
 from ...core import Attempt
 from ...errors import ConfigError, SegmentError
-from ...memory import copy_bytes, copy_extents
 from ...rails import RailSpec
 from ...segments import Segment, SegmentBase
-from ..base import Backend, BackendContext, Cancellable
+from ..base import Backend, BackendContext, Cancellable, copy_attempt
 from .clock import VirtualClock
 from .fabric import Flow, FluidFabric, SimRail, SimRailError
 from .profiles import Mode
@@ -270,19 +269,8 @@ class SimBackend(Backend):
         if ctx is None:
             return
         if self.copy:
-            src, dst = a.src, a.dst
             try:
-                if not isinstance(src, Segment) or not isinstance(dst, Segment):
-                    raise SegmentError(f"sim rails copy between local segments only, got {src!r} -> {dst!r}")
-                if a.extents is None:
-                    copy_bytes(dst.memory, a.dst_offset, src.memory, a.src_offset, a.length)
-                else:
-                    memories = []
-                    for seg in a.extents.segments:
-                        if not isinstance(seg, Segment):
-                            raise SegmentError(f"sim rails copy between local segments only, got {seg!r}")
-                        memories.append(seg.memory)
-                    copy_extents(memories, *a.extents.arrays())
+                copy_attempt(a, "sim")
             except Exception as exc:
                 ctx.fail(a.id, exc, transfer_fatal=True)
                 return
