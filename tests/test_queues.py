@@ -25,7 +25,7 @@ class CountingEft(EarliestFinish):
 
 
 def test_a_poll_with_every_rail_full_asks_the_policy_nothing() -> None:
-    planner = Planner([RailInfo("a", 1e9), RailInfo("b", 1e9)], SchedulerConfig(window=2))
+    planner = Planner([RailInfo("a", 1e9), RailInfo("b", 1e9)], SchedulerConfig(window=2, max_window=2))
     policy = CountingEft()
     policy.bind(planner.rails, planner.config)
     planner.policy = policy
@@ -44,6 +44,38 @@ def test_a_poll_with_every_rail_full_asks_the_policy_nothing() -> None:
     assert CountingEft.calls - before <= 2
 
 
+def test_the_window_is_a_budget_of_bytes_as_well_as_slices() -> None:
+    """Small slices (min_slice or less) fill a healthy rail up to ``window`` nominal slices'
+    worth of bytes, at most ``max_window`` of them; bigger slices stop at ``window``; a
+    suspect rail gets one."""
+
+    def flows(cfg: SchedulerConfig, size: int, n: int = 100) -> Planner:
+        planner = Planner([RailInfo("a", 1e9)], cfg)  # nominal slice 1 MB at 1 ms
+        for i in range(n):
+            planner.submit([Piece("s", i * size, "d", i * size, size)], 0.0)
+        planner.poll(0.0)
+        return planner
+
+    by_bytes = flows(SchedulerConfig(window=2, max_window=64), 64 * KiB).rails[0]
+    assert by_bytes.inflight_bytes >= 2 * by_bytes.nominal > by_bytes.inflight_bytes - 64 * KiB
+    assert len(by_bytes.inflight) == 31
+    by_count = flows(SchedulerConfig(window=2, max_window=16), 4 * KiB).rails[0]
+    assert len(by_count.inflight) == 16
+    assert len(flows(SchedulerConfig(window=2, max_window=16), 256 * KiB).rails[0].inflight) == 2
+    assert len(flows(SchedulerConfig(window=3, max_window=1), 4 * KiB).rails[0].inflight) == 3
+
+    sus = Planner([RailInfo("a", 1e9)], SchedulerConfig(window=2, max_window=16))
+    for i in range(10):
+        sus.submit([Piece("s", i * 4 * KiB, "d", i * 4 * KiB, 4 * KiB)], 0.0)
+    first = [d for d in sus.poll(0.0) if isinstance(d, Post)]
+    sus.fail(first[0].attempt.id, 1e-4, RuntimeError("boom"))  # one error: suspect
+    assert sus.rails[0].health.state.value == "suspect"
+    for d in first[1:]:
+        sus.complete(d.attempt.id, 2e-4)
+    sus.poll(2e-4)
+    assert len(sus.rails[0].inflight) == 1
+
+
 def test_small_transfers_are_not_starved_by_a_big_one() -> None:
     """Round-robin per slice within a class: a 4 MiB transfer submitted after a 1 GiB one
     finishes long before it."""
@@ -56,7 +88,9 @@ def test_small_transfers_are_not_starved_by_a_big_one() -> None:
 
 
 def test_high_priority_goes_first_and_background_still_moves() -> None:
-    planner = Planner([RailInfo("a", 1e9)], SchedulerConfig(window=1, priority_aging=4, min_slice=64 * KiB))
+    planner = Planner(
+        [RailInfo("a", 1e9)], SchedulerConfig(window=1, max_window=1, priority_aging=4, min_slice=64 * KiB)
+    )
     bg = planner.submit([Piece("s", 0, "d", 0, 64 * MiB)], 0.0, priority="background")
     hi = [planner.submit([Piece("s", 0, f"h{i}", 0, 64 * MiB)], 0.0, priority="high") for i in range(2)]
     served: list[int] = []
@@ -81,7 +115,9 @@ def test_high_priority_goes_first_and_background_still_moves() -> None:
 )
 def test_no_class_waits_longer_than_its_aging_bound(prios: list[str], aging: int) -> None:
     """Whatever the mix, a class with waiting work is served within (aging + 2) slices."""
-    planner = Planner([RailInfo("a", 1e9)], SchedulerConfig(window=1, priority_aging=aging, min_slice=64 * KiB))
+    planner = Planner(
+        [RailInfo("a", 1e9)], SchedulerConfig(window=1, max_window=1, priority_aging=aging, min_slice=64 * KiB)
+    )
     cls = {}
     for i, p in enumerate(prios):
         tid = planner.submit([Piece("s", 0, f"d{i}", 0, 4 * MiB)], 0.0, priority=p)

@@ -2,7 +2,11 @@
 
 N concurrent ``engine.transfer()`` calls of 64 KiB from one anyio task group,
 on paced local rails, against the same pairs submitted as one
-``transfer_batch`` (the fast way), alternating in the same run.  Reports
+``transfer_batch`` (the fast way), alternating in the same run with two
+references: the same transfers submitted from one task and awaited one after
+another (the engine without a task per flow), and N anyio tasks that await a
+future and do nothing else (what the pattern costs with no engine at all: when
+that alone takes longer than the batch, 0.9x is out of reach).  Reports
 throughput beside the rails' paced aggregate (the physical limit), the ratio
 to the batch, the planner's dispatch cost per slice (time inside ``poll`` and
 ``next_wakeup``), deadline misses, the event loop's lag, and the Python memory
@@ -16,6 +20,7 @@ misses, <= 2 KiB per open transfer.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -36,6 +41,9 @@ from ..units import format_rate, format_size, parse_bandwidth, parse_size
 FLOW_RATIO = 0.9
 FLAT = 1.2
 PER_TRANSFER = 2048
+# one batch; N anyio tasks each calling transfer(); one task submitting N and awaiting
+# each handle; N anyio tasks that await a future and nothing else (the pattern's floor)
+MODES = ("batch", "tasks", "submit", "alone")
 
 
 # ------------------------------------------------------------------ flows
@@ -75,7 +83,23 @@ class _PollTimer:
         planner.next_wakeup = timed_wake  # type: ignore[method-assign]
 
 
-async def _flows_once(n: int, size: int, specs: list[RailSpec], batch: bool) -> dict[str, float]:
+async def _tasks_alone(n: int) -> dict[str, float]:
+    """The floor of the pattern: N anyio tasks that each await a future resolved at once, no engine."""
+    loop = asyncio.get_running_loop()
+
+    async def one() -> None:
+        fut = loop.create_future()
+        loop.call_soon(fut.set_result, None)
+        await fut
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return {"elapsed": time.perf_counter() - t0}
+
+
+async def _flows_once(n: int, size: int, specs: list[RailSpec], mode: str) -> dict[str, float]:
     src = np.random.default_rng(n).integers(0, 256, n * size, dtype=np.uint8)
     dst = np.zeros_like(src)
     async with Engine(backend="local", rails=specs) as engine:
@@ -85,10 +109,14 @@ async def _flows_once(n: int, size: int, specs: list[RailSpec], batch: bool) -> 
         dst[:] = 0
         timer = _PollTimer(engine.planner)
         t0 = time.perf_counter()
-        if batch:
+        if mode == "batch":
             await engine.transfer_batch(
                 [(a[i * size : (i + 1) * size], b[i * size : (i + 1) * size]) for i in range(n)]
             )
+        elif mode == "submit":
+            handles = [engine.submit(a[i * size : (i + 1) * size], b[i * size : (i + 1) * size]) for i in range(n)]
+            for handle in handles:
+                await handle
         else:
             async with anyio.create_task_group() as tg:
                 for i in range(n):
@@ -134,18 +162,22 @@ def run(args: argparse.Namespace) -> int:
     console = make_console()
     rows = []
     with step_progress() as progress:
-        task = progress.add_task("flows", total=len(counts) * 2 * args.repeat)
+        task = progress.add_task("flows", total=len(counts) * len(MODES) * args.repeat)
         for n in counts:
-            runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+            runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
             for _ in range(args.repeat):
-                for batch in (True, False):  # alternate, so drift hits both alike
-                    runs[batch].append(anyio.run(_flows_once, n, size, specs, batch))
+                for mode in MODES:  # alternate, so drift hits every mode alike
+                    if mode == "alone":
+                        runs[mode].append(anyio.run(_tasks_alone, n))
+                    else:
+                        runs[mode].append(anyio.run(_flows_once, n, size, specs, mode))
                     progress.update(task, advance=1, description=f"{n} flows")
-            med: dict[bool, dict[str, float]] = {}
-            for batch, rs in runs.items():
-                med[batch] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-                med[batch]["misses"] = max(r["misses"] for r in rs)
-            rows.append((n, med[True], med[False]))
+            med: dict[str, dict[str, float]] = {}
+            for mode, rs in runs.items():
+                med[mode] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                if "misses" in rs[0]:
+                    med[mode]["misses"] = max(r["misses"] for r in rs)
+            rows.append((n, med))
     per_open = anyio.run(_open_transfer_bytes, counts[-1], size, specs)
     table = Table(
         title=f"{format_size(size)} flows on {args.rails} local rails paced at {format_rate(rate)} "
@@ -154,9 +186,12 @@ def run(args: argparse.Namespace) -> int:
     for col in (
         "open transfers",
         "one batch",
-        "concurrent transfer()",
+        "transfer() in N tasks",
         "ratio",
         "of limit",
+        "N tasks, no engine",
+        "submit() x N, await",
+        "ratio",
         "dispatch us/slice",
         "deadline misses",
         "loop lag max",
@@ -165,23 +200,31 @@ def run(args: argparse.Namespace) -> int:
     worst = float("inf")
     dispatch = []
     misses = 0
-    for n, b, f in rows:
+    for n, med in rows:
+        b, f, sub, alone = med["batch"], med["tasks"], med["submit"], med["alone"]
         total = n * size
         ratio = b["elapsed"] / f["elapsed"]
         worst = min(worst, ratio)
         dispatch.append(f["dispatch_us"])
-        misses += int(f["misses"])
+        misses += int(f["misses"]) + int(sub["misses"])
         table.add_row(
             f"{n:,}",
             format_rate(total / b["elapsed"]),
             format_rate(total / f["elapsed"]),
             f"{ratio:.2f}",
             f"{total / f['elapsed'] / limit:.2f}",
+            f"{alone['elapsed'] / b['elapsed']:.2f}x batch",
+            format_rate(total / sub["elapsed"]),
+            f"{b['elapsed'] / sub['elapsed']:.2f}",
             f"{f['dispatch_us']:.1f}",
             str(int(f["misses"])),
             f"{f['lag_max_ms']:.1f} ms",
         )
-        print(json.dumps({"bench": "flows", "n": n, "batch": b, "flows": f, "ratio": ratio}))
+        print(
+            json.dumps(
+                {"bench": "flows", "n": n, "batch": b, "flows": f, "submit": sub, "tasks_alone": alone, "ratio": ratio}
+            )
+        )
     console.print(table)
     flat = max(dispatch) / min(dispatch)
     print(json.dumps({"bench": "flows", "bytes_per_open_transfer": per_open}))

@@ -71,7 +71,11 @@ class SchedulerConfig:
     Dispatch
         ``window`` (2): slices a healthy rail may hold in flight.  Two keeps the
         wire busy while one completes, and is short enough that each decision
-        is made late, with fresh telemetry.  ``tie_band`` (0.05): rails whose
+        is made late, with fresh telemetry.  A healthy rail also takes more
+        slices of ``min_slice`` or less while what it holds is less than ``window``
+        nominal slices' worth of bytes, up to ``max_window`` (16) slices (under
+        ``eft``): many small transfers then keep a fast rail as busy as one
+        elephant's big slices do.  ``tie_band`` (0.05): rails whose
         expected finish is within 5 % of the best are equivalent, so a slice is
         not held for a busy rail that is barely better.  ``tier_penalty``
         multiplies a rail's expected finish by its topology tier (same PCIe
@@ -139,6 +143,7 @@ class SchedulerConfig:
     tail_merge: float = attrs.field(default=0.5, validator=_fraction)
 
     window: int = attrs.field(default=2, validator=_at_least_one)
+    max_window: int = attrs.field(default=16, validator=_at_least_one)
     tie_band: float = attrs.field(default=0.05, validator=_non_negative)
     tier_penalty: tuple[float, ...] = attrs.field(default=(1.0, 1.15, 1.4), converter=tuple, validator=_penalties)
     probe_interval: float = attrs.field(default=0.1, converter=parse_duration, validator=_positive)

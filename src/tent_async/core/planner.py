@@ -115,7 +115,7 @@ class Planner:
         """
         prio = Priority.parse(priority)
         if rails is None:
-            eligible = list(self.rails)
+            eligible = self.rails
         else:
             eligible = []
             for key in rails:
@@ -150,10 +150,10 @@ class Planner:
         tid = self._next_tid
         self._next_tid += 1
         t = TransferState(tid, extents, single, total, eligible, now, prio)
-        group_key = tuple(r.index for r in eligible)
+        group_key = tuple([r.index for r in t.rails])
         group = self._groups.get(group_key)
         if group is None:
-            group = self._groups[group_key] = RailGroup(group_key, tuple(eligible), self.config.priority_aging)
+            group = self._groups[group_key] = RailGroup(group_key, t.rails, self.config.priority_aging)
         t.group = group
         self._transfers[tid] = t
         if t.pending:

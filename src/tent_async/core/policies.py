@@ -175,7 +175,8 @@ class EarliestFinish:
                 # (slices in flight cannot be taken back; short bulk slices drain fast).
                 room = inflight == rail.bulk_inflight and inflight < max(1, rail.window - 1)
             else:
-                room = inflight < rail.window
+                # Small slices may use the extra slots of a rail that holds little (RailState.room).
+                room = inflight < rail.window or (size <= floor and rail.room)
             if cost < pick_cost and room:
                 pick, pick_cost, pick_size = rail, cost, size
         if pick is None or pick_cost > best * self._band:

@@ -62,7 +62,7 @@ class RailGroup:
         usable = False
         for rail in self.rails:
             if rail.dispatchable:
-                if len(rail.inflight) < rail.window:
+                if rail.room:
                     return True
                 usable = True
         return not usable

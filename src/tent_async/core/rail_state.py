@@ -14,7 +14,7 @@ import attrs
 
 from .config import SchedulerConfig
 from .decisions import Attempt
-from .health import RailHealth
+from .health import Health, RailHealth
 from .slicing import nominal_slice
 from .telemetry import RailEstimator
 
@@ -75,9 +75,11 @@ class RailState:
         "probe_checked",
         "probes_total",
         "rerouted_from",
+        "room",
         "slices_total",
         "window",
         "window_full",
+        "window_max",
     )
 
     def __init__(self, index: int, info: RailInfo, config: SchedulerConfig) -> None:
@@ -109,6 +111,8 @@ class RailState:
         self.nominal = nominal_slice(info.bandwidth, config)
         self.window_full = config.window
         self.window = config.window  # slices allowed in flight in the current health state
+        self.window_max = max(config.window, config.max_window)
+        self.room = True  # may take another slice now (see _update_room)
         self.dispatchable = True  # healthy or suspect: a policy may choose it
         self.deadline_scale = 1.0  # grows when a slice withdrawn for its deadline completes after all
         self.bytes_total = 0
@@ -126,6 +130,7 @@ class RailState:
         self.bw = self.estimator.bandwidth
         self.lat = self.estimator.latency
         self.nominal = nominal_slice(self.bw, self._config)
+        self._update_room()
 
     def add(self, attempt: Attempt) -> None:
         """Account a newly posted attempt."""
@@ -136,6 +141,7 @@ class RailState:
         self.inflight_bytes += attempt.length
         if attempt.bulk:
             self.bulk_inflight += 1
+        self._update_room()
 
     def remove(self, attempt: Attempt) -> None:
         """Release a resolved attempt (idempotent)."""
@@ -149,6 +155,7 @@ class RailState:
             head = next(iter(inflight.values()))
             self.head_posted = head.posted_at
             self.head_expected = head.expected
+        self._update_room()
 
     def sync_health(self) -> None:
         """Mirror the health state into the two fields the dispatcher reads for every decision.
@@ -159,8 +166,27 @@ class RailState:
         health = self.health
         self.dispatchable = health.dispatchable
         self.window = health.window(self.window_full)
+        self._update_room()
+
+    def _update_room(self) -> None:
+        """May the rail take a small slice now?  (``has_room``: a slice of any size.)
+
+        A rail takes a slice while it holds fewer than ``window`` slices, and a
+        healthy one also takes small slices (``min_slice`` or less) while what
+        it holds is less than ``window`` nominal slices' worth of bytes, up to
+        ``max_window`` slices: a stream of small transfers then keeps a fast
+        rail busy across the driver's reaction time, as one elephant's big
+        slices do, while work committed ahead of a decision stays as short.
+        """
+        n = len(self.inflight)
+        self.room = n < self.window or (
+            n < self.window_max
+            and self.health.state is Health.HEALTHY
+            and self.inflight_bytes < self.window * self.nominal
+        )
 
     def has_room(self) -> bool:
+        """May the rail take a slice of any size now (the plain ``window`` count)?"""
         return len(self.inflight) < self.window
 
     def effective_bandwidth(self, now: float) -> float:
