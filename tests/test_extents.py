@@ -179,3 +179,39 @@ def test_copy_extents_scatter_path_is_byte_exact(blocks: int, block: int, head: 
     for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist(), strict=True):
         want[d : d + n] = src[s : s + n]
     assert np.array_equal(dst, want)
+
+
+@given(
+    block=st.sampled_from([1, 512, 4096]),
+    slots=st.lists(st.integers(0, 40), min_size=1, max_size=30),
+    shift=st.sampled_from([0, 0, 0, 256]),
+    stray=st.booleans(),
+)
+def test_destination_slots_are_checked_like_brute_force(block: int, slots: list[int], shift: int, stray: bool) -> None:
+    """Separate source and destination pools (the fast path: equal blocks on a grid): a slot
+    used twice, or a block off the grid that overlaps another, is refused; distinct slots pass."""
+    import anyio
+
+    from tent_async import Engine
+    from tent_async.batches import check_overlaps
+    from tent_async.errors import OverlappingViewsError
+
+    offsets = [s * block for s in slots]
+    if stray and len(offsets) > 1:
+        offsets[-1] += shift * block // 4096  # off the grid (or not, when the shift rounds to 0)
+    ranges = [(o, o + block) for o in offsets]
+    expect = any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(ranges) for (b0, b1) in ranges[i + 1 :])
+
+    async def main() -> bool:
+        async with Engine(backend="local") as engine:
+            src = engine.register(np.zeros(64 * block, dtype=np.uint8), name="src")
+            dst = engine.register(np.zeros(64 * block, dtype=np.uint8), name="dst")
+            n = len(offsets)
+            ext = Extents.between(src, np.arange(n, dtype=np.int64) * block, dst, np.array(offsets), block)
+            try:
+                check_overlaps(ext)
+            except OverlappingViewsError:
+                return True
+            return False
+
+    assert anyio.run(main) == expect
