@@ -70,6 +70,11 @@ def add_veth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=4, help="raw per-rail runs: slices in flight (default 4)")
     parser.add_argument("--policies", default=",".join(ENGINE_POLICIES), help="engine policies to run")
     parser.add_argument("--no-engine", action="store_true", help="raw ucxx only")
+    parser.add_argument(
+        "--no-hints",
+        action="store_true",
+        help="engine rails without bandwidth= hints: the engine learns each rail's rate from telemetry",
+    )
     parser.add_argument("--timeline-size", default="160MiB", help="bytes of the link-down timeline transfer")
     parser.add_argument("--down-at", type=float, default=1.0, help="seconds into the timeline to take a rail down")
     parser.add_argument("--step-timeout", type=float, default=0.0, help="seconds per step (default: from the rates)")
@@ -439,13 +444,14 @@ def engine_rows(
         out.append(row)
         emit(row)
 
+    hints = "" if not getattr(args, "no_hints", False) else ", no bandwidth hints"
     for policy in policies:
         try:
             res, cnt = engine_case(tb, args, policy)
             keep(
                 _row(
                     tb,
-                    f"engine {policy}",
+                    f"engine {policy}{hints}",
                     "engine",
                     res,
                     cnt,
@@ -453,6 +459,14 @@ def engine_rows(
                     rails=rail_names(tb),
                     bytes_per_rail=res.get("bytes_per_rail"),
                 )
+            )
+            fractions = [res["bytes"] / s / tb.capacity for s in res["seconds"]]
+            later = fractions[2:]
+            console.print(
+                f"engine {policy}{hints}, each transfer in order: "
+                + " ".join(f"{f:.3f}" for f in fractions)
+                + (f" of the aggregate; from the third on, worst {min(later):.3f}" if later else " of the aggregate"),
+                highlight=False,
             )
         except (BenchStepError, TestbedError) as exc:
             console.print(f"[bold red]engine {policy} failed:[/] {exc}", highlight=False)
@@ -467,7 +481,8 @@ def _engine_specs(
     tb: VethTestbed, args: argparse.Namespace, policy: str, size: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     names = rail_names(tb)
-    rails = [{"name": n, "bandwidth": r.bandwidth} for n, r in zip(names, tb.rails, strict=True)]
+    hints = not getattr(args, "no_hints", False)
+    rails = [{"name": n, "bandwidth": r.bandwidth if hints else None} for n, r in zip(names, tb.rails, strict=True)]
     control = min(tb.rails, key=lambda r: r.bandwidth)  # the link-down timeline takes the fastest down
     server = {
         "role": "engine_server",
