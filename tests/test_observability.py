@@ -36,7 +36,8 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.mark.anyio
 async def test_prometheus_metrics_match_the_telemetry_snapshot() -> None:
     rails = [tent.RailSpec(name="nic0", bandwidth="1GB/s"), tent.RailSpec(name="nic1", bandwidth="500MB/s")]
-    cfg = tent.SchedulerConfig(max_slice="256KiB", deadline_floor="50ms")
+    # A quarantine long enough that the scrape (a thread, on a loaded machine) sees it.
+    cfg = tent.SchedulerConfig(max_slice="256KiB", deadline_floor="50ms", backoff_base="30s", backoff_cap="30s")
     async with tent.Engine(rails=rails, name="e1", config=cfg) as engine:
         a = engine.register(np.ones(8 * MiB, dtype=np.uint8))
         b = engine.register(np.zeros(8 * MiB, dtype=np.uint8))
