@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tent_async as tent
-from tent_async.backends.local import LocalBackend
+from tent_async.backends.local import LocalBackend, RailFaultError
 
 MiB = 1 << 20
 pytestmark = pytest.mark.anyio
@@ -207,4 +207,39 @@ async def test_a_single_rail_hiccup_does_not_fail_the_transfer() -> None:
             result = await handle
         assert result.bytes == src.size
         assert engine.telemetry()["r0"].quarantines >= 1
+    check(src, dst, before)
+
+
+class _FailsInsidePost(LocalBackend):
+    """A backend whose rail ``r0`` is known dead: it reports the failure from inside post."""
+
+    def __init__(self, *args: object, raise_instead: bool = False, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.raise_instead = raise_instead
+        self.refused = 0
+
+    def post(self, attempt: tent.core.Attempt) -> None:
+        if attempt.rail_name == "r0":
+            self.refused += 1
+            if self.raise_instead:
+                raise RailFaultError("r0 is gone (raised from post)")
+            assert self._ctx is not None
+            self._ctx.fail(attempt.id, RailFaultError("r0 is gone (reported from post)"), rail_down=True)
+            return
+        super().post(attempt)
+
+
+@pytest.mark.parametrize("raise_instead", [False, True])
+async def test_a_report_from_inside_post_is_acted_on_in_the_next_pump(raise_instead: bool) -> None:
+    """The rule in Backend.post: reports may come from inside post; the slice is rerouted."""
+    backend = _FailsInsidePost(rails(2), raise_instead=raise_instead)
+    src, dst, before = buffers(8 * MiB)
+    async with tent.Engine(backend=backend, config=CONFIG) as engine:
+        a = engine.register(src, name="src", permission="r")
+        b = engine.register(dst, name="dst")
+        res = await engine.transfer(a[:], b[4096 : 4096 + 8 * MiB])
+        assert backend.refused >= 1
+        assert res.bytes_per_rail.get("r0", 0) == 0
+        r0 = next(r for r in engine.telemetry().rails if r.name == "r0")
+        assert r0.errors >= 1 and r0.bytes_total == 0
     check(src, dst, before)

@@ -135,7 +135,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def post(self, attempt: Attempt) -> None:
-        """Start moving the attempt's bytes.  Must not block; report through the context."""
+        """Start moving the attempt's bytes.  Must not block; report through the context.
+
+        A report may come at any time after ``post`` began, including from
+        inside ``post`` itself (a link already known to be down fails the
+        attempt at once): the engine records it in the planner immediately
+        and acts on it in its next pump, never in the middle of this one.
+        Raising from ``post`` fails the attempt the same way.
+        """
 
     @abc.abstractmethod
     def withdraw(self, attempt: Attempt) -> None:
