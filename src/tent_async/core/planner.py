@@ -71,6 +71,7 @@ class Planner:
         self.config = config or SchedulerConfig()
         self.rails: list[RailState] = [RailState(i, info, self.config) for i, info in enumerate(rails)]
         self._by_name = {r.name: r for r in self.rails}
+        self._all: tuple[tuple[RailState, ...], tuple[int, ...]] = (tuple(self.rails), tuple(range(len(self.rails))))
         self.policy: Policy = make_policy(policy)
         self.policy.bind(self.rails, self.config)
         self.scatter_gather = scatter_gather  # may one slice carry several extents?
@@ -114,19 +115,22 @@ class Planner:
         zero bytes finishes at the next :meth:`poll`.
         """
         prio = Priority.parse(priority)
+        group_key: tuple[int, ...] | None = None
+        eligible: Sequence[RailState]
         if rails is None:
-            eligible = self.rails
+            eligible, group_key = self._all  # shared: no tuple per transfer
         else:
-            eligible = []
+            chosen: list[RailState] = []
             for key in rails:
                 rail = self._by_name.get(key) if isinstance(key, str) else self._rail_at(key)
                 if rail is None:
                     raise ValueError(f"unknown rail {key!r}; known rails: {sorted(self._by_name)}")
-                if rail not in eligible:
-                    eligible.append(rail)
-            eligible.sort(key=lambda r: r.index)
-            if not eligible:
+                if rail not in chosen:
+                    chosen.append(rail)
+            chosen.sort(key=lambda r: r.index)
+            if not chosen:
                 raise ValueError("a transfer needs at least one eligible rail")
+            eligible = chosen
         extents: Extents | None
         single: tuple[Hashable, int, Hashable, int] | None = None
         if isinstance(pieces, Extents):
@@ -150,7 +154,8 @@ class Planner:
         tid = self._next_tid
         self._next_tid += 1
         t = TransferState(tid, extents, single, total, eligible, now, prio)
-        group_key = tuple([r.index for r in t.rails])
+        if group_key is None:
+            group_key = tuple([r.index for r in t.rails])
         group = self._groups.get(group_key)
         if group is None:
             group = self._groups[group_key] = RailGroup(group_key, t.rails, self.config.priority_aging)
@@ -289,6 +294,7 @@ class Planner:
             raise ValueError(f"a rail named {info.name!r} exists already")
         rail = RailState(len(self.rails), info, self.config)
         self.rails.append(rail)
+        self._all = (tuple(self.rails), tuple(range(len(self.rails))))
         self._by_name[rail.name] = rail
         return rail.index
 
