@@ -107,6 +107,7 @@ class EarliestFinish:
         self._floor = 64 * 1024
         self._align = 4096
         self._bg_fraction = 0.1
+        self._target = 1e-3
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
         self._band = 1.0 + config.tie_band
@@ -114,6 +115,7 @@ class EarliestFinish:
         self._floor = config.min_slice
         self._align = config.slice_align
         self._bg_fraction = config.background_slice
+        self._target = config.target_slice_time
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
         history = transfer.pending[0].history
@@ -179,7 +181,15 @@ class EarliestFinish:
                 room = inflight < rail.window or (size <= floor and rail.room)
             if cost < pick_cost and room:
                 pick, pick_cost, pick_size = rail, cost, size
-        if pick is None or pick_cost > best * self._band:
+        if pick is None:
+            return None
+        # Not within the tie band of the best rail: hold for a better one, unless the
+        # pick is a rail too slow to move even min_slice in target_slice_time (a
+        # 50 Mbit/s link beside 800 Mbit/s ones, whose every slice looks worse than
+        # waiting for a fast rail) and the slice lands before the water level, when
+        # the whole transfer could end at best: then it adds capacity without
+        # delaying the end, and it still stays out of the tail.
+        if pick_cost > best * self._band and not (pick.bw * self._target < floor and pick_cost <= level):
             return None
         return pick, pick_size
 
