@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import hashlib
 import ipaddress
 import logging
@@ -35,7 +36,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -294,6 +295,42 @@ def plans_from_specs(specs: Sequence[RailSpec]) -> list[RailPlan]:
 
 # ==================================================================== runtime
 
+# An unexpected message's handle (``ucp_tag_message_h``) is UCX's receive descriptor,
+# ``ucp_recv_desc_t``: in UCX 1.21 a 32-byte union of list links, then ``uint32 length``
+# (bytes in this descriptor), ``uint32 payload_offset`` and ``uint16 flags``.  An eager
+# message holds its bytes in UCX's memory until it is received; a rendezvous one holds
+# only its request-to-send (about 50 bytes here), the bytes wait at the sender.  The
+# layout is private to UCX, so it is read only for the release it was checked against
+# (``test_limits.py`` sends both kinds and checks the figures); elsewhere every message
+# counts with its whole length, as before.
+_RDESC_LAYOUT = {(1, 21): (32, 40, 0x02, 0x40)}  # (length offset, flags offset, EAGER, RNDV)
+_RNDV_HEADER_MAX = 4096  # a rendezvous descriptor longer than this is not believed
+
+
+def held_bytes(probe: Any) -> int:
+    """Bytes UCX keeps in memory for the unexpected message ``probe`` until it is received.
+
+    The whole message for an eager one; the rendezvous request alone (tens of bytes) for
+    a rendezvous one.  Counted at its full length where the descriptor layout is unknown.
+    """
+    length = int(probe.length)
+    layout = _RDESC_LAYOUT.get(_ucx_release())
+    handle = probe.handle
+    if layout is None or not handle:
+        return length
+    length_at, flags_at, eager, rndv = layout
+    flags = ctypes.c_uint16.from_address(int(handle) + flags_at).value
+    if flags & rndv and not flags & eager:
+        held = ctypes.c_uint32.from_address(int(handle) + length_at).value
+        if 0 < held <= _RNDV_HEADER_MAX:
+            return min(length, held)
+    return length
+
+
+def _ucx_release() -> tuple[int, int]:
+    major, minor, *_ = (int(x) for x in _ucxx.loaded().version.split("."))
+    return major, minor
+
 
 def _set_cuda_device(gpu: int) -> None:  # pragma: no cover - needs a GPU
     """Progress-thread start hook: make the GPU's CUDA context current on that thread."""
@@ -385,17 +422,32 @@ class LocalRail:
                 out.append(line.split("flags")[-1].strip().lstrip("-").strip())
         return out
 
-    def connect(self, address: bytes, ips: Collection[str] = ()) -> Any:
+    def connect(self, address: bytes, control_ip: str | None = None) -> Any:
         """A new endpoint to the peer worker at ``address`` (returns at once; wire-up happens on progress).
 
         ``address`` came from a peer: it is checked first (:mod:`.address`), because UCX
         unpacks it without knowing its length and a malformed one can crash the process.
         Raises :class:`~.address.AddressError` (a ProtocolError) for one that fails.
-        ``ips``: the IPv4 addresses the peer advertised, which a TCP address must point at.
+        A TCP address must point into this rail's subnet or at ``control_ip``, the
+        remote address of the peer's control connection (not what the peer advertised).
         """
-        check_peer_address(address, self.address, kind=self.plan.kind, ips=ips)
+        check_peer_address(address, self.address, kind=self.plan.kind, allowed=self.allowed_networks(control_ip))
         L = _ucxx.loaded().L
         return self.worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(address), True)
+
+    def allowed_networks(self, control_ip: str | None) -> list[ipaddress.IPv4Network]:
+        """Where a peer's TCP worker address may point: our subnet, and its control connection's address."""
+        nets = [self.plan.subnet()]
+        if control_ip:
+            try:
+                ip = ipaddress.ip_address(control_ip)
+            except ValueError:
+                ip = None
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if isinstance(ip, ipaddress.IPv4Address):
+                nets.append(ipaddress.IPv4Network(ip))
+        return nets
 
     # ------------------------------------------------------------ namespaces
 
