@@ -313,3 +313,23 @@ async def test_a_long_catalogue_is_cut_to_fit_welcome_and_the_rest_looked_up(spa
             assert last not in peer.segments
             remote = await peer.segment(last)
         assert remote.size == 16
+
+
+@pytest.mark.anyio
+async def test_the_heap_is_trimmed_once_after_a_burst_of_releases() -> None:
+    """After an attack the memory UCX and ucxx freed stayed resident in glibc's heap (+24 MiB after
+    25,000 LINKs with 1.8 MiB more in use); the backend gives the free pages back a second later."""
+    import asyncio as aio
+
+    from tent_async.backends.ucx import rails
+
+    if rails._MALLOC_TRIM is None:
+        pytest.skip("no malloc_trim here (not glibc)")
+    trimmer = rails.HeapTrimmer(aio.get_running_loop())
+    for _ in range(100):  # many releases in a row: one trim, not a hundred
+        trimmer.soon()
+    await anyio.sleep(rails.TRIM_DELAY + 0.5)
+    assert trimmer.trims == 1
+    trimmer.soon()
+    await anyio.sleep(rails.TRIM_DELAY + 0.5)
+    assert trimmer.trims == 2

@@ -332,6 +332,60 @@ def _ucx_release() -> tuple[int, int]:
     return major, minor
 
 
+TRIM_DELAY = 1.0  # seconds after a large release before the heap's free pages go back to the OS
+TRIM_AFTER_DROPPED = 1024  # unexpected messages dropped in one busy period that make it large
+
+
+def _libc_malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+class HeapTrimmer:
+    """Gives the C heap's free pages back to the OS a second after something large was released.
+
+    After an attack ends (25,000 endpoints opened and closed, a flood of unexpected
+    messages, a connection dropped with its early WRITE bytes) the memory UCX and
+    ucxx freed stays in glibc's heap: free, but resident (the security run measured
+    +24 MiB after the LINK phase with only 1.8 MiB more in use).  ``malloc_trim(0)``
+    returns those pages; it runs in a thread, at most once per ``TRIM_DELAY``, and
+    only where glibc provides it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending = False
+        self.trims = 0
+
+    def soon(self) -> None:
+        if self._pending or _MALLOC_TRIM is None or self.loop.is_closed():
+            return
+        self._pending = True
+        self.loop.call_later(TRIM_DELAY, self._start)
+
+    def _start(self) -> None:
+        try:
+            future = self.loop.run_in_executor(None, _MALLOC_TRIM, 0)
+        except RuntimeError:  # the loop's executor is shutting down
+            self._pending = False
+            return
+        future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        self._pending = False
+        if not future.cancelled() and future.exception() is None:
+            self.trims += 1
+
+
 def _set_cuda_device(gpu: int) -> None:  # pragma: no cover - needs a GPU
     """Progress-thread start hook: make the GPU's CUDA context current on that thread."""
     import cupy
@@ -383,6 +437,8 @@ class LocalRail:
         self._dropped = 0  # unexpected messages dropped since the last warning
         self._dropped_bytes = 0
         self._warned_at = -LOG_EVERY
+        self.trimmer = HeapTrimmer(loop)
+        self._dropped_since_trim = 0  # unexpected messages dropped in this busy period
         # Tagged messages only: with active messages, ucxx allocates every incoming one
         # (any size, from anyone holding an endpoint) before we could look at it, and
         # UCX buffers unrequested stream data the same way.
@@ -508,6 +564,11 @@ class LocalRail:
             if owner is not None and owner.on_unexpected(probe, kind, index, length):
                 continue
             self.discard(probe, foreign=owner is None)
+        self._dropped_since_trim += found
+        if not found and self._dropped_since_trim:
+            if self._dropped_since_trim >= TRIM_AFTER_DROPPED:  # a flood ended: UCX freed what it held
+                self.trimmer.soon()
+            self._dropped_since_trim = 0
         if self.worker is not None and not self.loop.is_closed():
             self._sweep_handle = self.loop.call_later(SWEEP_BUSY if found else SWEEP_INTERVAL, self.sweep)
         return found

@@ -86,7 +86,7 @@ from .protocol import (
     encode,
     make_tag,
 )
-from .rails import LocalRail, held_bytes
+from .rails import HeapTrimmer, LocalRail, held_bytes
 
 if TYPE_CHECKING:
     from .backend import UcxBackend
@@ -326,6 +326,7 @@ class Server:
         self._tiny = np.zeros(1, dtype=np.uint8)  # refused WRITEs' bytes are matched into this byte
         self.log = LogLimiter()
         self.stashed_bytes = 0  # early WRITE bytes kept for their headers, all links together
+        self.trimmer = HeapTrimmer(asyncio.get_running_loop())
 
     # ============================================================ catalogue
 
@@ -641,6 +642,7 @@ class Server:
         for link in list(conn.links.values()):
             self.close_link(link, reason, tell=False)
         conn.links.clear()
+        self.trimmer.soon()  # its endpoints, slots and early bytes are freed: give the pages back
 
     # ================================================================= data
 
