@@ -1,6 +1,6 @@
 """A security campaign against one ucx engine in its own process; prints what it saw (docs/ucx.md).
 
-    .venv/bin/python tests/ucx/security_run.py [--messages N] [--flood N]
+    .venv/bin/python tests/ucx/security_run.py [--messages N] [--flood N] [--senders K] [--phases a,b]
 
 Phases, each followed by a byte-exact 1 MiB WRITE + READ of an honest peer:
 
@@ -13,12 +13,16 @@ Phases, each followed by a byte-exact 1 MiB WRITE + READ of an honest peer:
    wants, answered by ACK, DATA or ERROR;
 4. ``relay``: a relay between the honest peer and the engine, then one message of
    its own;
-5. ``flood``: --flood tagged 64-byte messages to the rail's UCX port from a raw
-   UCX client, with the honest peer's 4 KiB WRITEs running meanwhile.
+5. ``flood``: --flood tagged 64-byte messages to the rail's UCX port from
+   --senders raw UCX clients (processes) sharing them, with the honest peer's
+   4 KiB WRITEs running meanwhile and for one second after it ended.
 
 Checks: the read-only segment and an untouched read-write one keep their bytes,
 the engine stays alive, and its resident memory is reported before, at the peak
-and after.  Needs ucxx; run it alone (it measures).
+and after, with a breakdown (C heap in use, C heap free but kept, Python blocks)
+after each phase, at the end, and after a ``malloc_trim`` (what that gives back
+was free memory the allocator kept, not memory anyone held).  Needs ucxx; run
+it alone (it measures).
 """
 
 from __future__ import annotations
