@@ -333,3 +333,14 @@ async def test_the_heap_is_trimmed_once_after_a_burst_of_releases() -> None:
     trimmer.soon()
     await anyio.sleep(rails.TRIM_DELAY + 0.5)
     assert trimmer.trims == 2
+
+
+def test_rails_keep_unexpected_small_messages_in_small_descriptors() -> None:
+    """UCX's default receive-descriptor buckets (64 B, 1 KiB) gave every small unexpected message
+    1 KiB, kept in pools that never shrink: a two-sender flood left 86 MiB; finer buckets, 16-24 MiB.
+    (Every ucx test opens rails with these settings, so UCX accepts them.)"""
+    from tent_async.backends.ucx import rails
+
+    for config in (rails.tcp_config("lo"), rails.shm_config(), rails.cuda_config()):
+        assert config["RX_MPOOL_SIZES"] == rails.RX_MPOOL_SIZES
+    assert rails.RX_MPOOL_SIZES.split(",")[:2] == ["64", "128"]

@@ -180,6 +180,14 @@ def _config(base: Mapping[str, str], options: Mapping[str, str]) -> dict[str, st
     return config
 
 
+# UCX keeps an unexpected eager message in a receive descriptor from size-bucketed pools
+# (UCX_RX_MPOOL_SIZES, default "64,1K") that grow to the largest backlog and are never shrunk
+# until the worker closes.  With the default buckets every small message (64 bytes of payload
+# plus UCX's header) took a 1 KiB descriptor: a two-sender flood left 86 MiB of pools behind.
+# Finer buckets make a backlog cost about what its messages weigh (16 MiB in the same run).
+RX_MPOOL_SIZES = "64,128,256,512,1K"
+
+
 def tcp_config(device: str) -> dict[str, str]:
     # TCP_CONN_NB: UCX's tcp transport connects with a *blocking* connect() by
     # default, on the worker's progress thread, while ucxx's endpoint creation
@@ -188,7 +196,13 @@ def tcp_config(device: str) -> dict[str, str]:
     # missed its deadlines (found by the link-down test).  Non-blocking connects
     # return at once; a connection that never completes is caught by the link
     # timeout and the slices' deadlines like any other dead rail.
-    return {"TLS": "tcp", "NET_DEVICES": device, "MAX_RNDV_RAILS": "1", "TCP_CONN_NB": "y"}
+    return {
+        "TLS": "tcp",
+        "NET_DEVICES": device,
+        "MAX_RNDV_RAILS": "1",
+        "TCP_CONN_NB": "y",
+        "RX_MPOOL_SIZES": RX_MPOOL_SIZES,
+    }
 
 
 def shm_config() -> dict[str, str]:
@@ -196,7 +210,7 @@ def shm_config() -> dict[str, str]:
     # needs no tcp lane for wire-up and the rail opens no network port at all.
     # Endpoints use error handling, which drops shared memory unless
     # POSIX_ERROR_HANDLING=y (verified by experiment).
-    return {"TLS": "posix,self", "POSIX_ERROR_HANDLING": "y", "MAX_RNDV_RAILS": "1"}
+    return {"TLS": "posix,self", "POSIX_ERROR_HANDLING": "y", "MAX_RNDV_RAILS": "1", "RX_MPOOL_SIZES": RX_MPOOL_SIZES}
 
 
 def cuda_config() -> dict[str, str]:
