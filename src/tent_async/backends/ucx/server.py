@@ -306,6 +306,9 @@ class ServerLink:
         self.stash.clear()
         self.rail.release_namespace(self.ns)
         self.channel.abort(reason)  # cancels the header slots and every slice in flight
+        # 8 x 18 KiB of header slots: the channel holds those still posted until UCX gave them
+        # back; ours go now, not when the garbage collector breaks the link's last cycle.
+        self.slots = []
 
 
 class Server:
@@ -480,8 +483,8 @@ class Server:
                 slots=self.slots,
                 inline_limit=backend.inline_limit,
             )
-            # Sealing adds a tag, a nonce-free box header and the SEALED wrapper: 64 bytes cover it.
-            if not catalogue or len(encode(welcome)) + 64 <= MAX_WELCOME_FRAME - 4:
+            # Sealing adds the 16-byte GCM tag and the SEALED wrapper's few bytes: 64 cover both.
+            if not catalogue or len(encode(welcome)) + 64 <= MAX_WELCOME_FRAME:
                 return welcome
             catalogue = catalogue[: len(catalogue) // 2]  # the client looks the others up
 
