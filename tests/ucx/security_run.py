@@ -276,6 +276,7 @@ async def main(messages: int, flood: int, senders: int = 1, phases: str = "all")
                     worst = max(worst, time.monotonic() - t)
                     await asyncio.sleep(0.01)
                 during = time.monotonic() - t0
+                dropped = server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0)
                 t = time.monotonic()
                 await asyncio.wait_for(honest.transfer(small[:], kv[:4096]), 30)
                 first_after = time.monotonic() - t
@@ -286,7 +287,7 @@ async def main(messages: int, flood: int, senders: int = 1, phases: str = "all")
                     await asyncio.wait_for(honest.transfer(small[:], kv[:4096]), 30)
                     after_ok += 1
                     after_worst = max(after_worst, time.monotonic() - t)
-                dropped = server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0)
+                dropped_later = server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0)
                 reports = []
                 for attacker in attackers:
                     assert attacker.stdout is not None
@@ -302,6 +303,7 @@ async def main(messages: int, flood: int, senders: int = 1, phases: str = "all")
                     "flood_s": round(during, 2),
                     "first_write_after_s": round(first_after, 3),
                     "dropped_when_it_ended": dropped,
+                    "dropped_1s_after": dropped_later,
                 }
 
             if "flood" in wanted:
