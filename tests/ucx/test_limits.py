@@ -378,3 +378,19 @@ async def test_a_closed_server_link_is_freed_without_the_garbage_collector() -> 
             assert not alive, [type(r()).__name__ for r in alive]
         finally:
             gc.enable()
+
+
+@requires_ucxx
+def test_ucxx_warnings_a_flood_provokes_are_off_unless_asked_for() -> None:
+    """A flood made ucxx print "No Futures available" ~1,500 times per 100,000 messages."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tent_async.backends.ucx import _ucxx; import os; _ucxx.load(); print(os.environ['UCXX_LOG_LEVEL'])"
+    env = {k: v for k, v in os.environ.items() if k != "UCXX_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "ERROR"
+    env["UCXX_LOG_LEVEL"] = "DEBUG"  # what the user sets is left alone
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "DEBUG"
