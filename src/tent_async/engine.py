@@ -29,7 +29,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -349,10 +349,11 @@ class Engine:
         self._subscriptions: set[EventSubscription] = set()
         self._listeners: list[Callable[[RailEvent], None]] = []
         self._slice_listeners: list[Callable[[SliceEvent], None]] = []
-        self._notifications: collections.deque[Notification] = collections.deque()
+        # (notification, the key its source's share of the queue is counted under)
+        self._notifications: collections.deque[tuple[Notification, Hashable]] = collections.deque()
         self._notes_queued: collections.Counter[object] = (
             collections.Counter()
-        )  # None: bytes; source; (source, "bytes")
+        )  # None: bytes; a source key; (source key, "bytes")
         self._notify_waiters: set[asyncio.Event] = set()
         self._notify_for: dict[int, str] = {}
         self._seg_ids = itertools.count(1)
@@ -867,15 +868,15 @@ class Engine:
         """
         while True:
             while self._notifications:
-                note = self._notifications.popleft()
+                note, key = self._notifications.popleft()
                 size = _note_size(note)
                 queued = self._notes_queued
                 queued[None] -= size
-                queued[note.source] -= 1
-                queued[(note.source, "bytes")] -= size
-                if queued[note.source] <= 0:  # forget a source with nothing queued (labels come and go)
-                    del queued[note.source]
-                    del queued[(note.source, "bytes")]
+                queued[key] -= 1
+                queued[(key, "bytes")] -= size
+                if queued[key] <= 0:  # forget a source with nothing queued (connections come and go)
+                    del queued[key]
+                    del queued[(key, "bytes")]
                 yield note
             if self._state == "closed":
                 return
@@ -886,25 +887,28 @@ class Engine:
             finally:
                 self._notify_waiters.discard(wakeup)
 
-    def _deliver_notification(self, note: Notification) -> bool:
+    def _deliver_notification(self, note: Notification, key: Hashable = None) -> bool:
         """Queue ``note``; False (dropped) once the queue holds too much, overall or from its source.
 
         Peers can send notifications faster than the application reads them: the
         queue is bounded in count and bytes, and one source may fill only a quarter.
+        A source is ``key`` (the backend's identity of the sender, e.g. its
+        connection), or else ``note.source``.
         """
+        key = ("source", note.source) if key is None else ("key", key)
         size = _note_size(note)
         queued = self._notes_queued
         if (
             len(self._notifications) >= MAX_QUEUED_NOTIFICATIONS
             or queued[None] + size > MAX_QUEUED_NOTIFICATION_BYTES
-            or queued[note.source] >= MAX_QUEUED_NOTIFICATIONS // 4
-            or queued[(note.source, "bytes")] + size > MAX_QUEUED_NOTIFICATION_BYTES // 4
+            or queued[key] >= MAX_QUEUED_NOTIFICATIONS // 4
+            or queued[(key, "bytes")] + size > MAX_QUEUED_NOTIFICATION_BYTES // 4
         ):
             return False
         queued[None] += size
-        queued[note.source] += 1
-        queued[(note.source, "bytes")] += size
-        self._notifications.append(note)
+        queued[key] += 1
+        queued[(key, "bytes")] += size
+        self._notifications.append((note, key))
         self._wake_notification_waiters()
         return True
 
@@ -1234,9 +1238,9 @@ class _Context:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(fn, *args)
 
-    def deliver_notification(self, message: str, source: str) -> bool:
-        """False: dropped, the engine's notification queue is full (overall or for ``source``)."""
-        return self._engine._deliver_notification(Notification(message=message, source=source))
+    def deliver_notification(self, message: str, source: str, key: Hashable = None) -> bool:
+        """False: dropped, the engine's notification queue is full (overall or for ``key``/``source``)."""
+        return self._engine._deliver_notification(Notification(message=message, source=source), key)
 
     def add_rail(self, info: RailInfo) -> None:
         planner = self._planner()

@@ -1,6 +1,6 @@
 """A security campaign against one ucx engine in its own process; prints what it saw (docs/ucx.md).
 
-    .venv/bin/python tests/ucx/security_run.py [--messages N] [--flood N]
+    .venv/bin/python tests/ucx/security_run.py [--messages N] [--flood N] [--senders K] [--phases a,b]
 
 Phases, each followed by a byte-exact 1 MiB WRITE + READ of an honest peer:
 
@@ -13,12 +13,16 @@ Phases, each followed by a byte-exact 1 MiB WRITE + READ of an honest peer:
    wants, answered by ACK, DATA or ERROR;
 4. ``relay``: a relay between the honest peer and the engine, then one message of
    its own;
-5. ``flood``: --flood tagged 64-byte messages to the rail's UCX port from a raw
-   UCX client, with the honest peer's 4 KiB WRITEs running meanwhile.
+5. ``flood``: --flood tagged 64-byte messages to the rail's UCX port from
+   --senders raw UCX clients (processes) sharing them, with the honest peer's
+   4 KiB WRITEs running meanwhile and for one second after it ended.
 
 Checks: the read-only segment and an untouched read-write one keep their bytes,
 the engine stays alive, and its resident memory is reported before, at the peak
-and after.  Needs ucxx; run it alone (it measures).
+and after, with a breakdown (C heap in use, C heap free but kept, Python blocks)
+after each phase, at the end, and after a ``malloc_trim`` (what that gives back
+was free memory the allocator kept, not memory anyone held).  Needs ucxx; run
+it alone (it measures).
 """
 
 from __future__ import annotations
@@ -163,7 +167,7 @@ async def relay(target: PeerProcess, rails: list[Any]) -> dict[str, Any]:
         return {"relayed_bytes": len(tap.seen), "addresses_leaked": len(leaked), "session_ended": peer.closed}
 
 
-async def main(messages: int, flood: int) -> dict[str, Any]:
+async def main(messages: int, flood: int, senders: int = 1, phases: str = "all") -> dict[str, Any]:
     rng = random.Random(11)
     server = PeerProcess(
         {
@@ -198,6 +202,7 @@ async def main(messages: int, flood: int) -> dict[str, Any]:
             await asyncio.sleep(1.0)
             base = rss(pid)
             result["rss_base_mib"] = round(base / MiB, 1)
+            result["memory_base"] = server.cmd(cmd="memory")["memory"]
             peak = Peak(pid)
 
             async def phase(name: str, coro: Any) -> None:
@@ -209,6 +214,7 @@ async def main(messages: int, flood: int) -> dict[str, Any]:
                     "seconds": round(time.monotonic() - t0, 1),
                     "honest_round_after": ok,
                     "rss_after_mib": round(rss(pid) / MiB, 1),
+                    "memory": server.cmd(cmd="memory")["memory"],
                 }
 
             async def run_preauth() -> Any:
@@ -227,24 +233,40 @@ async def main(messages: int, flood: int) -> dict[str, Any]:
                     await peer.close()
                 return {"links": sent}
 
-            await phase("preauth", run_preauth())
-            await phase("link", run_links())
-            rpeer2 = await rogue.connect(server.address)  # the LINK phase replaced its links
-            segs = {"kv": await rpeer2.segment("kv"), "ro": await rpeer2.segment("ro")}
-            await phase("headers", headers(rpeer2, messages // 2, rng, segs))
-            await phase("relay", relay(server, rails))
+            wanted = {"preauth", "link", "headers", "relay", "flood"} if phases == "all" else set(phases.split(","))
+            if "preauth" in wanted:
+                await phase("preauth", run_preauth())
+            if "link" in wanted:
+                await phase("link", run_links())
+            if "headers" in wanted:
+                rpeer2 = await rogue.connect(server.address)  # the LINK phase replaced its links
+                segs = {"kv": await rpeer2.segment("kv"), "ro": await rpeer2.segment("ro")}
+                await phase("headers", headers(rpeer2, messages // 2, rng, segs))
+            if "relay" in wanted:
+                await phase("relay", relay(server, rails))
 
             async def run_flood() -> Any:
-                attacker = subprocess.Popen(  # noqa: ASYNC220 - runs for the whole phase, polled below
-                    [sys.executable, str(HERE / "ucx_attacker.py"), "forged", str(ucx_port), "flood", "64", str(flood)],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
+                attackers = [
+                    subprocess.Popen(  # noqa: ASYNC220 - runs for the whole phase, polled below
+                        [
+                            sys.executable,
+                            str(HERE / "ucx_attacker.py"),
+                            "forged",
+                            str(ucx_port),
+                            "flood",
+                            "64",
+                            str(flood // senders),
+                        ],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    for _ in range(senders)
+                ]
                 small = honest.register(np.ones(4096, dtype=np.uint8), name="small")
                 ok = failed = 0
                 worst = 0.0
                 t0 = time.monotonic()
-                while attacker.poll() is None:
+                while any(a.poll() is None for a in attackers):
                     t = time.monotonic()
                     try:
                         await asyncio.wait_for(honest.transfer(small[:], kv[:4096]), 10)
@@ -254,25 +276,45 @@ async def main(messages: int, flood: int) -> dict[str, Any]:
                     worst = max(worst, time.monotonic() - t)
                     await asyncio.sleep(0.01)
                 during = time.monotonic() - t0
+                dropped = server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0)
                 t = time.monotonic()
                 await asyncio.wait_for(honest.transfer(small[:], kv[:4096]), 30)
                 first_after = time.monotonic() - t
-                assert attacker.stdout is not None
-                dropped = server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0)
+                # Service within a second of the flood's end: 4 KiB WRITEs for one second.
+                after_ok, after_worst, t1 = 0, 0.0, time.monotonic()
+                while time.monotonic() - t1 < 1.0:
+                    t = time.monotonic()
+                    await asyncio.wait_for(honest.transfer(small[:], kv[:4096]), 30)
+                    after_ok += 1
+                    after_worst = max(after_worst, time.monotonic() - t)
+                dropped_later = server.cmd(cmd="stats")["stats"].get("unexpected_dropped", 0)
+                reports = []
+                for attacker in attackers:
+                    assert attacker.stdout is not None
+                    reports.append(json.loads(attacker.stdout.read().strip().splitlines()[-1]))
                 return {
-                    "attacker": json.loads(attacker.stdout.read().strip().splitlines()[-1]),
+                    "senders": senders,
+                    "attackers": reports,
+                    "writes_in_1s_after": after_ok,
+                    "slowest_in_1s_after_s": round(after_worst, 3),
                     "honest_4k_writes_during": ok,
                     "honest_failed_during": failed,
                     "honest_slowest_s": round(worst, 3),
                     "flood_s": round(during, 2),
                     "first_write_after_s": round(first_after, 3),
                     "dropped_when_it_ended": dropped,
+                    "dropped_1s_after": dropped_later,
                 }
 
-            await phase("flood", run_flood())
+            if "flood" in wanted:
+                await phase("flood", run_flood())
             result["rss_peak_mib"] = round(peak.stop() / MiB, 1)
         await asyncio.sleep(3.0)
         result["rss_after_mib"] = round(rss(pid) / MiB, 1)
+        result["memory_after"] = server.cmd(cmd="memory")["memory"]
+        # Whose memory is it?  Collect garbage and give the C heap's free pages back (malloc_trim):
+        # what that returns was free memory the allocator kept, not memory anyone holds.
+        result["memory_after_trim"] = server.cmd(cmd="trim")["memory"]
         stats = server.cmd(cmd="stats")["stats"]
         result["engine_alive"] = server.proc.poll() is None
         result["ro_unchanged"] = server.cmd(cmd="digest", segment="ro")["digest"] == ro0
@@ -289,5 +331,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20000, help="fuzzed and crafted messages (phases 1-3)")
     parser.add_argument("--flood", type=int, default=100000, help="tagged messages in the flood")
+    parser.add_argument("--senders", type=int, default=1, help="attacker processes sharing the flood")
+    parser.add_argument("--phases", default="all", help="comma-separated subset: preauth,link,headers,relay,flood")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.messages, args.flood)), indent=1))
+    print(json.dumps(asyncio.run(main(args.messages, args.flood, args.senders, args.phases)), indent=1))

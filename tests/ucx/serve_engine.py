@@ -13,6 +13,8 @@ It runs in a fresh interpreter (never forked from a process that uses UCX).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import hashlib
 import json
 import sys
@@ -21,6 +23,55 @@ from typing import Any
 import numpy as np
 
 import tent_async as tent
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None)
+
+
+def memory_report() -> dict[str, Any]:
+    """Resident memory, what the C heap holds (in use / free but kept) and Python's own view."""
+    with open("/proc/self/status") as fh:
+        rss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    out: dict[str, Any] = {
+        "rss_mib": round(rss / 2**20, 1),
+        "py_blocks": sys.getallocatedblocks(),
+        "gc_objects": len(gc.get_objects()),
+    }
+    libc = _libc()
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+        out["heap_in_use_mib"] = round((info.uordblks + info.hblkhd) / 2**20, 1)
+        out["heap_free_kept_mib"] = round(info.fordblks / 2**20, 1)
+        out["heap_arena_mib"] = round(info.arena / 2**20, 1)
+    return out
+
+
+def trim_heap() -> bool:
+    gc.collect()
+    libc = _libc()
+    if not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
 
 
 def pattern(seed: int, size: int) -> np.ndarray:
@@ -106,6 +157,11 @@ async def main(config: dict[str, Any]) -> None:
         **options,
     ) as engine:
         buffers: dict[str, np.ndarray] = {}
+        many = config.get("many_segments")  # tests: {"count": N, "name_length": L}, 16 bytes each
+        for i in range(many["count"] if many else 0):
+            name = f"{i:06d}".rjust(many["name_length"], "s")
+            buffers[name] = np.zeros(16, dtype=np.uint8)
+            engine.register(buffers[name], name=name)
         for seg in config.get("segments", []):
             buffers[seg["name"]] = pattern(seg.get("seed", 0), seg["size"])
             engine.register(buffers[seg["name"]], name=seg["name"], permission=seg.get("permission", "rw"))
@@ -148,6 +204,8 @@ async def main(config: dict[str, Any]) -> None:
                     buffers[cmd["segment"]][:] = pattern(cmd["seed"], buffers[cmd["segment"]].size)
                 elif op == "notes":
                     out["notes"] = notes
+                elif op == "queued":  # notifications queued, unread (with read_notes false)
+                    out["queued"] = len(engine._notifications)
                 elif op == "addresses":  # the UCX worker addresses of its rails (hex)
                     out["addresses"] = [ad.address.hex() for ad in engine.backend.rail_ads()]  # type: ignore[attr-defined]
                 elif op == "internals":  # what the backend still holds (leak checks)
@@ -158,6 +216,12 @@ async def main(config: dict[str, Any]) -> None:
                         "connections": len(b._server.connections),  # type: ignore[attr-defined]
                         "links": sum(len(c.links) for c in b._server.connections.values()),  # type: ignore[attr-defined]
                     }
+                elif op == "memory":  # resident memory and who holds it (RSS investigation)
+                    out["memory"] = memory_report()
+                elif op == "trim":  # collect garbage, give free heap pages back to the OS, report again
+                    out["before"] = memory_report()
+                    out["trimmed"] = trim_heap()
+                    out["memory"] = memory_report()
                 elif op == "stats":
                     out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
                 elif op == "fds":

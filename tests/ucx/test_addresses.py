@@ -11,7 +11,9 @@ all and keep serving.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import random
+import socket
 from typing import Any
 
 import anyio
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 import tent_async as tent
 from conftest import requires_ucxx
 from tent_async.backends.ucx import address as addr
+from tent_async.backends.ucx import backend as ucx_backend
 from tent_async.backends.ucx import protocol as p
 
 pytestmark = [pytest.mark.ucx, requires_ucxx]
@@ -138,3 +141,80 @@ async def test_a_server_sending_malformed_worker_addresses_cannot_crash_the_clie
             with anyio.fail_after(30), pytest.raises(tent.PeerConnectError, match="worker address"):
                 await engine.connect(server.address)
         assert engine.backend.stats["protocol_errors"] >= 5  # type: ignore[attr-defined]
+
+
+# A real UCX 1.21 address of a tcp rail on a NIC (192.0.2.2, port 51365): device address
+# "0002c0000202" is (flags 0, AF_INET, the IPv4 address).
+ETH = bytes.fromhex("20ef0b38cde5ad086600060002c0000202cf1917b751389763344bd7e037370013230082c8a58580")
+ETH_NET = ipaddress.IPv4Network("192.0.2.0/24")
+
+
+def _pointing_at(real: bytes, ip: str) -> bytes:
+    at = real.index(bytes.fromhex("0002c0000202"))
+    return real[: at + 2] + ipaddress.IPv4Address(ip).packed + real[at + 6 :]
+
+
+def test_a_tcp_address_must_point_into_the_rail_subnet_or_at_the_control_address() -> None:
+    """What the peer advertised does not matter, and nothing allowed means nothing passes (review)."""
+    addr.check_peer_address(ETH, ETH, kind="tcp", allowed=[ETH_NET])
+    elsewhere = _pointing_at(ETH, "198.51.100.7")
+    with pytest.raises(addr.AddressError, match="outside this rail's subnet"):
+        addr.check_peer_address(elsewhere, ETH, kind="tcp", allowed=[ETH_NET])
+    with pytest.raises(addr.AddressError, match="outside this rail's subnet"):
+        addr.check_peer_address(ETH, ETH, kind="tcp")  # an empty list no longer skips the check
+    control = ipaddress.IPv4Network("198.51.100.7/32")
+    addr.check_peer_address(elsewhere, ETH, kind="tcp", allowed=[ETH_NET, control])
+
+
+def _nic() -> tuple[str, str] | None:
+    """An interface with a non-loopback IPv4 address, and that address."""
+    import psutil
+
+    for name, entries in sorted(psutil.net_if_addrs().items()):
+        for entry in entries:
+            if entry.family == socket.AF_INET and entry.address and not entry.address.startswith("127."):
+                return name, entry.address
+    return None
+
+
+@pytest.mark.anyio
+async def test_a_peer_advertising_an_address_cannot_make_the_engine_dial_it(
+    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes: a client claims a rail at 198.51.100.7 and sends a LINK pointing there.
+
+    Before the review fix the server checked TCP worker addresses against the rails the
+    client advertised in HELLO, so the claim was enough to make the server's UCX dial it.
+    """
+    nic = _nic()
+    if nic is None:
+        pytest.skip("no interface with a non-loopback IPv4 address")
+    device, ip = nic
+    rails = [{"name": "eth", "device": device}]
+    server = spawn_peer(name="decode-0", rails=rails, listen=f"{ip}:0", segments=[{"name": "kv", "size": MiB}])
+    fake = "198.51.100.7"
+    real_hello = ucx_backend.Hello
+
+    def hello(**fields: Any) -> Any:
+        claim = p.RailAd(name="fake", kind="tcp", device="eth9", ip=fake, bandwidth=1e9, prefix=24, address=b"")
+        fields["rails"] = (*fields["rails"], claim)
+        return real_hello(**fields)
+
+    monkeypatch.setattr(ucx_backend, "Hello", hello)
+    async with tent.Engine(backend="ucx", name="rogue", rails=[tent.RailSpec(**rails[0])]) as rogue:
+        with anyio.fail_after(30):
+            peer = await rogue.connect(server.address)  # its honest link (pointing at its own NIC) is up
+        assert peer.rails
+        before = server.cmd(cmd="stats")["stats"].get("protocol_errors", 0)
+        own = rogue.backend.local_rails["eth"].address  # type: ignore[attr-defined]
+        at = own.index(bytes([0, socket.AF_INET]) + socket.inet_aton(ip))
+        forged = own[: at + 2] + socket.inet_aton(fake) + own[at + 6 :]
+        peer.send_control(p.Link(link_id=10**9, rail="eth", address=forged, namespace=12345))
+        with anyio.fail_after(30):
+            await peer.segment("kv", refresh=True)  # answered after the LINK before it
+            for _ in range(600):  # another process: no event to wait on
+                if server.cmd(cmd="stats")["stats"].get("protocol_errors", 0) > before:
+                    break
+                await anyio.sleep(0.05)
+        assert server.cmd(cmd="stats")["stats"].get("protocol_errors", 0) > before
+        assert server.proc.poll() is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from typing import Any
 
 import anyio
@@ -127,7 +128,82 @@ async def test_notifications_of_two_peers_with_one_name_are_told_apart(spawn_pee
             await anyio.sleep(0.02)
         sources = {n["message"]: n["source"] for n in notes}
         assert sources["from 0"] == "twin"
-        assert sources["from 1"].startswith("twin#") and sources["from 1"] != sources["from 0"]
+        assert re.fullmatch(r"twin#[0-9a-f]{8}", sources["from 1"]), sources  # random, not the connection id
+
+
+async def test_a_peer_cannot_take_the_label_another_peer_will_get(spawn_peer: Any) -> None:
+    """Review: labels were "<name>#<connection id>", and connection ids count up from 1.
+
+    A client that names itself "twin#3" before the third connection (a second "twin")
+    got the label that connection was about to get, and their notifications could not be
+    told apart.
+    """
+    server = spawn_peer(name="decode-0", rails=RAILS[:1], segments=[{"name": "kv", "size": MiB}])
+    rails = [tent.RailSpec(**RAILS[0])]
+    async with (
+        tent.Engine(backend="ucx", name="twin", rails=rails) as first,
+        tent.Engine(backend="ucx", name="twin#3", rails=rails) as rogue,
+        tent.Engine(backend="ucx", name="twin", rails=rails) as second,
+    ):
+        for engine in (first, rogue, second):  # connections 1, 2, 3
+            with anyio.fail_after(30):
+                peer = await engine.connect(server.address)
+                kv = await peer.segment("kv")
+                src = engine.register(np.zeros(4096, dtype=np.uint8), name="src")
+                await engine.transfer(src[:], kv[:4096], notify=engine.name + " " + str(id(engine)))
+        for _ in range(500):  # another process: no event to wait on
+            notes = server.cmd(cmd="notes")["notes"]
+            if len(notes) == 3:
+                break
+            await anyio.sleep(0.02)
+        sources = [n["source"] for n in notes]
+        assert len(set(sources)) == 3, sources
+        assert "twin#3" in sources  # the rogue keeps its own name; the second twin got another label
+
+
+async def test_a_handshake_the_client_refuses_is_counted_as_refused_not_malformed(spawn_peer: Any) -> None:
+    """Review: a client that cannot open WELCOME answers REFUSED in the clear, which the
+    server counted as a malformed message.  A relay flips one byte of the sealed WELCOME."""
+    target = spawn_peer(name="decode-0", secret="s3cret", rails=RAILS[:1], segments=[{"name": "kv", "size": MiB}])
+    host, port = target.address.rsplit(":", 1)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t_reader, t_writer = await asyncio.open_connection(host, int(port))
+
+        async def down() -> None:  # target -> client: CHALLENGE as it is, WELCOME with a byte flipped
+            for n in range(2):
+                header = await t_reader.readexactly(4)
+                body = bytearray(await t_reader.readexactly(int.from_bytes(header, "big")))
+                if n == 1:
+                    body[-1] ^= 1
+                writer.write(header + bytes(body))
+            while data := await t_reader.read(65536):
+                writer.write(data)
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                t_writer.write(data)
+            t_writer.close()
+
+        await asyncio.gather(down(), up(), return_exceptions=True)
+        writer.close()
+
+    relay = await asyncio.start_server(serve, "127.0.0.1", 0)
+    before = target.cmd(cmd="stats")["stats"]
+    try:
+        rails = [tent.RailSpec(**RAILS[0])]
+        async with tent.Engine(backend="ucx", name="prefill-0", secret="s3cret", rails=rails) as engine:
+            with anyio.fail_after(30), pytest.raises(tent.HandshakeError, match="did not prove"):
+                await engine.connect(f"127.0.0.1:{relay.sockets[0].getsockname()[1]}")
+        for _ in range(500):
+            stats = target.cmd(cmd="stats")["stats"]
+            if stats.get("handshake_refused", 0) > before.get("handshake_refused", 0):
+                break
+            await anyio.sleep(0.02)
+        assert stats.get("handshake_refused", 0) == before.get("handshake_refused", 0) + 1, stats
+        assert stats.get("protocol_errors", 0) == before.get("protocol_errors", 0), stats
+    finally:
+        relay.close()
 
 
 async def test_a_relayed_or_misdirected_connection_to_another_engine_is_refused(spawn_peer: Any) -> None:
@@ -170,3 +246,46 @@ async def test_rail_names_are_never_reused_after_a_peer_closes(spawn_peer: Any) 
         with anyio.fail_after(30):
             again = await engine.connect(second.address)
         assert not set(again.rails) & set(old), (old, again.rails)
+
+
+def test_the_read_tail_marker_goes_through_the_gpu_path_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: a large READ into GPU memory had no tail check.  No GPU here: a stand-in for a
+    cupy view and for ``cupy`` records that the marker is copied over and the stream waited
+    for before UCX may write, and that the tail is read back from the device."""
+    import contextlib
+    import sys
+    import types
+
+    from tent_async.backends.ucx import peer as peer_mod
+
+    calls: list[str] = []
+
+    class Stream:
+        def synchronize(self) -> None:
+            calls.append("synchronize")
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: Stream())  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+
+    class DeviceView:  # what a cupy view offers: set(), get() and a device context
+        def __init__(self, n: int) -> None:
+            self.host = np.zeros(n, dtype=np.uint8)
+            self.device = contextlib.nullcontext()
+
+        def set(self, arr: np.ndarray) -> None:
+            calls.append("set")
+            self.host[:] = arr
+
+        def get(self) -> np.ndarray:
+            calls.append("get")
+            return self.host.copy()
+
+    view = DeviceView(16)
+    marker = os.urandom(16)
+    peer_mod._put_bytes(view, marker)
+    assert calls == ["set", "synchronize"]
+    assert peer_mod._get_bytes(view) == marker and calls[-1] == "get"
+    host = np.zeros(16, dtype=np.uint8)  # host memory: plain numpy, no cupy involved
+    peer_mod._put_bytes(host, marker)
+    assert peer_mod._get_bytes(host) == marker

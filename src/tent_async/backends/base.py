@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import Any, ClassVar, Protocol
 
 from ..core import Attempt, RailInfo, SchedulerConfig
@@ -62,11 +62,12 @@ class BackendContext(Protocol):
     def lookup_segment(self, name: str) -> Segment | None:
         """The engine's registered local segment called ``name``, if any (for serving peers)."""
 
-    def deliver_notification(self, message: str, source: str) -> bool:
+    def deliver_notification(self, message: str, source: str, key: Hashable = None) -> bool:
         """Hand a peer's notification to the application (after the data it announces).
 
         False: dropped, because the engine's queue of unread notifications is full
-        (overall, or for this source).
+        (overall, or for this source).  ``key`` identifies the source for that bound
+        when ``source`` is a name the peer chose (a backend's connection, for instance).
         """
 
     @property

@@ -43,6 +43,10 @@ def load() -> SimpleNamespace:
         # (it refuses another host's loopback address, for instance) would write into the
         # application's stdout.  stderr is where diagnostics belong.
         os.environ.setdefault("UCX_LOG_FILE", "stderr")
+        # ucxx's own C++ warnings: in a flood of unexpected messages it printed "No Futures
+        # available during getFuture()" about 1,500 times per 100,000 messages, a log line any
+        # host that reaches a UCX port can provoke (issue 11 review: rate-limit those).
+        os.environ.setdefault("UCXX_LOG_LEVEL", "ERROR")
         try:
             import ucxx  # noqa: F401  (sets UCX_* defaults, loads libucx)
             import ucxx._lib.libucxx as libucxx

@@ -21,16 +21,22 @@ address of the local rail it is going to be used on:
   be finite and not negative (bandwidth positive), path counts at least 1, and
   a TCP device address must have our address family and flags.
 
-What is not checked: the values inside the device and interface addresses (an
-IP address, a port, a shared-memory id).  UCX's transports treat those as
-addresses to connect to, and a wrong one fails the connection (the fuzz test
-hands thousands of such addresses to UCX).  A peer can therefore make this
-engine's UCX connect to another address of its choosing on that rail's
-transport; see docs/ucx.md, "Threat model".
+* a TCP device address (IPv4, not loopback) must point into the local rail's
+  own subnet or at the address the peer's control connection comes from (or
+  goes to): both are facts this engine knows, not claims of the peer.
+
+What is not checked: the other values inside the device and interface
+addresses (a port, a shared-memory id), and which host of the rail's subnet an
+IPv4 address names.  UCX's transports treat those as addresses to connect to,
+and a wrong one fails the connection (the fuzz test hands thousands of such
+addresses to UCX).  A peer can therefore make this engine's UCX connect to
+another port of its choosing on a host of that rail's subnet; see
+docs/ucx.md, "Threat model".
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
 import struct
@@ -221,12 +227,14 @@ def _shape(device: Device) -> tuple[object, ...]:
     )
 
 
-def check_peer_address(peer: bytes, own: bytes, *, kind: str, ips: Collection[str] = ()) -> None:
+def check_peer_address(peer: bytes, own: bytes, *, kind: str, allowed: Collection[ipaddress.IPv4Network] = ()) -> None:
     """Raise :class:`AddressError` unless ``peer`` is safe to hand to UCX on the rail whose address is ``own``.
 
-    ``kind`` is the rail's kind (``tcp``, ``shm``, ``cuda``); ``ips``, for a TCP
-    rail, the IPv4 addresses the peer advertised for its rails: the address must
-    point at one of them (a loopback address points at this host anyway).
+    ``kind`` is the rail's kind (``tcp``, ``shm``, ``cuda``); ``allowed``, for a
+    TCP rail, the networks an IPv4 address in it may point into: what this
+    engine knows by itself (the rail's subnet, the control connection's remote
+    address), never what the peer advertised.  Nothing allowed refuses every
+    non-loopback IPv4 address (a loopback address points at this host anyway).
     """
     mine = parse(own)  # our own address: a failure here is a UCX layout this module does not know
     theirs = parse(peer)
@@ -245,7 +253,12 @@ def check_peer_address(peer: bytes, own: bytes, *, kind: str, ips: Collection[st
             # uct_tcp_device_addr_t starts with its flags (loopback, ...) and the address family.
             if d_theirs.addr[:2] != d_mine.addr[:2]:
                 raise AddressError("the worker address has a TCP device address of another kind or family")
-            if ips and d_theirs.addr[:2] == _TCP_IPV4 and len(d_theirs.addr) == 6:
-                ip = socket.inet_ntoa(d_theirs.addr[2:6])
-                if ip not in ips:
-                    raise AddressError(f"the worker address points at {ip}, not at a rail the peer advertised")
+            if d_theirs.addr[:2] == _TCP_IPV4:
+                if len(d_theirs.addr) != 6:  # pragma: no cover - the layout check compared lengths with ours
+                    raise AddressError("the worker address has a TCP device address of another length")
+                ip = ipaddress.IPv4Address(d_theirs.addr[2:6])
+                if not any(ip in net for net in allowed):
+                    raise AddressError(
+                        f"the worker address points at {ip}, outside this rail's subnet and not the peer's "
+                        "control connection address"
+                    )

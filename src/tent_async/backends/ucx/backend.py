@@ -67,6 +67,7 @@ from ...units import parse_duration, parse_size
 from ..base import Backend, BackendContext
 from . import _ucxx
 from .control import (
+    LogLimiter,
     Session,
     advertised_host,
     close_writer,
@@ -78,7 +79,9 @@ from .control import (
 from .pairing import pair_rails
 from .peer import Link, Peer, RailLinkError
 from .protocol import (
+    MAX_HELLO_FRAME,
     MAX_INLINE,
+    MAX_WELCOME_FRAME,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     Challenge,
@@ -130,6 +133,7 @@ class UcxBackend(Backend):
         self.host_id = host_id or ""
         self._delayed = delayed_submission
         self.stats: collections.Counter[str] = collections.Counter()
+        self.log = LogLimiter()  # lines that peers can provoke, at most one per kind every 10 s
         self.plans: list[RailPlan] = []
         self.local_rails: dict[str, LocalRail] = {}
         self.peers: list[Peer] = []
@@ -322,8 +326,13 @@ class UcxBackend(Backend):
         )
         for link, result in zip(links, results, strict=True):
             if isinstance(result, BaseException):
-                logger.warning(
-                    "engine %r: rail %s to %r is not usable: %s", self.engine_name, link.name, peer.name, result
+                self.log.warning(
+                    "unusable",
+                    "engine %r: rail %s to %r is not usable: %s",
+                    self.engine_name,
+                    link.name,
+                    peer.name,
+                    result,
                 )
                 link.close(f"not usable: {result}", tell=True)
                 continue
@@ -359,7 +368,7 @@ class UcxBackend(Backend):
     ) -> tuple[Welcome, Session | None]:
         timeout = limit
         try:
-            challenge = await read_message(reader, limit=timeout)
+            challenge = await read_message(reader, limit=timeout, max_frame=MAX_HELLO_FRAME)
         except VersionMismatch as exc:
             write_message(writer, Refused(reason=str(exc)))
             raise HandshakeError(f"peer at {address}: {exc}") from None
@@ -385,7 +394,7 @@ class UcxBackend(Backend):
             hello = attrs.evolve(hello, auth=session.auth)
         write_message(writer, hello)
         try:
-            reply = await read_message(reader, limit=timeout)
+            reply = await read_message(reader, limit=timeout, max_frame=MAX_WELCOME_FRAME)
         except TimeoutError:
             raise PeerConnectError(f"peer at {address} did not answer HELLO within {timeout:g} s") from None
         except PeerClosedError:

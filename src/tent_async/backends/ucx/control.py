@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ...errors import ConfigError, PeerClosedError, ProtocolError
-from .protocol import MAX_FRAME, Challenge, Hello, Message, Sealed, decode, encode, frame, frame_length
+from .protocol import MAX_FRAME, Challenge, Hello, Message, Refused, Sealed, decode, encode, frame, frame_length
 
 logger = logging.getLogger("tent_async.ucx")
 
@@ -57,17 +57,31 @@ class LogLimiter:
         self._held: collections.Counter[str] = collections.Counter()
 
     def warning(self, kind: str, fmt: str, *args: Any) -> None:
+        self.log(logging.WARNING, kind, fmt, *args)
+
+    def info(self, kind: str, fmt: str, *args: Any) -> None:
+        self.log(logging.INFO, kind, fmt, *args)
+
+    def exception(self, kind: str, fmt: str, *args: Any) -> None:
+        """An ERROR with the traceback being handled (a bug a peer may be able to trigger)."""
+        self.log(logging.ERROR, kind, fmt, *args, exc_info=True)
+
+    def log(self, level: int, kind: str, fmt: str, *args: Any, exc_info: bool = False) -> None:
+        if not logger.isEnabledFor(level):
+            return
         now = time.monotonic()
         last = self._last.get(kind)
         if last is not None and now - last < self.every:
             self._held[kind] += 1
             return
+        if len(self._last) > 4096:  # kinds are ours, but keep the table small whatever happens
+            self._last.clear()
         self._last[kind] = now
         held = self._held.pop(kind, 0)
         if held:
             fmt += " (and %d more like it in the last %.0f s)"
             args = (*args, held, now - last if last is not None else self.every)
-        logger.warning(fmt, *args)
+        logger.log(level, fmt, *args, exc_info=exc_info)
 
 
 def parse_address(address: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -141,6 +155,11 @@ class Session:
         self._sent = 0
         self._received = 0
 
+    @property
+    def received(self) -> int:
+        """Sealed messages opened so far."""
+        return self._received
+
     def seal(self, msg: Message) -> Sealed:
         nonce = self._send_label + self._sent.to_bytes(8, "big")
         self._sent += 1
@@ -170,7 +189,9 @@ async def read_message(
 ) -> Message:
     """One framed message of at most ``max_frame`` bytes; ProtocolError if malformed or larger,
     PeerClosedError at end of stream.  ``limit``: seconds to wait for it.  With a
-    ``session`` the message must be sealed with it, and the one inside is returned."""
+    ``session`` the message must be sealed with it, and the one inside is returned;
+    the one exception is a ``REFUSED`` in the clear before anything sealed came (the
+    peer refused the handshake), returned as it is."""
 
     async def _read() -> Message:
         try:
@@ -185,7 +206,13 @@ async def read_message(
         except asyncio.IncompleteReadError as exc:
             raise ProtocolError(f"the connection ended inside a frame ({len(exc.partial)} of {length} bytes)") from None
         msg = decode(body)
-        return msg if session is None else session.open(msg)
+        if session is None:
+            return msg
+        if isinstance(msg, Refused) and session.received == 0:
+            # The peer refused the handshake: it could not open our first sealed message (another
+            # secret), so it cannot seal its answer.  A refusal, not a malformed message (review).
+            return msg
+        return session.open(msg)
 
     if limit is None:
         return await _read()

@@ -139,7 +139,7 @@ class _Op:
         self.withdrawing = False
         self.reported = False  # the planner has its outcome
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
-        self.tail_check = False  # a large READ into host memory: compare its end with SENT's tail
+        self.tail_check = False  # a large READ (host or GPU memory): compare its end with SENT's tail
 
     @property
     def inline(self) -> bool:
@@ -221,7 +221,7 @@ class Link:
         if self.state != "linking" or msg.link_id != self.link_id:
             return
         try:
-            ep = self.rail.connect(self.pair.remote.address, self.peer.rail_ips)
+            ep = self.rail.connect(self.pair.remote.address, self.peer.control_ip)
             self.channel = Channel(self.rail, ep, f"rail {self.name}", self._on_close)
         except Exception as exc:
             if isinstance(exc, ProtocolError):  # the peer's worker address failed its check
@@ -292,7 +292,7 @@ class Link:
         """A message in our namespace that no receive expected: the peer broke the protocol."""
         self.peer.backend.stats["protocol_errors"] += 1
         reason = f"rail {self.name}: the peer sent {length} bytes nobody asked for (tag kind {kind}, index {index})"
-        logger.warning("%s; closing the link", reason)
+        self.peer.backend.log.warning("unexpected", "%s; closing the link", reason)
         asyncio.get_running_loop().call_soon(self._teardown, reason)
         return False
 
@@ -353,12 +353,11 @@ class Link:
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
                 view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
-                if not local.memory.is_cuda:
-                    # Random bytes at the end, before the receive is posted: a message that
-                    # stops short leaves them in place, and SENT's tail will not match.
-                    t = min(TAIL_BYTES, a.length)
-                    view[a.length - t :] = np.frombuffer(os.urandom(t), dtype=np.uint8)
-                    op.tail_check = True
+                # Random bytes at the end, before the receive is posted: a message that
+                # stops short leaves them in place, and SENT's tail will not match.
+                t = min(TAIL_BYTES, a.length)
+                _put_bytes(view[a.length - t :], os.urandom(t))
+                op.tail_check = True
                 # Not ch.keep(): the op holds the only reference to this request, so that
                 # dropping it (the peer refused the READ) cancels the posted receive.
                 req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request))
@@ -443,7 +442,7 @@ class Link:
         if truncated:
             stats["truncated"] += 1
         op.violation = f"peer {self.peer.name!r} on rail {self.name}: {what}"
-        logger.warning("%s", op.violation)
+        self.peer.backend.log.warning("violation", "%s", op.violation)
         # A large READ's receive may still be posted (a wrong or short answer): dropping the last
         # reference cancels it, so the op can settle instead of waiting for the fence.
         op.data_req = None
@@ -487,7 +486,7 @@ class Link:
         dst: Segment = a.dst  # type: ignore[assignment]
         t = min(TAIL_BYTES, a.length)
         end = a.dst_offset + a.length
-        if dst.memory.array[end - t : end].tobytes() != op.reply.tail:
+        if _get_bytes(dst.memory.array[end - t : end]) != op.reply.tail:
             self._violation(
                 op,
                 f"a {a.length}-byte READ's bytes did not all arrive (the peer said it sent {op.reply.length}; "
@@ -587,7 +586,7 @@ class Link:
             f"rail {self.name}: {len(stuck)} withdrawn slice(s) still in flight after their grace "
             f"period; link closed to stop them"
         )
-        logger.info("%s", reason)
+        self.peer.backend.log.info("fenced", "%s", reason)
         self.peer.backend.stats["fenced_endpoints"] += 1
         self._teardown(reason)
         self.peer.backend.ctx.rail_down(self.name, reason)
@@ -597,6 +596,29 @@ class Link:
             self._fence.cancel()
             self._fence = None
         self._teardown(reason, tell=tell)
+
+
+def _put_bytes(view: Any, data: bytes) -> None:
+    """Write ``data`` into a (numpy or cupy) view, and let that finish before UCX writes there."""
+    host = np.frombuffer(data, dtype=np.uint8)
+    if hasattr(view, "get"):  # pragma: no cover - cupy, needs a GPU
+        import cupy
+
+        with view.device:
+            view.set(host)
+            # UCX's CUDA transports copy on streams of their own (non-blocking ones do not
+            # wait for the default stream): the marker must be in place before the receive.
+            cupy.cuda.get_current_stream().synchronize()
+        return
+    view[:] = host
+
+
+def _get_bytes(view: Any) -> bytes:
+    """The bytes of a (numpy or cupy) view, on the host."""
+    if hasattr(view, "get"):  # pragma: no cover - cupy, needs a GPU
+        with view.device:
+            view = view.get()
+    return bytes(view.tobytes())
 
 
 def _check_contiguous(view: Any) -> None:
@@ -625,7 +647,10 @@ class Peer:
         self.conn_id = welcome.conn_id
         self.slots = welcome.slots
         self.inline_limit = min(backend.inline_limit, welcome.inline_limit)
-        self.rail_ips = frozenset(r.ip for r in welcome.rails)  # where its TCP worker addresses may point
+        # Where its TCP worker addresses may point, besides our rails' subnets: the address we
+        # reached it at (what it advertises for its rails is its own claim, not a check).
+        peername = writer.get_extra_info("peername") if writer is not None else None
+        self.control_ip: str | None = str(peername[0]) if isinstance(peername, tuple) else None
         self.links: dict[str, Link] = {}
         self.closed = False
         self._closed_reason = ""
@@ -728,7 +753,7 @@ class Peer:
         except ProtocolError as exc:
             self.backend.stats["protocol_errors"] += 1
             reason = f"protocol error: {exc}"
-            logger.warning("peer %r: %s", self.name, reason)
+            self.backend.log.warning("malformed", "peer %r: %s", self.name, reason)
         except (ConnectionError, OSError) as exc:
             reason = f"connection error: {exc}"
         finally:
@@ -740,7 +765,7 @@ class Peer:
             return
         self.closed = True
         self._closed_reason = reason
-        logger.info("peer %r at %s: %s", self.name, self.address, reason)
+        self.backend.log.info("gone", "peer %r at %s: %s", self.name, self.address, reason)
         for waiters in self._lookups.values():
             for fut in waiters:
                 if not fut.done():

@@ -58,7 +58,11 @@ MAX_SEGMENTS: Final = 1 << 16
 MAX_OBJECTS: Final = 8 * MAX_SEGMENTS  # arrays and their elements in one message (a full catalogue fits)
 MAX_INLINE: Final = 1 << 20  # payload bytes carried inside one message
 MAX_FRAME: Final = 16 << 20  # a control frame (the catalogue can be long)
-MAX_HELLO_FRAME: Final = 64 << 10  # what a server reads before the client authenticated
+MAX_HELLO_FRAME: Final = 64 << 10  # what a server reads before the client authenticated (and a client: CHALLENGE)
+# What a client reads as WELCOME, before the server proved the secret: 64 rails with 8 KiB
+# addresses fit in well under 1 MiB; a server leaves catalogue entries out to stay below it
+# (the client looks them up).  Before, a malicious server could make a client read 16 MiB.
+MAX_WELCOME_FRAME: Final = 2 << 20
 MAX_CLIENT_FRAME: Final = 1 << 20  # what a server reads from an authenticated client
 MAX_ADDRESS: Final = 8192  # a UCX worker address
 MAX_SLOTS: Final = 64  # header receives a server posts per link

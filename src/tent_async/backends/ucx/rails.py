@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import hashlib
 import ipaddress
 import logging
@@ -35,7 +36,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -179,6 +180,14 @@ def _config(base: Mapping[str, str], options: Mapping[str, str]) -> dict[str, st
     return config
 
 
+# UCX keeps an unexpected eager message in a receive descriptor from size-bucketed pools
+# (UCX_RX_MPOOL_SIZES, default "64,1K") that grow to the largest backlog and are never shrunk
+# until the worker closes.  With the default buckets every small message (64 bytes of payload
+# plus UCX's header) took a 1 KiB descriptor: a two-sender flood left 86 MiB of pools behind.
+# Finer buckets make a backlog cost about what its messages weigh (16 MiB in the same run).
+RX_MPOOL_SIZES = "64,128,256,512,1K"
+
+
 def tcp_config(device: str) -> dict[str, str]:
     # TCP_CONN_NB: UCX's tcp transport connects with a *blocking* connect() by
     # default, on the worker's progress thread, while ucxx's endpoint creation
@@ -187,7 +196,13 @@ def tcp_config(device: str) -> dict[str, str]:
     # missed its deadlines (found by the link-down test).  Non-blocking connects
     # return at once; a connection that never completes is caught by the link
     # timeout and the slices' deadlines like any other dead rail.
-    return {"TLS": "tcp", "NET_DEVICES": device, "MAX_RNDV_RAILS": "1", "TCP_CONN_NB": "y"}
+    return {
+        "TLS": "tcp",
+        "NET_DEVICES": device,
+        "MAX_RNDV_RAILS": "1",
+        "TCP_CONN_NB": "y",
+        "RX_MPOOL_SIZES": RX_MPOOL_SIZES,
+    }
 
 
 def shm_config() -> dict[str, str]:
@@ -195,7 +210,7 @@ def shm_config() -> dict[str, str]:
     # needs no tcp lane for wire-up and the rail opens no network port at all.
     # Endpoints use error handling, which drops shared memory unless
     # POSIX_ERROR_HANDLING=y (verified by experiment).
-    return {"TLS": "posix,self", "POSIX_ERROR_HANDLING": "y", "MAX_RNDV_RAILS": "1"}
+    return {"TLS": "posix,self", "POSIX_ERROR_HANDLING": "y", "MAX_RNDV_RAILS": "1", "RX_MPOOL_SIZES": RX_MPOOL_SIZES}
 
 
 def cuda_config() -> dict[str, str]:
@@ -294,6 +309,96 @@ def plans_from_specs(specs: Sequence[RailSpec]) -> list[RailPlan]:
 
 # ==================================================================== runtime
 
+# An unexpected message's handle (``ucp_tag_message_h``) is UCX's receive descriptor,
+# ``ucp_recv_desc_t``: in UCX 1.21 a 32-byte union of list links, then ``uint32 length``
+# (bytes in this descriptor), ``uint32 payload_offset`` and ``uint16 flags``.  An eager
+# message holds its bytes in UCX's memory until it is received; a rendezvous one holds
+# only its request-to-send (about 50 bytes here), the bytes wait at the sender.  The
+# layout is private to UCX, so it is read only for the release it was checked against
+# (``test_limits.py`` sends both kinds and checks the figures); elsewhere every message
+# counts with its whole length, as before.
+_RDESC_LAYOUT = {(1, 21): (32, 40, 0x02, 0x40)}  # (length offset, flags offset, EAGER, RNDV)
+_RNDV_HEADER_MAX = 4096  # a rendezvous descriptor longer than this is not believed
+
+
+def held_bytes(probe: Any) -> int:
+    """Bytes UCX keeps in memory for the unexpected message ``probe`` until it is received.
+
+    The whole message for an eager one; the rendezvous request alone (tens of bytes) for
+    a rendezvous one.  Counted at its full length where the descriptor layout is unknown.
+    """
+    length = int(probe.length)
+    layout = _RDESC_LAYOUT.get(_ucx_release())
+    handle = probe.handle
+    if layout is None or not handle:
+        return length
+    length_at, flags_at, eager, rndv = layout
+    flags = ctypes.c_uint16.from_address(int(handle) + flags_at).value
+    if flags & rndv and not flags & eager:
+        held = ctypes.c_uint32.from_address(int(handle) + length_at).value
+        if 0 < held <= _RNDV_HEADER_MAX:
+            return min(length, held)
+    return length
+
+
+def _ucx_release() -> tuple[int, int]:
+    major, minor, *_ = (int(x) for x in _ucxx.loaded().version.split("."))
+    return major, minor
+
+
+TRIM_DELAY = 1.0  # seconds after a large release before the heap's free pages go back to the OS
+TRIM_AFTER_DROPPED = 1024  # unexpected messages dropped in one busy period that make it large
+
+
+def _libc_malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+class HeapTrimmer:
+    """Gives the C heap's free pages back to the OS a second after something large was released.
+
+    After an attack ends (25,000 endpoints opened and closed, a flood of unexpected
+    messages, a connection dropped with its early WRITE bytes) the memory UCX and
+    ucxx freed stays in glibc's heap: free, but resident (the security run measured
+    +24 MiB after the LINK phase with only 1.8 MiB more in use).  ``malloc_trim(0)``
+    returns those pages; it runs in a thread, at most once per ``TRIM_DELAY``, and
+    only where glibc provides it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending = False
+        self.trims = 0
+
+    def soon(self) -> None:
+        if self._pending or _MALLOC_TRIM is None or self.loop.is_closed():
+            return
+        self._pending = True
+        self.loop.call_later(TRIM_DELAY, self._start)
+
+    def _start(self) -> None:
+        try:
+            future = self.loop.run_in_executor(None, _MALLOC_TRIM, 0)
+        except RuntimeError:  # the loop's executor is shutting down
+            self._pending = False
+            return
+        future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        self._pending = False
+        if not future.cancelled() and future.exception() is None:
+            self.trims += 1
+
 
 def _set_cuda_device(gpu: int) -> None:  # pragma: no cover - needs a GPU
     """Progress-thread start hook: make the GPU's CUDA context current on that thread."""
@@ -346,6 +451,8 @@ class LocalRail:
         self._dropped = 0  # unexpected messages dropped since the last warning
         self._dropped_bytes = 0
         self._warned_at = -LOG_EVERY
+        self.trimmer = HeapTrimmer(loop)
+        self._dropped_since_trim = 0  # unexpected messages dropped in this busy period
         # Tagged messages only: with active messages, ucxx allocates every incoming one
         # (any size, from anyone holding an endpoint) before we could look at it, and
         # UCX buffers unrequested stream data the same way.
@@ -385,17 +492,32 @@ class LocalRail:
                 out.append(line.split("flags")[-1].strip().lstrip("-").strip())
         return out
 
-    def connect(self, address: bytes, ips: Collection[str] = ()) -> Any:
+    def connect(self, address: bytes, control_ip: str | None = None) -> Any:
         """A new endpoint to the peer worker at ``address`` (returns at once; wire-up happens on progress).
 
         ``address`` came from a peer: it is checked first (:mod:`.address`), because UCX
         unpacks it without knowing its length and a malformed one can crash the process.
         Raises :class:`~.address.AddressError` (a ProtocolError) for one that fails.
-        ``ips``: the IPv4 addresses the peer advertised, which a TCP address must point at.
+        A TCP address must point into this rail's subnet or at ``control_ip``, the
+        remote address of the peer's control connection (not what the peer advertised).
         """
-        check_peer_address(address, self.address, kind=self.plan.kind, ips=ips)
+        check_peer_address(address, self.address, kind=self.plan.kind, allowed=self.allowed_networks(control_ip))
         L = _ucxx.loaded().L
         return self.worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(address), True)
+
+    def allowed_networks(self, control_ip: str | None) -> list[ipaddress.IPv4Network]:
+        """Where a peer's TCP worker address may point: our subnet, and its control connection's address."""
+        nets = [self.plan.subnet()]
+        if control_ip:
+            try:
+                ip = ipaddress.ip_address(control_ip)
+            except ValueError:
+                ip = None
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if isinstance(ip, ipaddress.IPv4Address):
+                nets.append(ipaddress.IPv4Network(ip))
+        return nets
 
     # ------------------------------------------------------------ namespaces
 
@@ -456,6 +578,11 @@ class LocalRail:
             if owner is not None and owner.on_unexpected(probe, kind, index, length):
                 continue
             self.discard(probe, foreign=owner is None)
+        self._dropped_since_trim += found
+        if not found and self._dropped_since_trim:
+            if self._dropped_since_trim >= TRIM_AFTER_DROPPED:  # a flood ended: UCX freed what it held
+                self.trimmer.soon()
+            self._dropped_since_trim = 0
         if self.worker is not None and not self.loop.is_closed():
             self._sweep_handle = self.loop.call_later(SWEEP_BUSY if found else SWEEP_INTERVAL, self.sweep)
         return found

@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import itertools
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,7 @@ from .protocol import (
     MAX_CLIENT_FRAME,
     MAX_CONN_ID,
     MAX_HELLO_FRAME,
+    MAX_WELCOME_FRAME,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     TAG_INDEX_MASK,
@@ -80,9 +83,10 @@ from .protocol import (
     VersionMismatch,
     Welcome,
     clip_reason,
+    encode,
     make_tag,
 )
-from .rails import LocalRail
+from .rails import HeapTrimmer, LocalRail, held_bytes
 
 if TYPE_CHECKING:
     from .backend import UcxBackend
@@ -101,6 +105,26 @@ STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
 STASH_BYTES = 256 << 20  # ... and per engine; beyond either the client's connection is dropped
 MAX_WRITE_BUFFER = 4 << 20  # unsent control bytes to one client before it counts as not reading
+IPV6_SOURCE_PREFIX = 64  # per-source limits count an IPv6 client by its /64 (a host has a whole one)
+
+_serials = itertools.count(1)
+
+
+def source_key(ip: str) -> str:
+    """What per-source limits count a client address under: an IPv4 address, or an IPv6 /64.
+
+    A host with IPv6 usually has a whole /64 and can pick any address in it, so
+    counting exact IPv6 addresses would give it 2^64 sources.
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip  # a Unix socket path or another kind of address: as it is
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{addr}/{IPV6_SOURCE_PREFIX}", strict=False))
+    return str(addr)
 
 
 def _host_bytes(view: Any) -> bytes:
@@ -119,18 +143,20 @@ class Connection:
         name: str,
         host_id: str,
         writer: asyncio.StreamWriter,
-        rail_ips: frozenset[str],
         session: Session | None,
     ) -> None:
         self.session = session  # with a shared secret: every message after HELLO is sealed with it
         self.source = ""  # the IP address it connected from
+        self.source_key = ""  # what per-source limits count it under (an IPv6 address: its /64)
         self.label = name  # what its notifications give as their source (unique among connections)
+        # What its notifications are bounded under: this connection, never reused (its name and
+        # label are the client's choice, and two clients could pick the same one, issue 11 review).
+        self.key = ("ucx-connection", next(_serials))
         self._link_tokens = float(LINK_BURST)
         self._link_at = 0.0
         self.conn_id = conn_id
         self.name = name
         self.host_id = host_id
-        self.rail_ips = rail_ips  # the client's rails' IPv4 addresses (its TCP worker addresses point there)
         self.writer = writer
         self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
@@ -162,7 +188,8 @@ class ServerLink:
         self.ns = rail.claim_namespace(self)
         self.drains = 0
         self.in_flight = 0  # slices whose receive or send is posted on this link
-        self.stash: dict[int, tuple[Any, int, float]] = {}  # request index -> (probe, length, when)
+        # request index -> (probe, length, bytes UCX holds for it, when)
+        self.stash: dict[int, tuple[Any, int, int, float]] = {}
         self._stash_timer: asyncio.TimerHandle | None = None
         size = 4 + HEADER_ROOM + server.backend.inline_limit
         self.slots = [np.zeros(size, dtype=np.uint8) for _ in range(server.slots)]
@@ -220,9 +247,13 @@ class ServerLink:
         server = self.server
         if kind == KIND_DATA and len(self.stash) < len(self.slots) and index not in self.stash:
             # A WRITE's bytes overtook their header (still being dispatched): keep them for it,
-            # within bounds per link and per engine (eager bytes held by UCX until received).
-            held = sum(n for _p, n, _w in self.stash.values())
-            if held + length > STASH_BYTES_PER_LINK or server.stashed_bytes + length > STASH_BYTES:
+            # within bounds per link and per engine.  What counts is what UCX holds meanwhile:
+            # an eager message's bytes, or a rendezvous message's request only (its bytes wait
+            # at the sender); counting a rendezvous message's length dropped honest peers
+            # whose large slices overtook their headers (issue 11 review).
+            cost = held_bytes(probe)
+            held = sum(h for _p, _n, h, _w in self.stash.values())
+            if held + cost > STASH_BYTES_PER_LINK or server.stashed_bytes + cost > STASH_BYTES:
                 server.backend.stats["protocol_errors"] += 1
                 server.loop_soon(
                     server.violation,
@@ -231,8 +262,8 @@ class ServerLink:
                     f"{STASH_BYTES_PER_LINK} per link and {STASH_BYTES} per engine are kept for their headers)",
                 )
                 return False
-            self.stash[index] = (probe, length, asyncio.get_running_loop().time())
-            server.stashed_bytes += length
+            self.stash[index] = (probe, length, cost, asyncio.get_running_loop().time())
+            server.stashed_bytes += cost
             server.backend.stats["early_writes"] += 1
             if self._stash_timer is None:
                 self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL, self._expire_stash)
@@ -247,7 +278,7 @@ class ServerLink:
         entry = self.stash.pop(request & TAG_INDEX_MASK, None)
         if entry is None:
             return None
-        self.server.stashed_bytes -= entry[1]
+        self.server.stashed_bytes -= entry[2]
         return entry[0], entry[1]
 
     def _expire_stash(self) -> None:
@@ -255,11 +286,11 @@ class ServerLink:
         if self.closed or not self.stash:
             return
         now = asyncio.get_running_loop().time()
-        if any(now - when >= STASH_TTL for _p, _n, when in self.stash.values()):
+        if any(now - when >= STASH_TTL for _p, _n, _h, when in self.stash.values()):
             self.server.backend.stats["protocol_errors"] += 1
             self.server.violation(self.conn, f"{self.label}: bulk bytes whose header never came")
             return
-        oldest = min(when for _p, _n, when in self.stash.values())
+        oldest = min(when for _p, _n, _h, when in self.stash.values())
         self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL - (now - oldest), self._expire_stash)
 
     def close(self, reason: str) -> None:
@@ -269,12 +300,15 @@ class ServerLink:
         if self._stash_timer is not None:
             self._stash_timer.cancel()
             self._stash_timer = None
-        for probe, length, _when in self.stash.values():
+        for probe, _length, held, _when in self.stash.values():
             self.rail.discard(probe, foreign=False)
-            self.server.stashed_bytes -= length
+            self.server.stashed_bytes -= held
         self.stash.clear()
         self.rail.release_namespace(self.ns)
         self.channel.abort(reason)  # cancels the header slots and every slice in flight
+        # 8 x 18 KiB of header slots: the channel holds those still posted until UCX gave them
+        # back; ours go now, not when the garbage collector breaks the link's last cycle.
+        self.slots = []
 
 
 class Server:
@@ -295,6 +329,7 @@ class Server:
         self._tiny = np.zeros(1, dtype=np.uint8)  # refused WRITEs' bytes are matched into this byte
         self.log = LogLimiter()
         self.stashed_bytes = 0  # early WRITE bytes kept for their headers, all links together
+        self.trimmer = HeapTrimmer(asyncio.get_running_loop())
 
     # ============================================================ catalogue
 
@@ -333,7 +368,7 @@ class Server:
         # taken the oldest handshake makes room: an honest one takes milliseconds, so a host that
         # keeps handshakes open (slowloris) can no longer lock every new peer out (issue 11).
         peername = writer.get_extra_info("peername")
-        source = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        source = source_key(str(peername[0]) if isinstance(peername, tuple) else str(peername))
         stats = self.backend.stats
         if self._pending_by_source[source] >= MAX_PENDING_PER_SOURCE:
             stats["handshake_refused"] += 1
@@ -408,7 +443,7 @@ class Server:
         if len(self.connections) >= MAX_CONNECTIONS:
             self._refuse(writer, who, f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS} peers")
             return None
-        if sum(1 for c in self.connections.values() if c.source == source) >= MAX_CONNECTIONS_PER_SOURCE:
+        if sum(1 for c in self.connections.values() if c.source_key == source) >= MAX_CONNECTIONS_PER_SOURCE:
             self._refuse(
                 writer,
                 who,
@@ -416,27 +451,42 @@ class Server:
             )
             return None
         conn_id = self._next_conn_id()
-        conn = Connection(conn_id, hello.name, hello.host_id, writer, frozenset(r.ip for r in hello.rails), session)
-        conn.source = source
-        if any(conn.name in (c.name, c.label) for c in self.connections.values()):
+        peername = writer.get_extra_info("peername")
+        peer_ip = str(peername[0]) if isinstance(peername, tuple) else ""
+        conn = Connection(conn_id, hello.name, hello.host_id, writer, session)
+        conn.source = peer_ip
+        conn.source_key = source
+        taken = {n for c in self.connections.values() for n in (c.name, c.label)}
+        while conn.label in taken:
             # Another connected peer has this name: its notifications must not pass for this one's.
-            conn.label = f"{conn.name}#{conn_id}"
-        conn.send(
-            Welcome(
+            # A random suffix, not the connection id: a client that could predict the label could
+            # take it as its own name first and pass its notifications off as the other's.
+            conn.label = f"{conn.name}#{secrets.token_hex(4)}"
+        conn.send(self._welcome(conn_id))
+        self.connections[conn_id] = conn
+        self.log.info("connected", "engine %r: %s connected (connection %d)", backend.engine_name, who, conn_id)
+        return conn
+
+    def _welcome(self, conn_id: int) -> Welcome:
+        """WELCOME, with as much of the catalogue as fits in what a client reads before it trusts us."""
+        backend = self.backend
+        catalogue = self.catalogue()
+        while True:
+            welcome = Welcome(
                 version=PROTOCOL_VERSION,
                 name=backend.engine_name,
                 host_id=backend.host_id,
                 conn_id=conn_id,
                 rails=backend.rail_ads(),
-                catalogue=self.catalogue(),
+                catalogue=catalogue,
                 auth=b"",  # with a secret, WELCOME is sealed with the session: that authenticates it
                 slots=self.slots,
                 inline_limit=backend.inline_limit,
-            ),
-        )
-        self.connections[conn_id] = conn
-        logger.info("engine %r: %s connected (connection %d)", backend.engine_name, who, conn_id)
-        return conn
+            )
+            # Sealing adds the 16-byte GCM tag and the SEALED wrapper's few bytes: 64 cover both.
+            if not catalogue or len(encode(welcome)) + 64 <= MAX_WELCOME_FRAME:
+                return welcome
+            catalogue = catalogue[: len(catalogue) // 2]  # the client looks the others up
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
         backend = self.backend
@@ -461,7 +511,7 @@ class Server:
                 exc,
             )
         except Exception:
-            logger.exception("engine %r: serving %s failed", backend.engine_name, where)
+            self.log.exception("failed", "engine %r: serving %s failed", backend.engine_name, where)
         finally:
             self._handshake_over(me)
             if conn is not None:
@@ -489,7 +539,7 @@ class Server:
                     if link.link_id == msg.link_id:
                         self.close_link(link, f"the client closed the link: {msg.reason}", tell=False)
             elif isinstance(msg, Notify):
-                if not ctx.deliver_notification(msg.message, conn.label):
+                if not ctx.deliver_notification(msg.message, conn.label, conn.key):
                     stats = self.backend.stats
                     stats["notifications_dropped"] += 1
                     stats["protocol_errors"] += 1
@@ -504,7 +554,13 @@ class Server:
                 return
             elif isinstance(msg, Refused):
                 self.backend.stats["handshake_refused"] += 1
-                logger.warning("engine %r: %s refused our WELCOME: %s", self.backend.engine_name, who, msg.reason)
+                self.log.warning(
+                    "refused-welcome",
+                    "engine %r: %s refused our WELCOME: %s",
+                    self.backend.engine_name,
+                    who,
+                    msg.reason,
+                )
                 return
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} on the control connection")
@@ -532,7 +588,7 @@ class Server:
         label = f"rail {rail.name} <- {conn.name!r}"
         holder: list[ServerLink] = []
         try:
-            ep = rail.connect(msg.address, conn.rail_ips)
+            ep = rail.connect(msg.address, conn.source)
             channel = Channel(rail, ep, label, lambda ch, reason: self._channel_closed(holder, reason))
         except Exception as exc:
             if isinstance(exc, ProtocolError):  # the client's worker address failed its check
@@ -589,6 +645,7 @@ class Server:
         for link in list(conn.links.values()):
             self.close_link(link, reason, tell=False)
         conn.links.clear()
+        self.trimmer.soon()  # its endpoints, slots and early bytes are freed: give the pages back
 
     # ================================================================= data
 
