@@ -28,3 +28,17 @@ def test_pd_disagg_delivers_each_requests_kv_to_its_pages() -> None:
         assert r["blocks"] == 2 * 4 * pages  # K and V of 4 layers, one block per page each
         assert r["kv_bytes"] == r["blocks"] * 4096
         assert r["ttft_s"] > r["transfer_s"] > 0
+
+
+@requires_ucxx
+def test_weight_update_leaves_every_worker_with_the_trainers_weights() -> None:
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "weight_update.py"), "--workers", "2", "--layers", "1", "--hidden", "256",
+         "--vocab", "1024", "--bucket", "512KiB", "--steps", "2", "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["equal"] == [True, True]  # compared tensor by tensor by each worker, after the second update
+    assert r["buckets"] > 1
+    assert len(r["per_worker_s"]) == 2
+    assert r["update_s"] == max(r["per_worker_s"])
