@@ -65,6 +65,15 @@ def request_kv(rid: int, n_blocks: int, block: int) -> np.ndarray:
     return np.random.default_rng(rid).integers(0, 256, (n_blocks, block), dtype=np.uint8)
 
 
+def engine_options(config: dict[str, Any]) -> dict[str, Any]:
+    """``--deadline-floor``: a loaded host (a shared CI machine) is slower than its loopback rail;
+    a longer floor keeps a late thread hop from being taken for a failing rail."""
+    from tent_async.core import SchedulerConfig
+
+    floor = config.get("deadline_floor")
+    return {"config": SchedulerConfig(deadline_floor=floor)} if floor else {}
+
+
 def rails(names: str) -> list[Any]:
     from tent_async.rails import RailSpec
 
@@ -158,7 +167,9 @@ async def prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         address = (await read())["address"]
         pool = np.zeros(2 * layers * pool_pages * block, dtype=np.uint8)
-        async with tent.Engine(backend="ucx", name="prefill", rails=rails(args.rails)) as engine:
+        async with tent.Engine(
+            backend="ucx", name="prefill", rails=rails(args.rails), **engine_options(vars(args))
+        ) as engine:
             local = engine.register(pool, name="kv", permission="r")
             peer = await engine.connect(address, expect_name="decode")
             remote = await peer.segment("kv")
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tokens", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--rails", default="shm", help="comma-separated: shm, tcp (loopback)")
+    parser.add_argument("--deadline-floor", default=None, help="SchedulerConfig.deadline_floor, e.g. 500ms")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -61,6 +61,15 @@ def weights(shapes: list[tuple[str, tuple[int, ...]]], step: int) -> dict[str, n
     return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes}
 
 
+def engine_options(config: dict[str, Any]) -> dict[str, Any]:
+    """``--deadline-floor``: a loaded host (a shared CI machine) is slower than its loopback rail;
+    a longer floor keeps a late thread hop from being taken for a failing rail."""
+    from tent_async.core import SchedulerConfig
+
+    floor = config.get("deadline_floor")
+    return {"config": SchedulerConfig(deadline_floor=floor)} if floor else {}
+
+
 def rails(names: str) -> list[Any]:
     from tent_async.rails import RailSpec
 
@@ -138,7 +147,9 @@ async def trainer(args: argparse.Namespace) -> dict[str, Any]:
     try:
         addresses = [(await read(p))["address"] for p in procs]
         flat = np.zeros(size, dtype=np.uint8)
-        async with tent.Engine(backend="ucx", name="trainer", rails=rails(args.rails)) as engine:
+        async with tent.Engine(
+            backend="ucx", name="trainer", rails=rails(args.rails), **engine_options(vars(args))
+        ) as engine:
             local = engine.register(flat, name="weights", permission="r")
             remotes = []
             for i, address in enumerate(addresses):
@@ -190,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", default="64MiB")
     parser.add_argument("--steps", type=int, default=2, help="weight updates, each with new weights")
     parser.add_argument("--rails", default="shm", help="comma-separated: shm, tcp (loopback)")
+    parser.add_argument("--deadline-floor", default=None, help="SchedulerConfig.deadline_floor, e.g. 500ms")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:

@@ -10,6 +10,9 @@ from pathlib import Path
 from conftest import requires_ucxx
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
+# The suite runs on a shared 2-core machine: a thread hop there can take longer than the
+# default 20 ms deadline floor, and a single shm rail taken for failing fails the transfer.
+LOADED = ["--deadline-floor", "1s"]
 
 
 @requires_ucxx
@@ -17,7 +20,7 @@ def test_pd_disagg_delivers_each_requests_kv_to_its_pages() -> None:
     """Decode checks, when the notification arrives, that every block landed byte-exact in its pages."""
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / "pd_disagg.py"), "--model", "tiny", "--requests", "3",
-         "--min-tokens", "64", "--max-tokens", "256", "--json"],
+         "--min-tokens", "64", "--max-tokens", "256", "--json", *LOADED],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -34,7 +37,7 @@ def test_pd_disagg_delivers_each_requests_kv_to_its_pages() -> None:
 def test_weight_update_leaves_every_worker_with_the_trainers_weights() -> None:
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / "weight_update.py"), "--workers", "2", "--layers", "1", "--hidden", "256",
-         "--vocab", "1024", "--bucket", "512KiB", "--steps", "2", "--json"],
+         "--vocab", "1024", "--bucket", "512KiB", "--steps", "2", "--json", *LOADED],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     r = json.loads(out.strip().splitlines()[-1])
@@ -42,3 +45,17 @@ def test_weight_update_leaves_every_worker_with_the_trainers_weights() -> None:
     assert r["buckets"] > 1
     assert len(r["per_worker_s"]) == 2
     assert r["update_s"] == max(r["per_worker_s"])
+
+
+@requires_ucxx
+def test_hicache_loads_every_prefix_byte_exact_under_offload() -> None:
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hicache.py"), "--servers", "2", "--requests", "4", "--concurrency", "2",
+         "--prefix-pages", "8", "--json", *LOADED],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert sorted(r["index"] for r in rows) == [0, 1]
+    for r in rows:
+        assert r["exact"] == [True] * 4  # each load compared with the prefix's content in the serving process
+        assert len(r["latencies"]) == 4
