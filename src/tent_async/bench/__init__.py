@@ -16,6 +16,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "kv": ("tent_async.bench.kv", "scattered KV-cache blocks vs one contiguous transfer, local rails"),
     "spray": ("tent_async.bench.spray", "one medium transfer alone on the simulated fabric vs its limit"),
     "priority": ("tent_async.bench.priority", "high-priority latency under background bulk, simulated fabric"),
+    "serving": (
+        "tent_async.bench.serving",
+        "LLM serving: PD, HiCache, weight update, micro; eft vs static vs round_robin",
+    ),
     "ucx": ("tent_async.bench.ucx", "raw ucxx vs the engine, and the veth testbed"),
     "veth": ("tent_async.bench.ucx_veth", "raw ucxx and UCX multi-rail on the veth testbed (root)"),
 }

@@ -10,7 +10,7 @@ from .decisions import Attempt, AttemptState, Decision, Finished, Outcome, Piece
 from .events import EventKind, RailEvent
 from .health import Health, RailHealth
 from .planner import Planner
-from .policies import NO_RAIL, POLICIES, EarliestFinish, Policy, RoundRobin, SingleRail, make_policy
+from .policies import NO_RAIL, POLICIES, EarliestFinish, Policy, RoundRobin, SingleRail, StaticSlices, make_policy
 from .rail_state import RailInfo, RailState
 from .slicing import cut, nominal_slice
 from .telemetry import RailEstimator
@@ -38,6 +38,7 @@ __all__ = [
     "RoundRobin",
     "SchedulerConfig",
     "SingleRail",
+    "StaticSlices",
     "Withdraw",
     "cut",
     "make_policy",

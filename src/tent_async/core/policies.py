@@ -23,12 +23,23 @@ comparison between them changes exactly one thing.
     eligible rail with the highest nominal bandwidth, ties rotated across
     transfers.  If that rail fails, the transfer is re-bound to another one.
 
+``static``
+    A model of the classic engine, Mooncake Transfer Engine (TE), as the
+    serving benchmarks' baseline: fixed slices of 64 KiB; each slice is bound
+    when it is cut to a NIC drawn at random (or round-robin) from the
+    buffer's *preferred set*, the transfer's eligible rails of the lowest
+    topology tier (the NICs under the buffer's PCIe switch); no telemetry and
+    no late binding; a failed slice is retried on the next rail in a fixed
+    order (preferred first, then the rest), but rail health is not
+    consulted.  See :class:`StaticSlices` for what exactly is modelled.
+
 A policy returns ``None`` to hold (wait for a rail to free up) or
 :data:`NO_RAIL` when no rail could ever take the transfer's next slice.
 """
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from .config import SchedulerConfig
@@ -292,15 +303,139 @@ class SingleRail:
         return rail, rail.nominal
 
 
-POLICIES: dict[str, type[EarliestFinish] | type[RoundRobin] | type[SingleRail]] = {
+class StaticSlices:
+    """``static``: the classic engine's dispatch (a model of Mooncake TE), as a baseline.
+
+    What it does, slice by slice:
+
+    * **fixed slices** of ``slice_size`` (64 KiB, Mooncake TE's default
+      ``slice_size``), whatever the rail or the transfer;
+    * **early, state-blind binding**: a slice's NIC is drawn when the slice is
+      cut, at random (``pick="random"``, as TE's ``selectDevice``) or in turn
+      (``pick="round_robin"``), from the transfer's *preferred set*: its
+      eligible rails of the lowest ``RailInfo.tier`` (a GPU buffer's NICs under
+      its own PCIe switch; all rails when every tier is equal).  The slice
+      waits for *that* NIC: if it already holds ``depth`` slices the
+      transfer holds (other transfers may go meanwhile), as a slice queued on
+      a TE worker's NIC queue does;
+    * **no telemetry**: bandwidth and latency estimates, in-flight bytes and
+      congestion are never read;
+    * **retries without rail health**: a slice whose attempt failed for the
+      ``n``-th time goes to the rail at position ``n - 1`` of a fixed order,
+      the preferred set first, then the other eligible rails (TE's
+      ``selectDevice(..., retry_cnt)``), skipping rails it has failed on
+      ``max_attempts_per_rail`` times; a suspect rail keeps being drawn like
+      any other, and nothing is learned from the failure for other slices.
+
+    Where the model departs from TE, and why:
+
+    * the planner around every policy is the same: a rail the planner has
+      *quarantined* (or is probing) is skipped, because the planner never
+      posts ordinary slices to a quarantined rail; TE likewise skips a NIC
+      whose context went inactive after a device error, so this matters only
+      when a rail errors repeatedly;
+    * per-slice deadlines are the planner's and apply here too; TE has none
+      by default, so where a deadline fires the model is, if anything, a
+      stronger baseline than TE;
+    * the policy sets every rail's full window to ``depth`` when it is bound
+      (the planner offers a group of transfers to its policy only while one of
+      its rails has room in its window); a suspect or probing rail still gets
+      the planner's window of one, so when every other rail is full the
+      planner waits rather than asking to fill a suspect rail to ``depth``;
+    * ``depth`` (8 slices, 512 KiB) is far below TE's queue-pair depth, to keep
+      the simulator's fair-share computation cheap; it is still above the
+      bandwidth-delay product of a 400 Gb/s NIC with a 5 us round trip
+      (~250 KB), so it does not limit throughput.
+    """
+
+    name: ClassVar[str] = "static"
+    probes_idle_rails: ClassVar[bool] = False
+    holds_for_all: ClassVar[bool] = False
+
+    def __init__(
+        self, slice_size: int = 64 * 1024, *, depth: int = 8, pick: str = "random", seed: int | str = 0
+    ) -> None:
+        if slice_size < 1 or depth < 1:
+            raise ValueError(f"slice_size and depth must be positive, got {slice_size} and {depth}")
+        if pick not in ("random", "round_robin"):
+            raise ValueError(f"pick must be 'random' or 'round_robin', got {pick!r}")
+        self.slice_size = slice_size
+        self.depth = depth
+        self.pick = pick
+        self._rng = random.Random(f"static/{seed}")
+        self._turn = 0
+        self._max_per_rail = 2
+        self._orders: dict[tuple[int, ...], tuple[tuple[RailState, ...], int]] = {}
+
+    def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
+        self._max_per_rail = config.max_attempts_per_rail
+        for rail in rails:
+            self._widen(rail)
+
+    def _widen(self, rail: RailState) -> None:
+        """Give ``rail`` a window of ``depth`` slices (the planner asks a policy only while one has room)."""
+        if rail.window_full != self.depth:
+            rail.window_full = self.depth
+            rail.sync_health()
+
+    def order(self, rails: tuple[RailState, ...]) -> tuple[tuple[RailState, ...], int]:
+        """The retry order of ``rails`` (preferred set first) and the size of the preferred set."""
+        key = tuple(r.index for r in rails)
+        found = self._orders.get(key)
+        if found is None:
+            best = min(r.info.tier for r in rails)
+            preferred = tuple(r for r in rails if r.info.tier == best)
+            rest = tuple(r for r in rails if r.info.tier != best)
+            found = self._orders[key] = (preferred + rest, len(preferred))
+        return found
+
+    def choose(self, transfer: TransferState, now: float) -> Choice:
+        history = transfer.pending[0].history
+        rail = transfer.bound  # the NIC the next slice was bound to when it was cut
+        if history is not None or rail is None or not rail.dispatchable:
+            rail = self._draw(transfer, history)
+            if rail is None:
+                return NO_RAIL
+            transfer.bound = rail
+        if rail.window_full != self.depth:
+            self._widen(rail)  # a rail added after bind() (a backend that pairs rails later)
+        if len(rail.inflight) >= self.depth:
+            return None  # bound early: the slice waits for its NIC
+        transfer.bound = None
+        return rail, self.slice_size
+
+    def _draw(self, transfer: TransferState, history: dict[int, int] | None) -> RailState | None:
+        order, n_pref = self.order(transfer.rails)
+        if history is None:
+            if self.pick == "random":
+                k = self._rng.randrange(n_pref) if n_pref > 1 else 0
+            else:
+                k = self._turn % n_pref
+                self._turn += 1
+            rail = order[k]
+            if rail.dispatchable:
+                return rail
+            start = 0  # the drawn NIC is out of service: take the retry order
+        else:
+            start = (sum(history.values()) - 1) % len(order)
+        limit = self._max_per_rail
+        for k in range(len(order)):
+            rail = order[(start + k) % len(order)]
+            if rail.dispatchable and (history is None or history.get(rail.index, 0) < limit):
+                return rail
+        return None
+
+
+POLICIES: dict[str, type[EarliestFinish] | type[RoundRobin] | type[SingleRail] | type[StaticSlices]] = {
     EarliestFinish.name: EarliestFinish,
     RoundRobin.name: RoundRobin,
     SingleRail.name: SingleRail,
+    StaticSlices.name: StaticSlices,
 }
 
 
 def make_policy(policy: str | Policy) -> Policy:
-    """A policy instance from its name (``"eft"``, ``"round_robin"``, ``"single"``) or itself."""
+    """A policy instance from its name (``"eft"``, ``"round_robin"``, ``"single"``, ``"static"``) or itself."""
     if isinstance(policy, str):
         try:
             return POLICIES[policy]()
