@@ -392,3 +392,35 @@ async def test_staging_beyond_its_bound_is_refused_and_counted(spawn_peer: Any) 
         assert server.cmd(cmd="read", segment="kv", start=0, stop=2)["hex"] == "0707"
     finally:
         await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_one_slice_spans_several_peer_segments_and_mixed_directions_fail_cleanly(server: PeerProcess) -> None:
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    server.cmd(cmd="fill", segment="other", seed=3)
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=[tent.RailSpec(**LO[0])]) as engine:
+        with anyio.fail_after(60):
+            peer = await engine.connect(server.address)
+            kv, other = await peer.segment("kv"), await peer.segment("other")
+        src = pattern(21, MiB)
+        local = engine.register(src, name="src")
+        kv_want, other_want = pattern(1, KV), pattern(3, MiB)
+        pairs = []
+        for i in range(64):  # 2 KiB blocks alternating between two peer segments, out of order
+            s, d = i * 2048, (63 - i) * 4096
+            if i % 2:
+                pairs.append((local[s : s + 2048], kv[d : d + 2048]))
+                kv_want[d : d + 2048] = src[s : s + 2048]
+            else:
+                pairs.append((local[s : s + 2048], other[d : d + 2048]))
+                other_want[d : d + 2048] = src[s : s + 2048]
+        with anyio.fail_after(60):
+            await engine.transfer_batch(pairs)
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(kv_want)
+        assert server.cmd(cmd="digest", segment="other")["digest"] == digest(other_want)
+        # To and from the peer in one batch: refused as a whole, with the reason.
+        sink = engine.register(np.zeros(MiB, dtype=np.uint8), name="sink")
+        with anyio.fail_after(60), pytest.raises(tent.TentError, match="one way"):
+            await engine.transfer_batch([(local[0:2048], kv[0:2048]), (kv[8192:10240], sink[0:2048])])

@@ -84,8 +84,8 @@ logger = logging.getLogger("tent_async.ucx")
 STAGING_PER_LINK = 128 << 20  # staging bytes one link's slices may hold on the target ...
 STAGING_PER_ENGINE = 512 << 20  # ... and all links of an engine together
 POOL_BYTES = 64 << 20  # idle staging kept for reuse, per engine
-POOL_MIN = 256 << 10  # smaller buffers are allocated fresh (cheap)
-POOL_ALIGN = 1 << 20
+POOL_MIN = 64 << 10  # smaller buffers are allocated fresh (cheap)
+POOL_ALIGN = 256 << 10
 SEGMENT_ROOM = 1024  # bytes of segment names one header may carry
 
 Array = np.ndarray[Any, np.dtype[Any]]
@@ -176,7 +176,7 @@ class Staging:
         """A host buffer of exactly ``n`` bytes (contents undefined)."""
         if n >= POOL_MIN:
             for i, base in enumerate(self._free):
-                if n <= base.shape[0] <= 2 * n:
+                if n <= base.shape[0] <= max(2 * n, n + POOL_ALIGN):
                     del self._free[i]
                     self._idle -= base.shape[0]
                     return base[:n]
@@ -237,6 +237,15 @@ class LinkStaging:
 # =============================================================== initiator
 
 
+def _used(index: Array) -> tuple[list[int], Array]:
+    """The distinct segment indices of ``index`` (sorted) and ``index`` renumbered into that list."""
+    first = int(index[0])
+    if (index == first).all():  # the usual case: one segment on this side
+        return [first], np.zeros(len(index), dtype=np.int64)
+    used, inverse = np.unique(index, return_inverse=True)
+    return used.tolist(), inverse.astype(np.int64)
+
+
 class Plan:
     """The initiator's side of one scatter-gather slice: its header, staging, and landing."""
 
@@ -261,13 +270,15 @@ class Plan:
         assert ext is not None
         segs = ext.segments
         src_seg, src_off, dst_seg, dst_off, lengths = ext.arrays()
-        remote = np.fromiter((isinstance(s, RemoteSegment) for s in segs), dtype=bool, count=len(segs))
-        if remote[dst_seg].all() and not remote[src_seg].any():
+        src_used, src_index = _used(src_seg)
+        dst_used, dst_index = _used(dst_seg)
+        remote = [isinstance(s, RemoteSegment) for s in segs]
+        if all(remote[i] for i in dst_used) and not any(remote[i] for i in src_used):
             self.kind = Op.WRITE
-            l_seg, l_off, r_seg, r_off = src_seg, src_off, dst_seg, dst_off
-        elif remote[src_seg].all() and not remote[dst_seg].any():
+            l_used, l_index, l_off, r_used, r_index, r_off = src_used, src_index, src_off, dst_used, dst_index, dst_off
+        elif all(remote[i] for i in src_used) and not any(remote[i] for i in dst_used):
             self.kind = Op.READ
-            l_seg, l_off, r_seg, r_off = dst_seg, dst_off, src_seg, src_off
+            l_used, l_index, l_off, r_used, r_index, r_off = dst_used, dst_index, dst_off, src_used, src_index, src_off
         else:
             raise ScatterError(
                 "a scatter-gather slice over ucx moves bytes one way: this batch mixes blocks to and from "
@@ -279,11 +290,10 @@ class Plan:
                 f"a slice of {n} extents exceeds the {MAX_EXTENTS} one header may carry; use larger blocks "
                 "or a smaller max_slice"
             )
-        r_used = np.unique(r_seg)
         if len(r_used) > MAX_SG_SEGMENTS:
             raise ScatterError(f"a slice touches {len(r_used)} peer segments; at most {MAX_SG_SEGMENTS} per slice")
         table: list[tuple[str, int]] = []
-        for i in r_used.tolist():
+        for i in r_used:
             seg = segs[i]
             assert isinstance(seg, RemoteSegment)
             if seg.peer is not peer:
@@ -294,26 +304,21 @@ class Plan:
                 f"the names of the {len(table)} peer segments of one slice exceed {SEGMENT_ROOM} bytes; "
                 "use shorter segment names or fewer segments per batch"
             )
-        remap = np.zeros(len(segs), dtype=np.int64)
-        remap[r_used] = np.arange(len(r_used))
-        l_used = np.unique(l_seg)
         local: list[Memory] = []
-        for i in l_used.tolist():
+        for i in l_used:
             seg = segs[i]
             assert isinstance(seg, Segment)
             if self.kind is Op.READ and seg.memory.readonly:
                 raise ScatterError(f"{seg!r} is read-only memory; nothing may be received into it")
             local.append(seg.memory)
-        lmap = np.zeros(len(segs), dtype=np.int64)
-        lmap[l_used] = np.arange(len(l_used))
         self.remote = tuple(table)
         self.local = local
-        self.local_index = lmap[l_seg]
+        self.local_index = l_index
         self.local_offsets = l_off
         self.lengths = lengths
         self.count = n
         self.total = int(a.length)
-        self.table = pack_table(remap[r_seg], r_off, lengths)
+        self.table = pack_table(r_index, r_off, lengths)
         self.table_inline = len(self.table) <= inline_limit
         self.inline = self.table_inline and self.total + len(self.table) <= inline_limit
         self.pool = pool
