@@ -91,6 +91,10 @@ async def main(config: dict[str, Any]) -> None:
 
         backend.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
         server.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
+    if config.get("staging_per_link"):  # tests: a small bound on scatter-gather staging
+        from tent_async.backends.ucx import scatter
+
+        scatter.STAGING_PER_LINK = config["staging_per_link"]
     if config.get("short_reads"):  # tests: a peer that answers large READs with half the bytes (and says so)
         import attrs
 

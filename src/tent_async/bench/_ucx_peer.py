@@ -2,6 +2,7 @@
 
     python -m tent_async.bench._ucx_peer raw    '{"rail": "shm", "size": N, "rounds": [[bytes, count], ...]}'
     python -m tent_async.bench._ucx_peer engine '{"rail": "shm", "size": N}'
+    python -m tent_async.bench._ucx_peer kv     '{"size": N, "seed": S}'
 
 ``raw``: one UCX context with the rail's settings (the same :class:`LocalRail`
 the backend uses), one endpoint opened from the client's worker address (as
@@ -9,7 +10,10 @@ the backend does: no listener); for each round it receives ``count`` messages
 of ``bytes`` into a pre-posted receive and answers each with an 8-byte tagged
 ack.  It prints ``{"address": <its worker address, hex>}`` and then reads the
 client's as one JSON line on stdin.  ``engine``: a listening ucx engine with
-that one rail and one segment; it prints ``{"address": "host:port"}``.  Both
+that one rail and one segment; it prints ``{"address": "host:port"}``.  ``kv``:
+a listening engine with the default rails (``rails=None``) and one ``pool``
+segment filled from ``seed``; it answers each stdin line ``{"digest": true}``
+with the pool's sha256 and ``{"fill": seed}`` by refilling it.  All three
 exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
 """
 
@@ -78,9 +82,32 @@ async def serve_engine(config: dict[str, Any]) -> None:
         await _stdin_closed()
 
 
+def kv_pool(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+async def serve_kv(config: dict[str, Any]) -> None:
+    import hashlib
+
+    from ..engine import Engine
+
+    pool = kv_pool(config["seed"], config["size"])
+    async with Engine(backend="ucx", name="bench-kv-server", listen="127.0.0.1:0") as e:
+        e.register(pool, name="pool")
+        print(json.dumps({"address": e.address}), flush=True)
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            cmd = json.loads(line)
+            if "fill" in cmd:
+                pool[:] = kv_pool(cmd["fill"], config["size"])
+            stats = dict(e.backend.stats)  # type: ignore[attr-defined]
+            print(json.dumps({"digest": hashlib.sha256(pool.data).hexdigest(), "stats": stats}), flush=True)
+
+
 def main() -> None:
     mode, config = sys.argv[1], json.loads(sys.argv[2])
-    asyncio.run(serve_raw(config) if mode == "raw" else serve_engine(config))
+    serve = {"raw": serve_raw, "engine": serve_engine, "kv": serve_kv}[mode]
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

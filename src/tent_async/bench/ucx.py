@@ -13,12 +13,20 @@ Targets: engine throughput >= 90 % of raw for 64 MiB; 4 KiB latency within
 raw + 50 us.  Medians of ``--iters`` runs after warm-up; the raw and engine runs
 alternate ``--repeat`` times so that background load hits both alike.
 
+**KV batches** (``--kv``; ``--kv-only`` skips the part above): 64 MiB as
+4,096 x 16 KiB and 16,384 x 4 KiB blocks to permuted places in the peer's pool
+(``engine.transfer_blocks``, WRITE and READ back), against one contiguous
+``engine.transfer`` of the same 64 MiB, default rails (``rails=None``) on both
+engines, the cases alternating ``--iters`` times in one run; every case's
+bytes are checked (the peer's digest after a WRITE, the bytes read back).
+Targets: >= 0.8x (16 KiB) and >= 0.5x (4 KiB) of contiguous.
+
 The veth testbed (real shaped rails, needs root) is a separate part: when
 ``tent_async.bench.ucx_veth`` exists, ``--veth`` runs its ``run_veth(console,
 args)`` after the loopback part (and its ``add_arguments(parser)``, if any,
 adds its options).
 
-    tent-async bench ucx [--iters 10] [--lat-iters 500] [--repeat 2] [--rails tcp,shm] [--veth]
+    tent-async bench ucx [--iters 10] [--lat-iters 500] [--repeat 2] [--rails tcp,shm] [--kv] [--kv-only] [--veth]
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ SMALL = 4096
 TARGET_RATIO = 0.90
 TARGET_LATENCY_US = 50.0
 _PEER = "tent_async.bench._ucx_peer"
+KV_SIZE = 64 << 20
+KV_BLOCKS = {16384: 0.8, 4096: 0.5}  # block size -> target fraction of one contiguous transfer
 
 
 def _veth_module() -> ModuleType | None:
@@ -65,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternations of raw and engine runs (default 3)")
     parser.add_argument("--rails", default="tcp,shm", help="rail kinds to measure: tcp (over lo), shm")
     parser.add_argument("--limit", type=float, default=120.0, help="seconds before one run counts as hung")
+    parser.add_argument("--kv", action="store_true", help="also run the KV-batch part (permuted blocks vs contiguous)")
+    parser.add_argument("--kv-only", action="store_true", help="run only the KV-batch part")
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
     if veth is not None and hasattr(veth, "add_veth_arguments"):
@@ -140,7 +152,7 @@ def _raw_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
     return {"bw": SIZE / statistics.median(big), "lat": statistics.median(small)}
 
 
-def _isolated(what: str, rail: str, iters: int, lat_iters: int, limit: float) -> dict[str, float] | None:
+def _isolated(what: str, rail: str, iters: int, lat_iters: int, limit: float) -> dict[str, Any] | None:
     """Run one measurement's client side in a fresh interpreter too, bounded by ``limit`` seconds.
 
     Both sides then start from a clean UCX state, and a measurement that hangs is
@@ -160,7 +172,7 @@ def _isolated(what: str, rail: str, iters: int, lat_iters: int, limit: float) ->
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return None
-    result: dict[str, float] = json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
     return result
 
 
@@ -201,6 +213,126 @@ def _engine_here(rail: str, iters: int, lat_iters: int) -> dict[str, float]:
         return asyncio.run(_engine_client(rail, hello["address"], iters, lat_iters))
 
 
+async def _kv_client(proc: subprocess.Popen[str], address: str, iters: int) -> dict[str, Any]:
+    import hashlib
+
+    from ..engine import Engine
+    from ._ucx_peer import kv_pool
+
+    served: dict[str, int] = {}
+
+    def digest(**cmd: Any) -> str:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(json.dumps(cmd) + "\n")
+        proc.stdin.flush()
+        answer = json.loads(proc.stdout.readline())
+        served.update(answer["stats"])
+        return str(answer["digest"])
+
+    async with Engine(backend="ucx", name="bench-kv-client") as engine:
+        src = kv_pool(5, KV_SIZE)
+        local = engine.register(src, name="src")
+        back = np.ones(KV_SIZE, dtype=np.uint8)
+        sink = engine.register(back, name="sink")
+        peer = await engine.connect(address)
+        pool = await peer.segment("pool")
+        rng = np.random.default_rng(7)
+        places = {b: rng.permutation(KV_SIZE // b).astype(np.int64) * b for b in KV_BLOCKS}
+        order = {b: np.arange(KV_SIZE // b, dtype=np.int64) * b for b in KV_BLOCKS}
+        cases: list[int] = [0, *KV_BLOCKS]  # 0: one contiguous transfer
+
+        async def move(block: int, write: bool) -> float:
+            t0 = time.perf_counter()
+            if block == 0:
+                await (engine.transfer(local[:], pool[:]) if write else engine.transfer(pool[:], sink[:]))
+            elif write:
+                await engine.transfer_blocks(local, order[block], pool, places[block], block)
+            else:
+                await engine.transfer_blocks(pool, places[block], sink, order[block], block)
+            return time.perf_counter() - t0
+
+        times: dict[tuple[int, bool], list[float]] = {(c, w): [] for c in cases for w in (True, False)}
+        for i in range(iters + 1):  # the first round warms up (wire-up, page faults, pools)
+            for write in (True, False):
+                for block in cases:
+                    took = await move(block, write)
+                    if i:
+                        times[block, write].append(took)
+        exact: dict[int, bool] = {}
+        for block in cases:  # every case's bytes, checked once after the timed rounds
+            expected = src.copy()
+            if block:
+                expected.reshape(-1, block)[places[block] // block] = src.reshape(-1, block)
+            await move(block, True)
+            wrote = digest(digest=True) == hashlib.sha256(expected.data).hexdigest()
+            back[:] = 0
+            await move(block, False)
+            exact[block] = wrote and bool(np.array_equal(back, src))
+            digest(fill=3)
+        out: dict[str, Any] = {}
+        for (block, write), ts in times.items():
+            out[f"{'write' if write else 'read'}_{block}"] = KV_SIZE / statistics.median(ts)
+        out["exact"] = {str(b): ok for b, ok in exact.items()}
+        out["rails"] = peer.rails
+        out["extents_per_slice"] = served.get("scatter_extents", 0) / max(1, served.get("scatter_slices", 0))
+        return out
+
+
+def _kv_here(rail: str, iters: int, lat_iters: int) -> dict[str, Any]:
+    with _peer("kv", {"size": KV_SIZE, "seed": 3}) as (hello, proc):
+        return asyncio.run(_kv_client(proc, hello["address"], iters))
+
+
+def run_kv(console: Any, args: argparse.Namespace) -> bool:
+    """The KV-batch part: permuted blocks against one contiguous transfer, default rails."""
+    got = _isolated("kv", "default", args.iters, 0, args.limit * 4)
+    if got is None:
+        console.print(f"[red]KV batches: the run failed or hung for {args.limit * 4:g} s; no figure[/red]")
+        return False
+    table = Table(title=f"KV batches over ucx, default rails {got['rails']}, 64 MiB per transfer")
+    for col in ("case", "WRITE", "vs contiguous", "READ", "vs contiguous", "target", "bytes exact", "met"):
+        table.add_column(col, justify="left" if col in ("case", "target") else "right")
+    verdict = True
+    for block in (0, *KV_BLOCKS):
+        w, r = got[f"write_{block}"], got[f"read_{block}"]
+        w_ratio, r_ratio = w / got["write_0"], r / got["read_0"]
+        exact = bool(got["exact"][str(block)])
+        target = KV_BLOCKS.get(block)
+        ok = exact and (target is None or (w_ratio >= target and r_ratio >= target))
+        verdict = verdict and ok
+        name = "one contiguous transfer" if block == 0 else f"{KV_SIZE // block:,} x {block // 1024} KiB, permuted"
+        table.add_row(
+            name,
+            format_rate(w),
+            f"{w_ratio:.2f}",
+            format_rate(r),
+            f"{r_ratio:.2f}",
+            "" if target is None else f">= {target:.1f}",
+            "yes" if exact else "NO",
+            "yes" if ok else "NO",
+        )
+        print(
+            json.dumps(
+                {
+                    "bench": "ucx_kv",
+                    "block": block,
+                    "write_GBps": w / 1e9,
+                    "read_GBps": r / 1e9,
+                    "write_vs_contiguous": w_ratio,
+                    "read_vs_contiguous": r_ratio,
+                    "exact": exact,
+                }
+            )
+        )
+    console.print(table)
+    console.print(
+        f"medians of {args.iters} alternating rounds; the peer served {got['extents_per_slice']:.0f} extents per "
+        f"extent-list slice on average; targets {'met' if verdict else 'MISSED'}"
+    )
+    return verdict
+
+
 def run(args: argparse.Namespace) -> int:
     from ..backends.ucx import _ucxx
 
@@ -209,6 +341,9 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         console.print(f"ucxx cannot be loaded here ({problem}); install the ucx extra")
         return 2
+    if args.kv_only:
+        run_kv(console, args)
+        return 0
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
     table = Table(title=f"ucx backend vs raw ucxx, 2 processes on loopback, one rail (UCX {_ucxx.loaded().version})")
     for col in ("rail", "what", "raw ucxx", "engine WRITE", "engine READ", "WRITE vs raw", "target", "met"):
@@ -280,6 +415,8 @@ def run(args: argparse.Namespace) -> int:
         f"(raw {len(raws)}, engine {len(engines)} complete for the last rail); "
         f"targets {'met' if verdict else 'MISSED'}"
     )
+    if args.kv:
+        run_kv(console, args)
     if args.veth:
         veth = _veth_module()
         if veth is None:

@@ -102,6 +102,7 @@ class UcxBackend(Backend):
     """Rails over ucxx to peer engines in other processes or on other machines."""
 
     name: ClassVar[str] = "ucx"
+    scatter_gather: ClassVar[bool] = True  # one header per slice with its extent list (scatter.py)
 
     def __init__(
         self,

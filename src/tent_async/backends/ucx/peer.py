@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -47,7 +48,7 @@ import numpy as np
 from ...core import Attempt
 from ...errors import PeerClosedError, ProtocolError, RemoteAccessError, TentError, UnregisteredSegmentError
 from ...segments import Permission, RemoteSegment, Segment
-from . import _ucxx
+from . import _ucxx, scatter
 from .channel import Channel, MessageTruncated
 from .control import Session, close_writer, read_message, write_message
 from .pairing import Pair
@@ -112,6 +113,7 @@ class _Op:
         "reported",
         "request",
         "sent",
+        "sg",
         "slot",
         "t_post",
         "tail_check",
@@ -140,12 +142,15 @@ class _Op:
         self.reported = False  # the planner has its outcome
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
         self.tail_check = False  # a large READ (host or GPU memory): compare its end with SENT's tail
+        self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
 
     @property
     def inline(self) -> bool:
         a = self.attempt
         if a is None:
             return False
+        if self.sg is not None:
+            return self.sg.inline
         local, remote = (a.src, a.dst) if self.kind is Op.WRITE else (a.dst, a.src)
         # Inline bytes are copied by the CPU on both sides: host memory at both ends only
         # (the peer refuses an inline slice into or out of its GPU memory).
@@ -299,6 +304,9 @@ class Link:
     # --------------------------------------------------------------- slices
 
     def post(self, a: Attempt, now: float) -> None:
+        if a.extents is not None:
+            self._post_extents(a, now)
+            return
         src, dst = a.src, a.dst
         if isinstance(dst, RemoteSegment):  # WRITE
             local: Segment = src  # type: ignore[assignment]
@@ -312,13 +320,30 @@ class Link:
             kind = Op.READ
         _check_contiguous(view)
         op = _Op(a, self, kind, now)
-        self.ops[a.id] = op
+        self._queue(op)
+
+    def _queue(self, op: _Op) -> None:
+        assert op.attempt is not None
+        self.ops[op.attempt.id] = op
         if self.state == "up" and self.free_slots and not self.waiting:
             self._send(op)
             return
         self.waiting.append(op)
         if self.state == "idle":
             self._start()
+
+    def _post_extents(self, a: Attempt, now: float) -> None:
+        """A scatter-gather slice: one header with its extent list (scatter.py)."""
+        backend = self.peer.backend
+        try:
+            plan = scatter.Plan(a, self.peer, self.peer.inline_limit, scatter.staging_of(backend))
+        except scatter.ScatterError as exc:
+            fail = functools.partial(backend.ctx.fail, a.id, exc, transfer_fatal=True)
+            asyncio.get_running_loop().call_soon(fail)
+            return
+        op = _Op(a, self, plan.kind, now)
+        op.sg = plan
+        self._queue(op)
 
     def _flush(self) -> None:
         while self.waiting and self.free_slots and self.state == "up":
@@ -336,6 +361,8 @@ class Link:
         header: Message
         if a is None:
             header = Bind(request=op.request)
+        elif op.sg is not None:
+            header = op.sg.header(a.id)
         elif op.kind is Op.WRITE:
             dst: RemoteSegment = a.dst  # type: ignore[assignment]
             local: Segment = a.src  # type: ignore[assignment]
@@ -352,11 +379,14 @@ class Link:
             op.pending += 1
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
-                view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
-                # Random bytes at the end, before the receive is posted: a message that
-                # stops short leaves them in place, and SENT's tail will not match.
-                t = min(TAIL_BYTES, a.length)
-                _put_bytes(view[a.length - t :], os.urandom(t))
+                if op.sg is not None:  # into host staging (random tail included), scattered once checked
+                    view = op.sg.landing()
+                else:
+                    view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
+                    # Random bytes at the end, before the receive is posted: a message that
+                    # stops short leaves them in place, and SENT's tail will not match.
+                    t = min(TAIL_BYTES, a.length)
+                    _put_bytes(view[a.length - t :], os.urandom(t))
                 op.tail_check = True
                 # Not ch.keep(): the op holds the only reference to this request, so that
                 # dropping it (the peer refused the READ) cancels the posted receive.
@@ -367,7 +397,12 @@ class Link:
                 req.future.add_done_callback(self._data_done(op))
                 del req
             ch.send_message(header, make_tag(self.peer_ns, KIND_CONTROL, op.slot))
-            if a is not None and op.kind is Op.WRITE and not op.inline:
+            bulk = op.sg.bulk() if op.sg is not None else None
+            if bulk is not None:  # a scatter WRITE's gathered bytes, or a READ's extent table
+                req = ch.tag_send(bulk, make_tag(self.peer_ns, KIND_DATA, op.request))
+                op.pending += 1
+                ch.keep(req, bulk, self._send_done(op))
+            elif a is not None and op.sg is None and op.kind is Op.WRITE and not op.inline:
                 local = a.src  # type: ignore[assignment]
                 view = local.memory.array[a.src_offset : a.src_offset + a.length]
                 req = ch.tag_send(view, make_tag(self.peer_ns, KIND_DATA, op.request))
@@ -424,6 +459,8 @@ class Link:
         if isinstance(msg, Data):
             if len(msg.payload) != a.length:
                 self._violation(op, f"DATA of {len(msg.payload)} bytes for a {a.length}-byte READ")
+            elif op.sg is not None and not op.withdrawing:
+                op.sg.land(msg.payload)
             elif not op.withdrawing:
                 dst: Segment = a.dst  # type: ignore[assignment]
                 view = dst.memory.array[a.dst_offset : a.dst_offset + a.length]
@@ -486,7 +523,8 @@ class Link:
         dst: Segment = a.dst  # type: ignore[assignment]
         t = min(TAIL_BYTES, a.length)
         end = a.dst_offset + a.length
-        if _get_bytes(dst.memory.array[end - t : end]) != op.reply.tail:
+        tail = op.sg.tail() if op.sg is not None else _get_bytes(dst.memory.array[end - t : end])
+        if tail != op.reply.tail:
             self._violation(
                 op,
                 f"a {a.length}-byte READ's bytes did not all arrive (the peer said it sent {op.reply.length}; "
@@ -507,6 +545,8 @@ class Link:
             del self.ops[key]
         if not op.reported:
             self._report(op)
+            if op.sg is not None:
+                op.sg.release()
 
     def _report(self, op: _Op) -> None:
         op.reported = True
@@ -532,6 +572,8 @@ class Link:
         elif op.violation is not None:
             ctx.fail(a.id, ProtocolError(op.violation), transfer_fatal=True)
         elif self._succeeded(op):
+            if op.sg is not None and op.kind is Op.READ and not op.inline:
+                op.sg.land()  # checked: every byte arrived (length and tail)
             now = backend.clock()
             wire = now - max(op.t_post, self.last_done)
             self.last_done = now

@@ -10,9 +10,10 @@ Two planes, one codec:
   shared secret everything after ``HELLO`` travels inside ``SEALED`` (control.py).
 * **Data** (UCX *tagged* messages into bounded receives the receiver posted
   beforehand, framed by :func:`pack_data`): ``BIND`` (wire-up ping), slice
-  headers ``WRITE``/``READ``, and the replies ``BOUND``, ``ACK``, ``ERROR``,
-  ``DATA`` (small READs answered inline) and ``SENT`` (a large READ's bytes
-  were sent, and how many).
+  headers ``WRITE``/``READ`` (one extent) and ``WRITEV``/``READV`` (an extent
+  list: a scatter-gather slice, :class:`ScatterRequest`), and the replies
+  ``BOUND``, ``ACK``, ``ERROR``, ``DATA`` (small READs answered inline) and
+  ``SENT`` (a large READ's bytes were sent, and how many).
 
 Tags (:func:`make_tag`): the *receiver's* random 40-bit namespace for the
 link, one bit for control or bulk data, and a 23-bit slot or request index.
@@ -42,11 +43,12 @@ from typing import Any, Final
 
 import attrs
 import msgpack
+import numpy as np
 
 from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4  # 4: WRITEV/READV (extent lists)
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
@@ -82,6 +84,16 @@ REPLY_ROOM: Final = 2048  # a reply without DATA's payload
 TAIL_BYTES: Final = 16  # the end of a large READ that SENT repeats (Sent)
 MAX_DATA_REASON: Final = 1024  # bytes of an ERROR reason on the data plane
 _DATA_PREFIX = struct.Struct("<I")
+
+# Scatter-gather slices (WRITEV/READV): a table of the peer's segments the slice touches and a
+# packed extent list, three little-endian arrays one after the other: segment index (u16),
+# offset (u64) and length (u64) per extent.
+MAX_SG_SEGMENTS: Final = 64  # remote segments one extent list may name
+MAX_EXTENTS: Final = 1 << 16  # extents in one slice
+EXTENT_BYTES: Final = 2 + 8 + 8  # one extent in a packed table
+MAX_TABLE: Final = EXTENT_BYTES * MAX_EXTENTS
+MAX_EXTENT_OFFSET: Final = 1 << 62  # offsets and lengths stay far from int64's limit ...
+MAX_EXTENT_LENGTH: Final = 1 << 40  # ... and 2^16 lengths cannot sum past it
 
 RAIL_KINDS: Final = ("tcp", "shm", "cuda")
 _FRAME_HEADER = struct.Struct("!I")
@@ -164,6 +176,8 @@ class Op(enum.IntEnum):
     DATA = 25
     BOUND = 26
     SENT = 27
+    WRITEV = 28
+    READV = 29
 
 
 @attrs.frozen
@@ -311,6 +325,37 @@ class SliceRequest:
 
 
 @attrs.frozen
+class ScatterRequest:
+    """A scatter-gather slice header: WRITE or READ of an extent list (``WRITEV``/``READV``).
+
+    ``segments`` are the receiver's segments the slice touches, ``(name, sid)``;
+    the extent list has ``count`` extents of ``total`` bytes in all.  ``table``
+    is the packed list (:func:`pack_table`), or None when it does not fit the
+    header: it then leads the slice's bulk message (WRITE: table, then the
+    bytes; READ: the table alone, sent by the reader after the header).  A WRITE
+    small enough carries its bytes, gathered in stream order, in ``payload``
+    (``table`` is then present); a READ with ``inline`` is answered with DATA.
+    """
+
+    op: Op  # Op.WRITE or Op.READ
+    request: int
+    segments: tuple[tuple[str, int], ...]
+    count: int
+    total: int
+    table: bytes | None = None
+    payload: bytes | None = None  # WRITE: the bytes themselves, for small slices
+    inline: bool = False  # READ: answer with DATA instead of a tagged send
+
+    @property
+    def bulk_length(self) -> int:
+        """Bytes of the bulk message that follows the header (0: none)."""
+        table = 0 if self.table is not None else self.count * EXTENT_BYTES
+        if self.op is Op.WRITE:
+            return 0 if self.payload is not None else table + self.total
+        return table
+
+
+@attrs.frozen
 class Ack:
     """The slice landed (WRITE: the receive completed)."""
 
@@ -365,6 +410,7 @@ Message = (
     | Bind
     | Bound
     | SliceRequest
+    | ScatterRequest
     | Ack
     | Error
     | Data
@@ -390,6 +436,11 @@ def encode(msg: Message) -> bytes:
             fields: list[Any] = [Op.WRITE, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.payload]
         else:
             fields = [Op.READ, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.inline]
+    elif isinstance(msg, ScatterRequest):
+        segs = [[name, sid] for name, sid in msg.segments]
+        last = msg.payload if msg.op is Op.WRITE else msg.inline
+        code = Op.WRITEV if msg.op is Op.WRITE else Op.READV
+        fields = [code, msg.request, segs, msg.count, msg.total, msg.table, last]
     elif isinstance(msg, Ack):
         fields = [Op.ACK, msg.request]
     elif isinstance(msg, Error):
@@ -475,6 +526,42 @@ def unpack_data(buf: Any) -> tuple[Message, int]:
     if length == 0 or used > len(view):
         raise ProtocolError(f"a message announces {length} bytes in a {len(view)}-byte receive")
     return decode(view[_DATA_PREFIX.size : used]), used
+
+
+def pack_table(index: Any, offsets: Any, lengths: Any) -> bytes:
+    """The packed extent list of a scatter-gather header (segment index, offset, length per extent)."""
+    return (
+        np.asarray(index, dtype="<u2").tobytes()
+        + np.asarray(offsets, dtype="<u8").tobytes()
+        + np.asarray(lengths, dtype="<u8").tobytes()
+    )
+
+
+def unpack_table(table: Any, count: int, segments: int, total: int) -> tuple[Any, Any, Any]:
+    """``(index, offsets, lengths)`` (int64 arrays) of a packed extent list, checked.
+
+    Refuses (:class:`ProtocolError`) a table of the wrong size, a segment index
+    outside the header's table, an empty extent, an offset or length beyond
+    :data:`MAX_EXTENT_OFFSET`/:data:`MAX_EXTENT_LENGTH` (so no sum or end below
+    can overflow), and lengths that do not add up to ``total``.  Bounds against
+    the segments themselves are the server's check.
+    """
+    view = memoryview(table).cast("B")
+    if len(view) != count * EXTENT_BYTES:
+        raise ProtocolError(f"an extent table of {count} extents must be {count * EXTENT_BYTES} bytes, got {len(view)}")
+    index = np.frombuffer(view, dtype="<u2", count=count)
+    offsets = np.frombuffer(view, dtype="<u8", count=count, offset=2 * count)
+    lengths = np.frombuffer(view, dtype="<u8", count=count, offset=10 * count)
+    if count and int(index.max()) >= segments:
+        raise ProtocolError(f"an extent names segment {int(index.max())} of a table of {segments}")
+    if count and int(offsets.max()) > MAX_EXTENT_OFFSET:
+        raise ProtocolError(f"an extent offset {int(offsets.max())} is beyond {MAX_EXTENT_OFFSET}")
+    if count and (int(lengths.min()) == 0 or int(lengths.max()) > MAX_EXTENT_LENGTH):
+        raise ProtocolError(f"extent lengths must be between 1 and {MAX_EXTENT_LENGTH}")
+    lengths64 = lengths.astype(np.int64)
+    if int(lengths64.sum()) != total:
+        raise ProtocolError(f"extent lengths add up to {int(lengths64.sum())}, the header says {total}")
+    return index.astype(np.int64), offsets.astype(np.int64), lengths64
 
 
 def clip_reason(reason: str, limit: int = MAX_DATA_REASON) -> str:
@@ -724,6 +811,45 @@ def _d_read(f: list[Any]) -> SliceRequest:
     )
 
 
+def _d_scatter(f: list[Any]) -> ScatterRequest:
+    code, request, segs, count, total, table, last = _fields(f, "WRITEV/READV", 7)
+    op = Op.WRITE if code == Op.WRITEV else Op.READ
+    segments = []
+    for entry in _list(segs, "segment table", MAX_SG_SEGMENTS):
+        name, sid = _fields(entry, "segment table entry", 2)
+        segments.append((_str(name, "segment name"), _int(sid, "segment id")))
+    if not segments:
+        raise ProtocolError("an extent list must name at least one segment")
+    count = _int(count, "extent count", 1, MAX_EXTENTS)
+    total = _int(total, "total length", count, MAX_U64)
+    body = None if table is None else _bytes(table, "extent table", limit=MAX_TABLE)
+    if body is not None:
+        unpack_table(body, count, len(segments), total)
+    payload = None
+    inline = False
+    if op is Op.WRITE:
+        if last is not None:
+            payload = _bytes(last, "payload")
+            if len(payload) != total:
+                raise ProtocolError(f"WRITEV announces {total} bytes but carries {len(payload)}")
+            if body is None:
+                raise ProtocolError("a WRITEV with its bytes inline must carry its extent table too")
+    else:
+        inline = _bool(last, "inline")
+        if inline and body is None:
+            raise ProtocolError("an inline READV must carry its extent table")
+    return ScatterRequest(
+        op=op,
+        request=_int(request, "request id"),
+        segments=tuple(segments),
+        count=count,
+        total=total,
+        table=body,
+        payload=payload,
+        inline=inline,
+    )
+
+
 def _d_ack(f: list[Any]) -> Ack:
     return Ack(request=_int(_fields(f, "ACK", 2)[1], "request id"))
 
@@ -762,6 +888,8 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.BOUND: _d_bound,
     Op.WRITE: _d_write,
     Op.READ: _d_read,
+    Op.WRITEV: _d_scatter,
+    Op.READV: _d_scatter,
     Op.ACK: _d_ack,
     Op.ERROR: _d_error,
     Op.DATA: _d_data,
@@ -817,4 +945,4 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 
 
 CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye, Link, Linked, Unlink, Sealed)
-DATA_TYPES: Final = (Bind, Bound, SliceRequest, Ack, Error, Data, Sent)
+DATA_TYPES: Final = (Bind, Bound, SliceRequest, ScatterRequest, Ack, Error, Data, Sent)

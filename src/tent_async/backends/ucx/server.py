@@ -45,7 +45,7 @@ import numpy as np
 
 from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
-from . import _ucxx
+from . import _ucxx, scatter
 from .channel import Channel, MessageTruncated
 from .control import LogLimiter, Session, close_writer, macs_equal, read_message, write_message
 from .protocol import (
@@ -76,6 +76,7 @@ from .protocol import (
     Notify,
     Op,
     Refused,
+    ScatterRequest,
     SegmentAd,
     Sent,
     SliceRequest,
@@ -193,6 +194,7 @@ class ServerLink:
         self._stash_timer: asyncio.TimerHandle | None = None
         size = 4 + HEADER_ROOM + server.backend.inline_limit
         self.slots = [np.zeros(size, dtype=np.uint8) for _ in range(server.slots)]
+        self.staging = scatter.LinkStaging(scatter.staging_of(server.backend), server.slots)  # extent-list slices
 
     @property
     def label(self) -> str:
@@ -224,6 +226,8 @@ class ServerLink:
         assert msg is not None
         if isinstance(msg, SliceRequest):
             server.serve(self, msg)
+        elif isinstance(msg, ScatterRequest):
+            scatter.serve(server, self, msg)
         elif isinstance(msg, Bind):
             self.reply(Bound(request=msg.request))
         else:
@@ -782,7 +786,7 @@ class Server:
 
         return done
 
-    def _drain(self, link: ServerLink, msg: SliceRequest) -> None:
+    def _drain(self, link: ServerLink, msg: SliceRequest | ScatterRequest) -> None:
         """Let a refused WRITE's bytes arrive without keeping them: matched into one byte, UCX drops them."""
         stashed = link.take_stashed(msg.request)
         if stashed is not None:

@@ -1,0 +1,630 @@
+"""Scatter-gather slices over ucx: one header per slice, with its extent list.
+
+The planner cuts a batch's byte stream into slices that may carry many
+extents (:class:`~tent_async.core.extents.SliceExtents`).  Over UCX each such
+slice is **one** header (``WRITEV``/``READV``, :class:`~.protocol.ScatterRequest`)
+and exactly one reply, like a one-extent slice; only the bytes travel
+differently:
+
+* **Inline** (the extent table and the bytes fit the peer's inline limit): the
+  header carries the table and, for a WRITE, the bytes gathered in stream
+  order; a READ is answered with ``DATA``.
+* **Bulk**: the initiator gathers the extents' bytes into one staging buffer
+  and sends them as one tagged message (WRITE); the target receives them into
+  a bounded staging buffer of its own, checks, and scatters.  A READ is the
+  same reversed: the target gathers into staging and sends one message, the
+  initiator receives into staging and scatters (after the length and tail
+  checks of a one-extent READ).  An extent table too big for the header leads
+  the bulk message (WRITE) or travels alone after the header (READ).
+
+**Checks on the target, before any byte reaches a segment**: every segment of
+the header's table is registered, is the registration the client looked up
+(sid), and is writable for a WRITE; the slice is within ``max_request``; the
+staging it needs fits the bounds below; every extent lies inside its segment
+(``offset + length <= size``, computed without overflow: the codec bounds
+offsets and lengths); the lengths add up to the header's total (the codec).
+Semantic violations are answered with ``ERROR`` (``stats["rejected"]``), a
+malformed table is a protocol violation that drops the connection; either way
+nothing is written.
+
+**Staging bounds (target)**: per link at most one staging buffer per header
+slot and :data:`STAGING_PER_LINK` bytes, per engine :data:`STAGING_PER_ENGINE`
+bytes; a header beyond either is refused with ``ERROR`` and counted
+(``stats["protocol_errors"]``, ``stats["staging_refused"]``).  Buffers are
+released when their slice ends or its link closes (every request on a closed
+endpoint is cancelled, and its completion releases what it held).  Idle
+buffers are kept for reuse up to :data:`POOL_BYTES` per engine (page faults
+on a fresh 16 MiB buffer cost about as much as copying it).
+
+The initiator's own staging is bounded by what it keeps in flight: one buffer
+per slice, at most one slice per header slot of each link.
+
+GPU memory: extents in CUDA memory are staged through host memory, copied
+extent by extent (:func:`~tent_async.memory.copy_bytes`); this has not run on
+a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ...core import Attempt
+from ...errors import ProtocolError, TentError
+from ...memory import Memory, copy_bytes, copy_extents
+from ...segments import RemoteSegment, Segment
+from . import _ucxx
+from .protocol import (
+    EXTENT_BYTES,
+    KIND_DATA,
+    MAX_EXTENTS,
+    MAX_SG_SEGMENTS,
+    TAIL_BYTES,
+    Ack,
+    Data,
+    Op,
+    ScatterRequest,
+    Sent,
+    make_tag,
+    pack_table,
+    unpack_table,
+)
+
+if TYPE_CHECKING:
+    from .server import Server, ServerLink
+
+logger = logging.getLogger("tent_async.ucx")
+
+STAGING_PER_LINK = 128 << 20  # staging bytes one link's slices may hold on the target ...
+STAGING_PER_ENGINE = 512 << 20  # ... and all links of an engine together
+POOL_BYTES = 64 << 20  # idle staging kept for reuse, per engine
+POOL_MIN = 64 << 10  # smaller buffers are allocated fresh (cheap)
+POOL_ALIGN = 256 << 10
+SEGMENT_ROOM = 1024  # bytes of segment names one header may carry
+
+Array = np.ndarray[Any, np.dtype[Any]]
+
+
+class ScatterError(TentError):
+    """A scatter-gather slice this backend cannot carry (mixed directions, too many extents)."""
+
+
+# ================================================================= copying
+
+
+def _starts(length: Array) -> Array:
+    starts = np.empty(len(length) + 1, dtype=np.int64)
+    starts[0] = 0
+    np.cumsum(length, out=starts[1:])
+    return starts
+
+
+def _host(out: Array) -> Memory:
+    return Memory(array=out, kind="host", readonly=False, owner=out)
+
+
+def gather(mems: Sequence[Memory], index: Array, offsets: Array, lengths: Array, out: Array) -> None:
+    """Copy extents ``(mems[index[i]], offsets[i], lengths[i])``, in order, into ``out`` (host)."""
+    n = len(lengths)
+    if any(m.is_cuda for m in mems):
+        staging, pos = _host(out), 0
+        for i, b, k in zip(index.tolist(), offsets.tolist(), lengths.tolist(), strict=True):
+            copy_bytes(staging, pos, mems[i], b, k)
+            pos += k
+        return
+    starts = _starts(lengths)
+    lo = hi = 0
+    if n >= 8 and (index == index[0]).all():
+        lo, hi = _gather_run(mems[int(index[0])].array, offsets, lengths, out, starts)
+    views = [memoryview(m.array) for m in mems]
+    dst = memoryview(out)  # type: ignore[arg-type]
+    for part in (slice(0, lo), slice(hi, n)):
+        for i, b, k, s in zip(
+            index[part].tolist(), offsets[part].tolist(), lengths[part].tolist(), starts[part].tolist(), strict=True
+        ):
+            dst[s : s + k] = views[i][b : b + k]
+
+
+def _gather_run(src: Array, offsets: Array, lengths: Array, out: Array, starts: Array) -> tuple[int, int]:
+    """Gather the middle extents in one numpy ``take`` when they are equal blocks of 1 KiB or more.
+
+    The mirror of :func:`tent_async.memory._scatter_run`: row ``r`` of a
+    byte-strided view of the source is bytes ``[r, r + block)``.
+    """
+    n = len(lengths)
+    lo, hi = 1, n - 1
+    block = int(lengths[lo])
+    if block < 1024 or not (lengths[lo:hi] == block).all():
+        return 0, 0
+    rows = hi - lo
+    first = int(starts[lo])
+    target = out[first : first + rows * block].reshape(rows, block)
+    where = offsets[lo:hi]
+    if not (where % block).any():  # blocks on a grid (a KV pool): rows of a plain 2-D view, no temporary
+        grid = src[: src.shape[0] - src.shape[0] % block].reshape(-1, block)
+        np.take(grid, where // block, axis=0, out=target, mode="clip")  # offsets checked: within bounds
+    else:  # np.take would copy a strided source whole: fancy indexing (one temporary of the rows)
+        target[...] = as_strided(src, shape=(src.shape[0] - block + 1, block), strides=(1, 1))[where]
+    return lo, hi
+
+
+def scatter(data: Array, mems: Sequence[Memory], index: Array, offsets: Array, lengths: Array) -> None:
+    """Copy ``data`` (the extents' bytes in stream order) to ``(mems[index[i]], offsets[i], lengths[i])``."""
+    table = [_host(data), *mems]
+    n = len(lengths)
+    copy_extents(table, np.zeros(n, dtype=np.int32), _starts(lengths)[:-1], index + 1, offsets, lengths)
+
+
+# ================================================================= staging
+
+
+class Staging:
+    """An engine's staging buffers: idle ones kept for reuse, and the bytes in use on the serving side."""
+
+    def __init__(self) -> None:
+        self.in_use = 0  # serving side: bytes of staging held by slices of all links
+        self._free: list[Array] = []
+        self._idle = 0
+
+    def take(self, n: int) -> Array:
+        """A host buffer of exactly ``n`` bytes (contents undefined)."""
+        if n >= POOL_MIN:
+            for i, base in enumerate(self._free):
+                if n <= base.shape[0] <= max(2 * n, n + POOL_ALIGN):
+                    del self._free[i]
+                    self._idle -= base.shape[0]
+                    return base[:n]
+            cap = -(-n // POOL_ALIGN) * POOL_ALIGN
+            return np.empty(cap, dtype=np.uint8)[:n]
+        return np.empty(n, dtype=np.uint8)
+
+    def give(self, buf: Array) -> None:
+        """``buf`` (from :meth:`take`) is no longer used by anything, UCX included."""
+        base = buf.base if isinstance(buf.base, np.ndarray) else buf
+        size = int(base.shape[0])
+        if size >= POOL_MIN and self._idle + size <= POOL_BYTES:
+            self._free.append(base)
+            self._idle += size
+
+    def clear(self) -> None:
+        self._free.clear()
+        self._idle = 0
+
+
+_STAGING: weakref.WeakKeyDictionary[Any, Staging] = weakref.WeakKeyDictionary()
+
+
+def staging_of(backend: Any) -> Staging:
+    """The staging pool of ``backend`` (one per engine)."""
+    pool = _STAGING.get(backend)
+    if pool is None:
+        pool = _STAGING[backend] = Staging()
+    return pool
+
+
+class LinkStaging:
+    """The staging one serving link holds: bounded in count and bytes, per link and per engine."""
+
+    def __init__(self, pool: Staging, slots: int) -> None:
+        self.pool = pool
+        self.slots = slots
+        self.count = 0
+        self.bytes = 0
+
+    def take(self, n: int) -> Array | None:
+        """A staging buffer of ``n`` bytes, or None when a bound would be exceeded."""
+        if self.count >= self.slots or self.bytes + n > STAGING_PER_LINK or self.pool.in_use + n > STAGING_PER_ENGINE:
+            return None
+        self.count += 1
+        self.bytes += n
+        self.pool.in_use += n
+        return self.pool.take(n)
+
+    def give(self, buf: Array) -> None:
+        n = int(buf.shape[0])
+        self.count -= 1
+        self.bytes -= n
+        self.pool.in_use -= n
+        self.pool.give(buf)
+
+
+# =============================================================== initiator
+
+
+def _used(index: Array) -> tuple[list[int], Array]:
+    """The distinct segment indices of ``index`` (sorted) and ``index`` renumbered into that list."""
+    first = int(index[0])
+    if (index == first).all():  # the usual case: one segment on this side
+        return [first], np.zeros(len(index), dtype=np.int64)
+    used, inverse = np.unique(index, return_inverse=True)
+    return used.tolist(), inverse.astype(np.int64)
+
+
+class Plan:
+    """The initiator's side of one scatter-gather slice: its header, staging, and landing."""
+
+    __slots__ = (
+        "count",
+        "inline",
+        "kind",
+        "lengths",
+        "local",
+        "local_index",
+        "local_offsets",
+        "pool",
+        "remote",
+        "staging",
+        "table",
+        "table_inline",
+        "total",
+    )
+
+    def __init__(self, a: Attempt, peer: Any, inline_limit: int, pool: Staging) -> None:
+        ext = a.extents
+        assert ext is not None
+        segs = ext.segments
+        src_seg, src_off, dst_seg, dst_off, lengths = ext.arrays()
+        src_used, src_index = _used(src_seg)
+        dst_used, dst_index = _used(dst_seg)
+        remote = [isinstance(s, RemoteSegment) for s in segs]
+        if all(remote[i] for i in dst_used) and not any(remote[i] for i in src_used):
+            self.kind = Op.WRITE
+            l_used, l_index, l_off, r_used, r_index, r_off = src_used, src_index, src_off, dst_used, dst_index, dst_off
+        elif all(remote[i] for i in src_used) and not any(remote[i] for i in dst_used):
+            self.kind = Op.READ
+            l_used, l_index, l_off, r_used, r_index, r_off = dst_used, dst_index, dst_off, src_used, src_index, src_off
+        else:
+            raise ScatterError(
+                "a scatter-gather slice over ucx moves bytes one way: this batch mixes blocks to and from "
+                "the peer; submit its WRITE and READ blocks as separate batches"
+            )
+        n = len(lengths)
+        if n > MAX_EXTENTS:
+            raise ScatterError(
+                f"a slice of {n} extents exceeds the {MAX_EXTENTS} one header may carry; use larger blocks "
+                "or a smaller max_slice"
+            )
+        if len(r_used) > MAX_SG_SEGMENTS:
+            raise ScatterError(f"a slice touches {len(r_used)} peer segments; at most {MAX_SG_SEGMENTS} per slice")
+        table: list[tuple[str, int]] = []
+        for i in r_used:
+            seg = segs[i]
+            assert isinstance(seg, RemoteSegment)
+            if seg.peer is not peer:
+                raise ScatterError(f"{seg!r} belongs to another peer than this rail's; refusing to send there")
+            table.append((seg.name, seg.sid))
+        if sum(len(name.encode()) + 10 for name, _ in table) > SEGMENT_ROOM:
+            raise ScatterError(
+                f"the names of the {len(table)} peer segments of one slice exceed {SEGMENT_ROOM} bytes; "
+                "use shorter segment names or fewer segments per batch"
+            )
+        local: list[Memory] = []
+        for i in l_used:
+            seg = segs[i]
+            assert isinstance(seg, Segment)
+            if self.kind is Op.READ and seg.memory.readonly:
+                raise ScatterError(f"{seg!r} is read-only memory; nothing may be received into it")
+            local.append(seg.memory)
+        self.remote = tuple(table)
+        self.local = local
+        self.local_index = l_index
+        self.local_offsets = l_off
+        self.lengths = lengths
+        self.count = n
+        self.total = int(a.length)
+        self.table = pack_table(r_index, r_off, lengths)
+        self.table_inline = len(self.table) <= inline_limit
+        self.inline = self.table_inline and self.total + len(self.table) <= inline_limit
+        self.pool = pool
+        self.staging: Array | None = None
+
+    def _gathered(self, prefix: bytes = b"") -> Array:
+        buf = self.pool.take(len(prefix) + self.total)
+        if prefix:
+            buf[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+        gather(self.local, self.local_index, self.local_offsets, self.lengths, buf[len(prefix) :])
+        return buf
+
+    def header(self, request: int) -> ScatterRequest:
+        table = self.table if self.table_inline else None
+        if self.kind is Op.READ:
+            return ScatterRequest(Op.READ, request, self.remote, self.count, self.total, table, inline=self.inline)
+        payload = None
+        if self.inline:
+            buf = self._gathered()
+            payload = buf.tobytes()
+            self.pool.give(buf)
+        return ScatterRequest(Op.WRITE, request, self.remote, self.count, self.total, table, payload)
+
+    def bulk(self) -> Array | None:
+        """The message to send after the header (WRITE: [table] + bytes; READ: a table too big for it)."""
+        if self.kind is Op.WRITE:
+            if self.inline:
+                return None
+            self.staging = self._gathered(b"" if self.table_inline else self.table)
+            return self.staging
+        if self.table_inline:
+            return None
+        return np.frombuffer(self.table, dtype=np.uint8)
+
+    def landing(self) -> Array:
+        """A large READ's receive buffer (host staging), its last bytes random (the tail check)."""
+        self.staging = buf = self.pool.take(self.total)
+        t = min(TAIL_BYTES, self.total)
+        buf[self.total - t :] = np.frombuffer(os.urandom(t), dtype=np.uint8)
+        return buf
+
+    def tail(self) -> bytes:
+        assert self.staging is not None
+        return bytes(self.staging[self.total - min(TAIL_BYTES, self.total) :].tobytes())
+
+    def land(self, data: Any = None) -> None:
+        """Scatter a READ's bytes (``data``: DATA's payload; None: the staging buffer) to the destinations."""
+        src = self.staging if data is None else np.frombuffer(data, dtype=np.uint8)
+        assert src is not None
+        scatter(src, self.local, self.local_index, self.local_offsets, self.lengths)
+
+    def release(self) -> None:
+        """Every request of the slice is done: its staging may be reused."""
+        buf, self.staging = self.staging, None
+        if buf is not None:
+            self.pool.give(buf)
+
+
+# ================================================================== target
+
+
+def _resolve(server: Server, link: ServerLink, msg: ScatterRequest) -> tuple[list[Segment], str]:
+    """The segments a header may touch, or the reason it may not (everything but extent bounds)."""
+    backend = server.backend
+    segs: list[Segment] = []
+    for name, sid in msg.segments:
+        entry = server._sids.get(name)
+        if entry is None or not entry[0].registered:
+            return [], f"unknown segment {name!r} (not registered on engine {backend.engine_name!r})"
+        seg = entry[0]
+        if entry[1] != sid:
+            again = "look it up again with peer.segment()"
+            return [], f"segment {name!r} was registered again since it was looked up; {again}"
+        if msg.op is Op.WRITE and (seg.permission != "rw" or seg.memory.readonly):
+            return [], f"segment {name!r} is read-only (permission {seg.permission!r}); WRITE refused"
+        segs.append(seg)
+    if msg.total > backend.max_request:
+        return [], f"{msg.total} bytes exceed the per-slice limit of {backend.max_request}"
+    inline = msg.payload is not None or msg.inline
+    if inline and (msg.total > backend.inline_limit or msg.count * EXTENT_BYTES > backend.inline_limit):
+        return [], f"inline slices are for extent lists and bytes up to {backend.inline_limit} bytes"
+    if link.in_flight >= len(link.slots):
+        backend.stats["protocol_errors"] += 1
+        return [], f"more than {len(link.slots)} slices in flight on this link"
+    return segs, ""
+
+
+def _bounds(segs: Sequence[Segment], index: Array, offsets: Array, lengths: Array) -> str:
+    """Why an extent lies outside its segment, or "" when all lie inside."""
+    sizes = np.fromiter((s.size for s in segs), dtype=np.int64, count=len(segs))
+    ends = offsets + lengths  # no overflow: the codec bounds both far below 2^63
+    bad = np.flatnonzero(ends > sizes[index])
+    if not len(bad):
+        return ""
+    i = int(bad[0])
+    seg = segs[int(index[i])]
+    return (
+        f"extent {i} [{int(offsets[i])}:{int(ends[i])}] is outside segment {seg.name!r} of {seg.size} bytes "
+        f"({len(bad)} extent(s) outside)"
+    )
+
+
+class _Served:
+    """One scatter-gather slice being served: its segments, staging and extents."""
+
+    __slots__ = ("buf", "extents", "link", "msg", "segs", "server")
+
+    def __init__(self, server: Server, link: ServerLink, msg: ScatterRequest, segs: list[Segment]) -> None:
+        self.server = server
+        self.link = link
+        self.msg = msg
+        self.segs = segs
+        self.buf: Array | None = None
+        self.extents: tuple[Array, Array, Array] | None = None
+        if msg.table is not None:
+            self.extents = unpack_table(msg.table, msg.count, len(msg.segments), msg.total)
+
+    def begin(self) -> None:
+        self.link.in_flight += 1
+        for seg in self.segs:
+            self.server.segment_ops[seg.name] += 1
+
+    def end(self) -> None:
+        self.link.in_flight -= 1
+        ops = self.server.segment_ops
+        for seg in self.segs:
+            ops[seg.name] -= 1
+            if ops[seg.name] <= 0:
+                del ops[seg.name]
+        self.release()
+
+    def release(self) -> None:
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            self.link.staging.give(buf)
+
+    def refuse(self, reason: str) -> None:
+        server, msg = self.server, self.msg
+        server.backend.stats["rejected"] += 1
+        server.log.warning(
+            "rejected",
+            "engine %r refused %sV of %d bytes in %d extents from %r: %s",
+            server.backend.engine_name,
+            msg.op.name,
+            msg.total,
+            msg.count,
+            self.link.conn.name,
+            reason,
+        )
+        self.link.refuse(msg.request, reason)
+
+    def checked(self) -> bool:
+        """Check every extent against its segment; refuse the slice (and say False) if one is outside."""
+        assert self.extents is not None
+        reason = _bounds(self.segs, *self.extents)
+        if reason:
+            self.refuse(reason)
+            return False
+        return True
+
+    def mems(self) -> list[Memory]:
+        return [s.memory for s in self.segs]
+
+    def write(self, data: Array) -> None:
+        assert self.extents is not None
+        scatter(data, self.mems(), *self.extents)
+        stats = self.server.backend.stats
+        stats["served_write"] += 1
+        stats["bytes_written"] += self.msg.total
+        self.count()
+        self.link.reply(Ack(request=self.msg.request))
+
+    def count(self) -> None:
+        stats = self.server.backend.stats
+        stats["scatter_slices"] += 1
+        stats["scatter_extents"] += self.msg.count
+
+    def read(self, out: Array) -> None:
+        assert self.extents is not None
+        gather(self.mems(), *self.extents, out)
+
+
+def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
+    """Serve a WRITEV/READV header: check it all, then move bytes (see the module docstring)."""
+    stats = server.backend.stats
+    segs, reason = _resolve(server, link, msg)
+    bulk = msg.bulk_length
+    table_bytes = 0 if msg.table is not None else msg.count * EXTENT_BYTES
+    need = bulk if msg.op is Op.WRITE else table_bytes + (0 if msg.inline else msg.total)
+    served = _Served(server, link, msg, segs)
+    if not reason and need:
+        buf = link.staging.take(need)
+        if buf is None:
+            stats["protocol_errors"] += 1
+            stats["staging_refused"] += 1
+            reason = (
+                f"staging for {need} bytes is beyond the bound (per link {link.staging.slots} slices and "
+                f"{STAGING_PER_LINK} bytes, per engine {STAGING_PER_ENGINE} bytes)"
+            )
+        served.buf = buf
+    if reason:
+        served.refuse(reason)
+        if bulk:
+            server._drain(link, msg)
+        return
+    if served.extents is not None and not served.checked():
+        served.release()
+        if bulk:
+            server._drain(link, msg)
+        return
+    if msg.op is Op.WRITE and msg.payload is not None:
+        served.write(np.frombuffer(msg.payload, dtype=np.uint8))
+        return
+    if msg.op is Op.READ and msg.inline:
+        out = np.empty(msg.total, dtype=np.uint8)
+        served.read(out)
+        stats["served_read"] += 1
+        stats["bytes_read"] += msg.total
+        served.count()
+        link.reply(Data(request=msg.request, payload=out.tobytes()))
+        return
+    served.begin()
+    if not bulk:  # a READ whose table came in the header: gather and send now
+        _send(served)
+        return
+    assert served.buf is not None
+    ch = link.channel
+    target = served.buf[:bulk]
+    stashed = link.take_stashed(msg.request)
+    try:
+        if stashed is not None:
+            if stashed[1] != bulk:
+                link.rail.discard(stashed[0], foreign=False)
+                served.end()
+                served.refuse(f"{msg.op.name}V announced {bulk} bulk bytes but {stashed[1]} were sent")
+                return
+            req = ch.recv_with_handle(target, stashed[0])
+        else:
+            req = ch.tag_recv(target, make_tag(link.ns, KIND_DATA, msg.request))
+    except Exception as exc:
+        served.end()
+        link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
+        return
+    ch.keep(req, target, _received(served))
+
+
+def _received(served: _Served) -> Callable[[BaseException | None], None]:
+    def done(error: BaseException | None) -> None:
+        link, msg = served.link, served.msg
+        if link.closed:
+            served.end()
+            return
+        if error is not None:
+            served.end()
+            link.refuse(msg.request, f"receive failed: {_ucxx.describe_error(error)}")
+            return
+        buf = served.buf
+        assert buf is not None
+        offset = 0
+        if msg.table is None:
+            offset = msg.count * EXTENT_BYTES
+            try:
+                served.extents = unpack_table(buf[:offset], msg.count, len(msg.segments), msg.total)
+            except ProtocolError as exc:
+                served.end()
+                served.server.backend.stats["protocol_errors"] += 1
+                served.server.violation(link.conn, f"{link.label}: a malformed extent table: {exc}")
+                return
+            if not served.checked():
+                served.end()
+                return
+        if msg.op is Op.WRITE:
+            served.write(buf[offset : offset + msg.total])
+            served.end()
+            return
+        _send(served)
+
+    return done
+
+
+def _send(served: _Served) -> None:
+    """A large READV: gather into staging and send it as one tagged message; SENT once it left."""
+    link, msg = served.link, served.msg
+    buf = served.buf
+    assert buf is not None
+    out = buf[buf.shape[0] - msg.total :]
+    served.read(out)
+    try:
+        req = link.channel.tag_send(out, make_tag(link.peer_ns, KIND_DATA, msg.request))
+    except Exception as exc:
+        served.end()
+        link.refuse(msg.request, f"cannot send: {_ucxx.describe_error(exc)}")
+        return
+
+    def done(error: BaseException | None) -> None:
+        tail = bytes(out[msg.total - min(TAIL_BYTES, msg.total) :].tobytes())
+        served.end()
+        if link.closed:
+            return
+        if error is None:
+            stats = served.server.backend.stats
+            stats["served_read"] += 1
+            stats["bytes_read"] += msg.total
+            served.count()
+            link.reply(Sent(request=msg.request, length=msg.total, tail=tail))
+        else:
+            link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
+
+    link.channel.keep(req, out, done)

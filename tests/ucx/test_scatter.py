@@ -1,0 +1,426 @@
+"""Scatter-gather slices over ucx: one header per slice with its extent list (issue 9, item 2).
+
+Two processes on loopback: random block tables WRITE and READ byte-exact
+(inline, bulk, and extent tables too big for the header); crafted headers
+that reach outside a segment, into a read-only or unknown segment, or whose
+lengths overflow or disagree with the total are refused with nothing written;
+staging beyond its bound is refused and counted.  The codec and the copy
+helpers are also checked without UCX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import attrs
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tent_async as tent
+from conftest import PeerProcess, requires_ucxx
+from tent_async.backends.ucx import protocol as p
+from tent_async.backends.ucx import scatter
+from tent_async.errors import ProtocolError
+from tent_async.memory import as_memory
+
+MiB = 1 << 20
+KV = 8 * MiB
+LO = [{"name": "lo", "device": "lo"}]
+
+
+def pattern(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+def digest(buf: np.ndarray) -> str:
+    return hashlib.sha256(buf.tobytes()).hexdigest()
+
+
+# ======================================================================= codec
+
+
+def _header(**fields: Any) -> p.ScatterRequest:
+    base: dict[str, Any] = {
+        "op": p.Op.WRITE,
+        "request": 7,
+        "segments": (("kv", 1),),
+        "count": 2,
+        "total": 300,
+        "table": p.pack_table([0, 0], [1000, 0], [100, 200]),
+        "payload": None,
+    }
+    base.update(fields)
+    return p.ScatterRequest(**base)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2**40), st.integers(1, 2**20)), min_size=1, max_size=50),
+    st.booleans(),
+    st.booleans(),
+)
+def test_extent_headers_round_trip(extents: list[tuple[int, int, int]], write: bool, inline: bool) -> None:
+    index, offsets, lengths = (list(col) for col in zip(*extents, strict=True))
+    total = sum(lengths)
+    table = p.pack_table(index, offsets, lengths)
+    segs = tuple((f"s{i}", i) for i in range(4))
+    if write:
+        payload = b"x" * total if inline and total < 4096 else None
+        msg = p.ScatterRequest(p.Op.WRITE, 9, segs, len(extents), total, table, payload)
+    else:
+        msg = p.ScatterRequest(p.Op.READ, 9, segs, len(extents), total, table if inline else None, inline=inline)
+    assert p.decode(p.encode(msg)) == msg
+    got = p.unpack_table(table, len(extents), 4, total)
+    assert [a.tolist() for a in got] == [index, offsets, lengths]
+
+
+def _raw(fields: list[Any]) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def test_malformed_extent_lists_are_refused_by_the_codec() -> None:
+    w = int(p.Op.WRITEV)
+    segs = [["kv", 1]]
+    good = p.pack_table([0], [0], [10])
+    p.decode(_raw([w, 1, segs, 1, 10, good, None]))
+    cases = {
+        "index": _raw([w, 1, segs, 1, 10, p.pack_table([1], [0], [10]), None]),  # segment 1 of a table of 1
+        "empty extent": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [10, 0]), None]),
+        "add up": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [6, 6]), None]),
+        "wrap": _raw([w, 1, segs, 2, 2, p.pack_table([0, 0], [0, 0], [2**64 - 1, 3]), None]),  # sums to 2 mod 2^64
+        "huge length": _raw([w, 1, segs, 1, 2**63, p.pack_table([0], [0], [2**63]), None]),
+        "huge offset": _raw([w, 1, segs, 1, 10, p.pack_table([0], [2**64 - 5], [10]), None]),
+        "table size": _raw([w, 1, segs, 2, 10, good, None]),
+        "carries": _raw([w, 1, segs, 1, 10, good, b"abc"]),
+        "no segments": _raw([w, 1, [], 1, 10, good, None]),
+        "count": _raw([w, 1, segs, 0, 10, b"", None]),
+        "too many": _raw([w, 1, segs, p.MAX_EXTENTS + 1, 2**40, None, None]),
+        "total below count": _raw([w, 1, segs, 5, 4, None, None]),
+        "inline without table": _raw([int(p.Op.READV), 1, segs, 1, 10, None, True]),
+        "payload without table": _raw([w, 1, segs, 1, 3, None, b"abc"]),
+    }
+    for what, data in cases.items():
+        with pytest.raises(ProtocolError):
+            p.decode(data)
+            pytest.fail(f"{what}: accepted")
+
+
+@given(st.data())
+def test_gather_and_scatter_are_byte_exact(data: st.DataObject) -> None:
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    mems = [as_memory(pattern(i, 1 << 16)) for i in range(data.draw(st.integers(1, 3)))]
+    n = data.draw(st.integers(1, 40))
+    equal = data.draw(st.booleans())
+    lengths = np.full(n, 1024) if equal else rng.integers(1, 3000, n)
+    index = np.zeros(n, dtype=np.int64) if equal else rng.integers(0, len(mems), n)
+    offsets = np.array([rng.integers(0, (1 << 16) - int(k) + 1) for k in lengths], dtype=np.int64)
+    lengths = lengths.astype(np.int64)
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    scatter.gather(mems, index, offsets, lengths, out)
+    expected = np.concatenate([mems[i].array[b : b + k] for i, b, k in zip(index, offsets, lengths, strict=True)])
+    assert np.array_equal(out, expected)
+    # Scatter back to disjoint places (a permutation of slots) and read them again.
+    slot = int(lengths.max())
+    places = rng.permutation((1 << 16) // slot)[:n] if n <= (1 << 16) // slot else None
+    if places is not None:
+        dst = [as_memory(np.zeros(1 << 16, dtype=np.uint8))]
+        where = (places * slot).astype(np.int64)
+        scatter.scatter(out, dst, np.zeros(n, dtype=np.int64), where, lengths)
+        back = np.concatenate([dst[0].array[b : b + k] for b, k in zip(where, lengths, strict=True)])
+        assert np.array_equal(back, expected)
+
+
+def test_staging_is_bounded_per_link_and_reused() -> None:
+    pool = scatter.Staging()
+    link = scatter.LinkStaging(pool, slots=2)
+    a = link.take(MiB)
+    b = link.take(MiB)
+    assert a is not None and b is not None
+    assert link.take(1) is None  # one per slot
+    link.give(a)
+    assert link.take(scatter.STAGING_PER_LINK) is None  # bytes
+    c = link.take(MiB)
+    assert c is not None and c.base is a.base  # the idle buffer again
+    link.give(b)
+    link.give(c)
+    assert (link.count, link.bytes, pool.in_use) == (0, 0, 0)
+
+
+# ================================================================ two processes
+
+SEGMENTS = [
+    {"name": "kv", "size": KV, "seed": 1},
+    {"name": "ro", "size": MiB, "seed": 2, "permission": "r"},
+    {"name": "other", "size": MiB, "seed": 3},
+]
+
+
+def blocks(rng: np.random.Generator, n: int, sizes: Callable[[int], np.ndarray], space: int) -> tuple[Any, Any, Any]:
+    """``n`` blocks laid out with gaps on both sides, in a permuted order on one side."""
+    lengths = sizes(n).astype(np.int64)
+    gaps = rng.integers(0, 64, n) * rng.integers(0, 2, n)  # half of them adjacent
+    dst = np.concatenate(([0], np.cumsum(lengths + gaps)[:-1])).astype(np.int64)
+    order = rng.permutation(n)
+    src = np.empty(n, dtype=np.int64)
+    src[order] = np.concatenate(([0], np.cumsum(lengths[order])[:-1]))
+    assert int(dst[-1] + lengths[-1]) <= space and int(src.max() + lengths.max()) <= space
+    return src, dst, lengths
+
+
+CASES: dict[str, Callable[[np.random.Generator], tuple[int, Callable[[int], np.ndarray]]]] = {
+    "inline": lambda rng: (12, lambda n: rng.integers(1, 900, n)),
+    "mixed": lambda rng: (150, lambda n: rng.choice([512, 4096, 16384, 100_000], n)),
+    "kv-16k": lambda rng: (256, lambda n: np.full(n, 16384)),
+    "table-in-bulk": lambda rng: (3000, lambda n: np.full(n, 512)),  # 3000 extents: 54 KB of table
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    peer = PeerProcess({"name": "decode-0", "segments": SEGMENTS})
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("rails", ["default", "lo"])
+async def test_random_block_tables_write_and_read_byte_exact(server: PeerProcess, case: str, rails: str) -> None:
+    rng = np.random.default_rng(abs(hash((case, rails))) % 2**32)
+    n, sizes = CASES[case](rng)
+    options: dict[str, Any] = {} if rails == "default" else {"rails": [tent.RailSpec(**LO[0])]}
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    before = server.cmd(cmd="stats")["stats"]
+    async with tent.Engine(backend="ucx", name="prefill-0", **options) as engine:
+        with anyio.fail_after(60):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        src = pattern(11, KV)
+        local = engine.register(src, name="src")
+        s_off, d_off, lengths = blocks(rng, n, sizes, KV)
+        with anyio.fail_after(60):
+            await engine.transfer_blocks(local, s_off, kv, d_off, lengths)
+        expected = pattern(1, KV)
+        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
+            expected[b : b + k] = src[a : a + k]
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(expected)
+        # READ them back to other places (the permutation reversed).
+        back = np.zeros(KV, dtype=np.uint8)
+        sink = engine.register(back, name="sink")
+        with anyio.fail_after(60):
+            await engine.transfer_blocks(kv, d_off, sink, s_off, lengths)
+        want = np.zeros(KV, dtype=np.uint8)
+        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
+            want[a : a + k] = expected[b : b + k]
+        assert np.array_equal(back, want)
+    after = server.cmd(cmd="stats")["stats"]
+    assert after.get("scatter_slices", 0) > before.get("scatter_slices", 0)  # the extent-list path was used
+    assert after.get("rejected", 0) == before.get("rejected", 0)
+
+
+# ------------------------------------------------------------ crafted headers
+
+
+class Rogue:
+    """A connected engine that sends hand-made headers on its link and reads the replies."""
+
+    def __init__(self, engine: tent.Engine, peer: Any) -> None:
+        self.engine = engine
+        self.peer = peer
+        self.link = next(iter(peer.links.values()))
+        self.request = 5000
+
+    async def send(self, header: p.ScatterRequest | bytes, bulk: np.ndarray | None = None) -> p.Message | None:
+        """Send one header (a message, or raw msgpack) into a free slot; the reply, or None if none came."""
+        link = self.link
+        ch = link.channel
+        assert ch is not None
+        request = self.request
+        self.request += 1
+        if isinstance(header, p.ScatterRequest):
+            header = p.encode(attrs.evolve(header, request=request))
+        else:
+            fields = msgpack.unpackb(header)
+            fields[1] = request
+            header = msgpack.packb(fields, use_bin_type=True)
+        reply = np.zeros(64 * 1024, dtype=np.uint8)
+        got: list[Any] = []
+        ch.keep(ch.tag_recv(reply, p.make_tag(link.ns, p.KIND_CONTROL, request)), reply, got.append)
+        message = np.frombuffer(len(header).to_bytes(4, "little") + header, dtype=np.uint8)
+        slot = link.free_slots[-1]  # the server re-posts it before answering
+        ch.keep(ch.tag_send(message, p.make_tag(link.peer_ns, p.KIND_CONTROL, slot)), message, None)
+        if bulk is not None:
+            ch.keep(ch.tag_send(bulk, p.make_tag(link.peer_ns, p.KIND_DATA, request)), bulk, None)
+        for _ in range(400):
+            if got or self.peer.closed:
+                break
+            await anyio.sleep(0.01)
+        if not got or got[0] is not None:
+            return None
+        return p.unpack_data(reply)[0]
+
+
+async def _rogue(server: PeerProcess) -> tuple[tent.Engine, Rogue, dict[str, int]]:
+    engine = tent.Engine(backend="ucx", name="rogue", rails=[tent.RailSpec(**LO[0])])
+    await engine.__aenter__()
+    with anyio.fail_after(30):
+        peer = await engine.connect(server.address)
+        ads = {name: (await peer.segment(name)).sid for name in ("kv", "ro", "other")}
+    return engine, Rogue(engine, peer), ads
+
+
+def _digests(server: PeerProcess) -> dict[str, str]:
+    return {s["name"]: server.cmd(cmd="digest", segment=s["name"])["digest"] for s in SEGMENTS}
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@pytest.mark.parametrize("inline", [True, False])
+async def test_extent_lists_outside_what_was_granted_are_refused_with_nothing_written(
+    spawn_peer: Any, inline: bool
+) -> None:
+    server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS)
+    before = _digests(server)
+    engine, rogue, sid = await _rogue(server)
+    try:
+        size = 64 if inline else 64 * 1024  # inline: bytes in the header; else one bulk message
+
+        def header(segs: tuple[tuple[str, int], ...], index: list[int], offsets: list[int]) -> tuple[Any, Any]:
+            lengths = [size] * len(index)
+            total = size * len(index)
+            table = p.pack_table(index, offsets, lengths)
+            if inline:
+                payload = bytes([0xEE]) * total
+                return p.ScatterRequest(p.Op.WRITE, 0, segs, len(index), total, table, payload), None
+            return (
+                p.ScatterRequest(p.Op.WRITE, 0, segs, len(index), total, table),
+                np.full(total, 0xEE, dtype=np.uint8),
+            )
+
+        kv, ro, other = ("kv", sid["kv"]), ("ro", sid["ro"]), ("other", sid["other"])
+        refusals = {
+            # every extent but the last is fine: nothing of the slice may land
+            "outside": header((kv,), [0, 0, 0], [0, 4096, KV - size + 1]),
+            "read-only": header((kv, ro), [0, 1], [0, 0]),
+            "unknown": header((kv, ("nope", 1)), [0, 1], [0, 0]),
+            "stale sid": header((kv, ("other", sid["other"] + 100)), [0, 1], [0, 0]),
+            "other ok, kv outside": header((other, kv), [0, 1, 1], [0, 0, KV]),
+        }
+        for what, (msg, bulk) in refusals.items():
+            reply = await rogue.send(msg, bulk)
+            assert isinstance(reply, p.Error), (what, reply)
+        # READs of what is not there are refused as well (nothing sent).
+        table = p.pack_table([0, 0], [0, KV], [size, size])
+        reply = await rogue.send(p.ScatterRequest(p.Op.READ, 0, (kv,), 2, 2 * size, table, inline=inline))
+        assert isinstance(reply, p.Error)
+        assert _digests(server) == before
+        stats = server.cmd(cmd="stats")["stats"]
+        assert stats["rejected"] >= len(refusals) + 1
+        assert not rogue.peer.closed  # refused, not a protocol violation
+    finally:
+        await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@pytest.mark.parametrize("how", ["overflow", "total", "index", "bulk-table"])
+async def test_malformed_extent_lists_drop_the_connection_with_nothing_written(spawn_peer: Any, how: str) -> None:
+    server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS)
+    before = _digests(server)
+    engine, rogue, sid = await _rogue(server)
+    try:
+        w, segs = int(p.Op.WRITEV), [["kv", sid["kv"]]]
+        bulk: np.ndarray | None = None
+        if how == "overflow":  # two lengths that wrap to 2 in 64 bits
+            raw = _raw([w, 0, segs, 2, 2, p.pack_table([0, 0], [0, 0], [2**64 - 1, 3]), None])
+        elif how == "total":  # lengths that disagree with the total
+            raw = _raw([w, 0, segs, 2, 8192, p.pack_table([0, 0], [0, 8192], [4096, 8192]), None])
+        elif how == "index":
+            raw = _raw([w, 0, segs, 1, 4096, p.pack_table([3], [0], [4096]), None])
+        else:  # the table leads the bulk message, and it is wrong there
+            count = 2000
+            raw = _raw([w, 0, segs, count, count * 512, None, None])
+            table = p.pack_table(np.zeros(count), np.arange(count) * 512, np.full(count, 512))
+            bad = bytearray(table)
+            bad[-8:] = (2**63).to_bytes(8, "little")  # the last length is absurd
+            bulk = np.concatenate([np.frombuffer(bytes(bad), np.uint8), np.full(count * 512, 0xEE, np.uint8)])
+        await rogue.send(raw, bulk)
+        for _ in range(500):
+            if rogue.peer.closed:
+                break
+            await anyio.sleep(0.01)
+        assert rogue.peer.closed and "protocol violation" in rogue.peer.closed_reason()
+        assert _digests(server) == before
+        assert server.cmd(cmd="stats")["stats"]["protocol_errors"] >= 1
+    finally:
+        await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_staging_beyond_its_bound_is_refused_and_counted(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS, staging_per_link=MiB)
+    before = _digests(server)
+    engine, rogue, sid = await _rogue(server)
+    try:
+        count = 64
+        table = p.pack_table(np.zeros(count), np.arange(count) * 2 * 32768, np.full(count, 32768))
+        msg = p.ScatterRequest(p.Op.WRITE, 0, (("kv", sid["kv"]),), count, count * 32768, table)
+        reply = await rogue.send(msg, np.full(count * 32768, 0xEE, np.uint8))  # 2 MiB: over the 1 MiB bound
+        assert isinstance(reply, p.Error) and "bound" in reply.reason
+        stats = server.cmd(cmd="stats")["stats"]
+        assert stats["staging_refused"] == 1 and stats["protocol_errors"] >= 1
+        assert _digests(server) == before
+        # The connection is still usable: an honest batch within the bound goes through.
+        src = rogue.engine.register(np.full(KV, 7, dtype=np.uint8), name="src")
+        kv = await rogue.peer.segment("kv")
+        offsets = np.arange(16) * 8192
+        with anyio.fail_after(30):
+            await rogue.engine.transfer_blocks(src, offsets, kv, offsets[::-1].copy(), 4096)
+        assert server.cmd(cmd="read", segment="kv", start=0, stop=2)["hex"] == "0707"
+    finally:
+        await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_one_slice_spans_several_peer_segments_and_mixed_directions_fail_cleanly(server: PeerProcess) -> None:
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    server.cmd(cmd="fill", segment="other", seed=3)
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=[tent.RailSpec(**LO[0])]) as engine:
+        with anyio.fail_after(60):
+            peer = await engine.connect(server.address)
+            kv, other = await peer.segment("kv"), await peer.segment("other")
+        src = pattern(21, MiB)
+        local = engine.register(src, name="src")
+        kv_want, other_want = pattern(1, KV), pattern(3, MiB)
+        pairs = []
+        for i in range(64):  # 2 KiB blocks alternating between two peer segments, out of order
+            s, d = i * 2048, (63 - i) * 4096
+            if i % 2:
+                pairs.append((local[s : s + 2048], kv[d : d + 2048]))
+                kv_want[d : d + 2048] = src[s : s + 2048]
+            else:
+                pairs.append((local[s : s + 2048], other[d : d + 2048]))
+                other_want[d : d + 2048] = src[s : s + 2048]
+        with anyio.fail_after(60):
+            await engine.transfer_batch(pairs)
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(kv_want)
+        assert server.cmd(cmd="digest", segment="other")["digest"] == digest(other_want)
+        # To and from the peer in one batch: refused as a whole, with the reason.
+        sink = engine.register(np.zeros(MiB, dtype=np.uint8), name="sink")
+        with anyio.fail_after(60), pytest.raises(tent.TentError, match="one way"):
+            await engine.transfer_batch([(local[0:2048], kv[0:2048]), (kv[8192:10240], sink[0:2048])])
