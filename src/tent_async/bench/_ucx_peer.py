@@ -90,7 +90,7 @@ async def serve_raw(config: dict[str, Any]) -> None:
                     # cancelling a receive races with the client's next message matching it.
                     recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
                 send = ep.tag_send(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | (tag - 1)))
-                rail.progress.kick()
+                rail.progress.kick(send)
                 await wait(rail, send, mode)
         await stop
         ep.close_blocking(10**9, 1)

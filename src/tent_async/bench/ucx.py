@@ -173,7 +173,7 @@ async def _raw_client(
             recv = ep.tag_recv(ucx.Array(ack), L.UCXXTag(ACK_TAG | tag))
             t0 = time.perf_counter()
             send = ep.tag_send(ucx.Array(buf[:nbytes]), L.UCXXTag(tag))
-            local.progress.kick()
+            local.progress.kick(send)
             await wait(local, send, mode)
             await wait(local, recv, mode)
             tag += 1

@@ -87,7 +87,7 @@ class Channel:
         except self._ucx.UCXError as exc:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
-        self.rail.progress.kick()
+        self.rail.progress.kick(req)
         self.keep(req, data, None)
 
     def keep(self, req: Any, buffer: Any, then: Callable[[BaseException | None], None] | None) -> None:
@@ -111,7 +111,7 @@ class Channel:
     def tag_send(self, array: Any, tag: int) -> Any:
         """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request."""
         req = self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
-        self.rail.progress.kick()
+        self.rail.progress.kick(req)
         return req
 
     def tag_recv(self, array: Any, tag: int) -> Any:

@@ -8,7 +8,11 @@ Three ways, chosen per rail (``UcxBackend(progress=...)``, docs/ucx.md "Progress
     every request we post, one *pass* runs on the loop thread: progress the
     worker (a bounded number of ``ucp_worker_progress`` calls), resolve the
     futures of completed requests (``run_request_notifier``), and arm the
-    worker again.  No thread is involved: a completion costs no thread
+    worker again.  While a send of ours is unfinished the pass goes on at once
+    (``call_soon``) as long as the worker makes progress, and polls every
+    ``SEND_POLL`` seconds when it does not: a large send over shared memory
+    whose FIFO is full advances only when polled (UCX raises no event when the
+    peer frees room).  No thread is involved: a completion costs no thread
     hand-off, only the loop's own ``epoll_wait`` wake-up.
 ``"poll"``
     The same, but after any activity the pass keeps rescheduling itself
@@ -36,6 +40,7 @@ and the loop's other callbacks (the sweeper among them) run first.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -50,6 +55,7 @@ PROGRESS_MODES = ("loop", "poll", "thread")
 DEFAULT_PROGRESS = "loop"
 PASS_BUDGET = 64  # ucp_worker_progress calls per pass before the loop gets a turn
 POLL_SPIN = 0.002  # "poll": seconds of spinning after the last activity before blocking
+SEND_POLL = 0.0002  # loop modes: seconds between polls of a stalled, unfinished send
 SAFETY_INTERVAL = 0.05  # loop modes: a pass at least this often, in case an event was missed
 
 
@@ -63,8 +69,11 @@ class Progress:
         self.loop = loop
         self.name = name
 
-    def kick(self) -> None:
-        """A request was just posted on the worker (or an endpoint created): make sure it progresses."""
+    def kick(self, send: Any = None) -> None:
+        """A request was just posted on the worker (or an endpoint created): make sure it progresses.
+
+        ``send``: the request, if it is a send (the loop modes poll while a send is unfinished).
+        """
 
     def close(self) -> None:
         """Stop progressing; the worker is released by its owner afterwards."""
@@ -118,13 +127,21 @@ class LoopProgress(Progress):
         self._scheduled = False  # a pass is in the loop's ready queue
         self._active_until = 0.0
         self._closed = False
+        # Unfinished sends.  A receive completes by an event; a send whose bytes do not all fit
+        # at once may not: UCX's shared-memory transport, its FIFO full, raises no event when
+        # the peer frees room, so it has to be polled (the progress thread did that with its
+        # 1 ms epoll timeout).  While a send is unfinished the pass reschedules itself.
+        self._sends: collections.deque[Any] = collections.deque()
+        self._send_poll: asyncio.TimerHandle | None = None
         loop.add_reader(self._fd, self._on_event)
         self._safety: asyncio.TimerHandle | None = loop.call_later(SAFETY_INTERVAL, self._on_safety)
         self.kick()
 
-    def kick(self) -> None:
+    def kick(self, send: Any = None) -> None:
         if self._closed:
             return
+        if send is not None:
+            self._sends.append(send)
         # A request just took a future from ucxx's pool; below ~50 ucxx refills it, while
         # an empty pool makes ucxx log a warning and build a future the slow way.
         self.worker.populate_python_futures_pool()
@@ -148,42 +165,62 @@ class LoopProgress(Progress):
             self._pass()
         self._safety = self.loop.call_later(SAFETY_INTERVAL, self._on_safety)
 
+    def _on_send_poll(self) -> None:
+        self._send_poll = None
+        if not self._scheduled:
+            self._pass()
+
     def _pass(self) -> None:
         self._scheduled = False
+        if self._send_poll is not None:
+            self._send_poll.cancel()
+            self._send_poll = None
         worker = self.worker
         if self._closed or worker is None:
             return
         try:
-            busy = True
+            made = busy = False
             for _ in range(PASS_BUDGET):
                 if not worker.progress_once():
-                    busy = False
                     break
+                made = True
+            else:
+                busy = True
             # Requests whose endpoint closed or failed were scheduled for cancellation;
             # ucxx cancels them here (Worker::progress does the same after its own loop).
             worker.cancel_inflight_requests(0, 1)
             worker.run_request_notifier()  # resolve the futures of what completed
+            sends = self._sends
+            while sends and sends[0].completed:
+                sends.popleft()
+            if len(sends) > 1:  # one unfinished at the front must not keep finished ones behind it
+                self._sends = sends = collections.deque(r for r in sends if not r.completed)
             spinning = self.spin and self.loop.time() < self._active_until
-            # Arm only with nothing left to progress (short-circuit); BUSY: events came in meanwhile.
-            again = busy or spinning or not worker.arm()
+            # A send advancing: go on at once.  Arm only with nothing left to progress
+            # (short-circuit); BUSY means events came in meanwhile.
+            again = busy or spinning or (made and bool(sends)) or not worker.arm()
         except Exception:  # pragma: no cover - a worker being torn down
             logger.debug("rail %s: progress pass failed", self.name, exc_info=True)
             return
         if again:
             self._scheduled = True
             self.loop.call_soon(self._pass)
+        elif sends:  # armed, but a stalled send raises no event when it could go on: poll it
+            self._send_poll = self.loop.call_later(SEND_POLL, self._on_send_poll)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._safety is not None:
-            self._safety.cancel()
-            self._safety = None
+        for handle in (self._safety, self._send_poll):
+            if handle is not None:
+                handle.cancel()
+        self._safety = self._send_poll = None
         if self._fd is not None and not self.loop.is_closed():
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self._fd)
         self._fd = None
+        self._sends.clear()
         # Resolve what completed (requests the endpoints' closing cancelled), then let the
         # futures go: they hold references into the worker.
         with contextlib.suppress(Exception):
