@@ -8,11 +8,13 @@ Three ways, chosen per rail (``UcxBackend(progress=...)``, docs/ucx.md "Progress
     every request we post, one *pass* runs on the loop thread: progress the
     worker (a bounded number of ``ucp_worker_progress`` calls), resolve the
     futures of completed requests (``run_request_notifier``), and arm the
-    worker again.  While a send of ours is unfinished the pass goes on at once
-    (``call_soon``) as long as the worker makes progress, and polls every
-    ``SEND_POLL`` seconds when it does not: a large send over shared memory
-    whose FIFO is full advances only when polled (UCX raises no event when the
-    peer frees room).  No thread is involved: a completion costs no thread
+    worker again.  While a send of ours over shared memory is unfinished the
+    pass goes on at once (``call_soon``) as long as the worker makes progress,
+    and polls every ``SEND_POLL`` seconds when it does not: such a send whose
+    FIFO is full advances only when polled (UCX raises no event when the peer
+    frees room).  Over TCP a full socket raises an event; an unfinished send
+    is polled every ``SEND_POLL_EVENTED`` seconds all the same, as the
+    progress thread's 1 ms epoll timeout did.  No thread is involved: a completion costs no thread
     hand-off, only the loop's own ``epoll_wait`` wake-up.
 ``"poll"``
     The same, but after any activity the pass keeps rescheduling itself
@@ -55,7 +57,8 @@ PROGRESS_MODES = ("loop", "poll", "thread")
 DEFAULT_PROGRESS = "loop"
 PASS_BUDGET = 64  # ucp_worker_progress calls per pass before the loop gets a turn
 POLL_SPIN = 0.002  # "poll": seconds of spinning after the last activity before blocking
-SEND_POLL = 0.0002  # loop modes: seconds between polls of a stalled, unfinished send
+SEND_POLL = 0.0002  # loop modes, shared memory: seconds between polls of a stalled, unfinished send
+SEND_POLL_EVENTED = 0.001  # ... TCP (a full socket raises an event; this is the progress thread's epoll timeout)
 SAFETY_INTERVAL = 0.05  # loop modes: a pass at least this often, in case an event was missed
 
 
@@ -119,8 +122,11 @@ class LoopProgress(Progress):
     mode = "loop"
     spin = 0.0  # seconds to keep polling after the last activity ("poll" sets POLL_SPIN)
 
-    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop, name: str) -> None:
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop, name: str, *, shm: bool = False) -> None:
+        """``shm``: the rail's transport is shared memory, whose stalled sends raise no event."""
         super().__init__(worker, loop, name)
+        self._chase_sends = shm
+        self._send_poll_interval = SEND_POLL if shm else SEND_POLL_EVENTED
         worker.init_blocking_progress_mode()
         worker.populate_python_futures_pool()
         self._fd: int | None = int(worker.epoll_file_descriptor)
@@ -198,7 +204,7 @@ class LoopProgress(Progress):
             spinning = self.spin and self.loop.time() < self._active_until
             # A send advancing: go on at once.  Arm only with nothing left to progress
             # (short-circuit); BUSY means events came in meanwhile.
-            again = busy or spinning or (made and bool(sends)) or not worker.arm()
+            again = busy or spinning or (made and self._chase_sends and bool(sends)) or not worker.arm()
         except Exception:  # pragma: no cover - a worker being torn down
             logger.debug("rail %s: progress pass failed", self.name, exc_info=True)
             return
@@ -206,7 +212,7 @@ class LoopProgress(Progress):
             self._scheduled = True
             self.loop.call_soon(self._pass)
         elif sends:  # armed, but a stalled send raises no event when it could go on: poll it
-            self._send_poll = self.loop.call_later(SEND_POLL, self._on_send_poll)
+            self._send_poll = self.loop.call_later(self._send_poll_interval, self._on_send_poll)
 
     def close(self) -> None:
         if self._closed:
@@ -243,16 +249,16 @@ class PollProgress(LoopProgress):
 
 
 def make_progress(
-    mode: str, worker: Any, loop: asyncio.AbstractEventLoop, name: str, gpu: int | None = None
+    mode: str, worker: Any, loop: asyncio.AbstractEventLoop, name: str, *, kind: str = "tcp", gpu: int | None = None
 ) -> Progress:
-    """The progress engine ``mode`` for ``worker`` (CUDA rails always get the thread)."""
+    """The progress engine ``mode`` for ``worker`` on a rail of ``kind`` (CUDA rails always get the thread)."""
     if mode not in PROGRESS_MODES:
         raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {mode!r}")
     if mode == "thread" or gpu is not None:
         return ThreadProgress(worker, loop, name, gpu)
     if mode == "poll":
-        return PollProgress(worker, loop, name)
-    return LoopProgress(worker, loop, name)
+        return PollProgress(worker, loop, name, shm=kind == "shm")
+    return LoopProgress(worker, loop, name, shm=kind == "shm")
 
 
 __all__ = ["DEFAULT_PROGRESS", "PROGRESS_MODES", "Progress", "make_progress"]

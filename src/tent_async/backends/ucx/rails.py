@@ -362,7 +362,7 @@ class LocalRail:
         self.worker: Any = L.UCXWorker(
             self.context, enable_delayed_submission=delayed_submission, enable_python_future=True
         )
-        self.progress: Progress = make_progress(progress, self.worker, loop, plan.name, plan.gpu)
+        self.progress: Progress = make_progress(progress, self.worker, loop, plan.name, kind=plan.kind, gpu=plan.gpu)
         self.address: bytes = bytes(self.worker.address.tobytes())
         self._scratch = np.empty(1, dtype=np.uint8)  # dropped messages are "received" into this byte
         self._scratch_array = _ucxx.loaded().Array(self._scratch)
@@ -497,6 +497,11 @@ class LocalRail:
             return
         self.progress.close()
         # The discarding receives die with the worker (it cancels what is still in flight).
+        # Those the last progress pass finished carry a truncation error: mark it retrieved,
+        # or asyncio logs "Future exception was never retrieved" for each.
+        for req in self._discards:
+            if req.future.done():
+                _ucxx.future_error(req.future)
         self._discards.clear()
         self.worker = None
         self.context = None
