@@ -114,6 +114,7 @@ class ThreadProgress(Progress):
             self.worker.stop_request_notifier_thread()  # wakes the notifier now, not in 1 s
             self._notifier.join(timeout=3)
             self._notifier = None
+        self.worker = None  # the worker holds descriptors and sockets until its last reference goes
 
 
 class LoopProgress(Progress):
@@ -239,6 +240,7 @@ class LoopProgress(Progress):
             # "futures ready" flag is set (only a wait clears it), and warns when the worker
             # is destroyed.  A wait of 1 ns clears the flag.
             self.worker.wait_request_notifier(period_ns=1)
+        self.worker = None  # the worker holds descriptors and sockets until its last reference goes
 
 
 class PollProgress(LoopProgress):
