@@ -1,16 +1,19 @@
 """The far side of ``tent-async bench ucx``, run in its own process.
 
-    python -m tent_async.bench._ucx_peer raw    '{"rail": "shm", "size": N, "rounds": [[bytes, count], ...]}'
-    python -m tent_async.bench._ucx_peer engine '{"rail": "shm", "size": N}'
+    python -m tent_async.bench._ucx_peer raw    '{"rail": "shm", "size": N, "rounds": [[bytes, count], ...],
+                                                   "progress": "thread"}'
+    python -m tent_async.bench._ucx_peer engine '{"rail": "shm", "size": N, "progress": "loop"}'
     python -m tent_async.bench._ucx_peer kv     '{"size": N, "seed": S}'
 
 ``raw``: one UCX context with the rail's settings (the same :class:`LocalRail`
 the backend uses), one endpoint opened from the client's worker address (as
 the backend does: no listener); for each round it receives ``count`` messages
 of ``bytes`` into a pre-posted receive and answers each with an 8-byte tagged
-ack.  It prints ``{"address": <its worker address, hex>}`` and then reads the
+ack, progressing its worker the way ``progress`` says (:data:`RAW_MODES`).
+It prints ``{"address": <its worker address, hex>}`` and then reads the
 client's as one JSON line on stdin.  ``engine``: a listening ucx engine with
-that one rail and one segment; it prints ``{"address": "host:port"}``.  ``kv``:
+that one rail (``"default"``: ``rails=None``, discovered) and two segments,
+progressing as ``progress`` says; it prints ``{"address": "host:port"}``.  ``kv``:
 a listening engine with the default rails (``rails=None``) and one ``pool``
 segment filled from ``seed``; it answers each stdin line ``{"digest": true}``
 with the pool's sha256 and ``{"fill": seed}`` by refilling it.  All three
@@ -27,6 +30,30 @@ from typing import Any
 import numpy as np
 
 ACK_TAG = 1 << 62
+RAW_MODES = ("thread", "loop", "poll", "spin")  # how raw ucxx progresses its worker (see wait())
+
+
+def rail_progress(mode: str) -> str:
+    """The :mod:`~tent_async.backends.ucx.progress` mode a raw run's rail uses ("spin" sets up as "loop")."""
+    return "loop" if mode == "spin" else mode
+
+
+async def wait(rail: Any, req: Any, mode: str) -> None:
+    """Wait for a raw request: its future, or (``"spin"``) polling the worker until it is done.
+
+    ``"spin"`` is progress by polling while requests are outstanding: ``progress`` and
+    ``run_request_notifier`` on the loop thread, yielding to the loop between polls.
+    """
+    future = req.future
+    if mode == "spin":
+        worker = rail.worker
+        while not future.done():
+            worker.progress()
+            worker.run_request_notifier()
+            if future.done():
+                break
+            await asyncio.sleep(0)
+    await future
 
 
 def rail_spec(rail: str) -> Any:
@@ -46,7 +73,8 @@ async def serve_raw(config: dict[str, Any]) -> None:
 
     ucx = _ucxx.load()
     loop = asyncio.get_running_loop()
-    rail = LocalRail(plan_from_spec(rail_spec(config["rail"])), loop, sweep=False)
+    mode = config.get("progress", "thread")
+    rail = LocalRail(plan_from_spec(rail_spec(config["rail"])), loop, sweep=False, progress=rail_progress(mode))
     print(json.dumps({"address": rail.address.hex()}), flush=True)
     line = await loop.run_in_executor(None, sys.stdin.readline)
     stop = asyncio.ensure_future(_stdin_closed())
@@ -58,13 +86,16 @@ async def serve_raw(config: dict[str, Any]) -> None:
         for nbytes, count in config["rounds"]:
             view = buf[:nbytes]
             recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
+            rail.progress.kick()
             for i in range(count):
-                await recv.wait()
+                await wait(rail, recv, mode)
                 tag += 1
                 if i + 1 < count:  # pre-post the next one before the ack; none past the round:
                     # cancelling a receive races with the client's next message matching it.
                     recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
-                await ep.tag_send(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | (tag - 1))).wait()
+                send = ep.tag_send(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | (tag - 1)))
+                rail.progress.kick(send)
+                await wait(rail, send, mode)
         await stop
         ep.close_blocking(10**9, 1)
     finally:
@@ -75,7 +106,9 @@ async def serve_raw(config: dict[str, Any]) -> None:
 async def serve_engine(config: dict[str, Any]) -> None:
     from ..engine import Engine
 
-    async with Engine(backend="ucx", name="bench-server", listen="127.0.0.1:0", rails=[rail_spec(config["rail"])]) as e:
+    rails = [rail_spec(config["rail"])] if config["rail"] != "default" else None
+    options = {"progress": config["progress"]} if "progress" in config else {}
+    async with Engine(backend="ucx", name="bench-server", listen="127.0.0.1:0", rails=rails, **options) as e:
         e.register(np.ones(config["size"], dtype=np.uint8), name="dst")  # touched: no first-touch page faults
         e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
         print(json.dumps({"address": e.address}), flush=True)

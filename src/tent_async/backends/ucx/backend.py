@@ -34,7 +34,14 @@ Options (``tent.Engine(backend="ucx", ...)``):
     ucxx's delayed submission: requests posted by the progress thread instead
     of the caller (default False: posting from the event loop saves a thread
     wake-up per message; measured ~10-30 % lower 4 KiB round trips for raw
-    ucxx and the engine alike, throughput unchanged within noise).
+    ucxx and the engine alike, throughput unchanged within noise).  Only
+    meaningful with ``progress="thread"``.
+``progress``
+    How each rail's UCX worker progresses (:mod:`.progress`): ``"loop"``
+    (default: the worker's event fd on the event loop, no thread per
+    completion), ``"poll"`` (the same, spinning briefly after activity) or
+    ``"thread"`` (ucxx's progress and notifier threads, the original way).
+    CUDA rails always use the thread.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ from .control import (
 )
 from .pairing import pair_rails
 from .peer import Link, Peer, RailLinkError
+from .progress import DEFAULT_PROGRESS, PROGRESS_MODES
 from .protocol import (
     MAX_HELLO_FRAME,
     MAX_INLINE,
@@ -117,6 +125,7 @@ class UcxBackend(Backend):
         max_request: int | str = 1 << 30,
         host_id: str | None = None,
         delayed_submission: bool = False,
+        progress: str = DEFAULT_PROGRESS,
     ) -> None:
         self._specs = list(rails) if rails is not None else None
         self._listen = parse_address(listen, default_host="0.0.0.0") if listen is not None else None
@@ -133,6 +142,9 @@ class UcxBackend(Backend):
         self._host_id_override = host_id
         self.host_id = host_id or ""
         self._delayed = delayed_submission
+        if progress not in PROGRESS_MODES:
+            raise ConfigError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
+        self.progress = progress
         self.stats: collections.Counter[str] = collections.Counter()
         self.log = LogLimiter()  # lines that peers can provoke, at most one per kind every 10 s
         self.plans: list[RailPlan] = []
@@ -187,7 +199,9 @@ class UcxBackend(Backend):
         loop = asyncio.get_running_loop()
         try:
             for plan in self.plans:
-                self.local_rails[plan.name] = LocalRail(plan, loop, delayed_submission=self._delayed, stats=self.stats)
+                self.local_rails[plan.name] = LocalRail(
+                    plan, loop, delayed_submission=self._delayed, stats=self.stats, progress=self.progress
+                )
             if self._listen is not None:
                 self._server = Server(self)
                 host, port = self._listen

@@ -3,9 +3,11 @@
 * Every request *and* the memory it reads or writes stay referenced until the
   request completes: ucxx keeps no reference to the buffer (a freed buffer is
   sent as garbage), and dropping a ``UCXRequest`` cancels it.
-* Completions arrive as asyncio futures resolved by the rail's notifier
-  thread; we attach done-callbacks instead of awaiting them, so no task exists
-  per message or per slice.
+* Completions arrive as asyncio futures resolved on the loop thread (by the
+  rail's progress pass, or by its notifier thread in ``"thread"`` mode,
+  :mod:`.progress`); we attach done-callbacks instead of awaiting them, so no
+  task exists per message or per slice.  Every post is followed by
+  ``rail.progress.kick()``: a request can complete inside the call that posts it.
 * Everything travels as *tagged* messages.  Receives are posted on the
   endpoint (ucxx tracks them there), so closing the endpoint cancels them
   along with its sends: ``abort()`` is the one way to stop everything of a
@@ -15,7 +17,7 @@
   buffers: :meth:`recv_message` posts one and decodes what arrived.  A
   message larger than the buffer fails the receive with a truncation error
   (UCX drops it); the caller decides what a truncation means.
-* The endpoint's close callback (progress thread) is handed to the loop.
+* The endpoint's close callback (run where the worker progresses) is handed to the loop.
 
 No channel is merely "retired" any more: without active messages there is no
 receive filed under a raw endpoint handle that a recycled handle could
@@ -89,6 +91,7 @@ class Channel:
         except self._ucx.UCXError as exc:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
+        self.rail.progress.kick(req)
         self.keep(req, data, None)
 
     def keep(self, req: Any, buffer: Any, then: Callable[[BaseException | None], None] | None) -> None:
@@ -111,15 +114,21 @@ class Channel:
 
     def tag_send(self, array: Any, tag: int) -> Any:
         """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request."""
-        return self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
+        req = self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
+        self.rail.progress.kick(req)
+        return req
 
     def tag_recv(self, array: Any, tag: int) -> Any:
         """Post a tagged receive into ``array`` (matched per worker, cancelled if the endpoint closes)."""
-        return self._endpoint().tag_recv(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
+        req = self._endpoint().tag_recv(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
+        self.rail.progress.kick()
+        return req
 
     def recv_with_handle(self, array: Any, probe: Any) -> Any:
         """Receive a message the sweeper took out of the unexpected queue, into ``array``."""
-        return self._endpoint().tag_recv_with_handle(self._ucx.Array(array), probe)
+        req = self._endpoint().tag_recv_with_handle(self._ucx.Array(array), probe)
+        self.rail.progress.kick()
+        return req
 
     def recv_message(self, buffer: np.ndarray, tag: int, then: ReceiveHandler) -> Any:
         """Post a bounded receive for one control message; ``then(message, error)`` once it arrived.
@@ -169,7 +178,7 @@ class Channel:
         return f"{self.label}: {detail}"
 
     def _closed_from_ucx(self) -> None:
-        # Progress thread: hop to the loop.
+        # Wherever the worker progresses (the progress thread in "thread" mode): hop to the loop.
         loop = self.rail.loop
         if not loop.is_closed():
             loop.call_soon_threadsafe(self._closed_on_loop)

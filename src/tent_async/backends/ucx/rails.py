@@ -3,8 +3,8 @@
 A *local rail* is one device: a NIC (UCX's ``tcp`` transport pinned with
 ``NET_DEVICES``), shared memory for peers on the same host, or a GPU (CUDA
 transports).  Each gets its own UCX context (tagged messages only: no active
-messages, no streams), worker, progress thread, notifier thread and
-unexpected-message sweeper, with UCX's own multi-rail off
+messages, no streams), worker, progress (on the event loop by default,
+:mod:`.progress`) and unexpected-message sweeper, with UCX's own multi-rail off
 (``MAX_RNDV_RAILS=1``): the planner alone decides which rail carries which
 slice.  An *engine rail* is a local rail paired with a peer's rail in the
 handshake (:mod:`.pairing`).
@@ -30,11 +30,9 @@ import hashlib
 import ipaddress
 import logging
 import os
-import queue
 import re
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -46,6 +44,7 @@ from ...errors import ConfigError
 from ...rails import RailSpec, Tier
 from . import _ucxx
 from .address import check_peer_address
+from .progress import DEFAULT_PROGRESS, Progress, make_progress
 from .protocol import MAX_NAMESPACE, RailAd, split_tag
 
 logger = logging.getLogger("tent_async.ucx")
@@ -417,10 +416,11 @@ class NamespaceOwner(Protocol):
 
 
 class LocalRail:
-    """One UCX context + worker + progress thread + notifier thread + unexpected-message sweeper.
+    """One UCX context + worker + its progress (:mod:`.progress`) + unexpected-message sweeper.
 
     Create it on the event loop thread.  UCX callbacks (an endpoint failing)
-    run on the progress thread; they only hand work to the loop with
+    run wherever the worker progresses (the loop thread, or the progress
+    thread in ``"thread"`` mode); they only hand work to the loop with
     ``call_soon_threadsafe``.
     """
 
@@ -432,9 +432,11 @@ class LocalRail:
         delayed_submission: bool = False,
         stats: Any = None,
         sweep: bool = True,
+        progress: str = DEFAULT_PROGRESS,
     ) -> None:
         """``sweep=False`` leaves UCX's unexpected queue alone (raw ucxx in the benchmark, which
-        relies on messages that arrive before their receive was posted)."""
+        relies on messages that arrive before their receive was posted).  ``progress``: how the
+        worker progresses (:mod:`.progress`; CUDA rails always use the progress thread)."""
         ucx = _ucxx.loaded()
         L = ucx.L
         self.plan = plan
@@ -467,17 +469,7 @@ class LocalRail:
         self.worker: Any = L.UCXWorker(
             self.context, enable_delayed_submission=delayed_submission, enable_python_future=True
         )
-        if plan.gpu is not None:  # pragma: no cover - needs a GPU
-            self.worker.set_progress_thread_start_callback(_set_cuda_device, cb_args=(plan.gpu,))
-        self.worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
-        self._notify_queue: queue.Queue[str] = queue.Queue()
-        self._notifier: threading.Thread | None = threading.Thread(
-            target=ucx.notifier,
-            args=(loop, self.worker, self._notify_queue),
-            name=f"tent-ucx-notifier-{plan.name}",
-            daemon=True,
-        )
-        self._notifier.start()
+        self.progress: Progress = make_progress(progress, self.worker, loop, plan.name, kind=plan.kind, gpu=plan.gpu)
         self.address: bytes = bytes(self.worker.address.tobytes())
         self._scratch = np.empty(1, dtype=np.uint8)  # dropped messages are "received" into this byte
         self._scratch_array = _ucxx.loaded().Array(self._scratch)
@@ -503,7 +495,9 @@ class LocalRail:
         """
         check_peer_address(address, self.address, kind=self.plan.kind, allowed=self.allowed_networks(control_ip))
         L = _ucxx.loaded().L
-        return self.worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(address), True)
+        ep = self.worker.create_endpoint_from_worker_address(L.UCXAddress.create_from_buffer(address), True)
+        self.progress.kick()  # wire-up happens on progress
+        return ep
 
     def allowed_networks(self, control_ip: str | None) -> list[ipaddress.IPv4Network]:
         """Where a peer's TCP worker address may point: our subnet, and its control connection's address."""
@@ -596,6 +590,7 @@ class LocalRail:
             logger.debug("rail %s: discarding a message failed", self.name, exc_info=True)
             return
         self._discards.append(req)
+        self.progress.kick()
         if not foreign:
             return
         if self.stats is not None:
@@ -627,16 +622,13 @@ class LocalRail:
         self.owners.clear()
         if self.worker is None:
             return
-        try:
-            self.worker.stop_progress_thread()
-        except Exception:  # pragma: no cover - best effort at shutdown
-            logger.exception("rail %s: stopping the progress thread failed", self.name)
-        if self._notifier is not None:
-            self._notify_queue.put("shutdown")
-            self.worker.stop_request_notifier_thread()  # wakes the notifier now, not in 1 s
-            self._notifier.join(timeout=3)
-            self._notifier = None
+        self.progress.close()
         # The discarding receives die with the worker (it cancels what is still in flight).
+        # Those the last progress pass finished carry a truncation error: mark it retrieved,
+        # or asyncio logs "Future exception was never retrieved" for each.
+        for req in self._discards:
+            if req.future.done():
+                _ucxx.future_error(req.future)
         self._discards.clear()
         self.worker = None
         self.context = None

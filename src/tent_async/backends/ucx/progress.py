@@ -1,0 +1,266 @@
+"""How a rail's UCX worker makes progress, and how its completions reach the event loop.
+
+Three ways, chosen per rail (``UcxBackend(progress=...)``, docs/ucx.md "Progress"):
+
+``"loop"`` (the default)
+    Blocking mode on the event loop, as ucx-py did: the worker's event file
+    descriptor is watched with ``loop.add_reader``; when it fires, and after
+    every request we post, one *pass* runs on the loop thread: progress the
+    worker (a bounded number of ``ucp_worker_progress`` calls), resolve the
+    futures of completed requests (``run_request_notifier``), and arm the
+    worker again.  While a send of ours over shared memory is unfinished the
+    pass goes on at once (``call_soon``) as long as the worker makes progress,
+    and polls every ``SEND_POLL`` seconds when it does not: such a send whose
+    FIFO is full advances only when polled (UCX raises no event when the peer
+    frees room).  Over TCP a full socket raises an event; an unfinished send
+    is polled every ``SEND_POLL_EVENTED`` seconds all the same, as the
+    progress thread's 1 ms epoll timeout did.  No thread is involved: a completion costs no thread
+    hand-off, only the loop's own ``epoll_wait`` wake-up.
+``"poll"``
+    The same, but after any activity the pass keeps rescheduling itself
+    (``call_soon``) for ``POLL_SPIN`` seconds before it arms and blocks:
+    lower latency while messages keep coming, at the price of a busy loop.
+``"thread"``
+    What the backend did before: ucxx's progress thread (blocking, 1 ms epoll
+    timeout) and a notifier thread that wakes the event loop to resolve
+    futures.  Three threads per completion; kept as the fallback, and used for
+    CUDA rails (the progress thread makes the GPU's context current on itself,
+    which must not happen to the application's event-loop thread).
+
+In every mode a request's completion is an asyncio future resolved on the
+loop thread, so the rest of the backend (``req.future.add_done_callback``)
+does not know which mode runs.  The one rule the loop modes add: whoever posts
+a request calls :meth:`Progress.kick` afterwards (:class:`~.channel.Channel`
+and :class:`~.rails.LocalRail` do), because a request can complete inside the
+call that posts it, and UCX raises no event for that.
+
+A pass is bounded (``PASS_BUDGET`` progress calls) so that a flood of incoming
+messages cannot hold the loop: past the budget the pass yields (``call_soon``)
+and the loop's other callbacks (the sweeper among them) run first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import queue
+import threading
+from typing import Any
+
+from . import _ucxx
+
+logger = logging.getLogger("tent_async.ucx")
+
+PROGRESS_MODES = ("loop", "poll", "thread")
+DEFAULT_PROGRESS = "loop"
+PASS_BUDGET = 64  # ucp_worker_progress calls per pass before the loop gets a turn
+POLL_SPIN = 0.002  # "poll": seconds of spinning after the last activity before blocking
+SEND_POLL = 0.0002  # loop modes, shared memory: seconds between polls of a stalled, unfinished send
+SEND_POLL_EVENTED = 0.001  # ... TCP (a full socket raises an event; this is the progress thread's epoll timeout)
+SAFETY_INTERVAL = 0.05  # loop modes: a pass at least this often, in case an event was missed
+
+
+class Progress:
+    """Progresses one worker; its completions resolve asyncio futures on ``loop``."""
+
+    mode = ""
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        self.worker: Any = worker
+        self.loop = loop
+        self.name = name
+
+    def kick(self, send: Any = None) -> None:
+        """A request was just posted on the worker (or an endpoint created): make sure it progresses.
+
+        ``send``: the request, if it is a send (the loop modes poll while a send is unfinished).
+        """
+
+    def close(self) -> None:
+        """Stop progressing; the worker is released by its owner afterwards."""
+
+
+class ThreadProgress(Progress):
+    """ucxx's progress thread plus a notifier thread (the backend's original way)."""
+
+    mode = "thread"
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop, name: str, gpu: int | None = None) -> None:
+        super().__init__(worker, loop, name)
+        ucx = _ucxx.loaded()
+        if gpu is not None:  # pragma: no cover - needs a GPU
+            from .rails import _set_cuda_device
+
+            worker.set_progress_thread_start_callback(_set_cuda_device, cb_args=(gpu,))
+        worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._notifier: threading.Thread | None = threading.Thread(
+            target=ucx.notifier,
+            args=(loop, worker, self._queue),
+            name=f"tent-ucx-notifier-{name}",
+            daemon=True,
+        )
+        self._notifier.start()
+
+    def close(self) -> None:
+        try:
+            self.worker.stop_progress_thread()
+        except Exception:  # pragma: no cover - best effort at shutdown
+            logger.exception("rail %s: stopping the progress thread failed", self.name)
+        if self._notifier is not None:
+            self._queue.put("shutdown")
+            self.worker.stop_request_notifier_thread()  # wakes the notifier now, not in 1 s
+            self._notifier.join(timeout=3)
+            self._notifier = None
+        self.worker = None  # the worker holds descriptors and sockets until its last reference goes
+
+
+class LoopProgress(Progress):
+    """Blocking mode on the event loop: the worker's event fd on ``add_reader``, arm, progress."""
+
+    mode = "loop"
+    spin = 0.0  # seconds to keep polling after the last activity ("poll" sets POLL_SPIN)
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop, name: str, *, shm: bool = False) -> None:
+        """``shm``: the rail's transport is shared memory, whose stalled sends raise no event."""
+        super().__init__(worker, loop, name)
+        self._chase_sends = shm
+        self._send_poll_interval = SEND_POLL if shm else SEND_POLL_EVENTED
+        worker.init_blocking_progress_mode()
+        worker.populate_python_futures_pool()
+        self._fd: int | None = int(worker.epoll_file_descriptor)
+        self._scheduled = False  # a pass is in the loop's ready queue
+        self._active_until = 0.0
+        self._closed = False
+        # Unfinished sends.  A receive completes by an event; a send whose bytes do not all fit
+        # at once may not: UCX's shared-memory transport, its FIFO full, raises no event when
+        # the peer frees room, so it has to be polled (the progress thread did that with its
+        # 1 ms epoll timeout).  While a send is unfinished the pass reschedules itself.
+        self._sends: collections.deque[Any] = collections.deque()
+        self._send_poll: asyncio.TimerHandle | None = None
+        loop.add_reader(self._fd, self._on_event)
+        self._safety: asyncio.TimerHandle | None = loop.call_later(SAFETY_INTERVAL, self._on_safety)
+        self.kick()
+
+    def kick(self, send: Any = None) -> None:
+        if self._closed:
+            return
+        if send is not None:
+            self._sends.append(send)
+        # A request just took a future from ucxx's pool; below ~50 ucxx refills it, while
+        # an empty pool makes ucxx log a warning and build a future the slow way.
+        self.worker.populate_python_futures_pool()
+        if self.spin:
+            self._active_until = self.loop.time() + self.spin
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._pass)
+
+    def _on_event(self) -> None:
+        if self.spin:
+            self._active_until = self.loop.time() + self.spin
+        if not self._scheduled:  # a pass is due anyway: it will see the event
+            self._pass()
+
+    def _on_safety(self) -> None:
+        self._safety = None
+        if self._closed:
+            return
+        if not self._scheduled:
+            self._pass()
+        self._safety = self.loop.call_later(SAFETY_INTERVAL, self._on_safety)
+
+    def _on_send_poll(self) -> None:
+        self._send_poll = None
+        if not self._scheduled:
+            self._pass()
+
+    def _pass(self) -> None:
+        self._scheduled = False
+        if self._send_poll is not None:
+            self._send_poll.cancel()
+            self._send_poll = None
+        worker = self.worker
+        if self._closed or worker is None:
+            return
+        try:
+            made = busy = False
+            for _ in range(PASS_BUDGET):
+                if not worker.progress_once():
+                    break
+                made = True
+            else:
+                busy = True
+            # Requests whose endpoint closed or failed were scheduled for cancellation;
+            # ucxx cancels them here (Worker::progress does the same after its own loop).
+            worker.cancel_inflight_requests(0, 1)
+            worker.run_request_notifier()  # resolve the futures of what completed
+            sends = self._sends
+            while sends and sends[0].completed:
+                sends.popleft()
+            if len(sends) > 1:  # one unfinished at the front must not keep finished ones behind it
+                self._sends = sends = collections.deque(r for r in sends if not r.completed)
+            spinning = self.spin and self.loop.time() < self._active_until
+            # A send advancing: go on at once.  Arm only with nothing left to progress
+            # (short-circuit); BUSY means events came in meanwhile.
+            again = busy or spinning or (made and self._chase_sends and bool(sends)) or not worker.arm()
+        except Exception:  # pragma: no cover - a worker being torn down
+            logger.debug("rail %s: progress pass failed", self.name, exc_info=True)
+            return
+        if again:
+            self._scheduled = True
+            self.loop.call_soon(self._pass)
+        elif sends:  # armed, but a stalled send raises no event when it could go on: poll it
+            self._send_poll = self.loop.call_later(self._send_poll_interval, self._on_send_poll)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handle in (self._safety, self._send_poll):
+            if handle is not None:
+                handle.cancel()
+        self._safety = self._send_poll = None
+        if self._fd is not None and not self.loop.is_closed():
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self._fd)
+        self._fd = None
+        self._sends.clear()
+        # Resolve what completed (requests the endpoints' closing cancelled), then let the
+        # futures go: they hold references into the worker.
+        with contextlib.suppress(Exception):
+            self.worker.progress()
+            self.worker.run_request_notifier()
+        with contextlib.suppress(Exception):
+            self.worker.clear_python_futures_pool()
+        with contextlib.suppress(Exception):
+            # No notifier thread runs, but ucxx counts its notifier as running while its
+            # "futures ready" flag is set (only a wait clears it), and warns when the worker
+            # is destroyed.  A wait of 1 ns clears the flag.
+            self.worker.wait_request_notifier(period_ns=1)
+        self.worker = None  # the worker holds descriptors and sockets until its last reference goes
+
+
+class PollProgress(LoopProgress):
+    """Like "loop", but spins for ``POLL_SPIN`` seconds after each activity before it blocks."""
+
+    mode = "poll"
+    spin = POLL_SPIN
+
+
+def make_progress(
+    mode: str, worker: Any, loop: asyncio.AbstractEventLoop, name: str, *, kind: str = "tcp", gpu: int | None = None
+) -> Progress:
+    """The progress engine ``mode`` for ``worker`` on a rail of ``kind`` (CUDA rails always get the thread)."""
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {mode!r}")
+    if mode == "thread" or gpu is not None:
+        return ThreadProgress(worker, loop, name, gpu)
+    if mode == "poll":
+        return PollProgress(worker, loop, name, shm=kind == "shm")
+    return LoopProgress(worker, loop, name, shm=kind == "shm")
+
+
+__all__ = ["DEFAULT_PROGRESS", "PROGRESS_MODES", "Progress", "make_progress"]
