@@ -44,6 +44,32 @@ def test_a_poll_with_every_rail_full_asks_the_policy_nothing() -> None:
     assert CountingEft.calls - before <= 2
 
 
+@pytest.mark.parametrize("name", ["eft", "round_robin", "single", "static"])
+def test_with_default_settings_no_policy_is_asked_about_a_full_rail_set(name: str) -> None:
+    """The byte budget is eft's alone: under the others a rail full by count is full, and
+    a poll with nothing completed asks nothing, however many transfers wait."""
+    from tent_async.core import make_policy
+
+    planner = Planner([RailInfo("a", 1e9), RailInfo("b", 1e9)], policy=name)
+    calls = 0
+    choose = planner.policy.choose
+
+    def counting(transfer: Any, now: float) -> Any:
+        nonlocal calls
+        calls += 1
+        return choose(transfer, now)
+
+    planner.policy.choose = counting  # type: ignore[method-assign]
+    for i in range(2_000):
+        planner.submit([Piece("s", i * 4 * KiB, "d", i * 4 * KiB, 4 * KiB)], 0.0)
+    assert [d for d in planner.poll(0.0) if isinstance(d, Post)]
+    before = calls
+    for k in range(50):
+        planner.poll(1e-6 * (k + 1))
+    assert calls - before <= 50, (name, calls - before)  # at most one hold per poll, never a scan
+    assert make_policy(name).byte_window == (name == "eft")
+
+
 def test_the_window_is_a_budget_of_bytes_as_well_as_slices() -> None:
     """Small slices (min_slice or less) fill a healthy rail up to ``window`` nominal slices'
     worth of bytes, at most ``max_window`` of them; bigger slices stop at ``window``; a

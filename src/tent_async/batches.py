@@ -93,11 +93,17 @@ def check_overlaps(ext: Extents) -> None:
     src_used[ext.src_seg] = True
     dst_used = np.zeros(nseg, dtype=bool)
     dst_used[ext.dst_seg] = True
-    sources_may_overlap = any(
-        spaces[i] == spaces[j] and bases[i] < bases[j] + sizes[j] and bases[j] < bases[i] + sizes[i]
-        for i in np.flatnonzero(src_used).tolist()
-        for j in np.flatnonzero(dst_used).tolist()
-    )
+    src_i = np.flatnonzero(src_used)
+    dst_j = np.flatnonzero(dst_used)
+    if len(src_i) * len(dst_j) > 4096:
+        sources_may_overlap = True  # many segments: the extent-level check below is the cheaper one
+    else:
+        si, dj = src_i[:, None], dst_j[None, :]
+        sources_may_overlap = bool(
+            (
+                (spaces[si] == spaces[dj]) & (bases[si] < bases[dj] + sizes[dj]) & (bases[dj] < bases[si] + sizes[si])
+            ).any()
+        )
     uniform = bool((spaces == spaces[0]).all())  # the usual case: every segment local (one address space)
     for space in [int(spaces[0])] if uniform else np.unique(d_space).tolist():
         dsel = None if uniform else np.flatnonzero(d_space == space)

@@ -141,8 +141,10 @@ class Backend(abc.ABC):
         A report may come at any time after ``post`` began, including from
         inside ``post`` itself (a link already known to be down fails the
         attempt at once): the engine records it in the planner immediately
-        and acts on it in its next pump, never in the middle of this one.
-        Raising from ``post`` fails the attempt the same way.
+        and acts on it in its next pump, never in the middle of this one, so
+        the pump's later posts to the same rail are still made (the planner
+        withdraws them at once).  Raising from ``post`` fails the attempt as a
+        plain error; report ``rail_down=True`` to quarantine the rail at once.
         """
 
     @abc.abstractmethod

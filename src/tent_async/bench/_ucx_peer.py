@@ -125,7 +125,8 @@ async def serve_kv(config: dict[str, Any]) -> None:
     from ..engine import Engine
 
     pool = kv_pool(config["seed"], config["size"])
-    async with Engine(backend="ucx", name="bench-kv-server", listen="127.0.0.1:0") as e:
+    options = {"progress": config["progress"]} if "progress" in config else {}
+    async with Engine(backend="ucx", name="bench-kv-server", listen="127.0.0.1:0", **options) as e:
         e.register(pool, name="pool")
         print(json.dumps({"address": e.address}), flush=True)
         loop = asyncio.get_running_loop()

@@ -401,7 +401,7 @@ async def _kv_client(proc: subprocess.Popen[str], address: str, iters: int, mode
 
 
 def _kv_here(rail: str, iters: int, lat_iters: int, mode: str = "loop") -> dict[str, Any]:
-    with _peer("kv", {"size": KV_SIZE, "seed": 3}) as (hello, proc):
+    with _peer("kv", {"size": KV_SIZE, "seed": 3, "progress": mode}) as (hello, proc):
         return asyncio.run(_kv_client(proc, hello["address"], iters, mode))
 
 

@@ -77,7 +77,10 @@ class SchedulerConfig:
         ``eft``): many small transfers then keep a fast rail as busy as one
         elephant's big slices do.  ``tie_band`` (0.05): rails whose
         expected finish is within 5 % of the best are equivalent, so a slice is
-        not held for a busy rail that is barely better.  ``tier_penalty``
+        not held for a busy rail that is barely better (a rail too slow for
+        one ``min_slice`` in ``target_slice_time`` is used outside the band
+        while its slice lands before the transfer could end; docs/design.md).
+        ``tier_penalty``
         multiplies a rail's expected finish by its topology tier (same PCIe
         switch, same NUMA node, across NUMA).  ``probe_interval`` (100 ms): an
         eligible rail that carried nothing for this long gets one small probe

@@ -72,8 +72,9 @@ class Planner:
         self.rails: list[RailState] = [RailState(i, info, self.config) for i, info in enumerate(rails)]
         self._by_name = {r.name: r for r in self.rails}
         self._all: tuple[tuple[RailState, ...], tuple[int, ...]] = (tuple(self.rails), tuple(range(len(self.rails))))
-        self.policy: Policy = make_policy(policy)
-        self.policy.bind(self.rails, self.config)
+        self._policy: Policy = make_policy(policy)
+        self._policy.bind(self.rails, self.config)
+        self._apply_window_rule()
         self.scatter_gather = scatter_gather  # may one slice carry several extents?
         self._transfers: dict[int, TransferState] = {}
         self._groups: dict[tuple[int, ...], RailGroup] = {}
@@ -288,6 +289,27 @@ class Planner:
         r.errors += 1
         self._rail_failure(r, now, reason, None, rail_down=True)
 
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """Swap the policy (tests and tools; bind it first)."""
+        self._policy = policy
+        self._apply_window_rule()
+
+    def _apply_window_rule(self) -> None:
+        """Small slices may fill a rail's byte budget only under policies that say so.
+
+        The others stop at the count window, and a rail with byte room would make
+        the queues ask them about every transfer on every poll (each answering
+        "hold"): ``RailState.window_max`` 0 turns the budget off.
+        """
+        window_max = self.config.max_window if getattr(self._policy, "byte_window", False) else 0
+        for rail in self.rails:
+            rail.set_window_max(window_max)
+
     def add_rail(self, info: RailInfo) -> int:
         """Add a rail (e.g. one paired with a newly connected peer); returns its index."""
         if info.name in self._by_name:
@@ -295,6 +317,7 @@ class Planner:
         rail = RailState(len(self.rails), info, self.config)
         self.rails.append(rail)
         self._all = (tuple(self.rails), tuple(range(len(self.rails))))
+        self._apply_window_rule()
         self._by_name[rail.name] = rail
         return rail.index
 

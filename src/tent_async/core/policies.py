@@ -11,7 +11,10 @@ comparison between them changes exactly one thing.
     to the cheapest rail that has room in its window, provided that rail is
     within ``tie_band`` of the cheapest rail overall; otherwise the slice waits
     (late binding) until a rail frees up, because sending it to a clearly
-    worse rail would finish it later.
+    worse rail would finish it later.  Exception: a rail too slow to move
+    ``min_slice`` in ``target_slice_time`` takes a slice that lands before the
+    transfer's water level (see :class:`EarliestFinish`).  Small slices may
+    fill a rail's byte budget (``RailState.room``; eft only).
 ``round_robin``
     State-blind striping, the classic baseline (Mooncake TE's and UCX's static
     lane split): slice ``i`` of a transfer goes to rail ``i mod N`` with a fixed
@@ -70,6 +73,9 @@ class Policy(Protocol):
 
     name: ClassVar[str]
     probes_idle_rails: ClassVar[bool]
+    byte_window: ClassVar[bool]
+    """May small slices fill a rail's byte budget (``RailState.room``)?  Only a
+    policy that checks ``room`` itself may say yes."""
     holds_for_all: ClassVar[bool]
     """Does holding one transfer (``None``) mean no transfer of its rail set can go now?
     True for ``eft`` (its rails are busy or a better one frees soon); False for
@@ -110,6 +116,7 @@ class EarliestFinish:
 
     name: ClassVar[str] = "eft"
     probes_idle_rails: ClassVar[bool] = True
+    byte_window: ClassVar[bool] = True
     holds_for_all: ClassVar[bool] = True
 
     def __init__(self) -> None:
@@ -210,6 +217,7 @@ class RoundRobin:
 
     name: ClassVar[str] = "round_robin"
     probes_idle_rails: ClassVar[bool] = False
+    byte_window: ClassVar[bool] = False
     holds_for_all: ClassVar[bool] = False
 
     def __init__(self) -> None:
@@ -265,6 +273,7 @@ class SingleRail:
 
     name: ClassVar[str] = "single"
     probes_idle_rails: ClassVar[bool] = False
+    byte_window: ClassVar[bool] = False
     holds_for_all: ClassVar[bool] = False
 
     def __init__(self) -> None:
@@ -339,9 +348,10 @@ class StaticSlices:
       stronger baseline than TE;
     * the policy sets every rail's full window to ``depth`` when it is bound
       (the planner offers a group of transfers to its policy only while one of
-      its rails has room in its window); a suspect or probing rail still gets
-      the planner's window of one, so when every other rail is full the
-      planner waits rather than asking to fill a suspect rail to ``depth``;
+      its rails has room in its window).  A suspect rail's planner window is
+      one, which only decides when the planner asks: if every other rail is
+      full it waits rather than asking; once asked, static fills whatever rail
+      it drew to ``depth``, a suspect one too (TE has no rail health);
     * ``depth`` (8 slices, 512 KiB) is far below TE's queue-pair depth, to keep
       the simulator's fair-share computation cheap; it is still above the
       bandwidth-delay product of a 400 Gb/s NIC with a 5 us round trip
@@ -350,6 +360,7 @@ class StaticSlices:
 
     name: ClassVar[str] = "static"
     probes_idle_rails: ClassVar[bool] = False
+    byte_window: ClassVar[bool] = False
     holds_for_all: ClassVar[bool] = False
 
     def __init__(
@@ -399,7 +410,7 @@ class StaticSlices:
             transfer.bound = rail
         if rail.window_full != self.depth:
             self._widen(rail)  # a rail added after bind() (a backend that pairs rails later)
-        if len(rail.inflight) >= self.depth:
+        if len(rail.inflight) >= self.depth:  # no rail health: a suspect rail is filled too
             return None  # bound early: the slice waits for its NIC
         transfer.bound = None
         return rail, self.slice_size

@@ -53,7 +53,8 @@ class RailGroup:
     def worth_asking(self) -> bool:
         """Is a dispatch decision worth making for this group now?
 
-        Yes when one of its rails can take an ordinary slice, and also when
+        Yes when one of its rails can take a slice (``RailState.room``: by its
+        count window, or under eft by its byte budget for small slices), and also when
         none of them may carry data at all (quarantined or probing): the
         policy then answers NO_RAIL, and the transfers are stalled or failed
         instead of waiting in the queue unseen.  No when every usable rail is

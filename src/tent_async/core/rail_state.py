@@ -111,7 +111,7 @@ class RailState:
         self.nominal = nominal_slice(info.bandwidth, config)
         self.window_full = config.window
         self.window = config.window  # slices allowed in flight in the current health state
-        self.window_max = max(config.window, config.max_window)
+        self.window_max = max(config.window, config.max_window)  # 0: no byte budget (Planner)
         self.room = True  # may take another slice now (see _update_room)
         self.dispatchable = True  # healthy or suspect: a policy may choose it
         self.deadline_scale = 1.0  # grows when a slice withdrawn for its deadline completes after all
@@ -184,6 +184,11 @@ class RailState:
             and self.health.state is Health.HEALTHY
             and self.inflight_bytes < self.window * self.nominal
         )
+
+    def set_window_max(self, window_max: int) -> None:
+        """Slices a healthy rail may hold by the byte budget; 0 turns the budget off."""
+        self.window_max = window_max
+        self._update_room()
 
     def has_room(self) -> bool:
         """May the rail take a slice of any size now (the plain ``window`` count)?"""

@@ -182,7 +182,7 @@ class UcxBackend(Backend):
         flight hides the round trip.  Failover is unaffected in kind: deadlines
         scale with the expected time of each slice.
         """
-        return SchedulerConfig(target_slice_time=4e-3, window=3)
+        return SchedulerConfig(target_slice_time=4e-3, window=3, max_window=8)  # 8: the peer's header slots
 
     def rail_infos(self) -> list[RailInfo]:
         """No rail before a peer connects: engine rails are (local rail, peer rail) pairs."""
