@@ -239,7 +239,9 @@ class Rogue:
         self.link = next(iter(peer.links.values()))
         self.request = 5000
 
-    async def send(self, header: p.ScatterRequest | bytes, bulk: np.ndarray | None = None) -> p.Message | None:
+    async def send(
+        self, header: p.ScatterRequest | bytes, bulk: np.ndarray | None = None, delay: float = 0.0
+    ) -> p.Message | None:
         """Send one header (a message, or raw msgpack) into a free slot; the reply, or None if none came."""
         link = self.link
         ch = link.channel
@@ -259,6 +261,8 @@ class Rogue:
         slot = link.free_slots[-1]  # the server re-posts it before answering
         ch.keep(ch.tag_send(message, p.make_tag(link.peer_ns, p.KIND_CONTROL, slot)), message, None)
         if bulk is not None:
+            if delay:
+                await anyio.sleep(delay)  # the server has posted its receive by now
             ch.keep(ch.tag_send(bulk, p.make_tag(link.peer_ns, p.KIND_DATA, request)), bulk, None)
         for _ in range(400):
             if got or self.peer.closed:
@@ -424,3 +428,46 @@ async def test_one_slice_spans_several_peer_segments_and_mixed_directions_fail_c
         sink = engine.register(np.zeros(MiB, dtype=np.uint8), name="sink")
         with anyio.fail_after(60), pytest.raises(tent.TentError, match="one way"):
             await engine.transfer_batch([(local[0:2048], kv[0:2048]), (kv[8192:10240], sink[0:2048])])
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_short_bulk_message_never_carries_old_memory_into_a_segment(spawn_peer: Any) -> None:
+    """A WRITEV that announces N bulk bytes and sends 16 (after the server posted its receive):
+    the rest of the range must not be whatever the staging buffer held before (malloc'd heap,
+    or an earlier slice's bytes from the pool); it was found carrying heap pointers and
+    another slice's data.  It lands zeros instead: the peer may write its own range anyway."""
+    server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS)
+    engine, rogue, sid = await _rogue(server)
+    kv = ("kv", sid["kv"])
+    try:
+        n = 1 * MiB
+        full = p.ScatterRequest(p.Op.WRITE, 0, (kv,), 1, n, p.pack_table([0], [0], [n]))
+        assert isinstance(await rogue.send(full, np.full(n, 0xAB, np.uint8)), p.Ack)  # a pooled buffer of 0xAB
+        for size, off in ((4096, 4 * MiB), (n, 2 * MiB)):
+            short = p.ScatterRequest(p.Op.WRITE, 0, (kv,), 1, size, p.pack_table([0], [off], [size]))
+            await rogue.send(short, np.full(16, 0xEE, np.uint8), delay=0.3)
+            got = np.frombuffer(
+                bytes.fromhex(server.cmd(cmd="read", segment="kv", start=off, stop=off + size)["hex"]), np.uint8
+            )
+            assert not (got == 0xAB).any(), size
+            assert not got[16:].any(), size  # zeros, not old memory
+    finally:
+        await engine.__aexit__(None, None, None)
+
+
+def test_one_connection_holds_at_most_a_quarter_of_the_engines_staging() -> None:
+    pool = scatter.Staging()
+    mine = [scatter.LinkStaging(pool, 64, connection=1) for _ in range(4)]  # one peer, four rails
+    other = scatter.LinkStaging(pool, 64, connection=2)
+    chunk = 16 << 20
+    held = []
+    for link in mine:
+        while (buf := link.take(chunk)) is not None:
+            held.append((link, buf))
+    assert sum(b.shape[0] for _, b in held) == scatter.STAGING_PER_CONNECTION
+    assert other.take(chunk) is not None  # the next peer still gets staging
+    for link, buf in held:
+        link.give(buf)
+    assert pool.by_connection == {2: chunk}

@@ -46,6 +46,7 @@ a GPU.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import weakref
@@ -83,6 +84,9 @@ logger = logging.getLogger("tent_async.ucx")
 
 STAGING_PER_LINK = 128 << 20  # staging bytes one link's slices may hold on the target ...
 STAGING_PER_ENGINE = 512 << 20  # ... and all links of an engine together
+STAGING_PER_CONNECTION = STAGING_PER_ENGINE // 4  # one peer connection's links together
+BULK_WAIT = 10.0  # seconds a served slice's bulk bytes may take to move, plus ...
+BULK_RATE = 1e6  # ... one second per this many bytes: then the peer's connection is dropped
 POOL_BYTES = 64 << 20  # idle staging kept for reuse, per engine
 POOL_MIN = 64 << 10  # smaller buffers are allocated fresh (cheap)
 POOL_ALIGN = 256 << 10
@@ -169,6 +173,7 @@ class Staging:
 
     def __init__(self) -> None:
         self.in_use = 0  # serving side: bytes of staging held by slices of all links
+        self.by_connection: dict[int, int] = {}  # serving side: bytes held per peer connection
         self._free: list[Array] = []
         self._idle = 0
 
@@ -211,27 +216,46 @@ def staging_of(backend: Any) -> Staging:
 class LinkStaging:
     """The staging one serving link holds: bounded in count and bytes, per link and per engine."""
 
-    def __init__(self, pool: Staging, slots: int) -> None:
+    def __init__(self, pool: Staging, slots: int, connection: int = 0) -> None:
         self.pool = pool
         self.slots = slots
+        self.connection = connection  # the peer connection's serial: its links share one quarter
         self.count = 0
         self.bytes = 0
 
     def take(self, n: int) -> Array | None:
-        """A staging buffer of ``n`` bytes, or None when a bound would be exceeded."""
-        if self.count >= self.slots or self.bytes + n > STAGING_PER_LINK or self.pool.in_use + n > STAGING_PER_ENGINE:
+        """A staging buffer of ``n`` bytes, or None when a bound would be exceeded.
+
+        Bounds: per link, per peer connection (a quarter of the engine's, so one
+        peer cannot hold it all), per engine.
+        """
+        pool = self.pool
+        held = pool.by_connection.get(self.connection, 0)
+        if (
+            self.count >= self.slots
+            or self.bytes + n > STAGING_PER_LINK
+            or held + n > STAGING_PER_CONNECTION
+            or pool.in_use + n > STAGING_PER_ENGINE
+        ):
             return None
         self.count += 1
         self.bytes += n
-        self.pool.in_use += n
-        return self.pool.take(n)
+        pool.in_use += n
+        pool.by_connection[self.connection] = held + n
+        return pool.take(n)
 
     def give(self, buf: Array) -> None:
         n = int(buf.shape[0])
         self.count -= 1
         self.bytes -= n
-        self.pool.in_use -= n
-        self.pool.give(buf)
+        pool = self.pool
+        pool.in_use -= n
+        left = pool.by_connection.get(self.connection, 0) - n
+        if left > 0:
+            pool.by_connection[self.connection] = left
+        else:
+            pool.by_connection.pop(self.connection, None)
+        pool.give(buf)
 
 
 # =============================================================== initiator
@@ -557,12 +581,38 @@ def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
                 return
             req = ch.recv_with_handle(target, stashed[0])
         else:
+            # Zeroed first: a tagged receive matched by a shorter message completes
+            # without error, and staging (fresh from malloc, or reused) must never
+            # carry this process's old bytes into a segment or a table.
+            target.fill(0)
             req = ch.tag_recv(target, make_tag(link.ns, KIND_DATA, msg.request))
     except Exception as exc:
         served.end()
         link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
         return
     ch.keep(req, target, _received(served))
+    _watch(served, bulk)
+
+
+def _watch(served: _Served, nbytes: int) -> None:
+    """Give a served slice's bulk bytes a deadline: a peer that announces them and never
+    moves them (or never receives a READ's) would hold staging for ever."""
+    limit = BULK_WAIT + nbytes / BULK_RATE
+
+    def overdue() -> None:
+        link = served.link
+        if served.buf is None or link.closed:
+            return  # finished, or already gone
+        stats = served.server.backend.stats
+        stats["protocol_errors"] += 1
+        stats["staging_overdue"] += 1
+        served.server.violation(
+            link.conn,
+            f"{link.label}: the {nbytes} bulk bytes of {served.msg.op.name}V request {served.msg.request} "
+            f"did not move within {limit:.0f} s",
+        )
+
+    asyncio.get_running_loop().call_later(limit, overdue)
 
 
 def _received(served: _Served) -> Callable[[BaseException | None], None]:
@@ -628,3 +678,4 @@ def _send(served: _Served) -> None:
             link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
 
     link.channel.keep(req, out, done)
+    _watch(served, msg.total)

@@ -194,7 +194,8 @@ class ServerLink:
         self._stash_timer: asyncio.TimerHandle | None = None
         size = 4 + HEADER_ROOM + server.backend.inline_limit
         self.slots = [np.zeros(size, dtype=np.uint8) for _ in range(server.slots)]
-        self.staging = scatter.LinkStaging(scatter.staging_of(server.backend), server.slots)  # extent-list slices
+        # extent-list slices: bounded per link, per connection (its serial, never reused) and per engine
+        self.staging = scatter.LinkStaging(scatter.staging_of(server.backend), server.slots, conn.key[1])
 
     @property
     def label(self) -> str:
