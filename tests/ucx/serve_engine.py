@@ -91,6 +91,10 @@ async def main(config: dict[str, Any]) -> None:
 
         backend.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
         server.PROTOCOL_VERSION = config["protocol_version"]  # type: ignore[attr-defined]
+    if config.get("bulk_wait"):  # tests: a short deadline for a served slice's bulk bytes
+        from tent_async.backends.ucx import scatter
+
+        scatter.BULK_WAIT = config["bulk_wait"]
     if config.get("staging_per_link"):  # tests: a small bound on scatter-gather staging
         from tent_async.backends.ucx import scatter
 

@@ -471,3 +471,26 @@ def test_one_connection_holds_at_most_a_quarter_of_the_engines_staging() -> None
     for link, buf in held:
         link.give(buf)
     assert pool.by_connection == {2: chunk}
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_peer_that_announces_bulk_bytes_and_never_sends_them_is_dropped(spawn_peer: Any) -> None:
+    """Staging is taken when the header arrives; bulk bytes that never come must not hold it:
+    past its deadline the peer's connection is dropped and the staging released."""
+    server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS, bulk_wait=0.5)
+    engine, rogue, sid = await _rogue(server)
+    try:
+        n = 1 * MiB
+        header = p.ScatterRequest(p.Op.WRITE, 0, (("kv", sid["kv"]),), 1, n, p.pack_table([0], [0], [n]))
+        await rogue.send(header)  # no bulk: no reply comes, the staging is held
+        for _ in range(400):
+            if rogue.peer.closed:
+                break
+            await anyio.sleep(0.05)
+        assert rogue.peer.closed
+        stats = server.cmd(cmd="stats")["stats"]
+        assert stats.get("staging_overdue", 0) >= 1
+    finally:
+        await engine.__aexit__(None, None, None)

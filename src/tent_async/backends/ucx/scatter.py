@@ -448,7 +448,7 @@ def _bounds(segs: Sequence[Segment], index: Array, offsets: Array, lengths: Arra
 class _Served:
     """One scatter-gather slice being served: its segments, staging and extents."""
 
-    __slots__ = ("buf", "extents", "link", "msg", "segs", "server")
+    __slots__ = ("buf", "extents", "link", "msg", "segs", "server", "watch")
 
     def __init__(self, server: Server, link: ServerLink, msg: ScatterRequest, segs: list[Segment]) -> None:
         self.server = server
@@ -456,6 +456,7 @@ class _Served:
         self.msg = msg
         self.segs = segs
         self.buf: Array | None = None
+        self.watch: asyncio.TimerHandle | None = None  # the deadline of the bulk bytes (_watch)
         self.extents: tuple[Array, Array, Array] | None = None
         if msg.table is not None:
             self.extents = unpack_table(msg.table, msg.count, len(msg.segments), msg.total)
@@ -476,6 +477,9 @@ class _Served:
 
     def release(self) -> None:
         buf, self.buf = self.buf, None
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
         if buf is not None:
             self.link.staging.give(buf)
 
@@ -601,6 +605,7 @@ def _watch(served: _Served, nbytes: int) -> None:
 
     def overdue() -> None:
         link = served.link
+        served.watch = None
         if served.buf is None or link.closed:
             return  # finished, or already gone
         stats = served.server.backend.stats
@@ -612,7 +617,9 @@ def _watch(served: _Served, nbytes: int) -> None:
             f"did not move within {limit:.0f} s",
         )
 
-    asyncio.get_running_loop().call_later(limit, overdue)
+    if served.watch is not None:
+        served.watch.cancel()  # a READV whose table came in the bulk: now its send is watched
+    served.watch = asyncio.get_running_loop().call_later(limit, overdue)
 
 
 def _received(served: _Served) -> Callable[[BaseException | None], None]:
