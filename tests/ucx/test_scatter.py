@@ -494,3 +494,18 @@ async def test_a_peer_that_announces_bulk_bytes_and_never_sends_them_is_dropped(
         assert stats.get("staging_overdue", 0) >= 1
     finally:
         await engine.__aexit__(None, None, None)
+
+
+def test_an_inline_extent_list_into_gpu_memory_is_refused_as_on_the_one_extent_path() -> None:
+    import collections
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(registered=True, permission="rw", memory=SimpleNamespace(readonly=False, is_cuda=True))
+    host = SimpleNamespace(registered=True, permission="rw", memory=SimpleNamespace(readonly=False, is_cuda=False))
+    backend = SimpleNamespace(engine_name="e", max_request=1 << 30, inline_limit=1 << 20, stats=collections.Counter())
+    server = SimpleNamespace(backend=backend, _sids={"gpu": (gpu, 1), "host": (host, 2)})
+    link = SimpleNamespace(in_flight=0, slots=[None] * 8)
+    for name, sid, refused in (("gpu", 1, True), ("host", 2, False)):
+        msg = p.ScatterRequest(p.Op.WRITE, 0, ((name, sid),), 1, 64, p.pack_table([0], [0], [64]), payload=bytes(64))
+        _segs, reason = scatter._resolve(server, link, msg)  # type: ignore[arg-type]
+        assert ("GPU memory" in reason) is refused, reason

@@ -22,8 +22,8 @@ Invariants the planner keeps (checked by the state-machine tests):
 * a rail's in-flight bytes are the sum of its LIVE and WITHDRAWING attempts.
 
 Cost: open transfers wait in per-rail-set, per-priority queues
-(:mod:`.queues`); a poll does work only while some rail has a free window,
-so it costs the same with ten thousand open transfers as with ten.  A
+(:mod:`.queues`); a poll does work only while some rail has room in its
+window (``RailState.room``), so it costs the same with ten thousand open transfers as with ten.  A
 transfer is a byte stream over its extents (:mod:`.extents`); with a
 ``scatter_gather`` driver one slice may carry many extents, otherwise slices
 are cut at extent boundaries.

@@ -344,7 +344,8 @@ class Plan:
         self.total = int(a.length)
         self.table = pack_table(r_index, r_off, lengths)
         self.table_inline = len(self.table) <= inline_limit
-        self.inline = self.table_inline and self.total + len(self.table) <= inline_limit
+        host = all(getattr(segs[i], "kind", "host") == "host" for i in r_used)  # the peer's side: host memory
+        self.inline = host and self.table_inline and self.total + len(self.table) <= inline_limit
         self.pool = pool
         self.staging: Array | None = None
 
@@ -424,6 +425,8 @@ def _resolve(server: Server, link: ServerLink, msg: ScatterRequest) -> tuple[lis
     inline = msg.payload is not None or msg.inline
     if inline and (msg.total > backend.inline_limit or msg.count * EXTENT_BYTES > backend.inline_limit):
         return [], f"inline slices are for extent lists and bytes up to {backend.inline_limit} bytes"
+    if inline and any(seg.memory.is_cuda for seg in segs):  # as on the one-extent path: no GPU copy on the loop
+        return [], "inline slices are for host memory; this slice touches GPU memory"
     if link.in_flight >= len(link.slots):
         backend.stats["protocol_errors"] += 1
         return [], f"more than {len(link.slots)} slices in flight on this link"
