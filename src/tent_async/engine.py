@@ -211,16 +211,24 @@ class TransferHandle:
     async def _wait_settled(self) -> None:
         if self._settled:
             return
+        waiter = self._add_waiter()
+        try:
+            await waiter
+        finally:
+            self._drop_waiter(waiter)
+
+    def _add_waiter(self) -> asyncio.Future[None]:
+        """A future that :meth:`_settle` resolves (made only when someone waits)."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._waiters is None:
             self._waiters = [waiter]
         else:
             self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
+        return waiter
+
+    def _drop_waiter(self, waiter: asyncio.Future[None]) -> None:
+        if self._waiters is not None and waiter in self._waiters:
+            self._waiters.remove(waiter)
 
     def __await__(self) -> Any:
         return self.wait().__await__()
@@ -749,17 +757,11 @@ class Engine:
     async def _wait(self, handle: TransferHandle) -> TransferResult:
         # handle.wait(), inlined: two coroutine frames fewer per transfer() call.
         if not handle._settled:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiters = handle._waiters
-            if waiters is None:
-                handle._waiters = [waiter]
-            else:
-                waiters.append(waiter)
+            waiter = handle._add_waiter()
             try:
                 await waiter
             except BaseException:
-                if handle._waiters is not None and waiter in handle._waiters:
-                    handle._waiters.remove(waiter)
+                handle._drop_waiter(waiter)
                 if not handle._settled:
                     handle.cancel()
                     with anyio.CancelScope(shield=True):

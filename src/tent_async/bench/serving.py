@@ -49,7 +49,7 @@ import attrs
 from rich.table import Table
 
 from ..backends.sim import Bursts, ClusterTopology, Degrade, FluidFabric, PairTopology, SimRail, VirtualClock
-from ..backends.sim.clock import Timer
+from ..backends.sim.clock import PollSet
 from ..backends.sim.fabric import Flow, SimRailError
 from ..backends.sim.profiles import Profile
 from ..core import Finished, Piece, Planner, Post, RailInfo, SchedulerConfig, StaticSlices, Withdraw
@@ -174,8 +174,7 @@ class Fleet:
         self.config = config or SchedulerConfig()
         self.planners: list[Planner] = []
         self.nodes: list[int] = []
-        self._dirty: dict[int, None] = {}
-        self._wake: list[tuple[float, Timer] | None] = []
+        self._poll = PollSet(self.clock)  # engines to poll next
         self._done: dict[tuple[int, int], Callable[[Finished], None]] = {}
         self.slices = 0
 
@@ -190,14 +189,13 @@ class Fleet:
             policy = StaticSlices(self.static_slice, seed=f"{self.seed}/{len(self.planners)}")
         self.planners.append(Planner(rails, self.config, policy))
         self.nodes.append(node)
-        self._wake.append(None)
         return len(self.planners) - 1
 
     def submit(self, eng: int, dst: int, size: int, done: Callable[[Finished], None], priority: str = "normal") -> None:
         planner = self.planners[eng]
         tid = planner.submit([Piece(self.nodes[eng], 0, dst, 0, size)], self.clock.now, priority=priority)
         self._done[(eng, tid)] = done
-        self._dirty[eng] = None
+        self._poll.mark(eng)
 
     def at(self, when: float, fn: Callable[..., Any], *args: Any) -> None:
         self.clock.call_at(when, fn, *args)
@@ -212,9 +210,7 @@ class Fleet:
     def _service(self) -> None:
         fabric = self.fabric
         topo = self.topology
-        while self._dirty:
-            eng = next(iter(self._dirty))
-            del self._dirty[eng]
+        while (eng := self._poll.pop()) is not None:
             planner = self.planners[eng]
             node = self.nodes[eng]
             for d in planner.poll(self.clock.now):
@@ -232,35 +228,23 @@ class Fleet:
                     assert isinstance(d, Finished)
                     self._done.pop((eng, d.transfer_id))(d)
             planner.drain_events()
-            self._arm(eng, planner.next_wakeup())
-
-    def _arm(self, eng: int, when: float | None) -> None:
-        current = self._wake[eng]
-        if current is not None:
-            if current[0] == when:
-                return
-            current[1].cancel()
-        self._wake[eng] = None if when is None else (when, self.clock.call_at(when, self._woken, eng))
-
-    def _woken(self, eng: int) -> None:
-        self._wake[eng] = None
-        self._dirty[eng] = None
+            self._poll.arm(eng, planner.next_wakeup())
 
     # fabric listener
     def on_complete(self, flow: Flow) -> None:
         eng, a = flow.token
         self.planners[eng].complete(a.id, self.clock.now)
-        self._dirty[eng] = None
+        self._poll.mark(eng)
 
     def on_error(self, flow: Flow, error: SimRailError, rail_down: bool) -> None:
         eng, a = flow.token
         self.planners[eng].fail(a.id, self.clock.now, error, rail_down=rail_down)
-        self._dirty[eng] = None
+        self._poll.mark(eng)
 
     def on_withdrawn(self, flow: Flow) -> None:
         eng, a = flow.token
         self.planners[eng].withdrawn(a.id, self.clock.now)
-        self._dirty[eng] = None
+        self._poll.mark(eng)
 
     def available(self, t0: float, t1: float) -> float:
         """Capacity (bytes/s) the fabric had for us over ``[t0, t1]``, net of other tenants."""

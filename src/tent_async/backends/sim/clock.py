@@ -94,3 +94,46 @@ class VirtualClock:
     def __len__(self) -> int:
         """Scheduled timers, cancelled ones not yet dropped included."""
         return len(self._heap)
+
+
+class PollSet:
+    """Which planners a virtual-time driver polls next: those that heard news, and those
+    whose own wake-up (``Planner.next_wakeup``) came due, in the order they were marked.
+
+    One per driver (the scenario runner, the serving benchmark's per-GPU engines);
+    keys are whatever names a planner there.
+    """
+
+    __slots__ = ("_due", "_timers", "clock")
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self._due: dict[Any, None] = {}
+        self._timers: dict[Any, tuple[float, Timer]] = {}
+
+    def mark(self, key: Any) -> None:
+        """``key``'s planner heard news: poll it soon."""
+        self._due[key] = None
+
+    def pop(self) -> Any | None:
+        """The next planner to poll, or ``None`` when none is due."""
+        if not self._due:
+            return None
+        key = next(iter(self._due))
+        del self._due[key]
+        return key
+
+    def arm(self, key: Any, when: float | None) -> None:
+        """Poll ``key``'s planner at ``when`` (its next wake-up); ``None``: never on its own."""
+        current = self._timers.get(key)
+        if current is not None:
+            if current[0] == when:
+                return
+            current[1].cancel()
+            del self._timers[key]
+        if when is not None:
+            self._timers[key] = (when, self.clock.call_at(when, self._woken, key))
+
+    def _woken(self, key: Any) -> None:
+        del self._timers[key]
+        self._due[key] = None

@@ -37,7 +37,7 @@ from ...core import (
 from ...core.decisions import Attempt
 from ...core.transfer_state import TransferProgress
 from ...errors import TentError
-from .clock import Timer, VirtualClock
+from .clock import PollSet, VirtualClock
 from .fabric import Flow, FluidFabric, SimRailError
 from .topology import ClusterTopology, PairTopology
 from .workloads import Arrival, Source, Workload, WorkloadContext, check_workloads
@@ -272,8 +272,7 @@ class ScenarioRunner:
         self.planners: dict[int, Planner] = {
             node: Planner(self.topology.rail_infos(node), self.config, policy) for node in self.topology.senders()
         }
-        self._dirty: dict[int, None] = {}
-        self._wake: dict[int, tuple[float, Timer] | None] = dict.fromkeys(self.planners)
+        self._poll = PollSet(self.clock)  # planners to poll next
         self._open: dict[tuple[int, int], _Open] = {}
         self._records: list[FlowRecord] = []
         self._slices: list[SliceRecord] = []
@@ -326,7 +325,7 @@ class ScenarioRunner:
         fid = self._next_flow
         self._next_flow += 1
         self._open[(node, tid)] = _Open(fid, arrival, source, node, tid)
-        self._dirty[node] = None
+        self._poll.mark(node)
         for a in source.arrived(arrival):
             self.clock.call_at(a.time, self._arrive, a, source)
 
@@ -334,9 +333,7 @@ class ScenarioRunner:
         """Poll every planner that heard news; carry out its decisions."""
         fabric = self.fabric
         topo = self.topology
-        while self._dirty:
-            node = next(iter(self._dirty))
-            del self._dirty[node]
+        while (node := self._poll.pop()) is not None:
             planner = self.planners[node]
             now = self.clock.now
             for d in planner.poll(now):
@@ -355,19 +352,7 @@ class ScenarioRunner:
             events = planner.drain_events()
             if events:
                 self._events.extend(events)
-            self._arm(node, planner.next_wakeup())
-
-    def _arm(self, node: int, when: float | None) -> None:
-        current = self._wake[node]
-        if current is not None:
-            if current[0] == when:
-                return
-            current[1].cancel()
-        self._wake[node] = None if when is None else (when, self.clock.call_at(when, self._woken, node))
-
-    def _woken(self, node: int) -> None:
-        self._wake[node] = None
-        self._dirty[node] = None
+            self._poll.arm(node, planner.next_wakeup())
 
     def _finished(self, node: int, fin: Finished) -> None:
         entry = self._open.pop((node, fin.transfer_id))
@@ -424,21 +409,21 @@ class ScenarioRunner:
         if self.record:
             self._slice(node, a, flow, "done" if live else "stale")
         self.planners[node].complete(a.id, self.clock.now)
-        self._dirty[node] = None
+        self._poll.mark(node)
 
     def on_error(self, flow: Flow, error: SimRailError, rail_down: bool) -> None:
         node, a = flow.token
         if self.record:
             self._slice(node, a, flow, "failed")
         self.planners[node].fail(a.id, self.clock.now, error, rail_down=rail_down)
-        self._dirty[node] = None
+        self._poll.mark(node)
 
     def on_withdrawn(self, flow: Flow) -> None:
         node, a = flow.token
         if self.record:
             self._slice(node, a, flow, "withdrawn")
         self.planners[node].withdrawn(a.id, self.clock.now)
-        self._dirty[node] = None
+        self._poll.mark(node)
 
     # ================================================================ result
 
