@@ -77,6 +77,23 @@ def test_weight_update_asked_for_cupy_without_it_says_what_to_do() -> None:
     assert "--tensors numpy" in res.stderr
 
 
+def test_pd_disagg_over_veth_where_the_testbed_is_missing_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.machinery
+
+    import tent_async.testbed
+
+    monkeypatch.setattr(tent_async.testbed, "available", lambda: (False, "not root"))
+    loader = importlib.machinery.SourceFileLoader("pd_disagg_example", str(EXAMPLES / "pd_disagg.py"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    with pytest.raises(SystemExit, match=r"--veth needs the veth testbed, which is not available here: not root"):
+        module.main(["--veth", "800mbit,200mbit", "--model", "tiny"])
+
+
 @requires_ucxx
 def test_hicache_loads_every_prefix_byte_exact_under_offload() -> None:
     out = subprocess.run(
