@@ -234,6 +234,8 @@ async def prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "exact": verdict["exact"] and verdict["rid"] == rid,
                         "rails": sorted(result.bytes_per_rail),
                         "bytes_per_rail": dict(result.bytes_per_rail),
+                        "slices": result.slices,
+                        "reroutes": result.reroutes,
                     }
                 )
     finally:
