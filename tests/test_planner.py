@@ -16,12 +16,10 @@ from tent_async.core import (
     Planner,
     Post,
     RailInfo,
-    RailState,
     SchedulerConfig,
     cut,
     nominal_slice,
 )
-from tent_async.core.policies import tie_ranks
 
 MiB = 1 << 20
 
@@ -178,53 +176,6 @@ def test_eft_never_picks_a_rail_beyond_the_tie_band(bws: list[float], flows: lis
     fab.run()
     assert CheckedEft.checked > before
     assert len(fab.finished) == len(flows)
-
-
-def _gpu_rails(gpu: int, n: int = 8) -> list[RailInfo]:
-    """Eight identical NICs seen from GPU ``gpu``: its own NIC tier 0, its NUMA node's (4) tier 1, the rest 2."""
-    return [RailInfo(f"nic{k}", 50e9, 5e-6, tier=0 if k == gpu else (1 if k // 4 == gpu // 4 else 2)) for k in range(n)]
-
-
-def test_tie_ranks_rotate_by_the_planners_home_rail() -> None:
-    """Independent planners of eight GPUs break ties onto different NICs in every tier."""
-    cfg = SchedulerConfig()
-    first: dict[int, list[int]] = {1: [], 2: []}
-    for gpu in range(8):
-        rails = [RailState(i, info, cfg) for i, info in enumerate(_gpu_rails(gpu))]
-        ranks = tie_ranks(rails)
-        assert min(ranks) == ranks[gpu]  # own NIC first
-        for t in (1, 2):
-            members = [r.index for r in rails if r.info.tier == t]
-            first[t].append(min(members, key=lambda i: ranks[i]))
-        assert all(ranks[a.index] < ranks[b.index] for a in rails for b in rails if a.info.tier < b.info.tier)
-    assert first[1] == [1, 2, 3, 0, 6, 7, 4, 5]  # a permutation: no NIC is everyone's overflow
-    assert sorted(first[2]) == list(range(8))
-    # no affinity (every rail tier 0): plain index order, as before the rule
-    flat = [RailState(i, RailInfo(f"r{i}", 1e9), cfg) for i in range(5)]
-    assert tie_ranks(flat) == [0, 1, 2, 3, 4]
-
-
-def test_eft_planners_of_different_gpus_break_an_exact_tie_onto_different_rails() -> None:
-    """One small transfer per GPU restricted to four identical idle tier-2 NICs: with ties to
-    the lowest index all four planners would pick nic4."""
-    picked = []
-    for gpu in range(4):
-        planner = Planner(_gpu_rails(gpu), SchedulerConfig(), "eft")
-        planner.submit([Piece(0, 0, 1, 0, 64 * 1024)], 0.0, rails=[4, 5, 6, 7])
-        posts = [d for d in planner.poll(0.0) if isinstance(d, Post)]
-        assert len(posts) == 1
-        picked.append(posts[0].attempt.rail)
-    assert picked == [4, 5, 6, 7]
-
-
-def test_eft_tie_ranks_follow_rails_added_after_bind() -> None:
-    planner = Planner([], SchedulerConfig(), "eft")
-    planner.add_rail(RailInfo("far", 1e9, tier=1))
-    planner.add_rail(RailInfo("near", 1e9, tier=0))
-    planner.add_rail(RailInfo("far2", 1e9, tier=1))
-    planner.submit([Piece(0, 0, 1, 0, 4096)], 0.0, rails=["far", "far2"])
-    posts = [d for d in planner.poll(0.0) if isinstance(d, Post)]
-    assert [p.attempt.rail for p in posts] == [2]  # home rail 1: the tier-1 rails rotated by one
 
 
 def test_a_ten_times_slower_rail_carries_its_share_not_one_nth() -> None:

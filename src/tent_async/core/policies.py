@@ -11,9 +11,7 @@ comparison between them changes exactly one thing.
     to the cheapest rail that has room in its window, provided that rail is
     within ``tie_band`` of the cheapest rail overall; otherwise the slice waits
     (late binding) until a rail frees up, because sending it to a clearly
-    worse rail would finish it later.  Exact ties go by :func:`tie_ranks`
-    (rotated by the planner's own rail, so independent planners spread
-    them).  Exception: a rail too slow to move
+    worse rail would finish it later.  Exception: a rail too slow to move
     ``min_slice`` in ``target_slice_time`` takes a slice that lands before the
     transfer's water level (see :class:`EarliestFinish`).  Small slices may
     fill a rail's byte budget (``RailState.room``; eft only).
@@ -45,7 +43,6 @@ A policy returns ``None`` to hold (wait for a rail to free up) or
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from .config import SchedulerConfig
@@ -96,38 +93,6 @@ class Policy(Protocol):
         """
 
 
-def tie_ranks(rails: Sequence[RailState]) -> list[int]:
-    """Tie-break rank of each rail for one planner (lower wins an exact tie in cost).
-
-    Every GPU process runs its own planner, and they cannot see each other's
-    choices.  If ties always went to the lowest index, every planner whose own
-    NIC is full would send its next slice to the same neighbour (in an 8-NIC
-    node, ranks 1-3 all to ``nic0``, ranks 5-7 to ``nic4``).  So within each
-    tier the rails are taken in index order rotated by the planner's *home*
-    rail (the lowest-indexed rail of the lowest tier: the buffer's own NIC):
-    GPU ``g``'s planner starts at position ``g mod k`` of a tier's ``k`` rails,
-    and planners with different home rails start on different rails.  Lower
-    tiers rank first.  Where every rail is of one tier (no affinity, home rail
-    0), the order is the plain index order.  Deterministic: a function of the
-    rails' tiers alone.
-    """
-    if not rails:
-        return []
-    best = min(r.info.tier for r in rails)
-    home = next(r.index for r in rails if r.info.tier == best)
-    by_tier: dict[int, list[int]] = {}
-    for r in rails:
-        by_tier.setdefault(r.info.tier, []).append(r.index)
-    n = len(rails)
-    ranks = [0] * (max(r.index for r in rails) + 1)
-    for position, t in enumerate(sorted(by_tier)):
-        members = by_tier[t]
-        k = home % len(members)
-        for j, index in enumerate(members[k:] + members[:k]):
-            ranks[index] = position * n + j
-    return ranks
-
-
 class EarliestFinish:
     """``eft``: the rail expected to finish the slice first, late-bound, sprayed.
 
@@ -140,10 +105,6 @@ class EarliestFinish:
     nominal slices as before, a 16 MiB transfer on eight fast rails is cut
     into eight shares that finish together, and a 4 KiB one stays whole and
     goes to the rail with the earliest finish including latency.
-
-    Exact ties in cost (identical idle rails of one tier) go to the rail of
-    lowest :func:`tie_ranks`, not the lowest index, so that planners of
-    different GPUs do not all overflow onto the same NIC.
 
     A ``background`` transfer gets slices of ``background_slice`` (1/10) of
     the nominal size, may fill only ``window - 1`` slots of a rail (at least
@@ -165,12 +126,8 @@ class EarliestFinish:
         self._align = 4096
         self._bg_fraction = 0.1
         self._target = 1e-3
-        self._rails: list[RailState] = []
-        self._tie: list[int] = []
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
-        self._rails = rails  # the planner's own list: rails a backend adds later appear in it
-        self._tie = tie_ranks(rails)
         self._band = 1.0 + config.tie_band
         self._max_per_rail = config.max_attempts_per_rail
         self._floor = config.min_slice
@@ -209,14 +166,10 @@ class EarliestFinish:
         level = (remaining + sum_backlog) / sum_bw  # the instant every rail would finish together
         floor = self._floor
         align = self._align
-        tie = self._tie
-        if len(tie) != len(self._rails):
-            tie = self._tie = tie_ranks(self._rails)  # a rail was added after bind()
         best = float("inf")
         pick: RailState | None = None
         pick_cost = float("inf")
         pick_size = 0
-        pick_tie = 0
         for rail, bw, backlog in usable:
             nominal = rail.nominal
             if cap < 1.0:
@@ -244,8 +197,8 @@ class EarliestFinish:
             else:
                 # Small slices may use the extra slots of a rail that holds little (RailState.room).
                 room = inflight < rail.window or (size <= floor and rail.room)
-            if room and (cost < pick_cost or (cost == pick_cost and tie[rail.index] < pick_tie)):
-                pick, pick_cost, pick_size, pick_tie = rail, cost, size, tie[rail.index]
+            if cost < pick_cost and room:
+                pick, pick_cost, pick_size = rail, cost, size
         if pick is None:
             return None
         # Not within the tie band of the best rail: hold for a better one, unless the
