@@ -16,9 +16,18 @@ block of the request landed byte-exact in the pages it allocated: the notificati
 after the data.
 
     python examples/pd_disagg.py [--model llama3-8b|tiny] [--requests 8] [--rails shm,tcp]
+    python examples/pd_disagg.py --veth 800mbit,200mbit [...]   # as root: heterogeneous rails
 
 Output: one row per request with its KV bytes, blocks, transfer time and TTFT (modelled
 prefill compute + measured transfer).  ``--json`` prints the rows as JSON lines instead.
+
+``--veth RATES`` runs the two instances over the veth testbed (:mod:`tent_async.testbed`,
+docs/testbed.md) instead of loopback: two network namespaces joined by one veth pair per
+rate, each shaped with ``tc tbf`` (real rails of different speeds).  Prefill runs in the
+client namespace, decode in the server namespace, and each engine has one rail per veth
+pair, named by its rate (``r800``, ``r200``) with the rate as its bandwidth hint.  The
+bytes each rail carried are printed after the table.  It needs root, iproute2, network
+namespaces, veth and tbf; where any is missing it stops at once and says what is missing.
 """
 
 from __future__ import annotations
@@ -74,10 +83,27 @@ def engine_options(config: dict[str, Any]) -> dict[str, Any]:
     return {"config": SchedulerConfig(deadline_floor=floor)} if floor else {}
 
 
-def rails(names: str) -> list[Any]:
+def rails(spec: str | list[dict[str, Any]]) -> list[Any]:
+    """Rails from ``--rails`` (``"shm,tcp"``: loopback) or from the veth testbed's list of
+    ``{"name", "device", "bandwidth"}`` (one per veth pair, this side's device)."""
     from tent_async.rails import RailSpec
 
-    return [RailSpec(name=n, device="shm" if n == "shm" else "lo") for n in names.split(",")]
+    if isinstance(spec, str):
+        return [RailSpec(name=n, device="shm" if n == "shm" else "lo") for n in spec.split(",")]
+    return [RailSpec(name=r["name"], device=r["device"], bandwidth=r["bandwidth"]) for r in spec]
+
+
+def veth_rails(tb: Any, side: str) -> list[dict[str, Any]]:
+    """The testbed's rails as ``side`` (client: prefill, server: decode) sees them."""
+    out: list[dict[str, Any]] = []
+    for r in tb.rails:
+        name = f"r{r.mbit:g}"
+        if any(x["name"] == name for x in out):
+            name = f"{name}_{r.index}"  # two rails of the same rate
+        out.append(
+            {"name": name, "device": r.client_dev if side == "client" else r.server_dev, "bandwidth": r.bandwidth}
+        )
+    return out
 
 
 # ------------------------------------------------------------------ decode
@@ -93,7 +119,8 @@ async def decode(config: dict[str, Any]) -> None:
     free = list(range(pool_pages))
     pages_of: dict[int, np.ndarray] = {}
     loop = asyncio.get_running_loop()
-    async with tent.Engine(backend="ucx", name="decode", listen="127.0.0.1:0", rails=rails(config["rails"])) as engine:
+    listen = config.get("listen", "127.0.0.1:0")
+    async with tent.Engine(backend="ucx", name="decode", listen=listen, rails=rails(config["rails"])) as engine:
         engine.register(pool, name="kv")
         print(json.dumps({"address": engine.address}), flush=True)
 
@@ -126,10 +153,12 @@ async def decode(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------- prefill
 
 
-def start_decode(config: dict[str, Any]) -> subprocess.Popen[str]:
-    """The decode instance, in a fresh interpreter (a forked UCX process cannot connect)."""
+def start_decode(config: dict[str, Any], netns: str | None = None) -> subprocess.Popen[str]:
+    """The decode instance, in a fresh interpreter (a forked UCX process cannot connect),
+    inside network namespace ``netns`` when given (the veth testbed's server side)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.Popen(
-        [sys.executable, __file__, "--decode", json.dumps(config)],
+        [*prefix, sys.executable, __file__, "--decode", json.dumps(config)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -148,8 +177,13 @@ async def prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
         int(rng.integers(args.min_tokens // page, args.max_tokens // page + 1)) * page for _ in range(args.requests)
     ]
     pool_pages = 2 * max(prompts) // page + 8
-    config = {"model": model, "pool_pages": pool_pages, "rails": args.rails}
-    proc = start_decode(config)
+    veth: dict[str, Any] | None = json.loads(args.veth_config) if args.veth_config else None
+    config: dict[str, Any] = {"model": model, "pool_pages": pool_pages, "rails": args.rails}
+    my_rails: str | list[dict[str, Any]] = args.rails
+    if veth is not None:
+        config.update(rails=veth["server_rails"], listen=veth["listen"])
+        my_rails = veth["client_rails"]
+    proc = start_decode(config, veth["server_ns"] if veth else None)
     assert proc.stdin is not None
     assert proc.stdout is not None
     loop = asyncio.get_running_loop()
@@ -168,7 +202,7 @@ async def prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
         address = (await read())["address"]
         pool = np.zeros(2 * layers * pool_pages * block, dtype=np.uint8)
         async with tent.Engine(
-            backend="ucx", name="prefill", rails=rails(args.rails), **engine_options(vars(args))
+            backend="ucx", name="prefill", rails=rails(my_rails), **engine_options(vars(args))
         ) as engine:
             local = engine.register(pool, name="kv", permission="r")
             peer = await engine.connect(address, expect_name="decode")
@@ -199,6 +233,9 @@ async def prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "ttft_s": prefill_seconds(model, tokens) + seconds,
                         "exact": verdict["exact"] and verdict["rid"] == rid,
                         "rails": sorted(result.bytes_per_rail),
+                        "bytes_per_rail": dict(result.bytes_per_rail),
+                        "slices": result.slices,
+                        "reroutes": result.reroutes,
                     }
                 )
     finally:
@@ -211,6 +248,31 @@ async def prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def run_over_veth(args: argparse.Namespace, argv: list[str]) -> int:
+    """Build the veth testbed, run this example's prefill side in its client namespace, remove it."""
+    from tent_async.testbed import VethTestbed, available
+
+    ok, why = available()
+    if not ok:
+        raise SystemExit(
+            f"--veth needs the veth testbed, which is not available here: {why}. It needs root, iproute2 "
+            "(ip, tc), network namespaces, veth and sch_tbf (docs/testbed.md); without --veth the example "
+            "runs over loopback."
+        )
+    rates = [r.strip() for r in args.veth.split(",") if r.strip()]
+    with VethTestbed(rates=rates) as tb:
+        veth = {
+            "client_rails": veth_rails(tb, "client"),
+            "server_rails": veth_rails(tb, "server"),
+            "server_ns": tb.ns("server"),
+            "listen": f"{tb.rails[0].server_ip}:0",
+        }
+        rest = [a for i, a in enumerate(argv) if a != "--veth" and not (i > 0 and argv[i - 1] == "--veth")]
+        rest = [a for a in rest if not a.startswith("--veth=")]
+        child = tb.run("client", [sys.executable, __file__, *rest, "--veth-config", json.dumps(veth)], timeout=None)
+        return child.returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decode", help=argparse.SUPPRESS)
@@ -221,11 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rails", default="shm", help="comma-separated: shm, tcp (loopback)")
     parser.add_argument("--deadline-floor", default=None, help="SchedulerConfig.deadline_floor, e.g. 500ms")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--veth",
+        default=None,
+        help="run over the veth testbed with one shaped rail per rate, e.g. 800mbit,200mbit (needs root)",
+    )
+    parser.add_argument("--veth-config", help=argparse.SUPPRESS)  # the prefill side inside the testbed
     parser.add_argument("--json", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.decode:
         asyncio.run(decode(json.loads(args.decode)))
         return 0
+    if args.veth:
+        return run_over_veth(args, argv)
     rows = asyncio.run(prefill(args))
     if args.json:
         for row in rows:
@@ -239,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['transfer_s'] * 1e3:>12.2f} {r['prefill_s'] * 1e3:>11.1f} {r['ttft_s'] * 1e3:>8.1f} "
                 f"{r['kv_bytes'] / r['transfer_s'] / 1e9:>6.2f}  {r['exact']}"
             )
+        per_rail: dict[str, int] = {}
+        for r in rows:
+            for rail, n in r["bytes_per_rail"].items():
+                per_rail[rail] = per_rail.get(rail, 0) + n
+        total = sum(per_rail.values()) or 1
+        print("bytes per rail: " + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(per_rail.items())))
     return 0 if all(r["exact"] for r in rows) else 1
 
 

@@ -2,14 +2,18 @@
 
 This process is the *trainer*; it starts ``--workers`` rollout workers, each in a fresh
 interpreter with a listening ucx engine and a registered buffer for the weights.  The
-trainer's weights are real numpy arrays of mixed sizes (a transformer's tensors: embedding,
-per-layer attention and MLP matrices, norms), packed into one registered buffer as a
-training framework's flat parameter buffer is, and grouped into buckets.  Each bucket goes
+trainer's weights are real tensors of mixed sizes (a transformer's tensors: embedding,
+per-layer attention and MLP matrices, norms), views into one registered flat buffer as a
+training framework's flat parameter buffer is, and grouped into buckets.  The tensors are
+cupy arrays where cupy and a GPU are present, else torch tensors where torch is installed,
+else numpy arrays (``--tensors`` chooses); the flat buffer is registered as it is, through
+DLPack or ``__cuda_array_interface__``, with no copy.  Each bucket goes
 to every worker as **one** ``transfer_batch`` (one pair per tensor), all workers
 concurrently; the last bucket carries ``notify="update <n> done"``.  Each worker, on that
 notification, rebuilds its tensors from its buffer and compares them with the trainer's.
 
     python examples/weight_update.py [--workers 2] [--layers 8] [--hidden 1024] [--bucket 64MiB]
+                                     [--tensors auto|numpy|torch|cupy]
 
 Output: per-worker update time and the total (the slowest worker's), and whether every
 worker's weights are equal to the trainer's.
@@ -61,6 +65,81 @@ def weights(shapes: list[tuple[str, tuple[int, ...]]], step: int) -> dict[str, n
     return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes}
 
 
+# ------------------------------------------------------------- tensors
+
+TENSOR_LIBS = ("numpy", "torch", "cupy")
+
+
+def tensor_lib(choice: str) -> str:
+    """The tensor library to hold the weights: ``auto`` picks cupy where a GPU is, else torch, else numpy."""
+    import importlib
+
+    if choice == "numpy":
+        return choice
+    if choice not in ("auto", *TENSOR_LIBS):
+        raise SystemExit(f"--tensors must be auto, {', '.join(TENSOR_LIBS)}; got {choice!r}")
+    for lib in ("cupy", "torch") if choice == "auto" else (choice,):
+        try:
+            mod = importlib.import_module(lib)
+            if lib == "cupy" and mod.cuda.runtime.getDeviceCount() < 1:
+                raise ImportError("no CUDA device")
+        except Exception as e:  # cupy without a GPU raises CUDA errors, not ImportError
+            if choice != "auto":
+                raise SystemExit(f"--tensors {choice}: {lib} is not usable here ({e}); try --tensors numpy") from e
+            continue
+        return lib
+    return "numpy"
+
+
+def zeros(lib: str, size: int) -> Any:
+    """A flat uint8 buffer of ``size`` bytes in ``lib`` (host memory for torch, GPU memory for cupy)."""
+    if lib == "torch":
+        import torch
+
+        return torch.zeros(size, dtype=torch.uint8)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.zeros(size, dtype=cupy.uint8)
+    return np.zeros(size, dtype=np.uint8)
+
+
+def view(lib: str, flat: Any, off: int, n: int, shape: tuple[int, ...]) -> Any:
+    """The float32 tensor at bytes ``[off, off + n)`` of ``flat``: a view, as a framework's parameter is."""
+    part = flat[off : off + n]
+    if lib == "torch":
+        import torch
+
+        return part.view(torch.float32).view(shape)
+    return part.view(np.float32).reshape(shape)  # numpy and cupy share the dtype objects
+
+
+def assign(lib: str, tensor: Any, value: np.ndarray) -> None:
+    """Write ``value`` (host numpy) into ``tensor`` in place."""
+    if lib == "torch":
+        import torch
+
+        tensor.copy_(torch.from_numpy(value))
+    elif lib == "cupy":
+        import cupy
+
+        tensor[...] = cupy.asarray(value)
+    else:
+        tensor[...] = value
+
+
+def equal(lib: str, tensor: Any, value: np.ndarray) -> bool:
+    if lib == "torch":
+        import torch
+
+        return bool(torch.equal(tensor, torch.from_numpy(value)))
+    if lib == "cupy":
+        import cupy
+
+        return bool(cupy.array_equal(tensor, cupy.asarray(value)))
+    return bool(np.array_equal(tensor, value))
+
+
 def engine_options(config: dict[str, Any]) -> dict[str, Any]:
     """``--deadline-floor``: a loaded host (a shared CI machine) is slower than its loopback rail;
     a longer floor keeps a late thread hop from being taken for a failing rail."""
@@ -84,7 +163,9 @@ async def worker(config: dict[str, Any]) -> None:
 
     shapes = [(n, tuple(s)) for n, s in config["shapes"]]
     places, size = layout(shapes)
-    buf = np.zeros(size, dtype=np.uint8)
+    lib = config["tensors"]
+    buf = zeros(lib, size)
+    tensors = [view(lib, buf, off, n, shape) for (_nm, off, n), (_nm2, shape) in zip(places, shapes, strict=True)]
     name = f"rollout-{config['index']}"
     async with tent.Engine(backend="ucx", name=name, listen="127.0.0.1:0", rails=rails(config["rails"])) as engine:
         engine.register(buf, name="weights")
@@ -92,11 +173,8 @@ async def worker(config: dict[str, Any]) -> None:
         async for note in engine.notifications():
             step = int(note.message.split()[1])
             expected = weights(shapes, step)
-            equal = all(
-                np.array_equal(buf[off : off + n].view(np.float32).reshape(shape), expected[nm])
-                for (nm, off, n), (_nm, shape) in zip(places, shapes, strict=True)
-            )
-            print(json.dumps({"step": step, "equal": equal}), flush=True)
+            same = all(equal(lib, t, expected[nm]) for (nm, _off, _n), t in zip(places, tensors, strict=True))
+            print(json.dumps({"step": step, "equal": same}), flush=True)
             if note.message.endswith("last"):
                 return
 
@@ -120,6 +198,7 @@ async def trainer(args: argparse.Namespace) -> dict[str, Any]:
 
     shapes = tensor_shapes(args.layers, args.hidden, args.vocab)
     places, size = layout(shapes)
+    lib = args.tensors
     bucket_bytes = parse_size(args.bucket)
     buckets: list[list[tuple[str, int, int]]] = [[]]
     filled = 0
@@ -130,7 +209,7 @@ async def trainer(args: argparse.Namespace) -> dict[str, Any]:
         buckets[-1].append(place)
         filled += place[2]
     procs = [
-        start_worker({"index": i, "shapes": shapes, "rails": args.rails}) for i in range(args.workers)
+        start_worker({"index": i, "shapes": shapes, "rails": args.rails, "tensors": lib}) for i in range(args.workers)
     ]  # fmt: skip
     loop = asyncio.get_running_loop()
 
@@ -146,7 +225,8 @@ async def trainer(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         addresses = [(await read(p))["address"] for p in procs]
-        flat = np.zeros(size, dtype=np.uint8)
+        flat = zeros(lib, size)  # the flat parameter buffer; each tensor is a view into it
+        params = [view(lib, flat, off, n, shape) for (_nm, off, n), (_nm2, shape) in zip(places, shapes, strict=True)]
         async with tent.Engine(
             backend="ucx", name="trainer", rails=rails(args.rails), **engine_options(vars(args))
         ) as engine:
@@ -158,8 +238,8 @@ async def trainer(args: argparse.Namespace) -> dict[str, Any]:
             times: dict[int, float] = {}
             equal: list[bool] = []
             for step in range(1, args.steps + 1):
-                for (_name, off, n), tensor in zip(places, weights(shapes, step).values(), strict=True):
-                    flat[off : off + n] = tensor.reshape(-1).view(np.uint8)  # the optimizer's new weights
+                for param, value in zip(params, weights(shapes, step).values(), strict=True):
+                    assign(lib, param, value)  # the optimizer's new weights, in place
                 t0 = time.perf_counter()
 
                 async def push(remote: Any, index: int, step: int = step, t0: float = t0) -> None:
@@ -174,6 +254,7 @@ async def trainer(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.gather(*(push(r, i) for i, r in enumerate(remotes)))
                 equal = [bool((await read(p))["equal"]) for p in procs]
             return {
+                "library": lib,
                 "workers": args.workers,
                 "bytes": size,
                 "tensors": len(places),
@@ -202,17 +283,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="weight updates, each with new weights")
     parser.add_argument("--rails", default="shm", help="comma-separated: shm, tcp (loopback)")
     parser.add_argument("--deadline-floor", default=None, help="SchedulerConfig.deadline_floor, e.g. 500ms")
+    parser.add_argument(
+        "--tensors",
+        default="auto",
+        help="auto (cupy with a GPU, else torch if installed, else numpy), numpy, torch or cupy",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
         asyncio.run(worker(json.loads(args.worker)))
         return 0
+    args.tensors = tensor_lib(args.tensors)
     r = asyncio.run(trainer(args))
     if args.json:
         print(json.dumps(r))
     else:
         print(
-            f"{r['tensors']} tensors, {r['bytes'] / 2**20:.1f} MiB in {r['buckets']} buckets -> {r['workers']} workers"
+            f"{r['tensors']} {r['library']} tensors, {r['bytes'] / 2**20:.1f} MiB in {r['buckets']} buckets "
+            f"-> {r['workers']} workers"
         )
         for i, s in enumerate(r["per_worker_s"]):
             print(f"  worker {i}: {s * 1e3:.1f} ms ({r['bytes'] / s / 1e9:.2f} GB/s)")

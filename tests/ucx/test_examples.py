@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import requires_ucxx
 
@@ -33,18 +36,62 @@ def test_pd_disagg_delivers_each_requests_kv_to_its_pages() -> None:
         assert r["ttft_s"] > r["transfer_s"] > 0
 
 
-@requires_ucxx
-def test_weight_update_leaves_every_worker_with_the_trainers_weights() -> None:
+def _weight_update(*extra: str) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / "weight_update.py"), "--workers", "2", "--layers", "1", "--hidden", "256",
-         "--vocab", "1024", "--bucket", "512KiB", "--steps", "2", "--json", *LOADED],
+         "--vocab", "1024", "--bucket", "512KiB", "--steps", "2", "--json", *LOADED, *extra],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
-    r = json.loads(out.strip().splitlines()[-1])
+    r: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return r
+
+
+@requires_ucxx
+def test_weight_update_leaves_every_worker_with_the_trainers_weights() -> None:
+    r = _weight_update("--tensors", "numpy")  # the fallback where neither torch nor cupy is present
+    assert r["library"] == "numpy"
     assert r["equal"] == [True, True]  # compared tensor by tensor by each worker, after the second update
-    assert r["buckets"] > 1
-    assert len(r["per_worker_s"]) == 2
+    assert isinstance(r["buckets"], int) and r["buckets"] > 1
+    assert isinstance(r["per_worker_s"], list) and len(r["per_worker_s"]) == 2
     assert r["update_s"] == max(r["per_worker_s"])
+
+
+@requires_ucxx
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_weight_update_with_torch_tensors_registered_through_dlpack() -> None:
+    """The trainer's parameters and the workers' buffers are torch tensors (views of one flat
+    tensor registered in place); the workers compare them with torch.equal."""
+    r = _weight_update("--tensors", "torch")
+    assert r["library"] == "torch"
+    assert r["equal"] == [True, True]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed")
+def test_weight_update_asked_for_cupy_without_it_says_what_to_do() -> None:
+    res = subprocess.run(
+        [sys.executable, str(EXAMPLES / "weight_update.py"), "--tensors", "cupy"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "--tensors cupy: cupy is not usable here" in res.stderr
+    assert "--tensors numpy" in res.stderr
+
+
+def test_pd_disagg_over_veth_where_the_testbed_is_missing_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.machinery
+
+    import tent_async.testbed
+
+    monkeypatch.setattr(tent_async.testbed, "available", lambda: (False, "not root"))
+    loader = importlib.machinery.SourceFileLoader("pd_disagg_example", str(EXAMPLES / "pd_disagg.py"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    with pytest.raises(SystemExit, match=r"--veth needs the veth testbed, which is not available here: not root"):
+        module.main(["--veth", "800mbit,200mbit", "--model", "tiny"])
 
 
 @requires_ucxx
