@@ -99,6 +99,14 @@ class RemoteAccessError(TransferError):
     """The peer refused a slice: unknown segment, permission or bounds violation."""
 
 
+class RemoteBusyError(RemoteAccessError):
+    """The peer refused a slice for want of resources (staging), not for the slice itself.
+
+    The engine retries such a slice (on the same rail after its back-off, or on another);
+    a transfer fails with it only once its retries are spent.
+    """
+
+
 class OverlappingViewsError(TransferError, ValueError):
     """A destination overlaps another destination or a source of the same transfer."""
 
