@@ -33,7 +33,9 @@ nothing is written.
 **Staging bounds (target)**: per link at most one staging buffer per header
 slot and :data:`STAGING_PER_LINK` bytes, per engine :data:`STAGING_PER_ENGINE`
 bytes; a header beyond either is refused with ``ERROR`` and counted
-(``stats["protocol_errors"]``, ``stats["staging_refused"]``).  Buffers are
+(``stats["protocol_errors"]``, ``stats["staging_refused"]``).  That ``ERROR``
+says ``retry`` when the slice could fit once staging is free: it is the
+server's load, not the slice's fault, and the client lets the planner retry it.  Buffers are
 released when their slice ends or its link closes (every request on a closed
 endpoint is cancelled, and its completion releases what it held).  Idle
 buffers are kept for reuse up to :data:`POOL_BYTES` per engine (page faults
