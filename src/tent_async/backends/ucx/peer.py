@@ -571,8 +571,8 @@ class Link:
         if op.withdrawing:
             ctx.withdrawn(a.id)
         elif op.fatal is not None and isinstance(op.reply, Error) and op.reply.retry:
-            # The peer's load (no staging free), nothing written: the planner retries or reroutes it.
-            ctx.fail(a.id, RemoteBusyError(f"peer {self.peer.name!r} is busy: {op.fatal}"))
+            # The peer's load (no staging free), nothing written: the planner backs off and retries.
+            ctx.fail(a.id, RemoteBusyError(f"peer {self.peer.name!r} is busy: {op.fatal}"), busy=True)
         elif op.fatal is not None:
             ctx.fail(
                 a.id,
