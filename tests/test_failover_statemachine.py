@@ -61,6 +61,7 @@ class PlannerMachine(RuleBasedStateMachine):
         self.pieces: dict[int, list[Piece]] = {}
         self.acked: dict[int, list[tuple[int, int]]] = defaultdict(list)  # tid -> (stream offset, length)
         self.charged: dict[int, set[int]] = defaultdict(set)  # tid -> rails charged with a failure of it
+        self.busied: dict[int, set[int]] = defaultdict(set)  # tid -> rails where a slice of it met a busy peer
         self.fatal: set[int] = set()
         self.finished: dict[int, Finished] = {}
         self.no_rail_checked: set[int] = set()
@@ -116,7 +117,8 @@ class PlannerMachine(RuleBasedStateMachine):
                 continue
             self.no_rail_checked.add(t.id)
             for rail in t.rails:
-                clean = rail.health.state in (Health.HEALTHY, Health.SUSPECT) and rail.index not in self.charged[t.id]
+                failed = self.charged[t.id] | self.busied[t.id]
+                clean = rail.health.state in (Health.HEALTHY, Health.SUSPECT) and rail.index not in failed
                 assert not clean, f"NoRailError while {rail.name} was usable and never failed this transfer"
 
     def _check_extents(self, a: Attempt) -> None:
@@ -181,6 +183,11 @@ class PlannerMachine(RuleBasedStateMachine):
             if fatal == 0:
                 self.fatal.add(a.transfer_id)
                 self.planner.fail(aid, self.now, Fatal("peer refused"), transfer_fatal=True)
+                self._poll()
+                return
+            if fatal == 1:  # the peer's load: backed off, retried, not charged
+                self.busied[a.transfer_id].add(a.rail)
+                self.planner.fail(aid, self.now, "peer busy", busy=True)
                 self._poll()
                 return
             self.charged[a.transfer_id].add(a.rail)

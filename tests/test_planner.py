@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,6 +12,7 @@ from fabric import FifoFabric
 from tent_async.core import (
     NO_RAIL,
     EarliestFinish,
+    Finished,
     Health,
     Outcome,
     Piece,
@@ -324,3 +327,49 @@ def test_no_rail_wait_bounds_the_wait() -> None:
     assert fin.outcome is Outcome.FAILED
     assert "no usable rail" in str(fin.error)
     assert fin.finished_at < 1.0  # failed after no_rail_wait, not after the 2 s back-off
+
+
+def _refused(cfg: SchedulerConfig, refusals: int, *, busy: bool) -> tuple[Finished, list[float]]:
+    """One rail, one slice; the first ``refusals`` posts fail (``busy`` or a plain rail error)."""
+    planner = Planner([RailInfo("a", 1e9)], cfg)
+    planner.submit([Piece("s", 0, "d", 0, 64 * 1024)], 0.0)
+    now, posts, done = 0.0, [], None
+    for _ in range(1000):
+        reported = False
+        for d in planner.poll(now):
+            if isinstance(d, Post):
+                posts.append(now)
+                reported = True
+                if len(posts) <= refusals:
+                    planner.fail(d.attempt.id, now, "no staging free", busy=busy)
+                else:
+                    planner.complete(d.attempt.id, now + 1e-4)
+            elif isinstance(d, Finished):
+                done = d
+        if done is not None:
+            return done, posts
+        if reported:  # the engine polls again at once after a report
+            continue
+        wake = planner.next_wakeup()
+        now = max(now + 1e-4, wake if wake is not None else now + 0.01)
+    raise AssertionError("the transfer never finished")
+
+
+def test_a_busy_peer_is_retried_after_back_offs_without_spending_the_retry_bound() -> None:
+    """A peer that refuses for its load (ucx: no staging free) must not fail the transfer at the
+    second refusal, as a rail error does with max_attempts_per_rail=2, nor be retried at once:
+    the rail is quarantined, and each retry waits for the back-off."""
+    cfg = SchedulerConfig(backoff_base=0.05, no_rail_wait=5.0)
+    fin, posts = _refused(cfg, 4, busy=True)
+    assert fin.outcome is Outcome.DONE and len(posts) == 5
+    gaps = [b - a for a, b in itertools.pairwise(posts)]
+    assert all(g >= 0.05 for g in gaps), gaps  # never retried before its back-off
+    fin, _ = _refused(cfg, 4, busy=False)
+    assert fin.outcome is Outcome.FAILED  # a plain rail error spends the retry bound
+
+
+def test_a_peer_that_stays_busy_fails_the_transfer_within_no_rail_wait() -> None:
+    cfg = SchedulerConfig(backoff_base=0.05, no_rail_wait=0.5)
+    fin, posts = _refused(cfg, 10**6, busy=True)
+    assert fin.outcome is Outcome.FAILED and "no usable rail" in str(fin.error)
+    assert fin.finished_at < 5.0 and len(posts) < 20

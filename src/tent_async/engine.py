@@ -1204,14 +1204,25 @@ class _Context:
             self._engine._kick()
 
     def fail(
-        self, attempt_id: int, error: BaseException, *, rail_down: bool = False, transfer_fatal: bool = False
+        self,
+        attempt_id: int,
+        error: BaseException,
+        *,
+        rail_down: bool = False,
+        transfer_fatal: bool = False,
+        busy: bool = False,
     ) -> None:
         planner = self._planner()
         if planner is not None:
             if self._engine._slice_listeners:
                 self._engine._trace_report("fail", attempt_id, str(error) or type(error).__name__)
             planner.fail(
-                attempt_id, self._engine._backend.clock(), error, rail_down=rail_down, transfer_fatal=transfer_fatal
+                attempt_id,
+                self._engine._backend.clock(),
+                error,
+                rail_down=rail_down,
+                transfer_fatal=transfer_fatal,
+                busy=busy,
             )
             self._engine._kick()
 

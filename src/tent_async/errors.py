@@ -99,6 +99,15 @@ class RemoteAccessError(TransferError):
     """The peer refused a slice: unknown segment, permission or bounds violation."""
 
 
+class RemoteBusyError(RemoteAccessError):
+    """The peer refused a slice for want of resources (staging), not for the slice itself.
+
+    The engine retries such a slice (on the same rail after its back-off, or on another)
+    without spending its retry bound; a peer that stays busy past ``no_rail_wait`` fails the
+    transfer with :class:`NoRailError`.
+    """
+
+
 class OverlappingViewsError(TransferError, ValueError):
     """A destination overlaps another destination or a source of the same transfer."""
 

@@ -119,6 +119,30 @@ def preauth(port: int, count: int, rng: random.Random) -> int:
     return sent
 
 
+def _extent_list(rng: random.Random, request: int, names: list[str], segments: dict[str, Any]) -> p.ScatterRequest:
+    """A crafted inline WRITEV/READV: up to 3 segments (some unknown or stale), up to 400
+    extents of 1-40 bytes (often beyond the extent budget), offsets in, at the edge of or past
+    their segment."""
+    table = []
+    for name in rng.sample(names, rng.randint(1, min(3, len(names)))):
+        seg = segments.get(name)
+        sid = seg.sid if seg is not None and rng.random() < 0.9 else rng.randrange(1 << 32)
+        table.append((name, sid, seg.size if seg is not None else MiB))
+    count = rng.choice([1, rng.randint(2, 64), rng.randint(200, 400)])
+    index = [rng.randrange(len(table)) for _ in range(count)]
+    lengths = [rng.randint(1, 40) for _ in range(count)]
+    offsets = [
+        rng.choice([0, rng.randrange(table[i][2]), table[i][2] - n, table[i][2] - n + 1])
+        for i, n in zip(index, lengths, strict=True)
+    ]
+    total = sum(lengths)
+    packed = p.pack_table(index, [max(o, 0) for o in offsets], lengths)
+    segs = tuple((name, sid) for name, sid, _size in table)
+    if rng.random() < 0.5:
+        return p.ScatterRequest(p.Op.WRITE, request, segs, count, total, packed, rng.randbytes(total))
+    return p.ScatterRequest(p.Op.READ, request, segs, count, total, packed, inline=True)
+
+
 async def headers(rogue_peer: Any, count: int, rng: random.Random, segments: dict[str, Any]) -> dict[str, int]:
     link = next(iter(rogue_peer.links.values()))
     ch = link.channel
@@ -133,7 +157,10 @@ async def headers(rogue_peer: Any, count: int, rng: random.Random, segments: dic
         size = seg.size if seg is not None else MiB
         offset = rng.choice([0, rng.randrange(size), size - 1, size, rng.randrange(1 << 62)])
         length = rng.choice([1, rng.randrange(1, 16 * 1024), 16 * 1024, 16 * 1024 + 1, 0])
-        if rng.random() < 0.5 and length > 0:
+        msg: p.SliceRequest | p.ScatterRequest
+        if rng.random() < 0.25:  # an inline extent list (WRITEV/READV): bounds, budget, permissions
+            msg = _extent_list(rng, request, names, segments)
+        elif rng.random() < 0.5 and length > 0:
             msg = p.SliceRequest(p.Op.WRITE, request, name, sid, offset, length, rng.randbytes(length))
         else:
             msg = p.SliceRequest(p.Op.READ, request, name, sid, offset, max(length, 1), inline=True)

@@ -99,6 +99,10 @@ async def main(config: dict[str, Any]) -> None:
         from tent_async.backends.ucx import scatter
 
         scatter.STAGING_PER_LINK = config["staging_per_link"]
+    if config.get("staging_per_engine"):  # tests: a small engine-wide bound (one connection may take it all)
+        from tent_async.backends.ucx import scatter
+
+        scatter.STAGING_PER_ENGINE = scatter.STAGING_PER_CONNECTION = config["staging_per_engine"]
     if config.get("short_reads"):  # tests: a peer that answers large READs with half the bytes (and says so)
         import attrs
 

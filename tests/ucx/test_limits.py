@@ -275,6 +275,46 @@ def test_log_lines_a_peer_can_provoke_are_rate_limited(caplog: pytest.LogCapture
     assert caplog.records[2].exc_info is not None
 
 
+# Lines the ucx backend logs directly (not through a LogLimiter), at INFO or above, and why a
+# peer cannot make them repeat: anything else must go through the engine's LogLimiter.
+UNLIMITED_LOG_LINES = {
+    ("backend.py", "engine %r: ucx %s rails"),  # once per engine start
+    ("backend.py", "engine %r connected to"),  # once per connect() the application makes
+    ("progress.py", "rail %s: stopping the progress thread"),  # once per rail close
+    ("rails.py", "rail %s: dropped %d unexpected"),  # rate-limited by the sweeper itself (LOG_EVERY)
+}
+
+
+def test_every_log_line_a_peer_can_provoke_goes_through_the_limiter() -> None:
+    """Review: a notification to a peer that had gone was logged once per notification (an
+    application notifying per request, a peer that closed: a line per request)."""
+    import ast
+    import pathlib
+
+    import tent_async.backends.ucx as ucx_pkg
+
+    found = set()
+    for path in sorted(pathlib.Path(ucx_pkg.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        limiter = {
+            id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "LogLimiter" for n in ast.walk(c)
+        }
+        for node in ast.walk(tree):
+            if id(node) in limiter or not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            target = node.func.value
+            if not (isinstance(target, ast.Name) and target.id == "logger"):
+                continue
+            if node.func.attr not in {"info", "warning", "error", "exception", "critical", "log"}:
+                continue
+            first = node.args[0] if node.args else None
+            text = first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else "?"
+            found.add((path.name, text))
+    explained = {(n, t) for n, t in found for f, m in UNLIMITED_LOG_LINES if n == f and t.startswith(m)}
+    unexplained = found - explained
+    assert not unexplained, f"log lines outside the LogLimiter: {sorted(unexplained)}"
+
+
 @pytest.mark.ucx
 @pytest.mark.anyio
 @requires_ucxx

@@ -111,7 +111,7 @@ messages = st.one_of(
         write=st.booleans(),
     ),
     st.builds(p.Ack, request=u64),
-    st.builds(p.Error, request=u64, reason=st.text(max_size=100)),
+    st.builds(p.Error, request=u64, reason=st.text(max_size=100), retry=st.booleans()),
     st.builds(p.Data, request=u64, payload=st.binary(max_size=100)),
     st.builds(
         lambda request, length, tail: p.Sent(

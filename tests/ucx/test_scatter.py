@@ -10,6 +10,7 @@ helpers are also checked without UCX.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -240,9 +241,10 @@ class Rogue:
         self.request = 5000
 
     async def send(
-        self, header: p.ScatterRequest | bytes, bulk: np.ndarray | None = None, delay: float = 0.0
+        self, header: p.ScatterRequest | bytes, bulk: np.ndarray | None = None, delay: float = 0.0, wait: float = 4.0
     ) -> p.Message | None:
-        """Send one header (a message, or raw msgpack) into a free slot; the reply, or None if none came."""
+        """Send one header (a message, or raw msgpack) into a free slot; the reply, or None if none
+        came within ``wait`` seconds."""
         link = self.link
         ch = link.channel
         assert ch is not None
@@ -264,7 +266,7 @@ class Rogue:
             if delay:
                 await anyio.sleep(delay)  # the server has posted its receive by now
             ch.keep(ch.tag_send(bulk, p.make_tag(link.peer_ns, p.KIND_DATA, request)), bulk, None)
-        for _ in range(400):
+        for _ in range(int(wait * 100)):
             if got or self.peer.closed:
                 break
             await anyio.sleep(0.01)
@@ -455,6 +457,125 @@ async def test_a_short_bulk_message_never_carries_old_memory_into_a_segment(spaw
             assert not got[16:].any(), size  # zeros, not old memory
     finally:
         await engine.__aexit__(None, None, None)
+
+
+def test_a_slice_may_carry_as_many_extents_as_its_bytes_allow() -> None:
+    """Honest tables always fit: runs of blocks of 512 bytes or more (equal or mixed), cut
+    anywhere by the planner (its two end extents may be a byte long); 65,536 one-byte
+    extents (~60 ms of copying per header for 64 KiB) do not."""
+    rng = np.random.default_rng(11)
+    for sizes in ([512], [4096], [16384], [512, 4096, 16384, 100_000], [600, 700, 5000]):
+        for _ in range(300):
+            n = int(rng.integers(0, 20_000))
+            inner = rng.choice(sizes, n).astype(np.int64)
+            ends = rng.integers(1, 4096, 2)  # what the slice boundaries left of two blocks
+            count, total = n + 2, int(inner.sum() + ends.sum())
+            if count <= p.MAX_EXTENTS:
+                assert count <= p.extents_allowed(total), (sizes, count, total)
+    assert p.extents_allowed(1 << 16) < 1 << 16  # 65,536 one-byte extents
+    assert p.extents_allowed(300) == p.FREE_EXTENTS  # a short table of small blocks is fine
+    assert p.extents_allowed(1 << 40) == p.MAX_EXTENTS
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@pytest.mark.parametrize("op", ["WRITE", "READ"])
+async def test_a_table_of_tiny_extents_is_refused_and_counted_with_nothing_written(spawn_peer: Any, op: str) -> None:
+    """A table of many one-byte extents would cost the serving loop ~1.7 us per extent for a
+    byte each: refused (ERROR, counted), nothing written or read, the connection stays; an
+    honest engine refuses to send one, with the reason."""
+    server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS)
+    before = _digests(server)
+    engine, rogue, sid = await _rogue(server)
+    kv = ("kv", sid["kv"])
+    try:
+        count = 4096  # 72 KiB of table: it travels in the bulk message
+        table = p.pack_table(np.zeros(count), np.arange(count) * 2, np.ones(count))
+        if op == "WRITE":
+            msg = p.ScatterRequest(p.Op.WRITE, 0, (kv,), count, count)
+            bulk = np.concatenate([np.frombuffer(table, np.uint8), np.full(count, 0xEE, np.uint8)])
+        else:
+            msg = p.ScatterRequest(p.Op.READ, 0, (kv,), count, count)
+            bulk = np.frombuffer(table, np.uint8).copy()
+        reply = await rogue.send(msg, bulk)
+        assert isinstance(reply, p.Error) and "extents" in reply.reason and not reply.retry, reply
+        # The table in the header: 300 one-byte extents (256 are allowed whatever their length).
+        small = p.pack_table(np.zeros(300), np.arange(300) * 2, np.ones(300))
+        reply = await rogue.send(p.ScatterRequest(p.Op[op], 0, (kv,), 300, 300, small, inline=op == "READ"))
+        assert isinstance(reply, p.Error) and "extents" in reply.reason, reply
+        stats = server.cmd(cmd="stats")["stats"]
+        assert stats["extents_refused"] == 2 and stats["protocol_errors"] >= 2
+        assert stats.get("scatter_slices", 0) == 0
+        assert _digests(server) == before
+        assert not rogue.peer.closed
+        # An honest engine does not send such a slice, and says why.
+        kvseg = await rogue.peer.segment("kv")
+        src = rogue.engine.register(np.full(MiB, 7, dtype=np.uint8), name="src")
+        with anyio.fail_after(30), pytest.raises(tent.TentError, match="fragmented"):
+            await rogue.engine.transfer_blocks(src, np.arange(1000) * 2, kvseg, np.arange(1000) * 4, 1)
+        # Honest 4 KiB blocks still go through on the same connection.
+        offsets = np.arange(64) * 8192
+        with anyio.fail_after(30):
+            await rogue.engine.transfer_blocks(src, offsets, kvseg, offsets[::-1].copy(), 4096)
+        assert server.cmd(cmd="read", segment="kv", start=0, stop=2)["hex"] == "0707"
+    finally:
+        await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_staging_refusal_is_retried_and_the_transfer_completes(spawn_peer: Any) -> None:
+    """A peer whose staging is full refuses a slice for its load, not the slice's fault: the
+    honest transfer is retried after the rail's back-off (RemoteBusyError, ``busy`` to the
+    planner) and completes once staging is free, instead of failing with RemoteAccessError at
+    the first refusal."""
+    server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS, staging_per_engine=2 * MiB, bulk_wait=60)
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    hog, rogue, sid = await _rogue(server)
+    # The ucx defaults (2 attempts per rail: a busy refusal must not spend them), and a wait for
+    # the quarantined rail long enough for a loaded host to see the refusal and free the staging.
+    config = tent.SchedulerConfig(target_slice_time=4e-3, window=3, max_window=8, no_rail_wait=20.0)
+    try:
+        # The rogue announces 2 MiB of bulk bytes and never sends them: the engine's staging is full.
+        n = 2 * MiB
+        held = p.ScatterRequest(p.Op.WRITE, 0, (("kv", sid["kv"]),), 1, n, p.pack_table([0], [0], [n]))
+        assert await rogue.send(held, wait=0.2) is None
+        async with tent.Engine(backend="ucx", name="prefill-0", rails=[tent.RailSpec(**LO[0])], config=config) as eng:
+            with anyio.fail_after(30):
+                peer = await eng.connect(server.address)
+                kv = await peer.segment("kv")
+            src = pattern(5, MiB)
+            local = eng.register(src, name="src")
+            s_off = np.arange(16, dtype=np.int64) * 4096
+            d_off = (4 * MiB + s_off[::-1] * 2).copy()
+            want = pattern(1, KV)
+            for s, d in zip(s_off.tolist(), d_off.tolist(), strict=True):
+                want[d : d + 4096] = src[s : s + 4096]
+            done: list[BaseException | None] = []
+
+            async def run() -> None:
+                try:
+                    await eng.transfer_blocks(local, s_off, kv, d_off, 4096)
+                    done.append(None)
+                except Exception as exc:  # the test reports it below
+                    done.append(exc)
+
+            task = asyncio.get_running_loop().create_task(run())
+            for _ in range(1500):  # until the server refused a slice for want of staging
+                if done or server.cmd(cmd="stats")["stats"].get("staging_refused", 0):
+                    break
+                await anyio.sleep(0.02)
+            await rogue.peer.close()  # its connection ends: the staging is released
+            with anyio.fail_after(60):
+                await task
+            assert done == [None], done
+            assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(want)
+            stats = server.cmd(cmd="stats")["stats"]
+            assert stats["staging_refused"] >= 1
+    finally:
+        await hog.__aexit__(None, None, None)
 
 
 def test_one_connection_holds_at_most_a_quarter_of_the_engines_staging() -> None:

@@ -40,7 +40,13 @@ class BackendContext(Protocol):
         """All bytes of the attempt landed.  ``wire_time``: seconds on the wire, if measured."""
 
     def fail(
-        self, attempt_id: int, error: BaseException, *, rail_down: bool = False, transfer_fatal: bool = False
+        self,
+        attempt_id: int,
+        error: BaseException,
+        *,
+        rail_down: bool = False,
+        transfer_fatal: bool = False,
+        busy: bool = False,
     ) -> None:
         """The attempt failed; see :meth:`Planner.fail` for the flags."""
 

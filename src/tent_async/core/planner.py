@@ -233,6 +233,7 @@ class Planner:
         *,
         rail_down: bool = False,
         transfer_fatal: bool = False,
+        busy: bool = False,
     ) -> None:
         """An attempt failed.
 
@@ -241,7 +242,11 @@ class Planner:
         ``rail_down`` says the backend knows the rail is gone (quarantine at
         once).  ``transfer_fatal`` says the failure is the transfer's own fault
         (e.g. the peer refused the destination): the transfer fails with
-        ``error`` and the rail is not blamed.
+        ``error`` and the rail is not blamed.  ``busy`` says the peer refused
+        for its load and nothing of the slice landed: the rail is quarantined
+        at once, so its back-off spaces the retries, and the slice goes back
+        without counting against its retry bound; a peer that stays busy is
+        bounded by ``no_rail_wait`` like a rail that stays down.
         """
         a = self._attempts.pop(aid, None)
         if a is None:
@@ -260,7 +265,7 @@ class Planner:
                 self._stop(t, Phase.FAILING, err, now)
             else:
                 rail.errors += 1
-                self._rail_failure(rail, now, f"error: {reason}", a, rail_down=rail_down)
+                self._rail_failure(rail, now, f"error: {reason}", a, rail_down=rail_down or busy, charge=not busy)
         self._maybe_finish(t, now)
 
     def withdrawn(self, aid: int, now: float) -> None:

@@ -500,7 +500,7 @@ class UcxBackend(Backend):
             try:
                 peer.notify(message)
             except PeerClosedError:
-                logger.warning("notification %r to %r dropped: the peer is gone", message, peer.name)
+                self.log.warning("notify-gone", "notification %r to %r dropped: the peer is gone", message, peer.name)
         return True
 
     # ========================================================= data movement

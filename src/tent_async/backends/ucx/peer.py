@@ -46,7 +46,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...core import Attempt
-from ...errors import PeerClosedError, ProtocolError, RemoteAccessError, TentError, UnregisteredSegmentError
+from ...errors import (
+    PeerClosedError,
+    ProtocolError,
+    RemoteAccessError,
+    RemoteBusyError,
+    TentError,
+    UnregisteredSegmentError,
+)
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
 from .channel import Channel, MessageTruncated
@@ -563,6 +570,9 @@ class Link:
         ctx = backend.ctx
         if op.withdrawing:
             ctx.withdrawn(a.id)
+        elif op.fatal is not None and isinstance(op.reply, Error) and op.reply.retry:
+            # The peer's load (no staging free), nothing written: the planner backs off and retries.
+            ctx.fail(a.id, RemoteBusyError(f"peer {self.peer.name!r} is busy: {op.fatal}"), busy=True)
         elif op.fatal is not None:
             ctx.fail(
                 a.id,

@@ -48,7 +48,7 @@ import numpy as np
 from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
-PROTOCOL_VERSION: Final = 4  # 4: WRITEV/READV (extent lists)
+PROTOCOL_VERSION: Final = 5  # 4: WRITEV/READV (extent lists); 5: ERROR says whether a retry may succeed
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
@@ -94,6 +94,12 @@ EXTENT_BYTES: Final = 2 + 8 + 8  # one extent in a packed table
 MAX_TABLE: Final = EXTENT_BYTES * MAX_EXTENTS
 MAX_EXTENT_OFFSET: Final = 1 << 62  # offsets and lengths stay far from int64's limit ...
 MAX_EXTENT_LENGTH: Final = 1 << 40  # ... and 2^16 lengths cannot sum past it
+# Copying a table costs about 1.7 us per extent on the event loop whatever its length (numpy and
+# memoryview per extent), so a table of 65,536 one-byte extents cost ~60 ms per header for 64 KiB.
+# A slice may carry FREE_EXTENTS extents, and one more per MIN_EXTENT_BYTES of its bytes: the work
+# a header can ask for then follows the bytes it moves (extents_allowed).
+FREE_EXTENTS: Final = 256
+MIN_EXTENT_BYTES: Final = 512
 
 RAIL_KINDS: Final = ("tcp", "shm", "cuda")
 _FRAME_HEADER = struct.Struct("!I")
@@ -364,10 +370,15 @@ class Ack:
 
 @attrs.frozen
 class Error:
-    """The slice was refused; nothing of it was written."""
+    """The slice was refused; nothing of it was written.
+
+    ``retry``: the refusal was the server's load (no staging free), not the
+    slice's fault, so the same slice may succeed later.
+    """
 
     request: int
     reason: str
+    retry: bool = False
 
 
 @attrs.frozen
@@ -444,7 +455,7 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Ack):
         fields = [Op.ACK, msg.request]
     elif isinstance(msg, Error):
-        fields = [Op.ERROR, msg.request, msg.reason]
+        fields = [Op.ERROR, msg.request, msg.reason, msg.retry]
     elif isinstance(msg, Data):
         fields = [Op.DATA, msg.request, msg.payload]
     elif isinstance(msg, Sent):
@@ -535,6 +546,15 @@ def pack_table(index: Any, offsets: Any, lengths: Any) -> bytes:
         + np.asarray(offsets, dtype="<u8").tobytes()
         + np.asarray(lengths, dtype="<u8").tobytes()
     )
+
+
+def extents_allowed(total: int) -> int:
+    """The most extents a slice of ``total`` bytes may carry (both sides apply it).
+
+    Blocks of ``MIN_EXTENT_BYTES`` or more always fit: a slice cut out of a run
+    of such blocks has at most two shorter extents, at its ends.
+    """
+    return min(MAX_EXTENTS, FREE_EXTENTS + total // MIN_EXTENT_BYTES)
 
 
 def unpack_table(table: Any, count: int, segments: int, total: int) -> tuple[Any, Any, Any]:
@@ -855,8 +875,12 @@ def _d_ack(f: list[Any]) -> Ack:
 
 
 def _d_error(f: list[Any]) -> Error:
-    _, request, reason = _fields(f, "ERROR", 3)
-    return Error(request=_int(request, "request id"), reason=_str(reason, "reason", MAX_REASON, empty=True))
+    _, request, reason, retry = _fields(f, "ERROR", 4)
+    return Error(
+        request=_int(request, "request id"),
+        reason=_str(reason, "reason", MAX_REASON, empty=True),
+        retry=_bool(retry, "retry"),
+    )
 
 
 def _d_data(f: list[Any]) -> Data:

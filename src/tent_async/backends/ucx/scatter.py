@@ -19,8 +19,11 @@ differently:
 
 **Checks on the target, before any byte reaches a segment**: every segment of
 the header's table is registered, is the registration the client looked up
-(sid), and is writable for a WRITE; the slice is within ``max_request``; the
-staging it needs fits the bounds below; every extent lies inside its segment
+(sid), and is writable for a WRITE; the slice is within ``max_request``; it
+carries no more extents than its bytes allow
+(:func:`~.protocol.extents_allowed`: 256, plus one per 512 bytes, so the
+copying a header causes follows the bytes it moves; refused and counted in
+``stats["extents_refused"]``); the staging it needs fits the bounds below; every extent lies inside its segment
 (``offset + length <= size``, computed without overflow: the codec bounds
 offsets and lengths); the lengths add up to the header's total (the codec).
 Semantic violations are answered with ``ERROR`` (``stats["rejected"]``), a
@@ -30,7 +33,9 @@ nothing is written.
 **Staging bounds (target)**: per link at most one staging buffer per header
 slot and :data:`STAGING_PER_LINK` bytes, per engine :data:`STAGING_PER_ENGINE`
 bytes; a header beyond either is refused with ``ERROR`` and counted
-(``stats["protocol_errors"]``, ``stats["staging_refused"]``).  Buffers are
+(``stats["protocol_errors"]``, ``stats["staging_refused"]``).  That ``ERROR``
+says ``retry`` when the slice could fit once staging is free: it is the
+server's load, not the slice's fault, and the client lets the planner retry it.  Buffers are
 released when their slice ends or its link closes (every request on a closed
 endpoint is cancelled, and its completion releases what it held).  Idle
 buffers are kept for reuse up to :data:`POOL_BYTES` per engine (page faults
@@ -66,12 +71,14 @@ from .protocol import (
     KIND_DATA,
     MAX_EXTENTS,
     MAX_SG_SEGMENTS,
+    MIN_EXTENT_BYTES,
     TAIL_BYTES,
     Ack,
     Data,
     Op,
     ScatterRequest,
     Sent,
+    extents_allowed,
     make_tag,
     pack_table,
     unpack_table,
@@ -314,6 +321,12 @@ class Plan:
                 f"a slice of {n} extents exceeds the {MAX_EXTENTS} one header may carry; use larger blocks "
                 "or a smaller max_slice"
             )
+        if n > extents_allowed(int(a.length)):
+            raise ScatterError(
+                f"a slice of {n} extents in {int(a.length)} bytes is too fragmented for the peer (at most "
+                f"{extents_allowed(int(a.length))}: blocks must average {MIN_EXTENT_BYTES} bytes or more); "
+                "use larger blocks, or place small ones next to each other on both sides so they coalesce"
+            )
         if len(r_used) > MAX_SG_SEGMENTS:
             raise ScatterError(f"a slice touches {len(r_used)} peer segments; at most {MAX_SG_SEGMENTS} per slice")
         table: list[tuple[str, int]] = []
@@ -425,6 +438,13 @@ def _resolve(server: Server, link: ServerLink, msg: ScatterRequest) -> tuple[lis
     inline = msg.payload is not None or msg.inline
     if inline and (msg.total > backend.inline_limit or msg.count * EXTENT_BYTES > backend.inline_limit):
         return [], f"inline slices are for extent lists and bytes up to {backend.inline_limit} bytes"
+    if msg.count > extents_allowed(msg.total):  # bounds the copying one header can ask for
+        backend.stats["protocol_errors"] += 1
+        backend.stats["extents_refused"] += 1
+        return [], (
+            f"{msg.count} extents in {msg.total} bytes: at most {extents_allowed(msg.total)} (blocks must "
+            f"average {MIN_EXTENT_BYTES} bytes or more)"
+        )
     if inline and any(seg.memory.is_cuda for seg in segs):  # as on the one-extent path: no GPU copy on the loop
         return [], "inline slices are for host memory; this slice touches GPU memory"
     if link.in_flight >= len(link.slots):
@@ -486,7 +506,7 @@ class _Served:
         if buf is not None:
             self.link.staging.give(buf)
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, *, retry: bool = False) -> None:
         server, msg = self.server, self.msg
         server.backend.stats["rejected"] += 1
         server.log.warning(
@@ -499,7 +519,7 @@ class _Served:
             self.link.conn.name,
             reason,
         )
-        self.link.refuse(msg.request, reason)
+        self.link.refuse(msg.request, reason, retry=retry)
 
     def checked(self) -> bool:
         """Check every extent against its segment; refuse the slice (and say False) if one is outside."""
@@ -540,6 +560,7 @@ def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
     table_bytes = 0 if msg.table is not None else msg.count * EXTENT_BYTES
     need = bulk if msg.op is Op.WRITE else table_bytes + (0 if msg.inline else msg.total)
     served = _Served(server, link, msg, segs)
+    busy = False  # refused for want of staging: the server's load, not the slice's fault
     if not reason and need:
         buf = link.staging.take(need)
         if buf is None:
@@ -547,11 +568,12 @@ def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
             stats["staging_refused"] += 1
             reason = (
                 f"staging for {need} bytes is beyond the bound (per link {link.staging.slots} slices and "
-                f"{STAGING_PER_LINK} bytes, per engine {STAGING_PER_ENGINE} bytes)"
+                f"{STAGING_PER_LINK} bytes, per engine {STAGING_PER_ENGINE} bytes); retry later"
             )
+            busy = need <= min(STAGING_PER_LINK, STAGING_PER_CONNECTION, STAGING_PER_ENGINE)  # can fit later
         served.buf = buf
     if reason:
-        served.refuse(reason)
+        served.refuse(reason, retry=busy)
         if bulk:
             server._drain(link, msg)
         return

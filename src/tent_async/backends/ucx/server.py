@@ -239,9 +239,9 @@ class ServerLink:
         """The one reply to a header, into the receive the client posted for its request."""
         self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, msg.request))
 
-    def refuse(self, request: int, reason: str) -> None:
+    def refuse(self, request: int, reason: str, *, retry: bool = False) -> None:
         """Answer ``request`` with ``ERROR`` (the reason cut to what the client's receive holds)."""
-        self.reply(Error(request=request, reason=clip_reason(reason)))
+        self.reply(Error(request=request, reason=clip_reason(reason), retry=retry))
 
     # ------------------------------------------------------- unexpected bytes
 
