@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tent_async as tent
+from tent_async.backends.local import LocalBackend
 
 MiB = 1 << 20
 pytestmark = pytest.mark.anyio
@@ -255,3 +256,30 @@ async def test_two_consumers_of_notifications_both_get_served() -> None:
             await engine.transfer(a, b, notify="one")
             await engine.transfer(a, b, notify="two")
         assert sorted(got) == ["one", "two"]
+
+
+class _TunedLocal(LocalBackend):
+    """A backend with its own scheduler defaults, as ucx has (4 ms slices, window 3 within 8 slots)."""
+
+    def default_config(self) -> tent.SchedulerConfig:
+        return tent.SchedulerConfig(target_slice_time="4ms", window=3, max_window=8)
+
+
+async def test_config_mapping_changes_only_its_fields_of_the_backends_default() -> None:
+    """``config={"deadline_floor": ...}`` keeps the backend's slice size and windows: a whole
+    SchedulerConfig dropped them, and pd_disagg's KV batches over ucx fell to 64 KiB slices."""
+    rails = [tent.RailSpec(name="a")]
+    src = np.arange(MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    async with tent.Engine(backend=_TunedLocal(rails), config={"deadline_floor": "1s"}) as engine:
+        cfg = engine.config
+        assert (cfg.deadline_floor, cfg.target_slice_time, cfg.window, cfg.max_window) == (1.0, 4e-3, 3, 8)
+        await engine.transfer(engine.register(src)[:], engine.register(dst)[:])
+        np.testing.assert_array_equal(dst, src)
+    whole = tent.Engine(backend=_TunedLocal(rails), config=tent.SchedulerConfig(deadline_floor="1s"))
+    assert (whole.config.target_slice_time, whole.config.window) == (1e-3, 2)  # a whole config replaces
+    assert tent.Engine(backend=_TunedLocal(rails), config={}).config.window == 3
+    with pytest.raises(tent.ConfigError, match=r"unknown SchedulerConfig field\(s\) \['deadline_flor'\]"):
+        tent.Engine(backend=_TunedLocal(rails), config={"deadline_flor": "1s"})
+    with pytest.raises(tent.ConfigError, match="SchedulerConfig or a mapping"):
+        tent.Engine(backend=_TunedLocal(rails), config=[("window", 3)])  # type: ignore[arg-type]

@@ -311,8 +311,15 @@ class Engine:
         ``"eft"`` (earliest expected finish, default), ``"round_robin"`` or
         ``"single"``: see :mod:`tent_async.core.policies`.
     ``config``
-        :class:`SchedulerConfig`; by default the backend's
-        (:meth:`Backend.default_config`), documented there and in the backend.
+        By default the backend's :class:`SchedulerConfig`
+        (:meth:`Backend.default_config`, documented there and in the backend).
+        A mapping of field names to values changes only those fields of the
+        backend's default (``config={"deadline_floor": "1s"}``); a whole
+        :class:`SchedulerConfig` replaces it, including the slice size and
+        windows the backend tuned for itself (the ucx backend's 4 ms slices
+        and a window within the peer's header slots): over ucx a plain
+        ``SchedulerConfig(deadline_floor=...)`` moved KV batches on the veth
+        testbed at a fifth of the links' rate (docs/benchmarks.md).
     ``name``
         This engine's name (shown to peers and in notifications).
     Other keyword arguments go to the backend.
@@ -327,7 +334,7 @@ class Engine:
         rails: Sequence[RailSpec] | None = None,
         policy: str = "eft",
         *,
-        config: SchedulerConfig | None = None,
+        config: SchedulerConfig | Mapping[str, Any] | None = None,
         name: str | None = None,
         **backend_options: Any,
     ) -> None:
@@ -343,14 +350,17 @@ class Engine:
 
         if not isinstance(policy, str) or policy not in POLICIES:
             raise ConfigError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
-        if config is not None and not isinstance(config, SchedulerConfig):
-            raise ConfigError(f"config must be a tent_async.SchedulerConfig, got {type(config).__name__}")
+        if config is not None and not isinstance(config, (SchedulerConfig, Mapping)):
+            raise ConfigError(
+                "config must be a tent_async.SchedulerConfig or a mapping of its fields to change, "
+                f"got {type(config).__name__}"
+            )
         # Unique across processes and hosts: two engines left at the default name must never be
         # mistaken for one another by a peer (issue 11: data reached the wrong peer).
         self.name = name or f"engine-{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
         self.policy = policy
         self._backend = make_backend(backend, rails, **backend_options)
-        self.config = config or self._backend.default_config()
+        self.config = config if isinstance(config, SchedulerConfig) else self._config_of(config)
         self._planner: Planner | None = None
         self._segments: dict[str, Segment] = {}
         self._handles: dict[int, TransferHandle] = {}
@@ -379,6 +389,17 @@ class Engine:
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
 
     # ============================================================ lifecycle
+
+    def _config_of(self, overrides: Mapping[str, Any] | None) -> SchedulerConfig:
+        """The backend's default config with ``overrides`` applied (``config`` as a mapping)."""
+        base = self._backend.default_config()
+        if not overrides:
+            return base
+        fields = {f.name for f in attrs.fields(SchedulerConfig)}
+        unknown = sorted(str(k) for k in overrides if k not in fields)
+        if unknown:
+            raise ConfigError(f"config: unknown SchedulerConfig field(s) {unknown}; known fields: {sorted(fields)}")
+        return attrs.evolve(base, **overrides)
 
     async def __aenter__(self) -> Engine:
         if self._state != "new":

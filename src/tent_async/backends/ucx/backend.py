@@ -181,8 +181,19 @@ class UcxBackend(Backend):
         rail (docs/benchmarks.md); 4 ms slices amortise it and a third slice in
         flight hides the round trip.  Failover is unaffected in kind: deadlines
         scale with the expected time of each slice.
+
+        ``min_slice`` 256 KiB, not 64 KiB: a slice's size follows the learned
+        bandwidth, and when the per-slice cost outgrows ``target_slice_time``
+        (a loaded host: several ms per slice) that cost shows as a lower
+        bandwidth, which cuts smaller slices, which cost more per byte: slices
+        fell to the floor and stayed there.  At 64 KiB that floor held KV
+        batches over the veth testbed (800 + 200 Mbit/s) to 0.13-0.45 of the
+        links' rate, split ~50/50 because both rails then looked too slow for
+        ``min_slice``; at 256 KiB the same batches ran at 0.74-0.83 with an 80/20
+        split (docs/benchmarks.md, "examples/pd_disagg.py over the veth testbed").
         """
-        return SchedulerConfig(target_slice_time=4e-3, window=3, max_window=8)  # 8: the peer's header slots
+        # 8: the peer's header slots
+        return SchedulerConfig(target_slice_time=4e-3, window=3, max_window=8, min_slice=256 * 1024)
 
     def rail_infos(self) -> list[RailInfo]:
         """No rail before a peer connects: engine rails are (local rail, peer rail) pairs."""
