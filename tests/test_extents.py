@@ -88,6 +88,18 @@ def test_between_takes_block_tables_and_refuses_bad_ones() -> None:
         Extents.between("a", [0, 1, 2], "b", [0, 1], 10)
     with pytest.raises(ValueError, match="integers"):
         Extents.between("a", [0], "b", [0.5], 10)
+    with pytest.raises(ValueError, match="integers"):
+        Extents.between("a", [0], "b", [0], 4096.5)  # one length for all: still an integer
+
+
+@given(piece_lists())
+def test_segment_pairs_are_exactly_the_pairs_used(pieces: list[Piece]) -> None:
+    ext = Extents.from_pieces(pieces)
+    want = sorted({(ext.segments.index(p.src), ext.segments.index(p.dst)) for p in pieces if p.length})
+    assert ext.seg_pairs() == want
+    merged = ext.coalesced()
+    assert merged.seg_pairs() == want
+    assert merged.coalesced() is merged  # asked again (the planner does): nothing recomputed
 
 
 @st.composite

@@ -211,6 +211,34 @@ def test_a_blocked_event_loop_is_not_a_rail_fault() -> None:
     assert np.array_equal(src, dst)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    block=st.sampled_from([512, 1536, 4096]),
+    slots=st.lists(st.integers(0, 24), min_size=1, max_size=40),
+    runs=st.booleans(),
+)
+def test_block_tables_with_repeated_destinations_are_refused(block: int, slots: list[int], runs: bool) -> None:
+    """The engine checks a block table either as given or as merged runs (whichever is
+    shorter): a destination slot used twice is refused either way, distinct slots pass."""
+    if runs:
+        slots = sorted(slots)  # mostly adjacent runs: merging shrinks the table
+    so = [i * block for i in range(len(slots))]
+    do = [s * block for s in slots]
+    repeated = len(set(slots)) < len(slots)
+
+    async def main() -> bool:
+        async with tent.Engine(backend="local") as engine:
+            a = engine.register(np.zeros(64 * block, dtype=np.uint8), name="a")
+            b = engine.register(np.zeros(32 * block, dtype=np.uint8), name="b")
+            try:
+                await engine.transfer_blocks(a, so, b, do, block)
+            except tent.OverlappingViewsError:
+                return True
+            return False
+
+    assert anyio.run(main) == repeated
+
+
 def test_block_tables_refuse_wrapping_offsets_and_honour_views() -> None:
     async def main() -> None:
         async with tent.Engine(backend="local") as engine:

@@ -70,10 +70,16 @@ def check_overlap_pair(s: View, d: View) -> None:
 
 
 def check_overlaps(ext: Extents) -> None:
-    """Refuse destinations that overlap each other or any source, comparing real memory."""
+    """Refuse destinations that overlap each other or any source, comparing real memory.
+
+    The usual KV case, blocks between two pools that share no memory, checks
+    only the destinations, by their offsets in the one destination segment,
+    and touches no array it does not need.
+    """
     n = len(ext)
     if n == 0:
         return
+    pairs = ext.seg_pairs()
     nseg = len(ext.segments)
     spaces = np.empty(nseg, dtype=np.int64)
     bases = np.empty(nseg, dtype=np.int64)
@@ -81,20 +87,10 @@ def check_overlaps(ext: Extents) -> None:
     for i, seg in enumerate(ext.segments):
         spaces[i], bases[i] = _space(seg)
         sizes[i] = len(seg) if isinstance(seg, SegmentBase) else np.iinfo(np.int64).max // 4
-    d_space = spaces[ext.dst_seg]
-    d_start = bases[ext.dst_seg] + ext.dst_off
-    d_end = d_start + ext.length
-    s_space = spaces[ext.src_seg]
-    s_start = bases[ext.src_seg] + ext.src_off
-    s_end = s_start + ext.length
     # Sources need checking only where some source segment shares memory with some
     # destination segment (the usual KV case, two separate pools, skips it).
-    src_used = np.zeros(nseg, dtype=bool)
-    src_used[ext.src_seg] = True
-    dst_used = np.zeros(nseg, dtype=bool)
-    dst_used[ext.dst_seg] = True
-    src_i = np.flatnonzero(src_used)
-    dst_j = np.flatnonzero(dst_used)
+    src_i = np.array(sorted({s for s, _d in pairs}), dtype=np.int64)
+    dst_j = np.array(sorted({d for _s, d in pairs}), dtype=np.int64)
     if len(src_i) * len(dst_j) > 4096:
         sources_may_overlap = True  # many segments: the extent-level check below is the cheaper one
     else:
@@ -104,9 +100,14 @@ def check_overlaps(ext: Extents) -> None:
                 (spaces[si] == spaces[dj]) & (bases[si] < bases[dj] + sizes[dj]) & (bases[dj] < bases[si] + sizes[si])
             ).any()
         )
+    if not sources_may_overlap and len(dst_j) == 1 and _disjoint_equal_blocks(ext.dst_off, ext.length):
+        return  # one destination segment: offsets in it compare as addresses do
+    d_start = bases[ext.dst_seg] + ext.dst_off
+    d_end = d_start + ext.length
     uniform = bool((spaces == spaces[0]).all())  # the usual case: every segment local (one address space)
-    for space in [int(spaces[0])] if uniform else np.unique(d_space).tolist():
-        dsel = None if uniform else np.flatnonzero(d_space == space)
+    d_space = None if uniform else spaces[ext.dst_seg]
+    for space in [int(spaces[0])] if d_space is None else np.unique(d_space).tolist():
+        dsel = None if d_space is None else np.flatnonzero(d_space == space)
         starts = d_start if dsel is None else d_start[dsel]
         if not sources_may_overlap and _disjoint_equal_blocks(starts, ext.length if dsel is None else ext.length[dsel]):
             continue  # destinations are whole, distinct slots of one block size: nothing to sort
@@ -130,7 +131,9 @@ def check_overlaps(ext: Extents) -> None:
                 )
         if not sources_may_overlap:
             continue
-        ssel = None if uniform else np.flatnonzero(s_space == space)
+        s_start = bases[ext.src_seg] + ext.src_off
+        s_end = s_start + ext.length
+        ssel = None if d_space is None else np.flatnonzero(spaces[ext.src_seg] == space)
         src_start = s_start if ssel is None else s_start[ssel]
         src_end = s_end if ssel is None else s_end[ssel]
         if not len(src_start):
@@ -163,16 +166,21 @@ def _disjoint_equal_blocks(starts: Array, lengths: Array) -> bool:
     if block <= 0 or not bool((lengths == block).all()):
         return False
     lo = int(starts.min())
-    rel = starts - lo
-    if bool((rel % block).any()):
-        return False
-    slots = rel // block
+    rel = starts - lo if lo else starts
+    if block & (block - 1) == 0:  # a power of two (the usual page): a mask and a shift, no division
+        if bool((rel & (block - 1)).any()):
+            return False
+        slots = rel >> (block.bit_length() - 1)
+    else:
+        slots = rel // block
+        if bool((slots * block != rel).any()):
+            return False
     span = int(slots.max()) + 1
     if span > 8 * n:  # a sparse grid: the bitmap would cost more than the sort
         return False
-    seen = np.zeros(span, dtype=np.uint8)
-    seen[slots] = 1
-    return int(seen.sum()) == n
+    seen = np.zeros(span, dtype=np.bool_)
+    seen[slots] = True
+    return int(np.count_nonzero(seen)) == n
 
 
 def _describe(ext: Extents, i: int, side: str) -> str:
@@ -194,10 +202,15 @@ def from_blocks(src: View, src_offsets: Any, dst: View, dst_offsets: Any, length
     except ValueError as exc:
         raise OutOfBoundsError(f"bad block list: {exc}") from None
     if len(ext):
+        # One block size (the KV case): the largest offset decides, without an array per side.
+        block = int(lengths) if np.ndim(lengths) == 0 else None
         for view, off, what in ((src, ext.src_off, "source"), (dst, ext.dst_off, "destination")):
             size = view.length
-            bad = (off > size) | (ext.length > size - off)
-            if bad.any():
+            if block is not None and int(off.max()) <= size - block:
+                bad = None
+            else:
+                bad = (off > size) | (ext.length > size - off)
+            if bad is not None and bad.any():
                 i = int(np.argmax(bad))
                 start, n = int(off[i]), int(ext.length[i])
                 raise OutOfBoundsError(

@@ -31,7 +31,9 @@ _MAX_TOTAL = 1 << 62  # bytes in one transfer's stream: prefix sums stay far fro
 def _as_i64(values: Any, n: int, what: str) -> Array:
     arr = np.asarray(values)
     if arr.ndim == 0:
-        arr = np.full(n, int(arr), dtype=_I64)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+        return np.full(n, int(arr), dtype=_I64)  # fresh already: no second copy
     if arr.shape != (n,):
         raise ValueError(f"{what} must be one value or {n} values, got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
@@ -50,7 +52,7 @@ class Extents:
     dropped on construction.
     """
 
-    __slots__ = ("dst_off", "dst_seg", "length", "segments", "src_off", "src_seg", "starts")
+    __slots__ = ("_coalesced", "_pairs", "dst_off", "dst_seg", "length", "segments", "src_off", "src_seg", "starts")
 
     def __init__(
         self,
@@ -80,6 +82,8 @@ class Extents:
         starts[0] = 0
         np.cumsum(length, out=starts[1:])
         self.starts = starts
+        self._coalesced = False  # set once coalesced() has merged (or found nothing to merge)
+        self._pairs: list[tuple[int, int]] | None = None
 
     # ------------------------------------------------------------ construction
 
@@ -136,21 +140,23 @@ class Extents:
         application's, and it is kept.
         """
         n = len(self.length)
-        if n < 2:
+        if n < 2 or self._coalesced:
             return self
-        src_end = self.src_off[:-1] + self.length[:-1]
-        dst_end = self.dst_off[:-1] + self.length[:-1]
-        joins = (
-            (self.src_seg[1:] == self.src_seg[:-1])
-            & (self.dst_seg[1:] == self.dst_seg[:-1])
-            & (self.src_off[1:] == src_end)
-            & (self.dst_off[1:] == dst_end)
-        )
+        head = self.length[:-1]
+        # Destinations first: a permuted block table has (almost) no neighbour that
+        # continues the previous one there, and then the sources need no look.
+        # Differences of non-negative offsets cannot wrap, as sums could.
+        joins = (self.dst_off[1:] - self.dst_off[:-1]) == head
+        if joins.any():
+            joins &= (self.src_off[1:] - self.src_off[:-1]) == head
+            joins &= self.src_seg[1:] == self.src_seg[:-1]
+            joins &= self.dst_seg[1:] == self.dst_seg[:-1]
         if not joins.any():
+            self._coalesced = True  # the engine and the planner both ask: answer the second at once
             return self
         heads = np.flatnonzero(np.concatenate(([True], ~joins)))
         merged = np.add.reduceat(self.length, heads)
-        return Extents(
+        out = Extents(
             self.segments,
             self.src_seg[heads],
             self.src_off[heads],
@@ -158,6 +164,8 @@ class Extents:
             self.dst_off[heads],
             merged.astype(_I64, copy=False),
         )
+        out._coalesced = True
+        return out
 
     # ----------------------------------------------------------------- queries
 
@@ -167,6 +175,31 @@ class Extents:
     @property
     def total(self) -> int:
         return int(self.starts[-1])
+
+    def seg_pairs(self) -> list[tuple[int, int]]:
+        """The distinct ``(source, destination)`` segment index pairs, sorted (computed once).
+
+        The engine asks for them to find the rails and the destinations of a
+        batch; a block table has one pair, found in two comparisons instead of
+        a sort or hash of every row.
+        """
+        if self._pairs is not None:
+            return self._pairs
+        src, dst = self.src_seg, self.dst_seg
+        if not len(src):
+            pairs: list[tuple[int, int]] = []
+        elif bool((src == src[0]).all()) and bool((dst == dst[0]).all()):
+            pairs = [(int(src[0]), int(dst[0]))]
+        else:
+            nseg = len(self.segments)
+            keys = src.astype(_I64) * nseg + dst
+            if nseg * nseg <= 1 << 16:
+                present = np.flatnonzero(np.bincount(keys, minlength=nseg * nseg))  # O(n), no sort
+            else:
+                present = np.unique(keys)
+            pairs = [divmod(k, nseg) for k in present.tolist()]
+        self._pairs = pairs
+        return pairs
 
     def index_at(self, offset: int) -> int:
         """The extent holding stream byte ``offset`` (``0 <= offset < total``)."""
