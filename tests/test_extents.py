@@ -166,31 +166,51 @@ def test_overlap_check_agrees_with_brute_force_on_addresses(blocks: list[tuple[i
 
 @given(
     blocks=st.integers(1, 40),
-    block=st.sampled_from([512, 1024, 4096, 16384]),
+    block=st.sampled_from([512, 1024, 1536, 4096, 16384]),
     head=st.integers(0, 1023),
     tail=st.integers(0, 1023),
     seed=st.integers(0, 3),
+    gather=st.booleans(),
+    stray=st.integers(0, 3),
 )
-def test_copy_extents_scatter_path_is_byte_exact(blocks: int, block: int, head: int, tail: int, seed: int) -> None:
-    """Equal blocks from one contiguous run to scattered places, ends trimmed as a slice cuts them."""
+def test_copy_extents_scatter_and_gather_paths_are_byte_exact(
+    blocks: int, block: int, head: int, tail: int, seed: int, gather: bool, stray: int
+) -> None:
+    """Equal blocks from one contiguous run to scattered places (a push), or from scattered
+    places into one run (a pull), ends trimmed as a slice cuts them; the scattered side on
+    one grid (a row view) or, with ``stray``, one block off it (the fallbacks)."""
     from tent_async.memory import as_memory, copy_extents
 
     rng = np.random.default_rng(seed)
-    src = rng.integers(0, 256, blocks * block, dtype=np.uint8)
+    src = rng.integers(0, 256, blocks * block + 8192, dtype=np.uint8)
     dst = np.zeros(blocks * block + 8192, dtype=np.uint8)
-    so = np.arange(blocks, dtype=np.int64) * block
-    do = rng.permutation(blocks).astype(np.int64) * block + 4096
+    run = np.arange(blocks, dtype=np.int64) * block
+    scattered = rng.permutation(blocks).astype(np.int64) * block + 4096
+    if stray and blocks > 2:
+        k = int(np.argmax(scattered))  # the last slot: moving it up cannot make two blocks overlap
+        scattered[k] += stray * 100
+    so, do = (scattered, run) if gather else (run, scattered)
     ln = np.full(blocks, block, dtype=np.int64)
     head = min(head, block - 1)
     so[0] += head
     do[0] += head
     ln[0] -= head
     ln[-1] -= min(tail, int(ln[-1]) - 1)
-    copy_extents([as_memory(src), as_memory(dst)], np.zeros(blocks, np.int32), so, np.ones(blocks, np.int32), do, ln)
-    want = np.zeros_like(dst)
-    for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist(), strict=True):
-        want[d : d + n] = src[s : s + n]
-    assert np.array_equal(dst, want)
+    for one_pair in (False, True):
+        dst[:] = 0
+        copy_extents(
+            [as_memory(src), as_memory(dst)],
+            np.zeros(blocks, np.int32),
+            so,
+            np.ones(blocks, np.int32),
+            do,
+            ln,
+            one_pair=one_pair,
+        )
+        want = np.zeros_like(dst)
+        for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist(), strict=True):
+            want[d : d + n] = src[s : s + n]
+        assert np.array_equal(dst, want)
 
 
 @given(

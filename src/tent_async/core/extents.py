@@ -266,6 +266,11 @@ class SliceExtents:
         return self._ext.segments
 
     @property
+    def one_pair(self) -> bool:
+        """Every extent of the transfer goes from one segment to one segment (a block table)."""
+        return len(self._ext.seg_pairs()) == 1
+
+    @property
     def nbytes(self) -> int:
         e = self._ext
         return int(e.starts[self.i1] - e.starts[self.i0]) - self.head - self.tail
