@@ -28,12 +28,13 @@ Array = np.ndarray[Any, np.dtype[Any]]
 _MAX_TOTAL = 1 << 62  # bytes in one transfer's stream: prefix sums stay far from int64's limit
 
 
-def _as_i64(values: Any, n: int, what: str) -> Array:
+def _as_i64(values: Any, n: int, what: str, *, one_row: bool = False) -> Array:
+    """``values`` as a fresh int64 array of ``n`` rows (of one row for one number, if ``one_row``)."""
     arr = np.asarray(values)
     if arr.ndim == 0:
         if arr.dtype.kind not in "iu":
             raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
-        return np.full(n, int(arr), dtype=_I64)  # fresh already: no second copy
+        return np.full(min(n, 1) if one_row else n, int(arr), dtype=_I64)
     if arr.shape != (n,):
         raise ValueError(f"{what} must be one value or {n} values, got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
@@ -45,6 +46,9 @@ def _as_i64(values: Any, n: int, what: str) -> Array:
 
 class Extents:
     """Immutable extent list: arrays of (source, source offset, destination, destination offset, length).
+
+    A column may be a read-only broadcast view of one value (a block table's
+    segments and block size); nothing writes into the arrays.
 
     ``segments`` is the table that ``src_seg`` and ``dst_seg`` index into;
     ``starts`` (one longer than the list) is where each extent begins in the
@@ -63,8 +67,10 @@ class Extents:
         dst_off: Array,
         length: Array,
     ) -> None:
-        keep = length > 0
-        if not keep.all():
+        # One block size (a broadcast column): every block is kept, or none.
+        uniform = len(length) > 1 and length.strides == (0,)
+        if not (bool(length[0] > 0) if uniform else bool((length > 0).all())):
+            keep = length > 0
             src_seg, src_off, dst_seg, dst_off, length = (
                 src_seg[keep],
                 src_off[keep],
@@ -120,16 +126,22 @@ class Extents:
         n = len(raw)
         src_off = _as_i64(raw, n, "source offsets")
         dst_off = _as_i64(dst_offsets, n, "destination offsets")
-        length = _as_i64(lengths, n, "lengths")
+        length = _as_i64(lengths, n, "lengths", one_row=True)  # one row when one number was given
         if n and (src_off.min() < 0 or dst_off.min() < 0 or length.min() < 0):
             raise ValueError("block offsets and lengths must not be negative")
         if n and int(length.max()) > _MAX_TOTAL // n:
             raise ValueError(f"{n} blocks of up to {int(length.max())} bytes are more than one transfer can address")
         same = src == dst
         segments: list[Hashable] = [src] if same else [src, dst]
-        src_seg = np.zeros(n, dtype=_I32)
-        dst_seg = np.zeros(n, dtype=_I32) if same else np.ones(n, dtype=_I32)
-        return cls(segments, src_seg, src_off, dst_seg, dst_off, length)
+        # Columns that hold one value are read-only broadcast views of it (no memory
+        # per block): fresh pages of a 16,384-row table cost more than the checks.
+        src_seg = np.broadcast_to(_I32(0), (n,))
+        dst_seg = np.broadcast_to(_I32(0 if same else 1), (n,))
+        if np.ndim(lengths) == 0:
+            length = np.broadcast_to(length[:1] if n else _I64(0), (n,))
+        ext = cls(segments, src_seg, src_off, dst_seg, dst_off, length)
+        ext._pairs = [(0, 0 if same else 1)] if n else []
+        return ext
 
     def coalesced(self) -> Extents:
         """The same bytes with every run of extents adjacent on both sides merged into one.
