@@ -44,6 +44,13 @@ def _as_i64(values: Any, n: int, what: str, *, one_row: bool = False) -> Array:
     return np.array(arr, dtype=_I64)  # a copy: the caller's array is never aliased or changed
 
 
+def _pick(column: Array, rows: Array) -> Array:
+    """``column[rows]``, kept a broadcast view when the column is one value."""
+    if len(column) and column.strides == (0,):
+        return np.broadcast_to(column[:1], (len(rows),))
+    return column[rows]
+
+
 class Extents:
     """Immutable extent list: arrays of (source, source offset, destination, destination offset, length).
 
@@ -170,13 +177,14 @@ class Extents:
         merged = np.add.reduceat(self.length, heads)
         out = Extents(
             self.segments,
-            self.src_seg[heads],
+            _pick(self.src_seg, heads),
             self.src_off[heads],
-            self.dst_seg[heads],
+            _pick(self.dst_seg, heads),
             self.dst_off[heads],
             merged.astype(_I64, copy=False),
         )
         out._coalesced = True
+        out._pairs = self._pairs
         return out
 
     # ----------------------------------------------------------------- queries
