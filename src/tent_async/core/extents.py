@@ -165,11 +165,13 @@ class Extents:
         # Destinations first: a permuted block table has (almost) no neighbour that
         # continues the previous one there, and then the sources need no look.
         # Differences of non-negative offsets cannot wrap, as sums could.
-        joins = (self.dst_off[1:] - self.dst_off[:-1]) == head
+        step = np.subtract(self.dst_off[1:], self.dst_off[:-1])
+        joins = step == head
         if joins.any():
-            joins &= (self.src_off[1:] - self.src_off[:-1]) == head
-            joins &= self.src_seg[1:] == self.src_seg[:-1]
-            joins &= self.dst_seg[1:] == self.dst_seg[:-1]
+            joins &= np.subtract(self.src_off[1:], self.src_off[:-1], out=step) == head  # one scratch array
+            for seg in (self.src_seg, self.dst_seg):
+                if seg.strides != (0,):  # a broadcast column is one segment throughout
+                    joins &= seg[1:] == seg[:-1]
         if not joins.any():
             self._coalesced = True  # the engine and the planner both ask: answer the second at once
             return self
