@@ -190,13 +190,52 @@ def _describe(ext: Extents, i: int, side: str) -> str:
     return f"{name}[{off}:{off + int(ext.length[i])}]"
 
 
+def _one_run(src_offsets: Any, dst_offsets: Any, lengths: Any) -> tuple[int, int, int] | None:
+    """``(source offset, destination offset, bytes)`` when the table is one run on both sides.
+
+    Blocks of one size that follow each other in the source and in the
+    destination (a KV prefix laid out in order) are one extent: found on the
+    caller's arrays, without copying them, in O(1) for any other table (its
+    last block is not where a run would end).  ``None`` otherwise, and for
+    anything the general path must check and explain (negative offsets, odd
+    dtypes, absurd sizes).
+    """
+    if np.ndim(lengths) != 0:
+        return None
+    s, d, size = np.asarray(src_offsets), np.asarray(dst_offsets), np.asarray(lengths)
+    if s.ndim != 1 or d.shape != s.shape or len(s) < 2 or s.dtype.kind != "i" or d.dtype.kind != "i":
+        return None
+    if size.dtype.kind not in "iu":
+        return None
+    n, block = len(s), int(size)
+    s0, d0 = int(s[0]), int(d[0])
+    if block <= 0 or s0 < 0 or d0 < 0 or n * block > _MAX_RUN:
+        return None
+    # Exact (Python) ends first: with them in range, steps of `block` cannot have wrapped.
+    if int(s[-1]) != s0 + (n - 1) * block or int(d[-1]) != d0 + (n - 1) * block:
+        return None
+    if not bool((np.diff(s) == block).all()) or not bool((np.diff(d) == block).all()):
+        return None
+    return s0, d0, n * block
+
+
+_MAX_RUN = 1 << 62
+
+
 def from_blocks(src: View, src_offsets: Any, dst: View, dst_offsets: Any, lengths: Any) -> Extents:
     """An extent list of blocks from ``src`` to ``dst``, bounds-checked as arrays.
 
     Offsets are relative to the views; every block must lie inside its view.
     The checks never add an offset to a length (int64 would wrap for
-    absurd values and let a block through).
+    absurd values and let a block through).  A table that is one run on both
+    sides becomes its one extent at once (:func:`_one_run`); a run that
+    leaves a view takes the general path, which names the first bad block.
     """
+    run = _one_run(src_offsets, dst_offsets, lengths)
+    if run is not None:
+        s0, d0, total = run
+        if s0 + total <= src.length and d0 + total <= dst.length:
+            return Extents.between(src.segment, [s0 + src.offset], dst.segment, [d0 + dst.offset], total)
     try:
         ext = Extents.between(src.segment, src_offsets, dst.segment, dst_offsets, lengths)
     except ValueError as exc:
