@@ -79,6 +79,9 @@ def check_overlaps(ext: Extents) -> None:
     n = len(ext)
     if n == 0:
         return
+    if n == 1:  # one extent (a merged run): only its source can overlap its destination
+        _check_one(ext)
+        return
     pairs = ext.seg_pairs()
     nseg = len(ext.segments)
     spaces = np.empty(nseg, dtype=np.int64)
@@ -150,6 +153,19 @@ def check_overlaps(ext: Extents) -> None:
                 f"destination {_describe(ext, dst, 'dst')} overlaps source {_describe(ext, src, 'src')} in memory "
                 "in the same transfer; copy through a separate buffer"
             )
+
+
+def _check_one(ext: Extents) -> None:
+    """:func:`check_overlaps` for a one-extent list, in Python integers."""
+    src, dst = ext.segments[int(ext.src_seg[0])], ext.segments[int(ext.dst_seg[0])]
+    s_space, s_base = _space(src)
+    d_space, d_base = _space(dst)
+    s0, d0, length = int(ext.src_off[0]) + s_base, int(ext.dst_off[0]) + d_base, int(ext.length[0])
+    if s_space == d_space and s0 < d0 + length and d0 < s0 + length:
+        raise OverlappingViewsError(
+            f"destination {_describe(ext, 0, 'dst')} overlaps source {_describe(ext, 0, 'src')} in memory "
+            "in the same transfer; copy through a separate buffer"
+        )
 
 
 def _disjoint_equal_blocks(starts: Array, lengths: Array) -> bool:
