@@ -145,22 +145,27 @@ def run(args: argparse.Namespace) -> int:
             for chunk, label in ((CHUNK, "64 MiB transfers"), (None, f"one {format_size(size)} transfer")):
                 name = f"engine, {rails} rail{'s' if rails > 1 else ''}, {label}"
                 times = []
+                dst[:] = 0  # the raw copies filled it: check that the engine's own bytes land
                 for _ in range(args.repeat):
                     times.append(anyio.run(_engine_run, src, dst, rails, chunk))
                     step(name)
+                if not np.array_equal(src, dst):
+                    console.print(f"[red]{name}: destination differs from source[/red]")
+                    return 1
                 elapsed = statistics.median(t for t, _ in times)
                 slices = times[0][1]
                 piece = max(4096, -(-size // slices // 4096) * 4096)  # the mean slice, 4 KiB aligned
                 copiers = min(rails, os.cpu_count() or 1)
                 same = median(functools.partial(_raw_sliced, src, dst, chunk, piece, copiers))
                 rows.append((name, elapsed, slices, same))
-        if not np.array_equal(src, dst):
-            console.print("[red]destination differs from source[/red]")
-            return 1
         small_times = []
+        dst[:] = 0
         for _ in range(args.repeat):
             small_times.append(anyio.run(_engine_run, src, dst, 1, None, small_cfg))
             step(f"engine, 1 rail, {format_size(small)} slices")
+        if not np.array_equal(src, dst):
+            console.print("[red]small slices: destination differs from source[/red]")
+            return 1
     small_elapsed = statistics.median(t for t, _ in small_times)
     small_slices = small_times[0][1]
     overhead_us = max(0.0, small_elapsed - raw_whole) / small_slices * 1e6
