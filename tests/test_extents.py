@@ -247,3 +247,28 @@ def test_destination_slots_are_checked_like_brute_force(block: int, slots: list[
             return False
 
     assert anyio.run(main) == expect
+
+
+@given(
+    offsets=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1, max_size=30),
+    block=st.integers(0, 64),
+    data=st.data(),
+)
+def test_one_block_size_given_once_is_the_same_table_as_given_per_block(
+    offsets: list[tuple[int, int]], block: int, data: st.DataObject
+) -> None:
+    """A block size given as one number is held as a broadcast column: the table, its
+    stream offsets, merging and every window are those of the same size given per block."""
+    so = [s for s, _ in offsets]
+    do = [d for _, d in offsets]
+    one = Extents.between("a", so, "b", do, block)
+    each = Extents.between("a", so, "b", do, [block] * len(so))
+    assert one.total == each.total and len(one) == len(each)
+    assert np.array_equal(one.starts, each.starts)
+    assert as_tuples(one) == as_tuples(each)
+    assert as_tuples(one.coalesced()) == as_tuples(each.coalesced())
+    assert one.seg_pairs() == each.seg_pairs() == ([(0, 1)] if block else [])
+    if one.total:
+        offset = data.draw(st.integers(0, one.total - 1))
+        length = data.draw(st.integers(1, one.total - offset))
+        assert list(one.window(offset, length)) == list(each.window(offset, length))

@@ -179,7 +179,7 @@ def _disjoint_equal_blocks(starts: Array, lengths: Array) -> bool:
     if n < 2:
         return True
     block = int(lengths[0])
-    if block <= 0 or not bool((lengths == block).all()):
+    if block <= 0 or (lengths.strides != (0,) and not bool((lengths == block).all())):  # (0,): one size
         return False
     lo = int(starts.min())
     rel = starts - lo if lo else starts

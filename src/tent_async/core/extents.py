@@ -91,9 +91,13 @@ class Extents:
         self.dst_seg = dst_seg
         self.dst_off = dst_off
         self.length = length
-        starts = np.empty(len(length) + 1, dtype=_I64)
-        starts[0] = 0
-        np.cumsum(length, out=starts[1:])
+        step = int(length[0]) if uniform and len(length) else 0  # zero-length blocks were all dropped
+        if step > 0:
+            starts = np.arange(0, (len(length) + 1) * step, step, dtype=_I64)
+        else:
+            starts = np.empty(len(length) + 1, dtype=_I64)
+            starts[0] = 0
+            np.cumsum(length, out=starts[1:])
         self.starts = starts
         self._coalesced = False  # set once coalesced() has merged (or found nothing to merge)
         self._pairs: list[tuple[int, int]] | None = None
@@ -147,7 +151,7 @@ class Extents:
         if np.ndim(lengths) == 0:
             length = np.broadcast_to(length[:1] if n else _I64(0), (n,))
         ext = cls(segments, src_seg, src_off, dst_seg, dst_off, length)
-        ext._pairs = [(0, 0 if same else 1)] if n else []
+        ext._pairs = [(0, 0 if same else 1)] if len(ext) else []
         return ext
 
     def coalesced(self) -> Extents:
