@@ -272,3 +272,48 @@ def test_one_block_size_given_once_is_the_same_table_as_given_per_block(
         offset = data.draw(st.integers(0, one.total - 1))
         length = data.draw(st.integers(1, one.total - offset))
         assert list(one.window(offset, length)) == list(each.window(offset, length))
+
+
+@given(
+    blocks=st.integers(8, 60),
+    block=st.sampled_from([1024, 4096]),
+    runs=st.lists(st.integers(1, 6), min_size=1, max_size=30),
+    gather=st.booleans(),
+    data=st.data(),
+)
+def test_slices_of_merged_runs_land_byte_exact(
+    blocks: int, block: int, runs: list[int], gather: bool, data: st.DataObject
+) -> None:
+    """A table whose scattered side has runs of adjacent blocks (merged by coalescing into
+    longer extents) is copied slice by slice, any cut, exactly as block by block."""
+    from tent_async.memory import as_memory, copy_extents
+
+    # Slots of the scattered side in runs: each run is consecutive slots, the runs shuffled.
+    groups, slot = [], 0
+    for r in runs:
+        groups.append(list(range(slot, slot + r)))
+        slot += r
+        if slot >= blocks:
+            break
+    order = data.draw(st.permutations(range(len(groups))))
+    slots = [s for g in order for s in groups[g]][:blocks]
+    n = len(slots)
+    rng = np.random.default_rng(n)
+    size = (max(slots) + 1 + n) * block
+    src = rng.integers(0, 256, size, dtype=np.uint8)
+    dst = np.zeros(size, dtype=np.uint8)
+    run = np.arange(n, dtype=np.int64) * block
+    scattered = np.array(slots, dtype=np.int64) * block
+    so, do = (scattered, run) if gather else (run, scattered)
+    ext = Extents.between("a", so, "b", do, block).coalesced()
+    want = np.zeros_like(dst)
+    for s, d in zip(so.tolist(), do.tolist(), strict=True):
+        want[d : d + block] = src[s : s + block]
+    mems = [as_memory(src), as_memory(dst)]
+    offset = 0
+    while offset < ext.total:
+        length = data.draw(st.integers(1, ext.total - offset))
+        win = ext.window(offset, length)
+        copy_extents(mems, *win.arrays(), one_pair=True)
+        offset += length
+    assert np.array_equal(dst, want)

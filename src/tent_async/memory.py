@@ -240,9 +240,10 @@ def _equal_blocks(src: Memory, src_off: Any, dst: Memory, dst_off: Any, length: 
     The shapes of KV-cache traffic: equal blocks read from one contiguous
     run and written to scattered places (a push into a paged pool), or read
     from scattered places into one run (a pull).  All but the first and last
-    extent of a slice are whole blocks (the slice's ends may cut one, which is
-    then left to the caller), so the middle is checked: equal lengths of at
-    least 1 KiB, one side one run.
+    extent of a slice are whole blocks or runs of them (the slice's ends may
+    cut one, which is then left to the caller), so the middle is checked:
+    lengths that are multiples of the shortest, at least 1 KiB, one side one
+    run once the runs are cut back into blocks.
     The scattered side is a row view of its memory, so the copy is one fancy
     assignment (scatter) or one ``np.take`` into the run (gather), performed
     by numpy in C without the GIL; offsets off any one grid fall back to a
@@ -250,13 +251,23 @@ def _equal_blocks(src: Memory, src_off: Any, dst: Memory, dst_off: Any, length: 
     a tenth.  Returns ``(0, 0)`` when none of this applies.
     """
     n = len(length)
-    block = int(length[1])
-    if block < _SCATTER_MIN_BLOCK or not bool((length[1 : n - 1] == block).all()):
+    mid = length[1 : n - 1]
+    block = int(mid.min())
+    if block < _SCATTER_MIN_BLOCK:
         return 0, 0
-    lo = 0 if int(length[0]) == block else 1  # the ends join the middle when the slice kept them whole
-    hi = n if int(length[-1]) == block else n - 1
-    s, d = src_off[lo:hi], dst_off[lo:hi]
-    rows = hi - lo
+    if not bool((mid == block).all()) and bool((mid % block).any()):
+        return 0, 0
+    lo = 0 if int(length[0]) % block == 0 else 1  # the ends join the middle when the slice kept them whole
+    hi = n if int(length[-1]) % block == 0 else n - 1
+    s, d, ln = src_off[lo:hi], dst_off[lo:hi], length[lo:hi]
+    counts = ln // block
+    rows = int(counts.sum())
+    if rows != hi - lo:
+        # Runs of blocks that coalescing merged (pages a KV allocator handed out
+        # together) are cut back into blocks, so the slice stays one call.
+        within = np.arange(rows, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        s = np.repeat(s, counts) + within * block
+        d = np.repeat(d, counts) + within * block
     if bool((s[1:] - s[:-1] == block).all()):
         first = int(s[0])
         source = src.array[first : first + rows * block].reshape(rows, block)
