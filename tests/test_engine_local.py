@@ -283,3 +283,42 @@ async def test_config_mapping_changes_only_its_fields_of_the_backends_default() 
         tent.Engine(backend=_TunedLocal(rails), config={"deadline_flor": "1s"})
     with pytest.raises(tent.ConfigError, match="SchedulerConfig or a mapping"):
         tent.Engine(backend=_TunedLocal(rails), config=[("window", 3)])  # type: ignore[arg-type]
+
+
+async def test_rail_reports_reach_the_loop_and_no_thread_outlives_the_engine() -> None:
+    """Large slices are copied on rail threads and reported through one reporter thread:
+    every slice's report arrives, and closing the engine ends all of those threads."""
+    import threading
+
+    src = np.random.default_rng(3).integers(0, 256, 48 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    rails = [tent.RailSpec(name="r0"), tent.RailSpec(name="r1")]
+    async with tent.Engine(rails=rails, config=tent.SchedulerConfig(max_slice="1MiB")) as engine:
+        a = engine.register(src)
+        b = engine.register(dst)
+        result = await engine.transfer(a[:], b[:])
+        assert result.slices >= 48
+        assert any(t.name == "tent-local-reports" for t in threading.enumerate())
+    np.testing.assert_array_equal(dst, src)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("tent-local-")]
+
+
+async def test_a_report_that_raises_does_not_stop_the_reports_after_it() -> None:
+    import asyncio
+
+    from tent_async.backends.local import _deliver_all
+
+    ran: list[int] = []
+    errors: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context["exception"]))
+    try:
+
+        def boom() -> None:
+            raise ValueError("boom")
+
+        _deliver_all([lambda: ran.append(1), boom, lambda: ran.append(2)])
+    finally:
+        loop.set_exception_handler(None)
+    assert ran == [1, 2]
+    assert [str(e) for e in errors] == ["boom"]

@@ -88,6 +88,18 @@ def test_between_takes_block_tables_and_refuses_bad_ones() -> None:
         Extents.between("a", [0, 1, 2], "b", [0, 1], 10)
     with pytest.raises(ValueError, match="integers"):
         Extents.between("a", [0], "b", [0.5], 10)
+    with pytest.raises(ValueError, match="integers"):
+        Extents.between("a", [0], "b", [0], 4096.5)  # one length for all: still an integer
+
+
+@given(piece_lists())
+def test_segment_pairs_are_exactly_the_pairs_used(pieces: list[Piece]) -> None:
+    ext = Extents.from_pieces(pieces)
+    want = sorted({(ext.segments.index(p.src), ext.segments.index(p.dst)) for p in pieces if p.length})
+    assert ext.seg_pairs() == want
+    merged = ext.coalesced()
+    assert merged.seg_pairs() == want
+    assert merged.coalesced() is merged  # asked again (the planner does): nothing recomputed
 
 
 @st.composite
@@ -154,31 +166,51 @@ def test_overlap_check_agrees_with_brute_force_on_addresses(blocks: list[tuple[i
 
 @given(
     blocks=st.integers(1, 40),
-    block=st.sampled_from([512, 1024, 4096, 16384]),
+    block=st.sampled_from([512, 1024, 1536, 4096, 16384]),
     head=st.integers(0, 1023),
     tail=st.integers(0, 1023),
     seed=st.integers(0, 3),
+    gather=st.booleans(),
+    stray=st.integers(0, 3),
 )
-def test_copy_extents_scatter_path_is_byte_exact(blocks: int, block: int, head: int, tail: int, seed: int) -> None:
-    """Equal blocks from one contiguous run to scattered places, ends trimmed as a slice cuts them."""
+def test_copy_extents_scatter_and_gather_paths_are_byte_exact(
+    blocks: int, block: int, head: int, tail: int, seed: int, gather: bool, stray: int
+) -> None:
+    """Equal blocks from one contiguous run to scattered places (a push), or from scattered
+    places into one run (a pull), ends trimmed as a slice cuts them; the scattered side on
+    one grid (a row view) or, with ``stray``, one block off it (the fallbacks)."""
     from tent_async.memory import as_memory, copy_extents
 
     rng = np.random.default_rng(seed)
-    src = rng.integers(0, 256, blocks * block, dtype=np.uint8)
+    src = rng.integers(0, 256, blocks * block + 8192, dtype=np.uint8)
     dst = np.zeros(blocks * block + 8192, dtype=np.uint8)
-    so = np.arange(blocks, dtype=np.int64) * block
-    do = rng.permutation(blocks).astype(np.int64) * block + 4096
+    run = np.arange(blocks, dtype=np.int64) * block
+    scattered = rng.permutation(blocks).astype(np.int64) * block + 4096
+    if stray and blocks > 2:
+        k = int(np.argmax(scattered))  # the last slot: moving it up cannot make two blocks overlap
+        scattered[k] += stray * 100
+    so, do = (scattered, run) if gather else (run, scattered)
     ln = np.full(blocks, block, dtype=np.int64)
     head = min(head, block - 1)
     so[0] += head
     do[0] += head
     ln[0] -= head
     ln[-1] -= min(tail, int(ln[-1]) - 1)
-    copy_extents([as_memory(src), as_memory(dst)], np.zeros(blocks, np.int32), so, np.ones(blocks, np.int32), do, ln)
-    want = np.zeros_like(dst)
-    for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist(), strict=True):
-        want[d : d + n] = src[s : s + n]
-    assert np.array_equal(dst, want)
+    for one_pair in (False, True):
+        dst[:] = 0
+        copy_extents(
+            [as_memory(src), as_memory(dst)],
+            np.zeros(blocks, np.int32),
+            so,
+            np.ones(blocks, np.int32),
+            do,
+            ln,
+            one_pair=one_pair,
+        )
+        want = np.zeros_like(dst)
+        for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist(), strict=True):
+            want[d : d + n] = src[s : s + n]
+        assert np.array_equal(dst, want)
 
 
 @given(
@@ -215,3 +247,73 @@ def test_destination_slots_are_checked_like_brute_force(block: int, slots: list[
             return False
 
     assert anyio.run(main) == expect
+
+
+@given(
+    offsets=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1, max_size=30),
+    block=st.integers(0, 64),
+    data=st.data(),
+)
+def test_one_block_size_given_once_is_the_same_table_as_given_per_block(
+    offsets: list[tuple[int, int]], block: int, data: st.DataObject
+) -> None:
+    """A block size given as one number is held as a broadcast column: the table, its
+    stream offsets, merging and every window are those of the same size given per block."""
+    so = [s for s, _ in offsets]
+    do = [d for _, d in offsets]
+    one = Extents.between("a", so, "b", do, block)
+    each = Extents.between("a", so, "b", do, [block] * len(so))
+    assert one.total == each.total and len(one) == len(each)
+    assert np.array_equal(one.starts, each.starts)
+    assert as_tuples(one) == as_tuples(each)
+    assert as_tuples(one.coalesced()) == as_tuples(each.coalesced())
+    assert one.seg_pairs() == each.seg_pairs() == ([(0, 1)] if block else [])
+    if one.total:
+        offset = data.draw(st.integers(0, one.total - 1))
+        length = data.draw(st.integers(1, one.total - offset))
+        assert list(one.window(offset, length)) == list(each.window(offset, length))
+
+
+@given(
+    blocks=st.integers(8, 60),
+    block=st.sampled_from([1024, 4096]),
+    runs=st.lists(st.integers(1, 6), min_size=1, max_size=30),
+    gather=st.booleans(),
+    data=st.data(),
+)
+def test_slices_of_merged_runs_land_byte_exact(
+    blocks: int, block: int, runs: list[int], gather: bool, data: st.DataObject
+) -> None:
+    """A table whose scattered side has runs of adjacent blocks (merged by coalescing into
+    longer extents) is copied slice by slice, any cut, exactly as block by block."""
+    from tent_async.memory import as_memory, copy_extents
+
+    # Slots of the scattered side in runs: each run is consecutive slots, the runs shuffled.
+    groups, slot = [], 0
+    for r in runs:
+        groups.append(list(range(slot, slot + r)))
+        slot += r
+        if slot >= blocks:
+            break
+    order = data.draw(st.permutations(range(len(groups))))
+    slots = [s for g in order for s in groups[g]][:blocks]
+    n = len(slots)
+    rng = np.random.default_rng(n)
+    size = (max(slots) + 1 + n) * block
+    src = rng.integers(0, 256, size, dtype=np.uint8)
+    dst = np.zeros(size, dtype=np.uint8)
+    run = np.arange(n, dtype=np.int64) * block
+    scattered = np.array(slots, dtype=np.int64) * block
+    so, do = (scattered, run) if gather else (run, scattered)
+    ext = Extents.between("a", so, "b", do, block).coalesced()
+    want = np.zeros_like(dst)
+    for s, d in zip(so.tolist(), do.tolist(), strict=True):
+        want[d : d + block] = src[s : s + block]
+    mems = [as_memory(src), as_memory(dst)]
+    offset = 0
+    while offset < ext.total:
+        length = data.draw(st.integers(1, ext.total - offset))
+        win = ext.window(offset, length)
+        copy_extents(mems, *win.arrays(), one_pair=True)
+        offset += length
+    assert np.array_equal(dst, want)

@@ -211,6 +211,63 @@ def test_a_blocked_event_loop_is_not_a_rail_fault() -> None:
     assert np.array_equal(src, dst)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    block=st.sampled_from([512, 1536, 4096]),
+    slots=st.lists(st.integers(0, 24), min_size=1, max_size=40),
+    runs=st.booleans(),
+)
+def test_block_tables_with_repeated_destinations_are_refused(block: int, slots: list[int], runs: bool) -> None:
+    """The engine checks a block table either as given or as merged runs (whichever is
+    shorter): a destination slot used twice is refused either way, distinct slots pass."""
+    if runs:
+        slots = sorted(slots)  # mostly adjacent runs: merging shrinks the table
+    so = [i * block for i in range(len(slots))]
+    do = [s * block for s in slots]
+    repeated = len(set(slots)) < len(slots)
+
+    async def main() -> bool:
+        async with tent.Engine(backend="local") as engine:
+            a = engine.register(np.zeros(64 * block, dtype=np.uint8), name="a")
+            b = engine.register(np.zeros(32 * block, dtype=np.uint8), name="b")
+            try:
+                await engine.transfer_blocks(a, so, b, do, block)
+            except tent.OverlappingViewsError:
+                return True
+            return False
+
+    assert anyio.run(main) == repeated
+
+
+def test_a_table_that_is_one_run_is_checked_like_any_other() -> None:
+    """Blocks in order on both sides become one extent at once: they land, a run that
+    leaves its view names the first block outside, and a run onto its own source is refused."""
+
+    async def main() -> None:
+        async with tent.Engine(backend="local") as engine:
+            data = np.random.default_rng(5).integers(0, 256, 64 * KiB, dtype=np.uint8)
+            a = engine.register(data, name="a", permission="r")
+            out = np.zeros(64 * KiB, dtype=np.uint8)
+            b = engine.register(out, name="b")
+            so = np.arange(8, dtype=np.int64) * 4 * KiB
+            result = await engine.transfer_blocks(a[4 * KiB :], so, b[8 * KiB :], so + 4 * KiB, 4 * KiB)
+            assert result.bytes == 32 * KiB and result.slices == 1
+            assert np.array_equal(out[12 * KiB : 44 * KiB], data[4 * KiB : 36 * KiB])
+            assert not out[: 12 * KiB].any() and not out[44 * KiB :].any()
+            with pytest.raises(tent.OutOfBoundsError, match="destination block 7 "):
+                engine.submit_blocks(a, so, b[36 * KiB :], so, 4 * KiB)
+            with pytest.raises(tent.OutOfBoundsError, match="source block 6 "):
+                engine.submit_blocks(a[40 * KiB :], so, b, so, 4 * KiB)
+            near = np.array([2**63 - 32, 2**63 - 16], dtype=np.int64)  # a run whose end passes int64
+            with pytest.raises(tent.OutOfBoundsError, match="outside"):
+                engine.submit_blocks(a, near, b, near, 16)
+            c = engine.register(np.zeros(64 * KiB, dtype=np.uint8), name="c")
+            with pytest.raises(tent.OverlappingViewsError, match="overlaps source"):
+                engine.submit_blocks(c, so, c, so + 2 * KiB, 4 * KiB)
+
+    anyio.run(main)
+
+
 def test_block_tables_refuse_wrapping_offsets_and_honour_views() -> None:
     async def main() -> None:
         async with tent.Engine(backend="local") as engine:

@@ -70,10 +70,19 @@ def check_overlap_pair(s: View, d: View) -> None:
 
 
 def check_overlaps(ext: Extents) -> None:
-    """Refuse destinations that overlap each other or any source, comparing real memory."""
+    """Refuse destinations that overlap each other or any source, comparing real memory.
+
+    The usual KV case, blocks between two pools that share no memory, checks
+    only the destinations, by their offsets in the one destination segment,
+    and touches no array it does not need.
+    """
     n = len(ext)
     if n == 0:
         return
+    if n == 1:  # one extent (a merged run): only its source can overlap its destination
+        _check_one(ext)
+        return
+    pairs = ext.seg_pairs()
     nseg = len(ext.segments)
     spaces = np.empty(nseg, dtype=np.int64)
     bases = np.empty(nseg, dtype=np.int64)
@@ -81,20 +90,10 @@ def check_overlaps(ext: Extents) -> None:
     for i, seg in enumerate(ext.segments):
         spaces[i], bases[i] = _space(seg)
         sizes[i] = len(seg) if isinstance(seg, SegmentBase) else np.iinfo(np.int64).max // 4
-    d_space = spaces[ext.dst_seg]
-    d_start = bases[ext.dst_seg] + ext.dst_off
-    d_end = d_start + ext.length
-    s_space = spaces[ext.src_seg]
-    s_start = bases[ext.src_seg] + ext.src_off
-    s_end = s_start + ext.length
     # Sources need checking only where some source segment shares memory with some
     # destination segment (the usual KV case, two separate pools, skips it).
-    src_used = np.zeros(nseg, dtype=bool)
-    src_used[ext.src_seg] = True
-    dst_used = np.zeros(nseg, dtype=bool)
-    dst_used[ext.dst_seg] = True
-    src_i = np.flatnonzero(src_used)
-    dst_j = np.flatnonzero(dst_used)
+    src_i = np.array(sorted({s for s, _d in pairs}), dtype=np.int64)
+    dst_j = np.array(sorted({d for _s, d in pairs}), dtype=np.int64)
     if len(src_i) * len(dst_j) > 4096:
         sources_may_overlap = True  # many segments: the extent-level check below is the cheaper one
     else:
@@ -104,9 +103,14 @@ def check_overlaps(ext: Extents) -> None:
                 (spaces[si] == spaces[dj]) & (bases[si] < bases[dj] + sizes[dj]) & (bases[dj] < bases[si] + sizes[si])
             ).any()
         )
+    if not sources_may_overlap and len(dst_j) == 1 and _disjoint_equal_blocks(ext.dst_off, ext.length):
+        return  # one destination segment: offsets in it compare as addresses do
+    d_start = bases[ext.dst_seg] + ext.dst_off
+    d_end = d_start + ext.length
     uniform = bool((spaces == spaces[0]).all())  # the usual case: every segment local (one address space)
-    for space in [int(spaces[0])] if uniform else np.unique(d_space).tolist():
-        dsel = None if uniform else np.flatnonzero(d_space == space)
+    d_space = None if uniform else spaces[ext.dst_seg]
+    for space in [int(spaces[0])] if d_space is None else np.unique(d_space).tolist():
+        dsel = None if d_space is None else np.flatnonzero(d_space == space)
         starts = d_start if dsel is None else d_start[dsel]
         if not sources_may_overlap and _disjoint_equal_blocks(starts, ext.length if dsel is None else ext.length[dsel]):
             continue  # destinations are whole, distinct slots of one block size: nothing to sort
@@ -130,7 +134,9 @@ def check_overlaps(ext: Extents) -> None:
                 )
         if not sources_may_overlap:
             continue
-        ssel = None if uniform else np.flatnonzero(s_space == space)
+        s_start = bases[ext.src_seg] + ext.src_off
+        s_end = s_start + ext.length
+        ssel = None if d_space is None else np.flatnonzero(spaces[ext.src_seg] == space)
         src_start = s_start if ssel is None else s_start[ssel]
         src_end = s_end if ssel is None else s_end[ssel]
         if not len(src_start):
@@ -149,6 +155,19 @@ def check_overlaps(ext: Extents) -> None:
             )
 
 
+def _check_one(ext: Extents) -> None:
+    """:func:`check_overlaps` for a one-extent list, in Python integers."""
+    src, dst = ext.segments[int(ext.src_seg[0])], ext.segments[int(ext.dst_seg[0])]
+    s_space, s_base = _space(src)
+    d_space, d_base = _space(dst)
+    s0, d0, length = int(ext.src_off[0]) + s_base, int(ext.dst_off[0]) + d_base, int(ext.length[0])
+    if s_space == d_space and s0 < d0 + length and d0 < s0 + length:
+        raise OverlappingViewsError(
+            f"destination {_describe(ext, 0, 'dst')} overlaps source {_describe(ext, 0, 'src')} in memory "
+            "in the same transfer; copy through a separate buffer"
+        )
+
+
 def _disjoint_equal_blocks(starts: Array, lengths: Array) -> bool:
     """True when the extents are blocks of one size on one grid, each slot used once.
 
@@ -160,19 +179,24 @@ def _disjoint_equal_blocks(starts: Array, lengths: Array) -> bool:
     if n < 2:
         return True
     block = int(lengths[0])
-    if block <= 0 or not bool((lengths == block).all()):
+    if block <= 0 or (lengths.strides != (0,) and not bool((lengths == block).all())):  # (0,): one size
         return False
     lo = int(starts.min())
-    rel = starts - lo
-    if bool((rel % block).any()):
-        return False
-    slots = rel // block
+    rel = starts - lo if lo else starts
+    if block & (block - 1) == 0:  # a power of two (the usual page): a mask and a shift, no division
+        if bool((rel & (block - 1)).any()):
+            return False
+        slots = rel >> (block.bit_length() - 1)
+    else:
+        slots = rel // block
+        if bool((slots * block != rel).any()):
+            return False
     span = int(slots.max()) + 1
     if span > 8 * n:  # a sparse grid: the bitmap would cost more than the sort
         return False
-    seen = np.zeros(span, dtype=np.uint8)
-    seen[slots] = 1
-    return int(seen.sum()) == n
+    seen = np.zeros(span, dtype=np.bool_)
+    seen[slots] = True
+    return int(np.count_nonzero(seen)) == n
 
 
 def _describe(ext: Extents, i: int, side: str) -> str:
@@ -182,22 +206,66 @@ def _describe(ext: Extents, i: int, side: str) -> str:
     return f"{name}[{off}:{off + int(ext.length[i])}]"
 
 
+def _one_run(src_offsets: Any, dst_offsets: Any, lengths: Any) -> tuple[int, int, int] | None:
+    """``(source offset, destination offset, bytes)`` when the table is one run on both sides.
+
+    Blocks of one size that follow each other in the source and in the
+    destination (a KV prefix laid out in order) are one extent: found on the
+    caller's arrays, without copying them, in O(1) for any other table (its
+    last block is not where a run would end).  ``None`` otherwise, and for
+    anything the general path must check and explain (negative offsets, odd
+    dtypes, absurd sizes).
+    """
+    if np.ndim(lengths) != 0:
+        return None
+    s, d, size = np.asarray(src_offsets), np.asarray(dst_offsets), np.asarray(lengths)
+    if s.ndim != 1 or d.shape != s.shape or len(s) < 2 or s.dtype.kind != "i" or d.dtype.kind != "i":
+        return None
+    if size.dtype.kind not in "iu":
+        return None
+    n, block = len(s), int(size)
+    s0, d0 = int(s[0]), int(d[0])
+    if block <= 0 or s0 < 0 or d0 < 0 or n * block > _MAX_RUN:
+        return None
+    # Exact (Python) ends first: with them in range, steps of `block` cannot have wrapped.
+    if int(s[-1]) != s0 + (n - 1) * block or int(d[-1]) != d0 + (n - 1) * block:
+        return None
+    if not bool((np.diff(s) == block).all()) or not bool((np.diff(d) == block).all()):
+        return None
+    return s0, d0, n * block
+
+
+_MAX_RUN = 1 << 62
+
+
 def from_blocks(src: View, src_offsets: Any, dst: View, dst_offsets: Any, lengths: Any) -> Extents:
     """An extent list of blocks from ``src`` to ``dst``, bounds-checked as arrays.
 
     Offsets are relative to the views; every block must lie inside its view.
     The checks never add an offset to a length (int64 would wrap for
-    absurd values and let a block through).
+    absurd values and let a block through).  A table that is one run on both
+    sides becomes its one extent at once (:func:`_one_run`); a run that
+    leaves a view takes the general path, which names the first bad block.
     """
+    run = _one_run(src_offsets, dst_offsets, lengths)
+    if run is not None:
+        s0, d0, total = run
+        if s0 + total <= src.length and d0 + total <= dst.length:
+            return Extents.between(src.segment, [s0 + src.offset], dst.segment, [d0 + dst.offset], total)
     try:
         ext = Extents.between(src.segment, src_offsets, dst.segment, dst_offsets, lengths)
     except ValueError as exc:
         raise OutOfBoundsError(f"bad block list: {exc}") from None
     if len(ext):
+        # One block size (the KV case): the largest offset decides, without an array per side.
+        block = int(lengths) if np.ndim(lengths) == 0 else None
         for view, off, what in ((src, ext.src_off, "source"), (dst, ext.dst_off, "destination")):
             size = view.length
-            bad = (off > size) | (ext.length > size - off)
-            if bad.any():
+            if block is not None and int(off.max()) <= size - block:
+                bad = None
+            else:
+                bad = (off > size) | (ext.length > size - off)
+            if bad is not None and bad.any():
                 i = int(np.argmax(bad))
                 start, n = int(off[i]), int(ext.length[i])
                 raise OutOfBoundsError(

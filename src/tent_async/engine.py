@@ -697,10 +697,14 @@ class Engine:
         return self._submit_extents(planner, ext, notify, prio)
 
     def _submit_extents(self, planner: Planner, ext: Extents, notify: str | None, prio: Priority) -> TransferHandle:
-        ext = ext.coalesced()  # checks on the merged runs: the same answer, for a fraction of the work
-        batches.check_overlaps(ext)
+        merged = ext.coalesced()
+        # The same bytes either way (a merged run is its blocks, end to end): check the
+        # merged runs when merging shrank the list, else the blocks as given, whose one
+        # block size lets the destination check use a bitmap instead of a sort.
+        batches.check_overlaps(merged if 2 * len(merged) <= len(ext) else ext)
+        ext = merged
         segments = [seg for seg in ext.segments if isinstance(seg, SegmentBase)]
-        dst_used = np.unique(ext.dst_seg).tolist() if len(ext) else []
+        dst_used = sorted({d for _s, d in ext.seg_pairs()})
         destinations = [segments[i] for i in dst_used]
         rails = self._eligible(ext)
         return self._start(planner, ext, ext.total, segments, destinations, rails, notify, prio)
@@ -810,10 +814,7 @@ class Engine:
         allowed: set[str] | None = None
         if not len(ext):
             return None
-        nseg = len(ext.segments)
-        keys = np.unique(ext.src_seg.astype(np.int64) * nseg + ext.dst_seg)  # 1-D: unique(axis=1) is slow
-        for key in keys.tolist():
-            si, di = divmod(key, nseg)
+        for si, di in ext.seg_pairs():
             src, dst = ext.segments[si], ext.segments[di]
             assert isinstance(src, SegmentBase)
             assert isinstance(dst, SegmentBase)

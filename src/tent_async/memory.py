@@ -171,15 +171,20 @@ def copy_extents(
     dst_seg: Any,
     dst_off: Any,
     length: Any,
+    *,
+    one_pair: bool = False,
 ) -> None:
     """Copy many extents between registered memories (a scatter-gather slice).
 
     ``memories`` is the slice's segment table; the five arrays index into it.
-    Host to host is one Python-level loop of buffer slice assignments, the
-    fastest way found to move 4-64 KiB blocks from Python (faster than numpy
-    fancy indexing, which gathers then scatters, and than ctypes.memmove per
-    block; docs/benchmarks.md).  Anything touching CUDA goes extent by extent
-    through :func:`copy_bytes`.
+    ``one_pair``: the caller knows every extent goes from one segment to one
+    other (a block table), so the segment columns need no look.
+    Host to host, equal blocks read from one run and written to scattered
+    places (or read from scattered places into one run) are one numpy call
+    (:func:`_equal_blocks`); what is left is a Python loop of buffer slice
+    assignments, the fastest way found to move odd 4-64 KiB blocks from
+    Python (docs/benchmarks.md).  Anything touching CUDA goes extent by
+    extent through :func:`copy_bytes`.
     """
     if any(m.is_cuda for m in memories):
         for a, b, c, d, n in zip(
@@ -187,56 +192,100 @@ def copy_extents(
         ):
             copy_bytes(memories[c], d, memories[a], b, n)
         return
-    views = [memoryview(m.array) for m in memories]
-    if len(views) <= 2 and (src_seg == src_seg[0]).all() and (dst_seg == dst_seg[0]).all():
-        src_mem = memories[int(src_seg[0])]
-        dst_mem = memories[int(dst_seg[0])]
-        lo, hi = _scatter_run(src_mem, src_off, dst_mem, dst_off, length)
-        sv = views[int(src_seg[0])]
-        dv = views[int(dst_seg[0])]
-        for b, d, n in zip(src_off[:lo].tolist(), dst_off[:lo].tolist(), length[:lo].tolist(), strict=True):
-            dv[d : d + n] = sv[b : b + n]
-        for b, d, n in zip(src_off[hi:].tolist(), dst_off[hi:].tolist(), length[hi:].tolist(), strict=True):
-            dv[d : d + n] = sv[b : b + n]
+    n = len(length)
+    lo = hi = 0
+    if n >= _SCATTER_MIN_COUNT:
+        s0, d0 = int(src_seg[0]), int(dst_seg[0])
+        if one_pair or (bool((src_seg == s0).all()) and bool((dst_seg == d0).all())):
+            lo, hi = _equal_blocks(memories[s0], src_off, memories[d0], dst_off, length)
+    if lo == 0 and hi == n:
         return
-    for a, b, c, d, n in zip(
-        src_seg.tolist(), src_off.tolist(), dst_seg.tolist(), dst_off.tolist(), length.tolist(), strict=True
-    ):
-        views[c][d : d + n] = views[a][b : b + n]
+    views = [memoryview(m.array) for m in memories]
+    for part in (slice(0, lo), slice(hi, n)) if hi else (slice(0, n),):
+        for a, b, c, d, k in zip(
+            src_seg[part].tolist(),
+            src_off[part].tolist(),
+            dst_seg[part].tolist(),
+            dst_off[part].tolist(),
+            length[part].tolist(),
+            strict=True,
+        ):
+            views[c][d : d + k] = views[a][b : b + k]
 
 
 _SCATTER_MIN_BLOCK = 1024
 _SCATTER_MIN_COUNT = 8
 
 
-def _scatter_run(src: Memory, src_off: Any, dst: Memory, dst_off: Any, length: Any) -> tuple[int, int]:
-    """Copy the extents ``[lo, hi)`` in one numpy scatter when they allow it; returns ``(lo, hi)``.
+def _rows(flat: Any, offsets: Any, block: int) -> tuple[Any, Any] | None:
+    """``(view, index)``: a ``(rows, block)`` view of ``flat`` and the row of each offset.
 
-    The shape of a KV-cache write: equal blocks read from one contiguous run
-    of the source and written to scattered places.  All but the first and
-    last extent of a slice are whole blocks (the slice's ends may cut one),
-    so the middle is checked: equal lengths of at least 1 KiB, sources one
-    after the other.  It is then one fancy assignment into a byte-strided
-    view of the destination (row ``r`` is bytes ``[r, r + block)``), which
-    numpy performs in C without the GIL: 0.8x of a contiguous copy for 4 KiB
-    blocks, 1x for 16 KiB, against 0.45x and 0.75x for the per-block loop
-    (docs/benchmarks.md).  Returns ``(0, 0)`` when it does not apply.
+    Rows start at ``offsets[0] % block`` and follow each other, so a row view
+    of aligned, equal-stride memory (numpy copies such rows fastest) serves
+    when every offset lies on that grid; ``None`` when one does not.
+    """
+    r = int(offsets[0]) % block
+    idx, rem = np.divmod(offsets - r if r else offsets, block)
+    if bool(rem.any()):
+        return None
+    nrows = (flat.shape[0] - r) // block
+    if int(idx.max()) >= nrows:  # cannot happen for checked extents; never let numpy clip or raise mid-copy
+        return None
+    return flat[r : r + nrows * block].reshape(nrows, block), idx
+
+
+def _equal_blocks(src: Memory, src_off: Any, dst: Memory, dst_off: Any, length: Any) -> tuple[int, int]:
+    """Copy the extents ``[lo, hi)`` in one numpy call when they allow it; returns ``(lo, hi)``.
+
+    The shapes of KV-cache traffic: equal blocks read from one contiguous
+    run and written to scattered places (a push into a paged pool), or read
+    from scattered places into one run (a pull).  All but the first and last
+    extent of a slice are whole blocks or runs of them (the slice's ends may
+    cut one, which is then left to the caller), so the middle is checked:
+    lengths that are multiples of the shortest, at least 1 KiB, one side one
+    run once the runs are cut back into blocks.
+    The scattered side is a row view of its memory, so the copy is one fancy
+    assignment (scatter) or one ``np.take`` into the run (gather), performed
+    by numpy in C without the GIL; offsets off any one grid fall back to a
+    byte-strided view (row ``r`` is bytes ``[r, r + block)``), slower by about
+    a tenth.  Returns ``(0, 0)`` when none of this applies.
     """
     n = len(length)
-    if n < _SCATTER_MIN_COUNT:
+    mid = length[1 : n - 1]
+    block = int(mid.min())
+    if block < _SCATTER_MIN_BLOCK:
         return 0, 0
-    lo, hi = 1, n - 1
-    block = int(length[lo])
-    body = length[lo:hi]
-    if block < _SCATTER_MIN_BLOCK or not (body == block).all():
+    if not bool((mid == block).all()) and bool((mid % block).any()):
         return 0, 0
-    starts = src_off[lo:hi]
-    if not (starts[1:] - starts[:-1] == block).all():
-        return 0, 0
-    first = int(starts[0])
-    rows = hi - lo
-    source = src.array[first : first + rows * block].reshape(rows, block)
-    flat = dst.array
-    target = as_strided(flat, shape=(flat.shape[0] - block + 1, block), strides=(1, 1))
-    target[dst_off[lo:hi]] = source
-    return lo, hi
+    lo = 0 if int(length[0]) % block == 0 else 1  # the ends join the middle when the slice kept them whole
+    hi = n if int(length[-1]) % block == 0 else n - 1
+    s, d, ln = src_off[lo:hi], dst_off[lo:hi], length[lo:hi]
+    counts = ln // block
+    rows = int(counts.sum())
+    if rows != hi - lo:
+        # Runs of blocks that coalescing merged (pages a KV allocator handed out
+        # together) are cut back into blocks, so the slice stays one call.
+        within = np.arange(rows, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        s = np.repeat(s, counts) + within * block
+        d = np.repeat(d, counts) + within * block
+    if bool((s[1:] - s[:-1] == block).all()):
+        first = int(s[0])
+        source = src.array[first : first + rows * block].reshape(rows, block)
+        grid = _rows(dst.array, d, block)
+        if grid is None:
+            flat = dst.array
+            as_strided(flat, shape=(flat.shape[0] - block + 1, block), strides=(1, 1))[d] = source
+        else:
+            view, idx = grid
+            view[idx] = source
+        return lo, hi
+    if bool((d[1:] - d[:-1] == block).all()):
+        first = int(d[0])
+        target = dst.array[first : first + rows * block].reshape(rows, block)
+        grid = _rows(src.array, s, block)
+        if grid is None:
+            return 0, 0
+        view, idx = grid
+        np.take(view, idx, axis=0, out=target, mode="clip")  # "raise" would buffer the whole copy
+        return lo, hi
+    return 0, 0

@@ -225,4 +225,4 @@ def copy_attempt(attempt: Attempt, backend: str) -> None:
         if not isinstance(seg, Segment):
             raise SegmentError(f"{backend} rails copy between local segments only, got {seg!r}")
         memories.append(seg.memory)
-    copy_extents(memories, *ext.arrays())
+    copy_extents(memories, *ext.arrays(), one_pair=ext.one_pair)

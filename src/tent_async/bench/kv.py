@@ -3,7 +3,9 @@
 Blocks to randomly permuted destinations in a registered pool, as a block
 table (``transfer_blocks``) and as view pairs (``transfer_batch``), and the
 same with adjacent blocks, against one contiguous transfer of the same bytes
-through the same engine and a raw numpy copy (the limit), in one run.
+through the same engine and a raw numpy copy (the limit), in one run.  The
+"raw scatter" row is the permuted blocks written by one numpy call without
+the engine: what scattered writes cost on the machine, before any engine.
 Targets: 16,384 x 4 KiB >= 0.5x and 4,096 x 16 KiB >= 0.8x of contiguous;
 adjacent blocks >= 0.95x; <= 64 B of bookkeeping per block.
 
@@ -98,11 +100,15 @@ def run(args: argparse.Namespace) -> int:
             src = np.random.default_rng(n).integers(0, 256, n * block, dtype=np.uint8)
             dst = np.zeros_like(src)
             perm = np.random.default_rng(7).permutation(n)
-            times: dict[str, list[float]] = {k: [] for k in (*kinds, "raw copy")}
+            times: dict[str, list[float]] = {k: [] for k in (*kinds, "raw copy", "raw scatter")}
+            rows_in, rows_out = src.reshape(n, block), dst.reshape(n, block)
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
                 np.copyto(dst, src)
                 times["raw copy"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rows_out[perm] = rows_in  # the permuted blocks in one numpy call, no engine: their limit
+                times["raw scatter"].append(time.perf_counter() - t0)
                 progress.update(task, advance=1)
                 for kind in kinds:
                     dst[:] = 0
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     targets = {4096: 0.5, 16384: 0.8}
     for n, block, med in results:
         total = n * block
-        for kind in ("raw copy", *kinds):
+        for kind in ("raw copy", "raw scatter", *kinds):
             ratio = med["contiguous"] / med[kind]
             if kind == "blocks, permuted":
                 target: float | None = targets.get(block)

@@ -28,10 +28,13 @@ Array = np.ndarray[Any, np.dtype[Any]]
 _MAX_TOTAL = 1 << 62  # bytes in one transfer's stream: prefix sums stay far from int64's limit
 
 
-def _as_i64(values: Any, n: int, what: str) -> Array:
+def _as_i64(values: Any, n: int, what: str, *, one_row: bool = False) -> Array:
+    """``values`` as a fresh int64 array of ``n`` rows (of one row for one number, if ``one_row``)."""
     arr = np.asarray(values)
     if arr.ndim == 0:
-        arr = np.full(n, int(arr), dtype=_I64)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+        return np.full(min(n, 1) if one_row else n, int(arr), dtype=_I64)
     if arr.shape != (n,):
         raise ValueError(f"{what} must be one value or {n} values, got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
@@ -41,8 +44,18 @@ def _as_i64(values: Any, n: int, what: str) -> Array:
     return np.array(arr, dtype=_I64)  # a copy: the caller's array is never aliased or changed
 
 
+def _pick(column: Array, rows: Array) -> Array:
+    """``column[rows]``, kept a broadcast view when the column is one value."""
+    if len(column) and column.strides == (0,):
+        return np.broadcast_to(column[:1], (len(rows),))
+    return column[rows]
+
+
 class Extents:
     """Immutable extent list: arrays of (source, source offset, destination, destination offset, length).
+
+    A column may be a read-only broadcast view of one value (a block table's
+    segments and block size); nothing writes into the arrays.
 
     ``segments`` is the table that ``src_seg`` and ``dst_seg`` index into;
     ``starts`` (one longer than the list) is where each extent begins in the
@@ -50,7 +63,7 @@ class Extents:
     dropped on construction.
     """
 
-    __slots__ = ("dst_off", "dst_seg", "length", "segments", "src_off", "src_seg", "starts")
+    __slots__ = ("_coalesced", "_pairs", "dst_off", "dst_seg", "length", "segments", "src_off", "src_seg", "starts")
 
     def __init__(
         self,
@@ -61,8 +74,10 @@ class Extents:
         dst_off: Array,
         length: Array,
     ) -> None:
-        keep = length > 0
-        if not keep.all():
+        # One block size (a broadcast column): every block is kept, or none.
+        uniform = len(length) > 1 and length.strides == (0,)
+        if not (bool(length[0] > 0) if uniform else bool((length > 0).all())):
+            keep = length > 0
             src_seg, src_off, dst_seg, dst_off, length = (
                 src_seg[keep],
                 src_off[keep],
@@ -76,10 +91,16 @@ class Extents:
         self.dst_seg = dst_seg
         self.dst_off = dst_off
         self.length = length
-        starts = np.empty(len(length) + 1, dtype=_I64)
-        starts[0] = 0
-        np.cumsum(length, out=starts[1:])
+        step = int(length[0]) if uniform and len(length) else 0  # zero-length blocks were all dropped
+        if step > 0:
+            starts = np.arange(0, (len(length) + 1) * step, step, dtype=_I64)
+        else:
+            starts = np.empty(len(length) + 1, dtype=_I64)
+            starts[0] = 0
+            np.cumsum(length, out=starts[1:])
         self.starts = starts
+        self._coalesced = False  # set once coalesced() has merged (or found nothing to merge)
+        self._pairs: list[tuple[int, int]] | None = None
 
     # ------------------------------------------------------------ construction
 
@@ -116,16 +137,22 @@ class Extents:
         n = len(raw)
         src_off = _as_i64(raw, n, "source offsets")
         dst_off = _as_i64(dst_offsets, n, "destination offsets")
-        length = _as_i64(lengths, n, "lengths")
+        length = _as_i64(lengths, n, "lengths", one_row=True)  # one row when one number was given
         if n and (src_off.min() < 0 or dst_off.min() < 0 or length.min() < 0):
             raise ValueError("block offsets and lengths must not be negative")
         if n and int(length.max()) > _MAX_TOTAL // n:
             raise ValueError(f"{n} blocks of up to {int(length.max())} bytes are more than one transfer can address")
         same = src == dst
         segments: list[Hashable] = [src] if same else [src, dst]
-        src_seg = np.zeros(n, dtype=_I32)
-        dst_seg = np.zeros(n, dtype=_I32) if same else np.ones(n, dtype=_I32)
-        return cls(segments, src_seg, src_off, dst_seg, dst_off, length)
+        # Columns that hold one value are read-only broadcast views of it (no memory
+        # per block): fresh pages of a 16,384-row table cost more than the checks.
+        src_seg = np.broadcast_to(_I32(0), (n,))
+        dst_seg = np.broadcast_to(_I32(0 if same else 1), (n,))
+        if np.ndim(lengths) == 0:
+            length = np.broadcast_to(length[:1] if n else _I64(0), (n,))
+        ext = cls(segments, src_seg, src_off, dst_seg, dst_off, length)
+        ext._pairs = [(0, 0 if same else 1)] if len(ext) else []
+        return ext
 
     def coalesced(self) -> Extents:
         """The same bytes with every run of extents adjacent on both sides merged into one.
@@ -136,28 +163,35 @@ class Extents:
         application's, and it is kept.
         """
         n = len(self.length)
-        if n < 2:
+        if n < 2 or self._coalesced:
             return self
-        src_end = self.src_off[:-1] + self.length[:-1]
-        dst_end = self.dst_off[:-1] + self.length[:-1]
-        joins = (
-            (self.src_seg[1:] == self.src_seg[:-1])
-            & (self.dst_seg[1:] == self.dst_seg[:-1])
-            & (self.src_off[1:] == src_end)
-            & (self.dst_off[1:] == dst_end)
-        )
+        head = self.length[:-1]
+        # Destinations first: a permuted block table has (almost) no neighbour that
+        # continues the previous one there, and then the sources need no look.
+        # Differences of non-negative offsets cannot wrap, as sums could.
+        step = np.subtract(self.dst_off[1:], self.dst_off[:-1])
+        joins = step == head
+        if joins.any():
+            joins &= np.subtract(self.src_off[1:], self.src_off[:-1], out=step) == head  # one scratch array
+            for seg in (self.src_seg, self.dst_seg):
+                if seg.strides != (0,):  # a broadcast column is one segment throughout
+                    joins &= seg[1:] == seg[:-1]
         if not joins.any():
+            self._coalesced = True  # the engine and the planner both ask: answer the second at once
             return self
         heads = np.flatnonzero(np.concatenate(([True], ~joins)))
         merged = np.add.reduceat(self.length, heads)
-        return Extents(
+        out = Extents(
             self.segments,
-            self.src_seg[heads],
+            _pick(self.src_seg, heads),
             self.src_off[heads],
-            self.dst_seg[heads],
+            _pick(self.dst_seg, heads),
             self.dst_off[heads],
             merged.astype(_I64, copy=False),
         )
+        out._coalesced = True
+        out._pairs = self._pairs
+        return out
 
     # ----------------------------------------------------------------- queries
 
@@ -167,6 +201,31 @@ class Extents:
     @property
     def total(self) -> int:
         return int(self.starts[-1])
+
+    def seg_pairs(self) -> list[tuple[int, int]]:
+        """The distinct ``(source, destination)`` segment index pairs, sorted (computed once).
+
+        The engine asks for them to find the rails and the destinations of a
+        batch; a block table has one pair, found in two comparisons instead of
+        a sort or hash of every row.
+        """
+        if self._pairs is not None:
+            return self._pairs
+        src, dst = self.src_seg, self.dst_seg
+        if not len(src):
+            pairs: list[tuple[int, int]] = []
+        elif bool((src == src[0]).all()) and bool((dst == dst[0]).all()):
+            pairs = [(int(src[0]), int(dst[0]))]
+        else:
+            nseg = len(self.segments)
+            keys = src.astype(_I64) * nseg + dst
+            if nseg * nseg <= 1 << 16:
+                present = np.flatnonzero(np.bincount(keys, minlength=nseg * nseg))  # O(n), no sort
+            else:
+                present = np.unique(keys)
+            pairs = [divmod(k, nseg) for k in present.tolist()]
+        self._pairs = pairs
+        return pairs
 
     def index_at(self, offset: int) -> int:
         """The extent holding stream byte ``offset`` (``0 <= offset < total``)."""
@@ -231,6 +290,11 @@ class SliceExtents:
     @property
     def segments(self) -> tuple[Hashable, ...]:
         return self._ext.segments
+
+    @property
+    def one_pair(self) -> bool:
+        """Every extent of the transfer goes from one segment to one segment (a block table)."""
+        return len(self._ext.seg_pairs()) == 1
 
     @property
     def nbytes(self) -> int:

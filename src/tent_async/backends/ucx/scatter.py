@@ -145,7 +145,7 @@ def gather(mems: Sequence[Memory], index: Array, offsets: Array, lengths: Array,
 def _gather_run(src: Array, offsets: Array, lengths: Array, out: Array, starts: Array) -> tuple[int, int]:
     """Gather the middle extents in one numpy ``take`` when they are equal blocks of 1 KiB or more.
 
-    The mirror of :func:`tent_async.memory._scatter_run`: row ``r`` of a
+    The mirror of :func:`tent_async.memory._equal_blocks`: row ``r`` of a
     byte-strided view of the source is bytes ``[r, r + block)``.
     """
     n = len(lengths)
