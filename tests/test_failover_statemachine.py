@@ -45,7 +45,12 @@ CONFIG = SchedulerConfig(
     max_attempts_per_rail=2,
     max_attempts=6,
     probe_interval=0.2,
+    busy_wait=0.3,
 )
+
+
+class Busy(Exception):
+    """The peer's load (a busy refusal), as the ucx backend reports a staging refusal."""
 
 
 class Fatal(Exception):
@@ -82,6 +87,7 @@ class PlannerMachine(RuleBasedStateMachine):
             if isinstance(d, Post):
                 a = d.attempt
                 assert self.planner.rails[a.rail].health.state is not Health.QUARANTINED, "posted to a quarantined rail"
+                assert not self.planner.rails[a.rail].held, "posted to a rail held off for a busy peer"
                 self._check_extents(a)
                 self.outstanding[a.id] = a
             elif isinstance(d, Withdraw):
@@ -104,9 +110,11 @@ class PlannerMachine(RuleBasedStateMachine):
             assert self._tiles(tid, total), f"transfer {tid} finished without all bytes acknowledged"
         elif fin.outcome is Outcome.FAILED:
             err = fin.error
-            assert isinstance(err, NoRailError | TransferFailedError | Fatal), err
+            assert isinstance(err, NoRailError | TransferFailedError | Fatal | Busy), err
             if isinstance(err, TransferFailedError):
                 assert self.charged[tid], "failed on retries without any charged failure"
+            if isinstance(err, Busy):
+                assert self.busied[tid], "failed as busy without a busy refusal"
             if isinstance(err, Fatal):
                 assert tid in self.fatal
 
@@ -117,7 +125,7 @@ class PlannerMachine(RuleBasedStateMachine):
                 continue
             self.no_rail_checked.add(t.id)
             for rail in t.rails:
-                failed = self.charged[t.id] | self.busied[t.id]
+                failed = self.charged[t.id]  # a busy refusal holds a rail off a while, it stays usable
                 clean = rail.health.state in (Health.HEALTHY, Health.SUSPECT) and rail.index not in failed
                 assert not clean, f"NoRailError while {rail.name} was usable and never failed this transfer"
 
@@ -185,9 +193,16 @@ class PlannerMachine(RuleBasedStateMachine):
                 self.planner.fail(aid, self.now, Fatal("peer refused"), transfer_fatal=True)
                 self._poll()
                 return
-            if fatal == 1:  # the peer's load: backed off, retried, not charged
+            if fatal == 1:  # the peer's load: the rail held off a while, the bytes retried, not charged
                 self.busied[a.transfer_id].add(a.rail)
-                self.planner.fail(aid, self.now, "peer busy", busy=True)
+                rail = self.planner.rails[a.rail]
+                before = rail.health.state
+                others = {x.id for x in rail.inflight.values() if x.state is AttemptState.LIVE} - {aid}
+                self.planner.fail(aid, self.now, Busy("peer busy"), busy=True)
+                assert rail.health.state is before, "a busy refusal changed the rail's health"
+                assert {x.id for x in rail.inflight.values() if x.state is AttemptState.LIVE} >= others, (
+                    "a busy refusal withdrew the rail's other slices"
+                )
                 self._poll()
                 return
             self.charged[a.transfer_id].add(a.rail)

@@ -20,6 +20,7 @@ from tent_async.core import (
     Post,
     RailInfo,
     SchedulerConfig,
+    Withdraw,
     cut,
     nominal_slice,
 )
@@ -355,21 +356,77 @@ def _refused(cfg: SchedulerConfig, refusals: int, *, busy: bool) -> tuple[Finish
     raise AssertionError("the transfer never finished")
 
 
-def test_a_busy_peer_is_retried_after_back_offs_without_spending_the_retry_bound() -> None:
+def test_a_busy_peer_is_retried_after_growing_holds_without_spending_the_retry_bound() -> None:
     """A peer that refuses for its load (ucx: no staging free) must not fail the transfer at the
     second refusal, as a rail error does with max_attempts_per_rail=2, nor be retried at once:
-    the rail is quarantined, and each retry waits for the back-off."""
-    cfg = SchedulerConfig(backoff_base=0.05, no_rail_wait=5.0)
-    fin, posts = _refused(cfg, 4, busy=True)
-    assert fin.outcome is Outcome.DONE and len(posts) == 5
+    the rail is held off for busy_hold, doubled per refusal in a row, and keeps its health."""
+    cfg = SchedulerConfig(busy_hold=0.002, busy_hold_cap=0.01, busy_wait=5.0)
+    fin, posts = _refused(cfg, 5, busy=True)
+    assert fin.outcome is Outcome.DONE and len(posts) == 6
     gaps = [b - a for a, b in itertools.pairwise(posts)]
-    assert all(g >= 0.05 for g in gaps), gaps  # never retried before its back-off
-    fin, _ = _refused(cfg, 4, busy=False)
+    holds = [0.002, 0.004, 0.008, 0.01, 0.01]  # doubled, capped
+    assert all(g >= h for g, h in zip(gaps, holds, strict=True)), gaps  # never retried before its hold
+    assert all(g < h + 0.005 for g, h in zip(gaps, holds, strict=True)), gaps  # nor left idle much longer
+    fin, _ = _refused(cfg, 5, busy=False)
     assert fin.outcome is Outcome.FAILED  # a plain rail error spends the retry bound
 
 
-def test_a_peer_that_stays_busy_fails_the_transfer_within_no_rail_wait() -> None:
-    cfg = SchedulerConfig(backoff_base=0.05, no_rail_wait=0.5)
+def test_a_peer_that_stays_busy_fails_the_transfer_with_its_error_after_busy_wait() -> None:
+    cfg = SchedulerConfig(busy_hold=0.002, busy_hold_cap=0.05, busy_wait=0.5)
     fin, posts = _refused(cfg, 10**6, busy=True)
-    assert fin.outcome is Outcome.FAILED and "no usable rail" in str(fin.error)
-    assert fin.finished_at < 5.0 and len(posts) < 20
+    assert fin.outcome is Outcome.FAILED and "no staging free" in str(fin.error)
+    assert 0.5 <= fin.finished_at < 0.6 and len(posts) < 30
+
+
+def test_a_busy_refusal_is_not_a_rail_fault() -> None:
+    """Health, the rail's other slices, its error count and events are untouched; only new
+    slices wait for the hold, and a completed slice resets the growing hold."""
+    planner = Planner([RailInfo("a", 1e9)], SchedulerConfig(window=3, busy_hold=0.01, busy_hold_cap=0.1))
+    planner.submit([Piece("s", 0, "d", 0, 64 * MiB)], 0.0)
+    posts = [d.attempt for d in planner.poll(0.0) if isinstance(d, Post)]
+    assert len(posts) == 3
+    rail = planner.rail("a")
+    planner.drain_events()
+    planner.fail(posts[0].id, 1e-4, "no staging free", busy=True)
+    out = planner.poll(2e-4)
+    assert not [d for d in out if isinstance(d, Withdraw | Post)]  # nothing withdrawn, nothing new yet
+    assert rail.health.state is Health.HEALTHY and rail.errors == 0 and rail.busy_refusals == 1
+    assert not planner.drain_events()
+    assert set(rail.inflight) == {posts[1].id, posts[2].id}
+    assert planner.next_wakeup() == pytest.approx(1e-4 + 0.01)
+    planner.complete(posts[1].id, 5e-3)
+    assert not [d for d in planner.poll(5e-3) if isinstance(d, Post)]  # still held
+    assert [d for d in planner.poll(1e-4 + 0.01) if isinstance(d, Post)]  # the hold is over
+    assert rail.busy_streak == 0  # reset by the completion
+
+
+def test_occasional_busy_refusals_never_fail_honest_transfers() -> None:
+    """A peer busy now and then (one refusal a second, over 20 s of back-to-back transfers on
+    one rail) slows the refused slices only: every transfer completes.  (When a busy refusal
+    quarantined the rail, the back-off grew past no_rail_wait and transfers failed after ~7 s.)"""
+    planner = Planner([RailInfo("a", 1e9)], SchedulerConfig())
+    now, next_busy, done, inflight = 0.0, 1.0, [], []
+    tid = planner.submit([Piece("s", 0, "d", 0, 8 * MiB)], now)
+    while now < 20.0:
+        decisions = planner.poll(now)
+        for d in decisions:
+            if isinstance(d, Post):
+                if now >= next_busy:
+                    next_busy = now + 1.0
+                    planner.fail(d.attempt.id, now, "no staging free", busy=True)
+                else:
+                    inflight.append((now + d.attempt.length / 1e9, d.attempt.id))
+            elif isinstance(d, Finished):
+                done.append(d)
+                tid = planner.submit([Piece("s", 0, "d", 0, 8 * MiB)], now)
+        if decisions:  # the engine polls again at once after reports and submits
+            continue
+        wake = planner.next_wakeup()
+        inflight.sort()
+        times = [t for t in (wake, inflight[0][0] if inflight else None) if t is not None]
+        now = max(now, min(times)) if times else now + 1e-3
+        while inflight and inflight[0][0] <= now:
+            planner.complete(inflight.pop(0)[1], now)
+    assert len(done) > 1000
+    assert all(d.outcome is Outcome.DONE for d in done), [d.error for d in done if d.outcome is not Outcome.DONE][:1]
+    assert planner.has_transfer(tid)

@@ -528,15 +528,16 @@ async def test_a_table_of_tiny_extents_is_refused_and_counted_with_nothing_writt
 @requires_ucxx
 async def test_a_staging_refusal_is_retried_and_the_transfer_completes(spawn_peer: Any) -> None:
     """A peer whose staging is full refuses a slice for its load, not the slice's fault: the
-    honest transfer is retried after the rail's back-off (RemoteBusyError, ``busy`` to the
-    planner) and completes once staging is free, instead of failing with RemoteAccessError at
-    the first refusal."""
+    honest transfer is retried after a short hold of the rail (RemoteBusyError, ``busy`` to the
+    planner, the rail keeps its health) and completes once staging is free, instead of failing
+    with RemoteAccessError at the first refusal."""
     server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS, staging_per_engine=2 * MiB, bulk_wait=60)
     server.cmd(cmd="fill", segment="kv", seed=1)
     hog, rogue, sid = await _rogue(server)
-    # The ucx defaults (2 attempts per rail: a busy refusal must not spend them), and a wait for
-    # the quarantined rail long enough for a loaded host to see the refusal and free the staging.
-    config = tent.SchedulerConfig(target_slice_time=4e-3, window=3, max_window=8, no_rail_wait=20.0)
+    # The ucx defaults (2 attempts per rail: a busy refusal must not spend them; the default
+    # no_rail_wait, which a busy rail never reaches), and a busy_wait long enough for a loaded
+    # host to see the refusal and free the staging.
+    config = tent.SchedulerConfig(target_slice_time=4e-3, window=3, max_window=8, busy_wait=20.0)
     try:
         # The rogue announces 2 MiB of bulk bytes and never sends them: the engine's staging is full.
         n = 2 * MiB

@@ -137,6 +137,15 @@ class SchedulerConfig:
         passed meanwhile pushed back once, when it was late by more than
         ``lag_tolerance`` (2 ms): less is ordinary timer jitter, and excusing
         it would only delay the detection of every real stall.
+
+        A peer may refuse a slice for its own load (``busy``: no staging memory
+        free, nothing landed).  That is not a rail fault: the rail keeps its
+        health and its other slices, takes no new slice for ``busy_hold``
+        (2 ms), doubled for each further refusal in a row up to
+        ``busy_hold_cap`` (100 ms) and reset by the rail's next completed
+        slice, and the refused bytes go back without spending their retries.
+        A transfer refused as busy for ``busy_wait`` (5 s) without any of its
+        slices completing fails with the peer's error.
     """
 
     target_slice_time: float = attrs.field(default=1e-3, converter=parse_duration, validator=_positive)
@@ -170,11 +179,16 @@ class SchedulerConfig:
     deadline_backoff_cap: float = attrs.field(default=8.0, validator=_positive)
     no_rail_wait: float = attrs.field(default=1.0, converter=parse_duration, validator=_non_negative)
     lag_tolerance: float = attrs.field(default=0.002, converter=parse_duration, validator=_non_negative)
+    busy_hold: float = attrs.field(default=0.002, converter=parse_duration, validator=_positive)
+    busy_hold_cap: float = attrs.field(default=0.1, converter=parse_duration, validator=_positive)
+    busy_wait: float = attrs.field(default=5.0, converter=parse_duration, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.min_slice > self.max_slice:
             raise ConfigError(f"min_slice ({self.min_slice}) must not exceed max_slice ({self.max_slice})")
         if self.slice_align > self.min_slice:
             raise ConfigError(f"slice_align ({self.slice_align}) must not exceed min_slice ({self.min_slice})")
+        if self.busy_hold > self.busy_hold_cap:
+            raise ConfigError(f"busy_hold ({self.busy_hold}) must not exceed busy_hold_cap ({self.busy_hold_cap})")
         if self.backoff_base > self.backoff_cap:
             raise ConfigError(f"backoff_base ({self.backoff_base}) must not exceed backoff_cap ({self.backoff_cap})")

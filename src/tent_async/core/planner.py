@@ -86,6 +86,7 @@ class Planner:
         self._next_tid = 1
         self._next_aid = 1
         self._quarantined: set[RailState] = set()  # rails whose quarantine timer runs
+        self._held: set[RailState] = set()  # rails held off because their peer was busy
         self._probing: set[RailState] = set()  # rails waiting for (or carrying) a probe
         self._stalled: dict[TransferState, None] = {}  # out of their queue, waiting for a rail to come back
         self._rails_changed = False  # a rail became usable again: stalled transfers retry
@@ -212,6 +213,8 @@ class Planner:
         elif a.state is _LIVE and rail.deadline_scale > 1.0:
             rail.deadline_scale = max(1.0, rail.deadline_scale * 0.9)
         if a.state is _LIVE:
+            rail.busy_streak = 0
+            t.busy_since = None
             rail.bytes_total += a.length
             rail.slices_total += 1
             t.acked += a.length
@@ -243,10 +246,11 @@ class Planner:
         once).  ``transfer_fatal`` says the failure is the transfer's own fault
         (e.g. the peer refused the destination): the transfer fails with
         ``error`` and the rail is not blamed.  ``busy`` says the peer refused
-        for its load and nothing of the slice landed: the rail is quarantined
-        at once, so its back-off spaces the retries, and the slice goes back
-        without counting against its retry bound; a peer that stays busy is
-        bounded by ``no_rail_wait`` like a rail that stays down.
+        for its load and nothing of the slice landed: not a rail fault, so
+        the rail keeps its health and its other slices and is only held off
+        for a short, growing while (``busy_hold``); the slice goes back without
+        counting against its retry bound, and a transfer refused as busy for
+        ``busy_wait`` without any progress fails with ``error``.
         """
         a = self._attempts.pop(aid, None)
         if a is None:
@@ -263,10 +267,40 @@ class Planner:
             if transfer_fatal:
                 err = error if isinstance(error, BaseException) else TransferFailedError(reason)
                 self._stop(t, Phase.FAILING, err, now)
+            elif busy:
+                self._busy(rail, t, a, now, error, reason)
             else:
                 rail.errors += 1
-                self._rail_failure(rail, now, f"error: {reason}", a, rail_down=rail_down or busy, charge=not busy)
+                self._rail_failure(rail, now, f"error: {reason}", a, rail_down=rail_down)
         self._maybe_finish(t, now)
+
+    def _busy(
+        self, rail: RailState, t: TransferState, a: Attempt, now: float, error: BaseException | str, reason: str
+    ) -> None:
+        """The peer refused ``a`` for its load: hold the rail off a while, put the bytes back."""
+        cfg = self.config
+        rail.busy_refusals += 1
+        rail.busy_streak += 1
+        rail.last_error = f"busy: {reason}"
+        hold = min(cfg.busy_hold_cap, cfg.busy_hold * 2.0 ** min(rail.busy_streak - 1, 30))
+        rail.held = True
+        rail.held_until = max(rail.held_until, now + hold)
+        self._held.add(rail)
+        rail.sync_health()
+        if t.busy_since is None:
+            t.busy_since = now
+        elif now - t.busy_since >= cfg.busy_wait:
+            err = error if isinstance(error, BaseException) else TransferFailedError(reason)
+            self._stop(t, Phase.FAILING, err, now)
+            return
+        self._requeue(a, now, charge=False, reason=f"busy: {reason}")
+
+    def _release_held(self, now: float) -> None:
+        for rail in list(self._held):
+            if now >= rail.held_until:
+                rail.held = False
+                self._held.discard(rail)
+                rail.sync_health()
 
     def withdrawn(self, aid: int, now: float) -> None:
         """A withdrawn attempt is confirmed stopped: none of its bytes will land any more."""
@@ -349,6 +383,8 @@ class Planner:
                 if now >= rail.health.quarantine_until:
                     rail.health.tick(now)
                     self._health_changed(rail, Health.QUARANTINED, now)
+        if self._held:
+            self._release_held(now)
         if self._stalled:
             self._retry_stalled(now)
         self._dispatch(now)
@@ -367,6 +403,8 @@ class Planner:
         for rail in self.rails:
             if rail.health.state is Health.QUARANTINED:
                 times.append(rail.health.quarantine_until)
+        for rail in self._held:
+            times.append(rail.held_until)
         if self._stalled and self._stall_check_at < float("inf"):
             times.append(self._stall_check_at)
         if self._work and self.policy.probes_idle_rails:
@@ -838,7 +876,7 @@ class Planner:
     def _health_probes(self, now: float) -> None:
         """A probing rail with nothing in flight gets one small slice from any eligible transfer."""
         for rail in self.rails:  # in rail order, so a seeded simulation replays exactly
-            if rail.health.state is not Health.PROBING or rail.inflight:
+            if rail.health.state is not Health.PROBING or rail.inflight or rail.held:
                 continue
             t = self._probe_candidate(rail)
             if t is not None:
@@ -851,7 +889,7 @@ class Planner:
             # The same expression as next_wakeup(), so a poll at exactly the wakeup time
             # probes (comparing with now - interval can round the other way and, on a
             # virtual clock that sits at that instant, wake the planner there forever).
-            if rail.inflight or max(rail.last_activity, rail.probe_checked) + interval > now:
+            if rail.inflight or rail.held or max(rail.last_activity, rail.probe_checked) + interval > now:
                 continue
             state = rail.health.state
             if state is not Health.HEALTHY and state is not Health.SUSPECT:

@@ -193,7 +193,7 @@ class EarliestFinish:
                 # keeps one slot of the window free, so that a latency-critical slice
                 # arriving later starts at once and soon has the rail to itself
                 # (slices in flight cannot be taken back; short bulk slices drain fast).
-                room = inflight == rail.bulk_inflight and inflight < max(1, rail.window - 1)
+                room = inflight == rail.bulk_inflight and inflight < (max(1, rail.window - 1) if rail.window else 0)
             else:
                 # Small slices may use the extra slots of a rail that holds little (RailState.room).
                 room = inflight < rail.window or (size <= floor and rail.room)

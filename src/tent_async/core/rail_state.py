@@ -50,6 +50,8 @@ class RailState:
     __slots__ = (
         "_config",
         "bulk_inflight",
+        "busy_refusals",
+        "busy_streak",
         "bw",
         "bytes_total",
         "deadline_misses",
@@ -60,6 +62,8 @@ class RailState:
         "head_expected",
         "head_posted",
         "health",
+        "held",
+        "held_until",
         "index",
         "inflight",
         "inflight_bytes",
@@ -119,6 +123,10 @@ class RailState:
         self.slices_total = 0
         self.probes_total = 0
         self.errors = 0
+        self.busy_refusals = 0  # slices the peer refused for its load (not failures)
+        self.busy_streak = 0  # refusals since the rail's last completed slice
+        self.held = False  # the peer is busy: no new slice before held_until
+        self.held_until = 0.0
         self.deadline_misses = 0
         self.lag_excused = 0  # deadlines pushed back because the driver polled late
         self.rerouted_from = 0
@@ -165,7 +173,8 @@ class RailState:
         """
         health = self.health
         self.dispatchable = health.dispatchable
-        self.window = health.window(self.window_full)
+        # A rail held for a busy peer keeps its health but has no window until the hold ends.
+        self.window = 0 if self.held else health.window(self.window_full)
         self._update_room()
 
     def _update_room(self) -> None:

@@ -94,6 +94,7 @@ class TransferState:
         "acked",
         "attempts",
         "bound",
+        "busy_since",
         "bytes_per_rail",
         "error",
         "extents",
@@ -151,6 +152,7 @@ class TransferState:
         self.group: RailGroup | None = None
         self.queued = False  # in its group's queue (or the planner's stalled set)
         self.stalled_since: float | None = None  # every rail quarantined since then
+        self.busy_since: float | None = None  # refused as busy since then, no slice completed
 
     def progress(self) -> TransferProgress:
         return TransferProgress(
