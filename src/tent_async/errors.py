@@ -103,8 +103,8 @@ class RemoteBusyError(RemoteAccessError):
     """The peer refused a slice for want of resources (staging), not for the slice itself.
 
     The engine retries such a slice (on the same rail after its back-off, or on another)
-    without spending its retry bound; a peer that stays busy past ``no_rail_wait`` fails the
-    transfer with :class:`NoRailError`.
+    without spending its retry bound; a transfer refused as busy for ``busy_wait`` without
+    progress fails with this error.
     """
 
 
