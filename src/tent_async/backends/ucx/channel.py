@@ -5,8 +5,9 @@
   sent as garbage), and dropping a ``UCXRequest`` cancels it.
 * Completions arrive as asyncio futures resolved on the loop thread (by the
   rail's progress pass, or by its notifier thread in ``"thread"`` mode,
-  :mod:`.progress`); we attach done-callbacks instead of awaiting them, so no
-  task exists per message or per slice.  Every post is followed by
+  :mod:`.progress`); we watch them (``rail.progress.watch``: in the loop modes
+  the callback runs in the pass that resolved the future) instead of awaiting
+  them, so no task exists per message or per slice.  Every post is followed by
   ``rail.progress.kick()``: a request can complete inside the call that posts it.
 * Everything travels as *tagged* messages.  Receives are posted on the
   endpoint (ucxx tracks them there), so closing the endpoint cancels them
@@ -105,7 +106,7 @@ class Channel:
             if then is not None:
                 then(error)
 
-        req.future.add_done_callback(done)
+        self.rail.progress.watch(req, done)
 
     def _endpoint(self) -> Any:
         if self.ep is None:

@@ -394,7 +394,7 @@ class Link:
                 op.data_req = req
                 op.buffer = (view, local)
                 op.pending += 1
-                req.future.add_done_callback(self._data_done(op))
+                ch.rail.progress.watch(req, self._data_done(op))
                 del req
             ch.send_message(header, make_tag(self.peer_ns, KIND_CONTROL, op.slot))
             bulk = op.sg.bulk() if op.sg is not None else None
@@ -444,7 +444,8 @@ class Link:
         if op.slot is not None and op.channel is self.channel:
             self.free_slots.append(op.slot)  # the peer re-posted the slot before it answered
             op.slot = None
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self.waiting:
+                asyncio.get_running_loop().call_soon(self._flush)
         a = op.attempt
         if isinstance(msg, Error):
             op.fatal = msg.reason
