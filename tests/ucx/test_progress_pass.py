@@ -170,3 +170,25 @@ def test_wire_time_leaves_out_the_larger_of_both_sides_time_elsewhere() -> None:
     link.last_done, link.last_away = 1.005, 1.999
     assert link._wire_time(_op(1.0, 1.99), 1.010, 0.0) == pytest.approx(0.004)
     assert (link.last_done, link.last_away) == (1.010, 2.0)
+
+
+async def test_a_send_posted_outside_a_pass_counts_once_toward_the_other_rails(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker_a = FakeWorker(fds[0])
+    a = P.LoopProgress(worker_a, loop, "tcp")
+    b = P.LoopProgress(FakeWorker(fds[1]), loop, "shm")
+    try:
+        await asyncio.sleep(0.01)
+        a0, b0 = a.away(), b.away()
+        a.account(0.003)  # the engine's pump posted a large TCP send that took 3 ms
+        assert b.away() - b0 == pytest.approx(0.003)
+        assert a.away() == a0
+        # A send posted by a callback inside a's pass is already in the pass's own time.
+        req = worker_a.request(loop)
+        a.watch(req, lambda fut: a.account(0.003))
+        a.kick()
+        await asyncio.sleep(0.01)
+        assert b.away() - b0 < 0.003 + 0.002  # the claimed 3 ms were not added a second time
+    finally:
+        a.close()
+        b.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -87,12 +88,15 @@ class Channel:
         if self.closed:
             return
         data = pack_data(msg)  # bytes: ucxx sends from any buffer, and these stay referenced below
+        progress = self.rail.progress
+        t0 = time.perf_counter()
         try:
             req = self._endpoint().tag_send(self._ucx.Array(data), self._ucx.L.UCXXTag(tag))
         except self._ucx.UCXError as exc:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
-        self.rail.progress.kick(req)
+        progress.account(time.perf_counter() - t0)
+        progress.kick(req)
         self.keep(req, data, None)
 
     def keep(self, req: Any, buffer: Any, then: Callable[[BaseException | None], None] | None) -> None:
@@ -114,9 +118,16 @@ class Channel:
         return self.ep
 
     def tag_send(self, array: Any, tag: int) -> Any:
-        """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request."""
+        """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request.
+
+        The call's time counts as this rail's (``Progress.account``): over TCP, UCX pushes
+        what the socket takes from inside it.
+        """
+        progress = self.rail.progress
+        t0 = time.perf_counter()
         req = self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
-        self.rail.progress.kick(req)
+        progress.account(time.perf_counter() - t0)
+        progress.kick(req)
         return req
 
     def tag_recv(self, array: Any, tag: int) -> Any:

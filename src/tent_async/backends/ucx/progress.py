@@ -78,10 +78,11 @@ Watcher = Callable[[Any], None]
 class _Meter:
     """Seconds spent in progress passes on one event loop, all rails together."""
 
-    __slots__ = ("__weakref__", "total")
+    __slots__ = ("__weakref__", "running", "total")
 
     def __init__(self) -> None:
         self.total = 0.0
+        self.running = False  # a pass is running (a send posted inside it is counted by the pass)
 
 
 _meters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Meter] = weakref.WeakKeyDictionary()
@@ -121,6 +122,14 @@ class Progress:
         in ``"thread"`` mode, where each worker has a thread of its own.
         """
         return 0.0
+
+    def account(self, seconds: float) -> None:
+        """A send was posted on this rail's worker, outside a pass, and the call took ``seconds``.
+
+        UCX's TCP transport pushes as much of a message as the socket takes from inside
+        the send call itself, so a large send posted by the engine's pump holds the loop
+        like a progress pass does, and counts toward the other rails' ``away()`` alike.
+        """
 
     def watch(self, req: Any, fn: Watcher) -> None:
         """Call ``fn(req.future)`` once the request's future is done (on the loop thread)."""
@@ -279,16 +288,27 @@ class LoopProgress(Progress):
             self._send_poll = None
         if self._closed or self.worker is None:
             return
+        meter = self._meter
+        nested = meter.running  # a callback of another rail's pass closed an endpoint here, say
+        meter.running = True
         t0 = time.perf_counter()
         try:
             self._run_pass(self.worker)
         finally:
-            spent = time.perf_counter() - t0
-            self._own += spent
-            self._meter.total += spent
+            meter.running = nested
+            if not nested:
+                spent = time.perf_counter() - t0
+                self._own += spent
+                meter.total += spent
 
     def away(self) -> float:
         return self._meter.total - self._own
+
+    def account(self, seconds: float) -> None:
+        meter = self._meter
+        if not meter.running:  # inside a pass, the pass's own timing counts it
+            self._own += seconds
+            meter.total += seconds
 
     def _run_pass(self, worker: Any) -> None:
         try:
