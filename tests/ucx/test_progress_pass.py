@@ -192,3 +192,20 @@ async def test_a_send_posted_outside_a_pass_counts_once_toward_the_other_rails(f
     finally:
         a.close()
         b.close()
+
+
+def test_a_link_refuses_moves_its_state_table_does_not_allow() -> None:
+    from tent_async.backends.ucx.peer import LinkState, LinkStateError
+
+    link: Any = Link.__new__(Link)
+    link.name = "peer/shm"
+    link.state = LinkState.IDLE
+    with pytest.raises(LinkStateError, match="from idle to up"):
+        link._move(LinkState.UP)  # never up without LINKED and BOUND
+    assert link.state is LinkState.IDLE
+    for step in (LinkState.LINKING, LinkState.BINDING, LinkState.UP):
+        link._move(step)
+    with pytest.raises(LinkStateError, match="from up to binding"):
+        link._move(LinkState.BINDING)
+    assert link._move(LinkState.IDLE) is LinkState.UP  # torn down from anywhere
+    assert link._move(LinkState.IDLE) is LinkState.IDLE  # closing twice is allowed

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import functools
 import itertools
 import logging
@@ -92,6 +93,29 @@ BIND_REQUEST = MAX_U64  # the request id of a link's BIND (nothing else is in fl
 
 class RailLinkError(TentError):
     """A slice failed because the rail's link to the peer failed."""
+
+
+class LinkStateError(TentError, RuntimeError):
+    """A link was asked to make a move its state does not allow: a bug in the backend; please report it."""
+
+
+class LinkState(enum.StrEnum):
+    """Where a :class:`Link` is in its set-up: idle -> linking -> binding -> up, back to idle when torn down."""
+
+    IDLE = "idle"  # no endpoint; the next post (or open()) starts a set-up
+    LINKING = "linking"  # LINK sent on the control connection, waiting for LINKED
+    BINDING = "binding"  # endpoint open, BIND sent in a header slot, waiting for BOUND
+    UP = "up"  # slices may be sent
+
+
+# The moves a link may make (as h11's _state.py: anything else is refused).  Every state may
+# be torn down to IDLE (a failure, a fence, the peer gone), IDLE included (closing twice).
+_LINK_MOVES: dict[LinkState, frozenset[LinkState]] = {
+    LinkState.IDLE: frozenset({LinkState.LINKING, LinkState.IDLE}),
+    LinkState.LINKING: frozenset({LinkState.BINDING, LinkState.IDLE}),
+    LinkState.BINDING: frozenset({LinkState.UP, LinkState.IDLE}),
+    LinkState.UP: frozenset({LinkState.IDLE}),
+}
 
 
 class _Op:
@@ -168,7 +192,7 @@ class Link:
         self.pair = pair
         self.rail = rail
         self.name = name
-        self.state = "idle"  # idle -> linking -> binding -> up; back to idle when torn down
+        self.state = LinkState.IDLE  # changed only by _move (the table above)
         self.link_id = 0
         self.channel: Channel | None = None
         self.ns = 0  # our namespace: the peer's replies and READ bytes
@@ -186,13 +210,21 @@ class Link:
 
     # ----------------------------------------------------------- linking
 
+    def _move(self, to: LinkState) -> LinkState:
+        """Go to state ``to`` if the table allows it; returns the state left."""
+        was = self.state
+        if to not in _LINK_MOVES[was]:
+            raise LinkStateError(f"rail {self.name}: a link cannot go from {was} to {to}")
+        self.state = to
+        return was
+
     def open(self) -> asyncio.Future[None]:
         """Set the link up now; the future resolves once it is up (LINKED, then BIND answered)."""
         if self.opened is None or self.opened.done():
             self.opened = asyncio.get_running_loop().create_future()
-        if self.state == "idle":
+        if self.state is LinkState.IDLE:
             self._start()
-        elif self.state == "up":
+        elif self.state is LinkState.UP:
             self.opened.set_result(None)
         return self.opened
 
@@ -203,7 +235,7 @@ class Link:
             return
         if self.link_id:
             self.reconnects += 1
-        self.state = "linking"
+        self._move(LinkState.LINKING)
         self.link_id = peer.register_link(self)
         self.ns = self.rail.claim_namespace(self)
         loop = asyncio.get_running_loop()
@@ -219,14 +251,14 @@ class Link:
 
     def _link_timeout(self, link_id: int) -> None:
         self._timer = None
-        if self.link_id == link_id and self.state in ("linking", "binding"):
+        if self.link_id == link_id and self.state in (LinkState.LINKING, LinkState.BINDING):
             self._teardown(
                 f"rail {self.name}: the peer did not set the link up within {self.peer.backend.connect_timeout:g} s"
             )
 
     def on_linked(self, msg: Linked) -> None:
         """The peer posted its header slots (control connection): open our endpoint and BIND."""
-        if self.state != "linking" or msg.link_id != self.link_id:
+        if self.state is not LinkState.LINKING or msg.link_id != self.link_id:
             return
         try:
             ep = self.rail.connect(self.pair.remote.address, self.peer.control_ip)
@@ -238,18 +270,18 @@ class Link:
             return
         self.peer_ns = msg.namespace
         self.free_slots = list(range(self.peer.slots - 1, -1, -1))
-        self.state = "binding"
+        self._move(LinkState.BINDING)
         op = _Op(None, self, Op.BIND, self.peer.backend.clock())
         self.ops[-1] = op
         self._send(op)
 
     def on_unlink(self, msg: Unlink) -> None:
         """The peer refused or closed the link (control connection)."""
-        if msg.link_id == self.link_id and self.state != "idle":
+        if msg.link_id == self.link_id and self.state is not LinkState.IDLE:
             self._teardown(f"rail {self.name}: the peer closed the link: {msg.reason}", tell=False)
 
     def _bound(self) -> None:
-        self.state = "up"
+        self._move(LinkState.UP)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -263,8 +295,7 @@ class Link:
         The ops are settled from the event loop, not from here: a teardown can
         happen inside ``post()``, and the planner takes no report from inside it.
         """
-        was = self.state
-        self.state = "idle"
+        was = self._move(LinkState.IDLE)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -283,7 +314,7 @@ class Link:
             asyncio.get_running_loop().call_soon(self._settle_many, ops)
         if self.opened is not None and not self.opened.done():
             self.opened.set_exception(RailLinkError(reason))
-        if tell and was != "idle" and not self.peer.closed:
+        if tell and was is not LinkState.IDLE and not self.peer.closed:
             with contextlib.suppress(PeerClosedError):
                 self.peer.send_control(Unlink(link_id=self.link_id, reason=reason[:1000]))
 
@@ -329,11 +360,11 @@ class Link:
         assert op.attempt is not None
         op.away = self.rail.progress.away()
         self.ops[op.attempt.id] = op
-        if self.state == "up" and self.free_slots and not self.waiting:
+        if self.state is LinkState.UP and self.free_slots and not self.waiting:
             self._send(op)
             return
         self.waiting.append(op)
-        if self.state == "idle":
+        if self.state is LinkState.IDLE:
             self._start()
 
     def _post_extents(self, a: Attempt, now: float) -> None:
@@ -350,7 +381,7 @@ class Link:
         self._queue(op)
 
     def _flush(self) -> None:
-        while self.waiting and self.free_slots and self.state == "up":
+        while self.waiting and self.free_slots and self.state is LinkState.UP:
             self._send(self.waiting.popleft())
 
     def _send(self, op: _Op) -> None:
@@ -557,7 +588,7 @@ class Link:
         op.reported = True
         a = op.attempt
         if a is None:  # the link's BIND
-            if self.state != "binding" or op.channel is not self.channel:
+            if self.state is not LinkState.BINDING or op.channel is not self.channel:
                 return  # a BIND of a link set-up that was torn down since
             if self._succeeded(op):
                 self._bound()
