@@ -131,7 +131,7 @@ async def main(config: dict[str, Any]) -> None:
                 return
             after_send = self._after_send
             # The reply is built from the request it is given: the whole one, with its true tail.
-            self._after_send = lambda link_, seg, _short: after_send(link_, seg, msg)
+            self._after_send = lambda link_, seg, _short, mark: after_send(link_, seg, msg, mark)
             try:
                 serve_read(self, link, attrs.evolve(msg, length=msg.length // 2))
             finally:

@@ -29,3 +29,17 @@ def test_the_loopback_benchmark_completes_raw_and_engine_runs_on_both_rails() ->
     for row in rows.values():
         for key in ("raw_GBps", "engine_write_GBps", "engine_read_GBps", "raw_rtt_us", "engine_write_us"):
             assert row[key] > 0, row
+
+
+def test_the_learning_run_reports_what_the_engine_learned_per_default_rail() -> None:
+    cmd = [sys.executable, "-m", "tent_async.cli", "bench", "ucx", "--learn", "--limit", "150"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["bench"] == "ucx_learn", out.stdout
+    got = rows[0]
+    assert len(got["rates"]) == 6 and all(r > 0 for r in got["rates"])
+    assert "shm" in got["learned"] and len(got["learned"]) >= 2  # shm and loopback at least
+    for shares in got["shares"]:
+        assert sum(shares.values()) == pytest.approx(1.0)
+    assert got["small_p50"] > 0 and got["small_rails"]

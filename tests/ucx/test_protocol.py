@@ -110,16 +110,17 @@ messages = st.one_of(
         inline=st.booleans(),
         write=st.booleans(),
     ),
-    st.builds(p.Ack, request=u64),
+    st.builds(p.Ack, request=u64, away=st.integers(0, p.MAX_AWAY_US)),
     st.builds(p.Error, request=u64, reason=st.text(max_size=100), retry=st.booleans()),
     st.builds(p.Data, request=u64, payload=st.binary(max_size=100)),
     st.builds(
-        lambda request, length, tail: p.Sent(
-            request, length, tail[: min(p.TAIL_BYTES, length)].ljust(min(p.TAIL_BYTES, length), b"x")
+        lambda request, length, tail, away: p.Sent(
+            request, length, tail[: min(p.TAIL_BYTES, length)].ljust(min(p.TAIL_BYTES, length), b"x"), away
         ),
         request=u64,
         length=u64,
         tail=st.binary(max_size=p.TAIL_BYTES),
+        away=st.integers(0, p.MAX_AWAY_US),
     ),
 )
 
@@ -202,9 +203,15 @@ def test_specific_refusals() -> None:
     with pytest.raises(ProtocolError, match="carries"):
         p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, b"abc"], use_bin_type=True))
     with pytest.raises(ProtocolError, match="integer"):
-        p.decode(msgpack.packb([int(p.Op.ACK), True]))
+        p.decode(msgpack.packb([int(p.Op.ACK), True, 0]))
     with pytest.raises(ProtocolError, match="outside"):
-        p.decode(msgpack.packb([int(p.Op.ACK), -1]))
+        p.decode(msgpack.packb([int(p.Op.ACK), -1, 0]))
+    with pytest.raises(ProtocolError, match="3 fields"):  # a version-4 ACK
+        p.decode(msgpack.packb([int(p.Op.ACK), 1]))
+    with pytest.raises(ProtocolError, match="away"):  # the server's time elsewhere is bounded
+        p.decode(msgpack.packb([int(p.Op.ACK), 1, p.MAX_AWAY_US + 1]))
+    with pytest.raises(ProtocolError, match="away"):
+        p.decode(msgpack.packb([int(p.Op.SENT), 1, 1, b"x", -1], use_bin_type=True))
     with pytest.raises(ProtocolError, match="limit"):
         frame_length((p.MAX_FRAME + 1).to_bytes(4, "big"))
     with pytest.raises(ProtocolError, match="limit"):

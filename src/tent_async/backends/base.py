@@ -37,7 +37,16 @@ class BackendContext(Protocol):
     """What the engine offers a backend.  Call it only from the event loop thread."""
 
     def complete(self, attempt_id: int, wire_time: float | None = None) -> None:
-        """All bytes of the attempt landed.  ``wire_time``: seconds on the wire, if measured."""
+        """All bytes of the attempt landed.  ``wire_time``: seconds on the wire, if measured.
+
+        The wire time is the rail's own: where rails share a thread that does the
+        moving (the ucx backend progresses every rail's worker on the event loop, in
+        both processes), the time that thread spent on *other* rails' work while the
+        attempt was out is left out, or a fast rail beside slow ones would be learned
+        as slow (and a small transfer then sent to the wrong rail).  ``local`` moves
+        each rail's bytes on a thread of its own and ``sim`` keeps each rail's time in
+        its model, so both report the attempt's time on its rail as it was.
+        """
 
     def fail(
         self,

@@ -35,7 +35,13 @@ adds its options).
 
     tent-async bench ucx [--iters 10] [--lat-iters 500] [--repeat 3] [--rails tcp,shm,default]
                          [--progress loop,thread] [--raw-progress loop,thread] [--progress-modes]
-                         [--kv] [--kv-only] [--veth]
+                         [--kv] [--kv-only] [--learn] [--veth]
+
+**What the engine learns** (``--learn``): six 64 MiB WRITEs over ``rails=None``
+(shm, every interface and loopback), then each rail's learned bandwidth and
+latency, its share of the bytes, and 300 4 KiB WRITEs (p50, and the rails they
+took): with every rail progressed on one event loop, a rail's wire time must
+not include the time the loops spent on the others (issue 9, item 3).
 """
 
 from __future__ import annotations
@@ -103,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=float, default=120.0, help="seconds before one run counts as hung")
     parser.add_argument("--kv", action="store_true", help="also run the KV-batch part (permuted blocks vs contiguous)")
     parser.add_argument("--kv-only", action="store_true", help="run only the KV-batch part")
+    parser.add_argument(
+        "--learn",
+        action="store_true",
+        help="only: six 64 MiB WRITEs over rails=None, then each rail's learned bandwidth, latency and share",
+    )
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
     if veth is not None and hasattr(veth, "add_veth_arguments"):
@@ -455,6 +466,70 @@ def run_kv(console: Any, args: argparse.Namespace) -> bool:
     return verdict
 
 
+LEARN_WRITES = 6
+LEARN_SMALL = 300
+
+
+async def _learn_client(address: str, mode: str) -> dict[str, Any]:
+    """Six 64 MiB WRITEs over ``rails=None``, then 4 KiB WRITEs; what the engine learned per rail."""
+    from ..engine import Engine
+
+    async with Engine(backend="ucx", name="bench-client", progress=mode) as engine:
+        src = engine.register(np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8), name="src")
+        peer = await engine.connect(address)
+        remote = await peer.segment("dst")
+        rates, shares = [], []
+        for _ in range(LEARN_WRITES):
+            t0 = time.perf_counter()
+            result = await engine.transfer(src[:], remote[:])
+            rates.append(SIZE / (time.perf_counter() - t0))
+            shares.append({name.split("/")[-1]: n / SIZE for name, n in result.bytes_per_rail.items()})
+        learned = {
+            r.name.split("/")[-1]: {"bw": r.bandwidth, "lat": r.latency, "bytes": r.bytes_total}
+            for r in engine.telemetry().rails
+        }
+        small: list[float] = []
+        used: set[str] = set()
+        for _ in range(LEARN_SMALL):
+            t0 = time.perf_counter()
+            result = await engine.transfer(src[:SMALL], remote[:SMALL])
+            small.append(time.perf_counter() - t0)
+            used.update(name.split("/")[-1] for name in result.bytes_per_rail)
+        return {
+            "rates": rates,
+            "shares": shares,
+            "learned": learned,
+            "small_p50": statistics.median(small),
+            "small_rails": sorted(used),
+        }
+
+
+def _learn_here(rail: str, iters: int, lat_iters: int, mode: str = "loop") -> dict[str, Any]:
+    with _peer("engine", {"rail": "default", "size": SIZE, "progress": mode}) as (hello, _proc):
+        return asyncio.run(_learn_client(hello["address"], mode))
+
+
+def run_learn(console: Any, args: argparse.Namespace) -> None:
+    """``--learn``: what the engine learns about each default rail from six 64 MiB WRITEs (issue 9, item 3)."""
+    mode = args.progress.split(",")[0].strip() or "loop"
+    got = _isolated("learn", "default", 0, 0, args.limit * 2, mode)
+    if got is None:
+        console.print(f"[red]--learn: the run failed or hung for {args.limit * 2:g} s; no figure[/red]")
+        return
+    table = Table(title=f"rails=None: {LEARN_WRITES} x 64 MiB WRITEs, then what the engine learned per rail")
+    for col in ("rail", "learned bandwidth", "learned latency", "share of bytes (all WRITEs)"):
+        table.add_column(col, justify="left" if col == "rail" else "right")
+    total = sum(v["bytes"] for v in got["learned"].values()) or 1
+    for name, v in got["learned"].items():
+        table.add_row(name, format_rate(v["bw"]), f"{v['lat'] * 1e6:.0f} us", f"{v['bytes'] / total:.0%}")
+    console.print(table)
+    console.print(
+        "64 MiB WRITEs in order: " + ", ".join(format_rate(r) for r in got["rates"]) + f"; then {LEARN_SMALL} x "
+        f"4 KiB WRITEs: p50 {got['small_p50'] * 1e6:.0f} us over {', '.join(got['small_rails'])}"
+    )
+    print(json.dumps({"bench": "ucx_learn", "progress": mode, **got}))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..backends.ucx import _ucxx
 
@@ -465,6 +540,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.kv_only:
         run_kv(console, args)
+        return 0
+    if args.learn:
+        run_learn(console, args)
         return 0
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
     if args.progress_modes:

@@ -5,8 +5,9 @@
   sent as garbage), and dropping a ``UCXRequest`` cancels it.
 * Completions arrive as asyncio futures resolved on the loop thread (by the
   rail's progress pass, or by its notifier thread in ``"thread"`` mode,
-  :mod:`.progress`); we attach done-callbacks instead of awaiting them, so no
-  task exists per message or per slice.  Every post is followed by
+  :mod:`.progress`); we watch them (``rail.progress.watch``: in the loop modes
+  the callback runs in the pass that resolved the future) instead of awaiting
+  them, so no task exists per message or per slice.  Every post is followed by
   ``rail.progress.kick()``: a request can complete inside the call that posts it.
 * Everything travels as *tagged* messages.  Receives are posted on the
   endpoint (ucxx tracks them there), so closing the endpoint cancels them
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -86,12 +88,15 @@ class Channel:
         if self.closed:
             return
         data = pack_data(msg)  # bytes: ucxx sends from any buffer, and these stay referenced below
+        progress = self.rail.progress
+        t0 = time.perf_counter()
         try:
             req = self._endpoint().tag_send(self._ucx.Array(data), self._ucx.L.UCXXTag(tag))
         except self._ucx.UCXError as exc:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
-        self.rail.progress.kick(req)
+        progress.account(time.perf_counter() - t0)
+        progress.kick(req)
         self.keep(req, data, None)
 
     def keep(self, req: Any, buffer: Any, then: Callable[[BaseException | None], None] | None) -> None:
@@ -105,7 +110,7 @@ class Channel:
             if then is not None:
                 then(error)
 
-        req.future.add_done_callback(done)
+        self.rail.progress.watch(req, done)
 
     def _endpoint(self) -> Any:
         if self.ep is None:
@@ -113,9 +118,16 @@ class Channel:
         return self.ep
 
     def tag_send(self, array: Any, tag: int) -> Any:
-        """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request."""
+        """Post a tagged send of ``array`` (a contiguous numpy/cupy view); returns the request.
+
+        The call's time counts as this rail's (``Progress.account``): over TCP, UCX pushes
+        what the socket takes from inside it.
+        """
+        progress = self.rail.progress
+        t0 = time.perf_counter()
         req = self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
-        self.rail.progress.kick(req)
+        progress.account(time.perf_counter() - t0)
+        progress.kick(req)
         return req
 
     def tag_recv(self, array: Any, tag: int) -> Any:

@@ -28,8 +28,13 @@ Three ways, chosen per rail (``UcxBackend(progress=...)``, docs/ucx.md "Progress
     which must not happen to the application's event-loop thread).
 
 In every mode a request's completion is an asyncio future resolved on the
-loop thread, so the rest of the backend (``req.future.add_done_callback``)
-does not know which mode runs.  The one rule the loop modes add: whoever posts
+loop thread, and the backend hears of it through :meth:`Progress.watch`, so
+it does not know which mode runs.  In the loop modes a watched request's
+callback runs inside the pass that resolved its future, not one loop turn
+later (``add_done_callback`` goes through ``call_soon``): a slice's reply is
+acted on, and a header answered, in the pass that received it (while few
+requests are watched: past ``WATCH_SCAN`` the pass does not look through
+them, and the futures' own callbacks, always attached, deliver instead).  The one rule the loop modes add: whoever posts
 a request calls :meth:`Progress.kick` afterwards (:class:`~.channel.Channel`
 and :class:`~.rails.LocalRail` do), because a request can complete inside the
 call that posts it, and UCX raises no event for that.
@@ -44,9 +49,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import queue
 import threading
+import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from . import _ucxx
@@ -60,6 +69,30 @@ POLL_SPIN = 0.002  # "poll": seconds of spinning after the last activity before 
 SEND_POLL = 0.0002  # loop modes, shared memory: seconds between polls of a stalled, unfinished send
 SEND_POLL_EVENTED = 0.001  # ... TCP (a full socket raises an event; this is the progress thread's epoll timeout)
 SAFETY_INTERVAL = 0.05  # loop modes: a pass at least this often, in case an event was missed
+ROUNDS = 3  # loop modes: progress, resolve, deliver rounds per pass while callbacks post new requests
+WATCH_SCAN = 64  # loop modes: watched requests a pass looks through for completions (more: futures' callbacks)
+
+Watcher = Callable[[Any], None]
+
+
+class _Meter:
+    """Seconds spent in progress passes on one event loop, all rails together."""
+
+    __slots__ = ("__weakref__", "running", "total")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.running = False  # a pass is running (a send posted inside it is counted by the pass)
+
+
+_meters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Meter] = weakref.WeakKeyDictionary()
+
+
+def _meter(loop: asyncio.AbstractEventLoop) -> _Meter:
+    meter = _meters.get(loop)
+    if meter is None:
+        meter = _meters[loop] = _Meter()
+    return meter
 
 
 class Progress:
@@ -77,6 +110,30 @@ class Progress:
 
         ``send``: the request, if it is a send (the loop modes poll while a send is unfinished).
         """
+
+    def away(self) -> float:
+        """Seconds the loop has spent progressing the *other* rails' workers (a running count).
+
+        The difference over a slice's flight is time the loop could not spend on
+        this rail: a 16 MiB TCP message pushed inside one progress call holds a
+        shared-memory slice's completion back by that long, and a wire time that
+        included it would teach the planner that shared memory is slow (see
+        :class:`~tent_async.backends.base.BackendContext`, ``complete``).  Zero
+        in ``"thread"`` mode, where each worker has a thread of its own.
+        """
+        return 0.0
+
+    def account(self, seconds: float) -> None:
+        """A send was posted on this rail's worker, outside a pass, and the call took ``seconds``.
+
+        UCX's TCP transport pushes as much of a message as the socket takes from inside
+        the send call itself, so a large send posted by the engine's pump holds the loop
+        like a progress pass does, and counts toward the other rails' ``away()`` alike.
+        """
+
+    def watch(self, req: Any, fn: Watcher) -> None:
+        """Call ``fn(req.future)`` once the request's future is done (on the loop thread)."""
+        req.future.add_done_callback(fn)
 
     def close(self) -> None:
         """Stop progressing; the worker is released by its owner afterwards."""
@@ -140,6 +197,13 @@ class LoopProgress(Progress):
         # 1 ms epoll timeout).  While a send is unfinished the pass reschedules itself.
         self._sends: collections.deque[Any] = collections.deque()
         self._send_poll: asyncio.TimerHandle | None = None
+        # Watched requests: key -> (its future, callback), delivered by the pass (see watch()).
+        self._watched: dict[int, tuple[Any, Watcher]] = {}
+        self._keys = 0
+        self._meter = _meter(loop)
+        self._own = 0.0  # seconds this rail's passes took
+        self._in_pass = False  # delivering callbacks: a kick means "go round again", not "schedule"
+        self._kicked = False
         loop.add_reader(self._fd, self._on_event)
         self._safety: asyncio.TimerHandle | None = loop.call_later(SAFETY_INTERVAL, self._on_safety)
         self.kick()
@@ -154,9 +218,49 @@ class LoopProgress(Progress):
         self.worker.populate_python_futures_pool()
         if self.spin:
             self._active_until = self.loop.time() + self.spin
-        if not self._scheduled:
+        if self._in_pass:  # posted by a callback the pass delivers: the pass goes round again
+            self._kicked = True
+        elif not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._pass)
+
+    def watch(self, req: Any, fn: Watcher) -> None:
+        """Deliver the completion in the pass that resolves the future, or else by its callback.
+
+        Both paths are armed; whichever runs first delivers and removes the entry,
+        the other finds it gone.  The future's callback is the one that scales:
+        the pass looks through the watched requests only while there are at most
+        ``WATCH_SCAN`` of them (a server with many links falls back to it).
+        """
+        self._keys += 1
+        key = self._keys
+        future = req.future
+        # The future, not the request: dropping the last reference to a request cancels it,
+        # which is how a refused READ's posted receive is stopped (peer.py), so none is kept here.
+        self._watched[key] = (future, fn)
+        future.add_done_callback(functools.partial(self._deliver_late, key))
+
+    def _deliver_late(self, key: int, future: Any) -> None:
+        entry = self._watched.pop(key, None)
+        if entry is not None:
+            entry[1](future)
+
+    def _deliver(self) -> None:
+        """Run the callbacks of watched requests whose futures are done (a pass just resolved them)."""
+        watched = self._watched
+        if not watched or len(watched) > WATCH_SCAN:
+            return
+        done = [key for key, (future, _fn) in watched.items() if future.done()]
+        for key in done:
+            entry = watched.pop(key, None)
+            if entry is None:  # an earlier callback of this batch delivered it (closing, say)
+                continue
+            try:
+                entry[1](entry[0])
+            except Exception as exc:  # as the loop would report an exception from a callback
+                self.loop.call_exception_handler(
+                    {"message": f"rail {self.name}: a request's completion callback failed", "exception": exc}
+                )
 
     def _on_event(self) -> None:
         if self.spin:
@@ -182,21 +286,60 @@ class LoopProgress(Progress):
         if self._send_poll is not None:
             self._send_poll.cancel()
             self._send_poll = None
-        worker = self.worker
-        if self._closed or worker is None:
+        if self._closed or self.worker is None:
             return
+        meter = self._meter
+        nested = meter.running  # a callback of another rail's pass closed an endpoint here, say
+        meter.running = True
+        t0 = time.perf_counter()
+        try:
+            self._run_pass(self.worker)
+        finally:
+            meter.running = nested
+            if not nested:
+                spent = time.perf_counter() - t0
+                self._own += spent
+                meter.total += spent
+
+    def away(self) -> float:
+        return self._meter.total - self._own
+
+    def account(self, seconds: float) -> None:
+        meter = self._meter
+        if not meter.running:  # inside a pass, the pass's own timing counts it
+            self._own += seconds
+            meter.total += seconds
+
+    def _run_pass(self, worker: Any) -> None:
         try:
             made = busy = False
-            for _ in range(PASS_BUDGET):
-                if not worker.progress_once():
+            budget = PASS_BUDGET
+            for _round in range(ROUNDS):
+                for _ in range(budget):
+                    budget -= 1
+                    if not worker.progress_once():
+                        break
+                    made = True
+                else:
+                    busy = True
+                # Requests whose endpoint closed or failed were scheduled for cancellation;
+                # ucxx cancels them here (Worker::progress does the same after its own loop).
+                worker.cancel_inflight_requests(0, 1)
+                worker.run_request_notifier()  # resolve the futures of what completed
+                if not self._watched:
                     break
-                made = True
-            else:
-                busy = True
-            # Requests whose endpoint closed or failed were scheduled for cancellation;
-            # ucxx cancels them here (Worker::progress does the same after its own loop).
-            worker.cancel_inflight_requests(0, 1)
-            worker.run_request_notifier()  # resolve the futures of what completed
+                self._kicked = False
+                self._in_pass = True
+                try:
+                    self._deliver()  # may post requests, close endpoints, even close this rail
+                finally:
+                    self._in_pass = False
+                if self._closed:
+                    return
+                # A callback posted something (a server's answer, the next header): progress it now,
+                # in this turn, rather than in a pass of the next one.
+                if not self._kicked or busy:
+                    break
             sends = self._sends
             while sends and sends[0].completed:
                 sends.popleft()
@@ -205,9 +348,13 @@ class LoopProgress(Progress):
             spinning = self.spin and self.loop.time() < self._active_until
             # A send advancing: go on at once.  Arm only with nothing left to progress
             # (short-circuit); BUSY means events came in meanwhile.
-            again = busy or spinning or (made and self._chase_sends and bool(sends)) or not worker.arm()
+            again = busy or spinning or self._kicked or (made and self._chase_sends and bool(sends))
+            again = again or not worker.arm()
+            self._kicked = False
         except Exception:  # pragma: no cover - a worker being torn down
             logger.debug("rail %s: progress pass failed", self.name, exc_info=True)
+            return
+        if self._scheduled:  # a callback's own pass (a close on another rail, say) is on its way
             return
         if again:
             self._scheduled = True
@@ -228,6 +375,8 @@ class LoopProgress(Progress):
                 self.loop.remove_reader(self._fd)
         self._fd = None
         self._sends.clear()
+        # _watched stays: the futures' own callbacks deliver what is still out (and retrieve
+        # their errors: a cancelled request's future would otherwise log one at exit).
         # Resolve what completed (requests the endpoints' closing cancelled), then let the
         # futures go: they hold references into the worker.
         with contextlib.suppress(Exception):

@@ -48,12 +48,15 @@ import numpy as np
 from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
-PROTOCOL_VERSION: Final = 5  # 4: WRITEV/READV (extent lists); 5: ERROR says whether a retry may succeed
+# 4: WRITEV/READV (extent lists); 5: ERROR says whether a retry may succeed; 6: ACK and SENT
+# carry the server's ``away``
+PROTOCOL_VERSION: Final = 6
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
 MAX_NAME: Final = 256  # engine, rail, device and segment names (characters)
 MAX_REASON: Final = 4096
+MAX_AWAY_US: Final = (1 << 32) - 1  # ACK/SENT ``away``: microseconds (71 minutes)
 MAX_MESSAGE: Final = 1 << 16  # a notification's text
 MAX_RAILS: Final = 64
 MAX_SEGMENTS: Final = 1 << 16
@@ -363,9 +366,16 @@ class ScatterRequest:
 
 @attrs.frozen
 class Ack:
-    """The slice landed (WRITE: the receive completed)."""
+    """The slice landed (WRITE: the receive completed).
+
+    ``away``: microseconds the server's event loop spent progressing its *other*
+    rails between the header's arrival and this reply (see ``Progress.away``).
+    The initiator does not count that time as this rail's wire time; it trusts it
+    only up to what it measured itself (peer.py, ``Link._wire_time``).
+    """
 
     request: int
+    away: int = 0
 
 
 @attrs.frozen
@@ -403,6 +413,7 @@ class Sent:
     request: int
     length: int
     tail: bytes = b""
+    away: int = 0  # as in :class:`Ack`
 
 
 Message = (
@@ -453,13 +464,13 @@ def encode(msg: Message) -> bytes:
         code = Op.WRITEV if msg.op is Op.WRITE else Op.READV
         fields = [code, msg.request, segs, msg.count, msg.total, msg.table, last]
     elif isinstance(msg, Ack):
-        fields = [Op.ACK, msg.request]
+        fields = [Op.ACK, msg.request, msg.away]
     elif isinstance(msg, Error):
         fields = [Op.ERROR, msg.request, msg.reason, msg.retry]
     elif isinstance(msg, Data):
         fields = [Op.DATA, msg.request, msg.payload]
     elif isinstance(msg, Sent):
-        fields = [Op.SENT, msg.request, msg.length, msg.tail]
+        fields = [Op.SENT, msg.request, msg.length, msg.tail, msg.away]
     elif isinstance(msg, Bind):
         fields = [Op.BIND, msg.request]
     elif isinstance(msg, Bound):
@@ -871,7 +882,8 @@ def _d_scatter(f: list[Any]) -> ScatterRequest:
 
 
 def _d_ack(f: list[Any]) -> Ack:
-    return Ack(request=_int(_fields(f, "ACK", 2)[1], "request id"))
+    _, request, away = _fields(f, "ACK", 3)
+    return Ack(request=_int(request, "request id"), away=_int(away, "away", hi=MAX_AWAY_US))
 
 
 def _d_error(f: list[Any]) -> Error:
@@ -889,10 +901,10 @@ def _d_data(f: list[Any]) -> Data:
 
 
 def _d_sent(f: list[Any]) -> Sent:
-    _, request, length, tail = _fields(f, "SENT", 4)
+    _, request, length, tail, away = _fields(f, "SENT", 5)
     length = _int(length, "length")
     tail = _bytes(tail, "tail", (min(TAIL_BYTES, length),))
-    return Sent(request=_int(request, "request id"), length=length, tail=tail)
+    return Sent(request=_int(request, "request id"), length=length, tail=tail, away=_int(away, "away", hi=MAX_AWAY_US))
 
 
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {

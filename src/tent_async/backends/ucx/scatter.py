@@ -471,11 +471,12 @@ def _bounds(segs: Sequence[Segment], index: Array, offsets: Array, lengths: Arra
 class _Served:
     """One scatter-gather slice being served: its segments, staging and extents."""
 
-    __slots__ = ("buf", "extents", "link", "msg", "segs", "server", "watch")
+    __slots__ = ("buf", "extents", "link", "mark", "msg", "segs", "server", "watch")
 
     def __init__(self, server: Server, link: ServerLink, msg: ScatterRequest, segs: list[Segment]) -> None:
         self.server = server
         self.link = link
+        self.mark = link.rail.progress.away()  # for ACK/SENT's ``away``
         self.msg = msg
         self.segs = segs
         self.buf: Array | None = None
@@ -540,7 +541,7 @@ class _Served:
         stats["served_write"] += 1
         stats["bytes_written"] += self.msg.total
         self.count()
-        self.link.reply(Ack(request=self.msg.request))
+        self.link.reply(Ack(request=self.msg.request, away=self.link.away_since(self.mark)))
 
     def count(self) -> None:
         stats = self.server.backend.stats
@@ -705,7 +706,7 @@ def _send(served: _Served) -> None:
             stats["served_read"] += 1
             stats["bytes_read"] += msg.total
             served.count()
-            link.reply(Sent(request=msg.request, length=msg.total, tail=tail))
+            link.reply(Sent(request=msg.request, length=msg.total, tail=tail, away=link.away_since(served.mark)))
         else:
             link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
 

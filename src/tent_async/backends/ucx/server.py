@@ -52,6 +52,7 @@ from .protocol import (
     HEADER_ROOM,
     KIND_CONTROL,
     KIND_DATA,
+    MAX_AWAY_US,
     MAX_CLIENT_FRAME,
     MAX_CONN_ID,
     MAX_HELLO_FRAME,
@@ -238,6 +239,10 @@ class ServerLink:
     def reply(self, msg: Ack | Bound | Data | Error | Sent) -> None:
         """The one reply to a header, into the receive the client posted for its request."""
         self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, msg.request))
+
+    def away_since(self, mark: float) -> int:
+        """Microseconds the loop spent on other rails since ``mark`` (a ``progress.away()``), for ACK/SENT."""
+        return min(MAX_AWAY_US, max(0, int((self.rail.progress.away() - mark) * 1e6)))
 
     def refuse(self, request: int, reason: str, *, retry: bool = False) -> None:
         """Answer ``request`` with ``ERROR`` (the reason cut to what the client's receive holds)."""
@@ -681,6 +686,7 @@ class Server:
         return seg, ""
 
     def serve(self, link: ServerLink, msg: SliceRequest) -> None:
+        mark = link.rail.progress.away()  # the header arrived now; ACK/SENT say how long we were elsewhere
         seg, reason = self._check(msg)
         stats = self.backend.stats
         ch = link.channel
@@ -732,7 +738,7 @@ class Server:
                 self._end(link, seg)
                 link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
                 return
-            ch.keep(req, (view, seg), self._after_recv(link, seg, msg))
+            ch.keep(req, (view, seg), self._after_recv(link, seg, msg, mark))
             return
         # READ
         if msg.inline:
@@ -747,7 +753,7 @@ class Server:
             self._end(link, seg)
             link.refuse(msg.request, f"cannot send: {_ucxx.describe_error(exc)}")
             return
-        ch.keep(req, (view, seg), self._after_send(link, seg, msg))
+        ch.keep(req, (view, seg), self._after_send(link, seg, msg, mark))
 
     def _begin(self, link: ServerLink, seg: Segment) -> None:
         link.in_flight += 1
@@ -759,19 +765,23 @@ class Server:
         if self.segment_ops[seg.name] <= 0:
             del self.segment_ops[seg.name]
 
-    def _after_recv(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
+    def _after_recv(
+        self, link: ServerLink, seg: Segment, msg: SliceRequest, mark: float
+    ) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
             self._end(link, seg)
             if error is None and not link.closed:
                 self.backend.stats["served_write"] += 1
                 self.backend.stats["bytes_written"] += msg.length
-                link.reply(Ack(request=msg.request))
+                link.reply(Ack(request=msg.request, away=link.away_since(mark)))
             elif error is not None and not link.closed:
                 link.refuse(msg.request, f"receive failed: {_ucxx.describe_error(error)}")
 
         return done
 
-    def _after_send(self, link: ServerLink, seg: Segment, msg: SliceRequest) -> Callable[[BaseException | None], None]:
+    def _after_send(
+        self, link: ServerLink, seg: Segment, msg: SliceRequest, mark: float
+    ) -> Callable[[BaseException | None], None]:
         def done(error: BaseException | None) -> None:
             self._end(link, seg)
             if link.closed:
@@ -781,7 +791,8 @@ class Server:
                 self.backend.stats["bytes_read"] += msg.length
                 end = msg.offset + msg.length
                 tail = seg.memory.array[end - min(TAIL_BYTES, msg.length) : end]
-                link.reply(Sent(request=msg.request, length=msg.length, tail=_host_bytes(tail)))
+                away = link.away_since(mark)
+                link.reply(Sent(request=msg.request, length=msg.length, tail=_host_bytes(tail), away=away))
             else:
                 link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
 

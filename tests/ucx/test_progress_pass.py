@@ -1,0 +1,211 @@
+"""The loop-mode progress pass (backends/ucx/progress.py) against a stand-in worker: no UCX needed.
+
+What the pass promises: a watched request's callback runs in the pass that
+resolved its future, exactly once (its future's own callback, always attached,
+finds it delivered); requests a callback posts are progressed in the same pass;
+and ``away()`` counts the time the loop spent progressing the *other* rails,
+which the initiator subtracts from a slice's wire time (peer.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tent_async.backends.ucx import progress as P
+from tent_async.backends.ucx.peer import Link, _Op
+from tent_async.backends.ucx.protocol import Op
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeWorker:
+    """Just what LoopProgress calls; ``run_request_notifier`` resolves what ``complete`` queued."""
+
+    def __init__(self, fd: int, busy: float = 0.0) -> None:
+        self.epoll_file_descriptor = fd
+        self.busy = busy  # seconds each productive progress call takes (a large TCP push)
+        self.ready: list[tuple[asyncio.Future[None], int]] = []  # futures to resolve, progress calls left
+        self.progress_calls = 0
+
+    def init_blocking_progress_mode(self) -> None: ...
+    def populate_python_futures_pool(self) -> None: ...
+    def cancel_inflight_requests(self, *_: Any) -> None: ...
+    def clear_python_futures_pool(self) -> None: ...
+    def wait_request_notifier(self, **_: Any) -> None: ...
+    def progress(self) -> None: ...
+
+    def arm(self) -> bool:
+        return True
+
+    def progress_once(self) -> bool:
+        self.progress_calls += 1
+        if not any(left > 0 for _, left in self.ready):
+            return False
+        self.ready = [(f, left - 1) for f, left in self.ready]
+        if self.busy:
+            time.sleep(self.busy)
+        return True
+
+    def run_request_notifier(self) -> None:
+        for future, left in list(self.ready):
+            if left <= 0 and not future.done():
+                future.set_result(None)
+        self.ready = [(f, left) for f, left in self.ready if not f.done()]
+
+    def request(self, loop: asyncio.AbstractEventLoop, progress_calls: int = 1) -> Any:
+        future: asyncio.Future[None] = loop.create_future()
+        self.ready.append((future, progress_calls))
+        return SimpleNamespace(future=future, completed=False)
+
+
+@pytest.fixture
+def fds() -> Iterator[list[int]]:
+    pipes = [os.pipe() for _ in range(2)]
+    yield [r for r, _ in pipes]
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+
+
+async def test_a_watched_completion_is_delivered_once_in_the_pass_that_resolved_it(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker = FakeWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "a")
+    try:
+        await asyncio.sleep(0.01)  # the first pass ran
+        calls: list[str] = []
+        ticks = 0
+
+        def tick() -> None:
+            nonlocal ticks
+            ticks += 1
+
+        req = worker.request(loop)
+        prog.watch(req, lambda fut: calls.append("first"))
+        second = worker.request(loop)
+
+        def posted_by_callback(fut: Any) -> None:
+            calls.append("posts")
+            third = worker.request(loop)
+            prog.watch(third, lambda fut: calls.append(f"third after {ticks} ticks"))
+            prog.kick()  # a server answering from inside the pass
+
+        prog.watch(second, posted_by_callback)
+        prog.kick()
+        loop.call_soon(tick)  # queued behind the pass: runs after it
+        await asyncio.sleep(0.01)
+        # Both delivered, and what the callback posted completed in the same pass (before the tick).
+        assert calls == ["first", "posts", "third after 0 ticks"]
+        await asyncio.sleep(0.01)  # the futures' own callbacks ran and found them delivered
+        assert calls == ["first", "posts", "third after 0 ticks"]
+    finally:
+        prog.close()
+
+
+async def test_past_the_scan_limit_the_futures_callbacks_deliver(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker = FakeWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "a")
+    try:
+        got: list[int] = []
+        reqs = [worker.request(loop) for _ in range(P.WATCH_SCAN + 5)]
+        for i, req in enumerate(reqs):
+            prog.watch(req, lambda fut, i=i: got.append(i))
+        prog.kick()
+        await asyncio.sleep(0.02)
+        assert sorted(got) == list(range(len(reqs)))  # each exactly once
+    finally:
+        prog.close()
+
+
+async def test_away_counts_time_spent_on_the_other_rails(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    slow = FakeWorker(fds[0], busy=0.004)  # a rail pushing a large TCP message
+    fast = FakeWorker(fds[1])
+    a = P.LoopProgress(slow, loop, "tcp")
+    b = P.LoopProgress(fast, loop, "shm")
+    try:
+        await asyncio.sleep(0.01)
+        a0, b0 = a.away(), b.away()
+        slow.request(loop, progress_calls=5)  # 5 productive calls of 4 ms on the slow rail
+        a.kick()
+        await asyncio.sleep(0.05)
+        assert b.away() - b0 >= 0.019  # the fast rail's loop was elsewhere for ~20 ms
+        assert a.away() - a0 < 0.01  # its own passes do not count
+    finally:
+        a.close()
+        b.close()
+
+
+def _link(away: float) -> Any:
+    link: Any = Link.__new__(Link)
+    link.rail = SimpleNamespace(progress=SimpleNamespace(away=lambda: away))
+    link.last_done = 0.0
+    link.last_away = 0.0
+    return link
+
+
+def _op(t_post: float, away: float) -> _Op:
+    op = _Op(None, None, Op.WRITE, t_post)  # type: ignore[arg-type]
+    op.away = away
+    return op
+
+
+def test_wire_time_leaves_out_the_larger_of_both_sides_time_elsewhere() -> None:
+    # Posted at 1.0 with the loop 2.0 s "away" so far; done at 1.010 with 2.006 away: 6 ms elsewhere here.
+    assert _link(2.006)._wire_time(_op(1.0, 2.0), 1.010, 0.0) == pytest.approx(0.004)
+    # The peer was elsewhere 8 ms (overlapping ours): the larger counts, not the sum.
+    assert _link(2.006)._wire_time(_op(1.0, 2.0), 1.010, 0.008) == pytest.approx(0.002)
+    # A peer's claim (or our own count) never makes it less than a tenth of what it took.
+    assert _link(2.0)._wire_time(_op(1.0, 2.0), 1.010, 5.0) == pytest.approx(0.001)
+    # A slice posted before the link's previous completion is timed from that completion.
+    link = _link(2.0)
+    link.last_done, link.last_away = 1.005, 1.999
+    assert link._wire_time(_op(1.0, 1.99), 1.010, 0.0) == pytest.approx(0.004)
+    assert (link.last_done, link.last_away) == (1.010, 2.0)
+
+
+async def test_a_send_posted_outside_a_pass_counts_once_toward_the_other_rails(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker_a = FakeWorker(fds[0])
+    a = P.LoopProgress(worker_a, loop, "tcp")
+    b = P.LoopProgress(FakeWorker(fds[1]), loop, "shm")
+    try:
+        await asyncio.sleep(0.01)
+        a0, b0 = a.away(), b.away()
+        a.account(0.003)  # the engine's pump posted a large TCP send that took 3 ms
+        assert b.away() - b0 == pytest.approx(0.003)
+        assert a.away() == a0
+        # A send posted by a callback inside a's pass is already in the pass's own time.
+        req = worker_a.request(loop)
+        a.watch(req, lambda fut: a.account(0.003))
+        a.kick()
+        await asyncio.sleep(0.01)
+        assert b.away() - b0 < 0.003 + 0.002  # the claimed 3 ms were not added a second time
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_link_refuses_moves_its_state_table_does_not_allow() -> None:
+    from tent_async.backends.ucx.peer import LinkState, LinkStateError
+
+    link: Any = Link.__new__(Link)
+    link.name = "peer/shm"
+    link.state = LinkState.IDLE
+    with pytest.raises(LinkStateError, match="from idle to up"):
+        link._move(LinkState.UP)  # never up without LINKED and BOUND
+    assert link.state is LinkState.IDLE
+    for step in (LinkState.LINKING, LinkState.BINDING, LinkState.UP):
+        link._move(step)
+    with pytest.raises(LinkStateError, match="from up to binding"):
+        link._move(LinkState.BINDING)
+    assert link._move(LinkState.IDLE) is LinkState.UP  # torn down from anywhere
+    assert link._move(LinkState.IDLE) is LinkState.IDLE  # closing twice is allowed
