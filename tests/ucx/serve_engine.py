@@ -117,6 +117,15 @@ async def main(config: dict[str, Any]) -> None:
             serve(self, link, msg)
 
         server.Server.serve = short_serve  # type: ignore[method-assign]
+    if config.get("retry_refusals"):  # tests: every refusal says "retry" (as a busy peer's would)
+        from tent_async.backends.ucx import server as retrying
+
+        refuse = retrying.ServerLink.refuse
+
+        def retry_refuse(self: Any, request: int, reason: str, *, retry: bool = False) -> None:
+            refuse(self, request, reason, retry=True)
+
+        retrying.ServerLink.refuse = retry_refuse  # type: ignore[method-assign]
     if config.get("lying_reads"):  # tests: sends half of every large READ but claims the whole of it
         import attrs
 

@@ -79,6 +79,24 @@ async def test_a_read_half_delivered_but_claimed_whole_fails(spawn_peer: Any) ->
         assert out[:4096].tobytes().hex() == server.cmd(cmd="read", segment="kv", start=0, stop=4096)["hex"]
 
 
+async def test_a_peer_cannot_turn_a_refusal_into_retries(spawn_peer: Any) -> None:
+    """Only an extent-list slice takes staging, so only its refusal may say "retry" (the peer's
+    load): a WRITE into a read-only segment refused with "retry" still fails the transfer at
+    once with RemoteAccessError, not after busy retries (review of issue 11's busy refusals)."""
+    server = spawn_peer(name="decode-0", retry_refusals=True, rails=RAILS, segments=[{"name": "kv", "size": MiB}])
+    config = tent.SchedulerConfig(busy_wait=60.0)  # were the refusal taken as busy, the test would time out
+    rails = [tent.RailSpec(**r) for r in RAILS]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, config=config) as engine:
+        with anyio.fail_after(30):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        server.cmd(cmd="unregister", segment="kv")  # the peer refuses the WRITE: unknown segment
+        src = engine.register(np.ones(MiB, dtype=np.uint8), name="src")
+        with anyio.fail_after(20), pytest.raises(tent.RemoteAccessError) as info:
+            await engine.transfer(src[:], kv[:])
+        assert not isinstance(info.value, tent.RemoteBusyError)
+
+
 async def test_a_relayed_handshake_gets_nothing(spawn_peer: Any) -> None:
     """A host without the secret relays a legitimate client's handshake to the target (issue 11, finding 3).
 

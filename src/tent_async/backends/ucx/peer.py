@@ -606,8 +606,10 @@ class Link:
         ctx = backend.ctx
         if op.withdrawing:
             ctx.withdrawn(a.id)
-        elif op.fatal is not None and isinstance(op.reply, Error) and op.reply.retry:
-            # The peer's load (no staging free), nothing written: the planner backs off and retries.
+        elif op.fatal is not None and op.sg is not None and isinstance(op.reply, Error) and op.reply.retry:
+            # The peer's load (no staging free), nothing written: the planner holds the rail off and
+            # retries.  Only an extent-list slice takes staging, so only its refusal may say retry: a
+            # peer cannot turn a permission or bounds refusal into retries.
             ctx.fail(a.id, RemoteBusyError(f"peer {self.peer.name!r} is busy: {op.fatal}"), busy=True)
         elif op.fatal is not None:
             ctx.fail(
