@@ -317,3 +317,39 @@ def test_slices_of_merged_runs_land_byte_exact(
         copy_extents(mems, *win.arrays(), one_pair=True)
         offset += length
     assert np.array_equal(dst, want)
+
+
+@given(
+    st.lists(st.integers(1, 3000), min_size=1, max_size=200),
+    st.integers(1, 8),
+    st.integers(64, 1024),
+    st.data(),
+)
+def test_a_slice_cut_to_the_extent_budget_fits_it_and_is_as_long_as_it_may_be(
+    lengths: list[int], free: int, per: int, data: st.DataObject
+) -> None:
+    """fit_extents: the slice it leaves carries at most ``free + bytes // per`` extents (one
+    extent always goes), is the whole request when that fits, and otherwise ends where an
+    extent ends and no longer prefix ending at an extent boundary would fit."""
+    from tent_async.core.planner import fit_extents
+
+    src = np.cumsum([0, *lengths[:-1]]) * 2  # gaps: nothing coalesces
+    ext = Extents.between("a", src, "b", src[::-1].copy(), np.array(lengths))
+    offset = data.draw(st.integers(0, ext.total - 1))
+    size = data.draw(st.integers(1, ext.total - offset))
+    got = fit_extents(ext, offset, size, free, per)
+
+    def count(n: int) -> int:
+        return len(ext.window(offset, n))
+
+    def fits(n: int) -> bool:
+        return count(n) <= max(1, free + n // per)
+
+    assert 0 < got <= size
+    assert fits(got) or count(got) == 1
+    if fits(size):
+        assert got == size
+    else:
+        ends = [int(e) - offset for e in ext.starts if offset < int(e) < offset + size]  # extent ends inside
+        assert got in ends
+        assert not any(fits(e) for e in ends if e > got)

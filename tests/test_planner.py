@@ -430,3 +430,37 @@ def test_occasional_busy_refusals_never_fail_honest_transfers() -> None:
     assert len(done) > 1000
     assert all(d.outcome is Outcome.DONE for d in done), [d.error for d in done if d.outcome is not Outcome.DONE][:1]
     assert planner.has_transfer(tid)
+
+
+def test_scatter_slices_are_cut_to_the_rails_extent_budget() -> None:
+    """A rail that states an extent budget (ucx: a peer refuses a header with more) gets
+    slices cut to fit it, however fast it is: a table of tiny blocks moves as more, shorter
+    slices instead of one slice the peer would refuse, and every byte still goes once."""
+    import numpy as np
+
+    from tent_async.core.extents import Extents
+
+    n, block = 4096, 64
+    src = np.arange(n, dtype=np.int64) * block * 2  # gaps on both sides: nothing coalesces
+    ext = Extents.between("s", src, "d", src[::-1].copy(), block)
+    info = RailInfo("a", 1e12, extents_free=16, extent_bytes=512)
+    planner = Planner([info], SchedulerConfig(window=4), scatter_gather=True)
+    planner.submit(ext, 0.0)
+    now, posted, finished = 0.0, [], []
+    for _ in range(10_000):
+        out = planner.poll(now)
+        for d in out:
+            if isinstance(d, Post):
+                a = d.attempt
+                count = len(a.extents) if a.extents is not None else 1
+                assert count <= max(1, 16 + a.length // 512), (count, a.length)
+                posted.append(a)
+                planner.complete(a.id, now)
+            elif isinstance(d, Finished):
+                finished.append(d)
+        if finished:
+            break
+        now += 1e-6
+    assert finished and finished[0].outcome is Outcome.DONE
+    assert sum(a.length for a in posted) == n * block
+    assert len(posted) > 1

@@ -34,6 +34,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Hashable, Iterable, Sequence
 
+import numpy as np
+
 from ..errors import NoRailError, TransferFailedError
 from .config import SchedulerConfig
 from .decisions import Attempt, AttemptState, Decision, Finished, Outcome, Piece, Post, Withdraw
@@ -49,6 +51,28 @@ from .transfer_state import PendingRange, Phase, Priority, TransferProgress, Tra
 _LIVE = AttemptState.LIVE
 _WITHDRAWING = AttemptState.WITHDRAWING
 _DONE = AttemptState.DONE
+
+
+def fit_extents(ext: Extents, offset: int, size: int, free: int, per: int) -> int:
+    """The longest prefix of ``size`` stream bytes from ``offset`` whose extents fit the rail's
+    budget (at most ``free`` plus one per ``per`` bytes); ``size`` itself when it fits.
+
+    Honest block tables nearly always fit (blocks of ``per`` bytes or more always do), so the
+    common case is one count; a table of many tiny blocks is cut into slices that fit instead
+    of a slice the peer would refuse.
+    """
+    starts = ext.starts
+    i0 = int(np.searchsorted(starts, offset, side="right")) - 1
+    i1 = int(np.searchsorted(starts, offset + size, side="left"))
+    n = i1 - i0
+    if n <= max(1, free + size // per):
+        return size
+    # A shorter slice ends where one of its first n - 1 extents ends: m extents, ``ends[m - 1]`` bytes.
+    ends = starts[i0 + 1 : i1] - offset
+    ok = np.arange(1, n, dtype=np.int64) <= free + ends // per
+    fits = np.flatnonzero(ok)
+    m = int(fits[-1]) + 1 if len(fits) else 1
+    return int(ends[m - 1])
 
 
 class Planner:
@@ -800,6 +824,8 @@ class Planner:
         if ext is not None and not self.scatter_gather:
             limit = min(limit, ext.extent_end(offset) - offset)  # one extent per slice
         size = cut(size, limit, self.config.tail_merge)
+        if ext is not None and rail.info.extent_bytes and self.scatter_gather:
+            size = fit_extents(ext, offset, size, rail.info.extents_free, rail.info.extent_bytes)
         if size >= rng.length:
             del t.pending[0]
         else:

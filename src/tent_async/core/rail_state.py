@@ -35,6 +35,10 @@ class RailInfo:
     (header, check, acknowledgement, thread hops): it is added to the
     latency the estimator starts from, so the expected finish of a slice
     includes it, and the estimator then learns the real intercept.
+    ``extents_free`` and ``extent_bytes`` state how many extents one slice of
+    a scatter-gather transfer may carry: at most ``extents_free`` plus one per
+    ``extent_bytes`` of its length (0: no limit), as a peer bounds the work one
+    header may ask of it; the planner cuts such slices shorter to fit.
     """
 
     name: str
@@ -42,6 +46,8 @@ class RailInfo:
     latency: float = 0.0
     tier: int = 0
     slice_cost: float = 0.0
+    extents_free: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    extent_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 class RailState:

@@ -87,9 +87,11 @@ from .pairing import pair_rails
 from .peer import Link, Peer, RailLinkError
 from .progress import DEFAULT_PROGRESS, PROGRESS_MODES
 from .protocol import (
+    FREE_EXTENTS,
     MAX_HELLO_FRAME,
     MAX_INLINE,
     MAX_WELCOME_FRAME,
+    MIN_EXTENT_BYTES,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     Challenge,
@@ -369,6 +371,9 @@ class UcxBackend(Backend):
                     bandwidth=link.pair.bandwidth,
                     latency=link.pair.local.latency,
                     tier=link.pair.local.tier,
+                    # The peer's bound on one header's work (protocol.extents_allowed).
+                    extents_free=FREE_EXTENTS,
+                    extent_bytes=MIN_EXTENT_BYTES,
                 )
                 self.ctx.add_rail(info)
             self._links[link.name] = link
