@@ -27,6 +27,7 @@ import enum
 import itertools
 import logging
 import os
+import re
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
@@ -399,7 +400,24 @@ class Engine:
         unknown = sorted(str(k) for k in overrides if k not in fields)
         if unknown:
             raise ConfigError(f"config: unknown SchedulerConfig field(s) {unknown}; known fields: {sorted(fields)}")
-        return attrs.evolve(base, **overrides)
+        try:
+            return attrs.evolve(base, **overrides)
+        except ConfigError as exc:
+            # A check between fields may name one the user never set (ucx: max_slice below the
+            # backend's min_slice): say where that value came from and how to change it.
+            plain = SchedulerConfig()
+            tuned = [
+                name
+                for name in sorted(fields - set(overrides))
+                if getattr(base, name) != getattr(plain, name) and re.search(rf"\b{name}\b", str(exc))
+            ]
+            if not tuned:
+                raise
+            values = ", ".join(f"{name}={getattr(base, name)!r}" for name in tuned)
+            raise ConfigError(
+                f"{exc}: {values} is the {self._backend.name!r} backend's default, not yours; "
+                f"pass {' and '.join(tuned)} in config too to override it"
+            ) from exc
 
     async def __aenter__(self) -> Engine:
         if self._state != "new":
