@@ -318,9 +318,11 @@ class Engine:
         backend's default (``config={"deadline_floor": "1s"}``); a whole
         :class:`SchedulerConfig` replaces it, including the slice size and
         windows the backend tuned for itself (the ucx backend's 4 ms slices
-        and a window within the peer's header slots): over ucx a plain
-        ``SchedulerConfig(deadline_floor=...)`` moved KV batches on the veth
-        testbed at a fifth of the links' rate (docs/benchmarks.md).
+        and a window within the peer's header slots): over ucx on the veth
+        testbed a plain ``SchedulerConfig(deadline_floor=...)`` moved KV
+        batches at 0.16 and 0.74 of the links' rate in the two recorded runs,
+        the backend's defaults at 0.86 and 0.93 in the same runs; both depend
+        on the host's load (docs/benchmarks.md).
     ``name``
         This engine's name (shown to peers and in notifications).
     Other keyword arguments go to the backend.
