@@ -5,9 +5,10 @@ interpreter with a listening ucx engine and a registered buffer for the weights.
 trainer's weights are real tensors of mixed sizes (a transformer's tensors: embedding,
 per-layer attention and MLP matrices, norms), views into one registered flat buffer as a
 training framework's flat parameter buffer is, and grouped into buckets.  The tensors are
-cupy arrays where cupy and a GPU are present, else torch tensors where torch is installed,
-else numpy arrays (``--tensors`` chooses); the flat buffer is registered as it is, through
-DLPack or ``__cuda_array_interface__``, with no copy.  Each bucket goes
+torch tensors where torch is installed, else numpy arrays; ``--tensors cupy`` puts them in
+GPU memory as cupy arrays, only when asked for: that path has not run on a GPU yet.  The
+flat buffer is registered as it is, through DLPack or ``__cuda_array_interface__``, with
+no copy.  Each bucket goes
 to every worker as **one** ``transfer_batch`` (one pair per tensor), all workers
 concurrently; the last bucket carries ``notify="update <n> done"``.  Each worker, on that
 notification, rebuilds its tensors from its buffer and compares them with the trainer's.
@@ -71,14 +72,18 @@ TENSOR_LIBS = ("numpy", "torch", "cupy")
 
 
 def tensor_lib(choice: str) -> str:
-    """The tensor library to hold the weights: ``auto`` picks cupy where a GPU is, else torch, else numpy."""
+    """The tensor library to hold the weights: ``auto`` picks torch, else numpy.
+
+    cupy only when asked for: its GPU path has not run on a GPU yet, so a machine that
+    happens to have cupy and a GPU should not take it silently.
+    """
     import importlib
 
     if choice == "numpy":
         return choice
     if choice not in ("auto", *TENSOR_LIBS):
         raise SystemExit(f"--tensors must be auto, {', '.join(TENSOR_LIBS)}; got {choice!r}")
-    for lib in ("cupy", "torch") if choice == "auto" else (choice,):
+    for lib in ("torch",) if choice == "auto" else (choice,):
         try:
             mod = importlib.import_module(lib)
             if lib == "cupy" and mod.cuda.runtime.getDeviceCount() < 1:
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tensors",
         default="auto",
-        help="auto (cupy with a GPU, else torch if installed, else numpy), numpy, torch or cupy",
+        help="auto (torch if installed, else numpy), numpy, torch or cupy (GPU memory; not yet run on a GPU)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

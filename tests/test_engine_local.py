@@ -285,6 +285,30 @@ async def test_config_mapping_changes_only_its_fields_of_the_backends_default() 
         tent.Engine(backend=_TunedLocal(rails), config=[("window", 3)])  # type: ignore[arg-type]
 
 
+class _FlooredLocal(LocalBackend):
+    """A backend whose default raises min_slice, as ucx's does (256 KiB)."""
+
+    def default_config(self) -> tent.SchedulerConfig:
+        return tent.SchedulerConfig(min_slice="256KiB")
+
+
+def test_a_config_clash_with_the_backends_default_names_where_the_value_came_from() -> None:
+    """``config={"max_slice": "128KiB"}`` over ucx clashed with a min_slice the user never set:
+    the error says that value is the backend's default and how to override it."""
+    rails = [tent.RailSpec(name="a")]
+    with pytest.raises(tent.ConfigError, match="must not exceed max_slice") as info:
+        tent.Engine(backend=_FlooredLocal(rails), config={"max_slice": "128KiB"})
+    message = str(info.value)
+    assert "min_slice=262144 is the 'local' backend's default" in message
+    assert "pass min_slice in config too" in message
+    engine = tent.Engine(backend=_FlooredLocal(rails), config={"max_slice": "128KiB", "min_slice": "64KiB"})
+    assert (engine.config.min_slice, engine.config.max_slice) == (64 * 1024, 128 * 1024)
+    # A clash between fields the user set both of is reported as it was.
+    with pytest.raises(tent.ConfigError) as info:
+        tent.Engine(backend=_FlooredLocal(rails), config={"max_slice": "128KiB", "min_slice": "1MiB"})
+    assert "default" not in str(info.value)
+
+
 async def test_rail_reports_reach_the_loop_and_no_thread_outlives_the_engine() -> None:
     """Large slices are copied on rail threads and reported through one reporter thread:
     every slice's report arrives, and closing the engine ends all of those threads."""

@@ -27,6 +27,7 @@ import enum
 import itertools
 import logging
 import os
+import re
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
@@ -317,9 +318,11 @@ class Engine:
         backend's default (``config={"deadline_floor": "1s"}``); a whole
         :class:`SchedulerConfig` replaces it, including the slice size and
         windows the backend tuned for itself (the ucx backend's 4 ms slices
-        and a window within the peer's header slots): over ucx a plain
-        ``SchedulerConfig(deadline_floor=...)`` moved KV batches on the veth
-        testbed at a fifth of the links' rate (docs/benchmarks.md).
+        and a window within the peer's header slots): over ucx on the veth
+        testbed a plain ``SchedulerConfig(deadline_floor=...)`` moved KV
+        batches at 0.16 and 0.74 of the links' rate in the two recorded runs,
+        the backend's defaults at 0.86 and 0.93 in the same runs; both depend
+        on the host's load (docs/benchmarks.md).
     ``name``
         This engine's name (shown to peers and in notifications).
     Other keyword arguments go to the backend.
@@ -399,7 +402,24 @@ class Engine:
         unknown = sorted(str(k) for k in overrides if k not in fields)
         if unknown:
             raise ConfigError(f"config: unknown SchedulerConfig field(s) {unknown}; known fields: {sorted(fields)}")
-        return attrs.evolve(base, **overrides)
+        try:
+            return attrs.evolve(base, **overrides)
+        except ConfigError as exc:
+            # A check between fields may name one the user never set (ucx: max_slice below the
+            # backend's min_slice): say where that value came from and how to change it.
+            plain = SchedulerConfig()
+            tuned = [
+                name
+                for name in sorted(fields - set(overrides))
+                if getattr(base, name) != getattr(plain, name) and re.search(rf"\b{name}\b", str(exc))
+            ]
+            if not tuned:
+                raise
+            values = ", ".join(f"{name}={getattr(base, name)!r}" for name in tuned)
+            raise ConfigError(
+                f"{exc}: {values} is the {self._backend.name!r} backend's default, not yours; "
+                f"pass {' and '.join(tuned)} in config too to override it"
+            ) from exc
 
     async def __aenter__(self) -> Engine:
         if self._state != "new":

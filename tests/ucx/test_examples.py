@@ -66,6 +66,25 @@ def test_weight_update_with_torch_tensors_registered_through_dlpack() -> None:
     assert r["equal"] == [True, True]
 
 
+def test_weight_update_auto_never_picks_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tensors auto`` takes torch, else numpy, even where cupy and a GPU are present:
+    the cupy path has not run on a GPU, so it is used only when asked for."""
+    import types
+
+    spec = importlib.util.spec_from_file_location("weight_update_example", EXAMPLES / "weight_update.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", fake)  # cupy and one GPU, as far as the example can tell
+    has_torch = importlib.util.find_spec("torch") is not None
+    assert example.tensor_lib("auto") == ("torch" if has_torch else "numpy")
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch absent: import fails
+    assert example.tensor_lib("auto") == "numpy"
+    assert example.tensor_lib("cupy") == "cupy"  # asked for explicitly
+
+
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed")
 def test_weight_update_asked_for_cupy_without_it_says_what_to_do() -> None:
     res = subprocess.run(

@@ -388,6 +388,8 @@ async def test_staging_beyond_its_bound_is_refused_and_counted(spawn_peer: Any) 
         msg = p.ScatterRequest(p.Op.WRITE, 0, (("kv", sid["kv"]),), count, count * 32768, table)
         reply = await rogue.send(msg, np.full(count * 32768, 0xEE, np.uint8))  # 2 MiB: over the 1 MiB bound
         assert isinstance(reply, p.Error) and "bound" in reply.reason
+        # It can never fit, so it must not tell the user to retry (nor flag it retryable).
+        assert not reply.retry and "retry" not in reply.reason and "max_slice" in reply.reason
         stats = server.cmd(cmd="stats")["stats"]
         assert stats["staging_refused"] == 1 and stats["protocol_errors"] >= 1
         assert _digests(server) == before

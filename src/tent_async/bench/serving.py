@@ -461,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
     smoke = args.smoke
     seed = args.seed
     verdicts: list[str] = []
-    goodputs: dict[str, float] = {}  # workload: best eft/static goodput ratio
+    goodputs: dict[str, tuple[float, float]] = {}  # workload: (best eft/static goodput ratio, its SLO in s)
     t_wall = time.perf_counter()
 
     def emit(**line: Any) -> None:
@@ -514,9 +514,10 @@ def run(args: argparse.Namespace) -> int:
                 )  # fmt: skip
         out.print(table)
         out.print("  cells: goodput within the SLO; TTFT P50 / P90 / P99 (ms)")
-        goodputs["PD"] = best_goodput
+        goodputs["PD"] = (best_goodput, args.slo)
         verdicts.append(
-            f"PD goodput: best eft/static {best_goodput:.2f}x (target >= {TARGETS['goodput']}x in one setting): "
+            f"PD goodput: best eft/static {best_goodput:.2f}x at the {args.slo * 1e3:.0f} ms SLO "
+            f"(target >= {TARGETS['goodput']}x in one setting): "
             f"{'met' if best_goodput >= TARGETS['goodput'] else 'MISSED'}"
         )
 
@@ -526,10 +527,11 @@ def run(args: argparse.Namespace) -> int:
         capacity = NICS / prefill_time(mean_new, 10240 - mean_new)
         rates = [0.6, 0.9]
         slo = args.hicache_slo if args.hicache_slo is not None else hicache_slo()
+        slo_from = "--hicache-slo" if args.hicache_slo is not None else "2x the longest request's floor"
         table = Table(
             title=f"HiCache: 8 Llama-3-8B GPUs load 85% cached prefixes (4K-16K-token contexts) from a host pool "
             f"node, offload in the background; 8 x 400 Gb/s NICs (limit {format_rate(NICS * NIC)}); "
-            f"{n} requests per rate; TTFT SLO {slo * 1e3:.0f} ms (2x the longest request's floor)"
+            f"{n} requests per rate; TTFT SLO {slo * 1e3:.0f} ms ({slo_from})"
         )
         for col in (
             "setting",
@@ -573,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
                 )  # fmt: skip
         out.print(table)
         out.print("  cells: goodput within the SLO (per second of arrivals); P90 TTFT; requests / last TTFT")
-        goodputs["HiCache"] = best_hgood
+        goodputs["HiCache"] = (best_hgood, slo)
         verdicts.append(
             f"HiCache goodput: best eft/static {best_hgood:.2f}x at the {slo * 1e3:.0f} ms SLO "
             f"(target >= {TARGETS['goodput']}x in one setting): "
@@ -668,10 +670,12 @@ def run(args: argparse.Namespace) -> int:
         emit(workload="check", slices=[a["slices"], b["slices"]], worst=worst)
 
     if goodputs:
-        where, best = max(goodputs.items(), key=lambda kv: kv[1])
+        # Each workload has its own SLO; eft and static are compared at the same one.
+        where, (best, _) = max(goodputs.items(), key=lambda kv: kv[1][0])
+        each = " and ".join(f"{name} at {s * 1e3:.0f} ms" for name, (_, s) in goodputs.items())
         verdicts.append(
-            f"goodput at the same SLO, best of {' and '.join(goodputs)}: {best:.2f}x ({where}; target >= "
-            f"{TARGETS['goodput']}x in one setting): {'met' if best >= TARGETS['goodput'] else 'MISSED'}"
+            f"goodput eft/static (both at one SLO per workload), best of {each}: {best:.2f}x ({where}; "
+            f"target >= {TARGETS['goodput']}x in one setting): {'met' if best >= TARGETS['goodput'] else 'MISSED'}"
         )
     for v in verdicts:
         out.print(v)

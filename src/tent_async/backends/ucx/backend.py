@@ -188,11 +188,14 @@ class UcxBackend(Backend):
         bandwidth, and when the per-slice cost outgrows ``target_slice_time``
         (a loaded host: several ms per slice) that cost shows as a lower
         bandwidth, which cuts smaller slices, which cost more per byte: slices
-        fell to the floor and stayed there.  At 64 KiB that floor held KV
-        batches over the veth testbed (800 + 200 Mbit/s) to 0.13-0.45 of the
-        links' rate, split ~50/50 because both rails then looked too slow for
-        ``min_slice``; at 256 KiB the same batches ran at 0.74-0.83 with an 80/20
-        split (docs/benchmarks.md, "examples/pd_disagg.py over the veth testbed").
+        fell to the floor and stayed there.  KV batches over the veth testbed
+        (800 + 200 Mbit/s), as recorded on a loaded host: with a 64 KiB floor
+        0.29-0.86 of the links' rate (load average 2.2-4.0), 59-76 % on the
+        fast rail, as low as ~50 % when both rails looked too slow for
+        ``min_slice``; with 256 KiB 0.40-0.93 (load average 1.9-4.2), 58-80 %
+        on the fast rail.  Runs collapsed at either floor: the floor bounds the
+        loop, it does not remove it, and the figures depend on load
+        (docs/benchmarks.md, "examples/pd_disagg.py over the veth testbed").
         """
         # 8: the peer's header slots
         return SchedulerConfig(target_slice_time=4e-3, window=3, max_window=8, min_slice=256 * 1024)

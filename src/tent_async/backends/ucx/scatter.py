@@ -567,11 +567,13 @@ def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
         if buf is None:
             stats["protocol_errors"] += 1
             stats["staging_refused"] += 1
+            busy = need <= min(STAGING_PER_LINK, STAGING_PER_CONNECTION, STAGING_PER_ENGINE)  # can fit later
             reason = (
                 f"staging for {need} bytes is beyond the bound (per link {link.staging.slots} slices and "
-                f"{STAGING_PER_LINK} bytes, per engine {STAGING_PER_ENGINE} bytes); retry later"
+                f"{STAGING_PER_LINK} bytes, per engine {STAGING_PER_ENGINE} bytes)"
             )
-            busy = need <= min(STAGING_PER_LINK, STAGING_PER_CONNECTION, STAGING_PER_ENGINE)  # can fit later
+            # Only a slice that fits once staging frees up is worth retrying; a larger one never will be.
+            reason += "; retry later" if busy else "; it never fits: use a smaller max_slice"
         served.buf = buf
     if reason:
         served.refuse(reason, retry=busy)
