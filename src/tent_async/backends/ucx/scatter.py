@@ -31,8 +31,9 @@ malformed table is a protocol violation that drops the connection; either way
 nothing is written.
 
 **Staging bounds (target)**: per link at most one staging buffer per header
-slot and :data:`STAGING_PER_LINK` bytes, per engine :data:`STAGING_PER_ENGINE`
-bytes; a header beyond either is refused with ``ERROR`` and counted
+slot and :data:`STAGING_PER_LINK` bytes, per peer connection
+:data:`STAGING_PER_CONNECTION`, per engine :data:`STAGING_PER_ENGINE` bytes; a
+header beyond any is refused with ``ERROR`` and counted
 (``stats["protocol_errors"]``, ``stats["staging_refused"]``).  That ``ERROR``
 says ``retry`` when the slice could fit once staging is free: it is the
 server's load, not the slice's fault, and the client lets the planner retry it.  Buffers are
@@ -42,7 +43,10 @@ buffers are kept for reuse up to :data:`POOL_BYTES` per engine (page faults
 on a fresh 16 MiB buffer cost about as much as copying it).
 
 The initiator's own staging is bounded by what it keeps in flight: one buffer
-per slice, at most one slice per header slot of each link.
+per slice, at most one slice per header slot of each link.  It also keeps the
+peer's within bounds: WELCOME states the connection's share (:func:`share`),
+and a slice that would take the connection past it waits in its link's queue
+(:class:`StagingShare`), so an honest client alone is not refused as busy.
 
 GPU memory: extents in CUDA memory are staged through host memory, copied
 extent by extent (:func:`~tent_async.memory.copy_bytes`); this has not run on
