@@ -755,3 +755,47 @@ async def test_an_honest_client_keeps_within_its_staging_share(spawn_peer: Any) 
     assert stats.get("scatter_slices", 0) > 0  # the extent-list path was used
     assert stats.get("staging_refused", 0) == 0, stats
     assert stats.get("rejected", 0) == 0, stats
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_closed_link_or_peer_gives_its_slices_staging_share_back(spawn_peer: Any) -> None:
+    """The share held by slices in flight is released when their link is torn down (the batch
+    completes on the other rails, byte-exact) and when the peer is closed under them."""
+    server = spawn_peer(name="decode-0", rails=RAILS3, segments=SEGMENTS, staging_per_engine=2 * MiB)
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    config = tent.SchedulerConfig(min_slice=MiB, max_slice=MiB, window=3, max_window=8, busy_wait=20.0)
+    rails = [tent.RailSpec(**r) for r in RAILS3]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, config=config) as engine:
+        with anyio.fail_after(60):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        s_off, d_off, lengths = blocks(np.random.default_rng(8), 448, lambda n: np.full(n, 16384), KV)
+        src = pattern(22, KV)
+        local = engine.register(src, name="src")
+        expected = pattern(1, KV)
+        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
+            expected[b : b + k] = src[a : a + k]
+
+        async def until_held() -> list[Any]:
+            for _ in range(2000):
+                busy = [link for link in peer.links.values() if any(op.sg is not None for op in link.ops.values())]
+                if busy and peer.staging.held:
+                    return busy
+                await asyncio.sleep(0.001)
+            pytest.fail("no extent-list slice was ever in flight")
+
+        task = asyncio.get_running_loop().create_task(engine.transfer_blocks(local, s_off, kv, d_off, lengths))
+        (await until_held())[0].close("test: the link goes down under its slices", tell=True)
+        with anyio.fail_after(60):
+            await task
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(expected)
+        assert peer.staging.held == 0
+        task = asyncio.get_running_loop().create_task(engine.transfer_blocks(local, s_off, kv, d_off, lengths))
+        await until_held()
+        await peer.close()
+        with anyio.fail_after(60), pytest.raises(tent.TentError):
+            await task
+        await asyncio.sleep(0.05)  # the links' slices settle from the loop
+        assert peer.staging.held == 0
