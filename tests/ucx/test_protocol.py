@@ -62,6 +62,7 @@ messages = st.one_of(
         auth=auth,
         slots=st.integers(1, p.MAX_SLOTS),
         inline_limit=st.integers(0, p.MAX_INLINE),
+        staging=st.integers(1, p.MAX_U64),
     ),
     st.builds(p.Refused, reason=st.text(max_size=100)),
     st.builds(p.Lookup, name=names),
@@ -197,9 +198,16 @@ def test_specific_refusals() -> None:
         p.decode(msgpack.packb([99]))
     with pytest.raises(ProtocolError, match="magic"):
         p.decode(msgpack.packb([int(p.Op.HELLO), "other", 1]))
-    with pytest.raises(p.VersionMismatch, match="version 7") as info:
-        p.decode(msgpack.packb([int(p.Op.CHALLENGE), p.MAGIC, 7, b"x" * 32]))
-    assert info.value.version == 7
+    with pytest.raises(p.VersionMismatch, match="version 6") as info:
+        p.decode(msgpack.packb([int(p.Op.CHALLENGE), p.MAGIC, 6, b"x" * 32]))
+    assert info.value.version == 6
+    # A version-6 WELCOME (no staging share) is named as another version, not as a malformed message.
+    with pytest.raises(p.VersionMismatch, match="version 6"):
+        p.decode(msgpack.packb([int(p.Op.WELCOME), 6, "n", "h", 1, [], [], b"", 8, 0], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="11 fields"):
+        p.decode(msgpack.packb([int(p.Op.WELCOME), p.PROTOCOL_VERSION, "n", "h", 1, [], [], b"", 8, 0]))
+    with pytest.raises(ProtocolError, match="staging share"):  # at least one byte
+        p.decode(msgpack.packb([int(p.Op.WELCOME), p.PROTOCOL_VERSION, "n", "h", 1, [], [], b"", 8, 0, 0]))
     with pytest.raises(ProtocolError, match="carries"):
         p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, b"abc"], use_bin_type=True))
     with pytest.raises(ProtocolError, match="integer"):
@@ -298,5 +306,5 @@ def test_a_frame_of_nested_empty_arrays_is_refused_before_it_becomes_a_gigabyte(
     with pytest.raises(ProtocolError, match="more than"):
         p.decode(bomb)
     catalogue = tuple(p.SegmentAd(f"s{i}", i, 1, "host", "rw") for i in range(p.MAX_SEGMENTS))
-    welcome = p.Welcome(p.PROTOCOL_VERSION, "n", "h", 1, (), catalogue, b"", 8, 0)
+    welcome = p.Welcome(p.PROTOCOL_VERSION, "n", "h", 1, (), catalogue, b"", 8, 0, 1 << 27)
     assert p.decode(p.encode(welcome)) == welcome  # a full catalogue still fits

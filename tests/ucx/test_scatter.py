@@ -638,3 +638,171 @@ def test_an_inline_extent_list_into_gpu_memory_is_refused_as_on_the_one_extent_p
         msg = p.ScatterRequest(p.Op.WRITE, 0, ((name, sid),), 1, 64, p.pack_table([0], [0], [64]), payload=bytes(64))
         _segs, reason = scatter._resolve(server, link, msg)  # type: ignore[arg-type]
         assert ("GPU memory" in reason) is refused, reason
+
+
+# ============================================================== flow control
+
+
+@attrs.define
+class _Plan:
+    """What StagingShare reads of a :class:`scatter.Plan`."""
+
+    need: int
+    share: Any = None
+    reserved: int = 0
+
+
+@pytest.mark.anyio
+async def test_a_connections_staging_share_admits_in_turn_and_is_released_on_every_outcome() -> None:
+    share = scatter.StagingShare(10)
+    woken: list[str] = []
+    rail_a, rail_b = (lambda: woken.append("a")), (lambda: woken.append("b"))
+    first, second, big = _Plan(6), _Plan(4), _Plan(6)
+    assert share.admit(first, rail_a) and share.admit(second, rail_b)  # 10 of 10
+    assert share.admit(_Plan(0), rail_b)  # inline: takes no staging, never waits
+    assert not share.admit(big, rail_a)  # 16 > 10: waits in its link's queue
+    assert not share.admit(_Plan(1), rail_b)  # fits, but rail a waits first: b queues behind it
+    assert share.held == 10
+    share.release(first)  # rail a's slice ended (completed, failed, withdrawn or its link closed)
+    share.release(first)  # released once only
+    assert share.held == 4 and first.share is None and first.reserved == 0
+    await asyncio.sleep(0)  # wakes run from the loop, in turn
+    assert woken == ["a", "b"]
+    woken.clear()
+    assert share.admit(big, rail_a) and share.held == 10  # 4 + 6: fits now
+    share.release(second)
+    share.release(big)
+    assert share.held == 0
+    # One slice larger than the whole share still goes when nothing is held (the server refuses
+    # it, not for load): flow control never stalls it for ever.
+    huge = _Plan(25)
+    assert share.admit(huge, rail_b) and share.held == 25
+    assert not share.admit(_Plan(1), rail_a)
+    share.release(huge)
+    await asyncio.sleep(0)
+    assert woken == ["a"] and share.held == 0
+    # A waiter that no longer asks (its link went down, its slice was withdrawn) holds no one up.
+    hog = _Plan(10)
+    assert share.admit(hog, rail_a)
+    assert not share.admit(_Plan(5), rail_a)
+    share.release(hog)
+    await asyncio.sleep(0)  # rail a is woken and does not ask again
+    assert share.admit(_Plan(5), rail_b)
+
+
+def test_a_plan_needs_the_staging_the_server_takes_for_it() -> None:
+    """The client's accounting follows serve(): the bulk message (WRITE: [table] + bytes) or the
+    READ's [table] + bytes, exact; nothing for an inline slice."""
+
+    def need(op: p.Op, count: int, total: int, table_inline: bool, inline: bool) -> int:
+        plan = scatter.Plan.__new__(scatter.Plan)
+        plan.kind, plan.count, plan.total, plan.table_inline, plan.inline = op, count, total, table_inline, inline
+        return plan.need
+
+    def server_need(op: p.Op, count: int, total: int, table_inline: bool, inline: bool) -> int:
+        table = p.pack_table(np.zeros(count), np.zeros(count), np.full(count, total // count))
+        if op is p.Op.WRITE:
+            payload = bytes(total) if inline else None
+            msg = p.ScatterRequest(op, 1, (("kv", 1),), count, total, table if table_inline else None, payload)
+            return msg.bulk_length
+        msg = p.ScatterRequest(op, 1, (("kv", 1),), count, total, table if table_inline else None, inline=inline)
+        return (0 if msg.table is not None else count * p.EXTENT_BYTES) + (0 if inline else total)
+
+    for op in (p.Op.WRITE, p.Op.READ):
+        for count, total, table_inline, inline in (
+            (4, 4096, True, True),
+            (4, 1 << 20, True, False),
+            (3000, 3000 * 512, False, False),
+        ):
+            assert need(op, count, total, table_inline, inline) == server_need(op, count, total, table_inline, inline)
+
+
+RAILS3 = [{"name": "lo0", "device": "lo"}, {"name": "lo1", "device": "lo"}, {"name": "shm", "device": "shm"}]
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_an_honest_client_keeps_within_its_staging_share(spawn_peer: Any) -> None:
+    """Three rails with windows of 1 MiB extent-list slices would hold several MiB of the peer's
+    staging at once; the peer states a 2 MiB share in WELCOME and the client keeps within it:
+    slices wait in their link's queue instead of being refused as busy, and land byte-exact."""
+    share = 2 * MiB
+    server = spawn_peer(name="decode-0", rails=RAILS3, segments=SEGMENTS, staging_per_engine=share)
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    config = tent.SchedulerConfig(min_slice=MiB, max_slice=MiB, window=3, max_window=8, busy_wait=20.0)
+    rails = [tent.RailSpec(**r) for r in RAILS3]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, config=config) as engine:
+        with anyio.fail_after(60):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        assert len(peer.rails) == 3 and peer.staging.limit == share
+        rng = np.random.default_rng(7)
+        s_off, d_off, lengths = blocks(rng, 448, lambda n: np.full(n, 16384), KV)  # 7 MiB
+        src = pattern(21, KV)
+        local = engine.register(src, name="src")
+        back = np.zeros(KV, dtype=np.uint8)
+        sink = engine.register(back, name="sink")
+        expected = pattern(1, KV)
+        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
+            expected[b : b + k] = src[a : a + k]
+        want = np.zeros(KV, dtype=np.uint8)
+        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
+            want[a : a + k] = expected[b : b + k]
+        for _ in range(2):
+            with anyio.fail_after(60):
+                await engine.transfer_blocks(local, s_off, kv, d_off, lengths)
+            assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(expected)
+            back[:] = 0
+            with anyio.fail_after(60):
+                await engine.transfer_blocks(kv, d_off, sink, s_off, lengths)
+            assert np.array_equal(back, want)
+        assert peer.staging.held == 0  # every slice's share was released
+    stats = server.cmd(cmd="stats")["stats"]
+    assert stats.get("scatter_slices", 0) > 0  # the extent-list path was used
+    assert stats.get("staging_refused", 0) == 0, stats
+    assert stats.get("rejected", 0) == 0, stats
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_closed_link_or_peer_gives_its_slices_staging_share_back(spawn_peer: Any) -> None:
+    """The share held by slices in flight is released when their link is torn down (the batch
+    completes on the other rails, byte-exact) and when the peer is closed under them."""
+    server = spawn_peer(name="decode-0", rails=RAILS3, segments=SEGMENTS, staging_per_engine=2 * MiB)
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    config = tent.SchedulerConfig(min_slice=MiB, max_slice=MiB, window=3, max_window=8, busy_wait=20.0)
+    rails = [tent.RailSpec(**r) for r in RAILS3]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, config=config) as engine:
+        with anyio.fail_after(60):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        s_off, d_off, lengths = blocks(np.random.default_rng(8), 448, lambda n: np.full(n, 16384), KV)
+        src = pattern(22, KV)
+        local = engine.register(src, name="src")
+        expected = pattern(1, KV)
+        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
+            expected[b : b + k] = src[a : a + k]
+
+        async def until_held() -> list[Any]:
+            for _ in range(2000):
+                busy = [link for link in peer.links.values() if any(op.sg is not None for op in link.ops.values())]
+                if busy and peer.staging.held:
+                    return busy
+                await asyncio.sleep(0.001)
+            pytest.fail("no extent-list slice was ever in flight")
+
+        task = asyncio.get_running_loop().create_task(engine.transfer_blocks(local, s_off, kv, d_off, lengths))
+        (await until_held())[0].close("test: the link goes down under its slices", tell=True)
+        with anyio.fail_after(60):
+            await task
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(expected)
+        assert peer.staging.held == 0
+        task = asyncio.get_running_loop().create_task(engine.transfer_blocks(local, s_off, kv, d_off, lengths))
+        await until_held()
+        await peer.close()
+        with anyio.fail_after(60), pytest.raises(tent.TentError):
+            await task
+        await asyncio.sleep(0.05)  # the links' slices settle from the loop
+        assert peer.staging.held == 0

@@ -367,7 +367,7 @@ class Link:
         assert op.attempt is not None
         op.away = self.rail.progress.away()
         self.ops[op.attempt.id] = op
-        if self.state is LinkState.UP and self.free_slots and not self.waiting:
+        if self.state is LinkState.UP and self.free_slots and not self.waiting and self._admit(op):
             self._send(op)
             return
         self.waiting.append(op)
@@ -388,8 +388,12 @@ class Link:
         self._queue(op)
 
     def _flush(self) -> None:
-        while self.waiting and self.free_slots and self.state is LinkState.UP:
+        while self.waiting and self.free_slots and self.state is LinkState.UP and self._admit(self.waiting[0]):
             self._send(self.waiting.popleft())
+
+    def _admit(self, op: _Op) -> bool:
+        """Flow control: an extent-list slice waits here while the peer's staging share is taken."""
+        return op.sg is None or self.peer.staging.admit(op.sg, self._flush)
 
     def _send(self, op: _Op) -> None:
         """Post the reply receive (and a READ's bulk receive), then the header (and a WRITE's bytes)."""
@@ -760,6 +764,7 @@ class Peer:
         self.host_id = welcome.host_id
         self.conn_id = welcome.conn_id
         self.slots = welcome.slots
+        self.staging = scatter.StagingShare(welcome.staging)  # the peer staging our slices may hold
         self.inline_limit = min(backend.inline_limit, welcome.inline_limit)
         # Where its TCP worker addresses may point, besides our rails' subnets: the address we
         # reached it at (what it advertises for its rails is its own claim, not a check).

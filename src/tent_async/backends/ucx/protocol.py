@@ -49,8 +49,8 @@ from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
 # 4: WRITEV/READV (extent lists); 5: ERROR says whether a retry may succeed; 6: ACK and SENT
-# carry the server's ``away``
-PROTOCOL_VERSION: Final = 6
+# carry the server's ``away``; 7: WELCOME states the connection's staging share
+PROTOCOL_VERSION: Final = 7
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
@@ -214,7 +214,9 @@ class Welcome:
     """Server → client: accepted; the connection id, rails (with worker addresses) and catalogue.
 
     ``slots`` header receives are posted per link, each with room for an inline
-    payload of up to ``inline_limit`` bytes.
+    payload of up to ``inline_limit`` bytes.  ``staging``: the bytes of staging
+    this connection's extent-list slices may hold on the server at once (its
+    bound; the client keeps within it, :class:`~.scatter.StagingShare`).
     """
 
     version: int
@@ -226,6 +228,7 @@ class Welcome:
     auth: bytes
     slots: int
     inline_limit: int
+    staging: int
 
 
 @attrs.frozen
@@ -491,7 +494,7 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Welcome):
         fields = [Op.WELCOME, msg.version, msg.name, msg.host_id, msg.conn_id]
         fields += [[_rail(r) for r in msg.rails], [_segment(s) for s in msg.catalogue], msg.auth]
-        fields += [msg.slots, msg.inline_limit]
+        fields += [msg.slots, msg.inline_limit, msg.staging]
     elif isinstance(msg, Refused):
         fields = [Op.REFUSED, msg.reason]
     elif isinstance(msg, Lookup):
@@ -738,12 +741,12 @@ def _d_hello(f: list[Any]) -> Hello:
 
 
 def _d_welcome(f: list[Any]) -> Welcome:
-    _, version, name, host_id, conn_id, rails, catalogue, auth, slots, inline_limit = _fields(f, "WELCOME", 10)
-    version = _int(version, "WELCOME protocol version", 0, 1 << 31)
-    if version != PROTOCOL_VERSION:
+    version = _int(f[1] if len(f) > 1 else None, "WELCOME protocol version", 0, 1 << 31)
+    if version != PROTOCOL_VERSION:  # before the arity: another version may have other fields
         raise VersionMismatch(
             f"the peer answered with protocol version {version}, expected {PROTOCOL_VERSION}", version
         )
+    _, _, name, host_id, conn_id, rails, catalogue, auth, slots, inline_limit, staging = _fields(f, "WELCOME", 11)
     return Welcome(
         version=version,
         name=_str(name, "engine name"),
@@ -754,6 +757,7 @@ def _d_welcome(f: list[Any]) -> Welcome:
         auth=_bytes(auth, "auth", (0, MAC_BYTES)),
         slots=_int(slots, "header slots", 1, MAX_SLOTS),
         inline_limit=_int(inline_limit, "inline limit", 0, MAX_INLINE),
+        staging=_int(staging, "staging share", 1),
     )
 
 

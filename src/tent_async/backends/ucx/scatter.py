@@ -31,8 +31,9 @@ malformed table is a protocol violation that drops the connection; either way
 nothing is written.
 
 **Staging bounds (target)**: per link at most one staging buffer per header
-slot and :data:`STAGING_PER_LINK` bytes, per engine :data:`STAGING_PER_ENGINE`
-bytes; a header beyond either is refused with ``ERROR`` and counted
+slot and :data:`STAGING_PER_LINK` bytes, per peer connection
+:data:`STAGING_PER_CONNECTION`, per engine :data:`STAGING_PER_ENGINE` bytes; a
+header beyond any is refused with ``ERROR`` and counted
 (``stats["protocol_errors"]``, ``stats["staging_refused"]``).  That ``ERROR``
 says ``retry`` when the slice could fit once staging is free: it is the
 server's load, not the slice's fault, and the client lets the planner retry it.  Buffers are
@@ -42,7 +43,10 @@ buffers are kept for reuse up to :data:`POOL_BYTES` per engine (page faults
 on a fresh 16 MiB buffer cost about as much as copying it).
 
 The initiator's own staging is bounded by what it keeps in flight: one buffer
-per slice, at most one slice per header slot of each link.
+per slice, at most one slice per header slot of each link.  It also keeps the
+peer's within bounds: WELCOME states the connection's share (:func:`share`),
+and a slice that would take the connection past it waits in its link's queue
+(:class:`StagingShare`), so an honest client alone is not refused as busy.
 
 GPU memory: extents in CUDA memory are staged through host memory, copied
 extent by extent (:func:`~tent_async.memory.copy_bytes`); this has not run on
@@ -52,6 +56,7 @@ a GPU.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import weakref
@@ -220,6 +225,12 @@ def staging_of(backend: Any) -> Staging:
     return pool
 
 
+def share() -> int:
+    """The staging one connection's slices may hold on this engine at once: the smallest of the
+    bounds they all meet (per link, per connection, per engine); WELCOME states it to clients."""
+    return min(STAGING_PER_LINK, STAGING_PER_CONNECTION, STAGING_PER_ENGINE)
+
+
 class LinkStaging:
     """The staging one serving link holds: bounded in count and bytes, per link and per engine."""
 
@@ -290,6 +301,8 @@ class Plan:
         "local_offsets",
         "pool",
         "remote",
+        "reserved",
+        "share",
         "staging",
         "table",
         "table_inline",
@@ -361,6 +374,16 @@ class Plan:
         self.inline = host and self.table_inline and self.total + len(self.table) <= inline_limit
         self.pool = pool
         self.staging: Array | None = None
+        self.share: StagingShare | None = None  # the peer staging it holds (flow control) ...
+        self.reserved = 0  # ... and how much
+
+    @property
+    def need(self) -> int:
+        """The peer's staging for this slice, by :func:`serve`'s rule: its bulk message (WRITE) or
+        its table and bytes (READ), exact (the pool's rounding up is not counted); 0 when inline."""
+        if self.inline:
+            return 0
+        return (0 if self.table_inline else self.count * EXTENT_BYTES) + self.total
 
     def _gathered(self, prefix: bytes = b"") -> Array:
         buf = self.pool.take(len(prefix) + self.total)
@@ -409,10 +432,70 @@ class Plan:
         scatter(src, self.local, self.local_index, self.local_offsets, self.lengths)
 
     def release(self) -> None:
-        """Every request of the slice is done: its staging may be reused."""
+        """Every request of the slice is done: its staging may be reused, and the peer's is free."""
         buf, self.staging = self.staging, None
         if buf is not None:
             self.pool.give(buf)
+        if self.share is not None:
+            self.share.release(self)
+
+
+class StagingShare:
+    """Client-side flow control: the peer staging one connection's extent-list slices hold.
+
+    The server refuses a slice whose staging would take its connection past
+    the share stated in WELCOME (``ERROR`` with ``retry``: busy to the planner).
+    An honest client with a few rails and full windows went past it routinely,
+    so a slice that would exceed the share waits in its link's queue (before
+    its header is sent) until earlier slices to the peer end, whatever their
+    outcome (:meth:`Plan.release`).  Links wait their turn in order, so a rail
+    with big slices is not starved by rails with small ones; a slice is always
+    admitted when the connection holds nothing, so one larger than the share
+    still goes (and the server refuses it, not for load, as before).  Sans-IO
+    but for one ``call_soon``: wakes run from the loop, not from inside a
+    report or a withdraw.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # bytes of peer staging admitted slices may hold
+        self._waiting: collections.deque[Callable[[], None]] = collections.deque()  # links' flush, in turn
+        self._waking = False
+
+    def admit(self, plan: Plan, wake: Callable[[], None]) -> bool:
+        """Hold ``plan``'s staging now (True: send it), or queue ``wake`` to be called once some is freed."""
+        n = plan.need
+        if not n or plan.share is not None:
+            return True
+        waiting = self._waiting
+        if (not waiting or waiting[0] == wake) and (not self.held or self.held + n <= self.limit):
+            if waiting:
+                waiting.popleft()
+            self.held += n
+            plan.share, plan.reserved = self, n
+            return True
+        if wake not in waiting:
+            waiting.append(wake)
+        return False
+
+    def release(self, plan: Plan) -> None:
+        """``plan`` ended (done, failed, withdrawn, its link closed): its staging is the peer's again."""
+        if plan.share is not self:
+            return
+        self.held -= plan.reserved
+        plan.share, plan.reserved = None, 0
+        if self._waiting and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        """Let every waiting link try again, first come first: the first that cannot fit queues
+        first again, and those after it queue behind it."""
+        self._waking = False
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for wake in waiting:
+            wake()
 
 
 # ================================================================== target
@@ -567,10 +650,11 @@ def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
         if buf is None:
             stats["protocol_errors"] += 1
             stats["staging_refused"] += 1
-            busy = need <= min(STAGING_PER_LINK, STAGING_PER_CONNECTION, STAGING_PER_ENGINE)  # can fit later
+            busy = need <= share()  # can fit later
             reason = (
                 f"staging for {need} bytes is beyond the bound (per link {link.staging.slots} slices and "
-                f"{STAGING_PER_LINK} bytes, per engine {STAGING_PER_ENGINE} bytes)"
+                f"{STAGING_PER_LINK} bytes, per connection {STAGING_PER_CONNECTION} bytes, per engine "
+                f"{STAGING_PER_ENGINE} bytes)"
             )
             # Only a slice that fits once staging frees up is worth retrying; a larger one never will be.
             reason += "; retry later" if busy else "; it never fits: use a smaller max_slice"

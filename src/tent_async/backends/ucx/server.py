@@ -492,6 +492,7 @@ class Server:
                 auth=b"",  # with a secret, WELCOME is sealed with the session: that authenticates it
                 slots=self.slots,
                 inline_limit=backend.inline_limit,
+                staging=scatter.share(),
             )
             # Sealing adds the 16-byte GCM tag and the SEALED wrapper's few bytes: 64 cover both.
             if not catalogue or len(encode(welcome)) + 64 <= MAX_WELCOME_FRAME:
