@@ -144,6 +144,47 @@ async def test_away_counts_time_spent_on_the_other_rails(fds: list[int]) -> None
         b.close()
 
 
+async def test_on_batch_runs_in_the_pass_after_its_completions_and_is_not_this_rails_time(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker_a = FakeWorker(fds[0])
+    a = P.LoopProgress(worker_a, loop, "shm")
+    b = P.LoopProgress(FakeWorker(fds[1]), loop, "tcp")
+    try:
+        await asyncio.sleep(0.01)
+        calls: list[str] = []
+        ticks = 0
+
+        def tick() -> None:
+            nonlocal ticks
+            ticks += 1
+
+        def on_batch() -> None:  # the engine's pump: settles, posts the next slice on this rail
+            calls.append(f"batch after {ticks} ticks")
+            if len(calls) > 2:
+                return
+            time.sleep(0.005)  # the engine's own time: neither rail's
+            nxt = worker_a.request(loop)
+            a.watch(nxt, lambda fut: calls.append(f"next after {ticks} ticks"))
+            a.kick()
+
+        a.on_batch = on_batch
+        a0, b0 = a.away(), b.away()
+        req = worker_a.request(loop)
+        a.watch(req, lambda fut: calls.append("reply"))
+        a.kick()
+        loop.call_soon(tick)
+        await asyncio.sleep(0.02)
+        # After the completions a pass delivered; the slice it posted completed in the same
+        # pass (no tick between), and on_batch ran again after that delivery.
+        assert calls == ["reply", "batch after 0 ticks", "next after 0 ticks", "batch after 0 ticks"]
+        assert b.away() - b0 < 0.004  # the 5 ms (or more) in on_batch were not the shm rail's
+        assert a.away() == a0
+    finally:
+        a.on_batch = None
+        a.close()
+        b.close()
+
+
 def _link(away: float) -> Any:
     link: Any = Link.__new__(Link)
     link.rail = SimpleNamespace(progress=SimpleNamespace(away=lambda: away))

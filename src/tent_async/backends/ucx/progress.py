@@ -104,6 +104,9 @@ class Progress:
         self.worker: Any = worker
         self.loop = loop
         self.name = name
+        # Called after a pass delivered completions (the engine's BackendContext.flush), so that
+        # what they report is acted on in the same pass; the thread mode delivers one at a time.
+        self.on_batch: Callable[[], None] | None = None
 
     def kick(self, send: Any = None) -> None:
         """A request was just posted on the worker (or an endpoint created): make sure it progresses.
@@ -203,6 +206,7 @@ class LoopProgress(Progress):
         self._meter = _meter(loop)
         self._own = 0.0  # seconds this rail's passes took
         self._in_pass = False  # delivering callbacks: a kick means "go round again", not "schedule"
+        self._outside = 0.0  # seconds of this pass spent in on_batch (not this rail's)
         self._kicked = False
         loop.add_reader(self._fd, self._on_event)
         self._safety: asyncio.TimerHandle | None = loop.call_later(SAFETY_INTERVAL, self._on_safety)
@@ -245,11 +249,14 @@ class LoopProgress(Progress):
         if entry is not None:
             entry[1](future)
 
-    def _deliver(self) -> None:
-        """Run the callbacks of watched requests whose futures are done (a pass just resolved them)."""
+    def _deliver(self) -> bool:
+        """Run the callbacks of watched requests whose futures are done (a pass just resolved them).
+
+        Returns whether there were any.
+        """
         watched = self._watched
         if not watched or len(watched) > WATCH_SCAN:
-            return
+            return False
         done = [key for key, (future, _fn) in watched.items() if future.done()]
         for key in done:
             entry = watched.pop(key, None)
@@ -261,6 +268,24 @@ class LoopProgress(Progress):
                 self.loop.call_exception_handler(
                     {"message": f"rail {self.name}: a request's completion callback failed", "exception": exc}
                 )
+        return bool(done)
+
+    def _batch_done(self, nested: bool) -> None:
+        """Let the engine act on the completions just delivered, outside this rail's metering.
+
+        The engine's pump may post slices on other rails; a large TCP send pushes its
+        bytes inside the call, and that time must count as that rail's (``account``),
+        not as this pass's, or it would be taken off that rail's own wire time.
+        """
+        assert self.on_batch is not None
+        meter = self._meter
+        meter.running = nested
+        t0 = time.perf_counter()
+        try:
+            self.on_batch()
+        finally:
+            meter.running = True
+            self._outside += time.perf_counter() - t0
 
     def _on_event(self) -> None:
         if self.spin:
@@ -291,13 +316,14 @@ class LoopProgress(Progress):
         meter = self._meter
         nested = meter.running  # a callback of another rail's pass closed an endpoint here, say
         meter.running = True
+        self._outside = 0.0
         t0 = time.perf_counter()
         try:
-            self._run_pass(self.worker)
+            self._run_pass(self.worker, nested)
         finally:
             meter.running = nested
             if not nested:
-                spent = time.perf_counter() - t0
+                spent = time.perf_counter() - t0 - self._outside
                 self._own += spent
                 meter.total += spent
 
@@ -310,7 +336,7 @@ class LoopProgress(Progress):
             self._own += seconds
             meter.total += seconds
 
-    def _run_pass(self, worker: Any) -> None:
+    def _run_pass(self, worker: Any, nested: bool = False) -> None:
         try:
             made = busy = False
             budget = PASS_BUDGET
@@ -331,7 +357,9 @@ class LoopProgress(Progress):
                 self._kicked = False
                 self._in_pass = True
                 try:
-                    self._deliver()  # may post requests, close endpoints, even close this rail
+                    delivered = self._deliver()  # may post requests, close endpoints, even close this rail
+                    if delivered and self.on_batch is not None and not self._closed:
+                        self._batch_done(nested)
                 finally:
                     self._in_pass = False
                 if self._closed:
