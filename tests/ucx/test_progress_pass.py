@@ -1,8 +1,8 @@
 """The loop-mode progress pass (backends/ucx/progress.py) against a stand-in worker: no UCX needed.
 
 What the pass promises: a watched request's callback runs in the pass that
-resolved its future, exactly once (its future's own callback, always attached,
-finds it delivered); requests a callback posts are progressed in the same pass;
+resolved its future, exactly once (past ``WATCH_SCAN`` watched requests, and at
+close, by the future's own callback instead); requests a callback posts are progressed in the same pass;
 and ``away()`` counts the time the loop spent progressing the *other* rails,
 which the initiator subtracts from a slice's wire time (peer.py).
 """
@@ -183,6 +183,45 @@ async def test_on_batch_runs_in_the_pass_after_its_completions_and_is_not_this_r
         a.on_batch = None
         a.close()
         b.close()
+
+
+class BusyOnceWorker(FakeWorker):
+    """``arm`` answers BUSY ``busy`` times in a row (shared memory: a drained wake-up signal), then arms."""
+
+    def __init__(self, fd: int, busy: int) -> None:
+        super().__init__(fd)
+        self.busy_arms = busy
+        self.arms = 0
+
+    def arm(self) -> bool:
+        self.arms += 1
+        if self.busy_arms:
+            self.busy_arms -= 1
+            return False
+        return True
+
+
+async def test_a_busy_arm_is_retried_in_the_same_pass_and_then_left_to_the_next_turn(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker = BusyOnceWorker(fds[0], busy=0)
+    prog = P.LoopProgress(worker, loop, "shm")
+    try:
+        await asyncio.sleep(0.01)
+        worker.busy_arms, worker.arms, progress_before = 1, 0, worker.progress_calls
+        prog.kick()
+        await asyncio.sleep(0)  # exactly the one pass the kick scheduled
+        assert worker.arms == 2  # BUSY, progressed again, armed: all in that pass
+        assert worker.progress_calls > progress_before
+        assert not prog._scheduled  # no pass queued for the next turn
+        worker.busy_arms, worker.arms = 5, 0  # BUSY every time: bounded, the next turn goes on
+        prog.kick()
+        await asyncio.sleep(0)
+        assert worker.arms == P.ARM_TRIES
+        assert prog._scheduled
+        await asyncio.sleep(0.01)
+        assert worker.busy_arms == 0  # later passes armed it
+    finally:
+        prog.close()
 
 
 def _link(away: float) -> Any:
