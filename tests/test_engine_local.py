@@ -5,11 +5,13 @@ from __future__ import annotations
 import mmap
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 
 import tent_async as tent
 from tent_async.backends.local import LocalBackend
+from tent_async.core import Attempt
 
 MiB = 1 << 20
 pytestmark = pytest.mark.anyio
@@ -346,3 +348,42 @@ async def test_a_report_that_raises_does_not_stop_the_reports_after_it() -> None
         loop.set_exception_handler(None)
     assert ran == [1, 2]
     assert [str(e) for e in errors] == ["boom"]
+
+
+class _HeldBackend(LocalBackend):
+    """Records posts and moves nothing: the test reports each attempt itself."""
+
+    def __init__(self, *, inline: bool) -> None:
+        super().__init__()
+        self.posts_inline = inline  # type: ignore[misc]
+        self.posted: list[Attempt] = []
+
+    def post(self, attempt: Attempt) -> None:
+        self.posted.append(attempt)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_an_idle_engine_posts_inside_submit_only_for_a_backend_that_allows_it(inline: bool) -> None:
+    backend = _HeldBackend(inline=inline)
+    async with tent.Engine(backend=backend) as e:
+        src = e.register(np.arange(8192, dtype=np.uint8) % 251, name="src")
+        dst = e.register(np.zeros(8192, dtype=np.uint8), name="dst")
+        first = e.submit(src[:4096], dst[:4096])
+        assert bool(backend.posted) is inline  # no loop turn yet
+        assert all(a.transfer_id == first.id for a in backend.posted)
+        second = e.submit(src[4096:], dst[4096:])  # the engine is busy: this one waits for the pump
+        assert all(a.transfer_id == first.id for a in backend.posted)
+        await anyio.lowlevel.checkpoint()
+        assert {a.transfer_id for a in backend.posted} == {first.id, second.id}
+        ctx = backend._ctx
+        assert ctx is not None
+        for a in backend.posted:
+            dst.memory.array[a.dst_offset : a.dst_offset + a.length] = src.memory.array[
+                a.src_offset : a.src_offset + a.length
+            ]
+            ctx.complete(a.id)
+        assert not first.done()  # reports are acted on by the next pump ...
+        ctx.flush()  # ... or now, when the backend says its batch of reports is over
+        assert first.done() and second.done()
+        assert (await first.wait()).bytes == 4096
+        assert np.array_equal(dst.memory.array, src.memory.array)

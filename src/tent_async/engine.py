@@ -389,6 +389,7 @@ class Engine:
         self.loop_lag = LoopLag()
         self._timer_fired = False  # the next pump was started by the timer: judge deadlines
         self._pump_scheduled = False
+        self._pump_handle: asyncio.Handle | None = None  # the scheduled pump, cancelled by flush()
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
 
     # ============================================================ lifecycle
@@ -742,6 +743,7 @@ class Engine:
     ) -> TransferHandle:
         if notify is not None:
             _check_notify(notify)
+        idle = planner.idle
         tid = planner.submit(pieces, self._backend.clock(), rails, priority=prio)
         handle = TransferHandle(self, tid, total, segments)
         handle._destinations = destinations
@@ -751,7 +753,12 @@ class Engine:
         self._handles[tid] = handle
         if notify is not None:
             self._notify_for[tid] = notify
-        self._kick()
+        if idle and self._backend.posts_inline and not (self._pumping or self._pump_scheduled or self._timer_fired):
+            # Nothing else is open: post now rather than a loop turn later (a burst of submits
+            # still shares one pump: the second finds the planner busy and only kicks).
+            self._pump()
+        else:
+            self._kick()
         return handle
 
     @staticmethod
@@ -978,12 +985,27 @@ class Engine:
             return
         if not self._pump_scheduled:
             self._pump_scheduled = True
-            self._loop.call_soon(self._scheduled_pump)
+            self._pump_handle = self._loop.call_soon(self._scheduled_pump)
 
     def _scheduled_pump(self) -> None:
         self._pump_scheduled = False
+        self._pump_handle = None
         if self._state != "closed":
             self._pump()
+
+    def _flush(self) -> None:
+        """Run the pump that reports scheduled now, not a loop turn later (``BackendContext.flush``).
+
+        Not when the timer started it: deadlines are judged only after every report
+        queued before the timer's callback (see :meth:`_pump_once`).
+        """
+        handle = self._pump_handle
+        if handle is None or self._pumping or self._timer_fired or self._state == "closed":
+            return
+        handle.cancel()
+        self._pump_handle = None
+        self._pump_scheduled = False
+        self._pump()
 
     def _pump(self) -> None:
         self._pumping = True
@@ -1281,6 +1303,9 @@ class _Context:
         if planner is not None:
             planner.rail_down(rail, self._engine._backend.clock(), reason)
             self._engine._kick()
+
+    def flush(self) -> None:
+        self._engine._flush()
 
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:
         tg = self._engine._tg

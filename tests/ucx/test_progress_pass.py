@@ -1,8 +1,8 @@
 """The loop-mode progress pass (backends/ucx/progress.py) against a stand-in worker: no UCX needed.
 
 What the pass promises: a watched request's callback runs in the pass that
-resolved its future, exactly once (its future's own callback, always attached,
-finds it delivered); requests a callback posts are progressed in the same pass;
+resolved its future, exactly once (past ``WATCH_SCAN`` watched requests, and at
+close, by the future's own callback instead); requests a callback posts are progressed in the same pass;
 and ``away()`` counts the time the loop spent progressing the *other* rails,
 which the initiator subtracts from a slice's wire time (peer.py).
 """
@@ -142,6 +142,86 @@ async def test_away_counts_time_spent_on_the_other_rails(fds: list[int]) -> None
     finally:
         a.close()
         b.close()
+
+
+async def test_on_batch_runs_in_the_pass_after_its_completions_and_is_not_this_rails_time(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker_a = FakeWorker(fds[0])
+    a = P.LoopProgress(worker_a, loop, "shm")
+    b = P.LoopProgress(FakeWorker(fds[1]), loop, "tcp")
+    try:
+        await asyncio.sleep(0.01)
+        calls: list[str] = []
+        ticks = 0
+
+        def tick() -> None:
+            nonlocal ticks
+            ticks += 1
+
+        def on_batch() -> None:  # the engine's pump: settles, posts the next slice on this rail
+            calls.append(f"batch after {ticks} ticks")
+            if len(calls) > 2:
+                return
+            time.sleep(0.005)  # the engine's own time: neither rail's
+            nxt = worker_a.request(loop)
+            a.watch(nxt, lambda fut: calls.append(f"next after {ticks} ticks"))
+            a.kick()
+
+        a.on_batch = on_batch
+        a0, b0 = a.away(), b.away()
+        req = worker_a.request(loop)
+        a.watch(req, lambda fut: calls.append("reply"))
+        a.kick()
+        loop.call_soon(tick)
+        await asyncio.sleep(0.02)
+        # After the completions a pass delivered; the slice it posted completed in the same
+        # pass (no tick between), and on_batch ran again after that delivery.
+        assert calls == ["reply", "batch after 0 ticks", "next after 0 ticks", "batch after 0 ticks"]
+        assert b.away() - b0 < 0.004  # the 5 ms (or more) in on_batch were not the shm rail's
+        assert a.away() == a0
+    finally:
+        a.on_batch = None
+        a.close()
+        b.close()
+
+
+class BusyOnceWorker(FakeWorker):
+    """``arm`` answers BUSY ``busy`` times in a row (shared memory: a drained wake-up signal), then arms."""
+
+    def __init__(self, fd: int, busy: int) -> None:
+        super().__init__(fd)
+        self.busy_arms = busy
+        self.arms = 0
+
+    def arm(self) -> bool:
+        self.arms += 1
+        if self.busy_arms:
+            self.busy_arms -= 1
+            return False
+        return True
+
+
+async def test_a_busy_arm_is_retried_in_the_same_pass_and_then_left_to_the_next_turn(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker = BusyOnceWorker(fds[0], busy=0)
+    prog = P.LoopProgress(worker, loop, "shm")
+    try:
+        await asyncio.sleep(0.01)
+        worker.busy_arms, worker.arms, progress_before = 1, 0, worker.progress_calls
+        prog.kick()
+        await asyncio.sleep(0)  # exactly the one pass the kick scheduled
+        assert worker.arms == 2  # BUSY, progressed again, armed: all in that pass
+        assert worker.progress_calls > progress_before
+        assert not prog._scheduled  # no pass queued for the next turn
+        worker.busy_arms, worker.arms = 5, 0  # BUSY every time: bounded, the next turn goes on
+        prog.kick()
+        await asyncio.sleep(0)
+        assert worker.arms == P.ARM_TRIES
+        assert prog._scheduled
+        await asyncio.sleep(0.01)
+        assert worker.busy_arms == 0  # later passes armed it
+    finally:
+        prog.close()
 
 
 def _link(away: float) -> Any:

@@ -65,6 +65,16 @@ class BackendContext(Protocol):
     def rail_down(self, rail: str, reason: str) -> None:
         """The backend learned that a rail is gone."""
 
+    def flush(self) -> None:
+        """Act on the reports made so far now, instead of at the end of this loop turn.
+
+        Reports are batched: the engine acts on all of one loop turn's reports at
+        once, a turn later.  A backend that delivers completions in batches of its
+        own (the ucx backend's progress pass) calls this once a batch is over, so
+        that the transfers they finish settle, and the slices they make room for
+        are posted, in the same turn.
+        """
+
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:
         """Run ``fn(*args)`` as a task in the engine's task group."""
 
@@ -97,6 +107,11 @@ class Backend(abc.ABC):
     scatter_gather: ClassVar[bool] = False
     """Can one attempt carry many extents (``Attempt.extents``)?  Without it the
     planner cuts every slice inside one extent."""
+    posts_inline: ClassVar[bool] = False
+    """May the engine pump (and so :meth:`post`) from inside ``submit`` when nothing else is
+    open, instead of a loop turn later?  Saves a turn per small transfer (ucx); off by
+    default because it moves posts ahead of other callbacks already queued, an order the
+    virtual-time backends' figures depend on."""
     _ctx: BackendContext | None = None
 
     @abc.abstractmethod

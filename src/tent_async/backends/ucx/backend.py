@@ -113,6 +113,7 @@ class UcxBackend(Backend):
 
     name: ClassVar[str] = "ucx"
     scatter_gather: ClassVar[bool] = True  # one header per slice with its extent list (scatter.py)
+    posts_inline: ClassVar[bool] = True  # post() never reports before it returns (peer.py defers)
 
     def __init__(
         self,
@@ -215,9 +216,10 @@ class UcxBackend(Backend):
         loop = asyncio.get_running_loop()
         try:
             for plan in self.plans:
-                self.local_rails[plan.name] = LocalRail(
+                rail = self.local_rails[plan.name] = LocalRail(
                     plan, loop, delayed_submission=self._delayed, stats=self.stats, progress=self.progress
                 )
+                rail.progress.on_batch = ctx.flush  # a pass's completions settle in that pass
             if self._listen is not None:
                 self._server = Server(self)
                 host, port = self._listen

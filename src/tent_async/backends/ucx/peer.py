@@ -138,6 +138,7 @@ class _Op:
         "error",
         "fatal",
         "fence_at",
+        "inline",
         "kind",
         "link",
         "pending",
@@ -176,9 +177,10 @@ class _Op:
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
         self.tail_check = False  # a large READ (host or GPU memory): compare its end with SENT's tail
         self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
+        self.inline = False  # set by Link._queue (_inline)
 
-    @property
-    def inline(self) -> bool:
+    def _inline(self) -> bool:
+        """Do the bytes travel in the header (WRITE) or the reply (READ)?  Fixed at post."""
         a = self.attempt
         if a is None:
             return False
@@ -365,6 +367,7 @@ class Link:
 
     def _queue(self, op: _Op) -> None:
         assert op.attempt is not None
+        op.inline = op._inline()
         op.away = self.rail.progress.away()
         self.ops[op.attempt.id] = op
         if self.state is LinkState.UP and self.free_slots and not self.waiting and self._admit(op):
@@ -497,7 +500,8 @@ class Link:
             op.fatal = msg.reason
             op.data_req = None  # the last reference: ucxx cancels a READ's posted receive
             return
-        expected = {Op.BIND: Bound, Op.WRITE: Ack, Op.READ: Data if op.inline else Sent}[op.kind]
+        kind = op.kind
+        expected = Ack if kind is Op.WRITE else Bound if kind is Op.BIND else Data if op.inline else Sent
         if not isinstance(msg, expected):
             self._violation(op, f"{type(msg).__name__} where {expected.__name__} was due")
             return

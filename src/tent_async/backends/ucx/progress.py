@@ -34,7 +34,9 @@ callback runs inside the pass that resolved its future, not one loop turn
 later (``add_done_callback`` goes through ``call_soon``): a slice's reply is
 acted on, and a header answered, in the pass that received it (while few
 requests are watched: past ``WATCH_SCAN`` the pass does not look through
-them, and the futures' own callbacks, always attached, deliver instead).  The one rule the loop modes add: whoever posts
+them, and the futures' own callbacks deliver instead; they are attached only then,
+after a failed pass and at close, since otherwise each would be one more loop
+callback per request that finds it delivered).  The one rule the loop modes add: whoever posts
 a request calls :meth:`Progress.kick` afterwards (:class:`~.channel.Channel`
 and :class:`~.rails.LocalRail` do), because a request can complete inside the
 call that posts it, and UCX raises no event for that.
@@ -70,6 +72,7 @@ SEND_POLL = 0.0002  # loop modes, shared memory: seconds between polls of a stal
 SEND_POLL_EVENTED = 0.001  # ... TCP (a full socket raises an event; this is the progress thread's epoll timeout)
 SAFETY_INTERVAL = 0.05  # loop modes: a pass at least this often, in case an event was missed
 ROUNDS = 3  # loop modes: progress, resolve, deliver rounds per pass while callbacks post new requests
+ARM_TRIES = 2  # loop modes: arms a pass tries (progressing again between) before it leaves it to the next turn
 WATCH_SCAN = 64  # loop modes: watched requests a pass looks through for completions (more: futures' callbacks)
 
 Watcher = Callable[[Any], None]
@@ -104,6 +107,9 @@ class Progress:
         self.worker: Any = worker
         self.loop = loop
         self.name = name
+        # Called after a pass delivered completions (the engine's BackendContext.flush), so that
+        # what they report is acted on in the same pass; the thread mode delivers one at a time.
+        self.on_batch: Callable[[], None] | None = None
 
     def kick(self, send: Any = None) -> None:
         """A request was just posted on the worker (or an endpoint created): make sure it progresses.
@@ -198,11 +204,12 @@ class LoopProgress(Progress):
         self._sends: collections.deque[Any] = collections.deque()
         self._send_poll: asyncio.TimerHandle | None = None
         # Watched requests: key -> (its future, callback), delivered by the pass (see watch()).
-        self._watched: dict[int, tuple[Any, Watcher]] = {}
+        self._watched: dict[int, tuple[Any, Watcher, bool]] = {}  # key -> (future, callback, has a done-callback)
         self._keys = 0
         self._meter = _meter(loop)
         self._own = 0.0  # seconds this rail's passes took
         self._in_pass = False  # delivering callbacks: a kick means "go round again", not "schedule"
+        self._outside = 0.0  # seconds of this pass spent in on_batch (not this rail's)
         self._kicked = False
         loop.add_reader(self._fd, self._on_event)
         self._safety: asyncio.TimerHandle | None = loop.call_later(SAFETY_INTERVAL, self._on_safety)
@@ -227,30 +234,51 @@ class LoopProgress(Progress):
     def watch(self, req: Any, fn: Watcher) -> None:
         """Deliver the completion in the pass that resolves the future, or else by its callback.
 
-        Both paths are armed; whichever runs first delivers and removes the entry,
-        the other finds it gone.  The future's callback is the one that scales:
-        the pass looks through the watched requests only while there are at most
-        ``WATCH_SCAN`` of them (a server with many links falls back to it).
+        While at most ``WATCH_SCAN`` requests are watched, only the pass delivers:
+        futures are resolved only by a pass (``run_request_notifier``), which then
+        looks through the watched ones, so a callback on the future would only be
+        one more loop callback per request that finds it delivered.  Past that
+        bound (a server with many links), after a pass that failed, and at close,
+        every watched future gets its callback (:meth:`_arm_callbacks`), the path
+        that scales; whichever runs first delivers and removes the entry.
         """
         self._keys += 1
         key = self._keys
         future = req.future
         # The future, not the request: dropping the last reference to a request cancels it,
         # which is how a refused READ's posted receive is stopped (peer.py), so none is kept here.
-        self._watched[key] = (future, fn)
-        future.add_done_callback(functools.partial(self._deliver_late, key))
+        watched = self._watched
+        if len(watched) < WATCH_SCAN and not self._closed:
+            watched[key] = (future, fn, False)
+        else:
+            watched[key] = (future, fn, True)
+            future.add_done_callback(functools.partial(self._deliver_late, key))
+
+    def _arm_callbacks(self) -> None:
+        """Give every watched future without one its done-callback (delivery without a pass)."""
+        watched = self._watched
+        for key, (future, fn, armed) in list(watched.items()):
+            if not armed:
+                watched[key] = (future, fn, True)
+                future.add_done_callback(functools.partial(self._deliver_late, key))
 
     def _deliver_late(self, key: int, future: Any) -> None:
         entry = self._watched.pop(key, None)
         if entry is not None:
             entry[1](future)
 
-    def _deliver(self) -> None:
-        """Run the callbacks of watched requests whose futures are done (a pass just resolved them)."""
+    def _deliver(self) -> bool:
+        """Run the callbacks of watched requests whose futures are done (a pass just resolved them).
+
+        Returns whether there were any.
+        """
         watched = self._watched
-        if not watched or len(watched) > WATCH_SCAN:
-            return
-        done = [key for key, (future, _fn) in watched.items() if future.done()]
+        if not watched:
+            return False
+        if len(watched) > WATCH_SCAN:
+            self._arm_callbacks()  # no scan: the futures' callbacks deliver (a loop turn later)
+            return False
+        done = [key for key, (future, _fn, _armed) in watched.items() if future.done()]
         for key in done:
             entry = watched.pop(key, None)
             if entry is None:  # an earlier callback of this batch delivered it (closing, say)
@@ -261,6 +289,24 @@ class LoopProgress(Progress):
                 self.loop.call_exception_handler(
                     {"message": f"rail {self.name}: a request's completion callback failed", "exception": exc}
                 )
+        return bool(done)
+
+    def _batch_done(self, nested: bool) -> None:
+        """Let the engine act on the completions just delivered, outside this rail's metering.
+
+        The engine's pump may post slices on other rails; a large TCP send pushes its
+        bytes inside the call, and that time must count as that rail's (``account``),
+        not as this pass's, or it would be taken off that rail's own wire time.
+        """
+        assert self.on_batch is not None
+        meter = self._meter
+        meter.running = nested
+        t0 = time.perf_counter()
+        try:
+            self.on_batch()
+        finally:
+            meter.running = True
+            self._outside += time.perf_counter() - t0
 
     def _on_event(self) -> None:
         if self.spin:
@@ -291,13 +337,14 @@ class LoopProgress(Progress):
         meter = self._meter
         nested = meter.running  # a callback of another rail's pass closed an endpoint here, say
         meter.running = True
+        self._outside = 0.0
         t0 = time.perf_counter()
         try:
-            self._run_pass(self.worker)
+            self._run_pass(self.worker, nested)
         finally:
             meter.running = nested
             if not nested:
-                spent = time.perf_counter() - t0
+                spent = time.perf_counter() - t0 - self._outside
                 self._own += spent
                 meter.total += spent
 
@@ -310,49 +357,66 @@ class LoopProgress(Progress):
             self._own += seconds
             meter.total += seconds
 
-    def _run_pass(self, worker: Any) -> None:
+    def _rounds(self, worker: Any, nested: bool, budget: int) -> tuple[bool, bool, int] | None:
+        """Progress, resolve, deliver, up to ``ROUNDS`` times; (made progress, busy, budget left), or None if closed."""
+        made = busy = False
+        for _round in range(ROUNDS):
+            for _ in range(budget):
+                budget -= 1
+                if not worker.progress_once():
+                    break
+                made = True
+            else:
+                busy = True
+            # Requests whose endpoint closed or failed were scheduled for cancellation;
+            # ucxx cancels them here (Worker::progress does the same after its own loop).
+            worker.cancel_inflight_requests(0, 1)
+            worker.run_request_notifier()  # resolve the futures of what completed
+            if not self._watched:
+                break
+            self._kicked = False
+            self._in_pass = True
+            try:
+                delivered = self._deliver()  # may post requests, close endpoints, even close this rail
+                if delivered and self.on_batch is not None and not self._closed:
+                    self._batch_done(nested)
+            finally:
+                self._in_pass = False
+            if self._closed:
+                return None
+            # A callback posted something (a server's answer, the next header): progress it now,
+            # in this turn, rather than in a pass of the next one.
+            if not self._kicked or busy:
+                break
+        return made, busy, budget
+
+    def _run_pass(self, worker: Any, nested: bool = False) -> None:
         try:
-            made = busy = False
             budget = PASS_BUDGET
-            for _round in range(ROUNDS):
-                for _ in range(budget):
-                    budget -= 1
-                    if not worker.progress_once():
-                        break
-                    made = True
-                else:
-                    busy = True
-                # Requests whose endpoint closed or failed were scheduled for cancellation;
-                # ucxx cancels them here (Worker::progress does the same after its own loop).
-                worker.cancel_inflight_requests(0, 1)
-                worker.run_request_notifier()  # resolve the futures of what completed
-                if not self._watched:
-                    break
-                self._kicked = False
-                self._in_pass = True
-                try:
-                    self._deliver()  # may post requests, close endpoints, even close this rail
-                finally:
-                    self._in_pass = False
-                if self._closed:
+            for _try in range(ARM_TRIES):
+                rounds = self._rounds(worker, nested, budget)
+                if rounds is None:
                     return
-                # A callback posted something (a server's answer, the next header): progress it now,
-                # in this turn, rather than in a pass of the next one.
-                if not self._kicked or busy:
+                made, busy, budget = rounds
+                sends = self._sends
+                while sends and sends[0].completed:
+                    sends.popleft()
+                if len(sends) > 1:  # one unfinished at the front must not keep finished ones behind it
+                    self._sends = sends = collections.deque(r for r in sends if not r.completed)
+                spinning = self.spin and self.loop.time() < self._active_until
+                # A send advancing: go on at once.  Arm only with nothing left to progress
+                # (short-circuit); BUSY means events came in meanwhile.
+                again = busy or spinning or self._kicked or (made and self._chase_sends and bool(sends))
+                if again or worker.arm():
                     break
-            sends = self._sends
-            while sends and sends[0].completed:
-                sends.popleft()
-            if len(sends) > 1:  # one unfinished at the front must not keep finished ones behind it
-                self._sends = sends = collections.deque(r for r in sends if not r.completed)
-            spinning = self.spin and self.loop.time() < self._active_until
-            # A send advancing: go on at once.  Arm only with nothing left to progress
-            # (short-circuit); BUSY means events came in meanwhile.
-            again = busy or spinning or self._kicked or (made and self._chase_sends and bool(sends))
-            again = again or not worker.arm()
+                # BUSY.  Usually what this pass already took: a shared-memory message's wake-up
+                # signal, drained by the arm (about once per message).  Go round once more here
+                # rather than a loop turn later; the next arm then succeeds.
+                again = True
             self._kicked = False
         except Exception:  # pragma: no cover - a worker being torn down
             logger.debug("rail %s: progress pass failed", self.name, exc_info=True)
+            self._arm_callbacks()  # what it resolved is delivered without a pass
             return
         if self._scheduled:  # a callback's own pass (a close on another rail, say) is on its way
             return
@@ -382,6 +446,7 @@ class LoopProgress(Progress):
         with contextlib.suppress(Exception):
             self.worker.progress()
             self.worker.run_request_notifier()
+        self._arm_callbacks()
         with contextlib.suppress(Exception):
             self.worker.clear_python_futures_pool()
         with contextlib.suppress(Exception):
