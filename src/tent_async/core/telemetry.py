@@ -105,9 +105,8 @@ class RailEstimator:
 
         Ridge-regularised towards the prior slope, so that slices of one size
         give the prior back instead of a division by zero; the slope is
-        clamped so that the cost is never negative, and a slope that would
-        make the wire bandwidth absurd (over ``_MAX_OVER_HINT`` x the hint or
-        the ratio) gives no cost and the ratio.
+        clamped so that the cost is never negative and the wire bandwidth
+        never absurd (at most ``_MAX_OVER_HINT`` x the hint or the ratio).
         Runs for every completed slice: plain locals, no powers.
         """
         if self.samples == 1:
@@ -135,11 +134,7 @@ class RailEstimator:
             slope = mt / mx
         hint = self._hint if self._hint > self.bandwidth else self.bandwidth
         if slope * hint * _MAX_OVER_HINT < 1.0:
-            # Time that hardly grows with size: no wire looks like that (a rail whose
-            # rate swung between the samples does).  No cost then: the plain ratio.
-            self.wire_bandwidth = self.bandwidth
-            self.cost = 0.0
-            return
+            slope = 1.0 / (_MAX_OVER_HINT * hint)  # time that hardly grows with size: mostly cost
         if var >= _SURE_SPREAD2 * mx2 and self.samples >= _SURE_SAMPLES:
             self._slope = slope
             self.slope_measured = True
