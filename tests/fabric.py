@@ -20,12 +20,15 @@ class FifoFabric:
         config: SchedulerConfig | None = None,
         hints: Sequence[float] | None = None,
         withdraw_finishes: bool = False,
+        slice_costs: Sequence[float] | None = None,
     ) -> None:
         hints = hints or bandwidths
         self.planner = Planner(
             [RailInfo(f"r{i}", h, latency=0.0) for i, h in enumerate(hints)], config or SchedulerConfig(), policy
         )
         self.bw = list(bandwidths)
+        # Seconds every slice costs on top of its bytes (per-slice work the rail serialises).
+        self.slice_costs = list(slice_costs or [0.0] * len(bandwidths))
         # False: a withdrawal stops the slice at once (a cancel); True: the slice still
         # finishes and reports (a slice that was late, not lost, as on real hardware).
         self.withdraw_finishes = withdraw_finishes
@@ -56,7 +59,7 @@ class FifoFabric:
                     self.pending[a.id] = (float("inf"), a)
                     continue
                 start = max(self.now, self.free_at[a.rail])
-                finish = start + a.length / self.bw[a.rail]
+                finish = start + self.slice_costs[a.rail] + a.length / self.bw[a.rail]
                 self.free_at[a.rail] = finish
                 self.pending[a.id] = (finish, a)
             elif isinstance(d, Withdraw):

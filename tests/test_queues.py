@@ -125,7 +125,7 @@ def test_high_priority_goes_first_and_background_still_moves() -> None:
         for d in planner.poll(now):
             if isinstance(d, Post):
                 served.append(d.attempt.transfer_id)
-                now += 1e-3
+                now += d.attempt.length / 1e9  # the rail's bandwidth (no fixed cost per slice)
                 planner.complete(d.attempt.id, now)
     # high first; background gets exactly one turn after being passed over `aging` times
     assert served[:4] == [hi[0], hi[1], hi[0], hi[1]]

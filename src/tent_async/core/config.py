@@ -66,7 +66,11 @@ class SchedulerConfig:
         fewer slices than it has rails is water-filled over them instead
         (see :class:`~.policies.EarliestFinish`), never below ``min_slice``.
         A remainder smaller than ``tail_merge`` (0.5) of a slice is merged into
-        the slice before it rather than sent alone.
+        the slice before it rather than sent alone.  When a rail shows a fixed
+        cost per slice big enough to sink its slices to ``min_slice`` (see
+        Telemetry), its slices grow until that cost is at most
+        ``slice_cost_share`` (0.25) of a slice's time, above
+        ``target_slice_time`` if need be (1.0 turns this off).
 
     Dispatch
         ``window`` (2): slices a healthy rail may hold in flight.  Two keeps the
@@ -109,7 +113,9 @@ class SchedulerConfig:
         seconds, which stays correct when a backend completes several slices
         at once.  ``ewma_alpha`` (0.25) is the weight of a new completion;
         ``ewma_alpha_down`` (0.5) is used when a sample is below the estimate so
-        that a degrading rail is noticed within a couple of slices.
+        that a degrading rail is noticed within a couple of slices.  A fit of
+        wire time = cost + bytes / bandwidth over slices of different sizes
+        tells a fixed per-slice cost from a slower rail (docs/design.md).
 
     Failover
         ``deadline_factor`` (4) x expected time, but at least ``deadline_floor``
@@ -153,6 +159,7 @@ class SchedulerConfig:
     max_slice: int = attrs.field(default=16 * 1024 * 1024, converter=parse_size, validator=_positive)
     slice_align: int = attrs.field(default=4096, converter=parse_size, validator=_positive)
     tail_merge: float = attrs.field(default=0.5, validator=_fraction)
+    slice_cost_share: float = attrs.field(default=0.25, validator=_fraction)
 
     window: int = attrs.field(default=2, validator=_at_least_one)
     max_window: int = attrs.field(default=16, validator=_at_least_one)

@@ -101,7 +101,8 @@ class EarliestFinish:
     until the same instant ``T``, counting what it already has in flight and
     its latency, which includes the backend's stated per-slice cost), and a
     rail's slice is its share, capped at its nominal size (``bw x
-    target_slice_time``) and at least ``min_slice``.  So an elephant gets
+    target_slice_time``, or more where a per-slice cost must be amortised:
+    :func:`~.slicing.amortized_slice`) and at least ``min_slice``.  So an elephant gets
     nominal slices as before, a 16 MiB transfer on eight fast rails is cut
     into eight shares that finish together, and a 4 KiB one stays whole and
     goes to the rail with the earliest finish including latency.

@@ -15,7 +15,7 @@ import attrs
 from .config import SchedulerConfig
 from .decisions import Attempt
 from .health import Health, RailHealth
-from .slicing import nominal_slice
+from .slicing import amortized_slice, nominal_slice
 from .telemetry import RailEstimator
 
 
@@ -141,9 +141,14 @@ class RailState:
 
     def refresh(self) -> None:
         """Pick up the estimator's new values (and the slice size they imply)."""
-        self.bw = self.estimator.bandwidth
-        self.lat = self.estimator.latency
+        est = self.estimator
+        self.bw = est.bandwidth
+        self.lat = est.latency
         self.nominal = nominal_slice(self.bw, self._config)
+        # A cost guessed from the hint's slope (slices of one size so far) acts only at
+        # min_slice, where a rail slower than its hint would otherwise look just the same.
+        if est.cost > 0.0 and (est.slope_measured or self.nominal <= self._config.min_slice):
+            self.nominal = amortized_slice(self.nominal, est.wire_bandwidth, est.cost, est.mean_size, self._config)
         self._update_room()
 
     def add(self, attempt: Attempt) -> None:
