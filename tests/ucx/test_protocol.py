@@ -297,7 +297,7 @@ def test_only_small_host_to_host_slices_travel_inline(
     src, dst = (local, remote) if op_kind is Op.WRITE else (remote, local)
     attempt = SimpleNamespace(id=1, src=src, dst=dst, length=length)
     link = SimpleNamespace(peer=SimpleNamespace(inline_limit=16 << 10))
-    assert _Op(attempt, link, op_kind, 0.0).inline is inline  # type: ignore[arg-type]
+    assert _Op(attempt, link, op_kind, 0.0)._inline() is inline  # type: ignore[arg-type]
 
 
 def test_a_frame_of_nested_empty_arrays_is_refused_before_it_becomes_a_gigabyte() -> None:
