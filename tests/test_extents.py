@@ -323,10 +323,11 @@ def test_slices_of_merged_runs_land_byte_exact(
     st.lists(st.integers(1, 3000), min_size=1, max_size=200),
     st.integers(1, 8),
     st.integers(64, 1024),
+    st.sampled_from([0, 3, 50]),
     st.data(),
 )
 def test_a_slice_cut_to_the_extent_budget_fits_it_and_is_as_long_as_it_may_be(
-    lengths: list[int], free: int, per: int, data: st.DataObject
+    lengths: list[int], free: int, per: int, most: int, data: st.DataObject
 ) -> None:
     """fit_extents: the slice it leaves carries at most ``free + bytes // per`` extents (one
     extent always goes), is the whole request when that fits, and otherwise ends where an
@@ -337,13 +338,13 @@ def test_a_slice_cut_to_the_extent_budget_fits_it_and_is_as_long_as_it_may_be(
     ext = Extents.between("a", src, "b", src[::-1].copy(), np.array(lengths))
     offset = data.draw(st.integers(0, ext.total - 1))
     size = data.draw(st.integers(1, ext.total - offset))
-    got = fit_extents(ext, offset, size, free, per)
+    got = fit_extents(ext, offset, size, free, per, most)
 
     def count(n: int) -> int:
         return len(ext.window(offset, n))
 
     def fits(n: int) -> bool:
-        return count(n) <= max(1, free + n // per)
+        return count(n) <= max(1, min(free + n // per, most) if most else free + n // per)
 
     assert 0 < got <= size
     assert fits(got) or count(got) == 1

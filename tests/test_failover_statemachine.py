@@ -72,7 +72,7 @@ class PlannerMachine(RuleBasedStateMachine):
         self.no_rail_checked: set[int] = set()
 
     @initialize(
-        policy=st.sampled_from(["eft", "round_robin", "single"]),
+        policy=st.sampled_from(["eft", "round_robin", "single", "static"]),
         bandwidths=st.lists(st.sampled_from([1e8, 3e8, 1e9]), min_size=1, max_size=4),
         scatter_gather=st.booleans(),
     )

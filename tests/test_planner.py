@@ -464,3 +464,26 @@ def test_scatter_slices_are_cut_to_the_rails_extent_budget() -> None:
     assert finished and finished[0].outcome is Outcome.DONE
     assert sum(a.length for a in posted) == n * block
     assert len(posted) > 1
+
+
+@pytest.mark.parametrize("policy", ["eft", "round_robin", "single", "static"])
+def test_no_policy_posts_to_a_rail_held_for_a_busy_peer(policy: str) -> None:
+    """While rail ``a`` is held (its peer refused for its load), slices go elsewhere or wait."""
+    rails = [RailInfo("a", 1e9), RailInfo("b", 1e9)]
+    planner = Planner(rails, SchedulerConfig(busy_hold=0.01, busy_hold_cap=0.01), policy)
+    for _ in range(4):
+        planner.submit([Piece("s", 0, "d", 0, 64 * MiB)], 0.0)
+    now = 0.0
+    for a in [d.attempt for d in planner.poll(now) if isinstance(d, Post)]:
+        if a.rail_name == "a":
+            planner.fail(a.id, now, "no staging free", busy=True)
+    for _ in range(9):  # within the hold (10 ms): nothing goes to a; b's slices complete and more follow
+        now += 1e-3
+        for a in list(planner.attempts()):
+            planner.complete(a.id, now)
+        posted = [d.attempt.rail_name for d in planner.poll(now) if isinstance(d, Post)]
+        assert "a" not in posted, (now, posted)
+    now = 0.0101
+    for a in list(planner.attempts()):
+        planner.complete(a.id, now)
+    assert "a" in [d.attempt.rail_name for d in planner.poll(now) if isinstance(d, Post)]

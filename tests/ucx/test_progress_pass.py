@@ -289,3 +289,21 @@ def test_a_link_refuses_moves_its_state_table_does_not_allow() -> None:
         link._move(LinkState.BINDING)
     assert link._move(LinkState.IDLE) is LinkState.UP  # torn down from anywhere
     assert link._move(LinkState.IDLE) is LinkState.IDLE  # closing twice is allowed
+
+
+def test_a_pipelined_slices_away_time_starts_at_the_links_previous_reply() -> None:
+    """The client times a slice from its predecessor's completion; the server must not report
+    away time from before that (it would be taken off the wire time twice)."""
+    from types import SimpleNamespace
+
+    from tent_async.backends.ucx.server import ServerLink
+
+    clock = [0.0]
+    link = object.__new__(ServerLink)
+    link.rail = SimpleNamespace(progress=SimpleNamespace(away=lambda: clock[0]))  # type: ignore[assignment]
+    link.away_replied = 0.0
+    first, second = 0.0, 0.001  # both headers arrived; the loop then spent 3 ms on other rails
+    clock[0] = 0.003
+    assert link.away_since(first) == 3000
+    clock[0] = 0.005  # 2 ms more elsewhere before the second slice's reply
+    assert link.away_since(second) == 2000  # not 4000: the first 2 ms were the first slice's

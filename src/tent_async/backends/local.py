@@ -31,6 +31,7 @@ once nothing of the attempt can land any more.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -49,6 +50,9 @@ from .base import Backend, BackendContext, copy_attempt
 FAULT_MODES = ("error", "down", "stall")
 _BURST = 1e-3
 INLINE_MAX = 256 * 1024
+
+
+logger = logging.getLogger("tent_async.local")
 
 
 class RailFaultError(TentError):
@@ -171,6 +175,8 @@ class _Reporter(threading.Thread):
                     ctx.call_soon_threadsafe(_deliver_all, batch)
                 except RuntimeError:  # the loop closed under us: nobody is left to tell
                     return
+                except Exception:  # never die with reports still to carry: log and go on
+                    logger.exception("tent-local-reports: could not hand reports to the event loop")
             if stop:
                 return
 
@@ -240,7 +246,10 @@ class LocalBackend(Backend):
         def join_all() -> None:
             for worker in workers:
                 worker.join(timeout=5.0)
-            if reporter is not None:  # after the rails: it carries their last reports
+            # After the rails: it carries their last reports.  A rail still copying past the
+            # timeout reports straight to the loop from now on (_report).
+            self._reporter = None
+            if reporter is not None:
                 reporter.queue.put(None)
                 reporter.join(timeout=5.0)
 
@@ -338,7 +347,7 @@ class LocalBackend(Backend):
             getattr(ctx, method)(aid, *args, **kwargs)
 
         reporter = self._reporter
-        if reporter is not None and threading.current_thread() is not reporter:
+        if reporter is not None and reporter.is_alive() and threading.current_thread() is not reporter:
             reporter.queue.put(deliver)
         else:
             ctx.call_soon_threadsafe(deliver)

@@ -53,9 +53,10 @@ _WITHDRAWING = AttemptState.WITHDRAWING
 _DONE = AttemptState.DONE
 
 
-def fit_extents(ext: Extents, offset: int, size: int, free: int, per: int) -> int:
+def fit_extents(ext: Extents, offset: int, size: int, free: int, per: int, most: int = 0) -> int:
     """The longest prefix of ``size`` stream bytes from ``offset`` whose extents fit the rail's
-    budget (at most ``free`` plus one per ``per`` bytes); ``size`` itself when it fits.
+    budget (at most ``free`` plus one per ``per`` bytes, and at most ``most`` when that is
+    not 0); ``size`` itself when it fits.
 
     Honest block tables nearly always fit (blocks of ``per`` bytes or more always do), so the
     common case is one count; a table of many tiny blocks is cut into slices that fit instead
@@ -65,11 +66,17 @@ def fit_extents(ext: Extents, offset: int, size: int, free: int, per: int) -> in
     i0 = int(np.searchsorted(starts, offset, side="right")) - 1
     i1 = int(np.searchsorted(starts, offset + size, side="left"))
     n = i1 - i0
-    if n <= max(1, free + size // per):
+    allowed = free + size // per
+    if most:
+        allowed = min(allowed, most)
+    if n <= max(1, allowed):
         return size
     # A shorter slice ends where one of its first n - 1 extents ends: m extents, ``ends[m - 1]`` bytes.
     ends = starts[i0 + 1 : i1] - offset
-    ok = np.arange(1, n, dtype=np.int64) <= free + ends // per
+    budget = free + ends // per
+    if most:
+        budget = np.minimum(budget, most)
+    ok = np.arange(1, n, dtype=np.int64) <= budget
     fits = np.flatnonzero(ok)
     m = int(fits[-1]) + 1 if len(fits) else 1
     return int(ends[m - 1])
@@ -304,7 +311,8 @@ class Planner:
         """The peer refused ``a`` for its load: hold the rail off a while, put the bytes back."""
         cfg = self.config
         rail.busy_refusals += 1
-        rail.busy_streak += 1
+        if not rail.held:  # a new busy episode (slices refused together count once)
+            rail.busy_streak += 1
         rail.last_error = f"busy: {reason}"
         hold = min(cfg.busy_hold_cap, cfg.busy_hold * 2.0 ** min(rail.busy_streak - 1, 30))
         rail.held = True
@@ -313,7 +321,7 @@ class Planner:
         rail.sync_health()
         if t.busy_since is None:
             t.busy_since = now
-        elif now - t.busy_since >= cfg.busy_wait:
+        if now - t.busy_since >= cfg.busy_wait:
             err = error if isinstance(error, BaseException) else TransferFailedError(reason)
             self._stop(t, Phase.FAILING, err, now)
             return
@@ -825,7 +833,8 @@ class Planner:
             limit = min(limit, ext.extent_end(offset) - offset)  # one extent per slice
         size = cut(size, limit, self.config.tail_merge)
         if ext is not None and rail.info.extent_bytes and self.scatter_gather:
-            size = fit_extents(ext, offset, size, rail.info.extents_free, rail.info.extent_bytes)
+            info = rail.info
+            size = fit_extents(ext, offset, size, info.extents_free, info.extent_bytes, info.extents_max)
         if size >= rng.length:
             del t.pending[0]
         else:

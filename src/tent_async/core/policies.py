@@ -411,8 +411,8 @@ class StaticSlices:
             transfer.bound = rail
         if rail.window_full != self.depth:
             self._widen(rail)  # a rail added after bind() (a backend that pairs rails later)
-        if len(rail.inflight) >= self.depth:  # no rail health: a suspect rail is filled too
-            return None  # bound early: the slice waits for its NIC
+        if len(rail.inflight) >= self.depth or rail.held:  # no rail health: a suspect rail is filled too
+            return None  # bound early: the slice waits for its NIC (also while its peer is busy)
         transfer.bound = None
         return rail, self.slice_size
 

@@ -37,8 +37,9 @@ class RailInfo:
     includes it, and the estimator then learns the real intercept.
     ``extents_free`` and ``extent_bytes`` state how many extents one slice of
     a scatter-gather transfer may carry: at most ``extents_free`` plus one per
-    ``extent_bytes`` of its length (0: no limit), as a peer bounds the work one
-    header may ask of it; the planner cuts such slices shorter to fit.
+    ``extent_bytes`` of its length (0: no limit) and at most ``extents_max``
+    in all (0: no cap), as a peer bounds the work one header may ask of it;
+    the planner cuts such slices shorter to fit.
     """
 
     name: str
@@ -48,6 +49,7 @@ class RailInfo:
     slice_cost: float = 0.0
     extents_free: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     extent_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    extents_max: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 class RailState:

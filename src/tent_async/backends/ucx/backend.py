@@ -88,6 +88,7 @@ from .peer import Link, Peer, RailLinkError
 from .progress import DEFAULT_PROGRESS, PROGRESS_MODES
 from .protocol import (
     FREE_EXTENTS,
+    MAX_EXTENTS,
     MAX_HELLO_FRAME,
     MAX_INLINE,
     MAX_WELCOME_FRAME,
@@ -379,6 +380,7 @@ class UcxBackend(Backend):
                     # The peer's bound on one header's work (protocol.extents_allowed).
                     extents_free=FREE_EXTENTS,
                     extent_bytes=MIN_EXTENT_BYTES,
+                    extents_max=MAX_EXTENTS,
                 )
                 self.ctx.add_rail(info)
             self._links[link.name] = link

@@ -595,9 +595,11 @@ class Link:
         if self.ops.get(key) is op:
             del self.ops[key]
         if not op.reported:
-            self._report(op)
-            if op.sg is not None:
-                op.sg.release()
+            try:
+                self._report(op)
+            finally:  # the peer's staging share comes back even if reporting raised
+                if op.sg is not None:
+                    op.sg.release()
 
     def _report(self, op: _Op) -> None:
         op.reported = True

@@ -183,6 +183,7 @@ class ServerLink:
         self.server = server
         self.conn = conn
         self.rail = rail
+        self.away_replied = 0.0  # progress.away() at this link's last ACK/SENT
         self.link_id = msg.link_id
         self.peer_ns = msg.namespace
         self.channel = channel
@@ -241,8 +242,16 @@ class ServerLink:
         self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, msg.request))
 
     def away_since(self, mark: float) -> int:
-        """Microseconds the loop spent on other rails since ``mark`` (a ``progress.away()``), for ACK/SENT."""
-        return min(MAX_AWAY_US, max(0, int((self.rail.progress.away() - mark) * 1e6)))
+        """Microseconds the loop spent on other rails since ``mark`` (a ``progress.away()``), for ACK/SENT.
+
+        Counted from the link's previous reply when that came later: the client times a
+        pipelined slice from its predecessor's completion, not from when its header arrived,
+        so time before that must not be taken off its wire time twice.
+        """
+        now = self.rail.progress.away()
+        since = max(mark, self.away_replied)
+        self.away_replied = now
+        return min(MAX_AWAY_US, max(0, int((now - since) * 1e6)))
 
     def refuse(self, request: int, reason: str, *, retry: bool = False) -> None:
         """Answer ``request`` with ``ERROR`` (the reason cut to what the client's receive holds)."""
