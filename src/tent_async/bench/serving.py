@@ -52,7 +52,8 @@ from ..backends.sim import Bursts, ClusterTopology, Degrade, FluidFabric, PairTo
 from ..backends.sim.clock import PollSet
 from ..backends.sim.fabric import Flow, SimRailError
 from ..backends.sim.profiles import Profile
-from ..core import Finished, Piece, Planner, Post, RailInfo, SchedulerConfig, StaticSlices, Withdraw
+from ..backends.sim.runner import carry_out
+from ..core import Finished, Piece, Planner, RailInfo, SchedulerConfig, StaticSlices
 from ..core.policies import Policy
 from ..display import console
 from ..units import format_rate, format_size, parse_size
@@ -234,26 +235,16 @@ class Fleet:
             clock.step()
             self._service()
 
+    def _finished(self, eng: int, fin: Finished) -> None:
+        self._done.pop((eng, fin.transfer_id))(fin)
+
     def _service(self) -> None:
         fabric = self.fabric
         topo = self.topology
         while (eng := self._poll.pop()) is not None:
             planner = self.planners[eng]
             node = self.nodes[eng]
-            for d in planner.poll(self.clock.now):
-                if type(d) is Post:
-                    a = d.attempt
-                    dst = a.dst
-                    assert isinstance(dst, int)
-                    self.slices += 1
-                    a.tag = fabric.start((eng, a), topo.path(node, a.rail, dst), a.length)
-                elif type(d) is Withdraw:
-                    flow = d.attempt.tag
-                    assert isinstance(flow, Flow)
-                    fabric.withdraw(flow)
-                else:
-                    assert isinstance(d, Finished)
-                    self._done.pop((eng, d.transfer_id))(d)
+            self.slices += carry_out(planner.poll(self.clock.now), fabric, topo, node, eng, self._finished)
             planner.drain_events()
             self._poll.arm(eng, planner.next_wakeup())
 

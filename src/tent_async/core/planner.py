@@ -63,7 +63,7 @@ def fit_extents(ext: Extents, offset: int, size: int, free: int, per: int, most:
     of a slice the peer would refuse.
     """
     starts = ext.starts
-    i0 = int(np.searchsorted(starts, offset, side="right")) - 1
+    i0 = ext.index_at(offset)
     i1 = int(np.searchsorted(starts, offset + size, side="left"))
     n = i1 - i0
     allowed = free + size // per

@@ -25,6 +25,7 @@ import attrs
 
 from ...core import (
     AttemptState,
+    Decision,
     Finished,
     Outcome,
     Piece,
@@ -43,6 +44,35 @@ from .topology import ClusterTopology, PairTopology
 from .workloads import Arrival, Source, Workload, WorkloadContext, check_workloads
 
 INF = math.inf
+
+
+def carry_out(
+    decisions: Sequence[Decision],
+    fabric: FluidFabric,
+    topology: ClusterTopology | PairTopology,
+    node: int,
+    owner: Any,
+    finished: Callable[[Any, Finished], None],
+) -> int:
+    """Carry out one planner's decisions on the fabric: a flow per Post (tagged on its
+    attempt, its token ``(owner, attempt)``), the flow of each Withdraw stopped, each
+    Finished handed to ``finished(owner, finished)``; returns how many slices it started."""
+    posts = 0
+    for d in decisions:
+        if type(d) is Post:
+            a = d.attempt
+            dst = a.dst
+            assert isinstance(dst, int)
+            a.tag = fabric.start((owner, a), topology.path(node, a.rail, dst), a.length)
+            posts += 1
+        elif type(d) is Withdraw:
+            flow = d.attempt.tag
+            assert isinstance(flow, Flow)
+            fabric.withdraw(flow)
+        else:
+            assert isinstance(d, Finished)
+            finished(owner, d)
+    return posts
 
 
 class AccountingError(TentError, AssertionError):
@@ -335,20 +365,7 @@ class ScenarioRunner:
         topo = self.topology
         while (node := self._poll.pop()) is not None:
             planner = self.planners[node]
-            now = self.clock.now
-            for d in planner.poll(now):
-                if type(d) is Post:
-                    a = d.attempt
-                    dst = a.dst
-                    assert isinstance(dst, int)
-                    a.tag = fabric.start((node, a), topo.path(node, a.rail, dst), a.length)
-                elif type(d) is Withdraw:
-                    flow = d.attempt.tag
-                    assert isinstance(flow, Flow)
-                    fabric.withdraw(flow)
-                else:
-                    assert isinstance(d, Finished)
-                    self._finished(node, d)
+            carry_out(planner.poll(self.clock.now), fabric, topo, node, node, self._finished)
             events = planner.drain_events()
             if events:
                 self._events.extend(events)
