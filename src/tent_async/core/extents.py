@@ -26,6 +26,9 @@ _I64 = np.int64
 
 Array = np.ndarray[Any, np.dtype[Any]]
 _MAX_TOTAL = 1 << 62  # bytes in one transfer's stream: prefix sums stay far from int64's limit
+# A BlockGrid keeps 8 bytes per block per scattered side: at 1 KiB blocks or more that is under
+# 1 % of the bytes it moves, and smaller blocks are better copied extent by extent anyway.
+GRID_MIN_BLOCK = 1024
 
 
 def _as_i64(values: Any, n: int, what: str, *, one_row: bool = False) -> Array:
@@ -63,7 +66,18 @@ class Extents:
     dropped on construction.
     """
 
-    __slots__ = ("_coalesced", "_pairs", "dst_off", "dst_seg", "length", "segments", "src_off", "src_seg", "starts")
+    __slots__ = (
+        "_coalesced",
+        "_grid",
+        "_pairs",
+        "dst_off",
+        "dst_seg",
+        "length",
+        "segments",
+        "src_off",
+        "src_seg",
+        "starts",
+    )
 
     def __init__(
         self,
@@ -101,6 +115,7 @@ class Extents:
         self.starts = starts
         self._coalesced = False  # set once coalesced() has merged (or found nothing to merge)
         self._pairs: list[tuple[int, int]] | None = None
+        self._grid: BlockGrid | bool = False  # True: asked, and the list is not a grid
 
     # ------------------------------------------------------------ construction
 
@@ -227,6 +242,24 @@ class Extents:
         self._pairs = pairs
         return pairs
 
+    def block_grid(self) -> BlockGrid | None:
+        """The list as blocks of one size, or ``None`` (worked out once; see :class:`BlockGrid`).
+
+        A grid needs one (source, destination) segment pair, extents that are
+        whole blocks or runs of them (the block is the greatest common divisor
+        of the lengths, at least ``GRID_MIN_BLOCK``), and on each side every
+        offset on one grid of that block size.  Safe from any thread: two threads asking at once both work out
+        the same grid.
+        """
+        grid = self._grid
+        if isinstance(grid, BlockGrid):
+            return grid
+        if grid:
+            return None
+        made = _make_grid(self)
+        self._grid = True if made is None else made
+        return made
+
     def index_at(self, offset: int) -> int:
         """The extent holding stream byte ``offset`` (``0 <= offset < total``)."""
         return int(np.searchsorted(self.starts, offset, side="right")) - 1
@@ -297,6 +330,15 @@ class SliceExtents:
         return len(self._ext.seg_pairs()) == 1
 
     @property
+    def offset(self) -> int:
+        """Where the slice starts in its transfer's byte stream."""
+        return int(self._ext.starts[self.i0]) + self.head
+
+    def block_grid(self) -> BlockGrid | None:
+        """The transfer's :class:`BlockGrid` (:meth:`Extents.block_grid`)."""
+        return self._ext.block_grid()
+
+    @property
     def nbytes(self) -> int:
         e = self._ext
         return int(e.starts[self.i1] - e.starts[self.i0]) - self.head - self.tail
@@ -327,3 +369,105 @@ class SliceExtents:
 
     def __repr__(self) -> str:
         return f"<SliceExtents {len(self)} extents, {self.nbytes} bytes>"
+
+
+class BlockGrid:
+    """A one-pair extent list seen as blocks of one size: where stream block ``k`` lies.
+
+    Stream block ``k`` is stream bytes ``[k * block, (k + 1) * block)``.  On
+    each side it starts at ``base + k * block`` when that side is one run
+    (``rows`` is ``None``), else at ``base + rows[k] * block``: ``base`` is the
+    grid's phase and ``rows`` the row of a ``(rows, block)`` view of the
+    segment.  Worked out once per transfer, so that copying a slice is a
+    slice of ``rows`` and one numpy call (the local rails' scatter and gather)
+    instead of index arithmetic per slice.  ``src_end`` and ``dst_end`` are
+    one past the last byte any block touches on each side.
+    """
+
+    __slots__ = ("block", "dst_base", "dst_end", "dst_rows", "dst_seg", "src_base", "src_end", "src_rows", "src_seg")
+
+    def __init__(
+        self,
+        block: int,
+        src_seg: int,
+        src_base: int,
+        src_rows: Array | None,
+        src_end: int,
+        dst_seg: int,
+        dst_base: int,
+        dst_rows: Array | None,
+        dst_end: int,
+    ) -> None:
+        self.block = block
+        self.src_seg = src_seg
+        self.src_base = src_base
+        self.src_rows = src_rows
+        self.src_end = src_end
+        self.dst_seg = dst_seg
+        self.dst_base = dst_base
+        self.dst_rows = dst_rows
+        self.dst_end = dst_end
+
+    def src_at(self, k: int) -> int:
+        """Source byte offset of stream block ``k``."""
+        rows = self.src_rows
+        return self.src_base + (k if rows is None else int(rows[k])) * self.block
+
+    def dst_at(self, k: int) -> int:
+        """Destination byte offset of stream block ``k``."""
+        rows = self.dst_rows
+        return self.dst_base + (k if rows is None else int(rows[k])) * self.block
+
+    def __repr__(self) -> str:
+        kind = {True: "run", False: "rows"}
+        return (
+            f"<BlockGrid {self.block}-byte blocks, source {kind[self.src_rows is None]}, "
+            f"destination {kind[self.dst_rows is None]}>"
+        )
+
+
+def _make_grid(ext: Extents) -> BlockGrid | None:
+    n = len(ext)
+    pairs = ext.seg_pairs()
+    if n < 2 or len(pairs) != 1:
+        return None
+    length = ext.length
+    uniform = length.strides == (0,)
+    block = int(length[0]) if uniform else int(np.gcd.reduce(length))
+    if block < GRID_MIN_BLOCK:
+        return None
+    counts: Array | None = None
+    if not uniform:
+        counts = length // block
+        if int(counts.max()) == 1:
+            counts = None
+    blocks = ext.total // block
+    expand: tuple[Array, Array] | None = None
+    if counts is not None:
+        # Runs that coalescing merged are cut back into blocks: block j of extent i is row
+        # rows[i] + j, and ``within`` is that j for every stream block.
+        firsts = np.cumsum(counts) - counts
+        expand = counts, np.arange(blocks, dtype=_I64) - np.repeat(firsts, counts)
+    sides: list[tuple[int, Array | None, int]] = []
+    for off in (ext.src_off, ext.dst_off):
+        phase = int(off[0]) % block
+        rel = off - phase if phase else off
+        if block & (block - 1) == 0:
+            if bool((rel & (block - 1)).any()):
+                return None
+            rows = rel >> (block.bit_length() - 1)
+        else:
+            rows, rem = np.divmod(rel, block)
+            if bool(rem.any()):
+                return None
+        if expand is not None:
+            rows = np.repeat(rows, expand[0]) + expand[1]
+        first, last = int(rows[0]), int(rows[-1])
+        if last - first == blocks - 1 and bool((rows[1:] - rows[:-1] == 1).all()):
+            sides.append((phase + first * block, None, phase + (last + 1) * block))
+        else:
+            rows = np.ascontiguousarray(rows, dtype=_I64)
+            sides.append((phase, rows, phase + (int(rows.max()) + 1) * block))
+    (s_base, s_rows, s_end), (d_base, d_rows, d_end) = sides
+    s_seg, d_seg = pairs[0]
+    return BlockGrid(block, s_seg, s_base, s_rows, s_end, d_seg, d_base, d_rows, d_end)
