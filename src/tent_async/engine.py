@@ -623,6 +623,10 @@ class Engine:
         d = self._as_view(dst, "destination")
         batches.check_pair(s, d)
         self._backend.check_pair(s.segment, d.segment)
+        return self._submit_pair(planner, s, d, notify, prio)
+
+    def _submit_pair(self, planner: Planner, s: View, d: View, notify: str | None, prio: Priority) -> TransferHandle:
+        """One checked (source, destination) pair of equal length, writable destination, as one transfer."""
         batches.check_overlap_pair(s, d)
         rails = self._backend.rails_for(s.segment, d.segment)
         if rails is not None and not rails:
@@ -714,6 +718,9 @@ class Engine:
         if not d_view.segment.writable:
             raise batches.read_only_error(d_view, d_view.segment)
         self._backend.check_pair(s_view.segment, d_view.segment)
+        run = batches.one_run(s_view, src_offsets, d_view, dst_offsets, lengths)
+        if run is not None:  # blocks in order on both sides: the transfer submit() makes of the run
+            return self._submit_pair(planner, *run, notify, prio)
         ext = batches.from_blocks(s_view, src_offsets, d_view, dst_offsets, lengths)
         return self._submit_extents(planner, ext, notify, prio)
 

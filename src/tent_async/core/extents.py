@@ -63,20 +63,22 @@ class Extents:
     ``segments`` is the table that ``src_seg`` and ``dst_seg`` index into;
     ``starts`` (one longer than the list) is where each extent begins in the
     byte stream, so ``starts[-1]`` is the total.  Zero-length extents are
-    dropped on construction.
+    dropped on construction.  A list of one block size finds an extent by
+    division and builds ``starts`` only when asked for it.
     """
 
     __slots__ = (
         "_coalesced",
         "_grid",
         "_pairs",
+        "_starts",
+        "_step",
         "dst_off",
         "dst_seg",
         "length",
         "segments",
         "src_off",
         "src_seg",
-        "starts",
     )
 
     def __init__(
@@ -105,14 +107,14 @@ class Extents:
         self.dst_seg = dst_seg
         self.dst_off = dst_off
         self.length = length
-        step = int(length[0]) if uniform and len(length) else 0  # zero-length blocks were all dropped
-        if step > 0:
-            starts = np.arange(0, (len(length) + 1) * step, step, dtype=_I64)
-        else:
+        # One block size: extent i starts at i * step (starts is built only if asked for).
+        self._step = int(length[0]) if uniform and len(length) else 0  # zero-length blocks were all dropped
+        self._starts: Array | None = None
+        if not self._step:
             starts = np.empty(len(length) + 1, dtype=_I64)
             starts[0] = 0
             np.cumsum(length, out=starts[1:])
-        self.starts = starts
+            self._starts = starts
         self._coalesced = False  # set once coalesced() has merged (or found nothing to merge)
         self._pairs: list[tuple[int, int]] | None = None
         self._grid: BlockGrid | bool = False  # True: asked, and the list is not a grid
@@ -175,7 +177,11 @@ class Extents:
         Extent ``i + 1`` joins extent ``i`` when it continues it in the source
         *and* in the destination (same segments, offsets one length on).  Only
         neighbours in the list are compared: the stream order is the
-        application's, and it is kept.
+        application's, and it is kept.  Runs are merged when that removes at
+        least an eighth of the list (always when it leaves one extent, and
+        for lists of up to 8): a few neighbours in a big table (a random
+        permutation has about one) would cost a copy of every column, and the
+        table's one block size, to save nothing.
         """
         n = len(self.length)
         if n < 2 or self._coalesced:
@@ -191,7 +197,7 @@ class Extents:
             for seg in (self.src_seg, self.dst_seg):
                 if seg.strides != (0,):  # a broadcast column is one segment throughout
                     joins &= seg[1:] == seg[:-1]
-        if not joins.any():
+        if 8 * int(np.count_nonzero(joins)) < n:  # (none at all, or too few to pay)
             self._coalesced = True  # the engine and the planner both ask: answer the second at once
             return self
         heads = np.flatnonzero(np.concatenate(([True], ~joins)))
@@ -214,8 +220,23 @@ class Extents:
         return len(self.length)
 
     @property
+    def starts(self) -> Array:
+        """Where each extent begins in the byte stream, and the total last (``len(self) + 1`` values)."""
+        starts = self._starts
+        if starts is None:
+            step = self._step
+            starts = self._starts = np.arange(0, (len(self.length) + 1) * step, step, dtype=_I64)
+        return starts
+
+    @property
     def total(self) -> int:
-        return int(self.starts[-1])
+        step = self._step
+        return len(self.length) * step if step else int(self.starts[-1])
+
+    def start_of(self, i: int) -> int:
+        """Stream offset where extent ``i`` begins (``i == len(self)``: the total)."""
+        step = self._step
+        return i * step if step else int(self.starts[i])
 
     def seg_pairs(self) -> list[tuple[int, int]]:
         """The distinct ``(source, destination)`` segment index pairs, sorted (computed once).
@@ -262,16 +283,19 @@ class Extents:
 
     def index_at(self, offset: int) -> int:
         """The extent holding stream byte ``offset`` (``0 <= offset < total``)."""
+        step = self._step
+        if step:
+            return offset // step
         return int(np.searchsorted(self.starts, offset, side="right")) - 1
 
     def extent_end(self, offset: int) -> int:
         """Stream offset where the extent holding byte ``offset`` ends."""
-        return int(self.starts[self.index_at(offset) + 1])
+        return self.start_of(self.index_at(offset) + 1)
 
     def first(self, offset: int) -> tuple[Hashable, int, Hashable, int]:
         """``(src, src offset, dst, dst offset)`` of stream byte ``offset``."""
         i = self.index_at(offset)
-        skip = offset - int(self.starts[i])
+        skip = offset - self.start_of(i)
         return (
             self.segments[self.src_seg[i]],
             int(self.src_off[i]) + skip,
@@ -281,9 +305,15 @@ class Extents:
 
     def window(self, offset: int, length: int) -> SliceExtents:
         """The extents of stream bytes ``[offset, offset + length)``."""
-        i0 = self.index_at(offset)
-        i1 = int(np.searchsorted(self.starts, offset + length, side="left"))
-        return SliceExtents(self, i0, i1, offset - int(self.starts[i0]), int(self.starts[i1]) - offset - length)
+        end = offset + length
+        step = self._step
+        if step:
+            i0, i1 = offset // step, -(-end // step)
+            return SliceExtents(self, i0, i1, offset - i0 * step, i1 * step - end)
+        starts = self.starts
+        i0 = int(np.searchsorted(starts, offset, side="right")) - 1
+        i1 = int(np.searchsorted(starts, end, side="left"))
+        return SliceExtents(self, i0, i1, offset - int(starts[i0]), int(starts[i1]) - end)
 
     def __repr__(self) -> str:
         return f"<Extents {len(self)} extents, {self.total} bytes, {len(self.segments)} segments>"
@@ -332,7 +362,7 @@ class SliceExtents:
     @property
     def offset(self) -> int:
         """Where the slice starts in its transfer's byte stream."""
-        return int(self._ext.starts[self.i0]) + self.head
+        return self._ext.start_of(self.i0) + self.head
 
     def block_grid(self) -> BlockGrid | None:
         """The transfer's :class:`BlockGrid` (:meth:`Extents.block_grid`)."""
@@ -341,7 +371,7 @@ class SliceExtents:
     @property
     def nbytes(self) -> int:
         e = self._ext
-        return int(e.starts[self.i1] - e.starts[self.i0]) - self.head - self.tail
+        return e.start_of(self.i1) - e.start_of(self.i0) - self.head - self.tail
 
     def arrays(self) -> tuple[Array, Array, Array, Array, Array]:
         """``(src_seg, src_off, dst_seg, dst_off, length)`` of this slice, trimmed (fresh arrays)."""
