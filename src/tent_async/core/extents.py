@@ -47,10 +47,22 @@ def _as_i64(values: Any, n: int, what: str, *, one_row: bool = False) -> Array:
     return np.array(arr, dtype=_I64)  # a copy: the caller's array is never aliased or changed
 
 
+def _constant(value: Any, n: int, dtype: Any) -> Array:
+    """A read-only column of ``n`` copies of ``value`` that holds one element (stride 0).
+
+    What ``np.broadcast_to`` makes, without its Python-level argument handling: a block
+    table makes three of these per transfer.
+    """
+    one = np.array([value], dtype=dtype)
+    column: Array = np.ndarray((n,), dtype=one.dtype, buffer=one, strides=(0,))
+    column.flags.writeable = False
+    return column
+
+
 def _pick(column: Array, rows: Array) -> Array:
     """``column[rows]``, kept a broadcast view when the column is one value."""
     if len(column) and column.strides == (0,):
-        return np.broadcast_to(column[:1], (len(rows),))
+        return _constant(column[0], len(rows), column.dtype)
     return column[rows]
 
 
@@ -163,10 +175,10 @@ class Extents:
         segments: list[Hashable] = [src] if same else [src, dst]
         # Columns that hold one value are read-only broadcast views of it (no memory
         # per block): fresh pages of a 16,384-row table cost more than the checks.
-        src_seg = np.broadcast_to(_I32(0), (n,))
-        dst_seg = np.broadcast_to(_I32(0 if same else 1), (n,))
+        src_seg = _constant(0, n, _I32)
+        dst_seg = _constant(0 if same else 1, n, _I32)
         if np.ndim(lengths) == 0:
-            length = np.broadcast_to(length[:1] if n else _I64(0), (n,))
+            length = _constant(length[0] if n else 0, n, _I64)
         ext = cls(segments, src_seg, src_off, dst_seg, dst_off, length)
         ext._pairs = [(0, 0 if same else 1)] if len(ext) else []
         return ext
@@ -456,6 +468,14 @@ class BlockGrid:
         )
 
 
+def _is_run(off: Array, first: int, step: int) -> bool:
+    """Whether ``off`` is ``first, first + step, first + 2 * step, ...`` (ends compared first, exactly)."""
+    n = len(off)
+    if int(off[-1]) != first + (n - 1) * step:
+        return False
+    return bool((off[1:] - off[:-1] == step).all())
+
+
 def _make_grid(ext: Extents) -> BlockGrid | None:
     n = len(ext)
     pairs = ext.seg_pairs()
@@ -480,7 +500,11 @@ def _make_grid(ext: Extents) -> BlockGrid | None:
         expand = counts, np.arange(blocks, dtype=_I64) - np.repeat(firsts, counts)
     sides: list[tuple[int, Array | None, int]] = []
     for off in (ext.src_off, ext.dst_off):
-        phase = int(off[0]) % block
+        first = int(off[0])
+        if expand is None and _is_run(off, first, block):  # the usual side of a push or a pull
+            sides.append((first, None, first + blocks * block))
+            continue
+        phase = first % block
         rel = off - phase if phase else off
         if block & (block - 1) == 0:
             if bool((rel & (block - 1)).any()):
