@@ -281,8 +281,8 @@ class Extents:
         A grid needs one (source, destination) segment pair, extents that are
         whole blocks or runs of them (the block is the greatest common divisor
         of the lengths, at least ``GRID_MIN_BLOCK``), and on each side every
-        offset on one grid of that block size.  Safe from any thread: two threads asking at once both work out
-        the same grid.
+        offset on one grid of that block size.  Safe from any thread: two
+        threads asking at once both work out the same grid.
         """
         grid = self._grid
         if isinstance(grid, BlockGrid):
