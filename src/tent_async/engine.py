@@ -642,7 +642,9 @@ class Engine:
 
         The pairs become one extent list; pairs adjacent on both sides (the
         next source continues the previous one, and so does the next
-        destination) are merged, and slices may carry many blocks.  For
+        destination) are merged when that shortens the list by an eighth or
+        more (:meth:`~tent_async.core.extents.Extents.coalesced`), and slices
+        may carry many blocks.  For
         thousands of blocks between two segments, :meth:`submit_blocks` takes
         the block table as arrays and is much cheaper per block.
         """
