@@ -83,28 +83,22 @@ def check_overlaps(ext: Extents) -> None:
         _check_one(ext)
         return
     pairs = ext.seg_pairs()
-    nseg = len(ext.segments)
-    spaces = np.empty(nseg, dtype=np.int64)
-    bases = np.empty(nseg, dtype=np.int64)
-    sizes = np.empty(nseg, dtype=np.int64)
-    for i, seg in enumerate(ext.segments):
-        spaces[i], bases[i] = _space(seg)
-        sizes[i] = len(seg) if isinstance(seg, SegmentBase) else np.iinfo(np.int64).max // 4
+    segments = ext.segments
     # Sources need checking only where some source segment shares memory with some
     # destination segment (the usual KV case, two separate pools, skips it).
-    src_i = np.array(sorted({s for s, _d in pairs}), dtype=np.int64)
-    dst_j = np.array(sorted({d for _s, d in pairs}), dtype=np.int64)
+    src_i = sorted({s for s, _d in pairs})
+    dst_j = sorted({d for _s, d in pairs})
     if len(src_i) * len(dst_j) > 4096:
         sources_may_overlap = True  # many segments: the extent-level check below is the cheaper one
     else:
-        si, dj = src_i[:, None], dst_j[None, :]
-        sources_may_overlap = bool(
-            (
-                (spaces[si] == spaces[dj]) & (bases[si] < bases[dj] + sizes[dj]) & (bases[dj] < bases[si] + sizes[si])
-            ).any()
-        )
+        sources_may_overlap = any(_shares(segments[i], segments[j]) for i in src_i for j in dst_j)
     if not sources_may_overlap and len(dst_j) == 1 and _disjoint_equal_blocks(ext.dst_off, ext.length):
         return  # one destination segment: offsets in it compare as addresses do
+    nseg = len(segments)
+    spaces = np.empty(nseg, dtype=np.int64)
+    bases = np.empty(nseg, dtype=np.int64)
+    for i, seg in enumerate(segments):
+        spaces[i], bases[i] = _space(seg)
     d_start = bases[ext.dst_seg] + ext.dst_off
     d_end = d_start + ext.length
     uniform = bool((spaces == spaces[0]).all())  # the usual case: every segment local (one address space)
@@ -153,6 +147,17 @@ def check_overlaps(ext: Extents) -> None:
                 f"destination {_describe(ext, dst, 'dst')} overlaps source {_describe(ext, src, 'src')} in memory "
                 "in the same transfer; copy through a separate buffer"
             )
+
+
+def _size(seg: Hashable) -> int:
+    return len(seg) if isinstance(seg, SegmentBase) else 1 << 61
+
+
+def _shares(a: Hashable, b: Hashable) -> bool:
+    """Whether segments ``a`` and ``b`` may share memory (the same space, address ranges meeting)."""
+    a_space, a_base = _space(a)
+    b_space, b_base = _space(b)
+    return a_space == b_space and a_base < b_base + _size(b) and b_base < a_base + _size(a)
 
 
 def _check_one(ext: Extents) -> None:
@@ -206,15 +211,17 @@ def _describe(ext: Extents, i: int, side: str) -> str:
     return f"{name}[{off}:{off + int(ext.length[i])}]"
 
 
-def _one_run(src_offsets: Any, dst_offsets: Any, lengths: Any) -> tuple[int, int, int] | None:
-    """``(source offset, destination offset, bytes)`` when the table is one run on both sides.
+def one_run(src: View, src_offsets: Any, dst: View, dst_offsets: Any, lengths: Any) -> tuple[View, View] | None:
+    """The table as one (source, destination) pair of views when it is one run on both sides.
 
     Blocks of one size that follow each other in the source and in the
-    destination (a KV prefix laid out in order) are one extent: found on the
-    caller's arrays, without copying them, in O(1) for any other table (its
-    last block is not where a run would end).  ``None`` otherwise, and for
-    anything the general path must check and explain (negative offsets, odd
-    dtypes, absurd sizes).
+    destination (a KV prefix laid out in order) are one contiguous copy: the
+    engine submits it as :meth:`~tent_async.Engine.submit` would, with no
+    extent list at all.  Found on the caller's arrays, without copying them,
+    in O(1) for any other table (its last block is not where a run would
+    end).  ``None`` otherwise, and for anything the general path
+    (:func:`from_blocks`) must check and explain: negative offsets, odd
+    dtypes, absurd sizes, a run that leaves a view.
     """
     if np.ndim(lengths) != 0:
         return None
@@ -227,12 +234,16 @@ def _one_run(src_offsets: Any, dst_offsets: Any, lengths: Any) -> tuple[int, int
     s0, d0 = int(s[0]), int(d[0])
     if block <= 0 or s0 < 0 or d0 < 0 or n * block > _MAX_RUN:
         return None
+    total = n * block
+    if s0 + total > src.length or d0 + total > dst.length:
+        return None
     # Exact (Python) ends first: with them in range, steps of `block` cannot have wrapped.
-    if int(s[-1]) != s0 + (n - 1) * block or int(d[-1]) != d0 + (n - 1) * block:
+    if int(s[-1]) != s0 + total - block or int(d[-1]) != d0 + total - block:
         return None
-    if not bool((np.diff(s) == block).all()) or not bool((np.diff(d) == block).all()):
+    if not bool((s[1:] - s[:-1] == block).all()) or not bool((d[1:] - d[:-1] == block).all()):
         return None
-    return s0, d0, n * block
+    a, b = src.offset + s0, dst.offset + d0
+    return src.segment[a : a + total], dst.segment[b : b + total]
 
 
 _MAX_RUN = 1 << 62
@@ -243,15 +254,9 @@ def from_blocks(src: View, src_offsets: Any, dst: View, dst_offsets: Any, length
 
     Offsets are relative to the views; every block must lie inside its view.
     The checks never add an offset to a length (int64 would wrap for
-    absurd values and let a block through).  A table that is one run on both
-    sides becomes its one extent at once (:func:`_one_run`); a run that
-    leaves a view takes the general path, which names the first bad block.
+    absurd values and let a block through).  (The engine takes a table that
+    is one run on both sides as one pair first: :func:`one_run`.)
     """
-    run = _one_run(src_offsets, dst_offsets, lengths)
-    if run is not None:
-        s0, d0, total = run
-        if s0 + total <= src.length and d0 + total <= dst.length:
-            return Extents.between(src.segment, [s0 + src.offset], dst.segment, [d0 + dst.offset], total)
     try:
         ext = Extents.between(src.segment, src_offsets, dst.segment, dst_offsets, lengths)
     except ValueError as exc:

@@ -623,6 +623,10 @@ class Engine:
         d = self._as_view(dst, "destination")
         batches.check_pair(s, d)
         self._backend.check_pair(s.segment, d.segment)
+        return self._submit_pair(planner, s, d, notify, prio)
+
+    def _submit_pair(self, planner: Planner, s: View, d: View, notify: str | None, prio: Priority) -> TransferHandle:
+        """One checked (source, destination) pair of equal length, writable destination, as one transfer."""
         batches.check_overlap_pair(s, d)
         rails = self._backend.rails_for(s.segment, d.segment)
         if rails is not None and not rails:
@@ -638,7 +642,9 @@ class Engine:
 
         The pairs become one extent list; pairs adjacent on both sides (the
         next source continues the previous one, and so does the next
-        destination) are merged, and slices may carry many blocks.  For
+        destination) are merged when that shortens the list by an eighth or
+        more (:meth:`~tent_async.core.extents.Extents.coalesced`), and slices
+        may carry many blocks.  For
         thousands of blocks between two segments, :meth:`submit_blocks` takes
         the block table as arrays and is much cheaper per block.
         """
@@ -714,6 +720,9 @@ class Engine:
         if not d_view.segment.writable:
             raise batches.read_only_error(d_view, d_view.segment)
         self._backend.check_pair(s_view.segment, d_view.segment)
+        run = batches.one_run(s_view, src_offsets, d_view, dst_offsets, lengths)
+        if run is not None:  # blocks in order on both sides: the transfer submit() makes of the run
+            return self._submit_pair(planner, *run, notify, prio)
         ext = batches.from_blocks(s_view, src_offsets, d_view, dst_offsets, lengths)
         return self._submit_extents(planner, ext, notify, prio)
 

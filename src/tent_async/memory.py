@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import UnsupportedBufferError
+
+if TYPE_CHECKING:
+    from .core.extents import BlockGrid
 
 _DLPACK_CPU = 1
 _DLPACK_CUDA = 2
@@ -211,6 +214,70 @@ def copy_extents(
             strict=True,
         ):
             views[c][d : d + k] = views[a][b : b + k]
+
+
+def copy_grid(src: Memory, dst: Memory, grid: BlockGrid, offset: int, length: int) -> bool:
+    """Copy stream bytes ``[offset, offset + length)`` of a block table laid out as ``grid``.
+
+    The whole blocks of the slice are one numpy call on a slice of the grid's
+    precomputed rows (a scatter into a row view, a gather with ``np.take``, or
+    both), worked out once per transfer instead of once per slice; a block
+    the slice cuts at either end is a plain copy of its part.  Host memory
+    only, blocks of at least 1 KiB; returns False, having copied nothing,
+    when that does not hold.
+    """
+    block = grid.block
+    if block < _SCATTER_MIN_BLOCK or src.is_cuda or dst.is_cuda or length <= 0:
+        return False
+    sf, df = src.array, dst.array
+    if grid.src_end > sf.shape[0] or grid.dst_end > df.shape[0]:
+        return False  # cannot happen for checked extents; never let numpy raise mid-copy
+    end = offset + length
+    k0 = -(-offset // block)  # the first block that starts inside the slice
+    k1 = end // block  # one past the last block that ends inside it
+    if k0 > k1:  # the slice lies inside one block
+        skip = offset - k1 * block
+        d, s = grid.dst_at(k1) + skip, grid.src_at(k1) + skip
+        np.copyto(df[d : d + length], sf[s : s + length])
+        return True
+    if offset < k0 * block:  # the tail of the block before k0
+        skip = offset - (k0 - 1) * block
+        n = k0 * block - offset
+        d, s = grid.dst_at(k0 - 1) + skip, grid.src_at(k0 - 1) + skip
+        np.copyto(df[d : d + n], sf[s : s + n])
+    if k1 > k0:
+        _copy_rows(sf, df, grid, k0, k1)
+    if end > k1 * block:  # the head of block k1
+        n = end - k1 * block
+        d, s = grid.dst_at(k1), grid.src_at(k1)
+        np.copyto(df[d : d + n], sf[s : s + n])
+    return True
+
+
+def _copy_rows(sf: Any, df: Any, grid: BlockGrid, k0: int, k1: int) -> None:
+    """Whole stream blocks ``[k0, k1)`` of ``grid``, from flat ``sf`` to flat ``df``, in one numpy call."""
+    block = grid.block
+    count = k1 - k0
+    s_rows, d_rows = grid.src_rows, grid.dst_rows
+    if s_rows is None:
+        s0 = grid.src_base + k0 * block
+        source = sf[s0 : s0 + count * block].reshape(count, block)
+    else:
+        base = grid.src_base
+        nrows = (sf.shape[0] - base) // block
+        rows_in = sf[base : base + nrows * block].reshape(nrows, block)
+    if d_rows is None:
+        d0 = grid.dst_base + k0 * block
+        target = df[d0 : d0 + count * block].reshape(count, block)
+        if s_rows is None:
+            np.copyto(target, source)
+        else:
+            np.take(rows_in, s_rows[k0:k1], axis=0, out=target, mode="clip")  # "raise" buffers the copy
+        return
+    base = grid.dst_base
+    nrows = (df.shape[0] - base) // block
+    rows_out = df[base : base + nrows * block].reshape(nrows, block)
+    rows_out[d_rows[k0:k1]] = source if s_rows is None else rows_in[s_rows[k0:k1]]
 
 
 _SCATTER_MIN_BLOCK = 1024

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..core import Attempt, RailInfo, SchedulerConfig
 from ..errors import ConfigError, SegmentError, UnregisteredSegmentError
-from ..memory import copy_bytes, copy_extents
+from ..memory import copy_bytes, copy_extents, copy_grid
 from ..rails import RailSpec
 from ..segments import Segment, SegmentBase
 
@@ -249,4 +249,9 @@ def copy_attempt(attempt: Attempt, backend: str) -> None:
         if not isinstance(seg, Segment):
             raise SegmentError(f"{backend} rails copy between local segments only, got {seg!r}")
         memories.append(seg.memory)
-    copy_extents(memories, *ext.arrays(), one_pair=ext.one_pair)
+    one_pair = ext.one_pair
+    if one_pair:  # a block table: its grid, worked out once per transfer, makes a slice one numpy call
+        grid = ext.block_grid()
+        if grid is not None and copy_grid(memories[grid.src_seg], memories[grid.dst_seg], grid, ext.offset, ext.nbytes):
+            return
+    copy_extents(memories, *ext.arrays(), one_pair=one_pair)

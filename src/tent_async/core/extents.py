@@ -26,6 +26,9 @@ _I64 = np.int64
 
 Array = np.ndarray[Any, np.dtype[Any]]
 _MAX_TOTAL = 1 << 62  # bytes in one transfer's stream: prefix sums stay far from int64's limit
+# A BlockGrid keeps 8 bytes per block per scattered side: at 1 KiB blocks or more that is under
+# 1 % of the bytes it moves, and smaller blocks are better copied extent by extent anyway.
+GRID_MIN_BLOCK = 1024
 
 
 def _as_i64(values: Any, n: int, what: str, *, one_row: bool = False) -> Array:
@@ -44,10 +47,22 @@ def _as_i64(values: Any, n: int, what: str, *, one_row: bool = False) -> Array:
     return np.array(arr, dtype=_I64)  # a copy: the caller's array is never aliased or changed
 
 
+def _constant(value: Any, n: int, dtype: Any) -> Array:
+    """A read-only column of ``n`` copies of ``value`` that holds one element (stride 0).
+
+    What ``np.broadcast_to`` makes, without its Python-level argument handling: a block
+    table makes three of these per transfer.
+    """
+    one = np.array([value], dtype=dtype)
+    column: Array = np.ndarray((n,), dtype=one.dtype, buffer=one, strides=(0,))
+    column.flags.writeable = False
+    return column
+
+
 def _pick(column: Array, rows: Array) -> Array:
     """``column[rows]``, kept a broadcast view when the column is one value."""
     if len(column) and column.strides == (0,):
-        return np.broadcast_to(column[:1], (len(rows),))
+        return _constant(column[0], len(rows), column.dtype)
     return column[rows]
 
 
@@ -60,10 +75,23 @@ class Extents:
     ``segments`` is the table that ``src_seg`` and ``dst_seg`` index into;
     ``starts`` (one longer than the list) is where each extent begins in the
     byte stream, so ``starts[-1]`` is the total.  Zero-length extents are
-    dropped on construction.
+    dropped on construction.  A list of one block size finds an extent by
+    division and builds ``starts`` only when asked for it.
     """
 
-    __slots__ = ("_coalesced", "_pairs", "dst_off", "dst_seg", "length", "segments", "src_off", "src_seg", "starts")
+    __slots__ = (
+        "_coalesced",
+        "_grid",
+        "_pairs",
+        "_starts",
+        "_step",
+        "dst_off",
+        "dst_seg",
+        "length",
+        "segments",
+        "src_off",
+        "src_seg",
+    )
 
     def __init__(
         self,
@@ -91,16 +119,17 @@ class Extents:
         self.dst_seg = dst_seg
         self.dst_off = dst_off
         self.length = length
-        step = int(length[0]) if uniform and len(length) else 0  # zero-length blocks were all dropped
-        if step > 0:
-            starts = np.arange(0, (len(length) + 1) * step, step, dtype=_I64)
-        else:
+        # One block size: extent i starts at i * step (starts is built only if asked for).
+        self._step = int(length[0]) if uniform and len(length) else 0  # zero-length blocks were all dropped
+        self._starts: Array | None = None
+        if not self._step:
             starts = np.empty(len(length) + 1, dtype=_I64)
             starts[0] = 0
             np.cumsum(length, out=starts[1:])
-        self.starts = starts
+            self._starts = starts
         self._coalesced = False  # set once coalesced() has merged (or found nothing to merge)
         self._pairs: list[tuple[int, int]] | None = None
+        self._grid: BlockGrid | bool = False  # True: asked, and the list is not a grid
 
     # ------------------------------------------------------------ construction
 
@@ -146,10 +175,10 @@ class Extents:
         segments: list[Hashable] = [src] if same else [src, dst]
         # Columns that hold one value are read-only broadcast views of it (no memory
         # per block): fresh pages of a 16,384-row table cost more than the checks.
-        src_seg = np.broadcast_to(_I32(0), (n,))
-        dst_seg = np.broadcast_to(_I32(0 if same else 1), (n,))
+        src_seg = _constant(0, n, _I32)
+        dst_seg = _constant(0 if same else 1, n, _I32)
         if np.ndim(lengths) == 0:
-            length = np.broadcast_to(length[:1] if n else _I64(0), (n,))
+            length = _constant(length[0] if n else 0, n, _I64)
         ext = cls(segments, src_seg, src_off, dst_seg, dst_off, length)
         ext._pairs = [(0, 0 if same else 1)] if len(ext) else []
         return ext
@@ -160,7 +189,11 @@ class Extents:
         Extent ``i + 1`` joins extent ``i`` when it continues it in the source
         *and* in the destination (same segments, offsets one length on).  Only
         neighbours in the list are compared: the stream order is the
-        application's, and it is kept.
+        application's, and it is kept.  Runs are merged when that removes at
+        least an eighth of the list (always when it leaves one extent, and
+        for lists of up to 8): a few neighbours in a big table (a random
+        permutation has about one) would cost a copy of every column, and the
+        table's one block size, to save nothing.
         """
         n = len(self.length)
         if n < 2 or self._coalesced:
@@ -176,7 +209,7 @@ class Extents:
             for seg in (self.src_seg, self.dst_seg):
                 if seg.strides != (0,):  # a broadcast column is one segment throughout
                     joins &= seg[1:] == seg[:-1]
-        if not joins.any():
+        if 8 * int(np.count_nonzero(joins)) < n:  # (none at all, or too few to pay)
             self._coalesced = True  # the engine and the planner both ask: answer the second at once
             return self
         heads = np.flatnonzero(np.concatenate(([True], ~joins)))
@@ -199,8 +232,23 @@ class Extents:
         return len(self.length)
 
     @property
+    def starts(self) -> Array:
+        """Where each extent begins in the byte stream, and the total last (``len(self) + 1`` values)."""
+        starts = self._starts
+        if starts is None:
+            step = self._step
+            starts = self._starts = np.arange(0, (len(self.length) + 1) * step, step, dtype=_I64)
+        return starts
+
+    @property
     def total(self) -> int:
-        return int(self.starts[-1])
+        step = self._step
+        return len(self.length) * step if step else int(self.starts[-1])
+
+    def start_of(self, i: int) -> int:
+        """Stream offset where extent ``i`` begins (``i == len(self)``: the total)."""
+        step = self._step
+        return i * step if step else int(self.starts[i])
 
     def seg_pairs(self) -> list[tuple[int, int]]:
         """The distinct ``(source, destination)`` segment index pairs, sorted (computed once).
@@ -227,18 +275,39 @@ class Extents:
         self._pairs = pairs
         return pairs
 
+    def block_grid(self) -> BlockGrid | None:
+        """The list as blocks of one size, or ``None`` (worked out once; see :class:`BlockGrid`).
+
+        A grid needs one (source, destination) segment pair, extents that are
+        whole blocks or runs of them (the block is the greatest common divisor
+        of the lengths, at least ``GRID_MIN_BLOCK``), and on each side every
+        offset on one grid of that block size.  Safe from any thread: two
+        threads asking at once both work out the same grid.
+        """
+        grid = self._grid
+        if isinstance(grid, BlockGrid):
+            return grid
+        if grid:
+            return None
+        made = _make_grid(self)
+        self._grid = True if made is None else made
+        return made
+
     def index_at(self, offset: int) -> int:
         """The extent holding stream byte ``offset`` (``0 <= offset < total``)."""
+        step = self._step
+        if step:
+            return offset // step
         return int(np.searchsorted(self.starts, offset, side="right")) - 1
 
     def extent_end(self, offset: int) -> int:
         """Stream offset where the extent holding byte ``offset`` ends."""
-        return int(self.starts[self.index_at(offset) + 1])
+        return self.start_of(self.index_at(offset) + 1)
 
     def first(self, offset: int) -> tuple[Hashable, int, Hashable, int]:
         """``(src, src offset, dst, dst offset)`` of stream byte ``offset``."""
         i = self.index_at(offset)
-        skip = offset - int(self.starts[i])
+        skip = offset - self.start_of(i)
         return (
             self.segments[self.src_seg[i]],
             int(self.src_off[i]) + skip,
@@ -248,9 +317,15 @@ class Extents:
 
     def window(self, offset: int, length: int) -> SliceExtents:
         """The extents of stream bytes ``[offset, offset + length)``."""
-        i0 = self.index_at(offset)
-        i1 = int(np.searchsorted(self.starts, offset + length, side="left"))
-        return SliceExtents(self, i0, i1, offset - int(self.starts[i0]), int(self.starts[i1]) - offset - length)
+        end = offset + length
+        step = self._step
+        if step:
+            i0, i1 = offset // step, -(-end // step)
+            return SliceExtents(self, i0, i1, offset - i0 * step, i1 * step - end)
+        starts = self.starts
+        i0 = int(np.searchsorted(starts, offset, side="right")) - 1
+        i1 = int(np.searchsorted(starts, end, side="left"))
+        return SliceExtents(self, i0, i1, offset - int(starts[i0]), int(starts[i1]) - end)
 
     def __repr__(self) -> str:
         return f"<Extents {len(self)} extents, {self.total} bytes, {len(self.segments)} segments>"
@@ -297,9 +372,18 @@ class SliceExtents:
         return len(self._ext.seg_pairs()) == 1
 
     @property
+    def offset(self) -> int:
+        """Where the slice starts in its transfer's byte stream."""
+        return self._ext.start_of(self.i0) + self.head
+
+    def block_grid(self) -> BlockGrid | None:
+        """The transfer's :class:`BlockGrid` (:meth:`Extents.block_grid`)."""
+        return self._ext.block_grid()
+
+    @property
     def nbytes(self) -> int:
         e = self._ext
-        return int(e.starts[self.i1] - e.starts[self.i0]) - self.head - self.tail
+        return e.start_of(self.i1) - e.start_of(self.i0) - self.head - self.tail
 
     def arrays(self) -> tuple[Array, Array, Array, Array, Array]:
         """``(src_seg, src_off, dst_seg, dst_off, length)`` of this slice, trimmed (fresh arrays)."""
@@ -327,3 +411,117 @@ class SliceExtents:
 
     def __repr__(self) -> str:
         return f"<SliceExtents {len(self)} extents, {self.nbytes} bytes>"
+
+
+class BlockGrid:
+    """A one-pair extent list seen as blocks of one size: where stream block ``k`` lies.
+
+    Stream block ``k`` is stream bytes ``[k * block, (k + 1) * block)``.  On
+    each side it starts at ``base + k * block`` when that side is one run
+    (``rows`` is ``None``), else at ``base + rows[k] * block``: ``base`` is the
+    grid's phase and ``rows`` the row of a ``(rows, block)`` view of the
+    segment.  Worked out once per transfer, so that copying a slice is a
+    slice of ``rows`` and one numpy call (the local rails' scatter and gather)
+    instead of index arithmetic per slice.  ``src_end`` and ``dst_end`` are
+    one past the last byte any block touches on each side.
+    """
+
+    __slots__ = ("block", "dst_base", "dst_end", "dst_rows", "dst_seg", "src_base", "src_end", "src_rows", "src_seg")
+
+    def __init__(
+        self,
+        block: int,
+        src_seg: int,
+        src_base: int,
+        src_rows: Array | None,
+        src_end: int,
+        dst_seg: int,
+        dst_base: int,
+        dst_rows: Array | None,
+        dst_end: int,
+    ) -> None:
+        self.block = block
+        self.src_seg = src_seg
+        self.src_base = src_base
+        self.src_rows = src_rows
+        self.src_end = src_end
+        self.dst_seg = dst_seg
+        self.dst_base = dst_base
+        self.dst_rows = dst_rows
+        self.dst_end = dst_end
+
+    def src_at(self, k: int) -> int:
+        """Source byte offset of stream block ``k``."""
+        rows = self.src_rows
+        return self.src_base + (k if rows is None else int(rows[k])) * self.block
+
+    def dst_at(self, k: int) -> int:
+        """Destination byte offset of stream block ``k``."""
+        rows = self.dst_rows
+        return self.dst_base + (k if rows is None else int(rows[k])) * self.block
+
+    def __repr__(self) -> str:
+        kind = {True: "run", False: "rows"}
+        return (
+            f"<BlockGrid {self.block}-byte blocks, source {kind[self.src_rows is None]}, "
+            f"destination {kind[self.dst_rows is None]}>"
+        )
+
+
+def _is_run(off: Array, first: int, step: int) -> bool:
+    """Whether ``off`` is ``first, first + step, first + 2 * step, ...`` (ends compared first, exactly)."""
+    n = len(off)
+    if int(off[-1]) != first + (n - 1) * step:
+        return False
+    return bool((off[1:] - off[:-1] == step).all())
+
+
+def _make_grid(ext: Extents) -> BlockGrid | None:
+    n = len(ext)
+    pairs = ext.seg_pairs()
+    if n < 2 or len(pairs) != 1:
+        return None
+    length = ext.length
+    uniform = length.strides == (0,)
+    block = int(length[0]) if uniform else int(np.gcd.reduce(length))
+    if block < GRID_MIN_BLOCK:
+        return None
+    counts: Array | None = None
+    if not uniform:
+        counts = length // block
+        if int(counts.max()) == 1:
+            counts = None
+    blocks = ext.total // block
+    expand: tuple[Array, Array] | None = None
+    if counts is not None:
+        # Runs that coalescing merged are cut back into blocks: block j of extent i is row
+        # rows[i] + j, and ``within`` is that j for every stream block.
+        firsts = np.cumsum(counts) - counts
+        expand = counts, np.arange(blocks, dtype=_I64) - np.repeat(firsts, counts)
+    sides: list[tuple[int, Array | None, int]] = []
+    for off in (ext.src_off, ext.dst_off):
+        first = int(off[0])
+        if expand is None and _is_run(off, first, block):  # the usual side of a push or a pull
+            sides.append((first, None, first + blocks * block))
+            continue
+        phase = first % block
+        rel = off - phase if phase else off
+        if block & (block - 1) == 0:
+            if bool((rel & (block - 1)).any()):
+                return None
+            rows = rel >> (block.bit_length() - 1)
+        else:
+            rows, rem = np.divmod(rel, block)
+            if bool(rem.any()):
+                return None
+        if expand is not None:
+            rows = np.repeat(rows, expand[0]) + expand[1]
+        first, last = int(rows[0]), int(rows[-1])
+        if last - first == blocks - 1 and bool((rows[1:] - rows[:-1] == 1).all()):
+            sides.append((phase + first * block, None, phase + (last + 1) * block))
+        else:
+            rows = np.ascontiguousarray(rows, dtype=_I64)
+            sides.append((phase, rows, phase + (int(rows.max()) + 1) * block))
+    (s_base, s_rows, s_end), (d_base, d_rows, d_end) = sides
+    s_seg, d_seg = pairs[0]
+    return BlockGrid(block, s_seg, s_base, s_rows, s_end, d_seg, d_base, d_rows, d_end)

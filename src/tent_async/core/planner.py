@@ -142,7 +142,7 @@ class Planner:
 
         ``pieces`` are its (source, destination) pairs, as :class:`Piece`
         objects or as :class:`~.extents.Extents` arrays; pairs adjacent on both
-        sides are merged.  ``rails`` restricts which rails may carry it
+        sides are merged (:meth:`~.extents.Extents.coalesced`).  ``rails`` restricts which rails may carry it
         (indices or names; default all).  ``priority``: ``"high"``,
         ``"normal"`` or ``"background"`` (see :mod:`.queues`).  A transfer of
         zero bytes finishes at the next :meth:`poll`.
