@@ -620,7 +620,14 @@ class Link:
             return
         backend = self.peer.backend
         ctx = backend.ctx
-        if op.withdrawing:
+        if op.withdrawing and op.kind is Op.WRITE and self._succeeded(op):
+            # Withdrawn (its deadline passed) but acknowledged all the same: the rail was slow, not
+            # stuck, and its time is what the planner needs to learn that (it loosens the rail's
+            # deadlines and takes the wire time).  A withdrawn READ's bytes are not checked: withdrawn.
+            reply = op.reply
+            peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
+            ctx.complete(a.id, self._wire_time(op, backend.clock(), peer_away * 1e-6))
+        elif op.withdrawing:
             ctx.withdrawn(a.id)
         elif op.fatal is not None and op.sg is not None and isinstance(op.reply, Error) and op.reply.retry:
             # The peer's load (no staging free), nothing written: the planner holds the rail off and
