@@ -267,6 +267,7 @@ class Channel:
             self._linger.cancel()
             self._linger = None
         ep, self.ep = self.ep, None
+        self.rail.channels.discard(self)
         if ep is None:
             return
         try:
@@ -280,4 +281,3 @@ class Channel:
         # Our last reference: the endpoint holds its worker (and the worker its descriptors and
         # sockets) until every reference is gone, and a channel can sit in a reference cycle
         # until the garbage collector runs.  Requests still completing hold their own.
-        self.rail.channels.discard(self)
