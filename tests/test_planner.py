@@ -491,3 +491,27 @@ def test_no_policy_posts_to_a_rail_held_for_a_busy_peer(policy: str) -> None:
     for a in list(planner.attempts()):
         planner.complete(a.id, now)
     assert "a" in [d.attempt.rail_name for d in planner.poll(now) if isinstance(d, Post)]
+
+
+def test_a_rail_far_slower_than_its_starting_rate_learns_it_from_its_first_missed_deadlines() -> None:
+    """No hint: every rail starts at the device's nominal 10 Gbit/s (veth, shaped to 50 Mbit/s).
+
+    A slice of ``min_slice`` on the slowest rail takes longer than the deadline floor, so
+    it never finished in time, its rate was never learned, and the rail only cycled
+    through quarantine (issue 9: three veth rails, the 50 Mbit one under-used).  What a
+    rail that has finished nothing has not finished by its deadline bounds its rate.
+    Withdrawn slices stop at once here (the ucx backend's fence).
+    """
+    f = FifoFabric([100e6, 25e6, 6e6], hints=[1.25e9] * 3)
+    times = []
+    for _ in range(2):
+        start = f.now
+        f.submit(64 * MiB)
+        f.run()
+        times.append(f.now - start)
+    slow = f.planner.rails[2]
+    assert 3e6 <= slow.bw <= 12e6  # learned within two transfers (31.5 MB/s still without the bound)
+    assert slow.bytes_total > 0
+    assert slow.deadline_misses <= 4  # 9 without the bound
+    ideal = 64 * MiB / (100e6 + 25e6 + 6e6)
+    assert times[0] < 1.3 * ideal and times[1] < 1.05 * ideal  # 1.7x and 1.66x without

@@ -104,3 +104,17 @@ def test_one_size_falls_back_to_the_prior_slope() -> None:
         est.observe(64 * 1024, 64 * 1024 / 2e8, started_idle=False)
     assert est.cost == 0.0
     assert est.wire_bandwidth == pytest.approx(2e8)
+
+
+def test_a_missed_deadline_bounds_the_rate_of_a_rail_that_finished_nothing_yet() -> None:
+    est = RailEstimator(bandwidth=1.25e9, latency=0.0)
+    assert not est.at_most(1_400_000, 0.0)  # no time: no bound
+    assert not est.at_most(100_000_000, 0.02)  # 5 GB/s: above the start, says nothing
+    assert not est.at_most(10_000_000, 0.02)  # 500 MB/s: within 4x of the start (a delay, not a wrong start)
+    assert est.at_most(1_400_000, 0.02)  # 70 MB/s at most: start again from there
+    assert est.bandwidth == pytest.approx(70e6) and est.wire_bandwidth == pytest.approx(70e6)
+    est.observe(262_144, 0.044, started_idle=False)  # a slice that finished: the real rate
+    assert est.bandwidth < 70e6
+    learned = est.bandwidth
+    assert not est.at_most(1_000, 1.0)  # a miss once slices finish says stalled, not slow
+    assert est.bandwidth == learned

@@ -164,3 +164,69 @@ async def test_cancelling_a_transfer_to_a_peer_restores_accounting(spawn_peer: A
             snap = engine.telemetry()
             assert snap.inflight_bytes == 0 and snap.open_transfers == 0
             await engine.transfer(src[:MiB], kv[:MiB])  # still usable
+
+
+async def test_a_link_fenced_mid_send_closes_its_endpoint_only_once_the_send_is_done(
+    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fence while a WRITE's bytes are still going out: the endpoint lingers until they are out.
+
+    Force-closing a UCX TCP endpoint mid-send leaves UCX watching a freed endpoint,
+    and the peer's closing its side later crashed the process inside ``progress``
+    (SIGSEGV, or an arbiter assertion: the veth benchmark on three rails; docs/ucx.md).
+    So the channel cancels its receives at once and closes the endpoint when its sends
+    completed; the fenced slice is reported only then (its bytes were still UCX's).
+    """
+    from tent_async.backends.ucx import channel as channel_module
+
+    monkeypatch.setattr(
+        channel_module, "LINGER_MAX", 30.0, raising=False
+    )  # here only the send's completion may close it
+    server = spawn_peer(
+        name="decode-0", segments=[{"name": "kv", "size": 64 * MiB}], rails=[{"name": "lo", "device": "lo"}]
+    )
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    outcome: list[BaseException | None] = []
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, withdraw_grace=0.05) as engine:
+        with anyio.fail_after(15):
+            peer = await engine.connect(server.address)
+            kv = await peer.segment("kv")
+        src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
+        with anyio.fail_after(15):
+            await engine.transfer(src[:], kv[:])
+        rail = engine.backend.local_rails["lo"]  # type: ignore[attr-defined]
+        stats = engine.backend.stats  # type: ignore[attr-defined]
+
+        async def write() -> None:
+            try:
+                await engine.transfer(src[:], kv[:])
+                outcome.append(None)
+            except (tent.TransferFailedError, tent.NoRailError) as exc:
+                outcome.append(exc)
+
+        server.signal(signal.SIGSTOP)  # our 64 MiB stall in the socket: the slices miss, the link is fenced
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write)
+                for _ in range(3000):  # up to ~30 s
+                    if stats["fenced_endpoints"]:
+                        break
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.2)
+                lingering = [ch for ch in rail.channels if getattr(ch, "lingering", False)]
+                assert lingering, "the fenced link's endpoint was closed while its WRITE was still going out"
+                assert all(ch.closed and ch.ep is not None for ch in lingering)
+                server.signal(signal.SIGCONT)  # the peer reads what was queued: the send completes
+                for _ in range(750):  # up to ~15 s, well within LINGER_MAX
+                    if not any(ch.lingering for ch in lingering):
+                        break
+                    await anyio.sleep(0.02)
+                assert all(ch.ep is None for ch in lingering) and not set(lingering) & rail.channels
+        finally:
+            server.signal(signal.SIGCONT)
+        assert outcome  # the transfer ended (failed over onto the link set up afresh, or failed)
+        with anyio.fail_after(30):
+            await anyio.sleep(1.0)  # the peer closes its side meanwhile (what crashed UCX before)
+            await engine.transfer(src[:MiB], kv[:MiB])
+        snap = engine.telemetry()
+        assert snap.inflight_bytes == 0 and snap.open_transfers == 0

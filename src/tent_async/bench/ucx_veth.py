@@ -70,6 +70,7 @@ def add_veth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=4, help="raw per-rail runs: slices in flight (default 4)")
     parser.add_argument("--policies", default=",".join(ENGINE_POLICIES), help="engine policies to run")
     parser.add_argument("--no-engine", action="store_true", help="raw ucxx only")
+    parser.add_argument("--no-raw", action="store_true", help="engine rows and the link-down timeline only")
     parser.add_argument(
         "--no-hints",
         action="store_true",
@@ -375,6 +376,8 @@ def run_veth(console: Console, args: argparse.Namespace) -> list[dict[str, Any]]
             )
 
         steps += [("raw parallel", parallel), ("ucx multi-rail", multirail)]
+        if getattr(args, "no_raw", False):
+            steps = []
         for label, step in steps:
             try:
                 step()

@@ -613,6 +613,12 @@ class Planner:
                 continue
             rail.deadline_misses += 1
             a.missed = True
+            # What the rail has not finished in this time bounds its rate (only while it has
+            # finished nothing yet: its starting rate was a guess).  Slices posted before this
+            # one were ahead of it on the wire.
+            ahead = sum(x.length for x in rail.inflight.values() if x.posted_at <= a.posted_at)
+            if rail.estimator.at_most(max(ahead, a.length), now - a.posted_at):
+                rail.refresh()
             late_ms = (now - a.posted_at) * 1e3
             self._rail_failure(
                 rail,

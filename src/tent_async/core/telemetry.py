@@ -36,6 +36,7 @@ _PRIOR_SPREAD2 = _PRIOR_SPREAD * _PRIOR_SPREAD
 _SURE_SPREAD2 = _SURE_SPREAD * _SURE_SPREAD
 _SURE_SAMPLES = 8  # ... over at least the fit's memory: the first few slices carry start-up effects
 _MAX_OVER_HINT = 4.0  # a fitted wire bandwidth never exceeds 4x the larger of the hint and the ratio
+_WRONG_START = 4.0  # a missed deadline bounding the rate this far under the start proves the start wrong
 
 
 @attrs.define(slots=True)
@@ -66,6 +67,33 @@ class RailEstimator:
         self._hint = self.bandwidth
         self.wire_bandwidth = self.bandwidth
         self._slope = 1.0 / self.bandwidth
+
+    def at_most(self, nbytes: int, elapsed: float) -> bool:
+        """A rail that has finished no slice yet has had ``nbytes`` for ``elapsed`` s without finishing them.
+
+        Its rate is then below ``nbytes / elapsed``: if that is far below the
+        starting rate (under a quarter of it: a hint, or the device's nominal speed
+        when none was given: a shaped veth reports 10 Gbit/s whatever it carries),
+        the start was a wrong guess, and the estimator starts again from the bound.
+        (Within a factor of four, a slice sized from the estimate finishes within
+        its deadline anyway, and a hinted rail whose first slices were only delayed,
+        by a loaded host say, keeps its hint.)  Without this a rail too
+        slow to finish even ``min_slice`` within the deadline floor never finishes
+        a slice in time, so it never learns its rate and only cycles through
+        quarantine.  Once a slice has completed, a miss says nothing about the
+        rate (the rail may be stalled or dead) and is ignored here.  Returns
+        whether the estimate changed.
+        """
+        if self.samples or elapsed <= 0.0:
+            return False
+        rate = nbytes / elapsed
+        if rate * _WRONG_START >= self.bandwidth:
+            return False
+        self.bandwidth = self.wire_bandwidth = rate
+        self._seconds = 1e-3  # a prior worth one millisecond of traffic, as the hint's
+        self._bytes = rate * 1e-3
+        self._slope = 1.0 / rate
+        return True
 
     def observe(self, nbytes: int, wire_time: float, *, started_idle: bool) -> None:
         """Learn from one completed slice.

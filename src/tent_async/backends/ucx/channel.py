@@ -19,6 +19,15 @@
   message larger than the buffer fails the receive with a truncation error
   (UCX drops it); the caller decides what a truncation means.
 * The endpoint's close callback (run where the worker progresses) is handed to the loop.
+* A healthy endpoint with a send of ours still unfinished is not closed at once
+  (``abort(..., linger=True)``): its receives are cancelled now, the endpoint is
+  closed once its sends are done (at most ``LINGER_MAX`` seconds later).  UCX's
+  TCP transport (1.21, and master as of 2026-12) cannot close an endpoint
+  mid-send safely: the force close leaves the socket, kept for receiving,
+  waiting for "writable" forever, and when the peer then closes its side, one
+  event carries both the peer's FIN (which frees the endpoint) and "writable"
+  (which UCX then handles on the freed endpoint): SIGSEGV or an arbiter
+  assertion inside ``progress`` (docs/ucx.md, "Closing an endpoint mid-send").
 
 No channel is merely "retired" any more: without active messages there is no
 receive filed under a raw endpoint handle that a recycled handle could
@@ -46,6 +55,8 @@ logger = logging.getLogger("tent_async.ucx")
 CloseHandler = Callable[["Channel", str], None]
 ReceiveHandler = Callable[[Message | None, BaseException | None], None]
 
+LINGER_MAX = 3.0  # seconds a closed channel waits for its unfinished sends before closing its endpoint anyway
+
 
 def _closed_already(channel: Channel, reason: str) -> None:
     """The close handler of a channel that was closed (its own handler ran once already)."""
@@ -68,6 +79,9 @@ class Channel:
         self.close_reason = ""
         self._on_close = on_close
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
+        self._sends: set[int] = set()  # keys of _keep that are sends (what a linger waits for)
+        self.lingering = False  # closed, but the endpoint waits for its sends (abort(linger=True))
+        self._linger: Any = None  # the timer that closes a lingering endpoint anyway
         self._ucx = _ucxx.loaded()
         try:
             ep.set_close_callback(self._closed_from_ucx)
@@ -97,15 +111,26 @@ class Channel:
             return
         progress.account(time.perf_counter() - t0)
         progress.kick(req)
-        self.keep(req, data, None)
+        self.keep(req, data, None, send=True)
 
-    def keep(self, req: Any, buffer: Any, then: Callable[[BaseException | None], None] | None) -> None:
-        """Hold ``req`` and ``buffer`` until the request completes, then call ``then(error)``."""
+    def keep(
+        self, req: Any, buffer: Any, then: Callable[[BaseException | None], None] | None, *, send: bool = False
+    ) -> None:
+        """Hold ``req`` and ``buffer`` until the request completes, then call ``then(error)``.
+
+        ``send``: the request is a send (a lingering close waits for those, see :meth:`abort`).
+        """
         key = next(self._keys)
         self._keep[key] = (req, buffer)
+        if send:
+            self._sends.add(key)
 
         def done(future: Any) -> None:
             self._keep.pop(key, None)
+            if send:
+                self._sends.discard(key)
+                if self.lingering and not self._sends:
+                    self._close_endpoint()
             error = _ucxx.future_error(future)
             if then is not None:
                 then(error)
@@ -113,7 +138,7 @@ class Channel:
         self.rail.progress.watch(req, done)
 
     def _endpoint(self) -> Any:
-        if self.ep is None:
+        if self.ep is None or self.closed:
             raise self._ucx.CanceledError(f"{self.label}: the endpoint is closed ({self.close_reason})")
         return self.ep
 
@@ -202,13 +227,49 @@ class Channel:
     def _close(self, reason: str) -> None:
         self.abort(reason)
 
-    def abort(self, reason: str) -> None:
-        """Close the endpoint now: every request on it is cancelled (sends included)."""
+    def abort(self, reason: str, *, linger: bool = False) -> None:
+        """Close the endpoint: every request on it is cancelled (sends included).
+
+        ``linger``: the endpoint is healthy and may have a send of ours unfinished
+        (a slice fenced on a slow rail).  Then only its receives are cancelled now
+        (their last reference dropped: ucxx cancels such a request), and the
+        endpoint itself is closed once every send has completed, or after
+        ``LINGER_MAX`` seconds: closing it mid-send leaves UCX's TCP transport
+        with a freed endpoint still watched (see the module docstring).  The
+        channel counts as closed at once either way (nothing more is posted on it,
+        and the close handler runs now).  A plain ``abort`` of a lingering channel
+        closes its endpoint now (the rail is closing).
+        """
         if self.closed:
+            if self.lingering and not linger:
+                self._close_endpoint()
             return
         self.closed = True
         self.close_reason = reason
-        ep = self.ep
+        if linger and self._sends and self.ep is not None:
+            self.lingering = True
+            for key in [k for k in self._keep if k not in self._sends]:
+                self._keep[key] = (None, self._keep[key][1])  # the buffer stays until UCX reports the cancel
+            self._linger = self.rail.loop.call_later(LINGER_MAX, self._close_endpoint)
+            self.rail.progress.kick()  # the cancels complete in a pass
+        else:
+            self._close_endpoint()
+        on_close, self._on_close = self._on_close, _closed_already
+        # Dropped: the handler usually refers to the link that refers to this channel, a cycle
+        # that kept every closed link (and its buffers) until the garbage collector's next full
+        # pass; the security run found 10 MiB of them after an attack (issue 11 review).
+        on_close(self, reason)
+
+    def _close_endpoint(self) -> None:
+        """Close the UCX endpoint now (once): every request still on it is cancelled."""
+        self.lingering = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        ep, self.ep = self.ep, None
+        self.rail.channels.discard(self)
+        if ep is None:
+            return
         try:
             ep.remove_close_callback()
         except Exception:  # pragma: no cover - best effort
@@ -220,10 +281,3 @@ class Channel:
         # Our last reference: the endpoint holds its worker (and the worker its descriptors and
         # sockets) until every reference is gone, and a channel can sit in a reference cycle
         # until the garbage collector runs.  Requests still completing hold their own.
-        self.ep = None
-        self.rail.channels.discard(self)
-        on_close, self._on_close = self._on_close, _closed_already
-        # Dropped: the handler usually refers to the link that refers to this channel, a cycle
-        # that kept every closed link (and its buffers) until the garbage collector's next full
-        # pass; the security run found 10 MiB of them after an attack (issue 11 review).
-        on_close(self, reason)

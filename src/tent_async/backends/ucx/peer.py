@@ -312,9 +312,15 @@ class Link:
             self.rail.release_namespace(self.ns)
             self.ns = 0
         ch, self.channel = self.channel, None
-        if ch is not None and not ch.closed:
-            ch.abort(reason)  # cancels every request on it; their callbacks settle the ops
         ops = list(self.ops.values())
+        for op in ops:
+            if op.channel is ch:
+                op.data_req = None  # the last reference: ucxx cancels a READ's bulk receive (the buffer stays)
+        if ch is not None and not ch.closed:
+            # Cancels every receive on it; its sends are cancelled too, or (a healthy endpoint with a
+            # WRITE's bytes still going out) finish first: UCX's TCP transport cannot close an
+            # endpoint mid-send safely (channel.py).  Their callbacks settle the ops.
+            ch.abort(reason, linger=True)
         for op in ops:
             if op.error is None and (op.sent or not op.withdrawing):
                 op.error = reason
@@ -450,13 +456,13 @@ class Link:
             if bulk is not None:  # a scatter WRITE's gathered bytes, or a READ's extent table
                 req = ch.tag_send(bulk, make_tag(self.peer_ns, KIND_DATA, op.request))
                 op.pending += 1
-                ch.keep(req, bulk, self._send_done(op))
+                ch.keep(req, bulk, self._send_done(op), send=True)
             elif a is not None and op.sg is None and op.kind is Op.WRITE and not op.inline:
                 local = a.src  # type: ignore[assignment]
                 view = local.memory.array[a.src_offset : a.src_offset + a.length]
                 req = ch.tag_send(view, make_tag(self.peer_ns, KIND_DATA, op.request))
                 op.pending += 1
-                ch.keep(req, (view, local), self._send_done(op))
+                ch.keep(req, (view, local), self._send_done(op), send=True)
         except _ucxx.loaded().UCXError as exc:
             if op.error is None:
                 op.error = f"rail {self.name}: {_ucxx.describe_error(exc)}"
@@ -614,7 +620,14 @@ class Link:
             return
         backend = self.peer.backend
         ctx = backend.ctx
-        if op.withdrawing:
+        if op.withdrawing and op.kind is Op.WRITE and self._succeeded(op):
+            # Withdrawn (its deadline passed) but acknowledged all the same: the rail was slow, not
+            # stuck, and its time is what the planner needs to learn that (it loosens the rail's
+            # deadlines and takes the wire time).  A withdrawn READ's bytes are not checked: withdrawn.
+            reply = op.reply
+            peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
+            ctx.complete(a.id, self._wire_time(op, backend.clock(), peer_away * 1e-6))
+        elif op.withdrawing:
             ctx.withdrawn(a.id)
         elif op.fatal is not None and op.sg is not None and isinstance(op.reply, Error) and op.reply.retry:
             # The peer's load (no staging free), nothing written: the planner holds the rail off and

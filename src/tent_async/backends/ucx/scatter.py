@@ -796,5 +796,5 @@ def _send(served: _Served) -> None:
         else:
             link.refuse(msg.request, f"send failed: {_ucxx.describe_error(error)}")
 
-    link.channel.keep(req, out, done)
+    link.channel.keep(req, out, done, send=True)
     _watch(served, msg.total)

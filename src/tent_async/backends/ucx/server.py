@@ -332,7 +332,9 @@ class ServerLink:
             self.server.stashed_bytes -= held
         self.stash.clear()
         self.rail.release_namespace(self.ns)
-        self.channel.abort(reason)  # cancels the header slots and every slice in flight
+        # Cancels the header slots and every slice in flight (a READ's bytes still going out
+        # finish first: UCX's TCP transport cannot close an endpoint mid-send safely, channel.py).
+        self.channel.abort(reason, linger=True)
         # 8 x 18 KiB of header slots: the channel holds those still posted until UCX gave them
         # back; ours go now, not when the garbage collector breaks the link's last cycle.
         self.slots = []
@@ -774,7 +776,7 @@ class Server:
             self._end(link, seg)
             link.refuse(msg.request, f"cannot send: {_ucxx.describe_error(exc)}")
             return
-        ch.keep(req, (view, seg), self._after_send(link, seg, msg, mark))
+        ch.keep(req, (view, seg), self._after_send(link, seg, msg, mark), send=True)
 
     def _begin(self, link: ServerLink, seg: Segment) -> None:
         link.in_flight += 1
