@@ -491,7 +491,7 @@ class Link:
             return
         op.reply = msg
         if op.slot is not None and op.channel is self.channel:
-            self.free_slots.append(op.slot)  # the peer re-posted the slot before it answered
+            self.free_slots.append(op.slot)  # the peer re-posts the slot in the call that answers
             op.slot = None
             if self.waiting:
                 asyncio.get_running_loop().call_soon(self._flush)
