@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only: six 64 MiB WRITEs over rails=None, then each rail's learned bandwidth, latency and share",
     )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="only: 4 KiB WRITEs and READs on each rail of --rails (--lat-iters of them), every step stamped "
+        "in both processes; the median per step (where a small transfer's time goes)",
+    )
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
     if veth is not None and hasattr(veth, "add_veth_arguments"):
@@ -543,6 +549,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.learn:
         run_learn(console, args)
+        return 0
+    if args.steps:
+        from .ucx_steps import run_steps
+
+        run_steps(console, args)
         return 0
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
     if args.progress_modes:
