@@ -55,6 +55,8 @@ async def test_prometheus_metrics_match_the_telemetry_snapshot() -> None:
         assert samples[("tent_rail_errors_total", labels)] == rail.errors
         assert samples[("tent_rail_bandwidth_bytes_per_second", labels)] == pytest.approx(rail.bandwidth)
         assert samples[("tent_rail_lag_excused_total", labels)] == rail.lag_excused
+        assert samples[("tent_rail_busy_refusals_total", labels)] == rail.busy_refusals
+        assert samples[("tent_rail_held", labels)] == (1.0 if rail.held else 0.0)
     # the maximum only grows, and the snapshot was taken after the scrape
     assert 0.0 <= samples[("tent_engine_loop_lag_seconds", (("engine", "e1"), ("stat", "max")))] <= snap.loop_lag_max
     assert samples[("tent_rail_health", (("engine", "e1"), ("rail", "nic1"), ("state", "quarantined")))] == 1.0

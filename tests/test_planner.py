@@ -24,6 +24,7 @@ from tent_async.core import (
     cut,
     nominal_slice,
 )
+from tent_async.telemetry import Telemetry
 
 MiB = 1 << 20
 
@@ -391,12 +392,15 @@ def test_a_busy_refusal_is_not_a_rail_fault() -> None:
     out = planner.poll(2e-4)
     assert not [d for d in out if isinstance(d, Withdraw | Post)]  # nothing withdrawn, nothing new yet
     assert rail.health.state is Health.HEALTHY and rail.errors == 0 and rail.busy_refusals == 1
+    seen = Telemetry.from_planner(planner, 2e-4)["a"]  # what telemetry, Prometheus and the CLI show
+    assert (seen.busy_refusals, seen.held, seen.health, seen.errors) == (1, True, "healthy", 0)
     assert not planner.drain_events()
     assert set(rail.inflight) == {posts[1].id, posts[2].id}
     assert planner.next_wakeup() == pytest.approx(1e-4 + 0.01)
     planner.complete(posts[1].id, 5e-3)
     assert not [d for d in planner.poll(5e-3) if isinstance(d, Post)]  # still held
     assert [d for d in planner.poll(1e-4 + 0.01) if isinstance(d, Post)]  # the hold is over
+    assert not Telemetry.from_planner(planner, 1e-4 + 0.01)["a"].held
     assert rail.busy_streak == 0  # reset by the completion
 
 

@@ -59,6 +59,7 @@ def telemetry_table(snap: Telemetry, title: str | None = None) -> Table:
         ("errors", "right"),
         ("deadline misses", "right"),
         ("rerouted", "right"),
+        ("busy", "right"),
         ("quarantines", "right"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -75,6 +76,7 @@ def telemetry_table(snap: Telemetry, title: str | None = None) -> Table:
             str(r.errors),
             str(r.deadline_misses),
             str(r.rerouted),
+            f"{r.busy_refusals}{' (held)' if r.held else ''}",
             str(r.quarantines),
         )
     return table

@@ -86,6 +86,9 @@ class EngineCollector(Collector):
             ),
             "inflight_bytes": GaugeMetricFamily("tent_rail_inflight_bytes", "Bytes in flight", labels=rail_labels),
             "inflight_slices": GaugeMetricFamily("tent_rail_inflight_slices", "Slices in flight", labels=rail_labels),
+            "held": GaugeMetricFamily(
+                "tent_rail_held", "1 while the peer's busy refusals hold new slices off the rail", labels=rail_labels
+            ),
         }
         health = GaugeMetricFamily(
             "tent_rail_health", "1 for the rail's current health state", labels=[*rail_labels, "state"]
@@ -105,6 +108,11 @@ class EngineCollector(Collector):
             ),
             "rerouted": CounterMetricFamily(
                 "tent_rail_rerouted_slices", "Slices taken off the rail to be sent elsewhere", labels=rail_labels
+            ),
+            "busy_refusals": CounterMetricFamily(
+                "tent_rail_busy_refusals",
+                "Slices the peer refused for its own load (a short hold, not a rail fault)",
+                labels=rail_labels,
             ),
             "quarantines": CounterMetricFamily(
                 "tent_rail_quarantines", "Times the rail was quarantined", labels=rail_labels
@@ -131,6 +139,7 @@ class EngineCollector(Collector):
                 gauges["slice"].add_metric(labels, rail.slice_size)
                 gauges["inflight_bytes"].add_metric(labels, rail.inflight_bytes)
                 gauges["inflight_slices"].add_metric(labels, rail.inflight_slices)
+                gauges["held"].add_metric(labels, 1.0 if rail.held else 0.0)
                 for state in Health:
                     health.add_metric([*labels, state.value], 1.0 if rail.health == state.value else 0.0)
                 for key, family in counters.items():

@@ -39,6 +39,8 @@ class RailTelemetry:
     quarantines: int
     last_error: str
     samples: int  # completions the estimate has learned from
+    busy_refusals: int = 0  # slices the peer refused for its own load (not failures: the rail stays healthy)
+    held: bool = False  # the peer said it is busy: no new slice on this rail until its hold ends
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -96,6 +98,8 @@ class Telemetry:
                 quarantines=r.health.quarantines,
                 last_error=r.last_error,
                 samples=r.estimator.samples,
+                busy_refusals=r.busy_refusals,
+                held=r.held,
             )
             for r in planner.rails
         )

@@ -18,9 +18,15 @@ from tent_async.bench.serving import (
     KV_PER_TOKEN,
     NIC,
     NICS,
+    SETTINGS,
+    TENANT_LOAD,
+    TENANT_NICS,
+    Fleet,
     hicache_floor,
     hicache_slo,
     hicache_split,
+    nic_profiles,
+    pair,
     percentile,
     prefill_time,
     run_hicache,
@@ -29,6 +35,7 @@ from tent_async.bench.serving import (
     run_weights,
     tier,
 )
+from tent_async.errors import ConfigError
 
 MiB = 1 << 20
 
@@ -81,6 +88,35 @@ def test_static_hicache_misses_the_slo_on_the_slow_nics_gpu() -> None:
     assert r["gpus"][worst] == 3
     assert r["ttft"][worst] > hicache_slo()
     assert 0 < r["arrivals"] < r["span"]
+
+
+def test_tenant_setting_takes_half_of_one_numa_nodes_nics() -> None:
+    """``tenant``: nic4-nic7 (GPUs 4-7's socket) leave half their capacity to us for the whole run,
+    nic0-nic3 all of it; an unknown setting is refused by name."""
+    assert TENANT_NICS == (4, 5, 6, 7) and all(tier(4, n) <= 1 for n in TENANT_NICS)
+    fleet = Fleet(pair("tenant", 0.02), "eft", seed=1)
+    for t0, t1 in ((0.0, 1e-3), (0.0, 10.0), (3.0, 3.5)):
+        got = [fleet.fabric.capacity_integral(f"nic{i}", t0, t1) / (t1 - t0) for i in range(NICS)]
+        want = [NIC * (1 - TENANT_LOAD) if i in TENANT_NICS else NIC for i in range(NICS)]
+        assert got == pytest.approx(want, rel=1e-9)
+    assert "tenant" in SETTINGS
+    with pytest.raises(ConfigError, match=r"unknown fabric setting 'busy'.*tenant"):
+        nic_profiles("busy", 0.02)
+
+
+def test_static_hicache_in_tenant_is_slower_on_the_tenants_socket() -> None:
+    """Static loads GPU g's prefixes through nic{g} only, so in ``tenant`` GPUs 4-7 wait for
+    half-speed NICs and GPUs 0-3 do not: the bound on eft's gain is their share, 8/(8-4)."""
+
+    def socket_means(setting: str) -> list[float]:
+        r = run_hicache("static", setting, 110.0, 48, 1, 4 * MiB)
+        by_socket = [[t for t, g in zip(r["ttft"], r["gpus"], strict=True) if g // 4 == s] for s in (0, 1)]
+        return [sum(x) / len(x) for x in by_socket]
+
+    idle, tenant = socket_means("idle"), socket_means("tenant")
+    # a mean prefix (1.14 GB) takes 23 ms on a free NIC, 46 ms on a half-taken one
+    assert tenant[0] == pytest.approx(idle[0], abs=1e-3)  # socket 0's NICs are untouched
+    assert tenant[1] > idle[1] + 0.015
 
 
 def test_static_weight_update_on_an_idle_aligned_fabric_is_at_the_floor() -> None:

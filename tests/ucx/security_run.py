@@ -291,6 +291,7 @@ async def main(messages: int, flood: int, senders: int = 1, phases: str = "all")
                 ]
                 small = honest.register(np.ones(4096, dtype=np.uint8), name="small")
                 ok = failed = 0
+                errors: list[str] = []
                 worst = 0.0
                 t0 = time.monotonic()
                 while any(a.poll() is None for a in attackers):
@@ -298,8 +299,10 @@ async def main(messages: int, flood: int, senders: int = 1, phases: str = "all")
                     try:
                         await asyncio.wait_for(honest.transfer(small[:], kv[:4096]), 10)
                         ok += 1
-                    except Exception:
+                    except Exception as exc:
                         failed += 1
+                        if len(errors) < 5:
+                            errors.append(f"{type(exc).__name__}: {exc}")
                     worst = max(worst, time.monotonic() - t)
                     await asyncio.sleep(0.01)
                 during = time.monotonic() - t0
@@ -326,6 +329,7 @@ async def main(messages: int, flood: int, senders: int = 1, phases: str = "all")
                     "slowest_in_1s_after_s": round(after_worst, 3),
                     "honest_4k_writes_during": ok,
                     "honest_failed_during": failed,
+                    "honest_errors": errors,
                     "honest_slowest_s": round(worst, 3),
                     "flood_s": round(during, 2),
                     "first_write_after_s": round(first_after, 3),

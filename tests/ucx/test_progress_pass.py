@@ -125,6 +125,57 @@ async def test_past_the_scan_limit_the_futures_callbacks_deliver(fds: list[int])
         prog.close()
 
 
+class FloodedWorker(FakeWorker):
+    """A worker whose socket holds a flood: each progress call takes ``per_call`` more messages in."""
+
+    def __init__(self, fd: int, flood: int, per_call: int) -> None:
+        super().__init__(fd)
+        self.wire = flood  # messages still in the kernel's socket buffer
+        self.per_call = per_call
+        self.unexpected = 0  # messages in UCX's unexpected queue (its descriptor pools)
+        self.most = 0
+
+    def progress_once(self) -> bool:
+        honest = super().progress_once()
+        took = min(self.per_call, self.wire)
+        self.wire -= took
+        self.unexpected += took
+        self.most = max(self.most, self.unexpected)
+        return honest or took > 0
+
+
+async def test_a_flood_waits_on_the_wire_not_in_ucxs_queue_and_honest_requests_go_on(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker = FloodedWorker(fds[0], flood=20_000, per_call=100)
+    prog = P.LoopProgress(worker, loop, "lo")
+    drains = 0
+
+    def drain() -> bool:  # as LocalRail.drain: up to 256 per call, True once the queue is empty
+        nonlocal drains
+        drains += 1
+        worker.unexpected -= min(256, worker.unexpected)
+        return worker.unexpected == 0
+
+    prog.intake = drain
+    try:
+        delivered: list[str] = []
+        honest = worker.request(loop, progress_calls=3)
+        prog.watch(honest, lambda fut: delivered.append("honest"))
+        prog.kick()
+        for _ in range(500):
+            await asyncio.sleep(0.001)
+            if not worker.wire and not worker.unexpected:
+                break
+        assert worker.wire == 0 and worker.unexpected == 0  # the whole flood was taken and dropped
+        assert delivered == ["honest"]
+        # Never more queued than one progress call takes in: without the gate a pass of
+        # PASS_BUDGET calls would queue PASS_BUDGET x 100 before the sweeper's next look.
+        assert worker.most <= worker.per_call
+        assert drains >= 20_000 // 256
+    finally:
+        prog.close()
+
+
 async def test_away_counts_time_spent_on_the_other_rails(fds: list[int]) -> None:
     loop = asyncio.get_running_loop()
     slow = FakeWorker(fds[0], busy=0.004)  # a rail pushing a large TCP message

@@ -43,7 +43,11 @@ call that posts it, and UCX raises no event for that.
 
 A pass is bounded (``PASS_BUDGET`` progress calls) so that a flood of incoming
 messages cannot hold the loop: past the budget the pass yields (``call_soon``)
-and the loop's other callbacks (the sweeper among them) run first.
+and the loop's other callbacks run first.  And it takes in no more than it can
+get rid of: after every progress call that took something, the rail empties
+UCX's unexpected-message queue (:attr:`Progress.intake`), and while that is not
+empty the pass progresses no further, so a flood backs up in the kernel's socket
+buffers rather than in UCX's descriptor pools, which never shrink.
 """
 
 from __future__ import annotations
@@ -110,6 +114,10 @@ class Progress:
         # Called after a pass delivered completions (the engine's BackendContext.flush), so that
         # what they report is acted on in the same pass; the thread mode delivers one at a time.
         self.on_batch: Callable[[], None] | None = None
+        # The loop modes' gate on the wire (the rail's LocalRail.drain): called before each
+        # progress call that could take more messages in; False means UCX's unexpected queue is
+        # not empty yet, so the pass takes nothing more and yields.  The thread mode cannot gate.
+        self.intake: Callable[[], bool] | None = None
 
     def kick(self, send: Any = None) -> None:
         """A request was just posted on the worker (or an endpoint created): make sure it progresses.
@@ -360,14 +368,21 @@ class LoopProgress(Progress):
     def _rounds(self, worker: Any, nested: bool, budget: int) -> tuple[bool, bool, int] | None:
         """Progress, resolve, deliver, up to ``ROUNDS`` times; (made progress, busy, budget left), or None if closed."""
         made = busy = False
+        intake = self.intake
         for _round in range(ROUNDS):
-            for _ in range(budget):
-                budget -= 1
-                if not worker.progress_once():
-                    break
-                made = True
+            if intake is not None and not intake():
+                busy = True  # a backlog of unexpected messages: drain it before taking more in
             else:
-                busy = True
+                for _ in range(budget):
+                    budget -= 1
+                    if not worker.progress_once():
+                        break
+                    made = True
+                    if intake is not None and not intake():
+                        busy = True
+                        break
+                else:
+                    busy = True
             # Requests whose endpoint closed or failed were scheduled for cancellation;
             # ucxx cancels them here (Worker::progress does the same after its own loop).
             worker.cancel_inflight_requests(0, 1)

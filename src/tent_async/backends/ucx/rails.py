@@ -473,6 +473,8 @@ class LocalRail:
         self.address: bytes = bytes(self.worker.address.tobytes())
         self._scratch = np.empty(1, dtype=np.uint8)  # dropped messages are "received" into this byte
         self._scratch_array = _ucxx.loaded().Array(self._scratch)
+        self._any_tag = (L.UCXXTag(0), L.UCXXTagMask(0))  # a probe for any message
+        self.progress.intake = self.drain if sweep else None
         if sweep:
             self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self.sweep)
 
@@ -530,7 +532,34 @@ class LocalRail:
     # ---------------------------------------------------------------- sweeper
 
     def sweep(self) -> int:
-        """Take unexpected messages out of UCX's queue: their owner's, or dropped unread.
+        """The sweeper's timer: take unexpected messages out of UCX's queue (:meth:`take`), then look again later.
+
+        In the loop progress modes the progress pass drains the queue itself
+        (:meth:`drain`) after every call that took something from the wire; the
+        timer catches what arrives through the progress thread (CUDA rails) and
+        what an owner left for later.  Returns how many were found.
+        """
+        self._sweep_handle = None
+        found = self.take(SWEEP_BUDGET)
+        if self.worker is not None and not self.loop.is_closed():
+            self._sweep_handle = self.loop.call_later(SWEEP_BUSY if found else SWEEP_INTERVAL, self.sweep)
+        return found
+
+    def drain(self) -> bool:
+        """The progress pass's gate: empty UCX's unexpected queue; False if it is not empty yet.
+
+        Every message UCX takes off a socket and no receive expects waits in its
+        unexpected queue, in a descriptor from pools that never shrink until the
+        worker closes.  A flood (any host that reaches the rail's port can send
+        one) would grow them as far as the intake outruns the sweeper, so the
+        pass takes nothing more from the wire while this returns False: the rest
+        of the flood waits in the kernel's socket buffers, and TCP slows the
+        sender.  Honest peers on this rail slow down with it, but go on.
+        """
+        return self.take(SWEEP_BUDGET) < SWEEP_BUDGET
+
+    def take(self, budget: int) -> int:
+        """Take up to ``budget`` unexpected messages out of UCX's queue: their owner's, or dropped unread.
 
         A message is *unexpected* when no posted receive matched it.  Every
         message of our own protocol has its receive posted before it is sent,
@@ -538,10 +567,10 @@ class LocalRail:
         those); anything else is foreign or a protocol violation.  UCX keeps an
         unexpected eager message in memory until it is matched, so they are
         matched here (``tag_probe`` + a receive into one scratch byte: UCX
-        reports truncation and frees the message).  Returns how many were found.
+        reports truncation and frees the message).  Returns how many were found;
+        fewer than ``budget`` means the queue is empty (or the discarding
+        receives in flight reached ``MAX_DISCARDS``).
         """
-        self._sweep_handle = None
-        L = _ucxx.loaded().L
         found = 0
         worker = self.worker
         if worker is None:
@@ -557,9 +586,10 @@ class LocalRail:
                 else:
                     pending.append(req)
             self._discards = discards = pending
-        while found < SWEEP_BUDGET and len(discards) < MAX_DISCARDS:
+        tag, mask = self._any_tag
+        while found < budget and len(discards) < MAX_DISCARDS:
             try:
-                probe = worker.tag_probe(L.UCXXTag(0), L.UCXXTagMask(0), remove=True)
+                probe = worker.tag_probe(tag, mask, remove=True)
             except Exception:  # pragma: no cover - a worker being torn down
                 logger.debug("rail %s: tag_probe failed", self.name, exc_info=True)
                 break
@@ -577,8 +607,6 @@ class LocalRail:
             if self._dropped_since_trim >= TRIM_AFTER_DROPPED:  # a flood ended: UCX freed what it held
                 self.trimmer.soon()
             self._dropped_since_trim = 0
-        if self.worker is not None and not self.loop.is_closed():
-            self._sweep_handle = self.loop.call_later(SWEEP_BUSY if found else SWEEP_INTERVAL, self.sweep)
         return found
 
     def discard(self, probe: Any, *, foreign: bool = True) -> None:

@@ -47,7 +47,15 @@ from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
 from . import _ucxx, scatter
 from .channel import Channel, MessageTruncated
-from .control import LogLimiter, Session, close_writer, macs_equal, read_message, write_message
+from .control import (
+    LogLimiter,
+    Session,
+    close_writer,
+    forget_traceback,
+    macs_equal,
+    read_message,
+    write_message,
+)
 from .protocol import (
     HEADER_ROOM,
     KIND_CONTROL,
@@ -443,9 +451,11 @@ class Server:
         try:
             hello = await read_message(reader, limit=backend.handshake_timeout, max_frame=MAX_HELLO_FRAME)
         except VersionMismatch as exc:
+            forget_traceback(exc)
             self._refuse(writer, where, str(exc))
             return None
         except (ProtocolError, TimeoutError) as exc:
+            forget_traceback(exc)
             self._refuse(writer, where, f"bad handshake: {exc or 'timed out'}")
             return None
         if not isinstance(hello, Hello):
@@ -526,9 +536,10 @@ class Server:
             self._handshake_over(me)
             if conn is not None:
                 await self._control_loop(conn, reader, f"engine {conn.name!r} at {where}")
-        except (PeerClosedError, ConnectionError):
-            pass
+        except (PeerClosedError, ConnectionError) as exc:
+            forget_traceback(exc)
         except ProtocolError as exc:
+            forget_traceback(exc)
             backend.stats["protocol_errors"] += 1
             self.log.warning(
                 "malformed",
