@@ -35,13 +35,17 @@ adds its options).
 
     tent-async bench ucx [--iters 10] [--lat-iters 500] [--repeat 3] [--rails tcp,shm,default]
                          [--progress loop,thread] [--raw-progress loop,thread] [--progress-modes]
-                         [--kv] [--kv-only] [--learn] [--veth]
+                         [--kv] [--kv-only] [--learn] [--steps] [--veth]
 
 **What the engine learns** (``--learn``): six 64 MiB WRITEs over ``rails=None``
 (shm, every interface and loopback), then each rail's learned bandwidth and
 latency, its share of the bytes, and 300 4 KiB WRITEs (p50, and the rails they
 took): with every rail progressed on one event loop, a rail's wire time must
 not include the time the loops spent on the others (issue 9, item 3).
+
+**Where a small transfer's time goes** (``--steps``): 4 KiB WRITEs and READs on
+each rail of ``--rails``, every step stamped in both processes on one clock, the
+median per step and each side's CPU per transfer (:mod:`.ucx_steps`).
 """
 
 from __future__ import annotations
