@@ -43,3 +43,23 @@ def test_the_learning_run_reports_what_the_engine_learned_per_default_rail() -> 
     for shares in got["shares"]:
         assert sum(shares.values()) == pytest.approx(1.0)
     assert got["small_p50"] > 0 and got["small_rails"]
+
+
+def test_the_steps_run_merges_both_processes_stamps_into_one_time_line() -> None:
+    cmd = [sys.executable, "-m", "tent_async.cli", "bench", "ucx", "--steps", "--rails", "shm", "--lat-iters", "40"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["rail"], r["op"]) for r in rows] == [("shm", "write"), ("shm", "read")], out.stdout
+    for row in rows:
+        steps = list(row["steps_us"])
+        # The peer's steps sit between the client's header send and its reply: one time line.
+        header = next(i for i, s in enumerate(steps) if s.startswith("client send<"))
+        answer = next(i for i, s in enumerate(steps) if s.endswith("peer answer #1"))
+        reply = next(i for i, s in enumerate(steps) if s.endswith("client reply #1"))
+        assert header < answer < reply, steps
+        assert all(v >= 0 for v in row["steps_us"].values())
+        spans = row["spans_us"]
+        assert spans["round trip"] >= spans["client: transfer() to the header's tag_send"] > 0
+        assert spans["peer: wake-up to the answer's tag_send"] > 0
+        assert min(row["cpu_us"]) > 0

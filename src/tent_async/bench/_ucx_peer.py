@@ -4,6 +4,7 @@
                                                    "progress": "thread"}'
     python -m tent_async.bench._ucx_peer engine '{"rail": "shm", "size": N, "progress": "loop"}'
     python -m tent_async.bench._ucx_peer kv     '{"size": N, "seed": S}'
+    python -m tent_async.bench._ucx_peer steps  '{"rail": "shm", "size": N}'
 
 ``raw``: one UCX context with the rail's settings (the same :class:`LocalRail`
 the backend uses), one endpoint opened from the client's worker address (as
@@ -16,8 +17,10 @@ that one rail (``"default"``: ``rails=None``, discovered) and two segments,
 progressing as ``progress`` says; it prints ``{"address": "host:port"}``.  ``kv``:
 a listening engine with the default rails (``rails=None``) and one ``pool``
 segment filled from ``seed``; it answers each stdin line ``{"digest": true}``
-with the pool's sha256 and ``{"fill": seed}`` by refilling it.  All three
-exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
+with the pool's sha256 and ``{"fill": seed}`` by refilling it.  ``steps``: the
+``engine`` peer with every step stamped (:mod:`.ucx_steps`); a stdin line ``mark``
+clears its stamps and answers its CPU time, and when stdin closes it prints its
+stamps.  All of them exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
 """
 
 from __future__ import annotations
@@ -115,6 +118,27 @@ async def serve_engine(config: dict[str, Any]) -> None:
         await _stdin_closed()
 
 
+async def serve_steps(config: dict[str, Any]) -> None:
+    """``serve_engine`` with every step stamped (:mod:`.ucx_steps`); stdin ``mark`` clears the stamps."""
+    import time
+
+    from ..engine import Engine
+    from . import ucx_steps
+
+    ucx_steps.install()
+    rails = [rail_spec(config["rail"])] if config["rail"] != "default" else None
+    async with Engine(backend="ucx", name="steps-server", listen="127.0.0.1:0", rails=rails) as e:
+        e.register(np.ones(config["size"], dtype=np.uint8), name="dst")
+        e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
+        print(json.dumps({"address": e.address}), flush=True)
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            if line.strip() == "mark":
+                del ucx_steps.LOG[:]
+                print(json.dumps({"cpu": time.process_time()}), flush=True)
+        print(json.dumps({"cpu": time.process_time(), "log": ucx_steps.LOG}), flush=True)
+
+
 def kv_pool(seed: int, size: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 
@@ -140,7 +164,7 @@ async def serve_kv(config: dict[str, Any]) -> None:
 
 def main() -> None:
     mode, config = sys.argv[1], json.loads(sys.argv[2])
-    serve = {"raw": serve_raw, "engine": serve_engine, "kv": serve_kv}[mode]
+    serve = {"raw": serve_raw, "engine": serve_engine, "kv": serve_kv, "steps": serve_steps}[mode]
     asyncio.run(serve(config))
 
 

@@ -35,13 +35,17 @@ adds its options).
 
     tent-async bench ucx [--iters 10] [--lat-iters 500] [--repeat 3] [--rails tcp,shm,default]
                          [--progress loop,thread] [--raw-progress loop,thread] [--progress-modes]
-                         [--kv] [--kv-only] [--learn] [--veth]
+                         [--kv] [--kv-only] [--learn] [--steps] [--veth]
 
 **What the engine learns** (``--learn``): six 64 MiB WRITEs over ``rails=None``
 (shm, every interface and loopback), then each rail's learned bandwidth and
 latency, its share of the bytes, and 300 4 KiB WRITEs (p50, and the rails they
 took): with every rail progressed on one event loop, a rail's wire time must
 not include the time the loops spent on the others (issue 9, item 3).
+
+**Where a small transfer's time goes** (``--steps``): 4 KiB WRITEs and READs on
+each rail of ``--rails``, every step stamped in both processes on one clock, the
+median per step and each side's CPU per transfer (:mod:`.ucx_steps`).
 """
 
 from __future__ import annotations
@@ -113,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--learn",
         action="store_true",
         help="only: six 64 MiB WRITEs over rails=None, then each rail's learned bandwidth, latency and share",
+    )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="only: 4 KiB WRITEs and READs on each rail of --rails (--lat-iters of them), every step stamped "
+        "in both processes; the median per step (where a small transfer's time goes)",
     )
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
@@ -543,6 +553,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.learn:
         run_learn(console, args)
+        return 0
+    if args.steps:
+        from .ucx_steps import run_steps
+
+        run_steps(console, args)
         return 0
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
     if args.progress_modes:

@@ -110,6 +110,12 @@ class Channel:
             self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
         progress.account(time.perf_counter() - t0)
+        if req.completed and req.status == 0:  # UCS_OK: an eager send, done inside the call
+            # Its bytes are out and nothing waits on it: neither held nor watched (one dict
+            # entry, one closure, one completion delivery and one pass's look fewer per
+            # header and per reply).  Still kicked: the pass progresses what else was posted.
+            progress.kick()
+            return
         progress.kick(req)
         self.keep(req, data, None, send=True)
 

@@ -13,7 +13,8 @@ planner next posts to it.
 
 Slices (one planner attempt each), emulating one-sided operations with tags;
 every header goes to a free header slot of the peer and gets exactly one
-reply, into a bounded receive posted *before* the header is sent:
+reply, into a bounded receive posted in the same call that sends the header, before the
+worker is progressed again:
 
 * WRITE, small: the header carries the bytes; the peer copies them and ACKs.
 * WRITE: header, then a tagged send of the source view; the peer checks the
@@ -405,7 +406,7 @@ class Link:
         return op.sg is None or self.peer.staging.admit(op.sg, self._flush)
 
     def _send(self, op: _Op) -> None:
-        """Post the reply receive (and a READ's bulk receive), then the header (and a WRITE's bytes)."""
+        """Post a READ's bulk receive, the header, the reply's receive, then a WRITE's bytes."""
         ch = self.channel
         assert ch is not None
         assert self.free_slots
@@ -430,8 +431,6 @@ class Link:
         reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
         buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
         try:
-            ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
-            op.pending += 1
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
                 if op.sg is not None:  # into host staging (random tail included), scattered once checked
@@ -452,6 +451,12 @@ class Link:
                 ch.rail.progress.watch(req, self._data_done(op))
                 del req
             ch.send_message(header, make_tag(self.peer_ns, KIND_CONTROL, op.slot))
+            # The reply's bounded receive goes up right after the header, in this same call:
+            # nothing progresses the worker (or runs the sweeper) in between, so the reply finds
+            # it however fast it comes (UCX matches one that came first from its unexpected
+            # queue).  Posted first, it held every header back by a tag_recv (issue 9).
+            ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
+            op.pending += 1
             bulk = op.sg.bulk() if op.sg is not None else None
             if bulk is not None:  # a scatter WRITE's gathered bytes, or a READ's extent table
                 req = ch.tag_send(bulk, make_tag(self.peer_ns, KIND_DATA, op.request))
@@ -497,7 +502,7 @@ class Link:
             return
         op.reply = msg
         if op.slot is not None and op.channel is self.channel:
-            self.free_slots.append(op.slot)  # the peer re-posted the slot before it answered
+            self.free_slots.append(op.slot)  # the peer re-posts the slot in the call that answers
             op.slot = None
             if self.waiting:
                 asyncio.get_running_loop().call_soon(self._flush)

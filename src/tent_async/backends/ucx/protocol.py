@@ -941,6 +941,18 @@ class _TooManyObjects(Exception):
     pass
 
 
+_UNPACK: Final[dict[str, Any]] = {
+    "raw": False,
+    "use_list": True,
+    "strict_map_key": True,
+    "max_str_len": MAX_MESSAGE,
+    "max_bin_len": MAX_FRAME,  # a SEALED catalogue; every bytes field has its own limit below
+    "max_array_len": MAX_SEGMENTS,
+    "max_map_len": 64,
+    "max_ext_len": 0,
+}
+
+
 def decode(data: bytes | bytearray | memoryview) -> Message:
     """Parse and validate one message; raises :class:`ProtocolError` for anything malformed.
 
@@ -948,27 +960,22 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     bounded (:data:`MAX_OBJECTS`): 16 MiB of one-byte empty arrays would otherwise
     become 16 million Python lists (over a gigabyte) before any field is checked.
     """
-    budget = [MAX_OBJECTS]
-
-    def count(items: list[Any]) -> list[Any]:
-        budget[0] -= 1 + len(items)
-        if budget[0] < 0:
-            raise _TooManyObjects
-        return items
-
     try:
-        fields = msgpack.unpackb(
-            data,
-            list_hook=count,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_str_len=MAX_MESSAGE,
-            max_bin_len=MAX_FRAME,  # a SEALED catalogue; every bytes field has its own limit below
-            max_array_len=MAX_SEGMENTS,
-            max_map_len=64,
-            max_ext_len=0,
-        )
+        if 2 * len(data) <= MAX_OBJECTS:
+            # Every value takes at least one byte and the count below is at most two per
+            # value (an array counts as its parent's element and as itself), so a message
+            # this short cannot break the bound: no per-array callback (data-plane messages).
+            fields = msgpack.unpackb(data, **_UNPACK)
+        else:
+            budget = [MAX_OBJECTS]
+
+            def count(items: list[Any]) -> list[Any]:
+                budget[0] -= 1 + len(items)
+                if budget[0] < 0:
+                    raise _TooManyObjects
+                return items
+
+            fields = msgpack.unpackb(data, list_hook=count, **_UNPACK)
     except ProtocolError:  # pragma: no cover - msgpack never raises ours
         raise
     except _TooManyObjects:
