@@ -99,7 +99,7 @@ class Telemetry:
                 last_error=r.last_error,
                 samples=r.estimator.samples,
                 busy_refusals=r.busy_refusals,
-                held=r.held,
+                held=r.held and now < r.held_until,  # poll() clears the flag; between polls, the clock
             )
             for r in planner.rails
         )

@@ -358,3 +358,56 @@ def test_a_pipelined_slices_away_time_starts_at_the_links_previous_reply() -> No
     assert link.away_since(first) == 3000
     clock[0] = 0.005  # 2 ms more elsewhere before the second slice's reply
     assert link.away_since(second) == 2000  # not 4000: the first 2 ms were the first slice's
+
+
+def test_a_serving_endpoint_parks_without_a_time_limit_and_closes_when_its_send_is_done() -> None:
+    """Review (issue 11): a peer that asked for a READ, stopped reading and then closed could make
+    the server close mid-send after LINGER_MAX, which UCX's TCP transport does not survive.  The
+    serving side parks (up to MAX_PARKED per rail); past that it lingers with the time limit."""
+    from tent_async.backends.ucx import _ucxx
+    from tent_async.backends.ucx import channel as C
+
+    if _ucxx.available() is not None:
+        pytest.skip("ucxx is not installed")
+    _ucxx.load()
+    loop = asyncio.new_event_loop()
+    try:
+        watched: dict[Any, Any] = {}
+
+        class Ep:
+            closed = False
+
+            def set_close_callback(self, fn: Any) -> None: ...
+            def remove_close_callback(self) -> None: ...
+
+            def close_blocking(self, *_: Any) -> None:
+                self.closed = True
+
+        rail = SimpleNamespace(
+            loop=loop,
+            progress=SimpleNamespace(watch=lambda req, fn: watched.__setitem__(id(req), fn), kick=lambda *a: None),
+            channels=set(),
+            parked=C.MAX_PARKED - 1,
+        )
+
+        def channel_with_a_send() -> tuple[Any, Any, Any]:
+            ep = Ep()
+            ch = C.Channel(rail, ep, "test", lambda ch, reason: None)  # type: ignore[arg-type]
+            req = SimpleNamespace(future=loop.create_future())
+            ch.keep(req, b"bytes", None, send=True)
+            return ch, ep, req
+
+        ch, ep, req = channel_with_a_send()
+        ch.abort("unlinked", linger=True, park=True)
+        assert ch.closed and ch.lingering and ch.parked and ch._linger is None and not ep.closed
+        assert rail.parked == C.MAX_PARKED
+        other, other_ep, _ = channel_with_a_send()  # the rail is full: this one gets the time limit
+        other.abort("unlinked", linger=True, park=True)
+        assert other.lingering and not other.parked and other._linger is not None
+        req.future.set_result(None)
+        watched[id(req)](req.future)  # the send completed: the parked endpoint closes
+        assert ep.closed and not ch.parked and rail.parked == C.MAX_PARKED - 1
+        other.abort("rail closing")  # a plain abort closes a lingering endpoint now
+        assert other_ep.closed and other._linger is None
+    finally:
+        loop.close()

@@ -56,6 +56,7 @@ CloseHandler = Callable[["Channel", str], None]
 ReceiveHandler = Callable[[Message | None, BaseException | None], None]
 
 LINGER_MAX = 3.0  # seconds a closed channel waits for its unfinished sends before closing its endpoint anyway
+MAX_PARKED = 64  # per rail: lingering endpoints with no time limit (abort(park=True)); past it, LINGER_MAX
 
 
 def _closed_already(channel: Channel, reason: str) -> None:
@@ -81,6 +82,7 @@ class Channel:
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
         self._sends: set[int] = set()  # keys of _keep that are sends (what a linger waits for)
         self.lingering = False  # closed, but the endpoint waits for its sends (abort(linger=True))
+        self.parked = False  # lingering with no time limit (abort(park=True)): counted in rail.parked
         self._linger: Any = None  # the timer that closes a lingering endpoint anyway
         self._ucx = _ucxx.loaded()
         try:
@@ -229,11 +231,13 @@ class Channel:
     def _closed_on_loop(self) -> None:
         if not self.closed:
             self.abort(self._reason())
+        elif self.lingering:  # UCX gave up on it (the peer is gone): nothing is being sent any more
+            self._close_endpoint()
 
     def _close(self, reason: str) -> None:
         self.abort(reason)
 
-    def abort(self, reason: str, *, linger: bool = False) -> None:
+    def abort(self, reason: str, *, linger: bool = False, park: bool = False) -> None:
         """Close the endpoint: every request on it is cancelled (sends included).
 
         ``linger``: the endpoint is healthy and may have a send of ours unfinished
@@ -245,6 +249,14 @@ class Channel:
         channel counts as closed at once either way (nothing more is posted on it,
         and the close handler runs now).  A plain ``abort`` of a lingering channel
         closes its endpoint now (the rail is closing).
+
+        ``park`` (with ``linger``): no time limit, while the rail has fewer than
+        ``MAX_PARKED`` parked endpoints; the endpoint closes when its sends are
+        done, when UCX reports it failed, or with the rail.  For the serving side,
+        whose unfinished sends are a READ's bytes going to the peer that asked: a
+        peer that stops reading and then closes must not be able to make this
+        engine close mid-send and crash (issue 11).  The initiator cannot park:
+        its fence has to end a withdrawn WRITE within a bounded time.
         """
         if self.closed:
             if self.lingering and not linger:
@@ -256,7 +268,12 @@ class Channel:
             self.lingering = True
             for key in [k for k in self._keep if k not in self._sends]:
                 self._keep[key] = (None, self._keep[key][1])  # the buffer stays until UCX reports the cancel
-            self._linger = self.rail.loop.call_later(LINGER_MAX, self._close_endpoint)
+            parked = getattr(self.rail, "parked", MAX_PARKED)
+            if park and parked < MAX_PARKED:
+                self.parked = True
+                self.rail.parked = parked + 1
+            else:
+                self._linger = self.rail.loop.call_later(LINGER_MAX, self._close_endpoint)
             self.rail.progress.kick()  # the cancels complete in a pass
         else:
             self._close_endpoint()
@@ -269,6 +286,9 @@ class Channel:
     def _close_endpoint(self) -> None:
         """Close the UCX endpoint now (once): every request still on it is cancelled."""
         self.lingering = False
+        if self.parked:
+            self.parked = False
+            self.rail.parked -= 1
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None

@@ -450,13 +450,20 @@ class Link:
                 op.pending += 1
                 ch.rail.progress.watch(req, self._data_done(op))
                 del req
-            ch.send_message(header, make_tag(self.peer_ns, KIND_CONTROL, op.slot))
             # The reply's bounded receive goes up right after the header, in this same call:
             # nothing progresses the worker (or runs the sweeper) in between, so the reply finds
             # it however fast it comes (UCX matches one that came first from its unexpected
-            # queue).  Posted first, it held every header back by a tag_recv (issue 9).
-            ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
-            op.pending += 1
+            # queue).  Posted first, it held every header back by a tag_recv (issue 9).  With
+            # delayed submission the progress thread submits the header at once and the receive
+            # later, so there the receive goes first (review).
+            delayed = ch.rail.delayed
+            if delayed:
+                ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
+                op.pending += 1
+            ch.send_message(header, make_tag(self.peer_ns, KIND_CONTROL, op.slot))
+            if not delayed:
+                ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
+                op.pending += 1
             bulk = op.sg.bulk() if op.sg is not None else None
             if bulk is not None:  # a scatter WRITE's gathered bytes, or a READ's extent table
                 req = ch.tag_send(bulk, make_tag(self.peer_ns, KIND_DATA, op.request))

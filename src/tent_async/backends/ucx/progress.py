@@ -365,12 +365,23 @@ class LoopProgress(Progress):
             self._own += seconds
             meter.total += seconds
 
+    def _gate(self) -> bool:
+        """``intake()``, open if it raised: a failing drain must not stall the rail (it is reported)."""
+        assert self.intake is not None
+        try:
+            return self.intake()
+        except Exception as exc:
+            self.loop.call_exception_handler(
+                {"message": f"rail {self.name}: draining UCX's unexpected messages failed", "exception": exc}
+            )
+            return True
+
     def _rounds(self, worker: Any, nested: bool, budget: int) -> tuple[bool, bool, int] | None:
         """Progress, resolve, deliver, up to ``ROUNDS`` times; (made progress, busy, budget left), or None if closed."""
         made = busy = False
-        intake = self.intake
+        gate = self._gate if self.intake is not None else None
         for _round in range(ROUNDS):
-            if intake is not None and not intake():
+            if gate is not None and not gate():
                 busy = True  # a backlog of unexpected messages: drain it before taking more in
             else:
                 for _ in range(budget):
@@ -378,7 +389,7 @@ class LoopProgress(Progress):
                     if not worker.progress_once():
                         break
                     made = True
-                    if intake is not None and not intake():
+                    if gate is not None and not gate():
                         busy = True
                         break
                 else:

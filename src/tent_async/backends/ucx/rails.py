@@ -347,6 +347,7 @@ def _ucx_release() -> tuple[int, int]:
 
 TRIM_DELAY = 1.0  # seconds after a large release before the heap's free pages go back to the OS
 TRIM_AFTER_DROPPED = 1024  # unexpected messages dropped in one busy period that make it large
+TRIM_QUIET = 0.5  # seconds without an unexpected message that end a busy period
 
 
 def _libc_malloc_trim() -> Any:
@@ -443,7 +444,9 @@ class LocalRail:
         self.name = plan.name
         self.loop = loop
         self.stats = stats  # the backend's counters (``unexpected_dropped``), or None
+        self.delayed = delayed_submission  # the progress thread submits requests (ordering, peer.py)
         self.channels: set[Any] = set()  # open Channels (closed with the rail)
+        self.parked = 0  # closed channels whose endpoint waits, with no time limit, for a send (channel.py)
         self.owners: dict[int, NamespaceOwner] = {}  # tag namespace -> who receives in it
         # Receives that drop messages, oldest first; pruned by the sweeper, not by a done-callback
         # each (one loop callback per dropped message less, which matters in a flood).
@@ -455,6 +458,7 @@ class LocalRail:
         self._warned_at = -LOG_EVERY
         self.trimmer = HeapTrimmer(loop)
         self._dropped_since_trim = 0  # unexpected messages dropped in this busy period
+        self._last_found = 0.0  # when the last one was found (a busy period ends TRIM_QUIET later)
         # Tagged messages only: with active messages, ucxx allocates every incoming one
         # (any size, from anyone holding an endpoint) before we could look at it, and
         # UCX buffers unrequested stream data the same way.
@@ -585,6 +589,8 @@ class LocalRail:
                     _ucxx.future_error(req.future)
                 else:
                     pending.append(req)
+            while len(pending) >= MAX_DISCARDS:  # stuck ones (a fragment that never came): drop the oldest;
+                pending.popleft()  # dropping its last reference cancels the receive (ucxx)
             self._discards = discards = pending
         tag, mask = self._any_tag
         while found < budget and len(discards) < MAX_DISCARDS:
@@ -602,8 +608,10 @@ class LocalRail:
             if owner is not None and owner.on_unexpected(probe, kind, index, length):
                 continue
             self.discard(probe, foreign=owner is None)
-        self._dropped_since_trim += found
-        if not found and self._dropped_since_trim:
+        if found:
+            self._dropped_since_trim += found
+            self._last_found = time.monotonic()
+        elif self._dropped_since_trim and time.monotonic() - self._last_found >= TRIM_QUIET:
             if self._dropped_since_trim >= TRIM_AFTER_DROPPED:  # a flood ended: UCX freed what it held
                 self.trimmer.soon()
             self._dropped_since_trim = 0

@@ -238,7 +238,12 @@ class ServerLink:
         # client reuses the slot only once it has the answer, and nothing progresses this
         # worker (or runs the sweeper) between the two calls, so its next header still finds
         # the receive (UCX matches one that came first from its unexpected queue).  Posting
-        # it first put a tag_recv (15-40 us here) before every answer (issue 9).
+        # it first put a tag_recv (15-40 us here) before every answer (issue 9).  Not so with
+        # delayed submission: the progress thread submits the answer at once and the receive
+        # later, so the receive goes first there (review).
+        delayed = self.rail.delayed
+        if delayed:
+            self.arm(slot)
         try:
             if type(msg) is SliceRequest:
                 server.serve(self, msg)
@@ -250,7 +255,8 @@ class ServerLink:
                 server.backend.stats["protocol_errors"] += 1
                 server.violation(self.conn, f"{self.label}: unexpected {type(msg).__name__} in a header slot")
         finally:
-            self.arm(slot)
+            if not delayed:
+                self.arm(slot)
 
     def reply(self, msg: Ack | Bound | Data | Error | Sent) -> None:
         """The one reply to a header, into the receive the client posted for its request."""
@@ -341,7 +347,7 @@ class ServerLink:
         self.rail.release_namespace(self.ns)
         # Cancels the header slots and every slice in flight (a READ's bytes still going out
         # finish first: UCX's TCP transport cannot close an endpoint mid-send safely, channel.py).
-        self.channel.abort(reason, linger=True)
+        self.channel.abort(reason, linger=True, park=True)
         # 8 x 18 KiB of header slots: the channel holds those still posted until UCX gave them
         # back; ours go now, not when the garbage collector breaks the link's last cycle.
         self.slots = []
