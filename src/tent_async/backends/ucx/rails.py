@@ -347,7 +347,6 @@ def _ucx_release() -> tuple[int, int]:
 
 TRIM_DELAY = 1.0  # seconds after a large release before the heap's free pages go back to the OS
 TRIM_AFTER_DROPPED = 1024  # unexpected messages dropped in one busy period that make it large
-TRIM_QUIET = 0.5  # seconds without an unexpected message that end a busy period
 
 
 def _libc_malloc_trim() -> Any:
@@ -458,7 +457,6 @@ class LocalRail:
         self._warned_at = -LOG_EVERY
         self.trimmer = HeapTrimmer(loop)
         self._dropped_since_trim = 0  # unexpected messages dropped in this busy period
-        self._last_found = 0.0  # when the last one was found (a busy period ends TRIM_QUIET later)
         # Tagged messages only: with active messages, ucxx allocates every incoming one
         # (any size, from anyone holding an endpoint) before we could look at it, and
         # UCX buffers unrequested stream data the same way.
@@ -608,11 +606,12 @@ class LocalRail:
             if owner is not None and owner.on_unexpected(probe, kind, index, length):
                 continue
             self.discard(probe, foreign=owner is None)
-        if found:
-            self._dropped_since_trim += found
-            self._last_found = time.monotonic()
-        elif self._dropped_since_trim and time.monotonic() - self._last_found >= TRIM_QUIET:
-            if self._dropped_since_trim >= TRIM_AFTER_DROPPED:  # a flood ended: UCX freed what it held
+        self._dropped_since_trim += found
+        if not found and self._dropped_since_trim:
+            # The queue is empty after a burst (a flood that ended, or one the gate keeps in the
+            # kernel: then this comes between two intakes): what UCX freed goes back to the OS,
+            # at most once per TRIM_DELAY, so a long flood is trimmed as it goes, not only after.
+            if self._dropped_since_trim >= TRIM_AFTER_DROPPED:
                 self.trimmer.soon()
             self._dropped_since_trim = 0
         return found
