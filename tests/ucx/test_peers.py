@@ -129,16 +129,22 @@ async def test_a_killed_peer_fails_the_transfer_quickly_and_clearly(spawn_peer: 
             engine.submit(src[:MiB], kv[:MiB])
 
 
+async def _connected_and_warm(engine: tent.Engine, server: Any) -> tuple[Any, Any]:
+    """Connect to ``server``, look up its 64 MiB "kv" and send one 64 MiB WRITE (rails learned)."""
+    with anyio.fail_after(15):
+        peer = await engine.connect(server.address)
+        kv = await peer.segment("kv")
+    src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
+    with anyio.fail_after(15):
+        await engine.transfer(src[:], kv[:])
+    return kv, src
+
+
 async def test_a_hung_peer_is_caught_by_deadlines_and_its_endpoints_fenced(spawn_peer: Any) -> None:
     server = spawn_peer(name="decode-0", segments=[{"name": "kv", "size": 64 * MiB}])
     try:
         async with tent.Engine(backend="ucx", name="prefill-0", withdraw_grace=0.05) as engine:
-            with anyio.fail_after(15):
-                peer = await engine.connect(server.address)
-                kv = await peer.segment("kv")
-            src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
-            with anyio.fail_after(15):
-                await engine.transfer(src[:], kv[:])
+            kv, src = await _connected_and_warm(engine, server)
             server.signal(signal.SIGSTOP)
             with anyio.fail_after(60), pytest.raises((tent.TransferFailedError, tent.NoRailError)):
                 await engine.transfer(src[:], kv[:])
@@ -188,12 +194,7 @@ async def test_a_link_fenced_mid_send_closes_its_endpoint_only_once_the_send_is_
     rails = [tent.RailSpec(name="lo", device="lo")]
     outcome: list[BaseException | None] = []
     async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, withdraw_grace=0.05) as engine:
-        with anyio.fail_after(15):
-            peer = await engine.connect(server.address)
-            kv = await peer.segment("kv")
-        src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
-        with anyio.fail_after(15):
-            await engine.transfer(src[:], kv[:])
+        kv, src = await _connected_and_warm(engine, server)
         rail = engine.backend.local_rails["lo"]  # type: ignore[attr-defined]
         stats = engine.backend.stats  # type: ignore[attr-defined]
 
