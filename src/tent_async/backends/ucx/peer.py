@@ -43,7 +43,7 @@ import itertools
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -90,9 +90,7 @@ from .protocol import (
     Link as LinkMessage,
 )
 from .rails import LocalRail
-
-if TYPE_CHECKING:
-    from .backend import UcxBackend
+from .site import Site
 
 logger = logging.getLogger("tent_async.ucx")
 
@@ -249,7 +247,7 @@ class Link:
         self.link_id = peer.register_link(self)
         self.ns = self.rail.claim_namespace(self)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(peer.backend.connect_timeout, self._link_timeout, self.link_id)
+        self._timer = loop.call_later(peer.site.connect_timeout, self._link_timeout, self.link_id)
         try:
             peer.send_control(
                 LinkMessage(
@@ -263,7 +261,7 @@ class Link:
         self._timer = None
         if self.link_id == link_id and self.state in (LinkState.LINKING, LinkState.BINDING):
             self._teardown(
-                f"rail {self.name}: the peer did not set the link up within {self.peer.backend.connect_timeout:g} s"
+                f"rail {self.name}: the peer did not set the link up within {self.peer.site.connect_timeout:g} s"
             )
 
     def on_linked(self, msg: Linked) -> None:
@@ -275,13 +273,13 @@ class Link:
             self.channel = Channel(self.rail, ep, f"rail {self.name}", self._on_close)
         except Exception as exc:
             if isinstance(exc, ProtocolError):  # the peer's worker address failed its check
-                self.peer.backend.stats["protocol_errors"] += 1
+                self.peer.site.stats["protocol_errors"] += 1
             self._teardown(f"rail {self.name}: cannot open an endpoint to the peer: {_ucxx.describe_error(exc)}")
             return
         self.peer_ns = msg.namespace
         self.free_slots = list(range(self.peer.slots - 1, -1, -1))
         self._move(LinkState.BINDING)
-        op = _Op(None, self, Op.BIND, self.peer.backend.clock())
+        op = _Op(None, self, Op.BIND, self.peer.site.clock())
         self.ops[-1] = op
         self._send(op)
 
@@ -345,9 +343,9 @@ class Link:
 
     def on_unexpected(self, probe: Any, kind: int, index: int, length: int) -> bool:
         """A message in our namespace that no receive expected: the peer broke the protocol."""
-        self.peer.backend.stats["protocol_errors"] += 1
+        self.peer.site.stats["protocol_errors"] += 1
         reason = f"rail {self.name}: the peer sent {length} bytes nobody asked for (tag kind {kind}, index {index})"
-        self.peer.backend.log.warning("unexpected", "%s; closing the link", reason)
+        self.peer.site.log.warning("unexpected", "%s; closing the link", reason)
         asyncio.get_running_loop().call_soon(self._teardown, reason)
         return False
 
@@ -386,11 +384,11 @@ class Link:
 
     def _post_extents(self, a: Attempt, now: float) -> None:
         """A scatter-gather slice: one header with its extent list (scatter.py)."""
-        backend = self.peer.backend
+        site = self.peer.site
         try:
-            plan = scatter.Plan(a, self.peer, self.peer.inline_limit, scatter.staging_of(backend))
+            plan = scatter.Plan(a, self.peer, self.peer.inline_limit, scatter.staging_of(site))
         except scatter.ScatterError as exc:
-            fail = functools.partial(backend.ctx.fail, a.id, exc, transfer_fatal=True)
+            fail = functools.partial(site.ctx.fail, a.id, exc, transfer_fatal=True)
             asyncio.get_running_loop().call_soon(fail)
             return
         op = _Op(a, self, plan.kind, now)
@@ -536,12 +534,12 @@ class Link:
         With ``teardown`` (the reply itself was unusable, so the slot's state is
         unknown) the link is closed too.
         """
-        stats = self.peer.backend.stats
+        stats = self.peer.site.stats
         stats["protocol_errors"] += 1
         if truncated:
             stats["truncated"] += 1
         op.violation = f"peer {self.peer.name!r} on rail {self.name}: {what}"
-        self.peer.backend.log.warning("violation", "%s", op.violation)
+        self.peer.site.log.warning("violation", "%s", op.violation)
         # A large READ's receive may still be posted (a wrong or short answer): dropping the last
         # reference cancels it, so the op can settle instead of waiting for the fence.
         op.data_req = None
@@ -623,15 +621,15 @@ class Link:
             else:
                 self._teardown(op.violation or op.fatal or op.error or f"rail {self.name}: BIND failed")
             return
-        backend = self.peer.backend
-        ctx = backend.ctx
+        site = self.peer.site
+        ctx = site.ctx
         if op.withdrawing and op.kind is Op.WRITE and self._succeeded(op):
             # Withdrawn (its deadline passed) but acknowledged all the same: the rail was slow, not
             # stuck, and its time is what the planner needs to learn that (it loosens the rail's
             # deadlines and takes the wire time).  A withdrawn READ's bytes are not checked: withdrawn.
             reply = op.reply
             peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
-            ctx.complete(a.id, self._wire_time(op, backend.clock(), peer_away * 1e-6))
+            ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
         elif op.withdrawing:
             ctx.withdrawn(a.id)
         elif op.fatal is not None and op.sg is not None and isinstance(op.reply, Error) and op.reply.retry:
@@ -652,7 +650,7 @@ class Link:
                 op.sg.land()  # checked: every byte arrived (length and tail)
             reply = op.reply
             peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
-            ctx.complete(a.id, self._wire_time(op, backend.clock(), peer_away * 1e-6))
+            ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
         elif self.peer.closed:
             ctx.fail(a.id, PeerClosedError(self.peer.closed_reason()), transfer_fatal=True)
         else:
@@ -689,7 +687,7 @@ class Link:
         op = self.ops.get(a.id)
         if op is None or op.reported:
             if op is None:
-                self.peer.backend.ctx.withdrawn(a.id)
+                self.peer.site.ctx.withdrawn(a.id)
             return
         op.withdrawing = True
         if not op.sent:  # still queued here: nothing of it reached UCX
@@ -699,8 +697,8 @@ class Link:
             return
         # Grace: the configured minimum, or a few times what the planner expected the
         # slice to take, whichever is longer (a big slice on a loaded host is not stuck).
-        grace = max(self.peer.backend.withdraw_grace, 4.0 * a.expected)
-        op.fence_at = self.peer.backend.clock() + grace
+        grace = max(self.peer.site.withdraw_grace, 4.0 * a.expected)
+        op.fence_at = self.peer.site.clock() + grace
         self._settle(op)
         if not op.reported:
             self._arm_fence()
@@ -709,13 +707,13 @@ class Link:
         pending = [op.fence_at for op in self.ops.values() if op.withdrawing and not op.reported and op.sent]
         if not pending or self._fence is not None:
             return
-        delay = max(0.0, min(pending) - self.peer.backend.clock())
+        delay = max(0.0, min(pending) - self.peer.site.clock())
         self._fence = asyncio.get_running_loop().call_later(delay, self._force_fence)
 
     def _force_fence(self) -> None:
         """Withdrawn slices did not finish within their grace: close the link (cancels them)."""
         self._fence = None
-        now = self.peer.backend.clock()
+        now = self.peer.site.clock()
         stuck = [
             op for op in self.ops.values() if op.withdrawing and not op.reported and op.sent and op.fence_at <= now
         ]
@@ -728,10 +726,10 @@ class Link:
             f"rail {self.name}: {len(stuck)} withdrawn slice(s) still in flight after their grace "
             f"period; link closed to stop them"
         )
-        self.peer.backend.log.info("fenced", "%s", reason)
-        self.peer.backend.stats["fenced_endpoints"] += 1
+        self.peer.site.log.info("fenced", "%s", reason)
+        self.peer.site.stats["fenced_endpoints"] += 1
         self._teardown(reason)
-        self.peer.backend.ctx.rail_down(self.name, reason)
+        self.peer.site.ctx.rail_down(self.name, reason)
 
     def close(self, reason: str, *, tell: bool = False) -> None:
         if self._fence is not None:
@@ -779,9 +777,9 @@ class Peer:
     _link_ids = itertools.count(1)
 
     def __init__(
-        self, backend: UcxBackend, address: str, welcome: Welcome, reader: Any, writer: Any, session: Session | None
+        self, site: Site, address: str, welcome: Welcome, reader: Any, writer: Any, session: Session | None
     ) -> None:
-        self.backend = backend
+        self.site = site  # the engine it belongs to, as its links see it
         self.session = session  # with a shared secret: every control message is sealed with it
         self.address = address
         self.name = welcome.name
@@ -789,7 +787,7 @@ class Peer:
         self.conn_id = welcome.conn_id
         self.slots = welcome.slots
         self.staging = scatter.StagingShare(welcome.staging)  # the peer staging our slices may hold
-        self.inline_limit = min(backend.inline_limit, welcome.inline_limit)
+        self.inline_limit = min(site.inline_limit, welcome.inline_limit)
         # Where its TCP worker addresses may point, besides our rails' subnets: the address we
         # reached it at (what it advertises for its rails is its own claim, not a check).
         peername = writer.get_extra_info("peername") if writer is not None else None
@@ -855,7 +853,7 @@ class Peer:
             waiters.append(future)
             if len(waiters) == 1:
                 self._write(Lookup(name=name))
-            ad = await asyncio.wait_for(future, self.backend.connect_timeout)
+            ad = await asyncio.wait_for(future, self.site.connect_timeout)
             if ad is None:
                 self._catalogue.pop(name, None)
                 raise UnregisteredSegmentError(
@@ -894,9 +892,9 @@ class Peer:
         except PeerClosedError:
             reason = "it closed the connection (process ended?)"
         except ProtocolError as exc:
-            self.backend.stats["protocol_errors"] += 1
+            self.site.stats["protocol_errors"] += 1
             reason = f"protocol error: {exc}"
-            self.backend.log.warning("malformed", "peer %r: %s", self.name, reason)
+            self.site.log.warning("malformed", "peer %r: %s", self.name, reason)
         except (ConnectionError, OSError) as exc:
             reason = f"connection error: {exc}"
         finally:
@@ -908,7 +906,7 @@ class Peer:
             return
         self.closed = True
         self._closed_reason = reason
-        self.backend.log.info("gone", "peer %r at %s: %s", self.name, self.address, reason)
+        self.site.log.info("gone", "peer %r at %s: %s", self.name, self.address, reason)
         for waiters in self._lookups.values():
             for fut in waiters:
                 if not fut.done():
