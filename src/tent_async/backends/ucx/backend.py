@@ -245,7 +245,7 @@ class UcxBackend(Backend):
                 )
                 rail.progress.on_batch = ctx.flush  # a pass's completions settle in that pass
             if self._listen is not None:
-                self._server = Server(self._site)
+                self._server = Server(self.site)
                 host, port = self._listen
                 try:
                     real_port = await self._server.start(host, port)
