@@ -152,14 +152,14 @@ async def main(config: dict[str, Any]) -> None:
 
         import attrs
 
-        from tent_async.backends.ucx import backend as bad
+        from tent_async.backends.ucx import site as bad
 
-        rail_ads = bad.UcxBackend.rail_ads
+        rail_ads = bad.Site.rail_ads
 
         def bad_ads(self: Any) -> Any:
             return tuple(attrs.evolve(ad, address=os_.urandom(40)) for ad in rail_ads(self))
 
-        bad.UcxBackend.rail_ads = bad_ads  # type: ignore[method-assign]
+        bad.Site.rail_ads = bad_ads  # type: ignore[method-assign]
     if config.get("slow_headers"):  # tests: headers dispatched late, so WRITE bytes overtake them
         from tent_async.backends.ucx import server as srv
 
@@ -202,7 +202,7 @@ async def main(config: dict[str, Any]) -> None:
             json.dumps(
                 {
                     "address": engine.address,
-                    "rails": engine.backend.rail_ads() and [r.name for r in engine.backend.rail_ads()],
+                    "rails": [r.name for r in engine.backend.site.rail_ads()],  # type: ignore[attr-defined]
                 }
             ),
             flush=True,
@@ -228,7 +228,7 @@ async def main(config: dict[str, Any]) -> None:
                 elif op == "queued":  # notifications queued, unread (with read_notes false)
                     out["queued"] = len(engine._notifications)
                 elif op == "addresses":  # the UCX worker addresses of its rails (hex)
-                    out["addresses"] = [ad.address.hex() for ad in engine.backend.rail_ads()]  # type: ignore[attr-defined]
+                    out["addresses"] = [ad.address.hex() for ad in engine.backend.site.rail_ads()]  # type: ignore[attr-defined]
                 elif op == "internals":  # what the backend still holds (leak checks)
                     b = engine.backend
                     out["internals"] = {

@@ -342,6 +342,49 @@ def test_a_link_refuses_moves_its_state_table_does_not_allow() -> None:
     assert link._move(LinkState.IDLE) is LinkState.IDLE  # closing twice is allowed
 
 
+def test_a_slice_in_flight_refuses_moves_its_state_table_does_not_allow() -> None:
+    from tent_async.backends.ucx.peer import OpState, OpStateError
+
+    S = OpState
+    link = SimpleNamespace(name="peer/shm")
+    lives = [
+        [S.SENT, S.REPORTED],  # answered (or failed) and reported
+        [S.SENT, S.WITHDRAWING, S.REPORTED],  # withdrawn in flight: reported once its requests ended
+        [S.SENT, S.WITHDRAWING, S.WITHDRAWING, S.REPORTED],  # withdrawn again (the engine after a crash)
+        [S.WITHDRAWN, S.REPORTED],  # withdrawn while queued
+        [S.REPORTED],  # queued when its link was torn down: failed
+    ]
+    legal = set()
+    for life in lives:
+        op = _Op(None, link, Op.WRITE, 0.0)  # type: ignore[arg-type]
+        assert op.state is S.QUEUED
+        for step in life:
+            was = op.state
+            assert op.move(step) is was
+            assert op.state is step
+            legal.add((was, step))
+        assert op.state is S.REPORTED
+    reach = {S.QUEUED: [], S.SENT: [S.SENT], S.WITHDRAWN: [S.WITHDRAWN], S.WITHDRAWING: [S.SENT, S.WITHDRAWING]}
+    reach[S.REPORTED] = [S.REPORTED]
+    refused = 0
+    for was in S:
+        for to in S:
+            if (was, to) in legal:
+                continue
+            op = _Op(None, link, Op.WRITE, 0.0)  # type: ignore[arg-type]
+            for step in reach[was]:
+                op.move(step)
+            with pytest.raises(OpStateError, match=f"rail peer/shm: slice .* from {was} to {to}"):
+                op.move(to)
+            assert op.state is was  # a refused move changes nothing
+            refused += 1
+    # Among them: a header sent twice, a queued slice fenced, and anything after the report.
+    assert {(S.SENT, S.SENT), (S.QUEUED, S.WITHDRAWING), (S.REPORTED, S.WITHDRAWN)} <= {
+        (w, t) for w in S for t in S if (w, t) not in legal
+    }
+    assert refused == len(S) ** 2 - len(legal) == 25 - 8
+
+
 def test_a_pipelined_slices_away_time_starts_at_the_links_previous_reply() -> None:
     """The client times a slice from its predecessor's completion; the server must not report
     away time from before that (it would be taken off the wire time twice)."""

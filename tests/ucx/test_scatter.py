@@ -631,8 +631,8 @@ def test_an_inline_extent_list_into_gpu_memory_is_refused_as_on_the_one_extent_p
 
     gpu = SimpleNamespace(registered=True, permission="rw", memory=SimpleNamespace(readonly=False, is_cuda=True))
     host = SimpleNamespace(registered=True, permission="rw", memory=SimpleNamespace(readonly=False, is_cuda=False))
-    backend = SimpleNamespace(engine_name="e", max_request=1 << 30, inline_limit=1 << 20, stats=collections.Counter())
-    server = SimpleNamespace(backend=backend, _sids={"gpu": (gpu, 1), "host": (host, 2)})
+    site = SimpleNamespace(engine_name="e", max_request=1 << 30, inline_limit=1 << 20, stats=collections.Counter())
+    server = SimpleNamespace(site=site, registration={"gpu": (gpu, 1), "host": (host, 2)}.get)
     link = SimpleNamespace(in_flight=0, slots=[None] * 8)
     for name, sid, refused in (("gpu", 1, True), ("host", 2, False)):
         msg = p.ScatterRequest(p.Op.WRITE, 0, ((name, sid),), 1, 64, p.pack_table([0], [0], [64]), payload=bytes(64))

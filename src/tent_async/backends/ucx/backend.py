@@ -97,7 +97,6 @@ from .protocol import (
     PROTOCOL_VERSION,
     Challenge,
     Hello,
-    RailAd,
     Refused,
     Sealed,
     VersionMismatch,
@@ -105,6 +104,7 @@ from .protocol import (
 )
 from .rails import LocalRail, RailPlan, host_id, resolve_plans
 from .server import Server
+from .site import Site
 
 logger = logging.getLogger("tent_async.ucx")
 
@@ -159,6 +159,7 @@ class UcxBackend(Backend):
         self._server: Server | None = None
         self._address: str | None = None
         self._ctx: BackendContext | None = None
+        self._site: Site | None = None
 
     # ============================================================ lifecycle
 
@@ -171,6 +172,13 @@ class UcxBackend(Backend):
     @property
     def engine_name(self) -> str:
         return self.ctx.engine_name
+
+    @property
+    def site(self) -> Site:
+        """What this engine's peers, links and server share (site.py); built by ``start()``."""
+        if self._site is None:
+            raise RuntimeError("the ucx backend is not started")
+        return self._site
 
     def rail_specs(self) -> Sequence[RailSpec]:
         return list(self._specs or [])
@@ -214,6 +222,21 @@ class UcxBackend(Backend):
             raise ConfigError(f"backend 'ucx' is not available: {exc}") from exc
         self.plans = resolve_plans(self._specs)
         self.host_id = self._host_id_override or host_id()
+        self._site = Site(
+            ctx=ctx,
+            engine_name=ctx.engine_name,
+            host_id=self.host_id,
+            clock=self.clock,
+            stats=self.stats,
+            log=self.log,
+            local_rails=self.local_rails,
+            secret=self.secret,
+            connect_timeout=self.connect_timeout,
+            handshake_timeout=self.handshake_timeout,
+            withdraw_grace=self.withdraw_grace,
+            inline_limit=self.inline_limit,
+            max_request=self.max_request,
+        )
         loop = asyncio.get_running_loop()
         try:
             for plan in self.plans:
@@ -222,7 +245,7 @@ class UcxBackend(Backend):
                 )
                 rail.progress.on_batch = ctx.flush  # a pass's completions settle in that pass
             if self._listen is not None:
-                self._server = Server(self)
+                self._server = Server(self.site)
                 host, port = self._listen
                 try:
                     real_port = await self._server.start(host, port)
@@ -261,10 +284,6 @@ class UcxBackend(Backend):
     @property
     def address(self) -> str | None:
         return self._address
-
-    def rail_ads(self) -> tuple[RailAd, ...]:
-        """Our rails with their UCX worker addresses (sent only in WELCOME, after authentication)."""
-        return tuple(rail.plan.advert(rail.address) for rail in self.local_rails.values())
 
     # ================================================================ peers
 
@@ -306,7 +325,7 @@ class UcxBackend(Backend):
         except BaseException:
             await close_writer(writer)
             raise
-        peer = Peer(self, address, welcome, reader, writer, session)
+        peer = Peer(self.site, address, welcome, reader, writer, session)
         # The control reader runs from now on: links are set up over it (LINK -> LINKED).
         self.ctx.spawn(self._run_peer, peer, name=f"tent-ucx-peer-{peer.name}")
         try:
@@ -475,7 +494,7 @@ class UcxBackend(Backend):
         self._server.unregister(segment)
 
     def _peer_of(self, seg: SegmentBase) -> Peer:
-        if not isinstance(seg, RemoteSegment) or not isinstance(seg.peer, Peer) or seg.peer.backend is not self:
+        if not isinstance(seg, RemoteSegment) or not isinstance(seg.peer, Peer) or seg.peer.site is not self._site:
             raise UnregisteredSegmentError(
                 f"{seg!r} is neither a segment of this engine nor of a peer it connected to; "
                 "get remote segments from `await peer.segment(name)` of this engine's peers"

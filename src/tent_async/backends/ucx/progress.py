@@ -153,6 +153,14 @@ class Progress:
         """Stop progressing; the worker is released by its owner afterwards."""
 
 
+def _set_cuda_device(gpu: int) -> None:  # pragma: no cover - needs a GPU
+    """Progress-thread start hook: make the GPU's CUDA context current on that thread."""
+    import cupy
+
+    cupy.cuda.Device(gpu).use()
+    cupy.cuda.runtime.free(0)  # forces the primary context into existence
+
+
 class ThreadProgress(Progress):
     """ucxx's progress thread plus a notifier thread (the backend's original way)."""
 
@@ -162,8 +170,6 @@ class ThreadProgress(Progress):
         super().__init__(worker, loop, name)
         ucx = _ucxx.loaded()
         if gpu is not None:  # pragma: no cover - needs a GPU
-            from .rails import _set_cuda_device
-
             worker.set_progress_thread_start_callback(_set_cuda_device, cb_args=(gpu,))
         worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
         self._queue: queue.Queue[str] = queue.Queue()

@@ -399,14 +399,6 @@ class HeapTrimmer:
             self.trims += 1
 
 
-def _set_cuda_device(gpu: int) -> None:  # pragma: no cover - needs a GPU
-    """Progress-thread start hook: make the GPU's CUDA context current on that thread."""
-    import cupy
-
-    cupy.cuda.Device(gpu).use()
-    cupy.cuda.runtime.free(0)  # forces the primary context into existence
-
-
 class NamespaceOwner(Protocol):
     """What owns a tag namespace on a rail: one direction of one link."""
 

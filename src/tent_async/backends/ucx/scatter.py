@@ -61,7 +61,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -90,7 +90,10 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from .server import Server, ServerLink
+    from .channel import Channel
+    from .control import LogLimiter
+    from .rails import LocalRail
+    from .site import Site
 
 logger = logging.getLogger("tent_async.ucx")
 
@@ -214,14 +217,14 @@ class Staging:
         self._idle = 0
 
 
-_STAGING: weakref.WeakKeyDictionary[Any, Staging] = weakref.WeakKeyDictionary()
+_STAGING: weakref.WeakKeyDictionary[Site, Staging] = weakref.WeakKeyDictionary()
 
 
-def staging_of(backend: Any) -> Staging:
-    """The staging pool of ``backend`` (one per engine)."""
-    pool = _STAGING.get(backend)
+def staging_of(site: Site) -> Staging:
+    """The staging pool of the engine ``site`` belongs to (one per engine: its peers and server share it)."""
+    pool = _STAGING.get(site)
     if pool is None:
-        pool = _STAGING[backend] = Staging()
+        pool = _STAGING[site] = Staging()
     return pool
 
 
@@ -501,14 +504,70 @@ class StagingShare:
 # ================================================================== target
 
 
-def _resolve(server: Server, link: ServerLink, msg: ScatterRequest) -> tuple[list[Segment], str]:
+class ServingClient(Protocol):
+    """What the serving half uses of a client's connection (server.Connection): its name, for logs."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class ServingLink(Protocol):
+    """What the serving half below uses of a link to a client (server.ServerLink).
+
+    Named here rather than imported: server.py serves these slices through this
+    module, and importing it back would make the two modules a cycle
+    (tests/ucx/test_imports.py); mypy checks that ServerLink fits where
+    server.py passes one in.
+    """
+
+    in_flight: int  # slices with a receive or send posted on the link
+
+    @property
+    def rail(self) -> LocalRail: ...
+    @property
+    def channel(self) -> Channel: ...
+    @property
+    def conn(self) -> ServingClient: ...
+    @property
+    def slots(self) -> Sequence[Array]: ...
+    @property
+    def staging(self) -> LinkStaging: ...
+    @property
+    def ns(self) -> int: ...
+    @property
+    def peer_ns(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def label(self) -> str: ...
+    def reply(self, msg: Ack | Data | Sent) -> None: ...
+    def refuse(self, request: int, reason: str, *, retry: bool = False) -> None: ...
+    def away_since(self, mark: float) -> int: ...
+    def take_stashed(self, request: int) -> tuple[Any, int] | None: ...
+    def violation(self, reason: str) -> None: ...
+    def drain(self, msg: ScatterRequest) -> None: ...
+
+
+class Serving(Protocol):
+    """What the serving half uses of the server (server.Server): the engine, its catalogue and counts."""
+
+    @property
+    def site(self) -> Site: ...
+    @property
+    def log(self) -> LogLimiter: ...
+    @property
+    def segment_ops(self) -> collections.Counter[str]: ...
+    def registration(self, name: str) -> tuple[Segment, int] | None: ...
+
+
+def _resolve(server: Serving, link: ServingLink, msg: ScatterRequest) -> tuple[list[Segment], str]:
     """The segments a header may touch, or the reason it may not (everything but extent bounds)."""
-    backend = server.backend
+    site = server.site
     segs: list[Segment] = []
     for name, sid in msg.segments:
-        entry = server._sids.get(name)
+        entry = server.registration(name)
         if entry is None or not entry[0].registered:
-            return [], f"unknown segment {name!r} (not registered on engine {backend.engine_name!r})"
+            return [], f"unknown segment {name!r} (not registered on engine {site.engine_name!r})"
         seg = entry[0]
         if entry[1] != sid:
             again = "look it up again with peer.segment()"
@@ -516,14 +575,14 @@ def _resolve(server: Server, link: ServerLink, msg: ScatterRequest) -> tuple[lis
         if msg.op is Op.WRITE and (seg.permission != "rw" or seg.memory.readonly):
             return [], f"segment {name!r} is read-only (permission {seg.permission!r}); WRITE refused"
         segs.append(seg)
-    if msg.total > backend.max_request:
-        return [], f"{msg.total} bytes exceed the per-slice limit of {backend.max_request}"
+    if msg.total > site.max_request:
+        return [], f"{msg.total} bytes exceed the per-slice limit of {site.max_request}"
     inline = msg.payload is not None or msg.inline
-    if inline and (msg.total > backend.inline_limit or msg.count * EXTENT_BYTES > backend.inline_limit):
-        return [], f"inline slices are for extent lists and bytes up to {backend.inline_limit} bytes"
+    if inline and (msg.total > site.inline_limit or msg.count * EXTENT_BYTES > site.inline_limit):
+        return [], f"inline slices are for extent lists and bytes up to {site.inline_limit} bytes"
     if msg.count > extents_allowed(msg.total):  # bounds the copying one header can ask for
-        backend.stats["protocol_errors"] += 1
-        backend.stats["extents_refused"] += 1
+        site.stats["protocol_errors"] += 1
+        site.stats["extents_refused"] += 1
         return [], (
             f"{msg.count} extents in {msg.total} bytes: at most {extents_allowed(msg.total)} (blocks must "
             f"average {MIN_EXTENT_BYTES} bytes or more)"
@@ -531,7 +590,7 @@ def _resolve(server: Server, link: ServerLink, msg: ScatterRequest) -> tuple[lis
     if inline and any(seg.memory.is_cuda for seg in segs):  # as on the one-extent path: no GPU copy on the loop
         return [], "inline slices are for host memory; this slice touches GPU memory"
     if link.in_flight >= len(link.slots):
-        backend.stats["protocol_errors"] += 1
+        site.stats["protocol_errors"] += 1
         return [], f"more than {len(link.slots)} slices in flight on this link"
     return segs, ""
 
@@ -556,7 +615,7 @@ class _Served:
 
     __slots__ = ("buf", "extents", "link", "mark", "msg", "segs", "server", "watch")
 
-    def __init__(self, server: Server, link: ServerLink, msg: ScatterRequest, segs: list[Segment]) -> None:
+    def __init__(self, server: Serving, link: ServingLink, msg: ScatterRequest, segs: list[Segment]) -> None:
         self.server = server
         self.link = link
         self.mark = link.rail.progress.away()  # for ACK/SENT's ``away``
@@ -592,11 +651,11 @@ class _Served:
 
     def refuse(self, reason: str, *, retry: bool = False) -> None:
         server, msg = self.server, self.msg
-        server.backend.stats["rejected"] += 1
+        server.site.stats["rejected"] += 1
         server.log.warning(
             "rejected",
             "engine %r refused %sV of %d bytes in %d extents from %r: %s",
-            server.backend.engine_name,
+            server.site.engine_name,
             msg.op.name,
             msg.total,
             msg.count,
@@ -620,14 +679,14 @@ class _Served:
     def write(self, data: Array) -> None:
         assert self.extents is not None
         scatter(data, self.mems(), *self.extents)
-        stats = self.server.backend.stats
+        stats = self.server.site.stats
         stats["served_write"] += 1
         stats["bytes_written"] += self.msg.total
         self.count()
         self.link.reply(Ack(request=self.msg.request, away=self.link.away_since(self.mark)))
 
     def count(self) -> None:
-        stats = self.server.backend.stats
+        stats = self.server.site.stats
         stats["scatter_slices"] += 1
         stats["scatter_extents"] += self.msg.count
 
@@ -636,9 +695,9 @@ class _Served:
         gather(self.mems(), *self.extents, out)
 
 
-def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
+def serve(server: Serving, link: ServingLink, msg: ScatterRequest) -> None:
     """Serve a WRITEV/READV header: check it all, then move bytes (see the module docstring)."""
-    stats = server.backend.stats
+    stats = server.site.stats
     segs, reason = _resolve(server, link, msg)
     bulk = msg.bulk_length
     table_bytes = 0 if msg.table is not None else msg.count * EXTENT_BYTES
@@ -662,12 +721,12 @@ def serve(server: Server, link: ServerLink, msg: ScatterRequest) -> None:
     if reason:
         served.refuse(reason, retry=busy)
         if bulk:
-            server._drain(link, msg)
+            link.drain(msg)
         return
     if served.extents is not None and not served.checked():
         served.release()
         if bulk:
-            server._drain(link, msg)
+            link.drain(msg)
         return
     if msg.op is Op.WRITE and msg.payload is not None:
         served.write(np.frombuffer(msg.payload, dtype=np.uint8))
@@ -720,11 +779,10 @@ def _watch(served: _Served, nbytes: int) -> None:
         served.watch = None
         if served.buf is None or link.closed:
             return  # finished, or already gone
-        stats = served.server.backend.stats
+        stats = served.server.site.stats
         stats["protocol_errors"] += 1
         stats["staging_overdue"] += 1
-        served.server.violation(
-            link.conn,
+        link.violation(
             f"{link.label}: the {nbytes} bulk bytes of {served.msg.op.name}V request {served.msg.request} "
             f"did not move within {limit:.0f} s",
         )
@@ -753,8 +811,8 @@ def _received(served: _Served) -> Callable[[BaseException | None], None]:
                 served.extents = unpack_table(buf[:offset], msg.count, len(msg.segments), msg.total)
             except ProtocolError as exc:
                 served.end()
-                served.server.backend.stats["protocol_errors"] += 1
-                served.server.violation(link.conn, f"{link.label}: a malformed extent table: {exc}")
+                served.server.site.stats["protocol_errors"] += 1
+                link.violation(f"{link.label}: a malformed extent table: {exc}")
                 return
             if not served.checked():
                 served.end()
@@ -788,7 +846,7 @@ def _send(served: _Served) -> None:
         if link.closed:
             return
         if error is None:
-            stats = served.server.backend.stats
+            stats = served.server.site.stats
             stats["served_read"] += 1
             stats["bytes_read"] += msg.total
             served.count()

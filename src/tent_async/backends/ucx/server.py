@@ -39,7 +39,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -97,9 +97,7 @@ from .protocol import (
     make_tag,
 )
 from .rails import HeapTrimmer, LocalRail, held_bytes
-
-if TYPE_CHECKING:
-    from .backend import UcxBackend
+from .site import Site
 
 logger = logging.getLogger("tent_async.ucx")
 
@@ -202,10 +200,10 @@ class ServerLink:
         # request index -> (probe, length, bytes UCX holds for it, when)
         self.stash: dict[int, tuple[Any, int, int, float]] = {}
         self._stash_timer: asyncio.TimerHandle | None = None
-        size = 4 + HEADER_ROOM + server.backend.inline_limit
+        size = 4 + HEADER_ROOM + server.site.inline_limit
         self.slots = [np.zeros(size, dtype=np.uint8) for _ in range(server.slots)]
         # extent-list slices: bounded per link, per connection (its serial, never reused) and per engine
-        self.staging = scatter.LinkStaging(scatter.staging_of(server.backend), server.slots, conn.key[1])
+        self.staging = scatter.LinkStaging(scatter.staging_of(server.site), server.slots, conn.key[1])
 
     @property
     def label(self) -> str:
@@ -225,9 +223,9 @@ class ServerLink:
             return
         server = self.server
         if isinstance(error, ProtocolError):
-            server.backend.stats["protocol_errors"] += 1
+            server.site.stats["protocol_errors"] += 1
             if isinstance(error, MessageTruncated):
-                server.backend.stats["truncated"] += 1
+                server.site.stats["truncated"] += 1
             server.violation(self.conn, str(error))
             return
         if error is not None:
@@ -252,7 +250,7 @@ class ServerLink:
             elif type(msg) is Bind:
                 self.reply(Bound(request=msg.request))
             else:
-                server.backend.stats["protocol_errors"] += 1
+                server.site.stats["protocol_errors"] += 1
                 server.violation(self.conn, f"{self.label}: unexpected {type(msg).__name__} in a header slot")
         finally:
             if not delayed:
@@ -278,6 +276,14 @@ class ServerLink:
         """Answer ``request`` with ``ERROR`` (the reason cut to what the client's receive holds)."""
         self.reply(Error(request=request, reason=clip_reason(reason), retry=retry))
 
+    def violation(self, reason: str) -> None:
+        """The client broke the protocol on this link: drop its whole connection (Server.violation)."""
+        self.server.violation(self.conn, reason)
+
+    def drain(self, msg: SliceRequest | ScatterRequest) -> None:
+        """Let a refused WRITE's bytes arrive without keeping them (Server._drain)."""
+        self.server._drain(self, msg)
+
     # ------------------------------------------------------- unexpected bytes
 
     def on_unexpected(self, probe: Any, kind: int, index: int, length: int) -> bool:
@@ -294,7 +300,7 @@ class ServerLink:
             cost = held_bytes(probe)
             held = sum(h for _p, _n, h, _w in self.stash.values())
             if held + cost > STASH_BYTES_PER_LINK or server.stashed_bytes + cost > STASH_BYTES:
-                server.backend.stats["protocol_errors"] += 1
+                server.site.stats["protocol_errors"] += 1
                 server.loop_soon(
                     server.violation,
                     self.conn,
@@ -304,11 +310,11 @@ class ServerLink:
                 return False
             self.stash[index] = (probe, length, cost, asyncio.get_running_loop().time())
             server.stashed_bytes += cost
-            server.backend.stats["early_writes"] += 1
+            server.site.stats["early_writes"] += 1
             if self._stash_timer is None:
                 self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL, self._expire_stash)
             return True
-        self.server.backend.stats["protocol_errors"] += 1
+        self.server.site.stats["protocol_errors"] += 1
         what = "bulk bytes no header announced" if kind == KIND_DATA else "a header no slot was free for"
         self.server.loop_soon(self.server.violation, self.conn, f"{self.label}: {what} ({length} bytes)")
         return False
@@ -327,7 +333,7 @@ class ServerLink:
             return
         now = asyncio.get_running_loop().time()
         if any(now - when >= STASH_TTL for _p, _n, _h, when in self.stash.values()):
-            self.server.backend.stats["protocol_errors"] += 1
+            self.server.site.stats["protocol_errors"] += 1
             self.server.violation(self.conn, f"{self.label}: bulk bytes whose header never came")
             return
         oldest = min(when for _p, _n, _h, when in self.stash.values())
@@ -356,8 +362,8 @@ class ServerLink:
 class Server:
     """The serving half of a ucx backend."""
 
-    def __init__(self, backend: UcxBackend) -> None:
-        self.backend = backend
+    def __init__(self, site: Site) -> None:
+        self.site = site
         self.slots = SLOTS
         self.connections: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
@@ -382,6 +388,10 @@ class Server:
         entry = self._sids.get(seg.name)
         if entry is not None and entry[0] is seg:
             del self._sids[seg.name]
+
+    def registration(self, name: str) -> tuple[Segment, int] | None:
+        """The segment registered as ``name`` and its registration id (sid), if any."""
+        return self._sids.get(name)
 
     def advert(self, name: str) -> SegmentAd | None:
         entry = self._sids.get(name)
@@ -411,13 +421,13 @@ class Server:
         # keeps handshakes open (slowloris) can no longer lock every new peer out (issue 11).
         peername = writer.get_extra_info("peername")
         source = source_key(str(peername[0]) if isinstance(peername, tuple) else str(peername))
-        stats = self.backend.stats
+        stats = self.site.stats
         if self._pending_by_source[source] >= MAX_PENDING_PER_SOURCE:
             stats["handshake_refused"] += 1
             self.log.warning(
                 "pending",
                 "engine %r: too many handshakes from %s in progress; closing a new one",
-                self.backend.engine_name,
+                self.site.engine_name,
                 source,
             )
             writer.transport.abort()
@@ -443,21 +453,19 @@ class Server:
                 del self._pending_by_source[entry[0]]
 
     def _refuse(self, writer: asyncio.StreamWriter, peer: str, reason: str) -> None:
-        self.backend.stats["handshake_refused"] += 1
-        self.log.warning(
-            "refused", "engine %r refused a connection from %s: %s", self.backend.engine_name, peer, reason
-        )
+        self.site.stats["handshake_refused"] += 1
+        self.log.warning("refused", "engine %r refused a connection from %s: %s", self.site.engine_name, peer, reason)
         with contextlib.suppress(PeerClosedError):
             write_message(writer, Refused(reason=reason))
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str, source: str
     ) -> Connection | None:
-        backend = self.backend
+        site = self.site
         challenge = Challenge(version=PROTOCOL_VERSION, nonce=os.urandom(NONCE_BYTES))
         write_message(writer, challenge)
         try:
-            hello = await read_message(reader, limit=backend.handshake_timeout, max_frame=MAX_HELLO_FRAME)
+            hello = await read_message(reader, limit=site.handshake_timeout, max_frame=MAX_HELLO_FRAME)
         except VersionMismatch as exc:
             forget_traceback(exc)
             self._refuse(writer, where, str(exc))
@@ -470,7 +478,7 @@ class Server:
             self._refuse(writer, where, f"expected HELLO, got {type(hello).__name__}")
             return None
         who = f"engine {hello.name!r} at {where}"
-        secret = backend.secret
+        secret = site.secret
         session = None
         if secret is not None:
             # Keys from the secret, both nonces and this very CHALLENGE and HELLO (control.Session).
@@ -485,13 +493,13 @@ class Server:
             self._refuse(writer, who, "the client uses a shared secret but this engine has none; set both")
             return None
         if len(self.connections) >= MAX_CONNECTIONS:
-            self._refuse(writer, who, f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS} peers")
+            self._refuse(writer, who, f"engine {site.engine_name!r} already serves {MAX_CONNECTIONS} peers")
             return None
         if sum(1 for c in self.connections.values() if c.source_key == source) >= MAX_CONNECTIONS_PER_SOURCE:
             self._refuse(
                 writer,
                 who,
-                f"engine {backend.engine_name!r} already serves {MAX_CONNECTIONS_PER_SOURCE} peers at {source}",
+                f"engine {site.engine_name!r} already serves {MAX_CONNECTIONS_PER_SOURCE} peers at {source}",
             )
             return None
         conn_id = self._next_conn_id()
@@ -508,24 +516,24 @@ class Server:
             conn.label = f"{conn.name}#{secrets.token_hex(4)}"
         conn.send(self._welcome(conn_id))
         self.connections[conn_id] = conn
-        self.log.info("connected", "engine %r: %s connected (connection %d)", backend.engine_name, who, conn_id)
+        self.log.info("connected", "engine %r: %s connected (connection %d)", site.engine_name, who, conn_id)
         return conn
 
     def _welcome(self, conn_id: int) -> Welcome:
         """WELCOME, with as much of the catalogue as fits in what a client reads before it trusts us."""
-        backend = self.backend
+        site = self.site
         catalogue = self.catalogue()
         while True:
             welcome = Welcome(
                 version=PROTOCOL_VERSION,
-                name=backend.engine_name,
-                host_id=backend.host_id,
+                name=site.engine_name,
+                host_id=site.host_id,
                 conn_id=conn_id,
-                rails=backend.rail_ads(),
+                rails=site.rail_ads(),
                 catalogue=catalogue,
                 auth=b"",  # with a secret, WELCOME is sealed with the session: that authenticates it
                 slots=self.slots,
-                inline_limit=backend.inline_limit,
+                inline_limit=site.inline_limit,
                 staging=scatter.share(),
             )
             # Sealing adds the 16-byte GCM tag and the SEALED wrapper's few bytes: 64 cover both.
@@ -534,7 +542,7 @@ class Server:
             catalogue = catalogue[: len(catalogue) // 2]  # the client looks the others up
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
-        backend = self.backend
+        site = self.site
         peername = writer.get_extra_info("peername")
         where = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         conn: Connection | None = None
@@ -548,16 +556,16 @@ class Server:
             forget_traceback(exc)
         except ProtocolError as exc:
             forget_traceback(exc)
-            backend.stats["protocol_errors"] += 1
+            site.stats["protocol_errors"] += 1
             self.log.warning(
                 "malformed",
                 "engine %r: dropping %s after a malformed control message: %s",
-                backend.engine_name,
+                site.engine_name,
                 where,
                 exc,
             )
         except Exception:
-            self.log.exception("failed", "engine %r: serving %s failed", backend.engine_name, where)
+            self.log.exception("failed", "engine %r: serving %s failed", site.engine_name, where)
         finally:
             self._handshake_over(me)
             if conn is not None:
@@ -565,7 +573,7 @@ class Server:
             await close_writer(writer)
 
     async def _control_loop(self, conn: Connection, reader: asyncio.StreamReader, who: str) -> None:
-        ctx = self.backend.ctx
+        ctx = self.site.ctx
         while True:
             msg = await read_message(reader, max_frame=MAX_CLIENT_FRAME, session=conn.session)
             if conn.closed:  # dropped meanwhile (a data-plane violation)
@@ -586,24 +594,24 @@ class Server:
                         self.close_link(link, f"the client closed the link: {msg.reason}", tell=False)
             elif isinstance(msg, Notify):
                 if not ctx.deliver_notification(msg.message, conn.label, conn.key):
-                    stats = self.backend.stats
+                    stats = self.site.stats
                     stats["notifications_dropped"] += 1
                     stats["protocol_errors"] += 1
                     self.log.warning(
                         "notification",
                         "engine %r: dropped a notification from %s: the application has not read the ones queued "
                         "(bounded per peer and per engine)",
-                        self.backend.engine_name,
+                        self.site.engine_name,
                         who,
                     )
             elif isinstance(msg, Bye):
                 return
             elif isinstance(msg, Refused):
-                self.backend.stats["handshake_refused"] += 1
+                self.site.stats["handshake_refused"] += 1
                 self.log.warning(
                     "refused-welcome",
                     "engine %r: %s refused our WELCOME: %s",
-                    self.backend.engine_name,
+                    self.site.engine_name,
                     who,
                     msg.reason,
                 )
@@ -624,7 +632,7 @@ class Server:
 
     def _link(self, conn: Connection, msg: Link) -> None:
         """Open (or reopen) the link on our rail ``msg.rail`` to the client's worker."""
-        rail = self.backend.local_rails.get(msg.rail)
+        rail = self.site.local_rails.get(msg.rail)
         if rail is None:
             conn.send(Unlink(link_id=msg.link_id, reason=f"this engine has no rail {msg.rail!r}"))
             return
@@ -638,7 +646,7 @@ class Server:
             channel = Channel(rail, ep, label, lambda ch, reason: self._channel_closed(holder, reason))
         except Exception as exc:
             if isinstance(exc, ProtocolError):  # the client's worker address failed its check
-                self.backend.stats["protocol_errors"] += 1
+                self.site.stats["protocol_errors"] += 1
             reason = f"cannot open an endpoint to the client's worker: {_ucxx.describe_error(exc)}"
             conn.send(Unlink(link_id=msg.link_id, reason=reason))
             return
@@ -674,7 +682,7 @@ class Server:
         self.log.warning(
             "violation",
             "engine %r: dropping the connection of %r after a protocol violation: %s",
-            self.backend.engine_name,
+            self.site.engine_name,
             conn.name,
             reason,
         )
@@ -699,7 +707,7 @@ class Server:
         """The segment a request may touch, or the reason it may not."""
         entry = self._sids.get(msg.segment)
         if entry is None or not entry[0].registered:
-            return None, f"unknown segment {msg.segment!r} (not registered on engine {self.backend.engine_name!r})"
+            return None, f"unknown segment {msg.segment!r} (not registered on engine {self.site.engine_name!r})"
         seg, sid = entry
         if sid != msg.sid:
             return None, (
@@ -710,21 +718,21 @@ class Server:
             return None, f"segment {msg.segment!r} is read-only (permission {seg.permission!r}); WRITE refused"
         if msg.length <= 0:
             return None, f"length must be positive, got {msg.length}"
-        if msg.length > self.backend.max_request:
-            return None, f"{msg.length} bytes exceed the per-slice limit of {self.backend.max_request}"
+        if msg.length > self.site.max_request:
+            return None, f"{msg.length} bytes exceed the per-slice limit of {self.site.max_request}"
         if msg.offset + msg.length > seg.size:
             return None, (
                 f"[{msg.offset}:{msg.offset + msg.length}] is outside segment {msg.segment!r} of {seg.size} bytes"
             )
         inline = msg.payload is not None or msg.inline
-        if inline and (seg.memory.is_cuda or msg.length > self.backend.inline_limit):
-            return None, f"inline slices are for host memory up to {self.backend.inline_limit} bytes"
+        if inline and (seg.memory.is_cuda or msg.length > self.site.inline_limit):
+            return None, f"inline slices are for host memory up to {self.site.inline_limit} bytes"
         return seg, ""
 
     def serve(self, link: ServerLink, msg: SliceRequest) -> None:
         mark = link.rail.progress.away()  # the header arrived now; ACK/SENT say how long we were elsewhere
         seg, reason = self._check(msg)
-        stats = self.backend.stats
+        stats = self.site.stats
         ch = link.channel
         conn = link.conn
         if seg is not None and link.in_flight >= len(link.slots):
@@ -738,7 +746,7 @@ class Server:
             self.log.warning(
                 "rejected",
                 "engine %r refused %s of %d bytes at %d in %r from %r: %s",
-                self.backend.engine_name,
+                self.site.engine_name,
                 msg.op.name,
                 msg.length,
                 msg.offset,
@@ -807,8 +815,8 @@ class Server:
         def done(error: BaseException | None) -> None:
             self._end(link, seg)
             if error is None and not link.closed:
-                self.backend.stats["served_write"] += 1
-                self.backend.stats["bytes_written"] += msg.length
+                self.site.stats["served_write"] += 1
+                self.site.stats["bytes_written"] += msg.length
                 link.reply(Ack(request=msg.request, away=link.away_since(mark)))
             elif error is not None and not link.closed:
                 link.refuse(msg.request, f"receive failed: {_ucxx.describe_error(error)}")
@@ -823,8 +831,8 @@ class Server:
             if link.closed:
                 return
             if error is None:
-                self.backend.stats["served_read"] += 1
-                self.backend.stats["bytes_read"] += msg.length
+                self.site.stats["served_read"] += 1
+                self.site.stats["bytes_read"] += msg.length
                 end = msg.offset + msg.length
                 tail = seg.memory.array[end - min(TAIL_BYTES, msg.length) : end]
                 away = link.away_since(mark)
