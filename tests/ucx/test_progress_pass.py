@@ -403,10 +403,10 @@ def test_a_pipelined_slices_away_time_starts_at_the_links_previous_reply() -> No
     assert link.away_since(second) == 2000  # not 4000: the first 2 ms were the first slice's
 
 
-def test_a_serving_endpoint_parks_without_a_time_limit_and_closes_when_its_send_is_done() -> None:
+def test_a_serving_endpoint_parks_longer_and_closes_when_its_send_is_done() -> None:
     """Review (issue 11): a peer that asked for a READ, stopped reading and then closed could make
     the server close mid-send after LINGER_MAX, which UCX's TCP transport does not survive.  The
-    serving side parks (up to MAX_PARKED per rail); past that it lingers with the time limit."""
+    serving side parks (PARK_MAX, up to MAX_PARKED per rail); past that it lingers LINGER_MAX."""
     from tent_async.backends.ucx import _ucxx
     from tent_async.backends.ucx import channel as C
 
@@ -442,11 +442,13 @@ def test_a_serving_endpoint_parks_without_a_time_limit_and_closes_when_its_send_
 
         ch, ep, req = channel_with_a_send()
         ch.abort("unlinked", linger=True, park=True)
-        assert ch.closed and ch.lingering and ch.parked and ch._linger is None and not ep.closed
+        assert ch.closed and ch.lingering and ch.parked and not ep.closed
+        assert ch._linger is not None and ch._linger.when() - loop.time() > C.LINGER_MAX  # PARK_MAX
         assert rail.parked == C.MAX_PARKED
         other, other_ep, _ = channel_with_a_send()  # the rail is full: this one gets the time limit
         other.abort("unlinked", linger=True, park=True)
         assert other.lingering and not other.parked and other._linger is not None
+        assert other._linger.when() - loop.time() <= C.LINGER_MAX
         req.future.set_result(None)
         watched[id(req)](req.future)  # the send completed: the parked endpoint closes
         assert ep.closed and not ch.parked and rail.parked == C.MAX_PARKED - 1

@@ -56,7 +56,8 @@ CloseHandler = Callable[["Channel", str], None]
 ReceiveHandler = Callable[[Message | None, BaseException | None], None]
 
 LINGER_MAX = 3.0  # seconds a closed channel waits for its unfinished sends before closing its endpoint anyway
-MAX_PARKED = 64  # per rail: lingering endpoints with no time limit (abort(park=True)); past it, LINGER_MAX
+MAX_PARKED = 64  # per rail: lingering endpoints with the longer limit (abort(park=True)); past it, LINGER_MAX
+PARK_MAX = 60.0  # seconds a parked endpoint waits for its sends (it holds their buffers and segment meanwhile)
 
 
 def _closed_already(channel: Channel, reason: str) -> None:
@@ -250,13 +251,15 @@ class Channel:
         and the close handler runs now).  A plain ``abort`` of a lingering channel
         closes its endpoint now (the rail is closing).
 
-        ``park`` (with ``linger``): no time limit, while the rail has fewer than
-        ``MAX_PARKED`` parked endpoints; the endpoint closes when its sends are
-        done, when UCX reports it failed, or with the rail.  For the serving side,
-        whose unfinished sends are a READ's bytes going to the peer that asked: a
-        peer that stops reading and then closes must not be able to make this
-        engine close mid-send and crash (issue 11).  The initiator cannot park:
-        its fence has to end a withdrawn WRITE within a bounded time.
+        ``park`` (with ``linger``): wait up to ``PARK_MAX`` instead, while the rail
+        has fewer than ``MAX_PARKED`` parked endpoints; the endpoint closes when
+        its sends are done, when UCX reports it failed, with the rail, or at that
+        limit.  For the serving side, whose unfinished sends are a READ's bytes
+        going to the peer that asked: a peer that stops reading and then closes
+        should not be able to make this engine close mid-send and crash (issue
+        11).  Finite, because a parked READ keeps its staging and its segment
+        busy (unregister refuses) meanwhile.  The initiator cannot park: its
+        fence has to end a withdrawn WRITE within a bounded time.
         """
         if self.closed:
             if self.lingering and not linger:
@@ -269,11 +272,12 @@ class Channel:
             for key in [k for k in self._keep if k not in self._sends]:
                 self._keep[key] = (None, self._keep[key][1])  # the buffer stays until UCX reports the cancel
             parked = getattr(self.rail, "parked", MAX_PARKED)
+            limit = LINGER_MAX
             if park and parked < MAX_PARKED:
                 self.parked = True
                 self.rail.parked = parked + 1
-            else:
-                self._linger = self.rail.loop.call_later(LINGER_MAX, self._close_endpoint)
+                limit = PARK_MAX
+            self._linger = self.rail.loop.call_later(limit, self._close_endpoint)
             self.rail.progress.kick()  # the cancels complete in a pass
         else:
             self._close_endpoint()

@@ -118,6 +118,7 @@ class Progress:
         # progress call that could take more messages in; False means UCX's unexpected queue is
         # not empty yet, so the pass takes nothing more and yields.  The thread mode cannot gate.
         self.intake: Callable[[], bool] | None = None
+        self._gate_failed_at = -1e9  # when a failing intake was last reported
 
     def kick(self, send: Any = None) -> None:
         """A request was just posted on the worker (or an endpoint created): make sure it progresses.
@@ -377,9 +378,12 @@ class LoopProgress(Progress):
         try:
             return self.intake()
         except Exception as exc:
-            self.loop.call_exception_handler(
-                {"message": f"rail {self.name}: draining UCX's unexpected messages failed", "exception": exc}
-            )
+            now = time.monotonic()
+            if now - self._gate_failed_at >= 10.0:  # once per 10 s: it runs on every progress call
+                self._gate_failed_at = now
+                self.loop.call_exception_handler(
+                    {"message": f"rail {self.name}: draining UCX's unexpected messages failed", "exception": exc}
+                )
             return True
 
     def _rounds(self, worker: Any, nested: bool, budget: int) -> tuple[bool, bool, int] | None:

@@ -581,6 +581,8 @@ class LocalRail:
                     pending.append(req)
             while len(pending) >= MAX_DISCARDS:  # stuck ones (a fragment that never came): drop the oldest;
                 pending.popleft()  # dropping its last reference cancels the receive (ucxx)
+                if self.stats is not None:
+                    self.stats["discards_pruned"] += 1
             self._discards = discards = pending
         tag, mask = self._any_tag
         while found < budget and len(discards) < MAX_DISCARDS:
@@ -595,8 +597,12 @@ class LocalRail:
             ns, kind, index = split_tag(int(probe.sender_tag.value))
             length = int(probe.length)
             owner = self.owners.get(ns)
-            if owner is not None and owner.on_unexpected(probe, kind, index, length):
-                continue
+            try:
+                if owner is not None and owner.on_unexpected(probe, kind, index, length):
+                    continue
+            except Exception:
+                self.discard(probe, foreign=False)  # taken off the queue by the probe: not left in UCX
+                raise
             self.discard(probe, foreign=owner is None)
         self._dropped_since_trim += found
         if not found and self._dropped_since_trim:

@@ -516,7 +516,7 @@ class ServingLink(Protocol):
 
     Named here rather than imported: server.py serves these slices through this
     module, and importing it back would make the two modules a cycle
-    (tests/ucx/test_imports.py); mypy checks that ServerLink fits where
+    (tests/ucx/test_module_graph.py); mypy checks that ServerLink fits where
     server.py passes one in.
     """
 
