@@ -161,6 +161,13 @@ SEGMENTS = [
 ]
 
 
+def copied(into: np.ndarray, src: np.ndarray, src_offsets: Any, dst_offsets: Any, lengths: Any) -> np.ndarray:
+    """``into`` after each block ``src[s : s + k]`` was copied to ``dst_offsets``' place (the expected result)."""
+    for a, b, k in zip(src_offsets.tolist(), dst_offsets.tolist(), lengths.tolist(), strict=True):
+        into[b : b + k] = src[a : a + k]
+    return into
+
+
 def blocks(rng: np.random.Generator, n: int, sizes: Callable[[int], np.ndarray], space: int) -> tuple[Any, Any, Any]:
     """``n`` blocks laid out with gaps on both sides, in a permuted order on one side."""
     lengths = sizes(n).astype(np.int64)
@@ -212,18 +219,14 @@ async def test_random_block_tables_write_and_read_byte_exact(server: PeerProcess
         s_off, d_off, lengths = blocks(rng, n, sizes, KV)
         with anyio.fail_after(60):
             await engine.transfer_blocks(local, s_off, kv, d_off, lengths)
-        expected = pattern(1, KV)
-        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
-            expected[b : b + k] = src[a : a + k]
+        expected = copied(pattern(1, KV), src, s_off, d_off, lengths)
         assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(expected)
         # READ them back to other places (the permutation reversed).
         back = np.zeros(KV, dtype=np.uint8)
         sink = engine.register(back, name="sink")
         with anyio.fail_after(60):
             await engine.transfer_blocks(kv, d_off, sink, s_off, lengths)
-        want = np.zeros(KV, dtype=np.uint8)
-        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
-            want[a : a + k] = expected[b : b + k]
+        want = copied(np.zeros(KV, dtype=np.uint8), expected, d_off, s_off, lengths)
         assert np.array_equal(back, want)
     after = server.cmd(cmd="stats")["stats"]
     assert after.get("scatter_slices", 0) > before.get("scatter_slices", 0)  # the extent-list path was used
@@ -743,12 +746,8 @@ async def test_an_honest_client_keeps_within_its_staging_share(spawn_peer: Any) 
         local = engine.register(src, name="src")
         back = np.zeros(KV, dtype=np.uint8)
         sink = engine.register(back, name="sink")
-        expected = pattern(1, KV)
-        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
-            expected[b : b + k] = src[a : a + k]
-        want = np.zeros(KV, dtype=np.uint8)
-        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
-            want[a : a + k] = expected[b : b + k]
+        expected = copied(pattern(1, KV), src, s_off, d_off, lengths)
+        want = copied(np.zeros(KV, dtype=np.uint8), expected, d_off, s_off, lengths)
         for _ in range(2):
             with anyio.fail_after(60):
                 await engine.transfer_blocks(local, s_off, kv, d_off, lengths)
@@ -781,9 +780,7 @@ async def test_a_closed_link_or_peer_gives_its_slices_staging_share_back(spawn_p
         s_off, d_off, lengths = blocks(np.random.default_rng(8), 448, lambda n: np.full(n, 16384), KV)
         src = pattern(22, KV)
         local = engine.register(src, name="src")
-        expected = pattern(1, KV)
-        for a, b, k in zip(s_off.tolist(), d_off.tolist(), lengths.tolist(), strict=True):
-            expected[b : b + k] = src[a : a + k]
+        expected = copied(pattern(1, KV), src, s_off, d_off, lengths)
 
         async def until_held() -> list[Any]:
             for _ in range(2000):

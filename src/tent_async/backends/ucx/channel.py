@@ -271,11 +271,10 @@ class Channel:
             self.lingering = True
             for key in [k for k in self._keep if k not in self._sends]:
                 self._keep[key] = (None, self._keep[key][1])  # the buffer stays until UCX reports the cancel
-            parked = getattr(self.rail, "parked", MAX_PARKED)
             limit = LINGER_MAX
-            if park and parked < MAX_PARKED:
+            if park and self.rail.parked < MAX_PARKED:
                 self.parked = True
-                self.rail.parked = parked + 1
+                self.rail.parked += 1
                 limit = PARK_MAX
             self._linger = self.rail.loop.call_later(limit, self._close_endpoint)
             self.rail.progress.kick()  # the cancels complete in a pass

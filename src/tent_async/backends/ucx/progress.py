@@ -390,9 +390,13 @@ class LoopProgress(Progress):
         """Progress, resolve, deliver, up to ``ROUNDS`` times; (made progress, busy, budget left), or None if closed."""
         made = busy = False
         gate = self._gate if self.intake is not None else None
+        # Closed while UCX's unexpected queue is not empty (a backlog left by the last pass, or
+        # what a progress call just took in): nothing more is taken from the wire in this pass.
+        # Only progress calls fill the queue, so it is looked at before the first and after each.
+        held = gate is not None and not gate()
         for _round in range(ROUNDS):
-            if gate is not None and not gate():
-                busy = True  # a backlog of unexpected messages: drain it before taking more in
+            if held:
+                busy = True
             else:
                 for _ in range(budget):
                     budget -= 1
@@ -400,7 +404,7 @@ class LoopProgress(Progress):
                         break
                     made = True
                     if gate is not None and not gate():
-                        busy = True
+                        held = busy = True
                         break
                 else:
                     busy = True
