@@ -21,6 +21,7 @@ class FifoFabric:
         hints: Sequence[float] | None = None,
         withdraw_finishes: bool = False,
         slice_costs: Sequence[float] | None = None,
+        wire_scale: Sequence[float] | None = None,
     ) -> None:
         hints = hints or bandwidths
         self.planner = Planner(
@@ -29,6 +30,10 @@ class FifoFabric:
         self.bw = list(bandwidths)
         # Seconds every slice costs on top of its bytes (per-slice work the rail serialises).
         self.slice_costs = list(slice_costs or [0.0] * len(bandwidths))
+        # None: the planner infers wire times; else each rail reports its slices' time on the
+        # wire times this factor (a backend that measures a rail's wire time short or long).
+        self.wire_scale = list(wire_scale) if wire_scale is not None else None
+        self.started: dict[int, float] = {}  # aid -> when the rail started on it
         # False: a withdrawal stops the slice at once (a cancel); True: the slice still
         # finishes and reports (a slice that was late, not lost, as on real hardware).
         self.withdraw_finishes = withdraw_finishes
@@ -59,6 +64,7 @@ class FifoFabric:
                     self.pending[a.id] = (float("inf"), a)
                     continue
                 start = max(self.now, self.free_at[a.rail])
+                self.started[a.id] = start
                 finish = start + self.slice_costs[a.rail] + a.length / self.bw[a.rail]
                 self.free_at[a.rail] = finish
                 self.pending[a.id] = (finish, a)
@@ -99,7 +105,10 @@ class FifoFabric:
             del self.pending[aid]
             self.now = finish
             live = a.state.value == "live"
-            self.planner.complete(aid, self.now)
+            if self.wire_scale is None:
+                self.planner.complete(aid, self.now)
+            else:
+                self.planner.complete(aid, self.now, (finish - self.started[aid]) * self.wire_scale[a.rail])
             if live:
                 self.delivered.append(a)
             self.drain()

@@ -93,6 +93,14 @@ class Policy(Protocol):
         """
 
 
+def _last_share(rail: RailState, bw: float, queued: int, end: float) -> float:
+    """Bytes a slow rail can still take and finish by ``end`` (seconds from now), at the lower
+    of its estimated rate and the rate it delivered (RailState.note_delivery)."""
+    if 0.0 < rail.delivered < bw:
+        bw = rail.delivered
+    return bw * (end - rail.lat) - queued
+
+
 class EarliestFinish:
     """``eft``: the rail expected to finish the slice first, late-bound, sprayed.
 
@@ -154,12 +162,25 @@ class EarliestFinish:
                 continue
             # rail.effective_bandwidth(now), inlined: this loop is the hot path.
             bw = rail.bw
-            if rail.inflight:
+            queued = rail.inflight_bytes
+            if queued:
                 elapsed = now - rail.head_posted
                 if elapsed > rail.head_expected > 0.0:
-                    bw *= rail.head_expected / elapsed
-            backlog = rail.inflight_bytes + bw * rail.lat
-            usable.append((rail, bw, backlog))
+                    bw *= rail.head_expected / elapsed  # overdue: slower than believed
+                else:
+                    # Less what the oldest slice has moved since it started (after its
+                    # latency, or when the slice before it finished: a rail serves its slices
+                    # in order), at the rate the rail has delivered (RailState.note_delivery)
+                    # if that is lower.  Counted whole, it would make the rail look busy up
+                    # to a slice longer and hand its share of the transfer's end to the others.
+                    since = rail.head_posted + rail.lat
+                    if rail.last_completion > since:
+                        since = rail.last_completion
+                    moved = (rail.delivered if 0.0 < rail.delivered < bw else bw) * (now - since)
+                    if moved > 0.0:
+                        queued -= int(moved) if moved < rail.head_length else rail.head_length
+            backlog = queued + bw * rail.lat
+            usable.append((rail, bw, queued, backlog))
             sum_bw += bw
             sum_backlog += backlog
         if not usable:
@@ -167,18 +188,35 @@ class EarliestFinish:
         level = (remaining + sum_backlog) / sum_bw  # the instant every rail would finish together
         floor = self._floor
         align = self._align
+        target = self._target
+        shrink = 1.0 / self._band
         best = float("inf")
         pick: RailState | None = None
         pick_cost = float("inf")
-        pick_size = 0
-        for rail, bw, backlog in usable:
+        pick_size = pick_queued = 0
+        pick_bw = 1.0
+        for rail, bw, queued, backlog in usable:
             nominal = rail.nominal
             if cap < 1.0:
                 nominal = max(floor, int(nominal * cap) // align * align)
-            share = bw * level - backlog
+            if bw * target < floor:
+                # A rail too slow to move min_slice in target_slice_time: at the transfer's
+                # end one min_slice more there ends the transfer up to that slice's time
+                # late, one less leaves it idle while the others finish.  Its last slice is
+                # its share instead (down to its tail floor), planned to end a tie band
+                # before the level, at the lower of its estimated and delivered rates: it
+                # commits more time than the fast rails, which choose again every few
+                # milliseconds and take what that leaves, and a late end cannot be made up.
+                # And it is cut late, once less than a min_slice is left on the rail: cut
+                # at every chance, the level's noise would only ever add to it.
+                share = _last_share(rail, bw, queued, level * shrink)
+                least = rail.tail if queued <= floor else nominal
+            else:
+                share = bw * level - backlog
+                least = floor
             if share >= nominal:
                 size = nominal
-            elif share > floor:
+            elif share > least:
                 size = int(share)
                 size -= size % align
             else:
@@ -199,7 +237,7 @@ class EarliestFinish:
                 # Small slices may use the extra slots of a rail that holds little (RailState.room).
                 room = inflight < rail.window or (size <= floor and rail.room)
             if cost < pick_cost and room:
-                pick, pick_cost, pick_size = rail, cost, size
+                pick, pick_cost, pick_size, pick_bw, pick_queued = rail, cost, size, bw, queued
         if pick is None:
             return None
         # Not within the tie band of the best rail: hold for a better one, unless the
@@ -207,8 +245,14 @@ class EarliestFinish:
         # 50 Mbit/s link beside 800 Mbit/s ones, whose every slice looks worse than
         # waiting for a fast rail) and the slice lands before the water level, when
         # the whole transfer could end at best: then it adds capacity without
-        # delaying the end, and it still stays out of the tail.
-        if pick_cost > best * self._band and not (pick.bw * self._target < floor and pick_cost <= level):
+        # delaying the end, and it still stays out of the tail: it lands a tie band
+        # before the level, at the lower of the rail's estimated and delivered rates, as
+        # its last slice is planned.  (The band compares costs that count every slice in
+        # flight whole, as a slice waits behind them all; when it lands is reckoned from
+        # what they have left, as the level is.)
+        if pick_cost > best * self._band and not (
+            pick.bw * target < floor and _last_share(pick, pick_bw, pick_queued, level * shrink) >= pick_size
+        ):
             return None
         return pick, pick_size
 

@@ -15,7 +15,7 @@ import attrs
 from .config import SchedulerConfig
 from .decisions import Attempt
 from .health import Health, RailHealth
-from .slicing import amortized_slice, nominal_slice
+from .slicing import amortized_slice, nominal_slice, tail_floor
 from .telemetry import RailEstimator
 
 
@@ -64,10 +64,14 @@ class RailState:
         "bytes_total",
         "deadline_misses",
         "deadline_scale",
+        "delivered",
+        "delivered_bytes",
+        "delivered_seconds",
         "dispatchable",
         "errors",
         "estimator",
         "head_expected",
+        "head_length",
         "head_posted",
         "health",
         "held",
@@ -89,6 +93,7 @@ class RailState:
         "rerouted_from",
         "room",
         "slices_total",
+        "tail",
         "window",
         "window_full",
         "window_max",
@@ -117,10 +122,17 @@ class RailState:
         self.lat = self.estimator.latency
         self.head_posted = 0.0
         self.head_expected = 0.0
+        self.head_length = 0
         self.last_completion = -float("inf")
+        # Bytes per second the rail delivered while busy, on the planner's own clock (0: not
+        # yet measured); see note_delivery().
+        self.delivered = 0.0
+        self.delivered_bytes = 0.0
+        self.delivered_seconds = 0.0
         self.last_activity = -float("inf")
         self.probe_checked = -float("inf")  # last time an idle probe found nothing to carry
         self.nominal = nominal_slice(info.bandwidth, config)
+        self.tail = tail_floor(info.bandwidth, self.lat, config)  # smallest last slice of a transfer
         self.window_full = config.window
         self.window = config.window  # slices allowed in flight in the current health state
         self.window_max = max(config.window, config.max_window)  # 0: no byte budget (Planner)
@@ -151,13 +163,37 @@ class RailState:
         # min_slice, where a rail slower than its hint would otherwise look just the same.
         if est.cost > 0.0 and (est.slope_measured or self.nominal <= self._config.min_slice):
             self.nominal = amortized_slice(self.nominal, est.wire_bandwidth, est.cost, est.mean_size, self._config)
+        self.tail = tail_floor(est.wire_bandwidth, max(est.cost, est.latency), self._config)
         self._update_room()
+
+    def note_delivery(self, nbytes: int, seconds: float) -> None:
+        """A slice of ``nbytes`` completed ``seconds`` after the rail's previous completion,
+        and was in flight all that time: the rail delivered it in that interval.
+
+        This rate is measured on the planner's clock from completions alone, whatever
+        wire time the backend reports.  A backend's wire time can leave out time that
+        still moved the rail's bytes (the ucx backend subtracts its event loop's time
+        on other rails, while the kernel keeps sending a TCP rail's queued bytes), and
+        an estimate a tenth too fast on a slow rail ends the transfer late: the tail
+        rule plans a slow rail's last slice with the lower of the two.  A ratio of
+        decayed sums, as in the estimator, so slices completing together do not make
+        it explode.
+        """
+        a = self._config.ewma_alpha
+        if self.delivered_seconds == 0.0:
+            self.delivered_bytes, self.delivered_seconds = float(nbytes), seconds
+        else:
+            self.delivered_bytes += a * (nbytes - self.delivered_bytes)
+            self.delivered_seconds += a * (seconds - self.delivered_seconds)
+        if self.delivered_seconds > 0.0:
+            self.delivered = self.delivered_bytes / self.delivered_seconds
 
     def add(self, attempt: Attempt) -> None:
         """Account a newly posted attempt."""
         if not self.inflight:
             self.head_posted = attempt.posted_at
             self.head_expected = attempt.expected
+            self.head_length = attempt.length
         self.inflight[attempt.id] = attempt
         self.inflight_bytes += attempt.length
         if attempt.bulk:
@@ -176,6 +212,7 @@ class RailState:
             head = next(iter(inflight.values()))
             self.head_posted = head.posted_at
             self.head_expected = head.expected
+            self.head_length = head.length
         self._update_room()
 
     def sync_health(self) -> None:

@@ -53,6 +53,26 @@ def amortized_slice(nominal: int, wire_bandwidth: float, cost: float, mean_size:
     return max(nominal, size)
 
 
+def tail_floor(wire_bandwidth: float, fixed: float, config: SchedulerConfig) -> int:
+    """The smallest slice worth cutting below ``min_slice`` at the end of a transfer.
+
+    At a transfer's end a slow rail's last slice is its share of the remainder
+    (:class:`~.policies.EarliestFinish`), so that the rails finish together
+    instead of one taking a whole ``min_slice`` and finishing last.  Not
+    smaller than this: a slice also pays a fixed time (``fixed``: the rail's
+    learned per-slice cost or latency), which should stay within
+    ``slice_cost_share`` of the slice's time (as :func:`amortized_slice` keeps
+    it); and an eighth of ``min_slice`` at least, because the share of a rail
+    that already holds its last slices grows only by the drift of the
+    estimates (a few percent of the time left), and cutting that drift into
+    slices would add slices, not balance.  At most ``min_slice``.
+    """
+    share = config.slice_cost_share
+    align = config.slice_align
+    size = int(min(max(wire_bandwidth * fixed * (1.0 - share) / share, config.min_slice / 8), config.min_slice))
+    return max(align, size - size % align)
+
+
 def cut(nominal: int, remaining: int, tail_merge: float) -> int:
     """How many of ``remaining`` bytes the next slice takes.
 
