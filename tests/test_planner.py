@@ -142,31 +142,33 @@ class CheckedEft(EarliestFinish):
             return choice
         rail, size = choice
         # The documented sizing, recomputed here: water-fill the transfer's remaining
-        # bytes over its usable rails (each rail's backlog: its bytes in flight less what
-        # the oldest has moved, plus latency's worth), cap at the nominal slice, floor at
-        # min_slice; except on a rail too slow for min_slice in target_slice_time, whose
-        # last slice is its share a tie band short, down to the rail's tail floor.
+        # bytes over its usable rails (each rail's backlog: its bytes in flight plus
+        # latency's worth), cap at the nominal slice, floor at min_slice; except on a rail
+        # too slow for min_slice in target_slice_time, whose last slice is its share of the
+        # transfer's expected end (what the slices in flight have left) a tie band short,
+        # at the lower of its estimated and delivered rates, down to its tail floor.
         remaining = transfer.pending_bytes
         usable = [r for r in transfer.rails if r.health.state in (Health.HEALTHY, Health.SUSPECT)]
         bws = {r: r.effective_bandwidth(now) for r in usable}
-        queued = {}
+        rates = {r: r.delivered if 0 < r.delivered < bws[r] else bws[r] for r in usable}
+        left = {}
         for r in usable:
             q = r.inflight_bytes
             if q and not now - r.head_posted > r.head_expected > 0.0:  # an overdue head counts whole
                 start = max(r.head_posted + r.lat, r.last_completion)
-                rate = r.delivered if 0 < r.delivered < bws[r] else bws[r]
-                q -= min(max(0, int(rate * (now - start))), r.head_length)
-            queued[r] = q
-        level = (remaining + sum(queued[r] + bws[r] * r.lat for r in usable)) / sum(bws.values())
+                q -= min(max(0, int(rates[r] * (now - start))), r.head_length)
+            left[r] = q
+        total = sum(bws.values())
+        level = (remaining + sum(r.inflight_bytes + bws[r] * r.lat for r in usable)) / total
+        end = (remaining + sum(left[r] + bws[r] * r.lat for r in usable)) / total
         costs = []
         sizes = {}
         for r in usable:
-            share = bws[r] * level - queued[r] - bws[r] * r.lat
+            share = bws[r] * level - r.inflight_bytes - bws[r] * r.lat
             least = self._floor
-            if bws[r] * self._target < self._floor:  # a slow rail: a tie band short, its tail floor
-                rate = r.delivered if 0 < r.delivered < bws[r] else bws[r]
-                share = rate * (level / self._band - r.lat) - queued[r]
-                least = r.tail if queued[r] <= self._floor else r.nominal  # cut once little is left
+            if bws[r] * self._target < self._floor:  # a slow rail
+                share = rates[r] * (end / self._band - r.lat) - left[r]
+                least = r.tail if left[r] <= self._floor else r.nominal  # cut once little is left
             if share >= r.nominal:
                 s = r.nominal
             elif share > least:
@@ -177,13 +179,12 @@ class CheckedEft(EarliestFinish):
             costs.append(r.expected_time(sizes[r], now) * r.penalty)
         assert size == sizes[rail]
         chosen = rail.expected_time(size, now) * rail.penalty
-        rate = rail.delivered if 0 < rail.delivered < bws[rail] else bws[rail]
-        lands = rail.lat + (queued[rail] + size) / rate
+        lands = rail.lat + (left[rail] + size) / rates[rail]
         # within the tie band of the best, or a rail too slow for one short min_slice whose
-        # slice lands a tie band before the water level (the transfer's best end)
+        # slice lands a tie band before the transfer's expected end
         slow = rail.bw * self._target < self._floor
-        ok = slow and lands <= level / self._band + 1e-9
-        assert chosen <= min(costs) * self._band + 1e-12 or ok, (chosen, costs, level)
+        ok = slow and lands <= end / self._band + 1e-9
+        assert chosen <= min(costs) * self._band + 1e-12 or ok, (chosen, costs, level, end)
         assert rail.has_room() or (size <= self._floor and rail.room)  # small slices: the byte budget
         CheckedEft.checked += 1
         return choice

@@ -64,7 +64,10 @@ class SchedulerConfig:
         very fast rails; slices are multiples of ``slice_align`` (4 KiB) except
         the last one of an extent.  Under ``eft`` a transfer that would fill
         fewer slices than it has rails is water-filled over them instead
-        (see :class:`~.policies.EarliestFinish`), never below ``min_slice``.
+        (see :class:`~.policies.EarliestFinish`), never below ``min_slice``,
+        except for the last slice of a transfer on a rail too slow to move
+        ``min_slice`` in ``target_slice_time`` (its share, so that it ends with
+        the others, down to :func:`~.slicing.tail_floor`).
         A remainder smaller than ``tail_merge`` (0.5) of a slice is merged into
         the slice before it rather than sent alone.  When a rail shows a fixed
         cost per slice big enough to sink its slices to ``min_slice`` (see
