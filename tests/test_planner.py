@@ -165,16 +165,16 @@ class CheckedEft(EarliestFinish):
         sizes = {}
         for r in usable:
             share = bws[r] * level - r.inflight_bytes - bws[r] * r.lat
-            least = self._floor
-            if bws[r] * self._target < self._floor:  # a slow rail
-                share = rates[r] * (end / self._band - r.lat) - left[r]
-                least = r.tail if left[r] <= self._floor else r.nominal  # cut once little is left
             if share >= r.nominal:
                 s = r.nominal
-            elif share > least:
+            elif share > self._floor:
                 s = int(share) - int(share) % self._align
             else:
                 s = self._floor
+            if r.slow and left[r] <= self._floor:  # a slow rail with little left: at most its last share
+                last = rates[r] * (end / self._band - r.lat) - left[r]
+                if r.tail < last < s:
+                    s = int(last) - int(last) % self._align
             sizes[r] = min(s, remaining)
             costs.append(r.expected_time(sizes[r], now) * r.penalty)
         assert size == sizes[rail]
@@ -182,8 +182,7 @@ class CheckedEft(EarliestFinish):
         lands = rail.lat + (left[rail] + size) / rates[rail]
         # within the tie band of the best, or a rail too slow for one short min_slice whose
         # slice lands a tie band before the transfer's expected end
-        slow = rail.bw * self._target < self._floor
-        ok = slow and lands <= end / self._band + 1e-9
+        ok = rail.slow and lands <= end / self._band + 1e-9
         assert chosen <= min(costs) * self._band + 1e-12 or ok, (chosen, costs, level, end)
         assert rail.has_room() or (size <= self._floor and rail.room)  # small slices: the byte budget
         CheckedEft.checked += 1

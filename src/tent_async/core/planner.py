@@ -235,7 +235,7 @@ class Planner:
             alone = alone and not a.overlapped
         rail.estimator.observe(a.length, wire_time, started_idle=alone)
         rail.refresh()
-        if a.posted_at < rail.last_completion:  # in flight since the rail's previous completion
+        if rail.slow and a.posted_at < rail.last_completion:  # in flight since the previous completion
             rail.note_delivery(a.length, now - rail.last_completion)
         rail.last_completion = now
         rail.last_activity = now

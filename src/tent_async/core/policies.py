@@ -142,7 +142,6 @@ class EarliestFinish:
         self._floor = 64 * 1024
         self._align = 4096
         self._bg_fraction = 0.1
-        self._target = 1e-3
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
         self._band = 1.0 + config.tie_band
@@ -150,7 +149,6 @@ class EarliestFinish:
         self._floor = config.min_slice
         self._align = config.slice_align
         self._bg_fraction = config.background_slice
-        self._target = config.target_slice_time
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
         history = transfer.pending[0].history
@@ -163,7 +161,7 @@ class EarliestFinish:
         usable = []
         sum_bw = 0.0
         sum_backlog = 0.0
-        sum_left = 0.0
+        slow = False
         for rail in transfer.rails:
             if not rail.dispatchable:
                 continue
@@ -171,71 +169,76 @@ class EarliestFinish:
                 continue
             # rail.effective_bandwidth(now), inlined: this loop is the hot path.
             bw = rail.bw
-            queued = rail.inflight_bytes
-            if queued:
+            if rail.inflight:
                 elapsed = now - rail.head_posted
                 if elapsed > rail.head_expected > 0.0:
-                    bw *= rail.head_expected / elapsed  # overdue: slower than believed
-                else:
-                    # Less what the oldest slice has moved since it started (after its
-                    # latency, or when the slice before it finished: a rail serves its slices
-                    # in order), at the rate the rail has delivered (RailState.note_delivery)
-                    # if that is lower.  Counted whole, it would make the rail look busy up
-                    # to a slice longer and hand its share of the transfer's end to the others.
+                    bw *= rail.head_expected / elapsed
+            backlog = rail.inflight_bytes + bw * rail.lat
+            usable.append((rail, bw, backlog))
+            sum_bw += bw
+            sum_backlog += backlog
+            slow = slow or rail.slow
+        if not usable:
+            return NO_RAIL
+        level = (remaining + sum_backlog) / sum_bw  # the instant every rail would finish together
+        left: dict[RailState, int] | None = None
+        end = level
+        if slow:
+            # A slow rail's last slice is planned against the transfer's expected end, which
+            # counts what the slices in flight have left (the level counts them whole, as
+            # the fast rails' shares always have: a rail looks busy up to a slice longer).
+            left = {}
+            sum_left = remaining
+            for rail, bw, backlog in usable:
+                queued = rail.inflight_bytes
+                if queued and not now - rail.head_posted > rail.head_expected > 0.0:  # overdue: whole
+                    # Less what the oldest slice has moved since it started (after its latency,
+                    # or when the slice before it finished: a rail serves its slices in order),
+                    # at the rate the rail delivered (RailState.note_delivery) if that is lower.
                     since = rail.head_posted + rail.lat
                     if rail.last_completion > since:
                         since = rail.last_completion
                     moved = (rail.delivered if 0.0 < rail.delivered < bw else bw) * (now - since)
                     if moved > 0.0:
                         queued -= int(moved) if moved < rail.head_length else rail.head_length
-            backlog = rail.inflight_bytes + bw * rail.lat
-            usable.append((rail, bw, queued, backlog))
-            sum_bw += bw
-            sum_backlog += backlog
-            sum_left += backlog - rail.inflight_bytes + queued
-        if not usable:
-            return NO_RAIL
-        # The instant every rail would finish together, counting the slices in flight whole
-        # (as the shares of fast rails always have), and counting what they have left: the
-        # transfer's expected end, which a slow rail's last slice is planned against.
-        level = (remaining + sum_backlog) / sum_bw
-        end = (remaining + sum_left) / sum_bw
+                left[rail] = queued
+                sum_left += backlog - rail.inflight_bytes + queued
+            end = sum_left / sum_bw
         floor = self._floor
         align = self._align
-        target = self._target
         shrink = 1.0 / self._band
         best = float("inf")
         pick: RailState | None = None
         pick_cost = float("inf")
-        pick_size = pick_queued = 0
+        pick_size = 0
         pick_bw = 1.0
-        for rail, bw, queued, backlog in usable:
+        for rail, bw, backlog in usable:
             nominal = rail.nominal
             if cap < 1.0:
                 nominal = max(floor, int(nominal * cap) // align * align)
-            if bw * target < floor:
+            share = bw * level - backlog
+            if share >= nominal:
+                size = nominal
+            elif share > floor:
+                size = int(share)
+                size -= size % align
+            else:
+                size = floor
+            if left is not None and rail.slow and left[rail] <= floor:
                 # A rail too slow to move min_slice in target_slice_time: at the transfer's
                 # end one min_slice more there ends the transfer up to that slice's time
                 # late, one less leaves it idle while the others finish.  Its last slice is
                 # its share instead (down to its tail floor), planned to end a tie band
                 # before the transfer's expected end, at the lower of its estimated and
-                # delivered rates (RailState.note_delivery): it
-                # commits more time than the fast rails, which choose again every few
-                # milliseconds and take what that leaves, and a late end cannot be made up.
-                # And it is cut late, once at most a min_slice is left on the rail: cut
-                # at every chance, the estimates' drift would only ever add to it.
-                share = _last_share(rail, bw, queued, end * shrink)
-                least = rail.tail if queued <= floor else nominal
-            else:
-                share = bw * level - backlog
-                least = floor
-            if share >= nominal:
-                size = nominal
-            elif share > least:
-                size = int(share)
-                size -= size % align
-            else:
-                size = floor
+                # delivered rates (RailState.note_delivery): it commits more time than the
+                # fast rails, which choose again every few milliseconds and take what that
+                # leaves, and a late end cannot be made up.  It is cut late, once at most a
+                # min_slice is left on the rail: cut at every chance, the estimates' drift
+                # would only ever add to it.
+                last = _last_share(rail, bw, left[rail], end * shrink)
+                if rail.tail < last < size:
+                    size = int(last)
+                    size -= size % align
             if size > remaining:
                 size = remaining
             cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
@@ -252,7 +255,7 @@ class EarliestFinish:
                 # Small slices may use the extra slots of a rail that holds little (RailState.room).
                 room = inflight < rail.window or (size <= floor and rail.room)
             if cost < pick_cost and room:
-                pick, pick_cost, pick_size, pick_bw, pick_queued = rail, cost, size, bw, queued
+                pick, pick_cost, pick_size, pick_bw = rail, cost, size, bw
         if pick is None:
             return None
         # Not within the tie band of the best rail: hold for a better one, unless the
@@ -267,7 +270,7 @@ class EarliestFinish:
         # from what they have left, fast rails looked free sooner and slower ones were
         # held for them: bench sim's heterogeneous run lost 1.1 % to idle rails.)
         if pick_cost > best * self._band and not (
-            pick.bw * target < floor and _last_share(pick, pick_bw, pick_queued, end * shrink) >= pick_size
+            left is not None and pick.slow and _last_share(pick, pick_bw, left[pick], end * shrink) >= pick_size
         ):
             return None
         return pick, pick_size

@@ -93,6 +93,7 @@ class RailState:
         "rerouted_from",
         "room",
         "slices_total",
+        "slow",
         "tail",
         "window",
         "window_full",
@@ -132,7 +133,10 @@ class RailState:
         self.last_activity = -float("inf")
         self.probe_checked = -float("inf")  # last time an idle probe found nothing to carry
         self.nominal = nominal_slice(info.bandwidth, config)
-        self.tail = tail_floor(info.bandwidth, self.lat, config)  # smallest last slice of a transfer
+        # Too slow to move min_slice in target_slice_time (eft plans such a rail's last slice
+        # of a transfer below min_slice, down to ``tail``; policies.EarliestFinish).
+        self.slow = info.bandwidth * config.target_slice_time < config.min_slice
+        self.tail = tail_floor(info.bandwidth, self.lat, config)
         self.window_full = config.window
         self.window = config.window  # slices allowed in flight in the current health state
         self.window_max = max(config.window, config.max_window)  # 0: no byte budget (Planner)
@@ -163,12 +167,18 @@ class RailState:
         # min_slice, where a rail slower than its hint would otherwise look just the same.
         if est.cost > 0.0 and (est.slope_measured or self.nominal <= self._config.min_slice):
             self.nominal = amortized_slice(self.nominal, est.wire_bandwidth, est.cost, est.mean_size, self._config)
-        self.tail = tail_floor(est.wire_bandwidth, max(est.cost, est.latency), self._config)
+        slow = self.bw * self._config.target_slice_time < self._config.min_slice
+        if slow:
+            self.tail = tail_floor(est.wire_bandwidth, max(est.cost, est.latency), self._config)
+        elif self.slow:  # fast again: what it delivered as a slow rail is stale
+            self.delivered = self.delivered_bytes = self.delivered_seconds = 0.0
+        self.slow = slow
         self._update_room()
 
     def note_delivery(self, nbytes: int, seconds: float) -> None:
         """A slice of ``nbytes`` completed ``seconds`` after the rail's previous completion,
-        and was in flight all that time: the rail delivered it in that interval.
+        and was in flight all that time: the rail delivered it in that interval (measured
+        on slow rails only, where it is used).
 
         This rate is measured on the planner's clock from completions alone, whatever
         wire time the backend reports.  A backend's wire time can leave out time that
