@@ -188,7 +188,7 @@ class EarliestFinish:
             # counts what the slices in flight have left (the level counts them whole, as
             # the fast rails' shares always have: a rail looks busy up to a slice longer).
             left = {}
-            sum_left = remaining
+            sum_left = float(remaining)
             for rail, bw, backlog in usable:
                 queued = rail.inflight_bytes
                 if queued and not now - rail.head_posted > rail.head_expected > 0.0:  # overdue: whole
