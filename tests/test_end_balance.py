@@ -61,7 +61,7 @@ def test_a_slow_rail_whose_wire_time_is_measured_short_still_ends_with_the_other
     learned 12-38 % too fast (docs/benchmarks.md).  Here they report 85 % of their wire time.
 
     The planner's own clock (completion to completion) says what they delivered; before,
-    0.9899 and 0.9844 at the worst size (a whole ``min_slice`` landing up to one late).
+    0.9894 and 0.9883 at the worst size (a whole ``min_slice`` landing up to one late).
     """
     scale = [1.0] + [0.85] * (len(bws) - 1)
     worst = min(min(_transfers(bws, size, wire_scale=scale)[0][2:]) for size in SIZES)
