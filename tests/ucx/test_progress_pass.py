@@ -403,10 +403,14 @@ def test_a_pipelined_slices_away_time_starts_at_the_links_previous_reply() -> No
     assert link.away_since(second) == 2000  # not 4000: the first 2 ms were the first slice's
 
 
-def test_a_serving_endpoint_parks_longer_and_closes_when_its_send_is_done() -> None:
-    """Review (issue 11): a peer that asked for a READ, stopped reading and then closed could make
-    the server close mid-send after LINGER_MAX, which UCX's TCP transport does not survive.  The
-    serving side parks (PARK_MAX, up to MAX_PARKED per rail); past that it lingers LINGER_MAX."""
+def test_an_endpoint_with_a_send_going_out_is_never_closed_it_parks() -> None:
+    """Issue 11: closing a UCX TCP endpoint mid-send, then the peer's closing its side, crashes
+    the process (channel.py).  A closed channel with a send still going out lingers; after
+    LINGER_MAX it parks (the owner may settle with ``release``, the request and its buffer stay
+    held) and closes only once the send completes, UCX fails it, or the rail closes.  Lingering
+    endpoints count per key, for the owners' admission bound."""
+    import collections
+
     from tent_async.backends.ucx import _ucxx
     from tent_async.backends.ucx import channel as C
 
@@ -430,29 +434,54 @@ def test_a_serving_endpoint_parks_longer_and_closes_when_its_send_is_done() -> N
             loop=loop,
             progress=SimpleNamespace(watch=lambda req, fn: watched.__setitem__(id(req), fn), kick=lambda *a: None),
             channels=set(),
-            parked=C.MAX_PARKED - 1,
+            parked=0,
+            parked_by=collections.Counter(),
         )
 
-        def channel_with_a_send() -> tuple[Any, Any, Any]:
+        def channel_with_a_send(calls: list[Any]) -> tuple[Any, Any, Any]:
             ep = Ep()
             ch = C.Channel(rail, ep, "test", lambda ch, reason: None)  # type: ignore[arg-type]
             req = SimpleNamespace(future=loop.create_future())
-            ch.keep(req, b"bytes", None, send=True)
+            ch.keep(req, b"bytes", calls.append, send=True)
             return ch, ep, req
 
-        ch, ep, req = channel_with_a_send()
-        ch.abort("unlinked", linger=True, park=True)
-        assert ch.closed and ch.lingering and ch.parked and not ep.closed
-        assert ch._linger is not None and ch._linger.when() - loop.time() > C.LINGER_MAX  # PARK_MAX
-        assert rail.parked == C.MAX_PARKED
-        other, other_ep, _ = channel_with_a_send()  # the rail is full: this one gets the time limit
-        other.abort("unlinked", linger=True, park=True)
-        assert other.lingering and not other.parked and other._linger is not None
-        assert other._linger.when() - loop.time() <= C.LINGER_MAX
+        calls: list[Any] = []
+        ch, ep, req = channel_with_a_send(calls)
+        ch.abort("unlinked", linger=True, park_key="peer-a", release=True)
+        assert ch.closed and ch.lingering and not ch.parked and not ep.closed
+        assert rail.parked_by["peer-a"] == 1 and rail.parked == 0
+        assert ch._linger is not None and ch._linger.when() - loop.time() <= C.LINGER_MAX
+        ch._linger.cancel()
+        ch._park(None)  # LINGER_MAX passed, the send still going out
+        assert ch.parked and rail.parked == 1 and not ep.closed  # never closed mid-send
+        assert len(calls) == 1 and isinstance(calls[0], C.SendStalled)  # the owner settles now
+        assert ch.pending == 1  # ... but the request and its buffer stay held for UCX
         req.future.set_result(None)
         watched[id(req)](req.future)  # the send completed: the parked endpoint closes
-        assert ep.closed and not ch.parked and rail.parked == C.MAX_PARKED - 1
-        other.abort("rail closing")  # a plain abort closes a lingering endpoint now
-        assert other_ep.closed and other._linger is None
+        assert ep.closed and not ch.parked and rail.parked == 0 and not rail.parked_by
+        assert len(calls) == 1 and ch.pending == 0  # its callback does not run twice
+
+        served: list[Any] = []
+        ch, ep, req = channel_with_a_send(served)
+        ch.abort("unlinked", linger=True, park_key="source-b")  # the serving side: no release
+        ch._linger.cancel()
+        ch._park(None)
+        assert ch.parked and not served and not ep.closed  # its callback waits for UCX (segment busy)
+        ch.abort("rail closing")  # a plain abort closes a lingering endpoint now
+        assert ep.closed and rail.parked == 0 and not rail.parked_by
+
+        failed: list[Any] = []
+        ch, ep, req = channel_with_a_send(failed)
+        ch.fail("cannot send: a UCX error on posting")  # another send still going out on it
+        assert ch.closed and ch.lingering and not ep.closed  # the error path does not close mid-send either
+        ch.abort("rail closing")
+        assert ep.closed and not rail.parked_by
+
+        refused: list[Any] = []
+        ch, ep, req = channel_with_a_send(refused)
+        ch.abort("unlinked", linger=True, park_key="peer-a", release=True, may_park=lambda: False)
+        ch._linger.cancel()
+        ch._park(lambda: False)  # the owner still has a receive into caller memory on it
+        assert ep.closed and not ch.parked and rail.parked == 0 and not rail.parked_by
     finally:
         loop.close()

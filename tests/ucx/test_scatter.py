@@ -803,3 +803,26 @@ async def test_a_closed_link_or_peer_gives_its_slices_staging_share_back(spawn_p
             await task
         await asyncio.sleep(0.05)  # the links' slices settle from the loop
         assert peer.staging.held == 0
+
+
+def test_staging_a_parked_send_may_still_read_never_goes_back_to_the_pool() -> None:
+    """Issue 11: a WRITE's gathered staging whose send outlived LINGER_MAX (endpoint parked,
+    channel.py) stays with UCX's request: were it reused, another slice's bytes, maybe for
+    another peer, would follow it out to the peer that stopped reading."""
+    from tent_async.backends.ucx.scatter import POOL_MIN, Plan, Staging
+
+    pool = Staging()
+
+    def plan_with_staging() -> tuple[Plan, Any]:
+        plan = object.__new__(Plan)
+        plan.pool = pool
+        plan.share = None
+        plan.staging = buf = pool.take(POOL_MIN)
+        return plan, buf
+
+    plan, buf = plan_with_staging()
+    plan.release(reuse=False)
+    assert plan.staging is None and pool.take(POOL_MIN).base is not buf.base  # not handed out again
+    plan, buf = plan_with_staging()
+    plan.release()
+    assert pool.take(POOL_MIN).base is buf.base  # an ordinary end: reused

@@ -58,7 +58,7 @@ from ...errors import (
 )
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
-from .channel import Channel, MessageTruncated
+from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated, SendStalled
 from .control import Session, close_writer, read_message, write_message
 from .pairing import Pair
 from .protocol import (
@@ -188,6 +188,7 @@ class _Op:
         "request",
         "sg",
         "slot",
+        "stalled",
         "state",
         "t_post",
         "tail_check",
@@ -213,6 +214,7 @@ class _Op:
         self.violation: str | None = None  # the peer broke the protocol on this slice
         self.error: str | None = None  # a UCX request failed, or the link went down
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
+        self.stalled = False  # a send of it outlived LINGER_MAX on its closed link: UCX still holds its buffer
         self.tail_check = False  # a large READ (host or GPU memory): compare its end with SENT's tail
         self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
         self.inline = False  # set by Link._queue (_inline)
@@ -287,6 +289,14 @@ class Link:
         peer = self.peer
         if peer.closed:
             self._teardown(peer.closed_reason(), tell=False)
+            return
+        parked = self.rail.parked_by[self.park_key]
+        if parked >= MAX_PARKED_PER_KEY:
+            self._teardown(
+                f"rail {self.name}: {parked} earlier links to peer {peer.name!r} still wait for it to read "
+                "what they sent (it stopped reading); no new link on this rail until it reads or goes",
+                tell=False,
+            )
             return
         if self.link_id:
             self.reconnects += 1
@@ -365,8 +375,17 @@ class Link:
         if ch is not None and not ch.closed:
             # Cancels every receive on it; its sends are cancelled too, or (a healthy endpoint with a
             # WRITE's bytes still going out) finish first: UCX's TCP transport cannot close an
-            # endpoint mid-send safely (channel.py).  Their callbacks settle the ops.
-            ch.abort(reason, linger=True)
+            # endpoint mid-send safely (channel.py).  Their callbacks settle the ops; a send still
+            # going out after LINGER_MAX parks the endpoint and settles its op as stalled, unless a
+            # READ's receive into caller memory is still posted on it (only closing ends that one).
+            mine = [op for op in ops if op.channel is ch]
+            ch.abort(
+                reason,
+                linger=True,
+                park_key=self.park_key,
+                release=True,
+                may_park=lambda: not any(op.buffer is not None for op in mine),
+            )
         for op in ops:
             if op.error is None and op.state is not OP_WITHDRAWN:
                 op.error = reason
@@ -382,6 +401,11 @@ class Link:
     def _settle_many(self, ops: list[_Op]) -> None:
         for op in ops:
             self._settle(op)
+
+    @property
+    def park_key(self) -> tuple[str, str]:
+        """What this link's parked endpoints count under on its rail: its peer (channel.py)."""
+        return ("peer", self.peer.address)
 
     def _on_close(self, ch: Channel, reason: str) -> None:
         """Our endpoint closed (UCX error, or our own abort)."""
@@ -523,7 +547,7 @@ class Link:
         except _ucxx.loaded().UCXError as exc:
             if op.error is None:
                 op.error = f"rail {self.name}: {_ucxx.describe_error(exc)}"
-            ch.abort(op.error)  # the endpoint is unusable: tear the link down
+            ch.fail(op.error)  # the endpoint is unusable: tear the link down (never mid-send)
 
     @property
     def reply_room(self) -> int:
@@ -617,6 +641,8 @@ class Link:
     def _send_done(self, op: _Op) -> Any:
         def done(error: BaseException | None) -> None:
             op.pending -= 1
+            if isinstance(error, SendStalled):
+                op.stalled = True  # its buffer (our staging, or the caller's memory) stays UCX's
             if error is not None and op.error is None and op.fatal is None:
                 op.error = f"rail {self.name}: {_ucxx.describe_error(error)}"
             self._settle(op)
@@ -662,7 +688,7 @@ class Link:
                 self._report(op)
             finally:  # the peer's staging share comes back even if reporting raised
                 if op.sg is not None:
-                    op.sg.release()
+                    op.sg.release(reuse=not op.stalled)
 
     def _report(self, op: _Op) -> None:
         withdrawn = op.move(OP_REPORTED) in _WITHDRAWN_STATES

@@ -434,10 +434,15 @@ class Plan:
         assert src is not None
         scatter(src, self.local, self.local_index, self.local_offsets, self.lengths)
 
-    def release(self) -> None:
-        """Every request of the slice is done: its staging may be reused, and the peer's is free."""
+    def release(self, *, reuse: bool = True) -> None:
+        """The slice ended: the peer's staging is free, and ours may be reused.
+
+        ``reuse=False``: a send of ours may still read our staging (its endpoint
+        parked, channel.py); the buffer stays with that request and never goes
+        back to the pool, or another peer's bytes could follow it out.
+        """
         buf, self.staging = self.staging, None
-        if buf is not None:
+        if buf is not None and reuse:
             self.pool.give(buf)
         if self.share is not None:
             self.share.release(self)

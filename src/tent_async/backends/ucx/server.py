@@ -46,7 +46,7 @@ import numpy as np
 from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
 from . import _ucxx, scatter
-from .channel import Channel, MessageTruncated
+from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
 from .control import (
     LogLimiter,
     Session,
@@ -339,6 +339,11 @@ class ServerLink:
         oldest = min(when for _p, _n, _h, when in self.stash.values())
         self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL - (now - oldest), self._expire_stash)
 
+    @property
+    def park_key(self) -> tuple[str, str]:
+        """What this link's lingering endpoint counts under on its rail: the client's source address."""
+        return ("source", self.conn.source_key)
+
     def close(self, reason: str) -> None:
         if self.closed:
             return
@@ -351,9 +356,12 @@ class ServerLink:
             self.server.stashed_bytes -= held
         self.stash.clear()
         self.rail.release_namespace(self.ns)
-        # Cancels the header slots and every slice in flight (a READ's bytes still going out
-        # finish first: UCX's TCP transport cannot close an endpoint mid-send safely, channel.py).
-        self.channel.abort(reason, linger=True, park=True)
+        # Cancels the header slots and every slice in flight.  A READ's bytes still going out
+        # finish first, however long the peer takes to read them: UCX's TCP transport cannot
+        # close an endpoint mid-send safely (channel.py), and the peer could then crash this
+        # engine by closing its side.  Counted against the peer's source address, which gets
+        # no new link on this rail while MAX_PARKED_PER_KEY of its endpoints linger.
+        self.channel.abort(reason, linger=True, park_key=self.park_key)
         # 8 x 18 KiB of header slots: the channel holds those still posted until UCX gave them
         # back; ours go now, not when the garbage collector breaks the link's last cycle.
         self.slots = []
@@ -639,6 +647,20 @@ class Server:
         old = conn.links.pop(rail.name, None)
         if old is not None:
             self.close_link(old, "replaced by a new link on the same rail", tell=False)
+        lingering = rail.parked_by[("source", conn.source_key)]
+        if lingering >= MAX_PARKED_PER_KEY:
+            # Each holds a READ's bytes (staging or a segment, busy) that this address asked for and
+            # has not read; closing them mid-send could crash this engine (channel.py).  So the
+            # address gets nothing more on this rail until it reads them or goes (issue 11).
+            self.site.stats["links_refused_parked"] += 1
+            conn.send(
+                Unlink(
+                    link_id=msg.link_id,
+                    reason=f"{lingering} endpoints of earlier links from {conn.source} on rail {rail.name!r} "
+                    "still wait for it to read what it asked for; read them or disconnect",
+                )
+            )
+            return
         label = f"rail {rail.name} <- {conn.name!r}"
         holder: list[ServerLink] = []
         try:
