@@ -558,6 +558,12 @@ class Engine:
             raise SegmentBusyError(
                 f"segment {seg.name!r} is used by {seg.busy} open transfer(s); await or cancel them first"
             )
+        if seg.held:
+            raise SegmentBusyError(
+                f"segment {seg.name!r}: {seg.held} send(s) of transfers that already ended still read it, "
+                "on links whose peer stopped reading (UCX cannot stop a send midway); it is free once that "
+                "peer reads or disconnects, or when this engine closes"
+            )
         self._on_unregister(seg)  # the backend may refuse (peers still writing into it)
         seg._release()
         del self._segments[seg.name]

@@ -282,6 +282,7 @@ UNLIMITED_LOG_LINES = {
     ("backend.py", "engine %r connected to"),  # once per connect() the application makes
     ("progress.py", "rail %s: stopping the progress thread"),  # once per rail close
     ("rails.py", "rail %s: dropped %d unexpected"),  # rate-limited by the sweeper itself (LOG_EVERY)
+    ("channel.py", "%s: settling what a parked endpoint held"),  # a bug of ours, at most once per parked endpoint
 }
 
 
@@ -533,6 +534,6 @@ async def test_a_served_read_whose_peer_stops_reading_parks_however_long_it_stop
                 server.unregister("kv")
         finally:
             client.signal(signal.SIGCONT)  # it reads on, or closes its side after our UNLINK
-        await until(lambda: ch.ep is None, 30)
+        await until(lambda: ch.ep is None and not serving.segment_ops, 30)  # the send's callback may come later
         assert rail.parked == 0 and not rail.parked_by and not serving.segment_ops
         server.unregister("kv")  # free again

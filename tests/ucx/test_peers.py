@@ -263,6 +263,9 @@ async def test_a_link_stalled_mid_send_parks_its_endpoint_and_the_transfer_still
             assert parked, "the stalled endpoint was closed mid-send"
             assert all(ch.closed and ch.ep is not None and ch.pending for ch in parked)
             assert rail.parked == len(parked)
+            assert src.held >= 1  # UCX still reads the WRITE's source: it may not be unregistered yet
+            with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
+                engine.unregister(src)
             snap = engine.telemetry()
             assert snap.inflight_bytes == 0 and snap.open_transfers == 0
         finally:
@@ -272,6 +275,7 @@ async def test_a_link_stalled_mid_send_parks_its_endpoint_and_the_transfer_still
                 break
             await anyio.sleep(0.02)
         assert not rail.parked and not rail.parked_by and all(ch.ep is None for ch in parked)
+        assert src.held == 0
         with anyio.fail_after(30):
             await anyio.sleep(1.0)  # the peer closes its side meanwhile (what crashed UCX before)
             await engine.transfer(src[:MiB], kv[:MiB])
@@ -310,6 +314,20 @@ async def test_no_new_link_to_a_peer_whose_endpoints_still_linger() -> None:
             await link.open()
         assert server.backend.stats["links_refused_parked"] == 1  # type: ignore[attr-defined]
         del srail.parked_by[("source", "127.0.0.1")]
+
+        from tent_async.backends.ucx import scatter
+        from tent_async.backends.ucx.server import MAX_LINGERING
+
+        srail.parked_by[("source", "192.0.2.7")] = MAX_LINGERING  # other sources: the rail's total bound
+        with anyio.fail_after(15), pytest.raises(RailLinkError, match="stopped reading what they asked for"):
+            await link.open()
+        del srail.parked_by[("source", "192.0.2.7")]
+        pool = scatter.staging_of(server.backend.site)  # type: ignore[attr-defined]
+        pool.parked = scatter.STAGING_PER_ENGINE  # ... and the staging parked endpoints hold
+        with anyio.fail_after(15), pytest.raises(RailLinkError, match="stopped reading what they asked for"):
+            await link.open()
+        pool.parked = 0
+        assert server.backend.stats["links_refused_parked"] == 3  # type: ignore[attr-defined]
         with anyio.fail_after(15):
             await link.open()
             await client.transfer(src[:], kv[:])

@@ -826,3 +826,26 @@ def test_staging_a_parked_send_may_still_read_never_goes_back_to_the_pool() -> N
     plan, buf = plan_with_staging()
     plan.release()
     assert pool.take(POOL_MIN).base is buf.base  # an ordinary end: reused
+
+
+def test_staging_of_a_parked_serving_link_leaves_the_bounds_for_serving_slices() -> None:
+    """Issue 11 review: a closed serving link whose READ staging is still being sent to a peer that
+    stopped reading must not keep every other peer's extent lists refused as busy: its bytes move
+    from the engine's and the connection's in-use bounds to ``pool.parked`` (bounded by server.py)."""
+    from tent_async.backends.ucx.scatter import STAGING_PER_CONNECTION, LinkStaging, Staging
+
+    pool = Staging()
+    link = LinkStaging(pool, slots=8, connection=7)
+    other = LinkStaging(pool, slots=8, connection=7)  # the same peer connection, another rail
+    buf = link.take(STAGING_PER_CONNECTION)
+    assert buf is not None and pool.in_use == STAGING_PER_CONNECTION
+    assert other.take(1) is None  # the connection's share is used up
+    link.park()
+    link.park()  # once
+    assert pool.in_use == 0 and pool.parked == STAGING_PER_CONNECTION and 7 not in pool.by_connection
+    small = other.take(1)
+    assert small is not None  # served slices have their bounds back
+    link.give(buf)  # UCX is done with it
+    assert pool.parked == 0 and pool.in_use == 1
+    other.give(small)
+    assert pool.in_use == 0 and not pool.by_connection

@@ -69,15 +69,6 @@ def _closed_already(channel: Channel, reason: str) -> None:
     """The close handler of a channel that was closed (its own handler ran once already)."""
 
 
-class SendStalled(Exception):
-    """A send on a closed channel did not finish within ``LINGER_MAX``: its endpoint is parked.
-
-    Given to the send's callback when the channel parks with ``release=True``:
-    the owner may settle what the send belonged to.  The request and its
-    buffer stay with the channel until UCX gives them back.
-    """
-
-
 class MessageTruncated(ProtocolError):
     """A control message did not fit the bounded receive posted for it."""
 
@@ -100,7 +91,6 @@ class Channel:
         self.lingering = False  # closed, but the endpoint waits for its sends (abort(linger=True))
         self.parked = False  # lingering past LINGER_MAX: counted in rail.parked
         self.park_key: Any = None  # whose lingering endpoint this is (abort(park_key=...)): rail.parked_by
-        self._release = False  # at parking, run the sends' callbacks with SendStalled (abort(release=True))
         self._linger: Any = None  # the timer that parks a lingering endpoint
         self._ucx = _ucxx.loaded()
         try:
@@ -160,7 +150,7 @@ class Channel:
                 if self.lingering and not self._sends:
                     self._close_endpoint()
             error = _ucxx.future_error(future)  # retrieved always: asyncio reports one never looked at
-            then = self._thens.pop(key, None)  # gone if it already ran at parking (SendStalled)
+            then = self._thens.pop(key, None)
             if then is not None:
                 then(error)
 
@@ -275,8 +265,7 @@ class Channel:
         *,
         linger: bool = False,
         park_key: Any = None,
-        release: bool = False,
-        may_park: Callable[[], bool] | None = None,
+        on_park: Callable[[], bool] | None = None,
     ) -> None:
         """Close the channel: every request on it is cancelled, its sends only once safe.
 
@@ -289,14 +278,13 @@ class Channel:
         reference dropped: ucxx cancels such a request), and the endpoint is
         closed once every send completed or UCX reported the endpoint failed,
         never mid-send (module docstring).  After ``LINGER_MAX`` seconds it
-        *parks* (counted in ``rail.parked``).  Lingering and parked endpoints
-        count in ``rail.parked_by[park_key]``, so owners can bound what one key
-        leaves behind (``MAX_PARKED_PER_KEY``).  With ``release``
-        the sends' callbacks run now with :class:`SendStalled` (the initiator
-        settles its fenced slices; the requests and buffers stay here until
-        UCX gives them back).  ``may_park``, asked then, can refuse: something
-        else of the owner's still depends on the endpoint closing (a receive
-        writing into caller memory), and the endpoint is closed as before.
+        *parks* (counted in ``rail.parked``); ``on_park`` is called then: the
+        owner settles what it was waiting for (the requests and their buffers
+        stay here, and their callbacks still run when UCX gives them back), or
+        returns False when it cannot (a receive still writing into caller
+        memory, which only a close stops): then the endpoint is closed as before.
+        Lingering and parked endpoints count in ``rail.parked_by[park_key]``, so
+        owners can bound what one key leaves behind (``MAX_PARKED_PER_KEY``).
         The channel counts as closed at once either way (nothing more is posted
         on it, and the close handler runs now).  A plain ``abort`` of a
         lingering channel closes its endpoint now.
@@ -311,10 +299,9 @@ class Channel:
             self.lingering = True
             self.park_key = park_key
             self.rail.parked_by[park_key] += 1
-            self._release = release
             for key in [k for k in self._keep if k not in self._sends]:
                 self._keep[key] = (None, self._keep[key][1])  # the buffer stays until UCX reports the cancel
-            self._linger = self.rail.loop.call_later(LINGER_MAX, self._park, may_park)
+            self._linger = self.rail.loop.call_later(LINGER_MAX, self._park, on_park)
             self.rail.progress.kick()  # the cancels complete in a pass
         else:
             self._close_endpoint()
@@ -324,25 +311,22 @@ class Channel:
         # pass; the security run found 10 MiB of them after an attack (issue 11 review).
         on_close(self, reason)
 
-    def _park(self, may_park: Callable[[], bool] | None) -> None:
-        """``LINGER_MAX`` passed with a send still going out: park (or, if the owner refuses, close)."""
+    def _park(self, on_park: Callable[[], bool] | None) -> None:
+        """``LINGER_MAX`` passed with a send still going out: park (or, if the owner cannot, close)."""
         self._linger = None
         if not self.lingering:
             return
-        if may_park is not None and not may_park():
+        settled = True
+        if on_park is not None:
+            try:
+                settled = on_park()
+            except Exception:  # never a reason to close mid-send
+                logger.exception("%s: settling what a parked endpoint held failed", self.label)
+        if not settled:
             self._close_endpoint()
             return
         self.parked = True
         self.rail.parked += 1
-        if self._release:
-            stalled = SendStalled(
-                f"{self.label}: a send did not finish within {LINGER_MAX:g} s after the link closed "
-                "(the peer stopped reading); its endpoint is parked until the peer reads or goes"
-            )
-            for key in sorted(self._sends):
-                then = self._thens.pop(key, None)
-                if then is not None:
-                    then(stalled)
 
     def _close_endpoint(self) -> None:
         """Close the UCX endpoint now (once): every request still on it is cancelled."""
