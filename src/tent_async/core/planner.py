@@ -226,7 +226,6 @@ class Planner:
         if a is None:
             return  # unknown or already resolved: a duplicate report is harmless
         rail = self.rails[a.rail]
-        self._release(rail, a)
         alone = a.started_idle
         if wire_time is None:
             wire_time = now - max(a.posted_at, rail.last_completion)
@@ -234,7 +233,8 @@ class Planner:
             # includes that sharing, so it cannot tell the rail's latency apart.
             alone = alone and not a.overlapped
         rail.estimator.observe(a.length, wire_time, started_idle=alone)
-        rail.refresh()
+        rail.refresh_estimates()
+        rail.remove(a)  # updates the room, with the new estimates
         rail.last_completion = now
         rail.last_activity = now
         t = self._transfers[a.transfer_id]
@@ -458,6 +458,26 @@ class Planner:
     def idle(self) -> bool:
         """No transfer is open and no attempt is outstanding."""
         return not self._transfers and not self._attempts
+
+    def can_post(self, tid: int) -> bool:
+        """Is transfer ``tid`` queued while one of its rails is about to run dry?
+
+        True when a usable rail of the transfer holds fewer slices than its count
+        window (``RailState.has_room``: it will soon idle), or when none of its
+        rails can carry data (a poll would stall or fail it).  A rail that is
+        merely below its byte budget for small slices still has work in hand.
+        O(rails); lets a driver poll early only when that matters.
+        """
+        t = self._transfers.get(tid)
+        if t is None or not t.queued:
+            return False
+        usable = False
+        for rail in t.rails:
+            if rail.dispatchable:
+                if len(rail.inflight) < rail.window:
+                    return True
+                usable = True
+        return not usable
 
     def has_transfer(self, tid: int) -> bool:
         return tid in self._transfers
@@ -741,7 +761,7 @@ class Planner:
             Finished(
                 transfer_id=t.id,
                 outcome=outcome,
-                bytes_per_rail=dict(t.bytes_per_rail),
+                bytes_per_rail=t.bytes_per_rail,  # t is forgotten now: no copy needed
                 slices=t.slices,
                 attempts=t.attempts,
                 reroutes=t.reroutes,

@@ -143,6 +143,11 @@ class RailState:
 
     def refresh(self) -> None:
         """Pick up the estimator's new values (and the slice size they imply)."""
+        self.refresh_estimates()
+        self._update_room()
+
+    def refresh_estimates(self) -> None:
+        """:meth:`refresh` without the room update, for a caller that updates the room next."""
         est = self.estimator
         self.bw = est.bandwidth
         self.lat = est.latency
@@ -151,7 +156,6 @@ class RailState:
         # min_slice, where a rail slower than its hint would otherwise look just the same.
         if est.cost > 0.0 and (est.slope_measured or self.nominal <= self._config.min_slice):
             self.nominal = amortized_slice(self.nominal, est.wire_bandwidth, est.cost, est.mean_size, self._config)
-        self._update_room()
 
     def add(self, attempt: Attempt) -> None:
         """Account a newly posted attempt."""
