@@ -34,6 +34,7 @@ import collections
 import enum
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -421,7 +422,8 @@ class Engine:
         self._pump_scheduled = False
         self._pump_handle: asyncio.Handle | None = None  # the scheduled pump, cancelled by flush()
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
-        self._early_slack = self.config.target_slice_time / 4  # see _start
+        self._early_slack = self.config.target_slice_time / 4  # see _reports_waiting
+        self._last_pump = -math.inf
 
     # ============================================================ lifecycle
 
@@ -798,19 +800,28 @@ class Engine:
                 # Nothing else is open: post now rather than a loop turn later.
                 self._pump()
                 return handle
-            if backend.posts_early and (
-                planner.can_post(tid) or backend.report_due_at() + self._early_slack <= backend.clock()
-            ):
-                # A rail has room for it, or a held-back report has been due for a while:
-                # pump now, so that rails keep moving while a burst of submits holds the
-                # loop (thousands of tasks started in one turn).  A rail holds a window of
-                # slices (a slice time each), so collecting reports a quarter of a slice
-                # time late leaves it no less busy and lets one pump serve several;
+            if backend.posts_early and (planner.can_post(tid) or self._reports_waiting(backend)):
+                # One of its rails is about to run dry, or held-back reports are due and no
+                # pump has run for a while: pump now, so that rails keep moving while a
+                # burst of submits holds the loop (thousands of tasks started in one turn);
                 # otherwise the burst shares the one pump at the end of the turn.
                 self._pump()
                 return handle
         self._kick()
         return handle
+
+    def _reports_waiting(self, backend: Backend) -> bool:
+        """Has a held-back report fallen due, with no pump for a quarter of a slice time?
+
+        A rail holds a window of slices (a slice time each, and more of small ones), so
+        collecting its reports that late leaves it no less busy, and one pump then serves
+        every report of that while instead of one pump per submit.
+        """
+        due = backend.report_due_at()
+        if due == math.inf:
+            return False
+        now = backend.clock()
+        return due <= now and now - self._last_pump >= self._early_slack
 
     @staticmethod
     def _priority(priority: PriorityName | Priority) -> Priority:
@@ -1119,6 +1130,7 @@ class Engine:
             return
         backend = self._backend
         now = backend.clock()
+        self._last_pump = now
         if backend.report_due_at() <= now:
             # Reports the backend held back until now (local's paced inline copies): the
             # poll below sees them, so they need no other round of the pump.
@@ -1249,14 +1261,16 @@ class Engine:
                 seg._busy -= 1
         handle._acked = fin.acked
         if fin.outcome is Outcome.DONE:
+            # Positional, in the field order (id, bytes, elapsed, bytes_per_rail, slices, attempts,
+            # reroutes): once per transfer, and keywords cost a third more.
             result = TransferResult(
-                id=fin.transfer_id,
-                bytes=handle.total_bytes,
-                elapsed=fin.finished_at - fin.submitted_at,
-                bytes_per_rail=fin.bytes_per_rail,
-                slices=fin.slices,
-                attempts=fin.attempts,
-                reroutes=fin.reroutes,
+                fin.transfer_id,
+                handle.total_bytes,
+                fin.finished_at - fin.submitted_at,
+                fin.bytes_per_rail,
+                fin.slices,
+                fin.attempts,
+                fin.reroutes,
             )
             if notify is not None:
                 self._send_notification(handle, notify)

@@ -342,10 +342,10 @@ class LocalBackend(Backend):
         at, self._due_timer_at = self._due_timer_at, math.inf
         # Everything due by the instant the timer was armed for (the loop may run a timer
         # a hair early), and whatever fell due since.
+        # The engine acts on them in the pump they ask for, at the end of this loop turn,
+        # with whatever else this turn brings: no flush, which would pump for this group
+        # alone (one pump per completion on a loop with time to spare).
         self.deliver_due(max(at, time.monotonic()))
-        ctx = self._ctx
-        if ctx is not None:
-            ctx.flush()  # act on the group now, not a loop turn later
 
     def report_due_at(self) -> float:
         due = self._due
