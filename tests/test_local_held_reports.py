@@ -128,3 +128,37 @@ async def test_a_withdrawn_copy_is_reported_withdrawn_never_completed() -> None:
         assert "complete" not in kinds
         assert not backend._inline
         trace.check()
+
+
+async def test_a_held_report_that_raises_does_not_stop_the_ones_after_it() -> None:
+    import asyncio
+    import heapq
+
+    class _Ctx:
+        def __init__(self) -> None:
+            self.completed: list[int] = []
+
+        def complete(self, attempt_id: int, wire_time: float | None = None) -> None:
+            if attempt_id == 2:
+                raise ValueError("boom")
+            self.completed.append(attempt_id)
+
+    backend = LocalBackend()
+    ctx = _Ctx()
+    backend._ctx = ctx  # type: ignore[assignment]
+    backend._loop = asyncio.get_running_loop()
+    for aid, due in ((1, 1.0), (2, 2.0), (3, 3.0), (4, 9.0)):
+        backend._inline[aid] = 0.001
+        heapq.heappush(backend._due, (due, aid))
+    errors: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context["exception"]))
+    try:
+        backend.deliver_due(5.0)
+    finally:
+        loop.set_exception_handler(None)
+        if backend._due_timer is not None:
+            backend._due_timer.cancel()
+    assert ctx.completed == [1, 3]  # in order, past the one that raised; 4 is not due yet
+    assert [str(e) for e in errors] == ["boom"]
+    assert backend.report_due_at() == 9.0

@@ -74,7 +74,7 @@ class Attempt:
     bulk: bool = False  # of a background-class transfer
     state: AttemptState = AttemptState.LIVE
     tag: Any = None  # free for the driver (e.g. a task or request handle)
-    overlapped: bool = False  # another slice was posted on the rail while this one was in flight
+    rail_posts: int = 0  # the rail's post count once this one was posted (a later count: overlapped)
     missed: bool = False  # withdrawn because it missed its deadline
     excused: bool = False  # its deadline was pushed back once because the driver itself was late
 

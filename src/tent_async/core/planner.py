@@ -231,7 +231,7 @@ class Planner:
             wire_time = now - max(a.posted_at, rail.last_completion)
             # An inferred wire time of a slice that shared the rail with a later one
             # includes that sharing, so it cannot tell the rail's latency apart.
-            alone = alone and not a.overlapped
+            alone = alone and rail.posts == a.rail_posts  # nothing posted on the rail since
         rail.estimator.observe(a.length, wire_time, started_idle=alone)
         rail.refresh_estimates()
         rail.remove(a)  # updates the room, with the new estimates
@@ -902,9 +902,7 @@ class Planner:
             extents,
             t.priority == 2,
         )
-        for other in rail.inflight.values():
-            other.overlapped = True
-        rail.add(a)
+        rail.add(a)  # counts the post: what is in flight on the rail is overlapped now
         rail.last_activity = now
         if t.stalled_since is not None and not probe:  # a rail took bytes: the wait is over
             t.stalled_since = None  # (a probe does not end it: it may stall like the rail did)

@@ -85,6 +85,7 @@ class RailState:
         "nominal",
         "penalty",
         "probe_checked",
+        "posts",
         "probes_total",
         "rerouted_from",
         "room",
@@ -130,6 +131,7 @@ class RailState:
         self.bytes_total = 0
         self.slices_total = 0
         self.probes_total = 0
+        self.posts = 0  # slices ever posted (an attempt compares it with its own count)
         self.errors = 0
         self.busy_refusals = 0  # slices the peer refused for its load (not failures)
         self.busy_streak = 0  # refusals since the rail's last completed slice
@@ -163,6 +165,8 @@ class RailState:
             self.head_posted = attempt.posted_at
             self.head_expected = attempt.expected
         self.inflight[attempt.id] = attempt
+        self.posts += 1
+        attempt.rail_posts = self.posts
         self.inflight_bytes += attempt.length
         if attempt.bulk:
             self.bulk_inflight += 1
