@@ -515,31 +515,3 @@ def test_a_rail_far_slower_than_its_starting_rate_learns_it_from_its_first_misse
     assert slow.deadline_misses <= 4  # 9 without the bound
     ideal = 64 * MiB / (100e6 + 25e6 + 6e6)
     assert times[0] < 1.3 * ideal and times[1] < 1.05 * ideal  # 1.7x and 1.66x without
-
-
-# ------------------------------------------------------------------ early polls
-
-
-def test_can_post_says_whether_a_queued_transfer_has_a_rail_about_to_run_dry() -> None:
-    """A driver polls early (inside submit) only when it may matter: one of the transfer's
-    rails holds fewer slices than its count window, or none can carry data at all."""
-    size = 64 * 1024
-    p = Planner([RailInfo("a", 1e9), RailInfo("b", 1e9)], SchedulerConfig(window=1))
-    first = p.submit([Piece("s", 0, "d", 0, size)], 0.0)
-    assert p.can_post(first)  # both rails are empty
-    posts = [d for d in p.poll(0.0) if isinstance(d, Post)]
-    assert len(posts) == 1
-    assert not p.can_post(first)  # all its bytes are in flight: not queued
-    second = p.submit([Piece("s", size, "d", size, size)], 0.0)
-    assert p.can_post(second)  # rail b is still empty
-    p.poll(0.0)
-    third = p.submit([Piece("s", 2 * size, "d", 2 * size, size)], 0.0)
-    # Both rails hold one slice (their count window); the byte budget for small slices
-    # may still let a poll post, but neither rail is about to run dry.
-    assert not p.can_post(third)
-    assert not p.can_post(12345)  # unknown
-    p.rail_down("a", 0.0)
-    p.rail_down("b", 0.0)
-    p.poll(0.0)
-    fourth = p.submit([Piece("s", 3 * size, "d", 3 * size, size)], 0.0)
-    assert p.can_post(fourth)  # no rail can carry it: a poll would stall or fail it

@@ -115,10 +115,10 @@ class Backend(abc.ABC):
     virtual-time backends' figures depend on."""
     posts_early: ClassVar[bool] = False
     """With ``posts_inline``: may the engine also pump from inside ``submit`` while other
-    transfers are open, when one of the new transfer's rails has room or a report this
-    backend holds back has fallen due (:meth:`report_due_at`)?  A burst of submits (ten
-    thousand tasks started in one loop turn) then keeps the rails moving while it runs,
-    instead of leaving them idle until the turn ends; each such pump costs a poll."""
+    transfers are open, when a report this backend holds back has fallen due
+    (:meth:`report_due_at`) and no pump has run for a quarter of a slice time?  A burst
+    of submits (ten thousand tasks started in one loop turn) then keeps the rails moving
+    while it runs, instead of leaving them idle until the turn ends."""
     _ctx: BackendContext | None = None
 
     @abc.abstractmethod

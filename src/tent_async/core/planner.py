@@ -459,26 +459,6 @@ class Planner:
         """No transfer is open and no attempt is outstanding."""
         return not self._transfers and not self._attempts
 
-    def can_post(self, tid: int) -> bool:
-        """Is transfer ``tid`` queued while one of its rails is about to run dry?
-
-        True when a usable rail of the transfer holds fewer slices than its count
-        window (``RailState.has_room``: it will soon idle), or when none of its
-        rails can carry data (a poll would stall or fail it).  A rail that is
-        merely below its byte budget for small slices still has work in hand.
-        O(rails); lets a driver poll early only when that matters.
-        """
-        t = self._transfers.get(tid)
-        if t is None or not t.queued:
-            return False
-        usable = False
-        for rail in t.rails:
-            if rail.dispatchable:
-                if len(rail.inflight) < rail.window:
-                    return True
-                usable = True
-        return not usable
-
     def has_transfer(self, tid: int) -> bool:
         return tid in self._transfers
 
