@@ -19,10 +19,10 @@ would otherwise convoy on the GIL between the loop and the rail threads.
 Those reports wait in one queue ordered by arrival (then post order), behind
 one loop timer for the earliest, and are delivered in groups: everything due
 when the timer fires, or when the engine asks (:meth:`LocalBackend.deliver_due`,
-which it does in every pump and, while a burst of ``submit`` calls holds the
-loop, whenever a report has fallen due).  So a loop turn that starts
-thousands of tasks keeps the rails moving, and a completion costs no loop
-callback of its own.  Large slices and anything touching CUDA go to the
+which it does in every pump, and from ``submit`` while a burst of submits
+holds the loop, at most once a quarter of a slice time).  So a loop turn that
+starts thousands of tasks keeps the rails moving, and a completion costs no
+loop callback of its own.  Large slices and anything touching CUDA go to the
 rail's thread.
 A rail thread hands its reports to one reporter thread, which wakes the loop
 (:class:`_Reporter`): the rail goes on to its next queued slice at once
