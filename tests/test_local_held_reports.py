@@ -162,3 +162,26 @@ async def test_a_held_report_that_raises_does_not_stop_the_ones_after_it() -> No
     assert ctx.completed == [1, 3]  # in order, past the one that raised; 4 is not due yet
     assert [str(e) for e in errors] == ["boom"]
     assert backend.report_due_at() == 9.0
+
+
+async def test_a_burst_collects_due_reports_at_most_once_a_quarter_slice_time() -> None:
+    """Reports due at once (an unpaced rail) are not collected by every submit of a burst:
+    one pump serves all of them once a quarter of target_slice_time has passed."""
+    size = 64 * KiB
+    config = {"window": 1, "max_window": 1, "target_slice_time": "200ms"}  # 50 ms between pumps
+    async with tent.Engine(rails=[tent.RailSpec(name="r")], config=config) as engine:
+        a, b, src, dst = _pools(engine, 3, size)
+        with SliceTrace(engine) as trace:
+            first = engine.submit(a[:size], b[:size])  # idle: posted; its report is due at once
+            assert engine.backend.report_due_at() <= time.monotonic()
+            second = engine.submit(a[size : 2 * size], b[size : 2 * size])  # a pump ran just now
+            assert [e.transfer for e in trace.of("post")] == [first.id]
+            assert not first.done()
+            _hold_the_loop(0.06)
+            third = engine.submit(a[2 * size :], b[2 * size :])  # now one pump collects and posts
+            assert first.done()
+            assert [e.transfer for e in trace.of("post")] == [first.id, second.id]
+            await second
+            await third
+        trace.check()
+    np.testing.assert_array_equal(dst, src)
