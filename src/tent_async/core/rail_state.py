@@ -84,6 +84,7 @@ class RailState:
         "name",
         "nominal",
         "penalty",
+        "posts",
         "probe_checked",
         "probes_total",
         "rerouted_from",
@@ -130,6 +131,7 @@ class RailState:
         self.bytes_total = 0
         self.slices_total = 0
         self.probes_total = 0
+        self.posts = 0  # slices ever posted (an attempt compares it with its own count)
         self.errors = 0
         self.busy_refusals = 0  # slices the peer refused for its load (not failures)
         self.busy_streak = 0  # refusals since the rail's last completed slice
@@ -143,6 +145,11 @@ class RailState:
 
     def refresh(self) -> None:
         """Pick up the estimator's new values (and the slice size they imply)."""
+        self.refresh_estimates()
+        self._update_room()
+
+    def refresh_estimates(self) -> None:
+        """:meth:`refresh` without the room update, for a caller that updates the room next."""
         est = self.estimator
         self.bw = est.bandwidth
         self.lat = est.latency
@@ -151,7 +158,6 @@ class RailState:
         # min_slice, where a rail slower than its hint would otherwise look just the same.
         if est.cost > 0.0 and (est.slope_measured or self.nominal <= self._config.min_slice):
             self.nominal = amortized_slice(self.nominal, est.wire_bandwidth, est.cost, est.mean_size, self._config)
-        self._update_room()
 
     def add(self, attempt: Attempt) -> None:
         """Account a newly posted attempt."""
@@ -159,6 +165,8 @@ class RailState:
             self.head_posted = attempt.posted_at
             self.head_expected = attempt.expected
         self.inflight[attempt.id] = attempt
+        self.posts += 1
+        attempt.rail_posts = self.posts
         self.inflight_bytes += attempt.length
         if attempt.bulk:
             self.bulk_inflight += 1
