@@ -12,6 +12,14 @@ inside the pump only asks for one more round).  A timer re-arms the pump for
 the planner's next deadline.  No task is spawned per transfer or per slice,
 so thousands of concurrent transfers cost only their bookkeeping.
 
+A burst of submits (ten thousand tasks that each call ``transfer()``, started
+in one loop turn) would otherwise leave the rails idle until the turn ends:
+on a backend that allows it (``posts_early``), ``submit`` pumps at once when
+a report the backend held back (``local``'s paced copies) has fallen due and
+no pump has run for a quarter of a slice time, so that data moves while the
+tasks start, and one pump serves every report of that while.  Every pump
+first collects the backend's due reports (:meth:`Backend.deliver_due`).
+
 Structured concurrency: the engine owns an anyio task group for its lifetime
 (``async with Engine(...)``); backend tasks live in it.  Cancelling a caller's
 scope cancels its transfer, and the caller resumes only after every attempt of
@@ -26,6 +34,7 @@ import collections
 import enum
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -137,8 +146,10 @@ class TransferHandle:
     through :meth:`cancel`).  It can be awaited any number of times.
     """
 
-    # Slotted, and waiters are futures made only when someone waits: ten thousand
-    # open handles are ten thousand times this object (docs/benchmarks.md, flows).
+    # Slotted, and waiters are futures made only when someone waits (the first in a
+    # slot of its own, a list only for a second): ten thousand open handles are ten
+    # thousand times this object, and every object an open transfer keeps is one more
+    # for each garbage collection to scan (docs/benchmarks.md, flows).
     __slots__ = (
         "_acked",
         "_destinations",
@@ -148,22 +159,31 @@ class TransferHandle:
         "_segments",
         "_settled",
         "_status",
+        "_waiter",
         "_waiters",
         "id",
         "total_bytes",
     )
 
-    def __init__(self, engine: Engine, tid: int, total: int, segments: Sequence[SegmentBase]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tid: int,
+        total: int,
+        segments: Sequence[SegmentBase],
+        destinations: Sequence[SegmentBase] | None = None,
+    ) -> None:
         self._engine = engine
         self.id = tid
         self.total_bytes = total
         self._segments = segments
-        self._destinations: list[SegmentBase] = []
+        self._destinations = destinations  # None: the last of `segments` (a single pair's)
         self._status = TransferStatus.RUNNING
         self._result: TransferResult | None = None
         self._error: BaseException | None = None
         self._acked = 0
         self._settled = False
+        self._waiter: asyncio.Future[None] | None = None
         self._waiters: list[asyncio.Future[None]] | None = None
 
     @property
@@ -221,15 +241,23 @@ class TransferHandle:
     def _add_waiter(self) -> asyncio.Future[None]:
         """A future that :meth:`_settle` resolves (made only when someone waits)."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
+        if self._waiter is None:
+            self._waiter = waiter
+        elif self._waiters is None:
             self._waiters = [waiter]
         else:
             self._waiters.append(waiter)
         return waiter
 
     def _drop_waiter(self, waiter: asyncio.Future[None]) -> None:
-        if self._waiters is not None and waiter in self._waiters:
+        if self._waiter is waiter:
+            self._waiter = None
+        elif self._waiters is not None and waiter in self._waiters:
             self._waiters.remove(waiter)
+
+    def _destination_segments(self) -> Sequence[SegmentBase]:
+        """The segments this transfer writes into."""
+        return self._destinations if self._destinations is not None else self._segments[-1:]
 
     def __await__(self) -> Any:
         return self.wait().__await__()
@@ -246,6 +274,9 @@ class TransferHandle:
         self._result = result
         self._error = error
         self._settled = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             if not waiter.done():
@@ -391,6 +422,8 @@ class Engine:
         self._pump_scheduled = False
         self._pump_handle: asyncio.Handle | None = None  # the scheduled pump, cancelled by flush()
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
+        self._early_slack = self.config.target_slice_time / 4  # see _reports_waiting
+        self._last_pump = -math.inf
 
     # ============================================================ lifecycle
 
@@ -558,6 +591,12 @@ class Engine:
             raise SegmentBusyError(
                 f"segment {seg.name!r} is used by {seg.busy} open transfer(s); await or cancel them first"
             )
+        if seg.held:
+            raise SegmentBusyError(
+                f"segment {seg.name!r}: {seg.held} send(s) of transfers that already ended still read it, "
+                "on links whose peer stopped reading (UCX cannot stop a send midway); it is free once that "
+                "peer reads or disconnects, or when this engine closes"
+            )
         self._on_unregister(seg)  # the backend may refuse (peers still writing into it)
         seg._release()
         del self._segments[seg.name]
@@ -632,8 +671,8 @@ class Engine:
         if rails is not None and not rails:
             raise NoRailError(f"no rail can carry {s!r} -> {d!r}")
         piece = Piece(s.segment, s.offset, d.segment, d.offset, s.length)
-        segments = [s.segment] if s.segment is d.segment else [s.segment, d.segment]
-        return self._start(planner, [piece], s.length, segments, [d.segment], rails, notify, prio)
+        segments = (s.segment,) if s.segment is d.segment else (s.segment, d.segment)
+        return self._start(planner, [piece], s.length, segments, None, rails, notify, prio)
 
     def submit_batch(
         self, pairs: Iterable[Pair], *, notify: str | None = None, priority: PriorityName = "normal"
@@ -745,7 +784,7 @@ class Engine:
         pieces: Sequence[Piece] | Extents,
         total: int,
         segments: Sequence[SegmentBase],
-        destinations: list[SegmentBase],
+        destinations: list[SegmentBase] | None,
         rails: Sequence[str] | None,
         notify: str | None,
         prio: Priority,
@@ -754,21 +793,43 @@ class Engine:
             _check_notify(notify)
         idle = planner.idle
         tid = planner.submit(pieces, self._backend.clock(), rails, priority=prio)
-        handle = TransferHandle(self, tid, total, segments)
-        handle._destinations = destinations
+        handle = TransferHandle(self, tid, total, segments, destinations)
         for seg in segments:
             if isinstance(seg, Segment):
                 seg._busy += 1
         self._handles[tid] = handle
         if notify is not None:
             self._notify_for[tid] = notify
-        if idle and self._backend.posts_inline and not (self._pumping or self._pump_scheduled or self._timer_fired):
-            # Nothing else is open: post now rather than a loop turn later (a burst of submits
-            # still shares one pump: the second finds the planner busy and only kicks).
-            self._pump()
-        else:
-            self._kick()
+        backend = self._backend
+        if backend.posts_inline and not (self._pumping or self._timer_fired):
+            if idle and not self._pump_scheduled:
+                # Nothing else is open: post now rather than a loop turn later.
+                self._pump()
+                return handle
+            if backend.posts_early and self._reports_waiting(backend):
+                # Held-back reports are due and no pump has run for a while: pump now, so
+                # that rails keep moving while a burst of submits holds the loop (thousands
+                # of tasks started in one turn); otherwise the burst shares the one pump at
+                # the end of the turn.  (Pumping whenever a rail was below its window, too,
+                # made a burst on rails with time to spare pump once per submit: 12 us of
+                # planner time per slice instead of 8 at 100 flows, and no faster.)
+                self._pump()
+                return handle
+        self._kick()
         return handle
+
+    def _reports_waiting(self, backend: Backend) -> bool:
+        """Has a held-back report fallen due, with no pump for a quarter of a slice time?
+
+        A rail holds a window of slices (a slice time each, and more of small ones), so
+        collecting its reports that late leaves it no less busy, and one pump then serves
+        every report of that while instead of one pump per submit.
+        """
+        due = backend.report_due_at()
+        if due == math.inf:
+            return False
+        now = backend.clock()
+        return due <= now and now - self._last_pump >= self._early_slack
 
     @staticmethod
     def _priority(priority: PriorityName | Priority) -> Priority:
@@ -792,7 +853,21 @@ class Engine:
         Cancelling the caller cancels the transfer; the call returns (raising
         the cancellation) only after nothing of it can land any more.
         """
-        return await self._wait(self.submit(src, dst, notify=notify, priority=priority))
+        # self._wait(), inlined: one coroutine object fewer per call, and a task that
+        # thousands of callers start at once keeps one frame, not two.
+        handle = self.submit(src, dst, notify=notify, priority=priority)
+        if not handle._settled:
+            waiter = handle._add_waiter()
+            try:
+                await waiter
+            except BaseException:
+                handle._drop_waiter(waiter)
+                if not handle._settled:
+                    handle.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await handle._wait_settled()
+                raise
+        return handle.result()
 
     async def transfer_batch(
         self, pairs: Iterable[Pair], *, notify: str | None = None, priority: PriorityName = "normal"
@@ -1063,6 +1138,12 @@ class Engine:
             return
         backend = self._backend
         now = backend.clock()
+        self._last_pump = now
+        if backend.report_due_at() <= now:
+            # Reports the backend held back until now (local's paced inline copies): the
+            # poll below sees them, so they need no other round of the pump.
+            backend.deliver_due(now)
+            self._pump_again = False
         # Deadlines are judged only in the pump the timer's callback starts: it was
         # armed for the earliest deadline, and asyncio runs it after every report
         # queued before it (due timers in time order, then thread reports), so a
@@ -1188,14 +1269,16 @@ class Engine:
                 seg._busy -= 1
         handle._acked = fin.acked
         if fin.outcome is Outcome.DONE:
+            # Positional, in the field order (id, bytes, elapsed, bytes_per_rail, slices, attempts,
+            # reroutes): once per transfer, and keywords cost a third more.
             result = TransferResult(
-                id=fin.transfer_id,
-                bytes=handle.total_bytes,
-                elapsed=fin.finished_at - fin.submitted_at,
-                bytes_per_rail=fin.bytes_per_rail,
-                slices=fin.slices,
-                attempts=fin.attempts,
-                reroutes=fin.reroutes,
+                fin.transfer_id,
+                handle.total_bytes,
+                fin.finished_at - fin.submitted_at,
+                fin.bytes_per_rail,
+                fin.slices,
+                fin.attempts,
+                fin.reroutes,
             )
             if notify is not None:
                 self._send_notification(handle, notify)
@@ -1218,7 +1301,7 @@ class Engine:
             handle._settle(TransferStatus.FAILED, None, error, fin.acked)
 
     def _send_notification(self, handle: TransferHandle, message: str) -> None:
-        if not self._backend.send_notification(handle._destinations, message):
+        if not self._backend.send_notification(handle._destination_segments(), message):
             self._deliver_notification(Notification(message=message, source=self.name))
 
     def _publish(self, events: list[RailEvent]) -> None:

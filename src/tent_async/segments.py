@@ -91,7 +91,7 @@ class Segment(SegmentBase):
     stays valid until :meth:`Engine.unregister` or the engine closes.
     """
 
-    __slots__ = ("_busy", "_owner", "_registered", "address", "memory")
+    __slots__ = ("_busy", "_held", "_owner", "_registered", "address", "memory")
 
     def __init__(self, name: str, memory: Memory, permission: Permission, owner: object) -> None:
         super().__init__(name, memory.nbytes, memory.kind, permission)
@@ -100,6 +100,7 @@ class Segment(SegmentBase):
         self._owner = owner  # the engine this segment belongs to
         self._registered = True
         self._busy = 0  # open transfers that read or write it
+        self._held = 0  # sends of ended transfers a backend still has in flight from it (ucx: a parked endpoint)
 
     @property
     def registered(self) -> bool:
@@ -114,6 +115,16 @@ class Segment(SegmentBase):
     def busy(self) -> int:
         """How many open transfers use this segment."""
         return self._busy
+
+    @property
+    def held(self) -> int:
+        """Sends of transfers that already ended which still read this memory.
+
+        A ucx link whose peer stopped reading cannot be closed mid-send (UCX's
+        TCP transport would crash later), so the send stays UCX's after its
+        transfer was failed over; ``unregister`` refuses until it is given back.
+        """
+        return self._held
 
     def check_owner(self, owner: object) -> None:
         """Raise unless this segment is registered with ``owner``."""

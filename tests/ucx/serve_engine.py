@@ -6,7 +6,8 @@ Prints ``{"address": ...}`` once listening, then answers one JSON command per
 line: ``digest`` (sha256 of a segment range), ``read`` (hex of a range),
 ``fill`` (reset a segment from its seed), ``notes`` (notifications so far),
 ``stats`` (the backend's counters), ``fds`` (open descriptors), ``unregister``/``register``,
-``quit``.
+``pull`` (connect to another engine and READ one of its segments over and over, in the
+background; ``pulled`` says how many READs finished and how the loop ended), ``quit``.
 It runs in a fresh interpreter (never forked from a process that uses UCX).
 """
 
@@ -207,6 +208,20 @@ async def main(config: dict[str, Any]) -> None:
             ),
             flush=True,
         )
+        pulled: dict[str, Any] = {"reads": 0, "ended": None}
+        pulling: set[asyncio.Task[None]] = set()  # referenced: the loop keeps only weak references
+
+        async def pull(address: str, segment: str) -> None:
+            try:
+                peer = await engine.connect(address)
+                remote = await peer.segment(segment)
+                local = engine.register(np.zeros(remote.size, dtype=np.uint8), name=f"pulled-{segment}")
+                while True:
+                    await engine.transfer(remote[:], local[:])
+                    pulled["reads"] += 1
+            except Exception as exc:
+                pulled["ended"] = f"{type(exc).__name__}: {exc}"
+
         loop = asyncio.get_running_loop()
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -256,6 +271,10 @@ async def main(config: dict[str, Any]) -> None:
                     engine.register(
                         buffers[cmd["segment"]], name=cmd["segment"], permission=cmd.get("permission", "rw")
                     )
+                elif op == "pull":
+                    pulling.add(loop.create_task(pull(cmd["address"], cmd["segment"])))
+                elif op == "pulled":
+                    out.update(pulled)
                 elif op == "quit":
                     print(json.dumps(out), flush=True)
                     return

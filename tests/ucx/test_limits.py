@@ -282,6 +282,7 @@ UNLIMITED_LOG_LINES = {
     ("backend.py", "engine %r connected to"),  # once per connect() the application makes
     ("progress.py", "rail %s: stopping the progress thread"),  # once per rail close
     ("rails.py", "rail %s: dropped %d unexpected"),  # rate-limited by the sweeper itself (LOG_EVERY)
+    ("channel.py", "%s: settling what a parked endpoint held"),  # a bug of ours, at most once per parked endpoint
 }
 
 
@@ -482,3 +483,57 @@ def test_ucxx_warnings_a_flood_provokes_are_off_unless_asked_for() -> None:
     env["UCXX_LOG_LEVEL"] = "DEBUG"  # what the user sets is left alone
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "DEBUG"
+
+
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_served_read_whose_peer_stops_reading_parks_however_long_it_stops(
+    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: a client that asks for a large READ and stops reading its socket.
+
+    Before, the serving side closed such an endpoint after a limit (PARK_MAX, 60 s; below
+    set short), mid-send, and the client's closing its side later could crash the server
+    inside UCX (docs/ucx.md, "Closing an endpoint mid-send").  Now it never closes it: the
+    endpoint parks, the READ's segment stays busy (unregister says why), and all of it ends
+    once the client reads or goes.
+    """
+    import signal
+
+    from tent_async.backends.ucx import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "LINGER_MAX", 0.3)
+    monkeypatch.setattr(channel_module, "PARK_MAX", 0.6, raising=False)  # the old code's limit, shortened
+    rails = [tent.RailSpec(**LO[0])]
+    async with tent.Engine(backend="ucx", name="server", rails=rails, listen="127.0.0.1:0") as server:
+        server.register(np.ones(64 * MiB, dtype=np.uint8), name="kv")
+        serving = server.backend._server  # type: ignore[attr-defined]
+        rail = server.backend.local_rails["lo"]  # type: ignore[attr-defined]
+        client = spawn_peer(name="client", rails=LO)
+        assert client.cmd(cmd="pull", address=server.address, segment="kv")["ok"]
+        await until(lambda: client.cmd(cmd="pulled")["reads"] >= 1, 30)
+        stalled = False
+        try:
+            for _ in range(50):  # stop it while a READ of ours is going out to it
+                client.signal(signal.SIGSTOP)
+                await anyio.sleep(0.3)  # the socket fills: the send in progress cannot finish
+                if serving.segment_ops.get("kv"):
+                    stalled = True
+                    break
+                client.signal(signal.SIGCONT)
+                await anyio.sleep(0.05)
+            assert stalled, "never caught a READ in flight"
+            (conn,) = serving.connections.values()
+            (link,) = conn.links.values()
+            ch = link.channel
+            serving.close_link(link, "test: the server closes the link")
+            await anyio.sleep(1.2)  # past LINGER_MAX, and past the old limit
+            assert ch.closed and ch.parked and ch.ep is not None  # not closed mid-send
+            assert rail.parked == 1 and rail.parked_by[link.park_key] == 1
+            with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
+                server.unregister("kv")
+        finally:
+            client.signal(signal.SIGCONT)  # it reads on, or closes its side after our UNLINK
+        await until(lambda: ch.ep is None and not serving.segment_ops, 30)  # the send's callback may come later
+        assert rail.parked == 0 and not rail.parked_by and not serving.segment_ops
+        server.unregister("kv")  # free again

@@ -231,3 +231,104 @@ async def test_a_link_fenced_mid_send_closes_its_endpoint_only_once_the_send_is_
             await engine.transfer(src[:MiB], kv[:MiB])
         snap = engine.telemetry()
         assert snap.inflight_bytes == 0 and snap.open_transfers == 0
+
+
+async def test_a_link_stalled_mid_send_parks_its_endpoint_and_the_transfer_still_ends(
+    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: a peer that stops reading our WRITE for longer than LINGER_MAX.
+
+    The old fence closed the endpoint then, mid-send, and the peer's later close could
+    crash this process inside UCX (docs/ucx.md, "Closing an endpoint mid-send"), which a
+    malicious server could do on purpose.  Now the endpoint parks: the transfer's fence
+    ends (it fails or fails over in bounded time), the endpoint and the WRITE's memory
+    stay UCX's until the peer reads or goes, and no new link to that peer on the rail is
+    set up while MAX_PARKED_PER_KEY of its endpoints linger.
+    """
+    from tent_async.backends.ucx import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "LINGER_MAX", 0.5)
+    server = spawn_peer(
+        name="decode-0", segments=[{"name": "kv", "size": 64 * MiB}], rails=[{"name": "lo", "device": "lo"}]
+    )
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, withdraw_grace=0.05) as engine:
+        kv, src = await _connected_and_warm(engine, server)
+        rail = engine.backend.local_rails["lo"]  # type: ignore[attr-defined]
+        server.signal(signal.SIGSTOP)  # our 64 MiB stall in the socket: the slices miss, the link is fenced
+        try:
+            with anyio.fail_after(60), pytest.raises((tent.TransferFailedError, tent.NoRailError)):
+                await engine.transfer(src[:], kv[:])  # ends although its bytes are still UCX's
+            parked = [ch for ch in rail.channels if ch.parked]
+            assert parked, "the stalled endpoint was closed mid-send"
+            assert all(ch.closed and ch.ep is not None and ch.pending for ch in parked)
+            assert rail.parked == len(parked)
+            assert src.held >= 1  # UCX still reads the WRITE's source: it may not be unregistered yet
+            with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
+                engine.unregister(src)
+            snap = engine.telemetry()
+            assert snap.inflight_bytes == 0 and snap.open_transfers == 0
+        finally:
+            server.signal(signal.SIGCONT)  # the peer reads (or closes): the parked endpoints close
+        for _ in range(1500):  # up to ~30 s
+            if not rail.parked and not any(ch.lingering for ch in parked):
+                break
+            await anyio.sleep(0.02)
+        assert not rail.parked and not rail.parked_by and all(ch.ep is None for ch in parked)
+        assert src.held == 0
+        with anyio.fail_after(30):
+            await anyio.sleep(1.0)  # the peer closes its side meanwhile (what crashed UCX before)
+            await engine.transfer(src[:MiB], kv[:MiB])
+
+
+async def test_no_new_link_to_a_peer_whose_endpoints_still_linger() -> None:
+    """Issue 11: the bound on what one peer leaves behind, on both sides.  The initiator sets up
+    no link to a peer with MAX_PARKED_PER_KEY lingering endpoints on the rail; the serving side
+    refuses a LINK from a source address with as many."""
+    from tent_async.backends.ucx.channel import MAX_PARKED_PER_KEY
+    from tent_async.backends.ucx.peer import RailLinkError
+
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    async with (
+        tent.Engine(backend="ucx", name="server-0", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client-0", rails=rails) as client,
+    ):
+        with anyio.fail_after(15):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+            kv_server = server.register(np.zeros(MiB, dtype=np.uint8), name="kv")
+            kv = await peer.segment("kv")
+            src = client.register(np.ones(MiB, dtype=np.uint8), name="src")
+            await client.transfer(src[:], kv[:])
+        (link,) = peer.links.values()  # type: ignore[attr-defined]
+        crail = client.backend.local_rails["lo"]  # type: ignore[attr-defined]
+        srail = server.backend.local_rails["lo"]  # type: ignore[attr-defined]
+
+        crail.parked_by[link.park_key] = MAX_PARKED_PER_KEY
+        link._teardown("test: link closed")
+        with anyio.fail_after(15), pytest.raises(RailLinkError, match="still wait for it to read"):
+            await link.open()
+        del crail.parked_by[link.park_key]
+
+        srail.parked_by[("source", "127.0.0.1")] = MAX_PARKED_PER_KEY
+        with anyio.fail_after(15), pytest.raises(RailLinkError, match="still wait for it to read"):
+            await link.open()
+        assert server.backend.stats["links_refused_parked"] == 1  # type: ignore[attr-defined]
+        del srail.parked_by[("source", "127.0.0.1")]
+
+        from tent_async.backends.ucx import scatter
+        from tent_async.backends.ucx.server import MAX_LINGERING
+
+        srail.parked_by[("source", "192.0.2.7")] = MAX_LINGERING  # other sources: the rail's total bound
+        with anyio.fail_after(15), pytest.raises(RailLinkError, match="stopped reading what they asked for"):
+            await link.open()
+        del srail.parked_by[("source", "192.0.2.7")]
+        pool = scatter.staging_of(server.backend.site)  # type: ignore[attr-defined]
+        pool.parked = scatter.STAGING_PER_ENGINE  # ... and the staging parked endpoints hold
+        with anyio.fail_after(15), pytest.raises(RailLinkError, match="stopped reading what they asked for"):
+            await link.open()
+        pool.parked = 0
+        assert server.backend.stats["links_refused_parked"] == 3  # type: ignore[attr-defined]
+        with anyio.fail_after(15):
+            await link.open()
+            await client.transfer(src[:], kv[:])
+        assert bool((kv_server.memory.array == 1).all())

@@ -403,10 +403,14 @@ def test_a_pipelined_slices_away_time_starts_at_the_links_previous_reply() -> No
     assert link.away_since(second) == 2000  # not 4000: the first 2 ms were the first slice's
 
 
-def test_a_serving_endpoint_parks_longer_and_closes_when_its_send_is_done() -> None:
-    """Review (issue 11): a peer that asked for a READ, stopped reading and then closed could make
-    the server close mid-send after LINGER_MAX, which UCX's TCP transport does not survive.  The
-    serving side parks (PARK_MAX, up to MAX_PARKED per rail); past that it lingers LINGER_MAX."""
+def test_an_endpoint_with_a_send_going_out_is_never_closed_it_parks() -> None:
+    """Issue 11: closing a UCX TCP endpoint mid-send, then the peer's closing its side, crashes
+    the process (channel.py).  A closed channel with a send still going out lingers; after
+    LINGER_MAX it parks (the owner settles in ``on_park``; the request and its buffer stay held)
+    and closes only once the send completes, UCX fails it, or the rail closes.  Lingering
+    endpoints count per key, for the owners' admission bound."""
+    import collections
+
     from tent_async.backends.ucx import _ucxx
     from tent_async.backends.ucx import channel as C
 
@@ -430,29 +434,115 @@ def test_a_serving_endpoint_parks_longer_and_closes_when_its_send_is_done() -> N
             loop=loop,
             progress=SimpleNamespace(watch=lambda req, fn: watched.__setitem__(id(req), fn), kick=lambda *a: None),
             channels=set(),
-            parked=C.MAX_PARKED - 1,
+            parked=0,
+            parked_by=collections.Counter(),
         )
 
-        def channel_with_a_send() -> tuple[Any, Any, Any]:
+        def channel_with_a_send(calls: list[Any]) -> tuple[Any, Any, Any]:
             ep = Ep()
             ch = C.Channel(rail, ep, "test", lambda ch, reason: None)  # type: ignore[arg-type]
             req = SimpleNamespace(future=loop.create_future())
-            ch.keep(req, b"bytes", None, send=True)
+            ch.keep(req, b"bytes", calls.append, send=True)
             return ch, ep, req
 
-        ch, ep, req = channel_with_a_send()
-        ch.abort("unlinked", linger=True, park=True)
-        assert ch.closed and ch.lingering and ch.parked and not ep.closed
-        assert ch._linger is not None and ch._linger.when() - loop.time() > C.LINGER_MAX  # PARK_MAX
-        assert rail.parked == C.MAX_PARKED
-        other, other_ep, _ = channel_with_a_send()  # the rail is full: this one gets the time limit
-        other.abort("unlinked", linger=True, park=True)
-        assert other.lingering and not other.parked and other._linger is not None
-        assert other._linger.when() - loop.time() <= C.LINGER_MAX
+        calls: list[Any] = []
+        ch, ep, req = channel_with_a_send(calls)
+        parks: list[str] = []
+        ch.abort("unlinked", linger=True, park_key="peer-a", on_park=lambda: parks.append("settled") is None)
+        assert ch.closed and ch.lingering and not ch.parked and not ep.closed
+        assert rail.parked_by["peer-a"] == 1 and rail.parked == 0 and not parks
+        assert ch._linger is not None and ch._linger.when() - loop.time() <= C.LINGER_MAX
+        ch._linger.cancel()
+        ch._park(lambda: parks.append("settled") is None)  # LINGER_MAX passed, the send still going out
+        assert ch.parked and rail.parked == 1 and not ep.closed  # never closed mid-send
+        assert parks == ["settled"] and not calls  # the owner settled; the send's callback waits for UCX
+        assert ch.pending == 1  # the request and its buffer stay held for UCX
         req.future.set_result(None)
         watched[id(req)](req.future)  # the send completed: the parked endpoint closes
-        assert ep.closed and not ch.parked and rail.parked == C.MAX_PARKED - 1
-        other.abort("rail closing")  # a plain abort closes a lingering endpoint now
-        assert other_ep.closed and other._linger is None
+        assert ep.closed and not ch.parked and rail.parked == 0 and not rail.parked_by
+        assert calls == [None] and ch.pending == 0  # its callback ran once, when UCX gave it back
+
+        failed_ep: list[Any] = []
+        ch, ep, req = channel_with_a_send(failed_ep)
+        ch.abort("unlinked", linger=True, park_key="source-b")
+        ch._linger.cancel()
+        ch._park(None)
+        assert ch.parked and not ep.closed
+        ch._closed_on_loop()  # UCX failed the endpoint (the peer closed): safe to close now
+        assert ep.closed and rail.parked == 0 and not rail.parked_by
+
+        ch, ep, req = channel_with_a_send([])
+        ch.abort("unlinked", linger=True, park_key="source-b")
+        ch._linger.cancel()
+
+        def broken() -> bool:
+            raise RuntimeError("an owner's bug")
+
+        ch._park(broken)  # an owner that fails is no reason to close mid-send
+        assert ch.parked and not ep.closed
+        ch.abort("rail closing")  # a plain abort closes a lingering endpoint now
+        assert ep.closed and rail.parked == 0 and not rail.parked_by
+
+        ch, ep, req = channel_with_a_send([])
+        ch.fail("cannot send: a UCX error on posting")  # another send still going out on it
+        assert ch.closed and ch.lingering and not ep.closed  # the error path does not close mid-send either
+        ch.abort("rail closing")
+        assert ep.closed and not rail.parked_by
+
+        ch, ep, req = channel_with_a_send([])
+        ch.abort("unlinked", linger=True, park_key="peer-a", on_park=lambda: False)
+        ch._linger.cancel()
+        ch._park(lambda: False)  # the owner still has a receive into caller memory on it
+        assert ep.closed and not ch.parked and rail.parked == 0 and not rail.parked_by
     finally:
         loop.close()
+
+
+def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() -> None:
+    """Issue 11 review: Link._park_ops settles the ops of a link whose endpoint parked, holds a
+    WRITE's source segment until UCX gives it back, and refuses (the endpoint is then closed)
+    while a READ's receive into caller memory is posted, which only a close stops."""
+    import numpy as np
+
+    import tent_async as tent
+    from tent_async.backends.ucx import peer as P
+
+    engine = tent.Engine(backend="local")
+    seg = engine.register(np.zeros(64, dtype=np.uint8), name="src")
+    link = object.__new__(P.Link)
+    link.name = "peer/lo"
+    settled: list[Any] = []
+    link._settle = settled.append  # type: ignore[method-assign]
+
+    def op(**kw: Any) -> Any:
+        base = dict(
+            state=P.OP_SENT,
+            pending=1,
+            buffer=None,
+            sg=None,
+            sending=False,
+            held=None,
+            attempt=SimpleNamespace(src=seg),
+            error=None,
+            stalled=False,
+        )
+        base.update(kw)
+        return SimpleNamespace(**base)
+
+    into_caller = op(buffer=("view", "segment"))
+    write = op(sending=True, pending=2)
+    assert not link._park_ops([write, into_caller])  # refused: nothing settled, nothing held
+    assert not settled and not write.stalled and seg.held == 0
+
+    into_staging = op(buffer=("staging", "segment"), sg=object())
+    done = op(pending=0)
+    reported = op(state=P.OP_REPORTED)
+    assert link._park_ops([write, into_staging, done, reported])
+    assert settled == [write, into_staging] and write.stalled and into_staging.stalled
+    assert write.error and into_staging.error
+    assert seg.held == 1 and write.held is seg
+    with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
+        engine.unregister(seg)
+    link._send_done(write)(None)  # UCX gives the WRITE's memory back
+    assert seg.held == 0 and write.held is None and not write.sending
+    engine.unregister(seg)

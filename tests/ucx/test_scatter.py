@@ -803,3 +803,49 @@ async def test_a_closed_link_or_peer_gives_its_slices_staging_share_back(spawn_p
             await task
         await asyncio.sleep(0.05)  # the links' slices settle from the loop
         assert peer.staging.held == 0
+
+
+def test_staging_a_parked_send_may_still_read_never_goes_back_to_the_pool() -> None:
+    """Issue 11: a WRITE's gathered staging whose send outlived LINGER_MAX (endpoint parked,
+    channel.py) stays with UCX's request: were it reused, another slice's bytes, maybe for
+    another peer, would follow it out to the peer that stopped reading."""
+    from tent_async.backends.ucx.scatter import POOL_MIN, Plan, Staging
+
+    pool = Staging()
+
+    def plan_with_staging() -> tuple[Plan, Any]:
+        plan = object.__new__(Plan)
+        plan.pool = pool
+        plan.share = None
+        plan.staging = buf = pool.take(POOL_MIN)
+        return plan, buf
+
+    plan, buf = plan_with_staging()
+    plan.release(reuse=False)
+    assert plan.staging is None and pool.take(POOL_MIN).base is not buf.base  # not handed out again
+    plan, buf = plan_with_staging()
+    plan.release()
+    assert pool.take(POOL_MIN).base is buf.base  # an ordinary end: reused
+
+
+def test_staging_of_a_parked_serving_link_leaves_the_bounds_for_serving_slices() -> None:
+    """Issue 11 review: a closed serving link whose READ staging is still being sent to a peer that
+    stopped reading must not keep every other peer's extent lists refused as busy: its bytes move
+    from the engine's and the connection's in-use bounds to ``pool.parked`` (bounded by server.py)."""
+    from tent_async.backends.ucx.scatter import STAGING_PER_CONNECTION, LinkStaging, Staging
+
+    pool = Staging()
+    link = LinkStaging(pool, slots=8, connection=7)
+    other = LinkStaging(pool, slots=8, connection=7)  # the same peer connection, another rail
+    buf = link.take(STAGING_PER_CONNECTION)
+    assert buf is not None and pool.in_use == STAGING_PER_CONNECTION
+    assert other.take(1) is None  # the connection's share is used up
+    link.park()
+    link.park()  # once
+    assert pool.in_use == 0 and pool.parked == STAGING_PER_CONNECTION and 7 not in pool.by_connection
+    small = other.take(1)
+    assert small is not None  # served slices have their bounds back
+    link.give(buf)  # UCX is done with it
+    assert pool.parked == 0 and pool.in_use == 1
+    other.give(small)
+    assert pool.in_use == 0 and not pool.by_connection

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 import time
 from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import Any, ClassVar, Protocol
@@ -112,6 +113,12 @@ class Backend(abc.ABC):
     open, instead of a loop turn later?  Saves a turn per small transfer (ucx); off by
     default because it moves posts ahead of other callbacks already queued, an order the
     virtual-time backends' figures depend on."""
+    posts_early: ClassVar[bool] = False
+    """With ``posts_inline``: may the engine also pump from inside ``submit`` while other
+    transfers are open, when a report this backend holds back has fallen due
+    (:meth:`report_due_at`) and no pump has run for a quarter of a slice time?  A burst
+    of submits (ten thousand tasks started in one loop turn) then keeps the rails moving
+    while it runs, instead of leaving them idle until the turn ends."""
     _ctx: BackendContext | None = None
 
     @abc.abstractmethod
@@ -180,6 +187,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def withdraw(self, attempt: Attempt) -> None:
         """Stop a posted attempt if possible, then report it (see the fencing contract)."""
+
+    def report_due_at(self) -> float:
+        """When the earliest report this backend holds back falls due (``math.inf``: none).
+
+        A backend that knows in advance when an attempt will complete (``local``
+        paces its inline copies) may hold the report until then; the engine
+        collects due reports with :meth:`deliver_due` in every pump.
+        """
+        return math.inf
+
+    def deliver_due(self, now: float) -> None:
+        """Report every held-back report due by ``now``, oldest first (see :meth:`report_due_at`)."""
+        return None
 
     # Peers.  Backends that connect to other engines override these.
 

@@ -13,10 +13,17 @@ declares the rail gone, ``"stall"`` swallows slices silently (a hung peer), and
 
 Small host-memory slices (up to ``inline_max``, 256 KiB by default) are
 copied on the event loop itself, at once, and their completion is reported
-when the rail's pacing says the bytes would have arrived (a loop timer): a
-hand-off to a thread and back costs more than such a memcpy, and thousands
-of small flows would otherwise convoy on the GIL between the loop and the
-rail threads.  Large slices and anything touching CUDA go to the rail's thread.
+when the rail's pacing says the bytes would have arrived: a hand-off to a
+thread and back costs more than such a memcpy, and thousands of small flows
+would otherwise convoy on the GIL between the loop and the rail threads.
+Those reports wait in one queue ordered by arrival (then post order), behind
+one loop timer for the earliest, and are delivered in groups: everything due
+when the timer fires, or when the engine asks (:meth:`LocalBackend.deliver_due`,
+which it does in every pump, and from ``submit`` while a burst of submits
+holds the loop, at most once a quarter of a slice time).  So a loop turn that
+starts thousands of tasks keeps the rails moving, and a completion costs no
+loop callback of its own.  Large slices and anything touching CUDA go to the
+rail's thread.
 A rail thread hands its reports to one reporter thread, which wakes the loop
 (:class:`_Reporter`): the rail goes on to its next queued slice at once
 instead of waiting for the GIL while the loop handles the report.
@@ -31,7 +38,9 @@ once nothing of the attempt can land any more.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import queue
 import threading
 import time
@@ -60,8 +69,11 @@ class RailFaultError(TentError):
 
 
 def _host_only(a: Attempt) -> bool:
-    segs = a.extents.segments if a.extents is not None else (a.src, a.dst)
-    return all(isinstance(s, Segment) and not s.memory.is_cuda for s in segs)
+    ext = a.extents
+    if ext is None:  # the common case, once per slice: no generator
+        src, dst = a.src, a.dst
+        return isinstance(src, Segment) and isinstance(dst, Segment) and src.kind == "host" == dst.kind
+    return all(isinstance(s, Segment) and s.kind == "host" for s in ext.segments)
 
 
 class _Worker(threading.Thread):
@@ -197,6 +209,8 @@ class LocalBackend(Backend):
 
     name: ClassVar[str] = "local"
     scatter_gather: ClassVar[bool] = True
+    posts_inline: ClassVar[bool] = True  # post() never reports before it returns
+    posts_early: ClassVar[bool] = True
 
     def __init__(self, rails: Sequence[RailSpec] | None = None, *, inline_max: int | str = INLINE_MAX) -> None:
         specs = list(rails) if rails is not None else [RailSpec(name="local0")]
@@ -212,7 +226,12 @@ class LocalBackend(Backend):
         self._specs = specs
         self._workers: dict[str, _Worker] = {}
         self._withdrawn: set[int] = set()
-        self._inline: dict[int, asyncio.Handle] = {}  # inline copies waiting for their paced arrival
+        # Inline copies waiting for their paced arrival: aid -> wire time, and a heap of
+        # (arrival, aid) behind one loop timer (an aid withdrawn meanwhile is skipped).
+        self._inline: dict[int, float] = {}
+        self._due: list[tuple[float, int]] = []
+        self._due_timer: asyncio.TimerHandle | None = None
+        self._due_timer_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx: BackendContext | None = None
         self._reporter: _Reporter | None = None
@@ -237,6 +256,10 @@ class LocalBackend(Backend):
             worker.start()
 
     async def aclose(self) -> None:
+        if self._due_timer is not None:  # every transfer ended: nothing held back is still owed
+            self._due_timer.cancel()
+            self._due_timer = None
+            self._due_timer_at = math.inf
         workers = list(self._workers.values())
         for worker in workers:
             worker.queue.put(None)
@@ -277,9 +300,7 @@ class LocalBackend(Backend):
     def _post_inline(self, worker: _Worker, a: Attempt) -> None:
         """Copy now on the loop; report when the rail's pace says the bytes arrived."""
         loop = self._loop
-        ctx = self._ctx
         assert loop is not None
-        assert ctx is not None
         aid = a.id
         with worker.lock:
             fault = worker.fault
@@ -300,29 +321,68 @@ class LocalBackend(Backend):
             return
         finish = worker.paced_finish(a.length, start)
         now = time.monotonic()
-        wire = max(finish, now) - start
-        if finish > now:
-            self._inline[aid] = loop.call_at(loop.time() + (finish - now), self._deliver_inline, aid, "ok", wire, False)
-        else:
-            self._inline[aid] = loop.call_soon(self._deliver_inline, aid, "ok", wire, False)
+        if finish < now:
+            finish = now
+        self._inline[aid] = finish - start
+        heapq.heappush(self._due, (finish, aid))
+        if finish < self._due_timer_at:
+            self._arm_due(finish)
+
+    def _arm_due(self, when: float) -> None:
+        """One loop timer, for the earliest report held back (re-armed only for an earlier one)."""
+        loop = self._loop
+        assert loop is not None
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+        self._due_timer_at = when
+        self._due_timer = loop.call_at(loop.time() + (when - time.monotonic()), self._on_due_timer)
+
+    def _on_due_timer(self) -> None:
+        self._due_timer = None
+        at, self._due_timer_at = self._due_timer_at, math.inf
+        # Everything due by the instant the timer was armed for (the loop may run a timer
+        # a hair early), and whatever fell due since.
+        # The engine acts on them in the pump they ask for, at the end of this loop turn,
+        # with whatever else this turn brings: no flush, which would pump for this group
+        # alone (one pump per completion on a loop with time to spare).
+        self.deliver_due(max(at, time.monotonic()))
+
+    def report_due_at(self) -> float:
+        due = self._due
+        return due[0][0] if due else math.inf
+
+    def deliver_due(self, now: float) -> None:
+        """Report, in order of arrival, every inline copy whose bytes have arrived by ``now``."""
+        due = self._due
+        inline = self._inline
+        ctx = self._ctx
+        while due and due[0][0] <= now:
+            _finish, aid = heapq.heappop(due)
+            wire = inline.pop(aid, None)
+            if wire is None or ctx is None:
+                continue  # withdrawn meanwhile: reported as withdrawn instead
+            try:
+                ctx.complete(aid, wire)
+            except Exception as exc:  # as a callback of its own would: logged, the rest still reported
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "error delivering a local rail's report", "exception": exc}
+                )
+        if due and self._due_timer is None:
+            self._arm_due(due[0][0])
 
     def _deliver_inline(self, aid: int, what: str, value: Any, rail_down: bool) -> None:
-        self._inline.pop(aid, None)
+        """A failed or withdrawn inline attempt's report (one callback each: these are rare)."""
         ctx = self._ctx
         if ctx is None:
             return
         if aid in self._withdrawn:
             self._withdrawn.discard(aid)
             ctx.withdrawn(aid)
-        elif what == "ok":
-            ctx.complete(aid, value)
         else:
             ctx.fail(aid, value, rail_down=rail_down)
 
     def withdraw(self, attempt: Attempt) -> None:
-        handle = self._inline.pop(attempt.id, None)
-        if handle is not None:  # copied already: nothing more of it can land
-            handle.cancel()
+        if self._inline.pop(attempt.id, None) is not None:  # copied already: nothing more of it can land
             assert self._loop is not None
             self._loop.call_soon(self._deliver_inline, attempt.id, "withdrawn", None, False)
             self._withdrawn.add(attempt.id)

@@ -74,14 +74,15 @@ class Attempt:
     bulk: bool = False  # of a background-class transfer
     state: AttemptState = AttemptState.LIVE
     tag: Any = None  # free for the driver (e.g. a task or request handle)
-    overlapped: bool = False  # another slice was posted on the rail while this one was in flight
+    rail_posts: int = 0  # the rail's post count once this one was posted (a later count: overlapped)
     missed: bool = False  # withdrawn because it missed its deadline
     excused: bool = False  # its deadline was pushed back once because the driver itself was late
 
 
-# Post and Withdraw are created once per slice on the hot path; attrs' frozen
-# classes cost about half as much again to construct, so these are plain slotted
-# classes.  Treat them as read-only.
+# Post, Withdraw and Finished are created once per slice or transfer on the hot
+# path; attrs' frozen classes cost about half as much again to construct (Finished,
+# ten fields: 0.64 us frozen, 0.16 us plain), so these are plain slotted classes.
+# Treat them as read-only.
 
 
 @attrs.define(slots=True)
@@ -112,7 +113,7 @@ class Outcome(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@attrs.frozen
+@attrs.define(slots=True)
 class Finished:
     """A transfer ended; no attempt of it is live or withdrawing any more."""
 

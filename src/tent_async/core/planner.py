@@ -226,15 +226,15 @@ class Planner:
         if a is None:
             return  # unknown or already resolved: a duplicate report is harmless
         rail = self.rails[a.rail]
-        self._release(rail, a)
         alone = a.started_idle
         if wire_time is None:
             wire_time = now - max(a.posted_at, rail.last_completion)
             # An inferred wire time of a slice that shared the rail with a later one
             # includes that sharing, so it cannot tell the rail's latency apart.
-            alone = alone and not a.overlapped
+            alone = alone and rail.posts == a.rail_posts  # nothing posted on the rail since
         rail.estimator.observe(a.length, wire_time, started_idle=alone)
-        rail.refresh()
+        rail.refresh_estimates()
+        rail.remove(a)  # updates the room, with the new estimates
         if rail.slow and a.posted_at < rail.last_completion:  # in flight since the previous completion
             rail.note_delivery(a.length, now - rail.last_completion)
         rail.last_completion = now
@@ -743,7 +743,7 @@ class Planner:
             Finished(
                 transfer_id=t.id,
                 outcome=outcome,
-                bytes_per_rail=dict(t.bytes_per_rail),
+                bytes_per_rail=t.bytes_per_rail,  # t is forgotten now: no copy needed
                 slices=t.slices,
                 attempts=t.attempts,
                 reroutes=t.reroutes,
@@ -884,9 +884,7 @@ class Planner:
             extents,
             t.priority == 2,
         )
-        for other in rail.inflight.values():
-            other.overlapped = True
-        rail.add(a)
+        rail.add(a)  # counts the post: what is in flight on the rail is overlapped now
         rail.last_activity = now
         if t.stalled_since is not None and not probe:  # a rail took bytes: the wait is over
             t.stalled_since = None  # (a probe does not end it: it may stall like the rail did)

@@ -88,6 +88,7 @@ class RailState:
         "name",
         "nominal",
         "penalty",
+        "posts",
         "probe_checked",
         "probes_total",
         "rerouted_from",
@@ -146,6 +147,7 @@ class RailState:
         self.bytes_total = 0
         self.slices_total = 0
         self.probes_total = 0
+        self.posts = 0  # slices ever posted (an attempt compares it with its own count)
         self.errors = 0
         self.busy_refusals = 0  # slices the peer refused for its load (not failures)
         self.busy_streak = 0  # refusals since the rail's last completed slice
@@ -159,6 +161,11 @@ class RailState:
 
     def refresh(self) -> None:
         """Pick up the estimator's new values (and the slice size they imply)."""
+        self.refresh_estimates()
+        self._update_room()
+
+    def refresh_estimates(self) -> None:
+        """:meth:`refresh` without the room update, for a caller that updates the room next."""
         est = self.estimator
         self.bw = est.bandwidth
         self.lat = est.latency
@@ -173,7 +180,6 @@ class RailState:
         elif self.slow:  # fast again: what it delivered as a slow rail is stale
             self.delivered = self.delivered_bytes = self.delivered_seconds = 0.0
         self.slow = slow
-        self._update_room()
 
     def note_delivery(self, nbytes: int, seconds: float) -> None:
         """A slice of ``nbytes`` completed ``seconds`` after the rail's previous completion,
@@ -205,6 +211,8 @@ class RailState:
             self.head_expected = attempt.expected
             self.head_length = attempt.length
         self.inflight[attempt.id] = attempt
+        self.posts += 1
+        attempt.rail_posts = self.posts
         self.inflight_bytes += attempt.length
         if attempt.bulk:
             self.bulk_inflight += 1

@@ -489,7 +489,9 @@ class UcxBackend(Backend):
         busy = self._server.segment_ops.get(segment.name, 0)
         if busy:
             raise SegmentBusyError(
-                f"segment {segment.name!r} has {busy} slice(s) of peers in flight; retry once they finished"
+                f"segment {segment.name!r} has {busy} slice(s) of peers in flight; retry once they finished "
+                "(a READ's bytes still going to a peer that stopped reading keep it busy until that peer "
+                "reads or disconnects, or this engine closes: UCX may still be sending from this memory)"
             )
         self._server.unregister(segment)
 

@@ -19,15 +19,21 @@
   message larger than the buffer fails the receive with a truncation error
   (UCX drops it); the caller decides what a truncation means.
 * The endpoint's close callback (run where the worker progresses) is handed to the loop.
-* A healthy endpoint with a send of ours still unfinished is not closed at once
+* An endpoint with a send of ours still unfinished is never closed
   (``abort(..., linger=True)``): its receives are cancelled now, the endpoint is
-  closed once its sends are done (at most ``LINGER_MAX`` seconds later).  UCX's
-  TCP transport (1.21, and master as of 2026-12) cannot close an endpoint
-  mid-send safely: the force close leaves the socket, kept for receiving,
-  waiting for "writable" forever, and when the peer then closes its side, one
-  event carries both the peer's FIN (which frees the endpoint) and "writable"
-  (which UCX then handles on the freed endpoint): SIGSEGV or an arbiter
-  assertion inside ``progress`` (docs/ucx.md, "Closing an endpoint mid-send").
+  closed once its sends are done, or once UCX reports it failed (the peer
+  closed or vanished).  UCX's TCP transport (1.21, and master as of 2026-12)
+  cannot close an endpoint mid-send safely: the force close leaves the socket,
+  kept for receiving, waiting for "writable" forever, and when the peer then
+  closes its side, one event carries both the peer's FIN (which frees the
+  endpoint) and "writable" (which UCX then handles on the freed endpoint):
+  SIGSEGV or an arbiter assertion inside ``progress`` (docs/ucx.md, "Closing an
+  endpoint mid-send").  After ``LINGER_MAX`` seconds such an endpoint is
+  *parked*: its owner may settle what the sends belonged to (the initiator's
+  fence ends), while the channel keeps the requests and their buffers, so UCX
+  never reads freed or reused memory.  Lingering endpoints are counted per rail
+  and per key (a peer, a source address): owners refuse new links to a key at
+  ``MAX_PARKED_PER_KEY``, which bounds what one peer can leave behind.
 
 No channel is merely "retired" any more: without active messages there is no
 receive filed under a raw endpoint handle that a recycled handle could
@@ -55,9 +61,8 @@ logger = logging.getLogger("tent_async.ucx")
 CloseHandler = Callable[["Channel", str], None]
 ReceiveHandler = Callable[[Message | None, BaseException | None], None]
 
-LINGER_MAX = 3.0  # seconds a closed channel waits for its unfinished sends before closing its endpoint anyway
-MAX_PARKED = 64  # per rail: lingering endpoints with the longer limit (abort(park=True)); past it, LINGER_MAX
-PARK_MAX = 60.0  # seconds a parked endpoint waits for its sends (it holds their buffers and segment meanwhile)
+LINGER_MAX = 3.0  # seconds a closed channel's unfinished sends may hold up their owner; then it parks
+MAX_PARKED_PER_KEY = 4  # lingering endpoints one peer or source address may have per rail; no new link past it
 
 
 def _closed_already(channel: Channel, reason: str) -> None:
@@ -81,10 +86,12 @@ class Channel:
         self.close_reason = ""
         self._on_close = on_close
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
+        self._thens: dict[int, Callable[[BaseException | None], None]] = {}  # key -> its callback, until run
         self._sends: set[int] = set()  # keys of _keep that are sends (what a linger waits for)
         self.lingering = False  # closed, but the endpoint waits for its sends (abort(linger=True))
-        self.parked = False  # lingering with no time limit (abort(park=True)): counted in rail.parked
-        self._linger: Any = None  # the timer that closes a lingering endpoint anyway
+        self.parked = False  # lingering past LINGER_MAX: counted in rail.parked
+        self.park_key: Any = None  # whose lingering endpoint this is (abort(park_key=...)): rail.parked_by
+        self._linger: Any = None  # the timer that parks a lingering endpoint
         self._ucx = _ucxx.loaded()
         try:
             ep.set_close_callback(self._closed_from_ucx)
@@ -110,7 +117,7 @@ class Channel:
         try:
             req = self._endpoint().tag_send(self._ucx.Array(data), self._ucx.L.UCXXTag(tag))
         except self._ucx.UCXError as exc:
-            self._close(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
+            self.fail(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
             return
         progress.account(time.perf_counter() - t0)
         if req.completed and req.status == 0:  # UCS_OK: an eager send, done inside the call
@@ -131,6 +138,8 @@ class Channel:
         """
         key = next(self._keys)
         self._keep[key] = (req, buffer)
+        if then is not None:
+            self._thens[key] = then
         if send:
             self._sends.add(key)
 
@@ -140,7 +149,8 @@ class Channel:
                 self._sends.discard(key)
                 if self.lingering and not self._sends:
                     self._close_endpoint()
-            error = _ucxx.future_error(future)
+            error = _ucxx.future_error(future)  # retrieved always: asyncio reports one never looked at
+            then = self._thens.pop(key, None)
             if then is not None:
                 then(error)
 
@@ -235,31 +245,49 @@ class Channel:
         elif self.lingering:  # UCX gave up on it (the peer is gone): nothing is being sent any more
             self._close_endpoint()
 
-    def _close(self, reason: str) -> None:
-        self.abort(reason)
+    def fail(self, reason: str) -> None:
+        """A request could not be posted on this endpoint: its owner closes it its way.
 
-    def abort(self, reason: str, *, linger: bool = False, park: bool = False) -> None:
-        """Close the endpoint: every request on it is cancelled (sends included).
+        The owner's close handler tears its link down, which closes this channel
+        with the owner's linger settings (another slice's send may still be going
+        out: never closed mid-send); a channel whose owner does not close it
+        lingers here.
+        """
+        if self.closed:
+            return
+        self._on_close(self, reason)
+        if not self.closed:
+            self.abort(reason, linger=True)
 
-        ``linger``: the endpoint is healthy and may have a send of ours unfinished
-        (a slice fenced on a slow rail).  Then only its receives are cancelled now
-        (their last reference dropped: ucxx cancels such a request), and the
-        endpoint itself is closed once every send has completed, or after
-        ``LINGER_MAX`` seconds: closing it mid-send leaves UCX's TCP transport
-        with a freed endpoint still watched (see the module docstring).  The
-        channel counts as closed at once either way (nothing more is posted on it,
-        and the close handler runs now).  A plain ``abort`` of a lingering channel
-        closes its endpoint now (the rail is closing).
+    def abort(
+        self,
+        reason: str,
+        *,
+        linger: bool = False,
+        park_key: Any = None,
+        on_park: Callable[[], bool] | None = None,
+    ) -> None:
+        """Close the channel: every request on it is cancelled, its sends only once safe.
 
-        ``park`` (with ``linger``): wait up to ``PARK_MAX`` instead, while the rail
-        has fewer than ``MAX_PARKED`` parked endpoints; the endpoint closes when
-        its sends are done, when UCX reports it failed, with the rail, or at that
-        limit.  For the serving side, whose unfinished sends are a READ's bytes
-        going to the peer that asked: a peer that stops reading and then closes
-        should not be able to make this engine close mid-send and crash (issue
-        11).  Finite, because a parked READ keeps its staging and its segment
-        busy (unregister refuses) meanwhile.  The initiator cannot park: its
-        fence has to end a withdrawn WRITE within a bounded time.
+        Without ``linger`` (the rail is closing, or UCX failed the endpoint) the
+        endpoint is closed now, sends included.
+
+        ``linger``: the endpoint is healthy and may have a send of ours
+        unfinished (a slice fenced on a slow rail, a READ's bytes going to a peer
+        that stopped reading).  Its receives are cancelled now (their last
+        reference dropped: ucxx cancels such a request), and the endpoint is
+        closed once every send completed or UCX reported the endpoint failed,
+        never mid-send (module docstring).  After ``LINGER_MAX`` seconds it
+        *parks* (counted in ``rail.parked``); ``on_park`` is called then: the
+        owner settles what it was waiting for (the requests and their buffers
+        stay here, and their callbacks still run when UCX gives them back), or
+        returns False when it cannot (a receive still writing into caller
+        memory, which only a close stops): then the endpoint is closed as before.
+        Lingering and parked endpoints count in ``rail.parked_by[park_key]``, so
+        owners can bound what one key leaves behind (``MAX_PARKED_PER_KEY``).
+        The channel counts as closed at once either way (nothing more is posted
+        on it, and the close handler runs now).  A plain ``abort`` of a
+        lingering channel closes its endpoint now.
         """
         if self.closed:
             if self.lingering and not linger:
@@ -269,14 +297,11 @@ class Channel:
         self.close_reason = reason
         if linger and self._sends and self.ep is not None:
             self.lingering = True
+            self.park_key = park_key
+            self.rail.parked_by[park_key] += 1
             for key in [k for k in self._keep if k not in self._sends]:
                 self._keep[key] = (None, self._keep[key][1])  # the buffer stays until UCX reports the cancel
-            limit = LINGER_MAX
-            if park and self.rail.parked < MAX_PARKED:
-                self.parked = True
-                self.rail.parked += 1
-                limit = PARK_MAX
-            self._linger = self.rail.loop.call_later(limit, self._close_endpoint)
+            self._linger = self.rail.loop.call_later(LINGER_MAX, self._park, on_park)
             self.rail.progress.kick()  # the cancels complete in a pass
         else:
             self._close_endpoint()
@@ -286,8 +311,30 @@ class Channel:
         # pass; the security run found 10 MiB of them after an attack (issue 11 review).
         on_close(self, reason)
 
+    def _park(self, on_park: Callable[[], bool] | None) -> None:
+        """``LINGER_MAX`` passed with a send still going out: park (or, if the owner cannot, close)."""
+        self._linger = None
+        if not self.lingering:
+            return
+        settled = True
+        if on_park is not None:
+            try:
+                settled = on_park()
+            except Exception:  # never a reason to close mid-send
+                logger.exception("%s: settling what a parked endpoint held failed", self.label)
+        if not settled:
+            self._close_endpoint()
+            return
+        self.parked = True
+        self.rail.parked += 1
+
     def _close_endpoint(self) -> None:
         """Close the UCX endpoint now (once): every request still on it is cancelled."""
+        if self.lingering:
+            by = self.rail.parked_by
+            by[self.park_key] -= 1
+            if by[self.park_key] <= 0:
+                del by[self.park_key]
         self.lingering = False
         if self.parked:
             self.parked = False

@@ -58,7 +58,7 @@ from ...errors import (
 )
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
-from .channel import Channel, MessageTruncated
+from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
 from .control import Session, close_writer, read_message, write_message
 from .pairing import Pair
 from .protocol import (
@@ -180,14 +180,17 @@ class _Op:
         "error",
         "fatal",
         "fence_at",
+        "held",
         "inline",
         "kind",
         "link",
         "pending",
         "reply",
         "request",
+        "sending",
         "sg",
         "slot",
+        "stalled",
         "state",
         "t_post",
         "tail_check",
@@ -213,6 +216,9 @@ class _Op:
         self.violation: str | None = None  # the peer broke the protocol on this slice
         self.error: str | None = None  # a UCX request failed, or the link went down
         self.fence_at = 0.0  # when a withdrawn op still in flight gets its link closed
+        self.stalled = False  # settled while a request of it was still UCX's (its link's endpoint parked)
+        self.sending = False  # its bulk send from the caller's memory has not completed
+        self.held: Segment | None = None  # that memory's segment, held (unregister refuses) while parked
         self.tail_check = False  # a large READ (host or GPU memory): compare its end with SENT's tail
         self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
         self.inline = False  # set by Link._queue (_inline)
@@ -287,6 +293,14 @@ class Link:
         peer = self.peer
         if peer.closed:
             self._teardown(peer.closed_reason(), tell=False)
+            return
+        parked = self.rail.parked_by[self.park_key]
+        if parked >= MAX_PARKED_PER_KEY:
+            self._teardown(
+                f"rail {self.name}: {parked} earlier links to peer {peer.name!r} still wait for it to read "
+                "what they sent (it stopped reading); no new link on this rail until it reads or goes",
+                tell=False,
+            )
             return
         if self.link_id:
             self.reconnects += 1
@@ -365,8 +379,10 @@ class Link:
         if ch is not None and not ch.closed:
             # Cancels every receive on it; its sends are cancelled too, or (a healthy endpoint with a
             # WRITE's bytes still going out) finish first: UCX's TCP transport cannot close an
-            # endpoint mid-send safely (channel.py).  Their callbacks settle the ops.
-            ch.abort(reason, linger=True)
+            # endpoint mid-send safely (channel.py).  Their callbacks settle the ops; a send still
+            # going out after LINGER_MAX parks the endpoint and _park_ops settles what is left.
+            mine = [op for op in ops if op.channel is ch]
+            ch.abort(reason, linger=True, park_key=self.park_key, on_park=lambda: self._park_ops(mine))
         for op in ops:
             if op.error is None and op.state is not OP_WITHDRAWN:
                 op.error = reason
@@ -379,9 +395,40 @@ class Link:
             with contextlib.suppress(PeerClosedError):
                 self.peer.send_control(Unlink(link_id=self.link_id, reason=reason[:1000]))
 
+    def _park_ops(self, ops: list[_Op]) -> bool:
+        """The torn-down link's endpoint parks (a send of ours stalled): settle its ops now.
+
+        Their requests stay UCX's (the channel holds them and their buffers) and
+        their callbacks still run later, into reported ops, which ignore them.
+        A READ's staging is never reused (``Plan.release(reuse=False)``), and the
+        source segment of a WRITE still being sent is held: ``unregister``
+        refuses until UCX gives it back.  Returns False, and settles nothing,
+        while a READ's receive into caller memory is still posted: only closing
+        the endpoint stops it writing there (docs/ucx.md, Known gaps).
+        """
+        if any(op.buffer is not None and op.sg is None for op in ops):
+            return False
+        for op in ops:
+            if op.state is OP_REPORTED or not op.pending:
+                continue
+            op.stalled = True
+            a = op.attempt
+            if op.sending and a is not None and op.held is None:
+                op.held = a.src  # type: ignore[assignment]
+                op.held._held += 1  # type: ignore[union-attr]
+            if op.error is None and op.state is not OP_WITHDRAWN:
+                op.error = f"rail {self.name}: the peer stopped reading"
+            self._settle(op)
+        return True
+
     def _settle_many(self, ops: list[_Op]) -> None:
         for op in ops:
             self._settle(op)
+
+    @property
+    def park_key(self) -> tuple[str, str]:
+        """What this link's parked endpoints count under on its rail: its peer (channel.py)."""
+        return ("peer", self.peer.address)
 
     def _on_close(self, ch: Channel, reason: str) -> None:
         """Our endpoint closed (UCX error, or our own abort)."""
@@ -519,11 +566,12 @@ class Link:
                 view = local.memory.array[a.src_offset : a.src_offset + a.length]
                 req = ch.tag_send(view, make_tag(self.peer_ns, KIND_DATA, op.request))
                 op.pending += 1
+                op.sending = True
                 ch.keep(req, (view, local), self._send_done(op), send=True)
         except _ucxx.loaded().UCXError as exc:
             if op.error is None:
                 op.error = f"rail {self.name}: {_ucxx.describe_error(exc)}"
-            ch.abort(op.error)  # the endpoint is unusable: tear the link down
+            ch.fail(op.error)  # the endpoint is unusable: tear the link down (never mid-send)
 
     @property
     def reply_room(self) -> int:
@@ -535,6 +583,8 @@ class Link:
             if len(self._buffers) < self.peer.slots:
                 self._buffers.append(buffer)  # cleared by recv_message
             op.pending -= 1
+            if op.state is OP_REPORTED:  # settled while parked (_park_ops): a late reply lands nowhere
+                return
             if error is not None:
                 if isinstance(error, ProtocolError):
                     truncated = isinstance(error, MessageTruncated)
@@ -617,6 +667,10 @@ class Link:
     def _send_done(self, op: _Op) -> Any:
         def done(error: BaseException | None) -> None:
             op.pending -= 1
+            op.sending = False
+            if op.held is not None:  # settled while parked: UCX gave the caller's memory back only now
+                op.held._held -= 1
+                op.held = None
             if error is not None and op.error is None and op.fatal is None:
                 op.error = f"rail {self.name}: {_ucxx.describe_error(error)}"
             self._settle(op)
@@ -646,8 +700,8 @@ class Link:
             )
 
     def _settle(self, op: _Op) -> None:
-        """Report ``op`` once all its requests are done and its outcome is known."""
-        if op.pending:
+        """Report ``op`` once all its requests are done (or stalled) and its outcome is known."""
+        if op.state is OP_REPORTED or (op.pending and not op.stalled):
             return
         if op.tail_check and op.violation is None and op.error is None and op.fatal is None:
             self._check_tail(op)
@@ -662,7 +716,7 @@ class Link:
                 self._report(op)
             finally:  # the peer's staging share comes back even if reporting raised
                 if op.sg is not None:
-                    op.sg.release()
+                    op.sg.release(reuse=not op.stalled)
 
     def _report(self, op: _Op) -> None:
         withdrawn = op.move(OP_REPORTED) in _WITHDRAWN_STATES

@@ -437,7 +437,8 @@ class LocalRail:
         self.stats = stats  # the backend's counters (``unexpected_dropped``), or None
         self.delayed = delayed_submission  # the progress thread submits requests (ordering, peer.py)
         self.channels: set[Any] = set()  # open Channels (closed with the rail)
-        self.parked = 0  # closed channels whose endpoint waits, with no time limit, for a send (channel.py)
+        self.parked = 0  # closed channels whose endpoint waits past LINGER_MAX for a send to finish (channel.py)
+        self.parked_by: collections.Counter[Any] = collections.Counter()  # ... per park key (peer, source address)
         self.owners: dict[int, NamespaceOwner] = {}  # tag namespace -> who receives in it
         # Receives that drop messages, oldest first; pruned by the sweeper, not by a done-callback
         # each (one loop callback per dropped message less, which matters in a flood).

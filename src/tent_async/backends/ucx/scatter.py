@@ -188,6 +188,7 @@ class Staging:
 
     def __init__(self) -> None:
         self.in_use = 0  # serving side: bytes of staging held by slices of all links
+        self.parked = 0  # ... by closed links whose endpoint parked (outside in_use: LinkStaging.park)
         self.by_connection: dict[int, int] = {}  # serving side: bytes held per peer connection
         self._free: list[Array] = []
         self._idle = 0
@@ -243,6 +244,28 @@ class LinkStaging:
         self.connection = connection  # the peer connection's serial: its links share one quarter
         self.count = 0
         self.bytes = 0
+        self.parked = False  # the link closed with staging still UCX's: counted in pool.parked
+
+    def park(self) -> None:
+        """The link closed while a send of its staging still goes out (its endpoint lingers).
+
+        That staging no longer counts against the engine's and the connection's
+        bounds, which are for slices being served: a peer that stops reading
+        would otherwise keep every other peer's extent lists refused as busy.
+        It counts in ``pool.parked`` instead, which the server bounds by
+        refusing new links (server.py).
+        """
+        if self.parked:
+            return
+        self.parked = True
+        pool = self.pool
+        pool.in_use -= self.bytes
+        pool.parked += self.bytes
+        left = pool.by_connection.get(self.connection, 0) - self.bytes
+        if left > 0:
+            pool.by_connection[self.connection] = left
+        else:
+            pool.by_connection.pop(self.connection, None)
 
     def take(self, n: int) -> Array | None:
         """A staging buffer of ``n`` bytes, or None when a bound would be exceeded.
@@ -270,6 +293,10 @@ class LinkStaging:
         self.count -= 1
         self.bytes -= n
         pool = self.pool
+        if self.parked:
+            pool.parked -= n
+            pool.give(buf)
+            return
         pool.in_use -= n
         left = pool.by_connection.get(self.connection, 0) - n
         if left > 0:
@@ -434,10 +461,15 @@ class Plan:
         assert src is not None
         scatter(src, self.local, self.local_index, self.local_offsets, self.lengths)
 
-    def release(self) -> None:
-        """Every request of the slice is done: its staging may be reused, and the peer's is free."""
+    def release(self, *, reuse: bool = True) -> None:
+        """The slice ended: the peer's staging is free, and ours may be reused.
+
+        ``reuse=False``: a send of ours may still read our staging (its endpoint
+        parked, channel.py); the buffer stays with that request and never goes
+        back to the pool, or another peer's bytes could follow it out.
+        """
         buf, self.staging = self.staging, None
-        if buf is not None:
+        if buf is not None and reuse:
             self.pool.give(buf)
         if self.share is not None:
             self.share.release(self)

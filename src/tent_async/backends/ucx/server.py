@@ -46,7 +46,7 @@ import numpy as np
 from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
 from . import _ucxx, scatter
-from .channel import Channel, MessageTruncated
+from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
 from .control import (
     LogLimiter,
     Session,
@@ -106,6 +106,7 @@ MAX_PENDING_HANDSHAKES = 32  # unauthenticated control connections at once; more
 MAX_PENDING_PER_SOURCE = 16  # ... of them from one source address (many engines on one host connect at once)
 MAX_CONNECTIONS = 256  # authenticated connections at once
 MAX_CONNECTIONS_PER_SOURCE = 64  # ... of them from one source address
+MAX_LINGERING = 64  # endpoints per rail still sending to peers that stopped reading; past it, no new links
 LINK_BURST = 64  # LINKs a client may send at once (one per rail at connect, one per re-link) ...
 LINK_RATE = 8.0  # ... and per second after that; faster is a protocol violation
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
@@ -339,6 +340,11 @@ class ServerLink:
         oldest = min(when for _p, _n, _h, when in self.stash.values())
         self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL - (now - oldest), self._expire_stash)
 
+    @property
+    def park_key(self) -> tuple[str, str]:
+        """What this link's lingering endpoint counts under on its rail: the client's source address."""
+        return ("source", self.conn.source_key)
+
     def close(self, reason: str) -> None:
         if self.closed:
             return
@@ -351,9 +357,14 @@ class ServerLink:
             self.server.stashed_bytes -= held
         self.stash.clear()
         self.rail.release_namespace(self.ns)
-        # Cancels the header slots and every slice in flight (a READ's bytes still going out
-        # finish first: UCX's TCP transport cannot close an endpoint mid-send safely, channel.py).
-        self.channel.abort(reason, linger=True, park=True)
+        # Cancels the header slots and every slice in flight.  A READ's bytes still going out
+        # finish first, however long the peer takes to read them: UCX's TCP transport cannot
+        # close an endpoint mid-send safely (channel.py), and the peer could then crash this
+        # engine by closing its side.  Counted against the peer's source address, which gets
+        # no new link on this rail while MAX_PARKED_PER_KEY of its endpoints linger.
+        self.channel.abort(reason, linger=True, park_key=self.park_key)
+        if self.channel.lingering:
+            self.staging.park()  # what its READs still send is out of the bounds for serving slices
         # 8 x 18 KiB of header slots: the channel holds those still posted until UCX gave them
         # back; ours go now, not when the garbage collector breaks the link's last cycle.
         self.slots = []
@@ -639,6 +650,11 @@ class Server:
         old = conn.links.pop(rail.name, None)
         if old is not None:
             self.close_link(old, "replaced by a new link on the same rail", tell=False)
+        refused = self._lingering_refusal(rail, conn)
+        if refused:
+            self.site.stats["links_refused_parked"] += 1
+            conn.send(Unlink(link_id=msg.link_id, reason=refused))
+            return
         label = f"rail {rail.name} <- {conn.name!r}"
         holder: list[ServerLink] = []
         try:
@@ -658,6 +674,33 @@ class Server:
         if not link.closed:
             conn.send(Linked(link_id=msg.link_id, namespace=link.ns))
         logger.debug("%s: link %d up (namespace %#x)", link.label, link.link_id, link.ns)
+
+    def _lingering_refusal(self, rail: LocalRail, conn: Connection) -> str:
+        """Why no new link on ``rail`` for ``conn`` while endpoints of closed links linger, or "".
+
+        A lingering endpoint holds a READ's bytes (staging, or a segment kept
+        busy) that its peer asked for and has not read; closing it mid-send
+        could crash this engine (channel.py), so it stays until the peer reads
+        or goes.  What that holds is bounded here: per source address
+        (``MAX_PARKED_PER_KEY``), and per rail and in staging bytes for all
+        sources together (``MAX_LINGERING``, ``STAGING_PER_ENGINE``), past which
+        no new link is set up on the rail at all; links already up go on.
+        """
+        lingering = rail.parked_by[("source", conn.source_key)]
+        if lingering >= MAX_PARKED_PER_KEY:
+            return (
+                f"{lingering} endpoints of earlier links from {conn.source} on rail {rail.name!r} still wait "
+                "for it to read what it asked for; read them or disconnect"
+            )
+        total = sum(rail.parked_by.values())
+        parked = scatter.staging_of(self.site).parked
+        if total >= MAX_LINGERING or parked >= scatter.STAGING_PER_ENGINE:
+            return (
+                f"engine {self.site.engine_name!r} holds {total} endpoints ({parked} bytes of staging) on rail "
+                f"{rail.name!r} for peers that stopped reading what they asked for; no new link on it until "
+                "they read or go"
+            )
+        return ""
 
     def _channel_closed(self, holder: list[ServerLink], reason: str) -> None:
         if holder and not holder[0].closed:
