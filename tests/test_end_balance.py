@@ -104,3 +104,14 @@ def test_the_tail_floor_respects_a_rails_per_slice_cost() -> None:
     assert tail_floor(25e6, 2e-3, cfg) == 150_000 - 150_000 % cfg.slice_align
     # never above min_slice
     assert tail_floor(25e6, 1.0, cfg) == cfg.min_slice
+
+
+def test_slow_rails_alone_are_sliced_as_before() -> None:
+    """The balance hands what a slow rail leaves to a fast one: with no fast rail (one slow
+    rail; or the fast rail down) no slice is cut under min_slice (a small remainder merges
+    into the slice before it, as before)."""
+    for bws in ([25e6], [25e6, 6.25e6]):
+        fab = FifoFabric(bws, config=UCX)
+        fab.submit(8 * MiB + 4 * KiB)
+        fab.run()
+        assert min(a.length for a in fab.posts) >= UCX.min_slice, bws

@@ -171,7 +171,8 @@ class CheckedEft(EarliestFinish):
                 s = int(share) - int(share) % self._align
             else:
                 s = self._floor
-            if r.slow and left[r] <= self._floor:  # a slow rail with little left: at most its last share
+            beside_fast = any(not x.slow for x in usable)  # a fast rail takes what a slow one leaves
+            if r.slow and beside_fast and left[r] <= self._floor:  # little left: at most its last share
                 last = rates[r] * (end / self._band - r.lat) - left[r]
                 if r.tail < last < s:
                     s = int(last) - int(last) % self._align
@@ -182,7 +183,10 @@ class CheckedEft(EarliestFinish):
         lands = rail.lat + (left[rail] + size) / rates[rail]
         # within the tie band of the best, or a rail too slow for one short min_slice whose
         # slice lands a tie band before the transfer's expected end
-        ok = rail.slow and lands <= end / self._band + 1e-9
+        if any(not x.slow for x in usable) and any(x.slow for x in usable):
+            ok = rail.slow and lands <= end / self._band + 1e-9
+        else:  # slow rails alone (or none): lands before the level, counting slices in flight whole
+            ok = rail.slow and chosen <= level + 1e-12
         assert chosen <= min(costs) * self._band + 1e-12 or ok, (chosen, costs, level, end)
         assert rail.has_room() or (size <= self._floor and rail.room)  # small slices: the byte budget
         CheckedEft.checked += 1

@@ -161,7 +161,7 @@ class EarliestFinish:
         usable = []
         sum_bw = 0.0
         sum_backlog = 0.0
-        slow = False
+        slow = fast = False
         for rail in transfer.rails:
             if not rail.dispatchable:
                 continue
@@ -177,16 +177,21 @@ class EarliestFinish:
             usable.append((rail, bw, backlog))
             sum_bw += bw
             sum_backlog += backlog
-            slow = slow or rail.slow
+            if rail.slow:
+                slow = True
+            else:
+                fast = True
         if not usable:
             return NO_RAIL
         level = (remaining + sum_backlog) / sum_bw  # the instant every rail would finish together
         left: dict[RailState, int] | None = None
         end = level
-        if slow:
+        if slow and fast:
             # A slow rail's last slice is planned against the transfer's expected end, which
             # counts what the slices in flight have left (the level counts them whole, as
             # the fast rails' shares always have: a rail looks busy up to a slice longer).
+            # Only beside a fast rail, which takes what the slow ones leave: a transfer on
+            # slow rails alone is sliced as before.
             left = {}
             sum_left = float(remaining)
             for rail, bw, backlog in usable:
@@ -270,7 +275,12 @@ class EarliestFinish:
         # from what they have left, fast rails looked free sooner and slower ones were
         # held for them: bench sim's heterogeneous run lost 1.1 % to idle rails.)
         if pick_cost > best * self._band and not (
-            left is not None and pick.slow and _last_share(pick, pick_bw, left[pick], end * shrink) >= pick_size
+            pick.slow
+            and (
+                pick_cost <= level
+                if left is None
+                else _last_share(pick, pick_bw, left[pick], end * shrink) >= pick_size
+            )
         ):
             return None
         return pick, pick_size
