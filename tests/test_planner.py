@@ -174,7 +174,10 @@ class CheckedEft(EarliestFinish):
             beside_fast = any(not x.slow for x in usable)  # a fast rail takes what a slow one leaves
             if r.slow and beside_fast and left[r] <= self._floor:  # little left: at most its last share
                 last = rates[r] * (end / self._band - r.lat) - left[r]
-                if r.tail < last < s:
+                if last < s:
+                    if last <= r.tail:
+                        assert r is not rail  # nothing left for it: skipped
+                        continue
                     s = int(last) - int(last) % self._align
             sizes[r] = min(s, remaining)
             costs.append(r.expected_time(sizes[r], now) * r.penalty)

@@ -241,7 +241,9 @@ class EarliestFinish:
                 # min_slice is left on the rail: cut at every chance, the estimates' drift
                 # would only ever add to it.
                 last = _last_share(rail, bw, left[rail], end * shrink)
-                if rail.tail < last < size:
+                if last < size:
+                    if last <= rail.tail:
+                        continue  # nothing left for it: a min_slice there would end the transfer late
                     size = int(last)
                     size -= size % align
             if size > remaining:
