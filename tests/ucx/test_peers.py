@@ -164,9 +164,10 @@ async def test_cancelling_a_transfer_to_a_peer_restores_accounting(spawn_peer: A
             kv = await peer.segment("kv")
         src = engine.register(np.ones(64 * MiB, dtype=np.uint8), name="src")
         with anyio.fail_after(30):
-            with anyio.move_on_after(0.01) as scope:
+            with anyio.move_on_after(0.001) as scope:
                 await engine.transfer(src[:], kv[:])
-            assert scope.cancelled_caught  # 64 MiB do not cross in 10 ms: the transfer was cancelled
+            # 64 MiB do not cross in 1 ms (over shared memory on a quiet machine they did in 10 ms)
+            assert scope.cancelled_caught
             snap = engine.telemetry()
             assert snap.inflight_bytes == 0 and snap.open_transfers == 0
             await engine.transfer(src[:MiB], kv[:MiB])  # still usable
