@@ -1169,7 +1169,11 @@ class Engine:
                     planner.fail(decision.attempt.id, backend.clock(), exc)
                     self._kick()
             elif type(decision) is Withdraw:
-                backend.withdraw(decision.attempt)
+                # Not one that resolved since the planner decided (a report delivered at the
+                # start of this pump): nothing of it is left to stop, and a backend would keep
+                # the id it was told to watch for (local: _withdrawn) forever.
+                if decision.attempt.state is not AttemptState.DONE:
+                    backend.withdraw(decision.attempt)
             else:
                 assert isinstance(decision, Finished)
                 self._finish(decision)

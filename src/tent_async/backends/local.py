@@ -232,6 +232,8 @@ class LocalBackend(Backend):
         self._due: list[tuple[float, int]] = []
         self._due_timer: asyncio.TimerHandle | None = None
         self._due_timer_at = math.inf
+        self._delivering = False  # inside deliver_due (a report's listener may submit, and pump)
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx: BackendContext | None = None
         self._reporter: _Reporter | None = None
@@ -256,10 +258,14 @@ class LocalBackend(Backend):
             worker.start()
 
     async def aclose(self) -> None:
-        if self._due_timer is not None:  # every transfer ended: nothing held back is still owed
+        self._closing = True  # every transfer ended: nothing held back is still owed
+        if self._due_timer is not None:
             self._due_timer.cancel()
             self._due_timer = None
             self._due_timer_at = math.inf
+        self._due.clear()
+        self._inline.clear()
+        self._withdrawn.clear()
         workers = list(self._workers.values())
         for worker in workers:
             worker.queue.put(None)
@@ -332,6 +338,8 @@ class LocalBackend(Backend):
         """One loop timer, for the earliest report held back (re-armed only for an earlier one)."""
         loop = self._loop
         assert loop is not None
+        if self._closing:
+            return
         if self._due_timer is not None:
             self._due_timer.cancel()
         self._due_timer_at = when
@@ -352,21 +360,33 @@ class LocalBackend(Backend):
         return due[0][0] if due else math.inf
 
     def deliver_due(self, now: float) -> None:
-        """Report, in order of arrival, every inline copy whose bytes have arrived by ``now``."""
+        """Report, in order of arrival, every inline copy whose bytes have arrived by ``now``.
+
+        Not again from inside itself (a slice listener that submits, and so pumps, while
+        a report is delivered): the outer call goes on in order.  A report that raises
+        goes to the loop's exception handler, as a callback of its own would, and does
+        not stop the ones after it.
+        """
+        if self._delivering:
+            return
+        self._delivering = True
         due = self._due
         inline = self._inline
         ctx = self._ctx
-        while due and due[0][0] <= now:
-            _finish, aid = heapq.heappop(due)
-            wire = inline.pop(aid, None)
-            if wire is None or ctx is None:
-                continue  # withdrawn meanwhile: reported as withdrawn instead
-            try:
-                ctx.complete(aid, wire)
-            except Exception as exc:  # as a callback of its own would: logged, the rest still reported
-                asyncio.get_running_loop().call_exception_handler(
-                    {"message": "error delivering a local rail's report", "exception": exc}
-                )
+        try:
+            while due and due[0][0] <= now:
+                _finish, aid = heapq.heappop(due)
+                wire = inline.pop(aid, None)
+                if wire is None or ctx is None:
+                    continue  # withdrawn meanwhile: reported as withdrawn instead
+                try:
+                    ctx.complete(aid, wire)
+                except Exception as exc:
+                    asyncio.get_running_loop().call_exception_handler(
+                        {"message": "error delivering a local rail's report", "exception": exc}
+                    )
+        finally:
+            self._delivering = False
         if due and self._due_timer is None:
             self._arm_due(due[0][0])
 

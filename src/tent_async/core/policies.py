@@ -142,6 +142,7 @@ class EarliestFinish:
         self._floor = 64 * 1024
         self._align = 4096
         self._bg_fraction = 0.1
+        self._tail_merge = 0.5
 
     def bind(self, rails: list[RailState], config: SchedulerConfig) -> None:
         self._band = 1.0 + config.tie_band
@@ -149,6 +150,7 @@ class EarliestFinish:
         self._floor = config.min_slice
         self._align = config.slice_align
         self._bg_fraction = config.background_slice
+        self._tail_merge = config.tail_merge
 
     def choose(self, transfer: TransferState, now: float) -> Choice:
         history = transfer.pending[0].history
@@ -246,6 +248,8 @@ class EarliestFinish:
                         continue  # nothing left for it: a min_slice there would end the transfer late
                     size = int(last)
                     size -= size % align
+                    if size < remaining and remaining - size < self._tail_merge * size:
+                        continue  # the slice would take the rest along (slicing.cut): 1.5x its share
             if size > remaining:
                 size = remaining
             cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
