@@ -861,11 +861,7 @@ class Engine:
             try:
                 await waiter
             except BaseException:
-                handle._drop_waiter(waiter)
-                if not handle._settled:
-                    handle.cancel()
-                    with anyio.CancelScope(shield=True):
-                        await handle._wait_settled()
+                await self._abandon(handle, waiter)
                 raise
         return handle.result()
 
@@ -898,13 +894,18 @@ class Engine:
             try:
                 await waiter
             except BaseException:
-                handle._drop_waiter(waiter)
-                if not handle._settled:
-                    handle.cancel()
-                    with anyio.CancelScope(shield=True):
-                        await handle._wait_settled()
+                await self._abandon(handle, waiter)
                 raise
         return handle.result()
+
+    @staticmethod
+    async def _abandon(handle: TransferHandle, waiter: asyncio.Future[None]) -> None:
+        """A waiting caller was cancelled: cancel its transfer and wait until nothing of it can land."""
+        handle._drop_waiter(waiter)
+        if not handle._settled:
+            handle.cancel()
+            with anyio.CancelScope(shield=True):
+                await handle._wait_settled()
 
     def _as_view(self, obj: object, role: str) -> View:
         if isinstance(obj, SegmentBase):

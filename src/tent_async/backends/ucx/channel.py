@@ -86,7 +86,6 @@ class Channel:
         self.close_reason = ""
         self._on_close = on_close
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
-        self._thens: dict[int, Callable[[BaseException | None], None]] = {}  # key -> its callback, until run
         self._sends: set[int] = set()  # keys of _keep that are sends (what a linger waits for)
         self.lingering = False  # closed, but the endpoint waits for its sends (abort(linger=True))
         self.parked = False  # lingering past LINGER_MAX: counted in rail.parked
@@ -138,8 +137,6 @@ class Channel:
         """
         key = next(self._keys)
         self._keep[key] = (req, buffer)
-        if then is not None:
-            self._thens[key] = then
         if send:
             self._sends.add(key)
 
@@ -149,8 +146,7 @@ class Channel:
                 self._sends.discard(key)
                 if self.lingering and not self._sends:
                     self._close_endpoint()
-            error = _ucxx.future_error(future)  # retrieved always: asyncio reports one never looked at
-            then = self._thens.pop(key, None)
+            error = _ucxx.future_error(future)
             if then is not None:
                 then(error)
 
