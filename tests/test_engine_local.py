@@ -387,3 +387,32 @@ async def test_an_idle_engine_posts_inside_submit_only_for_a_backend_that_allows
         assert first.done() and second.done()
         assert (await first.wait()).bytes == 4096
         assert np.array_equal(dst.memory.array, src.memory.array)
+
+
+async def test_flush_says_whether_a_transfer_it_settled_has_a_caller_waiting() -> None:
+    """The ucx progress pass yields to a woken caller only when flush says there is one."""
+    backend = _HeldBackend(inline=True)
+    async with tent.Engine(backend=backend) as e:
+        src = e.register(np.arange(8192, dtype=np.uint8) % 251, name="src")
+        dst = e.register(np.zeros(8192, dtype=np.uint8), name="dst")
+        ctx = backend._ctx
+        assert ctx is not None
+        unwatched = e.submit(src[:4096], dst[:4096])  # nobody awaits it yet
+        ctx.complete(backend.posted[-1].id)
+        assert ctx.flush() is False
+        assert unwatched.done()
+        assert ctx.flush() is False  # nothing settled
+
+        async with anyio.create_task_group() as tg:
+            results: list[int] = []
+
+            async def caller() -> None:
+                results.append((await e.transfer(src[4096:], dst[4096:])).bytes)
+
+            tg.start_soon(caller)
+            while len(backend.posted) < 2:
+                await anyio.lowlevel.checkpoint()
+            ctx.complete(backend.posted[-1].id)
+            assert ctx.flush() is True  # its caller waits: it runs once this callback returns
+            assert not results
+        assert results == [4096]

@@ -424,6 +424,7 @@ class Engine:
         self._final_telemetry: Telemetry | None = None  # the last snapshot, kept readable after close
         self._early_slack = self.config.target_slice_time / 4  # see _reports_waiting
         self._last_pump = -math.inf
+        self._woke = False  # a pump settled a transfer someone awaits (_Context.flush reads it)
 
     # ============================================================ lifecycle
 
@@ -1274,6 +1275,8 @@ class Engine:
             if isinstance(seg, Segment):
                 seg._busy -= 1
         handle._acked = fin.acked
+        if handle._waiter is not None or handle._waiters:
+            self._woke = True  # a caller runs once this loop callback returns (_Context.flush)
         if fin.outcome is Outcome.DONE:
             # Positional, in the field order (id, bytes, elapsed, bytes_per_rail, slices, attempts,
             # reroutes): once per transfer, and keywords cost a third more.
@@ -1402,8 +1405,11 @@ class _Context:
             planner.rail_down(rail, self._engine._backend.clock(), reason)
             self._engine._kick()
 
-    def flush(self) -> None:
-        self._engine._flush()
+    def flush(self) -> bool:
+        engine = self._engine
+        engine._woke = False
+        engine._flush()
+        return engine._woke
 
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:
         tg = self._engine._tg

@@ -236,6 +236,52 @@ async def test_on_batch_runs_in_the_pass_after_its_completions_and_is_not_this_r
         b.close()
 
 
+async def test_a_pass_that_woke_a_caller_lets_it_run_before_the_rest_of_the_pass(fds: list[int]) -> None:
+    """on_batch True (a settled transfer's caller waits): the caller runs first, the pass's rest after."""
+    loop = asyncio.get_running_loop()
+    worker = FakeWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "shm")
+    try:
+        await asyncio.sleep(0.01)
+        order: list[str] = []
+        woken: asyncio.Future[None] = loop.create_future()
+
+        settled_at = [0]
+
+        def on_batch() -> bool:  # the engine's pump settled a transfer whose caller awaits it
+            woken.set_result(None)
+            order.append("settled")
+            settled_at[0] = worker.progress_calls
+            return True
+
+        async def caller() -> None:
+            await woken
+            order.append(f"caller ran ({worker.progress_calls - settled_at[0]} progress calls after the settle)")
+
+        prog.on_batch = on_batch
+        task = asyncio.ensure_future(caller())
+        await asyncio.sleep(0)
+        req = worker.request(loop)
+        prog.watch(req, lambda fut: order.append("reply"))
+        real_arm = worker.arm
+        arms: list[int] = []
+
+        def arm() -> bool:
+            arms.append(len(order))
+            return real_arm()
+
+        worker.arm = arm  # type: ignore[method-assign]
+        prog.kick()
+        await task
+        await asyncio.sleep(0.01)
+        assert order == ["reply", "settled", "caller ran (0 progress calls after the settle)"]
+        # The pass did not arm (or go round again) before the caller ran; a pass after it did.
+        assert arms and arms[0] == 3
+    finally:
+        prog.on_batch = None
+        prog.close()
+
+
 class BusyOnceWorker(FakeWorker):
     """``arm`` answers BUSY ``busy`` times in a row (shared memory: a drained wake-up signal), then arms."""
 

@@ -66,14 +66,16 @@ class BackendContext(Protocol):
     def rail_down(self, rail: str, reason: str) -> None:
         """The backend learned that a rail is gone."""
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Act on the reports made so far now, instead of at the end of this loop turn.
 
         Reports are batched: the engine acts on all of one loop turn's reports at
         once, a turn later.  A backend that delivers completions in batches of its
         own (the ucx backend's progress pass) calls this once a batch is over, so
         that the transfers they finish settle, and the slices they make room for
-        are posted, in the same turn.
+        are posted, in the same turn.  Returns True when a transfer it settled had
+        a caller waiting for it: the backend should then leave the rest of its
+        own work to a later callback, so that the caller runs first.
         """
 
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:

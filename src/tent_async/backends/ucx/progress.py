@@ -113,7 +113,8 @@ class Progress:
         self.name = name
         # Called after a pass delivered completions (the engine's BackendContext.flush), so that
         # what they report is acted on in the same pass; the thread mode delivers one at a time.
-        self.on_batch: Callable[[], None] | None = None
+        # True: a caller waits for a transfer it settled (the pass then yields to it).
+        self.on_batch: Callable[[], bool] | None = None
         # The loop modes' gate on the wire (the rail's LocalRail.drain): called before each
         # progress call that could take more messages in; False means UCX's unexpected queue is
         # not empty yet, so the pass takes nothing more and yields.  The thread mode cannot gate.
@@ -306,19 +307,20 @@ class LoopProgress(Progress):
                 )
         return bool(done)
 
-    def _batch_done(self, nested: bool) -> None:
+    def _batch_done(self, nested: bool) -> bool:
         """Let the engine act on the completions just delivered, outside this rail's metering.
 
         The engine's pump may post slices on other rails; a large TCP send pushes its
         bytes inside the call, and that time must count as that rail's (``account``),
         not as this pass's, or it would be taken off that rail's own wire time.
+        Returns whether a caller waits for a transfer it settled.
         """
         assert self.on_batch is not None
         meter = self._meter
         meter.running = nested
         t0 = time.perf_counter()
         try:
-            self.on_batch()
+            return self.on_batch()
         finally:
             meter.running = True
             self._outside += time.perf_counter() - t0
@@ -416,14 +418,23 @@ class LoopProgress(Progress):
                 break
             self._kicked = False
             self._in_pass = True
+            woke = False
             try:
                 delivered = self._deliver()  # may post requests, close endpoints, even close this rail
                 if delivered and self.on_batch is not None and not self._closed:
-                    self._batch_done(nested)
+                    woke = self._batch_done(nested)
             finally:
                 self._in_pass = False
             if self._closed:
                 return None
+            if woke:
+                # A transfer settled and its caller waits: the caller runs first, the rest of
+                # this pass (more rounds, the arm) in a pass right after it, in the next loop
+                # iteration; it would otherwise sit on the caller's critical path (about 15 us
+                # per small transfer here: a round that finds nothing, the arm, often a BUSY
+                # retry).  What the caller then posts is progressed by that same pass.
+                busy = True
+                break
             # A callback posted something (a server's answer, the next header): progress it now,
             # in this turn, rather than in a pass of the next one.
             if not self._kicked or busy:
