@@ -121,6 +121,26 @@ def test_submit_validates_rails() -> None:
         Planner([RailInfo("a", 1e9), RailInfo("a", 1e9)])
 
 
+def test_a_rail_set_named_again_resolves_to_the_same_rails_and_group() -> None:
+    """Rail sets are resolved once and shared; a later rail, unknown names and duplicates still behave."""
+    planner = Planner([RailInfo("a", 1e9), RailInfo("b", 1e9), RailInfo("c", 1e9)])
+    one = planner.submit([Piece("s", 0, "d", 0, 10)], 0.0, rails=["c", "a", "c"])
+    two = planner.submit([Piece("s", 0, "d", 0, 10)], 0.0, rails=("c", "a", "c"))
+    three = planner.submit([Piece("s", 0, "d", 0, 10)], 0.0, rails=[2, 0])
+    t1, t2, t3 = (planner._transfers[t] for t in (one, two, three))
+    assert [r.name for r in t1.rails] == ["a", "c"]  # index order, once each
+    assert t1.rails is t2.rails and t1.group is t2.group  # the cached set
+    assert [r.name for r in t3.rails] == ["a", "c"] and t3.group is t1.group  # same rails, same group
+    for _ in range(2):  # an unknown name is never cached as known
+        with pytest.raises(ValueError, match="unknown rail"):
+            planner.submit([Piece("s", 0, "d", 0, 10)], 0.0, rails=["a", "zz"])
+    planner.add_rail(RailInfo("zz", 1e9))
+    four = planner.submit([Piece("s", 0, "d", 0, 10)], 0.0, rails=["a", "zz"])
+    assert [r.name for r in planner._transfers[four].rails] == ["a", "zz"]
+    posted = {d.attempt.rail_name for d in planner.poll(0.0) if isinstance(d, Post)}
+    assert posted <= {"a", "c", "zz"} and "b" not in posted
+
+
 def test_rails_restriction_is_honoured() -> None:
     fab = FifoFabric([1e9, 1e9, 1e9])
     fab.submit(64 * MiB, rails=[0, 2])

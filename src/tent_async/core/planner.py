@@ -109,6 +109,7 @@ class Planner:
         self.scatter_gather = scatter_gather  # may one slice carry several extents?
         self._transfers: dict[int, TransferState] = {}
         self._groups: dict[tuple[int, ...], RailGroup] = {}
+        self._rail_sets: dict[tuple[int | str, ...], tuple[tuple[RailState, ...], tuple[int, ...]]] = {}
         self._work: dict[RailGroup, None] = {}  # groups with queued transfers, in order
         self._attempts: dict[int, Attempt] = {}
         self._deadlines: list[tuple[float, int]] = []
@@ -148,22 +149,20 @@ class Planner:
         zero bytes finishes at the next :meth:`poll`.
         """
         prio = Priority.parse(priority)
-        group_key: tuple[int, ...] | None = None
+        group_key: tuple[int, ...]
         eligible: Sequence[RailState]
         if rails is None:
             eligible, group_key = self._all  # shared: no tuple per transfer
         else:
-            chosen: list[RailState] = []
-            for key in rails:
-                rail = self._by_name.get(key) if isinstance(key, str) else self._rail_at(key)
-                if rail is None:
-                    raise ValueError(f"unknown rail {key!r}; known rails: {sorted(self._by_name)}")
-                if rail not in chosen:
-                    chosen.append(rail)
-            chosen.sort(key=lambda r: r.index)
-            if not chosen:
-                raise ValueError("a transfer needs at least one eligible rail")
-            eligible = chosen
+            # A backend names the same few rail sets again and again (a peer's rails): each set
+            # is resolved once, and its transfers share one tuple and one group key.
+            names = rails if type(rails) is tuple else tuple(rails)
+            resolved = self._rail_sets.get(names)
+            if resolved is None:
+                resolved = self._resolve_rails(names)
+                if len(self._rail_sets) < 1024:
+                    self._rail_sets[names] = resolved
+            eligible, group_key = resolved
         extents: Extents | None
         single: tuple[Hashable, int, Hashable, int] | None = None
         if isinstance(pieces, Extents):
@@ -187,8 +186,6 @@ class Planner:
         tid = self._next_tid
         self._next_tid += 1
         t = TransferState(tid, extents, single, total, eligible, now, prio)
-        if group_key is None:
-            group_key = tuple([r.index for r in t.rails])
         group = self._groups.get(group_key)
         if group is None:
             group = self._groups[group_key] = RailGroup(group_key, t.rails, self.config.priority_aging)
@@ -199,6 +196,20 @@ class Planner:
         else:
             self._maybe_finish(t, now)
         return tid
+
+    def _resolve_rails(self, names: tuple[int | str, ...]) -> tuple[tuple[RailState, ...], tuple[int, ...]]:
+        """The rails ``names`` (indices or names) stand for, in index order, and their group key."""
+        chosen: list[RailState] = []
+        for key in names:
+            rail = self._by_name.get(key) if isinstance(key, str) else self._rail_at(key)
+            if rail is None:
+                raise ValueError(f"unknown rail {key!r}; known rails: {sorted(self._by_name)}")
+            if rail not in chosen:
+                chosen.append(rail)
+        chosen.sort(key=lambda r: r.index)
+        if not chosen:
+            raise ValueError("a transfer needs at least one eligible rail")
+        return tuple(chosen), tuple([r.index for r in chosen])
 
     def cancel(self, tid: int, now: float) -> bool:
         """Cancel a transfer: pending bytes dropped, live attempts withdrawn.
