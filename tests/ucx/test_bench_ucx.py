@@ -19,16 +19,20 @@ pytestmark = [pytest.mark.ucx, requires_ucxx]
 
 
 def test_the_loopback_benchmark_completes_raw_and_engine_runs_on_both_rails() -> None:
-    cmd = [sys.executable, "-m", "tent_async.cli", "bench", "ucx"]
+    cmd = [sys.executable, "-m", "tent_async.cli", "bench", "ucx", "--rails", "tcp,shm,default"]
     cmd += ["--iters", "1", "--lat-iters", "5", "--repeat", "1", "--limit", "90"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "left out" not in out.stdout, out.stdout
     rows = {r["rail"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
-    assert set(rows) == {"tcp", "shm"}, out.stdout
-    for row in rows.values():
-        for key in ("raw_GBps", "engine_write_GBps", "engine_read_GBps", "raw_rtt_us", "engine_write_us"):
+    assert set(rows) == {"tcp", "shm", "default"}, out.stdout
+    for rail, row in rows.items():
+        for key in ("engine_write_GBps", "engine_read_GBps", "engine_write_us"):
             assert row[key] > 0, row
+        if rail != "default":  # raw ucxx has no rails=None
+            assert row["raw_GBps"] > 0 and row["raw_rtt_us"] > 0, row
+    # the default rails are held to the best single rail (issue 9: more rails never slower)
+    assert "rails=None 4 KiB p50 against the best single rail measured: WRITE" in out.stdout, out.stdout
 
 
 def test_the_learning_run_reports_what_the_engine_learned_per_default_rail() -> None:
