@@ -537,3 +537,41 @@ async def test_a_served_read_whose_peer_stops_reading_parks_however_long_it_stop
         await until(lambda: ch.ep is None and not serving.segment_ops, 30)  # the send's callback may come later
         assert rail.parked == 0 and not rail.parked_by and not serving.segment_ops
         server.unregister("kv")  # free again
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_server_that_stops_reading_control_is_dropped_before_the_client_queues_without_bound() -> None:
+    """Audit (issue 11): the client bounds what it queues to a server, as the server does for clients.
+
+    A server that stops reading its control connection (the data plane goes on)
+    made the client queue every notification (up to 64 KiB, one per transfer) in
+    asyncio's write buffer for as long as the application kept transferring.
+    """
+    from tent_async.backends.ucx.control import MAX_WRITE_BUFFER
+
+    rails = [tent.RailSpec(**LO[0])]
+    async with (
+        tent.Engine(backend="ucx", name="server", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client", rails=rails) as client,
+    ):
+        server.register(np.zeros(MiB, dtype=np.uint8), name="kv")
+        with anyio.fail_after(30):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+            kv = await peer.segment("kv")
+        (conn,) = server.backend._server.connections.values()  # type: ignore[attr-defined]
+        conn.writer.transport.pause_reading()  # the server no longer reads this client's control
+        text = "n" * 60_000
+        for _ in range(400):  # 24 MB of notifications, as 400 transfers with notify= would send
+            if peer.closed:
+                break
+            peer.notify(text)
+            assert peer._writer.transport.get_write_buffer_size() <= MAX_WRITE_BUFFER + 2 * len(text)
+            await anyio.lowlevel.checkpoint()
+        assert peer.closed and "does not read its control connection" in peer.closed_reason()
+        assert client.backend.stats["protocol_errors"] >= 1  # type: ignore[attr-defined]
+        src = client.register(np.ones(4096, dtype=np.uint8), name="src")
+        with pytest.raises(tent.PeerClosedError, match="does not read its control connection"):
+            await client.transfer(src[:], kv[:4096])
+        conn.writer.transport.resume_reading()

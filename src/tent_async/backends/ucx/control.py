@@ -219,6 +219,9 @@ async def read_message(
     return await asyncio.wait_for(_read(), limit)
 
 
+MAX_WRITE_BUFFER = 4 << 20  # control bytes queued to a peer that does not read them before we give up on it
+
+
 def write_message(writer: asyncio.StreamWriter, msg: Message, session: Session | None = None) -> None:
     """Queue one framed message (no await: control messages are small and rare); sealed with ``session``."""
     if writer.is_closing():

@@ -59,7 +59,7 @@ from ...errors import (
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
-from .control import Session, close_writer, read_message, write_message
+from .control import MAX_WRITE_BUFFER, Session, close_writer, read_message, write_message
 from .pairing import Pair
 from .protocol import (
     KIND_CONTROL,
@@ -908,6 +908,7 @@ class Peer:
         self._lookups: dict[str, list[asyncio.Future[SegmentAd | None]]] = {}
         self._by_link_id: dict[int, Link] = {}
         self._all_links: list[Link] = []  # also the ones connect() left out (closed with the peer)
+        self._not_reading = False  # it left more than MAX_WRITE_BUFFER of our control bytes unread
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "connected"
@@ -947,7 +948,26 @@ class Peer:
         self._write(msg)
 
     def _write(self, msg: Message) -> None:
+        if self._not_reading:
+            raise PeerClosedError(self.closed_reason())
         write_message(self._writer, msg, self.session)
+        queued = self._writer.transport.get_write_buffer_size()
+        if queued > MAX_WRITE_BUFFER:
+            # The peer stopped reading its control connection (the server bounds the same for its
+            # clients): past this we would queue every notification and look-up for it without bound.
+            self._not_reading = True
+            self._closed_reason = (
+                f"it does not read its control connection ({queued} bytes of ours unread, more than {MAX_WRITE_BUFFER})"
+            )
+            self.site.stats["protocol_errors"] += 1
+            self.site.log.warning("not-reading", "peer %r at %s: %s", self.name, self.address, self._closed_reason)
+            asyncio.get_running_loop().call_soon(self._give_up, self._closed_reason)
+
+    def _give_up(self, reason: str) -> None:
+        """Drop a peer that does not read: its links close now, its control connection is cut."""
+        self._gone(reason)
+        with contextlib.suppress(Exception):
+            self._writer.transport.abort()  # run() then ends and closes the writer
 
     async def segment(self, name: str, *, refresh: bool = False) -> RemoteSegment:
         """The peer's segment ``name``; asks the peer unless it is in the catalogue (or ``refresh``)."""
@@ -971,7 +991,8 @@ class Peer:
 
     def notify(self, message: str) -> None:
         if not self.closed:
-            self._write(Notify(message=message))
+            with contextlib.suppress(PeerClosedError):  # dropped with the peer, as any notification is
+                self._write(Notify(message=message))
 
     async def run(self) -> None:
         """Read control messages until the connection ends (runs in the engine's task group)."""

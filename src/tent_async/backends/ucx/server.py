@@ -48,6 +48,7 @@ from ...segments import Segment
 from . import _ucxx, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
 from .control import (
+    MAX_WRITE_BUFFER,
     LogLimiter,
     Session,
     close_writer,
@@ -113,7 +114,6 @@ MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more 
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
 STASH_BYTES = 256 << 20  # ... and per engine; beyond either the client's connection is dropped
-MAX_WRITE_BUFFER = 4 << 20  # unsent control bytes to one client before it counts as not reading
 IPV6_SOURCE_PREFIX = 64  # per-source limits count an IPv6 client by its /64 (a host has a whole one)
 
 _serials = itertools.count(1)
