@@ -106,10 +106,13 @@ class Channel:
 
     # --------------------------------------------------------------- sending
 
-    def send_message(self, msg: Message, tag: int) -> None:
-        """Send one control message with ``tag``; its bytes stay referenced until the send completes."""
+    def send_message(self, msg: Message, tag: int, then: Callable[[BaseException | None], None] | None = None) -> bool:
+        """Send one control message with ``tag``; its bytes stay referenced until the send completes.
+
+        Returns True if the send is still going out; then ``then(error)`` runs when it ends.
+        """
         if self.closed:
-            return
+            return False
         data = pack_data(msg)  # bytes: ucxx sends from any buffer, and these stay referenced below
         progress = self.rail.progress
         t0 = time.perf_counter()
@@ -117,16 +120,17 @@ class Channel:
             req = self._endpoint().tag_send(self._ucx.Array(data), self._ucx.L.UCXXTag(tag))
         except self._ucx.UCXError as exc:
             self.fail(f"cannot send on {self.label}: {_ucxx.describe_error(exc)}")
-            return
+            return False
         progress.account(time.perf_counter() - t0)
         if req.completed and req.status == 0:  # UCS_OK: an eager send, done inside the call
             # Its bytes are out and nothing waits on it: neither held nor watched (one dict
             # entry, one closure, one completion delivery and one pass's look fewer per
             # header and per reply).  Still kicked: the pass progresses what else was posted.
             progress.kick()
-            return
+            return False
         progress.kick(req)
-        self.keep(req, data, None, send=True)
+        self.keep(req, data, then, send=True)
+        return True
 
     def keep(
         self, req: Any, buffer: Any, then: Callable[[BaseException | None], None] | None, *, send: bool = False

@@ -111,6 +111,7 @@ MAX_LINGERING = 64  # endpoints per rail still sending to peers that stopped rea
 LINK_BURST = 64  # LINKs a client may send at once (one per rail at connect, one per re-link) ...
 LINK_RATE = 8.0  # ... and per second after that; faster is a protocol violation
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
+MAX_REPLIES_OUT_PER_SLOT = 2  # replies still going out per header slot of a link; more drops the client
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
 STASH_BYTES = 256 << 20  # ... and per engine; beyond either the client's connection is dropped
@@ -198,6 +199,7 @@ class ServerLink:
         self.ns = rail.claim_namespace(self)
         self.drains = 0
         self.in_flight = 0  # slices whose receive or send is posted on this link
+        self.replies_out = 0  # replies still going out to the client (reply)
         # request index -> (probe, length, bytes UCX holds for it, when)
         self.stash: dict[int, tuple[Any, int, int, float]] = {}
         self._stash_timer: asyncio.TimerHandle | None = None
@@ -258,8 +260,28 @@ class ServerLink:
                 self.arm(slot)
 
     def reply(self, msg: Ack | Bound | Data | Error | Sent) -> None:
-        """The one reply to a header, into the receive the client posted for its request."""
-        self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, msg.request))
+        """The one reply to a header, into the receive the client posted for its request.
+
+        A reply that cannot go out yet (the client's socket is full) is held, bytes and all,
+        until it can.  An honest client has at most one reply per header slot unread (it
+        reuses a slot only once it has the slot's reply), so a link with more than twice that
+        many still going out belongs to a client that sends headers and does not read the
+        answers: its connection is dropped (audit, issue 11: each unread header held a reply
+        of up to 16 KiB, without bound).
+        """
+        if self.replies_out >= MAX_REPLIES_OUT_PER_SLOT * len(self.slots):
+            self.server.site.stats["protocol_errors"] += 1
+            self.server.violation(
+                self.conn,
+                f"{self.label}: {self.replies_out} replies are still going out and the client sends more headers "
+                f"(at most {MAX_REPLIES_OUT_PER_SLOT} per header slot); it does not read its replies",
+            )
+            return
+        if self.channel.send_message(msg, make_tag(self.peer_ns, KIND_CONTROL, msg.request), self._reply_gone):
+            self.replies_out += 1
+
+    def _reply_gone(self, _error: BaseException | None) -> None:
+        self.replies_out -= 1
 
     def away_since(self, mark: float) -> int:
         """Microseconds the loop spent on other rails since ``mark`` (a ``progress.away()``), for ACK/SENT.
