@@ -266,11 +266,11 @@ class Rogue:
         ch.keep(ch.tag_recv(reply, p.make_tag(link.ns, p.KIND_CONTROL, request)), reply, got.append)
         message = np.frombuffer(len(header).to_bytes(4, "little") + header, dtype=np.uint8)
         slot = link.free_slots[-1]  # the server re-posts it before answering
-        ch.keep(ch.tag_send(message, p.make_tag(link.peer_ns, p.KIND_CONTROL, slot)), message, None)
+        ch.keep(ch.tag_send(message, p.make_tag(link.peer_ns, p.KIND_CONTROL, slot)), message, None, send=True)
         if bulk is not None:
             if delay:
                 await anyio.sleep(delay)  # the server has posted its receive by now
-            ch.keep(ch.tag_send(bulk, p.make_tag(link.peer_ns, p.KIND_DATA, request)), bulk, None)
+            ch.keep(ch.tag_send(bulk, p.make_tag(link.peer_ns, p.KIND_DATA, request)), bulk, None, send=True)
         for _ in range(int(wait * 100)):
             if got or self.peer.closed:
                 break
@@ -831,21 +831,58 @@ def test_staging_a_parked_send_may_still_read_never_goes_back_to_the_pool() -> N
 def test_staging_of_a_parked_serving_link_leaves_the_bounds_for_serving_slices() -> None:
     """Issue 11 review: a closed serving link whose READ staging is still being sent to a peer that
     stopped reading must not keep every other peer's extent lists refused as busy: its bytes move
-    from the engine's and the connection's in-use bounds to ``pool.parked`` (bounded by server.py)."""
+    from the engine's and the connection's in-use bounds to ``pool.parked``.  The source that parked
+    a connection's share gets no more staging until it reads (audit), others go on."""
     from tent_async.backends.ucx.scatter import STAGING_PER_CONNECTION, LinkStaging, Staging
 
     pool = Staging()
-    link = LinkStaging(pool, slots=8, connection=7)
-    other = LinkStaging(pool, slots=8, connection=7)  # the same peer connection, another rail
+    link = LinkStaging(pool, slots=8, connection=7, source="10.0.0.7")
+    same = LinkStaging(pool, slots=8, connection=7, source="10.0.0.7")  # the same peer connection, another rail
+    other = LinkStaging(pool, slots=8, connection=8, source="10.0.0.8")  # another peer
     buf = link.take(STAGING_PER_CONNECTION)
     assert buf is not None and pool.in_use == STAGING_PER_CONNECTION
-    assert other.take(1) is None  # the connection's share is used up
+    assert same.take(1) is None  # the connection's share is used up
     link.park()
     link.park()  # once
     assert pool.in_use == 0 and pool.parked == STAGING_PER_CONNECTION and 7 not in pool.by_connection
+    assert pool.parked_by_source == {"10.0.0.7": STAGING_PER_CONNECTION}
+    assert same.take(1) is None  # it parked a whole share: nothing more until it reads
     small = other.take(1)
-    assert small is not None  # served slices have their bounds back
+    assert small is not None  # served slices of other peers have their bounds back
     link.give(buf)  # UCX is done with it
-    assert pool.parked == 0 and pool.in_use == 1
+    assert pool.parked == 0 and pool.in_use == 1 and not pool.parked_by_source
+    again = same.take(1)
+    assert again is not None  # it read: its staging comes back
     other.give(small)
+    same.give(again)
     assert pool.in_use == 0 and not pool.by_connection
+
+
+def test_staging_being_served_and_parked_together_stay_within_twice_the_engines_bound() -> None:
+    """Audit (issue 11): parked staging was bounded only by refusing new links, which links already up
+    got past; now taking staging stops where served and parked staging reach ``PARKED_FACTOR`` x the
+    engine's bound, whichever sources parked it."""
+    from tent_async.backends.ucx.scatter import (
+        PARKED_FACTOR,
+        STAGING_PER_CONNECTION,
+        STAGING_PER_ENGINE,
+        LinkStaging,
+        Staging,
+    )
+
+    pool = Staging()
+    held = []
+    for i in range(2 * PARKED_FACTOR * STAGING_PER_ENGINE // STAGING_PER_CONNECTION):  # more than fits
+        link = LinkStaging(pool, slots=8, connection=i, source=f"10.0.1.{i}")  # a new address each
+        buf = link.take(STAGING_PER_CONNECTION)
+        if buf is None:
+            break
+        held.append((link, buf))
+        link.park()
+        assert pool.in_use + pool.parked <= PARKED_FACTOR * STAGING_PER_ENGINE
+    assert pool.parked == PARKED_FACTOR * STAGING_PER_ENGINE  # it filled, and stopped there
+    late = LinkStaging(pool, slots=8, connection=99, source="10.0.2.1")
+    assert late.take(1) is None  # a slice past the bound is refused (the server answers busy)
+    link, buf = held.pop()
+    link.give(buf)  # one parked peer read at last
+    assert late.take(1) is not None

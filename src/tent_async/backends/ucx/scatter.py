@@ -100,6 +100,7 @@ logger = logging.getLogger("tent_async.ucx")
 STAGING_PER_LINK = 128 << 20  # staging bytes one link's slices may hold on the target ...
 STAGING_PER_ENGINE = 512 << 20  # ... and all links of an engine together
 STAGING_PER_CONNECTION = STAGING_PER_ENGINE // 4  # one peer connection's links together
+PARKED_FACTOR = 2  # staging being served and parked (LinkStaging.park) together: at most this x the engine's
 BULK_WAIT = 10.0  # seconds a served slice's bulk bytes may take to move, plus ...
 BULK_RATE = 1e6  # ... one second per this many bytes: then the peer's connection is dropped
 POOL_BYTES = 64 << 20  # idle staging kept for reuse, per engine
@@ -190,6 +191,7 @@ class Staging:
         self.in_use = 0  # serving side: bytes of staging held by slices of all links
         self.parked = 0  # ... by closed links whose endpoint parked (outside in_use: LinkStaging.park)
         self.by_connection: dict[int, int] = {}  # serving side: bytes held per peer connection
+        self.parked_by_source: dict[str, int] = {}  # ... and parked per source address (LinkStaging.source)
         self._free: list[Array] = []
         self._idle = 0
 
@@ -238,10 +240,11 @@ def share() -> int:
 class LinkStaging:
     """The staging one serving link holds: bounded in count and bytes, per link and per engine."""
 
-    def __init__(self, pool: Staging, slots: int, connection: int = 0) -> None:
+    def __init__(self, pool: Staging, slots: int, connection: int = 0, source: str = "") -> None:
         self.pool = pool
         self.slots = slots
         self.connection = connection  # the peer connection's serial: its links share one quarter
+        self.source = source  # what per-source bounds count the peer under (its address, or its /64)
         self.count = 0
         self.bytes = 0
         self.parked = False  # the link closed with staging still UCX's: counted in pool.parked
@@ -252,8 +255,10 @@ class LinkStaging:
         That staging no longer counts against the engine's and the connection's
         bounds, which are for slices being served: a peer that stops reading
         would otherwise keep every other peer's extent lists refused as busy.
-        It counts in ``pool.parked`` instead, which the server bounds by
-        refusing new links (server.py).
+        It counts in ``pool.parked`` (and per source) instead, which :meth:`take`
+        bounds: staging is held by slices being served and by parked links
+        together up to twice the engine's bound, and a source with a
+        connection's share parked gets no more until it reads or goes.
         """
         if self.parked:
             return
@@ -261,6 +266,8 @@ class LinkStaging:
         pool = self.pool
         pool.in_use -= self.bytes
         pool.parked += self.bytes
+        if self.bytes:
+            pool.parked_by_source[self.source] = pool.parked_by_source.get(self.source, 0) + self.bytes
         left = pool.by_connection.get(self.connection, 0) - self.bytes
         if left > 0:
             pool.by_connection[self.connection] = left
@@ -271,7 +278,9 @@ class LinkStaging:
         """A staging buffer of ``n`` bytes, or None when a bound would be exceeded.
 
         Bounds: per link, per peer connection (a quarter of the engine's, so one
-        peer cannot hold it all), per engine.
+        peer cannot hold it all), per engine; with parked staging (:meth:`park`)
+        at most ``PARKED_FACTOR`` times the engine's bound in all, and none for a
+        source that has a connection's share parked.
         """
         pool = self.pool
         held = pool.by_connection.get(self.connection, 0)
@@ -280,6 +289,8 @@ class LinkStaging:
             or self.bytes + n > STAGING_PER_LINK
             or held + n > STAGING_PER_CONNECTION
             or pool.in_use + n > STAGING_PER_ENGINE
+            or pool.in_use + pool.parked + n > PARKED_FACTOR * STAGING_PER_ENGINE
+            or pool.parked_by_source.get(self.source, 0) >= STAGING_PER_CONNECTION
         ):
             return None
         self.count += 1
@@ -295,6 +306,11 @@ class LinkStaging:
         pool = self.pool
         if self.parked:
             pool.parked -= n
+            left = pool.parked_by_source.get(self.source, 0) - n
+            if left > 0:
+                pool.parked_by_source[self.source] = left
+            else:
+                pool.parked_by_source.pop(self.source, None)
             pool.give(buf)
             return
         pool.in_use -= n

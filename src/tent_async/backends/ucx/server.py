@@ -114,7 +114,8 @@ MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more 
 MAX_REPLIES_OUT_PER_SLOT = 2  # replies still going out per header slot of a link; more drops the client
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
-STASH_BYTES = 256 << 20  # ... and per engine; beyond either the client's connection is dropped
+STASH_BYTES = 256 << 20  # ... and per engine (past it the connection holding the most is dropped) ...
+STASH_BYTES_PER_CONNECTION = STASH_BYTES // 4  # ... and per connection; past a link's or this, that one is
 IPV6_SOURCE_PREFIX = 64  # per-source limits count an IPv6 client by its /64 (a host has a whole one)
 
 _serials = itertools.count(1)
@@ -170,6 +171,7 @@ class Connection:
         self.writer = writer
         self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
+        self.stashed = 0  # early WRITE bytes its links keep for their headers (ServerLink.stash)
 
     def send(self, msg: Message) -> None:
         write_message(self.writer, msg, self.session)
@@ -206,7 +208,7 @@ class ServerLink:
         size = 4 + HEADER_ROOM + server.site.inline_limit
         self.slots = [np.zeros(size, dtype=np.uint8) for _ in range(server.slots)]
         # extent-list slices: bounded per link, per connection (its serial, never reused) and per engine
-        self.staging = scatter.LinkStaging(scatter.staging_of(server.site), server.slots, conn.key[1])
+        self.staging = scatter.LinkStaging(scatter.staging_of(server.site), server.slots, conn.key[1], conn.source_key)
 
     @property
     def label(self) -> str:
@@ -322,17 +324,36 @@ class ServerLink:
             # whose large slices overtook their headers (issue 11 review).
             cost = held_bytes(probe)
             held = sum(h for _p, _n, h, _w in self.stash.values())
-            if held + cost > STASH_BYTES_PER_LINK or server.stashed_bytes + cost > STASH_BYTES:
+            conn = self.conn
+            if held + cost > STASH_BYTES_PER_LINK or conn.stashed + cost > STASH_BYTES_PER_CONNECTION:
                 server.site.stats["protocol_errors"] += 1
                 server.loop_soon(
                     server.violation,
-                    self.conn,
+                    conn,
                     f"{self.label}: early WRITE bytes beyond the bound ({length} bytes; at most "
-                    f"{STASH_BYTES_PER_LINK} per link and {STASH_BYTES} per engine are kept for their headers)",
+                    f"{STASH_BYTES_PER_LINK} per link and {STASH_BYTES_PER_CONNECTION} per connection are kept "
+                    "for their headers)",
                 )
                 return False
+            if server.stashed_bytes + cost > STASH_BYTES:
+                # The engine's bound falls on whoever holds the most, never on a newcomer within its
+                # share: peers that keep the stash full would otherwise get every honest peer whose
+                # bytes overtake a header (the race the stash is for) dropped (audit, issue 11).
+                hog = max(server.connections.values(), key=lambda c: c.stashed, default=conn)
+                if hog is conn or hog.stashed <= conn.stashed + cost:
+                    hog = conn
+                server.site.stats["protocol_errors"] += 1
+                server.loop_soon(
+                    server.violation,
+                    hog,
+                    f"rail {self.rail.name} <- {hog.name!r}: holds {hog.stashed} bytes of early WRITE bytes, the "
+                    f"most of the {server.stashed_bytes} the engine keeps for their headers (at most {STASH_BYTES})",
+                )
+                if hog is conn:
+                    return False
             self.stash[index] = (probe, length, cost, asyncio.get_running_loop().time())
             server.stashed_bytes += cost
+            conn.stashed += cost
             server.site.stats["early_writes"] += 1
             if self._stash_timer is None:
                 self._stash_timer = asyncio.get_running_loop().call_later(STASH_TTL, self._expire_stash)
@@ -348,6 +369,7 @@ class ServerLink:
         if entry is None:
             return None
         self.server.stashed_bytes -= entry[2]
+        self.conn.stashed -= entry[2]
         return entry[0], entry[1]
 
     def _expire_stash(self) -> None:
@@ -377,6 +399,7 @@ class ServerLink:
         for probe, _length, held, _when in self.stash.values():
             self.rail.discard(probe, foreign=False)
             self.server.stashed_bytes -= held
+            self.conn.stashed -= held
         self.stash.clear()
         self.rail.release_namespace(self.ns)
         # Cancels the header slots and every slice in flight.  A READ's bytes still going out
@@ -703,10 +726,14 @@ class Server:
         A lingering endpoint holds a READ's bytes (staging, or a segment kept
         busy) that its peer asked for and has not read; closing it mid-send
         could crash this engine (channel.py), so it stays until the peer reads
-        or goes.  What that holds is bounded here: per source address
-        (``MAX_PARKED_PER_KEY``), and per rail and in staging bytes for all
-        sources together (``MAX_LINGERING``, ``STAGING_PER_ENGINE``), past which
-        no new link is set up on the rail at all; links already up go on.
+        or goes.  A source with ``MAX_PARKED_PER_KEY`` lingering gets no new
+        link on the rail.  For all sources together no new link is set up on
+        the rail at all while ``MAX_LINGERING`` linger on it, each source
+        counted up to its own bound: one address, however many links it had up
+        before it stopped reading, cannot shut the rail to everyone else (audit,
+        issue 11); that takes ``MAX_LINGERING / MAX_PARKED_PER_KEY`` addresses.
+        Links already up go on.  Parked staging is bounded where it is taken
+        (``LinkStaging.take``), not by refusing links.
         """
         lingering = rail.parked_by[("source", conn.source_key)]
         if lingering >= MAX_PARKED_PER_KEY:
@@ -714,13 +741,12 @@ class Server:
                 f"{lingering} endpoints of earlier links from {conn.source} on rail {rail.name!r} still wait "
                 "for it to read what it asked for; read them or disconnect"
             )
-        total = sum(rail.parked_by.values())
-        parked = scatter.staging_of(self.site).parked
-        if total >= MAX_LINGERING or parked >= scatter.STAGING_PER_ENGINE:
+        total = sum(min(n, MAX_PARKED_PER_KEY) for n in rail.parked_by.values())
+        if total >= MAX_LINGERING:
             return (
-                f"engine {self.site.engine_name!r} holds {total} endpoints ({parked} bytes of staging) on rail "
-                f"{rail.name!r} for peers that stopped reading what they asked for; no new link on it until "
-                "they read or go"
+                f"engine {self.site.engine_name!r} holds endpoints on rail {rail.name!r} for peers at "
+                f"{len(rail.parked_by)} addresses that stopped reading what they asked for; no new link on it "
+                "until they read or go"
             )
         return ""
 
