@@ -220,6 +220,10 @@ async def read_message(
 
 
 MAX_WRITE_BUFFER = 4 << 20  # control bytes queued to a peer that does not read them before we give up on it
+# A client's peer (peer.py) may be slow to read a burst of notifications: it is given up on when more
+# than MAX_WRITE_BUFFER stays queued for BACKLOG_SECONDS, or at once past MAX_BACKLOG.
+BACKLOG_SECONDS = 10.0
+MAX_BACKLOG = 16 * MAX_WRITE_BUFFER
 
 
 def write_message(writer: asyncio.StreamWriter, msg: Message, session: Session | None = None) -> None:

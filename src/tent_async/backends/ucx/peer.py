@@ -59,7 +59,15 @@ from ...errors import (
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
-from .control import MAX_WRITE_BUFFER, Session, close_writer, read_message, write_message
+from .control import (
+    BACKLOG_SECONDS,
+    MAX_BACKLOG,
+    MAX_WRITE_BUFFER,
+    Session,
+    close_writer,
+    read_message,
+    write_message,
+)
 from .pairing import Pair
 from .protocol import (
     KIND_CONTROL,
@@ -909,6 +917,7 @@ class Peer:
         self._by_link_id: dict[int, Link] = {}
         self._all_links: list[Link] = []  # also the ones connect() left out (closed with the peer)
         self._not_reading = False  # it left more than MAX_WRITE_BUFFER of our control bytes unread
+        self._backlog_check: asyncio.TimerHandle | None = None  # armed while more than that is queued
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "connected"
@@ -952,16 +961,32 @@ class Peer:
             raise PeerClosedError(self.closed_reason())
         write_message(self._writer, msg, self.session)
         queued = self._writer.transport.get_write_buffer_size()
+        if queued <= MAX_WRITE_BUFFER:
+            return
+        # A peer that stopped reading its control connection would have every notification and
+        # look-up queued for it without bound (audit, issue 11; the server bounds its clients
+        # likewise).  A burst of notifications to a slow reader may queue more than
+        # MAX_WRITE_BUFFER for a moment: past MAX_BACKLOG, or past MAX_WRITE_BUFFER for
+        # BACKLOG_SECONDS, the peer is given up on.
+        if queued > MAX_BACKLOG:
+            self._not_reading_now(queued, f"more than {MAX_BACKLOG}")
+        elif self._backlog_check is None:
+            self._backlog_check = asyncio.get_running_loop().call_later(BACKLOG_SECONDS, self._check_backlog)
+
+    def _check_backlog(self) -> None:
+        self._backlog_check = None
+        if self.closed or self._not_reading:
+            return
+        queued = self._writer.transport.get_write_buffer_size()
         if queued > MAX_WRITE_BUFFER:
-            # The peer stopped reading its control connection (the server bounds the same for its
-            # clients): past this we would queue every notification and look-up for it without bound.
-            self._not_reading = True
-            self._closed_reason = (
-                f"it does not read its control connection ({queued} bytes of ours unread, more than {MAX_WRITE_BUFFER})"
-            )
-            self.site.stats["protocol_errors"] += 1
-            self.site.log.warning("not-reading", "peer %r at %s: %s", self.name, self.address, self._closed_reason)
-            asyncio.get_running_loop().call_soon(self._give_up, self._closed_reason)
+            self._not_reading_now(queued, f"more than {MAX_WRITE_BUFFER} for {BACKLOG_SECONDS:g} s")
+
+    def _not_reading_now(self, queued: int, how: str) -> None:
+        self._not_reading = True
+        self._closed_reason = f"it does not read its control connection ({queued} bytes of ours unread, {how})"
+        self.site.stats["protocol_errors"] += 1
+        self.site.log.warning("not-reading", "peer %r at %s: %s", self.name, self.address, self._closed_reason)
+        asyncio.get_running_loop().call_soon(self._give_up, self._closed_reason)
 
     def _give_up(self, reason: str) -> None:
         """Drop a peer that does not read: its links close now, its control connection is cut."""
@@ -1033,6 +1058,9 @@ class Peer:
         if self.closed:
             return
         self.closed = True
+        if self._backlog_check is not None:
+            self._backlog_check.cancel()
+            self._backlog_check = None
         self._closed_reason = reason
         self.site.log.info("gone", "peer %r at %s: %s", self.name, self.address, reason)
         for waiters in self._lookups.values():
