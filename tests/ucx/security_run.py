@@ -170,7 +170,7 @@ async def headers(rogue_peer: Any, count: int, rng: random.Random, segments: dic
             buf, p.make_tag(link.ns, p.KIND_CONTROL, request), lambda m, e, f=got: f.done() or f.set_result(m or e)
         )
         data = np.frombuffer(p.pack_data(msg), dtype=np.uint8)
-        ch.keep(ch.tag_send(data, p.make_tag(link.peer_ns, p.KIND_CONTROL, slot)), data, None)
+        ch.keep(ch.tag_send(data, p.make_tag(link.peer_ns, p.KIND_CONTROL, slot)), data, None, send=True)
         reply = await asyncio.wait_for(got, 10)
         kind = type(reply).__name__
         replies[kind] = replies.get(kind, 0) + 1

@@ -215,7 +215,7 @@ async def test_a_peer_breaking_the_data_protocol_loses_only_its_own_connection(s
         else:  # a well-formed header for a slot the server never posted
             message = np.frombuffer(p.pack_data(p.Bind(request=1)), dtype=np.uint8)
             tag = p.make_tag(link.peer_ns, p.KIND_CONTROL, peer.slots + 5)
-        ch.keep(ch.tag_send(message, tag), message, None)
+        ch.keep(ch.tag_send(message, tag), message, None, send=True)
         for _ in range(1000):  # another process: no event to wait on
             if peer.closed:
                 break
