@@ -536,7 +536,7 @@ class Link:
                 op.tail_check = True
                 # Not ch.keep(): the op holds the only reference to this request, so that
                 # dropping it (the peer refused the READ) cancels the posted receive.
-                req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request))
+                req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request), bulk=True)
                 op.data_req = req
                 op.buffer = (view, local)
                 op.pending += 1

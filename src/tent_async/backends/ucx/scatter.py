@@ -792,7 +792,7 @@ def serve(server: Serving, link: ServingLink, msg: ScatterRequest) -> None:
             # without error, and staging (fresh from malloc, or reused) must never
             # carry this process's old bytes into a segment or a table.
             target.fill(0)
-            req = ch.tag_recv(target, make_tag(link.ns, KIND_DATA, msg.request))
+            req = ch.tag_recv(target, make_tag(link.ns, KIND_DATA, msg.request), bulk=True)
     except Exception as exc:
         served.end()
         link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
