@@ -654,3 +654,40 @@ async def test_streaming_is_for_shared_memory_and_holds_no_request(
     finally:
         tcp.close()
         shm.close()
+
+
+def test_a_writes_gather_counts_as_its_own_rails_time() -> None:
+    """The client gathers a WRITEV slice's extents on the loop, outside any pass: that time goes
+    to the link's own rail (``account``), so the other rails' slices in flight leave it out of
+    their wire time (as a READ's scatter, which runs in its rail's pass).  Unaccounted, every
+    gather made the other rails look slower, on WRITE only."""
+    accounted: list[float] = []
+    sent: list[str] = []
+
+    class Plan:
+        kind = Op.WRITE
+
+        def header(self, request: int) -> str:
+            return f"WRITEV {request}"
+
+        def bulk(self) -> bytes:
+            time.sleep(0.005)  # 5 ms of copying extents into staging
+            return b"gathered"
+
+    progress = SimpleNamespace(account=accounted.append)
+    channel = SimpleNamespace(
+        rail=SimpleNamespace(delayed=False, progress=progress),
+        send_message=lambda msg, tag: sent.append(msg),
+        recv_message=lambda buf, tag, then: None,
+        tag_send=lambda data, tag: sent.append(bytes(data)) or object(),
+        keep=lambda req, buf, then, send=False: None,
+    )
+    link: Any = Link.__new__(Link)
+    link.channel, link.free_slots, link._buffers = channel, [0], []
+    link.ns, link.peer_ns, link.name = 1, 2, "peer/shm"
+    link.peer = SimpleNamespace(inline_limit=16384)
+    op = _Op(SimpleNamespace(id=7), link, Op.WRITE, 0.0)  # type: ignore[arg-type]
+    op.sg = Plan()  # type: ignore[assignment]
+    link._send(op)
+    assert sent == ["WRITEV 7", b"gathered"]  # header first, then the gathered bytes
+    assert len(accounted) == 1 and accounted[0] >= 0.005

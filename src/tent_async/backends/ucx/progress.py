@@ -148,7 +148,8 @@ class Progress:
         return 0.0
 
     def account(self, seconds: float) -> None:
-        """A send was posted on this rail's worker, outside a pass, and the call took ``seconds``.
+        """A send was posted on this rail's worker, outside a pass, and the call took ``seconds``
+        (or the loop did other work for this rail there: a WRITE's extents gathered, peer.py).
 
         UCX's TCP transport pushes as much of a message as the socket takes from inside
         the send call itself, so a large send posted by the engine's pump holds the loop
