@@ -691,3 +691,30 @@ def test_a_writes_gather_counts_as_its_own_rails_time() -> None:
     link._send(op)
     assert sent == ["WRITEV 7", b"gathered"]  # header first, then the gathered bytes
     assert len(accounted) == 1 and accounted[0] >= 0.005
+
+
+async def test_a_receive_whose_bytes_never_come_stops_keeping_passes_going(
+    fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress that keeps a stream's passes going is the worker's (other traffic's too): a
+    receive a peer announced and never fills stops counting after STREAM_MAX."""
+    yields = _yields(monkeypatch)
+    monkeypatch.setattr(P, "STREAM_MAX", 0.02)
+    loop = asyncio.get_running_loop()
+    worker = StreamWorker(fds[0])  # other traffic: a productive call every pass
+    prog = P.LoopProgress(worker, loop, "shm", shm=True)
+    try:
+        await asyncio.sleep(0.01)
+        never: Any = SimpleNamespace(future=loop.create_future(), completed=False)
+        prog.stream(never)
+        prog.kick()
+        await asyncio.sleep(0.01)
+        assert yields  # within STREAM_MAX: passes go on
+        await asyncio.sleep(0.03)
+        worker.arms, counted = 0, len(yields)
+        prog.kick()
+        await asyncio.sleep(0.01)
+        assert len(yields) == counted and worker.arms >= 1  # past it: the pass arms and sleeps
+    finally:
+        never.future.cancel()
+        prog.close()

@@ -78,7 +78,8 @@ POLL_SPIN = 0.002  # "poll": seconds of spinning after the last activity before 
 SEND_POLL = 0.0002  # loop modes, shared memory: seconds between polls of a stalled, unfinished send
 SEND_POLL_EVENTED = 0.001  # ... TCP (a full socket raises an event; this is the progress thread's epoll timeout)
 STREAM_SPIN = 0.0005  # loop modes, shared memory: seconds a stalled bulk send or receive yields the CPU and
-# polls again (os.sched_yield) before the pass arms and sleeps (see LoopProgress._run_pass)
+# polls again (os.sched_yield) before the pass arms and sleeps (see LoopProgress._keep_streaming)
+STREAM_MAX = 1.0  # ... and seconds after its post a request stops keeping passes going (one never finished)
 SAFETY_INTERVAL = 0.05  # loop modes: a pass at least this often, in case an event was missed
 ROUNDS = 3  # loop modes: progress, resolve, deliver rounds per pass while callbacks post new requests
 ARM_TRIES = 2  # loop modes: arms a pass tries (progressing again between) before it leaves it to the next turn
@@ -230,7 +231,7 @@ class LoopProgress(Progress):
         self._send_poll: asyncio.TimerHandle | None = None
         # The futures of unfinished sends and receives of slices' bytes (shared memory only, stream()),
         # and when a pass last made progress while one was unfinished: see _keep_streaming.
-        self._streams: collections.deque[Any] = collections.deque()
+        self._streams: collections.deque[tuple[Any, float]] = collections.deque()  # (future, until)
         self._streamed_at = 0.0
         self.yields = 0  # times a stalled stream gave the CPU away instead of sleeping (tests, benchmarks)
         # Watched requests: key -> (its future, callback), delivered by the pass (see watch()).
@@ -265,7 +266,7 @@ class LoopProgress(Progress):
         # The future, not the request: dropping the last reference to a request cancels it (a
         # refused READ's receive, peer.py), so none is kept here (as watch()).
         if self._chase_sends and not self._closed:
-            self._streams.append(req.future)
+            self._streams.append((req.future, time.perf_counter() + STREAM_MAX))
 
     def watch(self, req: Any, fn: Watcher) -> None:
         """Deliver the completion in the pass that resolves the future, or else by its callback.
@@ -511,16 +512,20 @@ class LoopProgress(Progress):
         meanwhile; on a core of its own the call returns at once), and the
         receiving side does the same instead of arming after every pass.
         ``STREAM_SPIN`` after the last progress the pass arms and sleeps as
-        before (a stalled send is then polled every ``SEND_POLL``).
+        before (a stalled send is then polled every ``SEND_POLL``).  A request
+        keeps passes going for ``STREAM_MAX`` at most (a slice's bytes take
+        milliseconds): the progress that counts is the worker's, so a receive
+        whose bytes never come (a peer that announced them and stopped) would
+        otherwise keep the loop polling for as long as other traffic flows.
         """
+        now = time.perf_counter()
         streams = self._streams
-        while streams and streams[0].done():
+        while streams and (streams[0][0].done() or streams[0][1] < now):
             streams.popleft()
         if len(streams) > 1:
-            self._streams = streams = collections.deque(f for f in streams if not f.done())
+            self._streams = streams = collections.deque(e for e in streams if not e[0].done() and e[1] >= now)
         if not streams:
             return False
-        now = time.perf_counter()
         if made:
             self._streamed_at = now
         elif now - self._streamed_at >= STREAM_SPIN:
