@@ -260,6 +260,9 @@ async def main(config: dict[str, Any]) -> None:
                     out["memory"] = memory_report()
                 elif op == "stats":
                     out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
+                elif op == "yields":  # passes that gave the CPU away while a slice's bytes moved (progress.py)
+                    rails = engine.backend.local_rails.values()  # type: ignore[attr-defined]
+                    out["yields"] = sum(getattr(r.progress, "yields", 0) for r in rails)
                 elif op == "fds":
                     import os
 

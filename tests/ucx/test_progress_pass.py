@@ -592,3 +592,175 @@ def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() ->
     link._send_done(write)(None)  # UCX gives the WRITE's memory back
     assert seg.held == 0 and write.held is None and not write.sending
     engine.unregister(seg)
+
+
+class StreamWorker(BusyOnceWorker):
+    """A slice's bytes through a shared-memory FIFO: one productive progress call per pass while it moves.
+
+    ``stalled``: the peer neither fills nor drains the FIFO (every call unproductive).
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd, busy=0)
+        self.stalled = False
+        self._moved = False
+
+    def progress_once(self) -> bool:
+        self.progress_calls += 1
+        if self.stalled or self._moved:
+            self._moved = False  # the next call of this pass finds the FIFO full (or empty) again
+            return False
+        self._moved = True
+        return True
+
+
+def _yields(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    got: list[float] = []
+    monkeypatch.setattr(P.os, "sched_yield", lambda: got.append(time.perf_counter()))
+    return got
+
+
+@pytest.mark.parametrize("direction", ["send", "receive"])
+async def test_a_slices_bytes_on_shared_memory_flow_with_the_cpu_yielded_between_passes(
+    fds: list[int], monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    # On one core shared with the peer, a pass that kept the CPU while the FIFO was full (or
+    # armed and slept after every fragment) moved 0.4-0.6 GB/s instead of 2-5 (progress.py).
+    yields = _yields(monkeypatch)
+    loop = asyncio.get_running_loop()
+    worker = StreamWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "shm", shm=True)
+    try:
+        await asyncio.sleep(0.01)
+        worker.arms = 0
+        req: Any = worker.request(loop, progress_calls=10**9)  # unfinished until resolved below
+        prog.stream(req)
+        if direction == "send":
+            prog.kick(req)
+        else:
+            prog.kick()
+        await asyncio.sleep(0.005)
+        moving = len(yields)
+        assert moving >= 5  # pass after pass, each after giving the CPU away
+        assert worker.arms == 0  # never armed (and slept) while the bytes moved
+        # The peer stops: the passes go on for STREAM_SPIN, then arm and sleep.
+        worker.stalled = True
+        await asyncio.sleep(P.STREAM_SPIN + 0.005)
+        assert worker.arms >= 1
+        calls, stalled = worker.progress_calls, len(yields)
+        await asyncio.sleep(0.005)
+        assert len(yields) == stalled  # asleep: no more passes, no more yields ...
+        if direction == "receive":
+            assert worker.progress_calls == calls  # ... nor progress calls (a send is still polled)
+        # It moves again (an event): passes resume until it completes, then the pass arms as before.
+        worker.stalled = False
+        prog.kick()
+        await asyncio.sleep(0.003)
+        assert len(yields) > stalled
+        worker.ready.clear()
+        req.future.set_result(None)
+        req.completed = True
+        await asyncio.sleep(0.003)
+        done = len(yields)
+        await asyncio.sleep(0.005)
+        assert len(yields) == done  # finished: nothing keeps the pass going
+    finally:
+        prog.close()
+
+
+async def test_streaming_is_for_shared_memory_and_holds_no_request(
+    fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import weakref
+
+    yields = _yields(monkeypatch)
+    loop = asyncio.get_running_loop()
+    tcp_worker, shm_worker = StreamWorker(fds[0]), StreamWorker(fds[1])
+    tcp = P.LoopProgress(tcp_worker, loop, "tcp", shm=False)
+    shm = P.LoopProgress(shm_worker, loop, "shm", shm=True)
+    try:
+        await asyncio.sleep(0.01)
+
+        class Request:  # dropping its last reference cancels a ucxx request (peer.py relies on it)
+            def __init__(self, future: asyncio.Future[None]) -> None:
+                self.future, self.completed = future, False
+
+        tcp_req = Request(loop.create_future())
+        tcp.stream(tcp_req)
+        tcp.kick()
+        await asyncio.sleep(0.005)
+        assert yields == []  # TCP raises events when a socket has room or data: no streaming
+        shm_req = Request(loop.create_future())
+        gone = weakref.ref(shm_req)
+        shm.stream(shm_req)
+        del shm_req
+        gc.collect()
+        assert gone() is None  # only its future is kept
+    finally:
+        tcp.close()
+        shm.close()
+
+
+def test_a_writes_gather_counts_as_its_own_rails_time() -> None:
+    """The client gathers a WRITEV slice's extents on the loop, outside any pass: that time goes
+    to the link's own rail (``account``), so the other rails' slices in flight leave it out of
+    their wire time (as a READ's scatter, which runs in its rail's pass).  Unaccounted, every
+    gather made the other rails look slower, on WRITE only."""
+    accounted: list[float] = []
+    sent: list[str] = []
+
+    class Plan:
+        kind = Op.WRITE
+
+        def header(self, request: int) -> str:
+            return f"WRITEV {request}"
+
+        def bulk(self) -> bytes:
+            time.sleep(0.005)  # 5 ms of copying extents into staging
+            return b"gathered"
+
+    progress = SimpleNamespace(account=accounted.append)
+    channel = SimpleNamespace(
+        rail=SimpleNamespace(delayed=False, progress=progress),
+        send_message=lambda msg, tag: sent.append(msg),
+        recv_message=lambda buf, tag, then: None,
+        tag_send=lambda data, tag: sent.append(bytes(data)) or object(),
+        keep=lambda req, buf, then, send=False: None,
+    )
+    link: Any = Link.__new__(Link)
+    link.channel, link.free_slots, link._buffers = channel, [0], []
+    link.ns, link.peer_ns, link.name = 1, 2, "peer/shm"
+    link.peer = SimpleNamespace(inline_limit=16384)
+    op = _Op(SimpleNamespace(id=7), link, Op.WRITE, 0.0)  # type: ignore[arg-type]
+    op.sg = Plan()  # type: ignore[assignment]
+    link._send(op)
+    assert sent == ["WRITEV 7", b"gathered"]  # header first, then the gathered bytes
+    assert len(accounted) == 1 and accounted[0] >= 0.005
+
+
+async def test_a_receive_whose_bytes_never_come_stops_keeping_passes_going(
+    fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress that keeps a stream's passes going is the worker's (other traffic's too): a
+    receive a peer announced and never fills stops counting after STREAM_MAX."""
+    yields = _yields(monkeypatch)
+    monkeypatch.setattr(P, "STREAM_MAX", 0.02)
+    loop = asyncio.get_running_loop()
+    worker = StreamWorker(fds[0])  # other traffic: a productive call every pass
+    prog = P.LoopProgress(worker, loop, "shm", shm=True)
+    try:
+        await asyncio.sleep(0.01)
+        never: Any = SimpleNamespace(future=loop.create_future(), completed=False)
+        prog.stream(never)
+        prog.kick()
+        await asyncio.sleep(0.01)
+        assert yields  # within STREAM_MAX: passes go on
+        await asyncio.sleep(0.03)
+        worker.arms, counted = 0, len(yields)
+        prog.kick()
+        await asyncio.sleep(0.01)
+        assert len(yields) == counted and worker.arms >= 1  # past it: the pass arms and sleeps
+    finally:
+        never.future.cancel()
+        prog.close()

@@ -443,25 +443,40 @@ async def test_one_slice_spans_several_peer_segments_and_mixed_directions_fail_c
 @pytest.mark.anyio
 @requires_ucxx
 async def test_a_short_bulk_message_never_carries_old_memory_into_a_segment(spawn_peer: Any) -> None:
-    """A WRITEV that announces N bulk bytes and sends 16 (after the server posted its receive):
+    """A WRITEV that announces N bulk bytes and sends fewer (after the server posted its receive):
     the rest of the range must not be whatever the staging buffer held before (malloc'd heap,
     or an earlier slice's bytes from the pool); it was found carrying heap pointers and
-    another slice's data.  It lands zeros instead: the peer may write its own range anyway."""
+    another slice's data.  Then the staging was zeroed before every such receive (zeros
+    landed); now random bytes end it, a message that stops short leaves them, and the slice
+    is refused with nothing written (counted as ``short_bulk``); one that stops within them
+    leaves only those random bytes, never old memory."""
     server = spawn_peer(name="decode-0", rails=LO, segments=SEGMENTS)
     engine, rogue, sid = await _rogue(server)
     kv = ("kv", sid["kv"])
+
+    def read(off: int, size: int) -> np.ndarray:
+        return np.frombuffer(
+            bytes.fromhex(server.cmd(cmd="read", segment="kv", start=off, stop=off + size)["hex"]), np.uint8
+        )
+
     try:
         n = 1 * MiB
         full = p.ScatterRequest(p.Op.WRITE, 0, (kv,), 1, n, p.pack_table([0], [0], [n]))
         assert isinstance(await rogue.send(full, np.full(n, 0xAB, np.uint8)), p.Ack)  # a pooled buffer of 0xAB
         for size, off in ((4096, 4 * MiB), (n, 2 * MiB)):
+            before = read(off, size)
             short = p.ScatterRequest(p.Op.WRITE, 0, (kv,), 1, size, p.pack_table([0], [off], [size]))
-            await rogue.send(short, np.full(16, 0xEE, np.uint8), delay=0.3)
-            got = np.frombuffer(
-                bytes.fromhex(server.cmd(cmd="read", segment="kv", start=off, stop=off + size)["hex"]), np.uint8
-            )
-            assert not (got == 0xAB).any(), size
-            assert not got[16:].any(), size  # zeros, not old memory
+            reply = await rogue.send(short, np.full(16, 0xEE, np.uint8), delay=0.3)
+            assert isinstance(reply, p.Error) and "shorter" in reply.reason, reply
+            assert (read(off, size) == before).all(), size  # nothing written: no old memory, no 0xEE
+        assert server.cmd(cmd="stats")["stats"]["short_bulk"] == 2
+        # Short by fewer bytes than the random end: only those random bytes are left, never old memory.
+        off, size = 6 * MiB, n
+        short = p.ScatterRequest(p.Op.WRITE, 0, (kv,), 1, size, p.pack_table([0], [off], [size]))
+        assert isinstance(await rogue.send(short, np.full(n - 4, 0xEE, np.uint8), delay=0.3), p.Ack)
+        got = read(off, size)
+        assert (got[: n - 4] == 0xEE).all() and not (got[n - 4 :] == 0xAB).all()
+        assert not rogue.peer.closed
     finally:
         await engine.__aexit__(None, None, None)
 

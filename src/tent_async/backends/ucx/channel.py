@@ -172,18 +172,28 @@ class Channel:
         req = self._endpoint().tag_send(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
         progress.account(time.perf_counter() - t0)
         progress.kick(req)
+        progress.stream(req)  # a slice's bytes (control messages go through send_message)
         return req
 
-    def tag_recv(self, array: Any, tag: int) -> Any:
-        """Post a tagged receive into ``array`` (matched per worker, cancelled if the endpoint closes)."""
+    def tag_recv(self, array: Any, tag: int, *, bulk: bool = False) -> Any:
+        """Post a tagged receive into ``array`` (matched per worker, cancelled if the endpoint closes).
+
+        ``bulk``: a slice's bytes (not a header or a reply): the progress engine keeps
+        such a receive flowing while it is unfinished (``Progress.stream``).
+        """
         req = self._endpoint().tag_recv(self._ucx.Array(array), self._ucx.L.UCXXTag(tag))
-        self.rail.progress.kick()
+        progress = self.rail.progress
+        progress.kick()
+        if bulk:
+            progress.stream(req)
         return req
 
     def recv_with_handle(self, array: Any, probe: Any) -> Any:
-        """Receive a message the sweeper took out of the unexpected queue, into ``array``."""
+        """Receive a message the sweeper took out of the unexpected queue (a slice's bytes), into ``array``."""
         req = self._endpoint().tag_recv_with_handle(self._ucx.Array(array), probe)
-        self.rail.progress.kick()
+        progress = self.rail.progress
+        progress.kick()
+        progress.stream(req)
         return req
 
     def recv_message(self, buffer: np.ndarray, tag: int, then: ReceiveHandler) -> Any:

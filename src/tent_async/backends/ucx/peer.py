@@ -42,6 +42,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -544,7 +545,7 @@ class Link:
                 op.tail_check = True
                 # Not ch.keep(): the op holds the only reference to this request, so that
                 # dropping it (the peer refused the READ) cancels the posted receive.
-                req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request))
+                req = ch.tag_recv(view, make_tag(self.ns, KIND_DATA, op.request), bulk=True)
                 op.data_req = req
                 op.buffer = (view, local)
                 op.pending += 1
@@ -564,7 +565,16 @@ class Link:
             if not delayed:
                 ch.recv_message(buffer, reply_tag, self._reply_done(op, buffer))
                 op.pending += 1
-            bulk = op.sg.bulk() if op.sg is not None else None
+            bulk = None
+            if op.sg is not None:
+                # A WRITE's extents are gathered here, on the loop, outside any progress pass:
+                # that time is this rail's, not the other rails' (their slices in flight leave it
+                # out of their wire time, as they do this rail's passes; a READ's scatter runs in
+                # this rail's pass already).  Unaccounted, every gather made the other rails look
+                # slower than they are, WRITE only.
+                t0 = time.perf_counter()
+                bulk = op.sg.bulk()
+                ch.rail.progress.account(time.perf_counter() - t0)
             if bulk is not None:  # a scatter WRITE's gathered bytes, or a READ's extent table
                 req = ch.tag_send(bulk, make_tag(self.peer_ns, KIND_DATA, op.request))
                 op.pending += 1

@@ -8,11 +8,13 @@ Three ways, chosen per rail (``UcxBackend(progress=...)``, docs/ucx.md "Progress
     every request we post, one *pass* runs on the loop thread: progress the
     worker (a bounded number of ``ucp_worker_progress`` calls), resolve the
     futures of completed requests (``run_request_notifier``), and arm the
-    worker again.  While a send of ours over shared memory is unfinished the
-    pass goes on at once (``call_soon``) as long as the worker makes progress,
-    and polls every ``SEND_POLL`` seconds when it does not: such a send whose
-    FIFO is full advances only when polled (UCX raises no event when the peer
-    frees room).  Over TCP a full socket raises an event; an unfinished send
+    worker again.  While a send of ours or a receive of a slice's bytes over
+    shared memory is unfinished the pass goes on (``call_soon``), yielding the
+    CPU between passes (``sched_yield``), until the worker has made no
+    progress for ``STREAM_SPIN`` seconds (``LoopProgress._keep_streaming``);
+    then it arms, and polls a stalled send every ``SEND_POLL`` seconds: such
+    a send whose FIFO is full advances only when polled (UCX raises no event
+    when the peer frees room).  Over TCP a full socket raises an event; an unfinished send
     is polled every ``SEND_POLL_EVENTED`` seconds all the same, as the
     progress thread's 1 ms epoll timeout did.  No thread is involved: a completion costs no thread
     hand-off, only the loop's own ``epoll_wait`` wake-up.
@@ -57,6 +59,7 @@ import collections
 import contextlib
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -74,6 +77,9 @@ PASS_BUDGET = 64  # ucp_worker_progress calls per pass before the loop gets a tu
 POLL_SPIN = 0.002  # "poll": seconds of spinning after the last activity before blocking
 SEND_POLL = 0.0002  # loop modes, shared memory: seconds between polls of a stalled, unfinished send
 SEND_POLL_EVENTED = 0.001  # ... TCP (a full socket raises an event; this is the progress thread's epoll timeout)
+STREAM_SPIN = 0.0005  # loop modes, shared memory: seconds a stalled bulk send or receive yields the CPU and
+# polls again (os.sched_yield) before the pass arms and sleeps (see LoopProgress._keep_streaming)
+STREAM_MAX = 1.0  # ... and seconds after its post a request stops keeping passes going (one never finished)
 SAFETY_INTERVAL = 0.05  # loop modes: a pass at least this often, in case an event was missed
 ROUNDS = 3  # loop modes: progress, resolve, deliver rounds per pass while callbacks post new requests
 ARM_TRIES = 2  # loop modes: arms a pass tries (progressing again between) before it leaves it to the next turn
@@ -127,6 +133,10 @@ class Progress:
         ``send``: the request, if it is a send (the loop modes poll while a send is unfinished).
         """
 
+    def stream(self, req: Any) -> None:
+        """A send or receive of a slice's bytes was just posted (after :meth:`kick`): on shared
+        memory the loop modes keep it flowing while it is unfinished (``LoopProgress._keep_streaming``)."""
+
     def away(self) -> float:
         """Seconds the loop has spent progressing the *other* rails' workers (a running count).
 
@@ -140,7 +150,8 @@ class Progress:
         return 0.0
 
     def account(self, seconds: float) -> None:
-        """A send was posted on this rail's worker, outside a pass, and the call took ``seconds``.
+        """A send was posted on this rail's worker, outside a pass, and the call took ``seconds``
+        (or the loop did other work for this rail there: a WRITE's extents gathered, peer.py).
 
         UCX's TCP transport pushes as much of a message as the socket takes from inside
         the send call itself, so a large send posted by the engine's pump holds the loop
@@ -219,6 +230,11 @@ class LoopProgress(Progress):
         # 1 ms epoll timeout).  While a send is unfinished the pass reschedules itself.
         self._sends: collections.deque[Any] = collections.deque()
         self._send_poll: asyncio.TimerHandle | None = None
+        # The futures of unfinished sends and receives of slices' bytes (shared memory only, stream()),
+        # and when a pass last made progress while one was unfinished: see _keep_streaming.
+        self._streams: collections.deque[tuple[Any, float]] = collections.deque()  # (future, until)
+        self._streamed_at = 0.0
+        self.yields = 0  # times a stalled stream gave the CPU away instead of sleeping (tests, benchmarks)
         # Watched requests: key -> (its future, callback), delivered by the pass (see watch()).
         self._watched: dict[int, tuple[Any, Watcher, bool]] = {}  # key -> (future, callback, has a done-callback)
         self._keys = 0
@@ -246,6 +262,12 @@ class LoopProgress(Progress):
         elif not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._pass)
+
+    def stream(self, req: Any) -> None:
+        # The future, not the request: dropping the last reference to a request cancels it (a
+        # refused READ's receive, peer.py), so none is kept here (as watch()).
+        if self._chase_sends and not self._closed:
+            self._streams.append((req.future, time.perf_counter() + STREAM_MAX))
 
     def watch(self, req: Any, fn: Watcher) -> None:
         """Deliver the completion in the pass that resolves the future, or else by its callback.
@@ -455,9 +477,15 @@ class LoopProgress(Progress):
                 if len(sends) > 1:  # one unfinished at the front must not keep finished ones behind it
                     self._sends = sends = collections.deque(r for r in sends if not r.completed)
                 spinning = self.spin and self.loop.time() < self._active_until
-                # A send advancing: go on at once.  Arm only with nothing left to progress
-                # (short-circuit); BUSY means events came in meanwhile.
-                again = busy or spinning or self._kicked or (made and self._chase_sends and bool(sends))
+                # Arm only with nothing left to progress (short-circuit); BUSY means events came in
+                # meanwhile.  A bulk send or receive on shared memory goes on while it streams
+                # (_keep_streaming: yielding the CPU between passes).
+                again = busy or spinning or self._kicked
+                if not again and self._chase_sends:
+                    if self._streams:
+                        again = self._keep_streaming(made)
+                    elif made and sends:  # a send not posted through stream() (raw ucxx in the benchmark)
+                        again = True
                 if again or worker.arm():
                     break
                 # BUSY.  Usually what this pass already took: a shared-memory message's wake-up
@@ -477,6 +505,46 @@ class LoopProgress(Progress):
         elif sends:  # armed, but a stalled send raises no event when it could go on: poll it
             self._send_poll = self.loop.call_later(self._send_poll_interval, self._on_send_poll)
 
+    def _keep_streaming(self, made: bool) -> bool:
+        """Shared memory, a slice's bytes still moving (:meth:`stream`): go on rather than arm and sleep?
+
+        UCX moves a large message over shared memory in 8 KiB fragments through a
+        small FIFO, copied in by the sender and out by the receiver.  A receiver
+        that arms after every pass is woken by the sender's next fragment; when
+        the two processes share one core (a busy 2-core host), the sender's
+        passes kept the core while its FIFO was full (a progress call reports
+        progress without having moved a byte), so the receiver drained the FIFO
+        once per scheduler time slice: 0.4-0.6 GB/s instead of 4-5 (both
+        processes pinned to one core, engine and raw ucxx alike; it also
+        happened in unpinned runs under load, and the rail's learned rate then
+        fell tenfold with it).  So while such a request is unfinished the pass
+        goes on, but yields the CPU first (``sched_yield``: the other process,
+        if it shares this core and is ready, fills or drains the FIFO
+        meanwhile; on a core of its own the call returns at once), and the
+        receiving side does the same instead of arming after every pass.
+        ``STREAM_SPIN`` after the last progress the pass arms and sleeps as
+        before (a stalled send is then polled every ``SEND_POLL``).  A request
+        keeps passes going for ``STREAM_MAX`` at most (a slice's bytes take
+        milliseconds): the progress that counts is the worker's, so a receive
+        whose bytes never come (a peer that announced them and stopped) would
+        otherwise keep the loop polling for as long as other traffic flows.
+        """
+        now = time.perf_counter()
+        streams = self._streams
+        while streams and (streams[0][0].done() or streams[0][1] < now):
+            streams.popleft()
+        if len(streams) > 1:
+            self._streams = streams = collections.deque(e for e in streams if not e[0].done() and e[1] >= now)
+        if not streams:
+            return False
+        if made:
+            self._streamed_at = now
+        elif now - self._streamed_at >= STREAM_SPIN:
+            return False
+        self.yields += 1
+        os.sched_yield()
+        return True
+
     def close(self) -> None:
         if self._closed:
             return
@@ -490,6 +558,7 @@ class LoopProgress(Progress):
                 self.loop.remove_reader(self._fd)
         self._fd = None
         self._sends.clear()
+        self._streams.clear()
         # _watched stays: the futures' own callbacks deliver what is still out (and retrieve
         # their errors: a cancelled request's future would otherwise log one at exit).
         # Resolve what completed (requests the endpoints' closing cancelled), then let the

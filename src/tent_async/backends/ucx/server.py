@@ -868,7 +868,7 @@ class Server:
                 if stashed is not None:
                     req = ch.recv_with_handle(view, stashed[0])
                 else:
-                    req = ch.tag_recv(view, make_tag(link.ns, KIND_DATA, msg.request))
+                    req = ch.tag_recv(view, make_tag(link.ns, KIND_DATA, msg.request), bulk=True)
             except Exception as exc:
                 self._end(link, seg)
                 link.refuse(msg.request, f"cannot receive: {_ucxx.describe_error(exc)}")
