@@ -1407,9 +1407,11 @@ class _Context:
 
     def flush(self) -> bool:
         engine = self._engine
-        engine._woke = False
+        outer, engine._woke = engine._woke, False  # a flush from inside another keeps the outer's answer
         engine._flush()
-        return engine._woke
+        woke = engine._woke
+        engine._woke = outer or woke
+        return woke
 
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:
         tg = self._engine._tg

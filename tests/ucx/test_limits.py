@@ -584,3 +584,159 @@ async def test_a_server_that_stops_reading_control_is_dropped_before_the_client_
         with pytest.raises(tent.PeerClosedError, match="does not read its control connection"):
             await client.transfer(src[:], kv[:4096])
         conn.writer.transport.resume_reading()
+
+
+class _StashServer:
+    """Just what ServerLink.on_unexpected and Server._drop touch, with drops recorded instead of sent."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.site = SimpleNamespace(stats=__import__("collections").Counter())
+        self.connections: dict[int, Any] = {}
+        self.stashed_bytes = 0
+        self.stashed_by_source: Any = __import__("collections").Counter()
+        self.stash_evicting = 0
+        self.evicting_by_source: Any = __import__("collections").Counter()
+        self.dropped: list[str] = []
+        self.unstash = srv.Server.unstash.__get__(self)
+
+    def loop_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        fn(*args)  # at once: the drops below are what a loop turn later would do
+
+    def violation(self, conn: Any, reason: str) -> None:
+        if conn.closed:
+            return
+        self.dropped.append(conn.name)
+        conn.closed = True
+        self.connections.pop(conn.conn_id, None)
+        for link in conn.links:
+            for _probe, _n, held, _w in link.stash.values():
+                self.unstash(conn, held)
+            link.stash.clear()
+        if conn.evicting:
+            self.stash_evicting -= conn.evicting
+            self.evicting_by_source[conn.source_key] -= conn.evicting
+            conn.evicting = 0
+
+
+def _stash_link(server: _StashServer, name: str, source: str, conn_id: int) -> Any:
+    from types import SimpleNamespace
+
+    conn = SimpleNamespace(name=name, source_key=source, conn_id=conn_id, stashed=0, evicting=0, closed=False, links=[])
+    server.connections[conn_id] = conn
+    link = srv.ServerLink.__new__(srv.ServerLink)
+    link.server = server  # type: ignore[assignment]
+    link.conn = conn  # type: ignore[assignment]
+    link.closed = False
+    link.stash = {}
+    link.slots = [None] * 8  # type: ignore[list-item]
+    link._stash_timer = None
+    link.rail = SimpleNamespace(name="lo")  # type: ignore[assignment]
+    conn.links.append(link)
+    return link
+
+
+@pytest.mark.anyio
+async def test_a_full_stash_drops_the_address_holding_the_most_never_an_honest_newcomer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of the audit fix: the engine's stash bound falls on the address holding the most.
+
+    Many small connections from one address cannot fill the stash (a quarter per address), and
+    an honest peer holding a large transient stash is not the one dropped when others fill the
+    rest; within one address the connection holding the most goes.
+    """
+    monkeypatch.setattr(srv, "held_bytes", lambda probe: probe)  # a probe stands for its byte count
+    monkeypatch.setattr(srv, "STASH_BYTES", 16 * MiB)
+    monkeypatch.setattr(srv, "STASH_BYTES_PER_SHARE", 4 * MiB)
+    monkeypatch.setattr(srv, "STASH_BYTES_PER_LINK", 4 * MiB)
+    server = _StashServer()
+    # 64 connections from one address, 1 MiB each: the address's quarter stops them at four.
+    hogs = [_stash_link(server, f"hog{i}", "10.0.0.66", i) for i in range(64)]
+    kept = sum(bool(link.on_unexpected(MiB, p.KIND_DATA, 1, MiB)) for link in hogs)
+    assert kept == 4 and server.stashed_bytes == 4 * MiB and len(server.dropped) == 60
+    # An honest peer from another address with a large transient stash (3 MiB) ...
+    honest = _stash_link(server, "honest", "10.0.0.1", 100)
+    assert honest.on_unexpected(3 * MiB, p.KIND_DATA, 1, 3 * MiB)
+    # ... and two more addresses fill the rest: the engine is full.
+    others = [_stash_link(server, f"other{i}", f"10.0.1.{i}", 200 + i) for i in range(3)]
+    for link in others[:2]:
+        for index in range(4):
+            assert link.on_unexpected(MiB, p.KIND_DATA, index, MiB)
+    assert server.stashed_bytes == 15 * MiB
+    server.dropped.clear()
+    # A newcomer pushes past the bound: the address holding the most (4 MiB: hogs' or others')
+    # loses its biggest connection, not the honest peer (3 MiB) and not the newcomer.
+    assert others[2].on_unexpected(2 * MiB, p.KIND_DATA, 1, 2 * MiB)
+    assert server.dropped and "honest" not in server.dropped and "other2" not in server.dropped
+    assert server.stashed_bytes - server.stash_evicting <= 16 * MiB
+    assert all(v >= 0 for v in server.stashed_by_source.values()) and server.stash_evicting == 0
+
+    # A newcomer whose own address would then hold as much as the most is the one dropped.
+    monkeypatch.setattr(srv, "STASH_BYTES", 8 * MiB)
+    full = _StashServer()
+    a, b, late = (_stash_link(full, name, f"10.0.3.{i}", i) for i, name in enumerate(("a", "b", "late")))
+    assert a.on_unexpected(4 * MiB, p.KIND_DATA, 1, 4 * MiB) and b.on_unexpected(4 * MiB, p.KIND_DATA, 1, 4 * MiB)
+    assert not late.on_unexpected(4 * MiB, p.KIND_DATA, 1, 4 * MiB)
+    assert full.dropped == ["late"] and full.stashed_bytes == 8 * MiB
+
+
+def test_a_reply_on_a_closed_link_is_dropped_quietly() -> None:
+    """Review of the audit fix: a closed link's slots are gone, so the reply bound was 0 and any
+    late reply (a delayed-mode link closed while serving) dropped the whole connection."""
+    from types import SimpleNamespace
+
+    dropped: list[str] = []
+    link = srv.ServerLink.__new__(srv.ServerLink)
+    link.closed = True
+    link.slots = []
+    link.replies_out = 0
+    link.max_replies_out = 16
+    link.server = SimpleNamespace(  # type: ignore[assignment]
+        site=SimpleNamespace(stats=__import__("collections").Counter()),
+        violation=lambda conn, reason: dropped.append(reason),
+    )
+    link.reply(p.Ack(request=1))
+    assert not dropped and not link.server.site.stats["protocol_errors"]
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_server_that_reads_each_burst_is_not_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of the audit fix: the backlog is judged per burst.  A server that read a first burst
+    at once and got a second one just before the first one's check was dropped all the same."""
+    from tent_async.backends.ucx import peer as peer_module
+    from tent_async.backends.ucx.control import MAX_WRITE_BUFFER
+
+    monkeypatch.setattr(peer_module, "BACKLOG_SECONDS", 0.5)
+    rails = [tent.RailSpec(**LO[0])]
+    async with (
+        tent.Engine(backend="ucx", name="server", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client", rails=rails) as client,
+    ):
+        with anyio.fail_after(30):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+        (conn,) = server.backend._server.connections.values()  # type: ignore[attr-defined]
+        transport = peer._writer.transport
+        text = "n" * 60_000
+
+        def burst(size: int = MAX_WRITE_BUFFER + len(text)) -> None:  # more than MAX_WRITE_BUFFER queued at once
+            while transport.get_write_buffer_size() <= size:
+                peer.notify(text)
+
+        conn.writer.transport.pause_reading()
+        start = time.monotonic()
+        burst()  # the first burst arms the check (0.5 s) ...
+        conn.writer.transport.resume_reading()  # ... and is read at once
+        await until(lambda: transport.get_write_buffer_size() < MAX_WRITE_BUFFER // 2, 5)
+        peer.notify("x")  # a write that finds the backlog read
+        conn.writer.transport.pause_reading()
+        await anyio.sleep(max(0.0, start + 0.4 - time.monotonic()))
+        burst(3 * MAX_WRITE_BUFFER)  # a second burst just before the first one's check (the kernel takes some)
+        await anyio.sleep(max(0.0, start + 0.7 - time.monotonic()))
+        assert not peer.closed, peer.closed_reason()
+        conn.writer.transport.resume_reading()
+        await anyio.sleep(0.5)
+        assert not peer.closed, peer.closed_reason()

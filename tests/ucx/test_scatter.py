@@ -470,12 +470,20 @@ async def test_a_short_bulk_message_never_carries_old_memory_into_a_segment(spaw
             assert isinstance(reply, p.Error) and "shorter" in reply.reason, reply
             assert (read(off, size) == before).all(), size  # nothing written: no old memory, no 0xEE
         assert server.cmd(cmd="stats")["stats"]["short_bulk"] == 2
-        # Short by fewer bytes than the random end: only those random bytes are left, never old memory.
-        off, size = 6 * MiB, n
+        # Short by exactly the random end: refused, nothing written (the boundary, review).
+        off, size = 5 * MiB, n
+        before = read(off, size)
         short = p.ScatterRequest(p.Op.WRITE, 0, (kv,), 1, size, p.pack_table([0], [off], [size]))
-        assert isinstance(await rogue.send(short, np.full(n - 4, 0xEE, np.uint8), delay=0.3), p.Ack)
-        got = read(off, size)
-        assert (got[: n - 4] == 0xEE).all() and not (got[n - 4 :] == 0xAB).all()
+        reply = await rogue.send(short, np.full(n - p.TAIL_BYTES, 0xEE, np.uint8), delay=0.3)
+        assert isinstance(reply, p.Error) and "shorter" in reply.reason, reply
+        assert (read(off, size) == before).all()
+        assert server.cmd(cmd="stats")["stats"]["short_bulk"] == 3
+        # Short by fewer bytes than the random end: only those random bytes are left, never old memory.
+        for missing, off in ((4, 6 * MiB), (p.TAIL_BYTES - 1, 7 * MiB)):
+            short = p.ScatterRequest(p.Op.WRITE, 0, (kv,), 1, size, p.pack_table([0], [off], [size]))
+            assert isinstance(await rogue.send(short, np.full(n - missing, 0xEE, np.uint8), delay=0.3), p.Ack)
+            got = read(off, size)
+            assert (got[: n - missing] == 0xEE).all() and not (got[n - missing :] == 0xAB).all(), missing
         assert not rogue.peer.closed
     finally:
         await engine.__aexit__(None, None, None)

@@ -962,7 +962,7 @@ class Peer:
         return link_id
 
     def send_control(self, msg: Message) -> None:
-        if self.closed:
+        if self.closed or self._not_reading:
             raise PeerClosedError(self.closed_reason())
         self._write(msg)
 
@@ -972,6 +972,9 @@ class Peer:
         write_message(self._writer, msg, self.session)
         queued = self._writer.transport.get_write_buffer_size()
         if queued <= MAX_WRITE_BUFFER:
+            if self._backlog_check is not None:  # it read the last burst: a new one starts afresh
+                self._backlog_check.cancel()
+                self._backlog_check = None
             return
         # A peer that stopped reading its control connection would have every notification and
         # look-up queued for it without bound (audit, issue 11; the server bounds its clients
@@ -1006,7 +1009,7 @@ class Peer:
 
     async def segment(self, name: str, *, refresh: bool = False) -> RemoteSegment:
         """The peer's segment ``name``; asks the peer unless it is in the catalogue (or ``refresh``)."""
-        if self.closed:
+        if self.closed or self._not_reading:
             raise PeerClosedError(self.closed_reason())
         ad = None if refresh else self._catalogue.get(name)
         if ad is None:

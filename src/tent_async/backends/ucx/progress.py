@@ -267,7 +267,10 @@ class LoopProgress(Progress):
         # The future, not the request: dropping the last reference to a request cancels it (a
         # refused READ's receive, peer.py), so none is kept here (as watch()).
         if self._chase_sends and not self._closed:
-            self._streams.append((req.future, time.perf_counter() + STREAM_MAX))
+            streams = self._streams
+            if len(streams) >= 256:  # busy passes never reach _keep_streaming's pruning
+                self._streams = streams = collections.deque(e for e in streams if not e[0].done())
+            streams.append((req.future, time.perf_counter() + STREAM_MAX))
 
     def watch(self, req: Any, fn: Watcher) -> None:
         """Deliver the completion in the pass that resolves the future, or else by its callback.
@@ -481,6 +484,8 @@ class LoopProgress(Progress):
                 # meanwhile.  A bulk send or receive on shared memory goes on while it streams
                 # (_keep_streaming: yielding the CPU between passes).
                 again = busy or spinning or self._kicked
+                if made and self._streams:
+                    self._streamed_at = time.perf_counter()  # also in passes that go on anyway (busy, yielding)
                 if not again and self._chase_sends:
                     if self._streams:
                         again = self._keep_streaming(made)

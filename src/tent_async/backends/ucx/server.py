@@ -115,7 +115,7 @@ MAX_REPLIES_OUT_PER_SLOT = 2  # replies still going out per header slot of a lin
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
 STASH_BYTES = 256 << 20  # ... and per engine (past it the connection holding the most is dropped) ...
-STASH_BYTES_PER_CONNECTION = STASH_BYTES // 4  # ... and per connection; past a link's or this, that one is
+STASH_BYTES_PER_SHARE = STASH_BYTES // 4  # ... and per connection and per source address; past these, that one is
 IPV6_SOURCE_PREFIX = 64  # per-source limits count an IPv6 client by its /64 (a host has a whole one)
 
 _serials = itertools.count(1)
@@ -172,6 +172,7 @@ class Connection:
         self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
         self.stashed = 0  # early WRITE bytes its links keep for their headers (ServerLink.stash)
+        self.evicting = 0  # being dropped to make room in the stash: what it held then (Server.stash_evicting)
 
     def send(self, msg: Message) -> None:
         write_message(self.writer, msg, self.session)
@@ -201,7 +202,8 @@ class ServerLink:
         self.ns = rail.claim_namespace(self)
         self.drains = 0
         self.in_flight = 0  # slices whose receive or send is posted on this link
-        self.replies_out = 0  # replies still going out to the client (reply)
+        self.replies_out = 0  # replies still going out to the client (reply) ...
+        self.max_replies_out = MAX_REPLIES_OUT_PER_SLOT * server.slots  # ... and past which it is dropped
         # request index -> (probe, length, bytes UCX holds for it, when)
         self.stash: dict[int, tuple[Any, int, int, float]] = {}
         self._stash_timer: asyncio.TimerHandle | None = None
@@ -271,7 +273,9 @@ class ServerLink:
         answers: its connection is dropped (audit, issue 11: each unread header held a reply
         of up to 16 KiB, without bound).
         """
-        if self.replies_out >= MAX_REPLIES_OUT_PER_SLOT * len(self.slots):
+        if self.closed:
+            return  # nothing goes out on a closed link (its slots are gone too)
+        if self.replies_out >= self.max_replies_out:
             self.server.site.stats["protocol_errors"] += 1
             self.server.violation(
                 self.conn,
@@ -325,34 +329,60 @@ class ServerLink:
             cost = held_bytes(probe)
             held = sum(h for _p, _n, h, _w in self.stash.values())
             conn = self.conn
-            if held + cost > STASH_BYTES_PER_LINK or conn.stashed + cost > STASH_BYTES_PER_CONNECTION:
+            source = server.stashed_by_source[conn.source_key]
+            if (
+                held + cost > STASH_BYTES_PER_LINK
+                or conn.stashed + cost > STASH_BYTES_PER_SHARE
+                or source + cost > STASH_BYTES_PER_SHARE
+            ):
                 server.site.stats["protocol_errors"] += 1
                 server.loop_soon(
                     server.violation,
                     conn,
                     f"{self.label}: early WRITE bytes beyond the bound ({length} bytes; at most "
-                    f"{STASH_BYTES_PER_LINK} per link and {STASH_BYTES_PER_CONNECTION} per connection are kept "
-                    "for their headers)",
+                    f"{STASH_BYTES_PER_LINK} per link and {STASH_BYTES_PER_SHARE} per connection and per source "
+                    "address are kept for their headers)",
                 )
                 return False
-            if server.stashed_bytes + cost > STASH_BYTES:
-                # The engine's bound falls on whoever holds the most, never on a newcomer within its
-                # share: peers that keep the stash full would otherwise get every honest peer whose
-                # bytes overtake a header (the race the stash is for) dropped (audit, issue 11).
-                hog = max(server.connections.values(), key=lambda c: c.stashed, default=conn)
-                if hog is conn or hog.stashed <= conn.stashed + cost:
-                    hog = conn
+            if server.stashed_bytes - server.stash_evicting + cost > STASH_BYTES:
+                # Full: the bound falls on the source address holding the most (its connection
+                # holding the most is dropped), not on a newcomer holding less: peers within their
+                # bounds that kept the stash full had every honest peer whose bytes overtook a
+                # header (the race the stash is for) dropped (audit, issue 11).  Each address
+                # holds at most a quarter, so filling it takes four.
+                def weight(c: Connection) -> tuple[int, int]:  # its address's share first, then its own
+                    k = c.source_key
+                    return server.stashed_by_source[k] - server.evicting_by_source[k], c.stashed
+
+                hog = max((c for c in server.connections.values() if not c.evicting), key=weight, default=None)
+                if hog is not None and (
+                    hog is conn
+                    or (hog.source_key == conn.source_key and hog.stashed <= conn.stashed + cost)
+                    or (hog.source_key != conn.source_key and weight(hog)[0] <= source + cost)
+                ):
+                    hog = None  # the newcomer's address (or, within one address, its connection) holds the most
                 server.site.stats["protocol_errors"] += 1
+                if hog is None or not hog.stashed:
+                    server.loop_soon(
+                        server.violation,
+                        conn,
+                        f"{self.label}: early WRITE bytes beyond the engine's bound ({STASH_BYTES}), and its "
+                        "address holds the most of them",
+                    )
+                    return False
+                # Dropped a loop turn later (not from inside the drain); its bytes no longer count meanwhile.
+                hog.evicting = hog.stashed
+                server.stash_evicting += hog.stashed
+                server.evicting_by_source[hog.source_key] += hog.stashed
                 server.loop_soon(
                     server.violation,
                     hog,
-                    f"rail {self.rail.name} <- {hog.name!r}: holds {hog.stashed} bytes of early WRITE bytes, the "
-                    f"most of the {server.stashed_bytes} the engine keeps for their headers (at most {STASH_BYTES})",
+                    f"rail {self.rail.name} <- {hog.name!r}: its address holds the most of the early WRITE bytes "
+                    f"the engine keeps for their headers (at most {STASH_BYTES})",
                 )
-                if hog is conn:
-                    return False
             self.stash[index] = (probe, length, cost, asyncio.get_running_loop().time())
             server.stashed_bytes += cost
+            server.stashed_by_source[conn.source_key] += cost
             conn.stashed += cost
             server.site.stats["early_writes"] += 1
             if self._stash_timer is None:
@@ -368,8 +398,7 @@ class ServerLink:
         entry = self.stash.pop(request & TAG_INDEX_MASK, None)
         if entry is None:
             return None
-        self.server.stashed_bytes -= entry[2]
-        self.conn.stashed -= entry[2]
+        self.server.unstash(self.conn, entry[2])
         return entry[0], entry[1]
 
     def _expire_stash(self) -> None:
@@ -398,8 +427,7 @@ class ServerLink:
             self._stash_timer = None
         for probe, _length, held, _when in self.stash.values():
             self.rail.discard(probe, foreign=False)
-            self.server.stashed_bytes -= held
-            self.conn.stashed -= held
+            self.server.unstash(self.conn, held)
         self.stash.clear()
         self.rail.release_namespace(self.ns)
         # Cancels the header slots and every slice in flight.  A READ's bytes still going out
@@ -432,7 +460,10 @@ class Server:
         self._server: asyncio.base_events.Server | None = None
         self._tiny = np.zeros(1, dtype=np.uint8)  # refused WRITEs' bytes are matched into this byte
         self.log = LogLimiter()
-        self.stashed_bytes = 0  # early WRITE bytes kept for their headers, all links together
+        self.stashed_bytes = 0  # early WRITE bytes kept for their headers, all links together ...
+        self.stashed_by_source: collections.Counter[str] = collections.Counter()  # ... per source address
+        self.stash_evicting = 0  # ... of those, held by connections being dropped to make room
+        self.evicting_by_source: collections.Counter[str] = collections.Counter()
         self.trimmer = HeapTrimmer(asyncio.get_running_loop())
 
     # ============================================================ catalogue
@@ -782,6 +813,16 @@ class Server:
         self._drop(conn, f"protocol violation: {reason}")
         conn.writer.close()  # ends its control loop
 
+    def unstash(self, conn: Connection, held: int) -> None:
+        """Early WRITE bytes ``conn`` kept are no longer kept (taken by their header, or discarded)."""
+        self.stashed_bytes -= held
+        conn.stashed -= held
+        left = self.stashed_by_source[conn.source_key] - held
+        if left > 0:
+            self.stashed_by_source[conn.source_key] = left
+        else:
+            del self.stashed_by_source[conn.source_key]
+
     def _drop(self, conn: Connection, reason: str) -> None:
         if conn.closed:
             return
@@ -790,6 +831,14 @@ class Server:
         for link in list(conn.links.values()):
             self.close_link(link, reason, tell=False)
         conn.links.clear()
+        if conn.evicting:  # dropped to make room in the stash: its bytes were discarded just now
+            self.stash_evicting -= conn.evicting
+            left = self.evicting_by_source[conn.source_key] - conn.evicting
+            if left > 0:
+                self.evicting_by_source[conn.source_key] = left
+            else:
+                del self.evicting_by_source[conn.source_key]
+            conn.evicting = 0
         self.trimmer.soon()  # its endpoints, slots and early bytes are freed: give the pages back
 
     # ================================================================= data
