@@ -83,6 +83,21 @@ def send_header(link: Any, header: p.Message, slot: int) -> Any:
     return req, data
 
 
+async def connect_from_another_address(server: tent.Engine, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Connect an honest engine counted under another source address (standing in for another
+    host); returns why it was refused, or "" if it got its links."""
+    from tent_async.backends.ucx import server as srv
+
+    monkeypatch.setattr(srv, "source_key", lambda ip: "192.0.2.7")
+    async with tent.Engine(backend="ucx", name="honest", rails=RAILS) as honest:
+        with anyio.fail_after(30):
+            try:
+                await honest.connect(server.address)  # type: ignore[arg-type]
+            except tent.TentError as exc:
+                return str(exc)
+    return ""
+
+
 # ======================================================= 1. replies never read
 
 
@@ -214,15 +229,7 @@ async def test_one_source_with_links_already_up_shuts_a_rail_to_every_other_peer
 
     async with links_parked_by_one_source(srv.MAX_CONNECTIONS_PER_SOURCE, read) as (server, census):
         assert census["lingering_from_source"] > MAX_PARKED_PER_KEY  # past its own bound already
-        # Another host (standing in: its connections are counted under another source address).
-        monkeypatch.setattr(srv, "source_key", lambda ip: "192.0.2.7")
-        async with tent.Engine(backend="ucx", name="honest", rails=RAILS) as honest:
-            with anyio.fail_after(30):
-                try:
-                    await honest.connect(server.address)  # type: ignore[arg-type]
-                    refused = ""
-                except tent.TentError as exc:
-                    refused = str(exc)
+        refused = await connect_from_another_address(server, monkeypatch)
         assert not refused, f"a peer from another address got no link: {refused}"
 
 
@@ -259,7 +266,6 @@ async def test_four_stalled_reads_from_one_address_shut_the_engine_to_new_links(
     endpoints fail.  The threat model says only "an attacker with many addresses" can shut a
     rail this way.  Bounds made small (same ratios as the defaults: 512 MiB per engine, 128 MiB
     per connection) so the test stays cheap."""
-    from tent_async.backends.ucx import server as srv
 
     share = 2 * MiB
     monkeypatch.setattr(scatter, "STAGING_PER_LINK", share)
@@ -271,14 +277,7 @@ async def test_four_stalled_reads_from_one_address_shut_the_engine_to_new_links(
 
     async with links_parked_by_one_source(4, readv) as (server, census):
         assert census["lingering_from_source"] <= 4  # within the per-source bound
-        monkeypatch.setattr(srv, "source_key", lambda ip: "192.0.2.7")  # another host, standing in
-        async with tent.Engine(backend="ucx", name="honest", rails=RAILS) as honest:
-            with anyio.fail_after(30):
-                try:
-                    await honest.connect(server.address)  # type: ignore[arg-type]
-                    refused = ""
-                except tent.TentError as exc:
-                    refused = str(exc)
+        refused = await connect_from_another_address(server, monkeypatch)
         assert not refused, f"a peer from another address got no link: {refused}"
 
 
