@@ -333,3 +333,92 @@ async def test_no_new_link_to_a_peer_whose_endpoints_still_linger() -> None:
             await link.open()
             await client.transfer(src[:], kv[:])
         assert bool((kv_server.memory.array == 1).all())
+
+
+class _PostSpy:
+    """Watches one engine's UCX posts: receives into ``dst`` (caller memory) and sends from ``src``.
+
+    Records every time one was posted while one of the other kind was still UCX's: a READ's
+    receive into caller memory sharing an endpoint with a WRITE's bulk send (issue 11: if that
+    send stalls, the endpoint can only park if the receive can be settled, and a receive into
+    caller memory cannot be).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, src: np.ndarray, dst: np.ndarray) -> None:
+        from tent_async.backends.ucx.channel import Channel
+
+        self.recvs: list[tuple[Any, Any]] = []  # (channel, request) into dst
+        self.sends: list[tuple[Any, Any]] = []  # (channel, request) from src
+        self.overlaps: list[str] = []
+        self.direct = self.bulk = 0
+        spy = self
+        tag_recv, tag_send = Channel.tag_recv, Channel.tag_send
+
+        def live(posts: list[tuple[Any, Any]], ch: Any) -> int:
+            return sum(1 for c, req in posts if c is ch and not req.completed)
+
+        def recv(ch: Any, array: Any, tag: int) -> Any:
+            req = tag_recv(ch, array, tag)
+            if np.shares_memory(array, dst):
+                spy.direct += 1
+                if live(spy.sends, ch):
+                    spy.overlaps.append(f"a receive into caller memory posted beside {live(spy.sends, ch)} sends")
+                spy.recvs.append((ch, req))
+            return req
+
+        def send(ch: Any, array: Any, tag: int) -> Any:
+            req = tag_send(ch, array, tag)
+            if np.shares_memory(array, src):
+                spy.bulk += 1
+                if live(spy.recvs, ch):
+                    spy.overlaps.append(f"a WRITE's send posted beside {live(spy.recvs, ch)} receives into caller memory")
+                spy.sends.append((ch, req))
+            return req
+
+        monkeypatch.setattr(Channel, "tag_recv", recv)
+        monkeypatch.setattr(Channel, "tag_send", send)
+
+
+async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 (the last crash path): a WRITE and a READ in flight on one link at once.
+
+    Were the READ receiving into caller memory while the WRITE's send stalls (a peer that stops
+    reading our WRITE while streaming the READ to us, or freezes), the endpoint's parking could
+    not settle that receive, and the old code closed the endpoint mid-send, which can crash
+    UCX's TCP transport.  Now a READ receives into staging while a WRITE is in flight on its
+    link (copied once checked), and a WRITE waits while a READ receives into caller memory:
+    the two never overlap on an endpoint.  Plain READ traffic alone still receives in place.
+    Fails on the old code (overlaps)."""
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    size = 32 * MiB
+    async with (
+        tent.Engine(backend="ucx", name="server-0", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client-0", rails=rails) as client,
+    ):
+        target = np.zeros(size, dtype=np.uint8)
+        kv_server = server.register(target, name="kv")
+        origin = (np.arange(size, dtype=np.uint64) * 2654435761 % 251).astype(np.uint8)
+        server.register(origin, name="origin")
+        src_np = np.full(size, 7, dtype=np.uint8)
+        dst_np = np.zeros(size, dtype=np.uint8)
+        src = client.register(src_np, name="src")
+        dst = client.register(dst_np, name="dst")
+        spy = _PostSpy(monkeypatch, src_np, dst_np)
+        with anyio.fail_after(60):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+            kv, far = await peer.segment("kv"), await peer.segment("origin")
+            await client.transfer(far[:], dst[:])  # READs alone: into caller memory, as before
+            assert spy.direct >= 1 and not client.backend.stats["reads_staged"]  # type: ignore[attr-defined]
+            assert bool((dst_np == origin).all())
+            dst_np[:] = 0
+            for _ in range(3):  # both directions at once on the one link
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.transfer, src[:], kv[:])
+                    tg.start_soon(client.transfer, far[:], dst[:])
+                assert bool((dst_np == origin).all()) and bool((target == 7).all())  # byte-exact, staged or not
+                dst_np[:] = 0
+                target[:] = 0
+        assert spy.bulk >= 3 and spy.recvs
+        assert not spy.overlaps, spy.overlaps[:3]
+        assert client.backend.stats["closed_mid_send"] == 0  # type: ignore[attr-defined]
+        del kv_server
