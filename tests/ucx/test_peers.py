@@ -371,7 +371,8 @@ class _PostSpy:
             if np.shares_memory(array, src):
                 spy.bulk += 1
                 if live(spy.recvs, ch):
-                    spy.overlaps.append(f"a WRITE's send posted beside {live(spy.recvs, ch)} receives into caller memory")
+                    n = live(spy.recvs, ch)
+                    spy.overlaps.append(f"a WRITE's send posted beside {n} receives into caller memory")
                 spy.sends.append((ch, req))
             return req
 
@@ -379,7 +380,9 @@ class _PostSpy:
         monkeypatch.setattr(Channel, "tag_send", send)
 
 
-async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Issue 11 (the last crash path): a WRITE and a READ in flight on one link at once.
 
     Were the READ receiving into caller memory while the WRITE's send stalls (a peer that stops
@@ -422,3 +425,79 @@ async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(
         assert not spy.overlaps, spy.overlaps[:3]
         assert client.backend.stats["closed_mid_send"] == 0  # type: ignore[attr-defined]
         del kv_server
+
+
+async def test_a_peer_frozen_while_a_link_carries_both_directions_never_gets_an_endpoint_closed_mid_send(
+    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11, the last crash path: a peer that freezes (SIGSTOP) while one link carries a
+    64 MiB WRITE and a 64 MiB READ, and resumes later.
+
+    Both transfers end in bounded time (the stalled endpoint parks after LINGER_MAX), no
+    endpoint is closed while a send of ours on it is unfinished (the old code did when the
+    READ's receive into caller memory had been matched part-way: it could not be settled, so
+    the endpoint was closed mid-send, and the peer's later close could crash this process
+    inside UCX), and no byte lands in the READ's destination after its transfer ended.
+    """
+    from tent_async.backends.ucx import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "LINGER_MAX", 0.5)
+    mid_send: list[str] = []
+    close_endpoint = channel_module.Channel._close_endpoint
+    watching = [True]
+
+    def spy(ch: Any) -> None:
+        if watching[0] and ch._sends and ch.ep is not None:
+            mid_send.append(ch.label)
+        close_endpoint(ch)
+
+    monkeypatch.setattr(channel_module.Channel, "_close_endpoint", spy)
+    server = spawn_peer(
+        name="decode-0",
+        segments=[{"name": "kv", "size": 64 * MiB}, {"name": "origin", "size": 64 * MiB, "seed": 3}],
+        rails=[{"name": "lo", "device": "lo"}],
+    )
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, withdraw_grace=0.05) as engine:
+        kv, src = await _connected_and_warm(engine, server)
+        peer = kv.peer
+        far = await peer.segment("origin")
+        dst_np = np.zeros(64 * MiB, dtype=np.uint8)
+        dst = engine.register(dst_np, name="dst")
+        rail = engine.backend.local_rails["lo"]  # type: ignore[attr-defined]
+        outcomes: list[BaseException | None] = []
+
+        async def run(a: Any, b: Any) -> None:
+            try:
+                await engine.transfer(a, b)
+                outcomes.append(None)
+            except (tent.TransferFailedError, tent.NoRailError) as exc:
+                outcomes.append(exc)
+
+        try:
+            with anyio.fail_after(60):  # a hang guard: both must end although the peer stays frozen
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(run, src[:], kv[:])
+                    tg.start_soon(run, far[:], dst[:])
+                    await anyio.sleep(0.05)  # both directions under way on the one link
+                    server.signal(signal.SIGSTOP)
+            assert len(outcomes) == 2
+            settled = dst_np.copy()  # what the READ left (undefined if it failed); nothing may change it now
+            snap = engine.telemetry()
+            assert snap.inflight_bytes == 0 and snap.open_transfers == 0
+            parked = [ch for ch in rail.channels if ch.lingering]
+        finally:
+            server.signal(signal.SIGCONT)  # the peer reads (or closes): the parked endpoints close
+        for _ in range(1500):  # up to ~30 s
+            if not rail.parked and not any(ch.lingering for ch in parked):
+                break
+            await anyio.sleep(0.02)
+        assert not rail.parked and not rail.parked_by
+        with anyio.fail_after(30):
+            await anyio.sleep(1.0)  # the peer closes its side meanwhile (what crashed UCX before)
+            assert bool((dst_np == settled).all()), "bytes landed in the READ's destination after it ended"
+            await engine.transfer(src[:MiB], kv[:MiB])
+            await engine.transfer(far[:MiB], dst[:MiB])
+        watching[0] = False
+        assert not mid_send, mid_send
+        assert engine.backend.stats["closed_mid_send"] == 0  # type: ignore[attr-defined]

@@ -500,17 +500,24 @@ def test_an_endpoint_with_a_send_going_out_is_never_closed_it_parks() -> None:
 
 def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() -> None:
     """Issue 11 review: Link._park_ops settles the ops of a link whose endpoint parked, holds a
-    WRITE's source segment until UCX gives it back, and refuses (the endpoint is then closed)
-    while a READ's receive into caller memory is posted, which only a close stops."""
+    WRITE's source segment until UCX gives it back, and abandons a READ's staging.  A READ's
+    receive into caller memory is never there any more (Link._admit, Link._send); were one
+    there, it would refuse (the endpoint is then closed, the only way to stop the receive),
+    and say so: logged and counted as the bug it would be."""
+    import collections
+
     import numpy as np
 
     import tent_async as tent
     from tent_async.backends.ucx import peer as P
+    from tent_async.backends.ucx.control import LogLimiter
 
     engine = tent.Engine(backend="local")
     seg = engine.register(np.zeros(64, dtype=np.uint8), name="src")
     link = object.__new__(P.Link)
     link.name = "peer/lo"
+    stats: collections.Counter[str] = collections.Counter()
+    link.peer = SimpleNamespace(site=SimpleNamespace(stats=stats, log=LogLimiter()))  # type: ignore[assignment]
     settled: list[Any] = []
     link._settle = settled.append  # type: ignore[method-assign]
 
@@ -525,24 +532,56 @@ def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() ->
             attempt=SimpleNamespace(src=seg),
             error=None,
             stalled=False,
+            direct=False,
         )
         base.update(kw)
         return SimpleNamespace(**base)
 
-    into_caller = op(buffer=("view", "segment"))
+    into_caller = op(buffer=("view", "segment"), direct=True)
     write = op(sending=True, pending=2)
     assert not link._park_ops([write, into_caller])  # refused: nothing settled, nothing held
     assert not settled and not write.stalled and seg.held == 0
+    assert stats["closed_mid_send"] == 1
 
     into_staging = op(buffer=("staging", "segment"), sg=object())
+    staged_read = op(buffer=("staging", "segment"), staged=np.zeros(8, dtype=np.uint8))  # a plain READ, staged
     done = op(pending=0)
     reported = op(state=P.OP_REPORTED)
-    assert link._park_ops([write, into_staging, done, reported])
-    assert settled == [write, into_staging] and write.stalled and into_staging.stalled
-    assert write.error and into_staging.error
+    assert link._park_ops([write, into_staging, staged_read, done, reported])
+    assert settled == [write, into_staging, staged_read] and write.stalled and into_staging.stalled
+    assert staged_read.stalled and write.error and into_staging.error and staged_read.error
+    assert stats["closed_mid_send"] == 1
     assert seg.held == 1 and write.held is seg
     with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
         engine.unregister(seg)
     link._send_done(write)(None)  # UCX gives the WRITE's memory back
     assert seg.held == 0 and write.held is None and not write.sending
     engine.unregister(seg)
+
+
+def test_while_a_read_receives_into_caller_memory_only_a_few_plain_read_headers_go() -> None:
+    """Issue 11: what Link._admit lets out while a READ receives into caller memory on the link
+    (link.direct): plain READ headers, while fewer than QUIET_SLOTS headers are unanswered; a
+    WRITE or an extent list waits (its send could stall beside that receive).  With no such
+    receive everything goes, as before."""
+    from tent_async.backends.ucx import peer as P
+
+    link = object.__new__(P.Link)
+    link.peer = SimpleNamespace(slots=16)  # type: ignore[assignment]
+    link.free_slots = list(range(16))
+    link.direct = 0
+
+    def op(kind: Op, sg: Any = None) -> Any:
+        return SimpleNamespace(kind=kind, sg=sg)
+
+    read, write = op(Op.READ), op(Op.WRITE)
+    assert link._admit(read) and link._admit(write)  # nothing receives into caller memory: all go
+    link.direct = 1
+    assert link._admit(read) and not link._admit(write)
+    assert not link._admit(op(Op.READ, sg=object()))  # an extent list's header may carry a table: waits
+    link.free_slots = list(range(16 - P.QUIET_SLOTS + 1))  # QUIET_SLOTS - 1 headers unanswered
+    assert link._admit(read)
+    link.free_slots.pop()  # QUIET_SLOTS unanswered: the next plain READ waits too
+    assert not link._admit(read)
+    link.direct = 0
+    assert link._admit(read) and link._admit(write)
