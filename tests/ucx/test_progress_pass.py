@@ -501,7 +501,7 @@ def test_an_endpoint_with_a_send_going_out_is_never_closed_it_parks() -> None:
 def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() -> None:
     """Issue 11 review: Link._park_ops settles the ops of a link whose endpoint parked, holds a
     WRITE's source segment until UCX gives it back, and abandons a READ's staging.  A READ's
-    receive into caller memory is never there any more (Link._admit, Link._send); were one
+    receive into caller memory is never there any more (Link._admit); were one
     there, it would refuse (the endpoint is then closed, the only way to stop the receive),
     and say so: logged and counted as the bug it would be."""
     import collections
@@ -544,12 +544,11 @@ def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() ->
     assert stats["closed_mid_send"] == 1
 
     into_staging = op(buffer=("staging", "segment"), sg=object())
-    staged_read = op(buffer=("staging", "segment"), staged=np.zeros(8, dtype=np.uint8))  # a plain READ, staged
     done = op(pending=0)
     reported = op(state=P.OP_REPORTED)
-    assert link._park_ops([write, into_staging, staged_read, done, reported])
-    assert settled == [write, into_staging, staged_read] and write.stalled and into_staging.stalled
-    assert staged_read.stalled and write.error and into_staging.error and staged_read.error
+    assert link._park_ops([write, into_staging, done, reported])
+    assert settled == [write, into_staging] and write.stalled and into_staging.stalled
+    assert write.error and into_staging.error
     assert stats["closed_mid_send"] == 1
     assert seg.held == 1 and write.held is seg
     with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
@@ -559,29 +558,34 @@ def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() ->
     engine.unregister(seg)
 
 
-def test_while_a_read_receives_into_caller_memory_only_a_few_plain_read_headers_go() -> None:
-    """Issue 11: what Link._admit lets out while a READ receives into caller memory on the link
-    (link.direct): plain READ headers, while fewer than QUIET_SLOTS headers are unanswered; a
-    WRITE or an extent list waits (its send could stall beside that receive).  With no such
-    receive everything goes, as before."""
+def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link() -> None:
+    """Issue 11: what Link._admit lets out.  While a large READ receives into caller memory on
+    the link (link.direct): plain READ headers, while fewer than QUIET_SLOTS headers are
+    unanswered; a WRITE or an extent list waits (its send could stall beside that receive).
+    While a WRITE or an extent list is in flight (link.loud), a large plain READ waits (it would
+    receive into caller memory); small ones (answered inline) and everything else go.  With
+    neither, everything goes, as before."""
     from tent_async.backends.ucx import peer as P
 
     link = object.__new__(P.Link)
     link.peer = SimpleNamespace(slots=16)  # type: ignore[assignment]
     link.free_slots = list(range(16))
-    link.direct = 0
+    link.direct = link.loud = 0
 
-    def op(kind: Op, sg: Any = None) -> Any:
-        return SimpleNamespace(kind=kind, sg=sg)
+    def op(kind: Op, sg: Any = None, inline: bool = False) -> Any:
+        return SimpleNamespace(kind=kind, sg=sg, inline=inline)
 
-    read, write = op(Op.READ), op(Op.WRITE)
-    assert link._admit(read) and link._admit(write)  # nothing receives into caller memory: all go
+    read, write, small_read = op(Op.READ), op(Op.WRITE), op(Op.READ, inline=True)
+    assert link._admit(read) and link._admit(write) and link._admit(small_read)  # one direction: all go
     link.direct = 1
-    assert link._admit(read) and not link._admit(write)
+    assert link._admit(read) and link._admit(small_read) and not link._admit(write)
     assert not link._admit(op(Op.READ, sg=object()))  # an extent list's header may carry a table: waits
     link.free_slots = list(range(16 - P.QUIET_SLOTS + 1))  # QUIET_SLOTS - 1 headers unanswered
     assert link._admit(read)
     link.free_slots.pop()  # QUIET_SLOTS unanswered: the next plain READ waits too
-    assert not link._admit(read)
-    link.direct = 0
+    assert not link._admit(read) and not link._admit(small_read)
+    link.direct, link.loud = 0, 1
+    assert not link._admit(read)  # would receive into caller memory beside the WRITE's send
+    assert link._admit(small_read) and link._admit(write)
+    link.loud = 0
     assert link._admit(read) and link._admit(write)

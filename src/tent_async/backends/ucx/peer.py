@@ -56,7 +56,6 @@ from ...errors import (
     TentError,
     UnregisteredSegmentError,
 )
-from ...memory import Memory, copy_bytes
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
@@ -97,10 +96,10 @@ logger = logging.getLogger("tent_async.ucx")
 
 BIND_REQUEST = MAX_U64  # the request id of a link's BIND (nothing else is in flight on a new link)
 # While a large READ receives straight into the caller's memory on a link, only plain READ headers
-# (a few dozen bytes, at most ~1.1 KiB with a 256-character segment name) are sent on it, and only
-# while fewer than this many headers are unanswered: what the peer may leave unread behind such a
-# READ's header then fits any socket's send buffer (docs/ucx.md, "A READ into caller memory never
-# shares an endpoint with a send that can stall").
+# (46 bytes for a segment named "kv", 1,070 at most) are sent on it, and only while fewer than this
+# many headers are unanswered: what a peer that read that READ's header can leave unread behind it
+# then fits a TCP socket's send buffer at Linux's default size (docs/ucx.md, "Closing an endpoint
+# mid-send": a READ into caller memory never shares an endpoint with a send that can stall).
 QUIET_SLOTS = 8
 
 
@@ -199,7 +198,6 @@ class _Op:
         "sending",
         "sg",
         "slot",
-        "staged",
         "stalled",
         "state",
         "t_post",
@@ -233,7 +231,6 @@ class _Op:
         self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
         self.inline = False  # set by Link._queue (_inline)
         self.direct = False  # a large READ whose receive into the caller's memory is posted (Link.direct)
-        self.staged: np.ndarray | None = None  # a large READ received into staging instead, copied once checked
         self.loud = False  # sent, not reported, and sends more than a plain READ's header (Link.loud)
 
     def move(self, to: OpState) -> OpState:
@@ -277,8 +274,8 @@ class Link:
         self.ops: dict[int, _Op] = {}
         # On the current channel: large READs receiving into caller memory (op.direct), and ops
         # sent but not reported that send more than a plain READ's header (op.loud: WRITEs and
-        # extent lists).  Never both at once (_admit, _send): so when an endpoint parks with a
-        # send of ours stalled, no receive into caller memory is left on it (_park_ops).
+        # extent lists).  Never both at once (_admit): so when an endpoint parks with a send of
+        # ours stalled, no receive into caller memory is left on it (_park_ops).
         self.direct = 0
         self.loud = 0
         self.last_done = 0.0
@@ -420,10 +417,9 @@ class Link:
 
         Their requests stay UCX's (the channel holds them and their buffers) and
         their callbacks still run later, into reported ops, which ignore them.
-        A READ's staging is never reused (``Plan.release(reuse=False)``, and
-        ``op.staged`` is dropped, not given back), and the source segment of a
-        WRITE still being sent is held: ``unregister`` refuses until UCX gives
-        it back.
+        A READ's staging is never reused (``Plan.release(reuse=False)``), and
+        the source segment of a WRITE still being sent is held: ``unregister``
+        refuses until UCX gives it back.
 
         A READ's receive into caller memory (``op.direct``) is never still
         posted here: it never shares an endpoint with a send that can stall
@@ -531,20 +527,26 @@ class Link:
             self._send(self.waiting.popleft())
 
     def _admit(self, op: _Op) -> bool:
-        """May ``op`` be sent now?  It waits in the queue (in order) while:
+        """May ``op`` be sent now?  It waits in the queue (in order, so nothing overtakes it) while:
 
         * a large READ receives into caller memory on the link (``self.direct``)
           and ``op`` would send more than a plain READ's header (a WRITE, an
-          extent list), or would leave ``QUIET_SLOTS`` headers unanswered: a
-          send that can stall never shares an endpoint with such a receive
-          (docs/ucx.md).  The last such receive's end flushes the queue
-          (:meth:`_data_done`);
+          extent list), or would leave ``QUIET_SLOTS`` headers unanswered;
+        * ``op`` is a large plain READ (it would receive into caller memory) and
+          a WRITE or an extent list is in flight on the link (``self.loud``);
         * it is an extent-list slice and the peer's staging share is taken
           (flow control, scatter.StagingShare).
+
+        The first two keep a receive into caller memory off any endpoint with
+        a send that can stall, so a parked endpoint never holds one (docs/ucx.md,
+        "Closing an endpoint mid-send").  Traffic in one direction never waits
+        for them; a link carrying both alternates.  The end of the last such
+        receive (:meth:`_data_done`) or op (:meth:`_settle`) flushes the queue.
         """
-        if self.direct and (
-            op.kind is Op.WRITE or op.sg is not None or self.peer.slots - len(self.free_slots) >= QUIET_SLOTS
-        ):
+        if self.direct:
+            if op.kind is Op.WRITE or op.sg is not None or self.peer.slots - len(self.free_slots) >= QUIET_SLOTS:
+                return False
+        elif self.loud and op.kind is Op.READ and op.sg is None and not op.inline:
             return False
         return op.sg is None or self.peer.staging.admit(op.sg, self._flush)
 
@@ -574,22 +576,13 @@ class Link:
         reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
         buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
         if a is not None and (op.kind is Op.WRITE or op.sg is not None):
-            op.loud = True  # no READ receives into caller memory on this link until it is reported
+            op.loud = True  # no large plain READ is sent on this link until it is reported (_admit)
             self.loud += 1
         try:
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
                 if op.sg is not None:  # into host staging (random tail included), scattered once checked
                     view = op.sg.landing()
-                elif self.loud:
-                    # A WRITE or an extent list is in flight here: its send may stall (the peer stops
-                    # reading it) while this READ's bytes stream in, and a receive into caller memory
-                    # could then only be stopped by closing the endpoint mid-send.  Into staging,
-                    # copied to the caller's memory once checked (_report), abandoned if it parks.
-                    op.staged = view = scatter.staging_of(self.peer.site).take(a.length)
-                    t = min(TAIL_BYTES, a.length)
-                    view[a.length - t :] = np.frombuffer(os.urandom(t), dtype=np.uint8)
-                    self.peer.site.stats["reads_staged"] += 1
                 else:
                     view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
                     # Random bytes at the end, before the receive is posted: a message that
@@ -603,7 +596,7 @@ class Link:
                 op.data_req = req
                 op.buffer = (view, local)
                 op.pending += 1
-                if op.sg is None and op.staged is None:  # WRITEs and extent lists wait until it ends (_admit)
+                if op.sg is None:  # into caller memory: WRITEs and extent lists wait until it ends (_admit)
                     op.direct = True
                     self.direct += 1
                 ch.rail.progress.watch(req, self._data_done(op))
@@ -763,12 +756,7 @@ class Link:
         dst: Segment = a.dst  # type: ignore[assignment]
         t = min(TAIL_BYTES, a.length)
         end = a.dst_offset + a.length
-        if op.sg is not None:
-            tail = op.sg.tail()
-        elif op.staged is not None:
-            tail = bytes(op.staged[a.length - t :].tobytes())
-        else:
-            tail = _get_bytes(dst.memory.array[end - t : end])
+        tail = op.sg.tail() if op.sg is not None else _get_bytes(dst.memory.array[end - t : end])
         if tail != op.reply.tail:
             self._violation(
                 op,
@@ -791,17 +779,15 @@ class Link:
         if op.loud:
             op.loud = False
             if op.channel is self.channel:
-                self.loud -= 1  # READs may receive into caller memory again once none is left
+                self.loud -= 1
+                if not self.loud and self.waiting:  # a large READ may have waited for it (_admit)
+                    asyncio.get_running_loop().call_soon(self._flush)
         if op.state is not OP_REPORTED:
             try:
                 self._report(op)
             finally:  # the peer's staging share comes back even if reporting raised
                 if op.sg is not None:
                     op.sg.release(reuse=not op.stalled)
-                elif op.staged is not None:
-                    staged, op.staged = op.staged, None
-                    if not op.stalled:  # else UCX may still write into it: never back to the pool
-                        scatter.staging_of(self.peer.site).give(staged)
 
     def _report(self, op: _Op) -> None:
         withdrawn = op.move(OP_REPORTED) in _WITHDRAWN_STATES
@@ -841,10 +827,6 @@ class Link:
         elif self._succeeded(op):
             if op.sg is not None and op.kind is Op.READ and not op.inline:
                 op.sg.land()  # checked: every byte arrived (length and tail)
-            elif op.staged is not None:  # checked likewise: now into the caller's memory
-                dst: Segment = a.dst  # type: ignore[assignment]
-                staged = Memory(array=op.staged, kind="host", readonly=False, owner=op.staged)
-                copy_bytes(dst.memory, a.dst_offset, staged, 0, a.length)
             reply = op.reply
             peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
             ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
