@@ -23,7 +23,10 @@ worker is progressed again:
 * READ, small: the peer answers with the bytes (``DATA``).
 * READ: we post a receive into our destination view, then send the header;
   the peer checks it, sends the source view, and once its send completed
-  answers ``SENT`` with the length it sent.  The READ completes only when
+  answers ``SENT`` with the length it sent.  Such a READ and a WRITE (or an
+  extent list) are never in flight on one link at once (:meth:`Link._admit`):
+  a receive into caller memory must never share an endpoint with a send that
+  can stall, or parking that endpoint would have to close it mid-send.  The READ completes only when
   our receive completed *and* the peer confirmed exactly the requested
   length: a tagged receive matched by a shorter message completes without
   error and UCX does not say how much arrived.
