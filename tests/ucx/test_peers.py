@@ -500,3 +500,64 @@ async def test_a_peer_frozen_while_a_link_carries_both_directions_never_gets_an_
         watching[0] = False
         assert not mid_send, mid_send
         assert engine.backend.stats["closed_mid_send"] == 0  # type: ignore[attr-defined]
+
+
+async def test_a_peer_cannot_land_bytes_in_a_reads_destination_without_reading_its_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11: the last crash path needs a READ's receive into caller memory matched by a
+    peer that has not read (all) our sends; a peer that has read the READ's header has read
+    everything before it.  So the tag of a READ's bytes must be unguessable: a forger that
+    sends to the index it can predict (the attempt ids count up: the old code used them)
+    matches nothing, its message is one nobody expected, and the link is torn down.  Fails on
+    the old code: the forged bytes land in the destination."""
+    from tent_async.backends.ucx import protocol as p
+    from tent_async.backends.ucx.server import Server
+
+    headers: list[tuple[Any, Any]] = []
+    serve = Server.serve
+
+    def forger(self: Any, link: Any, msg: Any) -> None:
+        if msg.op is p.Op.READ and msg.segment == "origin":
+            headers.append((link, msg))  # never answered: the forger does not use what it says
+            return
+        serve(self, link, msg)
+
+    monkeypatch.setattr(Server, "serve", forger)
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    async with (
+        tent.Engine(backend="ucx", name="server-0", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client-0", rails=rails, withdraw_grace=0.05) as client,
+    ):
+        server.register(np.zeros(MiB, dtype=np.uint8), name="origin")
+        dst_np = np.zeros(MiB, dtype=np.uint8)
+        dst = client.register(dst_np, name="dst")
+        with anyio.fail_after(15):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+            far = await peer.segment("origin")
+        (link,) = peer.links.values()  # type: ignore[attr-defined]
+        forged = np.full(MiB, 0xAB, dtype=np.uint8)
+        with anyio.move_on_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.transfer, far[:], dst[:])
+
+                def posted() -> bool:  # the READ's receive into caller memory
+                    return any(op.buffer is not None and op.sg is None for op in link.ops.values())
+
+                for _ in range(500):
+                    if headers and posted():
+                        break
+                    await anyio.sleep(0.01)
+                assert headers and posted(), "the READ's receive into caller memory was not posted"
+                slink, _ = headers[0]
+                (attempt,) = [op.attempt.id for op in link.ops.values() if op.attempt is not None]
+                ch = slink.channel
+                req = ch.tag_send(forged, p.make_tag(slink.peer_ns, p.KIND_DATA, attempt))
+                ch.keep(req, forged, None, send=True)
+                for _ in range(500):
+                    if client.backend.stats["protocol_errors"] or (dst_np == 0xAB).sum() > 1024:  # type: ignore[attr-defined]
+                        break
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        assert (dst_np == 0xAB).sum() <= 16, "the forged bytes landed in the READ's destination"
+        assert client.backend.stats["protocol_errors"] >= 1  # type: ignore[attr-defined]

@@ -589,3 +589,24 @@ def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link(
     assert link._admit(small_read) and link._admit(write)
     link.loud = 0
     assert link._admit(read) and link._admit(write)
+
+
+def test_a_slices_request_id_carries_a_random_tag_index_unique_on_its_link() -> None:
+    """Issue 11: the tag index of a slice's reply and bulk bytes is random (a peer learns it only
+    from the header, so it cannot match a READ's receive it has not read) and unique among the
+    link's slices in flight; the attempt's id stays above it."""
+    from tent_async.backends.ucx import peer as P
+    from tent_async.backends.ucx.protocol import TAG_INDEX_BITS, TAG_INDEX_MASK
+
+    link = object.__new__(P.Link)
+    link.indices, link._entropy, link._entropy_at = set(), b"", 0
+    ids = [link._request(attempt) for attempt in range(1, 1001)]
+    assert [r >> TAG_INDEX_BITS for r in ids] == list(range(1, 1001))
+    indices = [r & TAG_INDEX_MASK for r in ids]
+    assert len(set(indices)) == 1000 == len(link.indices)  # unique while in flight
+    assert indices != sorted(indices)  # not counting up
+    assert max(indices) > TAG_INDEX_MASK // 2  # spread over the 23 bits, not near the attempt ids
+    link.indices = {5}
+    link._entropy, link._entropy_at = (5).to_bytes(3, "little") + (9).to_bytes(3, "little"), 0
+    assert link._request(7) == (7 << TAG_INDEX_BITS) | 9  # 5 is in flight: drawn again
+    assert link.indices == {5, 9}

@@ -69,6 +69,8 @@ from .protocol import (
     KIND_DATA,
     MAX_U64,
     REPLY_ROOM,
+    TAG_INDEX_BITS,
+    TAG_INDEX_MASK,
     TAIL_BYTES,
     Ack,
     Bind,
@@ -281,6 +283,9 @@ class Link:
         # ours stalled, no receive into caller memory is left on it (_park_ops).
         self.direct = 0
         self.loud = 0
+        self.indices: set[int] = set()  # tag indices of the ops sent and not reported (_request)
+        self._entropy = b""  # random bytes for tag indices, drawn a few hundred at a time
+        self._entropy_at = 0
         self.last_done = 0.0
         self.last_away = 0.0  # progress.away() at last_done
         self._fence: asyncio.TimerHandle | None = None
@@ -392,6 +397,7 @@ class Link:
             self.ns = 0
         ch, self.channel = self.channel, None
         self.direct = self.loud = 0  # they count the channel's requests; the next channel starts afresh
+        self.indices = set()
         ops = list(self.ops.values())
         for op in ops:
             if op.channel is ch:
@@ -553,6 +559,28 @@ class Link:
             return False
         return op.sg is None or self.peer.staging.admit(op.sg, self._flush)
 
+    def _request(self, attempt: int) -> int:
+        """A request id for a slice sent now: the attempt's id above a random tag index.
+
+        The index (its low ``TAG_INDEX_BITS``) picks the tags of the slice's reply
+        and bulk bytes, so a peer learns it only by reading the header: it cannot
+        match a READ's receive (or answer a header) it has not read, which the
+        argument that a receive into caller memory never sits beside a stalled
+        send of ours relies on (docs/ucx.md, Closing an endpoint mid-send).  A
+        wrong guess is a message nobody expected: the link is torn down.  Unique
+        among the link's slices in flight (``self.indices``).
+        """
+        indices = self.indices
+        while True:
+            at = self._entropy_at
+            if at + 3 > len(self._entropy):
+                self._entropy, at = os.urandom(768), 0
+            self._entropy_at = at + 3
+            index = int.from_bytes(self._entropy[at : at + 3], "little") & TAG_INDEX_MASK
+            if index not in indices and index != BIND_REQUEST & TAG_INDEX_MASK:
+                indices.add(index)
+                return (attempt << TAG_INDEX_BITS) | index
+
     def _send(self, op: _Op) -> None:
         """Post a READ's bulk receive, the header, the reply's receive, then a WRITE's bytes."""
         ch = self.channel
@@ -563,19 +591,23 @@ class Link:
         op.channel = ch
         a = op.attempt
         header: Message
+        if a is not None:
+            op.request = self._request(a.id)
         if a is None:
             header = Bind(request=op.request)
         elif op.sg is not None:
-            header = op.sg.header(a.id)
+            header = op.sg.header(op.request)
         elif op.kind is Op.WRITE:
             dst: RemoteSegment = a.dst  # type: ignore[assignment]
             local: Segment = a.src  # type: ignore[assignment]
             view = local.memory.array[a.src_offset : a.src_offset + a.length]
             payload = view.tobytes() if op.inline else None
-            header = SliceRequest(Op.WRITE, a.id, dst.name, dst.sid, a.dst_offset, a.length, payload)
+            header = SliceRequest(Op.WRITE, op.request, dst.name, dst.sid, a.dst_offset, a.length, payload)
         else:
             remote: RemoteSegment = a.src  # type: ignore[assignment]
-            header = SliceRequest(Op.READ, a.id, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline)
+            header = SliceRequest(
+                Op.READ, op.request, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline
+            )
         reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
         buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
         if a is not None and (op.kind is Op.WRITE or op.sg is not None):
@@ -779,6 +811,8 @@ class Link:
             return
         if self.ops.get(key) is op:
             del self.ops[key]
+        if op.channel is not None and op.channel is self.channel and op.attempt is not None:
+            self.indices.discard(op.request & TAG_INDEX_MASK)  # its receives are done: the index is free
         if op.loud:
             op.loud = False
             if op.channel is self.channel:
