@@ -599,14 +599,13 @@ def test_a_slices_request_id_carries_a_random_tag_index_unique_on_its_link() -> 
     from tent_async.backends.ucx.protocol import TAG_INDEX_BITS, TAG_INDEX_MASK
 
     link = object.__new__(P.Link)
-    link.indices, link._entropy, link._entropy_at = set(), b"", 0
+    link.indices, link._random = set(), []
     ids = [link._request(attempt) for attempt in range(1, 1001)]
     assert [r >> TAG_INDEX_BITS for r in ids] == list(range(1, 1001))
     indices = [r & TAG_INDEX_MASK for r in ids]
     assert len(set(indices)) == 1000 == len(link.indices)  # unique while in flight
     assert indices != sorted(indices)  # not counting up
     assert max(indices) > TAG_INDEX_MASK // 2  # spread over the 23 bits, not near the attempt ids
-    link.indices = {5}
-    link._entropy, link._entropy_at = (5).to_bytes(3, "little") + (9).to_bytes(3, "little"), 0
-    assert link._request(7) == (7 << TAG_INDEX_BITS) | 9  # 5 is in flight: drawn again
-    assert link.indices == {5, 9}
+    link.indices, link._random = {5}, [9, TAG_INDEX_MASK, 5]  # drawn from the end
+    assert link._request(7) == (7 << TAG_INDEX_BITS) | 9  # 5 is in flight, all ones is the BIND's
+    assert link.indices == {5, 9} and not link._random

@@ -284,8 +284,7 @@ class Link:
         self.direct = 0
         self.loud = 0
         self.indices: set[int] = set()  # tag indices of the ops sent and not reported (_request)
-        self._entropy = b""  # random bytes for tag indices, drawn a few hundred at a time
-        self._entropy_at = 0
+        self._random: list[int] = []  # random tag indices to draw from, made 256 at a time
         self.last_done = 0.0
         self.last_away = 0.0  # progress.away() at last_done
         self._fence: asyncio.TimerHandle | None = None
@@ -572,12 +571,10 @@ class Link:
         """
         indices = self.indices
         while True:
-            at = self._entropy_at
-            if at + 3 > len(self._entropy):
-                self._entropy, at = os.urandom(768), 0
-            self._entropy_at = at + 3
-            index = int.from_bytes(self._entropy[at : at + 3], "little") & TAG_INDEX_MASK
-            if index not in indices and index != BIND_REQUEST & TAG_INDEX_MASK:
+            if not self._random:
+                self._random = (np.frombuffer(os.urandom(1024), dtype="<u4") & TAG_INDEX_MASK).tolist()
+            index = self._random.pop()
+            if index not in indices and index != TAG_INDEX_MASK:  # all ones: the BIND's
                 indices.add(index)
                 return (attempt << TAG_INDEX_BITS) | index
 
