@@ -380,17 +380,20 @@ class _PostSpy:
         monkeypatch.setattr(Channel, "tag_send", send)
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["alternating", "staged"])
 async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, staged: bool
 ) -> None:
     """Issue 11 (the last crash path): a WRITE and a READ in flight on one link at once.
 
     Were the READ receiving into caller memory while the WRITE's send stalls (a peer that stops
     reading our WRITE while streaming the READ to us, or freezes), the endpoint's parking could
     not settle that receive, and the old code closed the endpoint mid-send, which can crash
-    UCX's TCP transport.  Now a large READ waits while a WRITE is in flight on its link, and a
-    WRITE waits while a READ receives into caller memory there: the two never overlap on an
-    endpoint, and both transfers still complete, byte-exact.  Fails on the old code (overlaps)."""
+    UCX's TCP transport.  Now a large READ waits while a WRITE is in flight on its link (over
+    loopback and shared memory), or receives into staging (a network rail: forced here with
+    ``stage_reads``), and a WRITE waits while a READ receives into caller memory there: the
+    two never overlap on an endpoint, and both transfers still complete, byte-exact.  Fails
+    on the old code (overlaps)."""
     rails = [tent.RailSpec(name="lo", device="lo")]
     size = 32 * MiB
     async with (
@@ -409,8 +412,11 @@ async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(
         with anyio.fail_after(60):
             peer = await client.connect(server.address)  # type: ignore[arg-type]
             kv, far = await peer.segment("kv"), await peer.segment("origin")
+            (link,) = peer.links.values()  # type: ignore[attr-defined]
+            assert not link.stage_reads  # loopback: READs beside a WRITE wait rather than copy
+            link.stage_reads = staged
             await client.transfer(far[:], dst[:])  # READs alone: into caller memory, as before
-            assert spy.direct >= 1
+            assert spy.direct >= 1 and not client.backend.stats["reads_staged"]  # type: ignore[attr-defined]
             assert bool((dst_np == origin).all())
             dst_np[:] = 0
             for _ in range(3):  # both directions at once on the one link
@@ -422,12 +428,14 @@ async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(
                 target[:] = 0
         assert spy.bulk >= 3 and spy.recvs
         assert not spy.overlaps, spy.overlaps[:3]
+        assert bool(client.backend.stats["reads_staged"]) is staged  # type: ignore[attr-defined]
         assert client.backend.stats["closed_mid_send"] == 0  # type: ignore[attr-defined]
         del kv_server
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["alternating", "staged"])
 async def test_a_peer_frozen_while_a_link_carries_both_directions_never_gets_an_endpoint_closed_mid_send(
-    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch
+    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch, staged: bool
 ) -> None:
     """Issue 11, the last crash path: a peer that freezes (SIGSTOP) while one link carries a
     64 MiB WRITE and a 64 MiB READ, and resumes later.
@@ -436,7 +444,9 @@ async def test_a_peer_frozen_while_a_link_carries_both_directions_never_gets_an_
     endpoint is closed while a send of ours on it is unfinished (the old code did when the
     READ's receive into caller memory had been matched part-way: it could not be settled, so
     the endpoint was closed mid-send, and the peer's later close could crash this process
-    inside UCX), and no byte lands in the READ's destination after its transfer ended.
+    inside UCX), and no byte lands in the READ's destination after its transfer ended.  Both
+    ways of keeping the two apart: alternating (loopback's) and staging (a network rail's,
+    forced here).
     """
     from tent_async.backends.ucx import channel as channel_module
 
@@ -460,6 +470,8 @@ async def test_a_peer_frozen_while_a_link_carries_both_directions_never_gets_an_
     async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, withdraw_grace=0.05) as engine:
         kv, src = await _connected_and_warm(engine, server)
         peer = kv.peer
+        for link in peer.links.values():
+            link.stage_reads = staged
         far = await peer.segment("origin")
         dst_np = np.zeros(64 * MiB, dtype=np.uint8)
         dst = engine.register(dst_np, name="dst")

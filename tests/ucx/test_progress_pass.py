@@ -544,11 +544,12 @@ def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() ->
     assert stats["closed_mid_send"] == 1
 
     into_staging = op(buffer=("staging", "segment"), sg=object())
+    staged_read = op(buffer=("staging", "segment"), staged=np.zeros(8, dtype=np.uint8))  # a plain READ, staged
     done = op(pending=0)
     reported = op(state=P.OP_REPORTED)
-    assert link._park_ops([write, into_staging, done, reported])
-    assert settled == [write, into_staging] and write.stalled and into_staging.stalled
-    assert write.error and into_staging.error
+    assert link._park_ops([write, into_staging, staged_read, done, reported])
+    assert settled == [write, into_staging, staged_read] and write.stalled and into_staging.stalled
+    assert staged_read.stalled and write.error and into_staging.error and staged_read.error
     assert stats["closed_mid_send"] == 1
     assert seg.held == 1 and write.held is seg
     with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
@@ -563,14 +564,16 @@ def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link(
     the link (link.direct): plain READ headers, while fewer than QUIET_SLOTS headers are
     unanswered; a WRITE or an extent list waits (its send could stall beside that receive).
     While a WRITE or an extent list is in flight (link.loud), a large plain READ waits (it would
-    receive into caller memory); small ones (answered inline) and everything else go.  With
-    neither, everything goes, as before."""
+    receive into caller memory), unless the link receives such READs into staging (a network
+    rail); small ones (answered inline) and everything else go.  With neither, everything
+    goes, as before."""
     from tent_async.backends.ucx import peer as P
 
     link = object.__new__(P.Link)
     link.peer = SimpleNamespace(slots=16)  # type: ignore[assignment]
     link.free_slots = list(range(16))
     link.direct = link.loud = 0
+    link.stage_reads = False
 
     def op(kind: Op, sg: Any = None, inline: bool = False) -> Any:
         return SimpleNamespace(kind=kind, sg=sg, inline=inline)
@@ -587,6 +590,8 @@ def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link(
     link.direct, link.loud = 0, 1
     assert not link._admit(read)  # would receive into caller memory beside the WRITE's send
     assert link._admit(small_read) and link._admit(write)
+    link.stage_reads = True
+    assert link._admit(read)  # goes, into staging (Link._send)
     link.loud = 0
     assert link._admit(read) and link._admit(write)
 

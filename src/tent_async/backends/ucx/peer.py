@@ -23,10 +23,11 @@ worker is progressed again:
 * READ, small: the peer answers with the bytes (``DATA``).
 * READ: we post a receive into our destination view, then send the header;
   the peer checks it, sends the source view, and once its send completed
-  answers ``SENT`` with the length it sent.  Such a READ and a WRITE (or an
-  extent list) are never in flight on one link at once (:meth:`Link._admit`):
-  a receive into caller memory must never share an endpoint with a send that
-  can stall, or parking that endpoint would have to close it mid-send.  The READ completes only when
+  answers ``SENT`` with the length it sent.  A receive into caller memory
+  never shares an endpoint with a send that can stall (a WRITE's, an extent
+  list's), or parking that endpoint would have to close it mid-send: while one
+  is in flight such a READ waits, or on a network rail receives into staging
+  (:meth:`Link._admit`, :meth:`Link._send`).  The READ completes only when
   our receive completed *and* the peer confirmed exactly the requested
   length: a tagged receive matched by a shorter message completes without
   error and UCX does not say how much arrived.
@@ -59,6 +60,7 @@ from ...errors import (
     TentError,
     UnregisteredSegmentError,
 )
+from ...memory import Memory, copy_bytes
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
@@ -203,6 +205,7 @@ class _Op:
         "sending",
         "sg",
         "slot",
+        "staged",
         "stalled",
         "state",
         "t_post",
@@ -237,6 +240,7 @@ class _Op:
         self.inline = False  # set by Link._queue (_inline)
         self.direct = False  # a large READ whose receive into the caller's memory is posted (Link.direct)
         self.loud = False  # sent, not reported, and sends more than a plain READ's header (Link.loud)
+        self.staged: np.ndarray | None = None  # a large READ received into staging instead (Link.stage_reads)
 
     def move(self, to: OpState) -> OpState:
         """Go to state ``to`` if the table allows it; returns the state left."""
@@ -283,6 +287,11 @@ class Link:
         # ours stalled, no receive into caller memory is left on it (_park_ops).
         self.direct = 0
         self.loud = 0
+        # A large READ sent while a loud op is in flight: into staging (copied once checked) on a
+        # network rail, where the two directions are independent and alternating them would
+        # waste one; it waits instead over shared memory and loopback, where they share the same
+        # CPUs and the copy costs more than the overlap gains (docs/ucx.md, measured).
+        self.stage_reads = rail.plan.kind == "tcp" and not rail.plan.loopback
         self.indices: set[int] = set()  # tag indices of the ops sent and not reported (_request)
         self._random: list[int] = []  # random tag indices to draw from, made 256 at a time
         self.last_done = 0.0
@@ -425,9 +434,10 @@ class Link:
 
         Their requests stay UCX's (the channel holds them and their buffers) and
         their callbacks still run later, into reported ops, which ignore them.
-        A READ's staging is never reused (``Plan.release(reuse=False)``), and
-        the source segment of a WRITE still being sent is held: ``unregister``
-        refuses until UCX gives it back.
+        A READ's staging is never reused (``Plan.release(reuse=False)``; a
+        plain READ's ``op.staged`` is dropped, not given back), and the source
+        segment of a WRITE still being sent is held: ``unregister`` refuses
+        until UCX gives it back.
 
         A READ's receive into caller memory (``op.direct``) is never still
         posted here: it never shares an endpoint with a send that can stall
@@ -541,7 +551,9 @@ class Link:
           and ``op`` would send more than a plain READ's header (a WRITE, an
           extent list), or would leave ``QUIET_SLOTS`` headers unanswered;
         * ``op`` is a large plain READ (it would receive into caller memory) and
-          a WRITE or an extent list is in flight on the link (``self.loud``);
+          a WRITE or an extent list is in flight on the link (``self.loud``),
+          unless the link receives such READs into staging (``stage_reads``: a
+          network rail, :meth:`_send`);
         * it is an extent-list slice and the peer's staging share is taken
           (flow control, scatter.StagingShare).
 
@@ -554,7 +566,7 @@ class Link:
         if self.direct:
             if op.kind is Op.WRITE or op.sg is not None or self.peer.slots - len(self.free_slots) >= QUIET_SLOTS:
                 return False
-        elif self.loud and op.kind is Op.READ and op.sg is None and not op.inline:
+        elif self.loud and op.kind is Op.READ and op.sg is None and not op.inline and not self.stage_reads:
             return False
         return op.sg is None or self.peer.staging.admit(op.sg, self._flush)
 
@@ -615,6 +627,15 @@ class Link:
                 local = a.dst  # type: ignore[assignment]
                 if op.sg is not None:  # into host staging (random tail included), scattered once checked
                     view = op.sg.landing()
+                elif self.loud:
+                    # A WRITE or an extent list is in flight here (a network rail: _admit): its send
+                    # may stall (the peer stops reading it) while this READ's bytes stream in, and a
+                    # receive into caller memory could then only be stopped by closing the endpoint
+                    # mid-send.  Into staging, copied once checked (_report), abandoned if it parks.
+                    op.staged = view = scatter.staging_of(self.peer.site).take(a.length)
+                    t = min(TAIL_BYTES, a.length)
+                    view[a.length - t :] = np.frombuffer(os.urandom(t), dtype=np.uint8)
+                    self.peer.site.stats["reads_staged"] += 1
                 else:
                     view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
                     # Random bytes at the end, before the receive is posted: a message that
@@ -628,7 +649,7 @@ class Link:
                 op.data_req = req
                 op.buffer = (view, local)
                 op.pending += 1
-                if op.sg is None:  # into caller memory: WRITEs and extent lists wait until it ends (_admit)
+                if op.sg is None and op.staged is None:  # into caller memory: loud slices wait (_admit)
                     op.direct = True
                     self.direct += 1
                 ch.rail.progress.watch(req, self._data_done(op))
@@ -788,7 +809,12 @@ class Link:
         dst: Segment = a.dst  # type: ignore[assignment]
         t = min(TAIL_BYTES, a.length)
         end = a.dst_offset + a.length
-        tail = op.sg.tail() if op.sg is not None else _get_bytes(dst.memory.array[end - t : end])
+        if op.sg is not None:
+            tail = op.sg.tail()
+        elif op.staged is not None:
+            tail = bytes(op.staged[a.length - t :].tobytes())
+        else:
+            tail = _get_bytes(dst.memory.array[end - t : end])
         if tail != op.reply.tail:
             self._violation(
                 op,
@@ -822,6 +848,10 @@ class Link:
             finally:  # the peer's staging share comes back even if reporting raised
                 if op.sg is not None:
                     op.sg.release(reuse=not op.stalled)
+                elif op.staged is not None:
+                    staged, op.staged = op.staged, None
+                    if not op.stalled:  # else UCX may still write into it: never back to the pool
+                        scatter.staging_of(self.peer.site).give(staged)
 
     def _report(self, op: _Op) -> None:
         withdrawn = op.move(OP_REPORTED) in _WITHDRAWN_STATES
@@ -861,6 +891,10 @@ class Link:
         elif self._succeeded(op):
             if op.sg is not None and op.kind is Op.READ and not op.inline:
                 op.sg.land()  # checked: every byte arrived (length and tail)
+            elif op.staged is not None:  # checked likewise: now into the caller's memory
+                dst: Segment = a.dst  # type: ignore[assignment]
+                staged = Memory(array=op.staged, kind="host", readonly=False, owner=op.staged)
+                copy_bytes(dst.memory, a.dst_offset, staged, 0, a.length)
             reply = op.reply
             peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
             ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
