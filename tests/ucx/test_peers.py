@@ -339,3 +339,243 @@ async def test_no_new_link_to_a_peer_whose_endpoints_still_linger() -> None:
         assert bool((kv_server.memory.array == 1).all())
         pool.parked = 0
         del srail.parked_by[("source", "192.0.2.99")]
+
+
+class _PostSpy:
+    """Watches one engine's UCX posts: receives into ``dst`` (caller memory) and sends from ``src``.
+
+    Records every time one was posted while one of the other kind was still UCX's: a READ's
+    receive into caller memory sharing an endpoint with a WRITE's bulk send (issue 11: if that
+    send stalls, the endpoint can only park if the receive can be settled, and a receive into
+    caller memory cannot be).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, src: np.ndarray, dst: np.ndarray) -> None:
+        from tent_async.backends.ucx.channel import Channel
+
+        self.recvs: list[tuple[Any, Any]] = []  # (channel, request) into dst
+        self.sends: list[tuple[Any, Any]] = []  # (channel, request) from src
+        self.overlaps: list[str] = []
+        self.direct = self.bulk = 0
+        spy = self
+        tag_recv, tag_send = Channel.tag_recv, Channel.tag_send
+
+        def live(posts: list[tuple[Any, Any]], ch: Any) -> int:
+            return sum(1 for c, req in posts if c is ch and not req.completed)
+
+        def recv(ch: Any, array: Any, tag: int, **options: Any) -> Any:
+            req = tag_recv(ch, array, tag, **options)
+            if np.shares_memory(array, dst):
+                spy.direct += 1
+                if live(spy.sends, ch):
+                    spy.overlaps.append(f"a receive into caller memory posted beside {live(spy.sends, ch)} sends")
+                spy.recvs.append((ch, req))
+            return req
+
+        def send(ch: Any, array: Any, tag: int) -> Any:
+            req = tag_send(ch, array, tag)
+            if np.shares_memory(array, src):
+                spy.bulk += 1
+                if live(spy.recvs, ch):
+                    n = live(spy.recvs, ch)
+                    spy.overlaps.append(f"a WRITE's send posted beside {n} receives into caller memory")
+                spy.sends.append((ch, req))
+            return req
+
+        monkeypatch.setattr(Channel, "tag_recv", recv)
+        monkeypatch.setattr(Channel, "tag_send", send)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["alternating", "staged"])
+async def test_a_read_into_caller_memory_never_shares_a_link_with_a_writes_send(
+    monkeypatch: pytest.MonkeyPatch, staged: bool
+) -> None:
+    """Issue 11 (the last crash path): a WRITE and a READ in flight on one link at once.
+
+    Were the READ receiving into caller memory while the WRITE's send stalls (a peer that stops
+    reading our WRITE while streaming the READ to us, or freezes), the endpoint's parking could
+    not settle that receive, and the old code closed the endpoint mid-send, which can crash
+    UCX's TCP transport.  Now a large READ waits while a WRITE is in flight on its link (over
+    loopback and shared memory), or receives into staging (a network rail: forced here with
+    ``stage_reads``), and a WRITE waits while a READ receives into caller memory there: the
+    two never overlap on an endpoint, and both transfers still complete, byte-exact.  Fails
+    on the old code (overlaps)."""
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    size = 32 * MiB
+    async with (
+        tent.Engine(backend="ucx", name="server-0", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client-0", rails=rails) as client,
+    ):
+        target = np.zeros(size, dtype=np.uint8)
+        kv_server = server.register(target, name="kv")
+        origin = (np.arange(size, dtype=np.uint64) * 2654435761 % 251).astype(np.uint8)
+        server.register(origin, name="origin")
+        src_np = np.full(size, 7, dtype=np.uint8)
+        dst_np = np.zeros(size, dtype=np.uint8)
+        src = client.register(src_np, name="src")
+        dst = client.register(dst_np, name="dst")
+        spy = _PostSpy(monkeypatch, src_np, dst_np)
+        with anyio.fail_after(60):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+            kv, far = await peer.segment("kv"), await peer.segment("origin")
+            (link,) = peer.links.values()  # type: ignore[attr-defined]
+            assert not link.stage_reads  # loopback: READs beside a WRITE wait rather than copy
+            link.stage_reads = staged
+            await client.transfer(far[:], dst[:])  # READs alone: into caller memory, as before
+            assert spy.direct >= 1 and not client.backend.stats["reads_staged"]  # type: ignore[attr-defined]
+            assert bool((dst_np == origin).all())
+            dst_np[:] = 0
+            for _ in range(3):  # both directions at once on the one link
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.transfer, src[:], kv[:])
+                    tg.start_soon(client.transfer, far[:], dst[:])
+                assert bool((dst_np == origin).all()) and bool((target == 7).all())  # byte-exact
+                dst_np[:] = 0
+                target[:] = 0
+        assert spy.bulk >= 3 and spy.recvs
+        assert not spy.overlaps, spy.overlaps[:3]
+        assert bool(client.backend.stats["reads_staged"]) is staged  # type: ignore[attr-defined]
+        assert client.backend.stats["closed_mid_send"] == 0  # type: ignore[attr-defined]
+        del kv_server
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["alternating", "staged"])
+async def test_a_peer_frozen_while_a_link_carries_both_directions_never_gets_an_endpoint_closed_mid_send(
+    spawn_peer: Any, monkeypatch: pytest.MonkeyPatch, staged: bool
+) -> None:
+    """Issue 11, the last crash path: a peer that freezes (SIGSTOP) while one link carries a
+    64 MiB WRITE and a 64 MiB READ, and resumes later.
+
+    Both transfers end in bounded time (the stalled endpoint parks after LINGER_MAX), no
+    endpoint is closed while a send of ours on it is unfinished (the old code did when the
+    READ's receive into caller memory had been matched part-way: it could not be settled, so
+    the endpoint was closed mid-send, and the peer's later close could crash this process
+    inside UCX), and no byte lands in the READ's destination after its transfer ended.  Both
+    ways of keeping the two apart: alternating (loopback's) and staging (a network rail's,
+    forced here).
+    """
+    from tent_async.backends.ucx import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "LINGER_MAX", 0.5)
+    mid_send: list[str] = []
+    close_endpoint = channel_module.Channel._close_endpoint
+    watching = [True]
+
+    def spy(ch: Any) -> None:
+        if watching[0] and ch._sends and ch.ep is not None:
+            mid_send.append(ch.label)
+        close_endpoint(ch)
+
+    monkeypatch.setattr(channel_module.Channel, "_close_endpoint", spy)
+    server = spawn_peer(
+        name="decode-0",
+        segments=[{"name": "kv", "size": 64 * MiB}, {"name": "origin", "size": 64 * MiB, "seed": 3}],
+        rails=[{"name": "lo", "device": "lo"}],
+    )
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, withdraw_grace=0.05) as engine:
+        kv, src = await _connected_and_warm(engine, server)
+        peer = kv.peer
+        for link in peer.links.values():
+            link.stage_reads = staged
+        far = await peer.segment("origin")
+        dst_np = np.zeros(64 * MiB, dtype=np.uint8)
+        dst = engine.register(dst_np, name="dst")
+        rail = engine.backend.local_rails["lo"]  # type: ignore[attr-defined]
+        outcomes: list[BaseException | None] = []
+
+        async def run(a: Any, b: Any) -> None:
+            try:
+                await engine.transfer(a, b)
+                outcomes.append(None)
+            except (tent.TransferFailedError, tent.NoRailError) as exc:
+                outcomes.append(exc)
+
+        try:
+            with anyio.fail_after(60):  # a hang guard: both must end although the peer stays frozen
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(run, src[:], kv[:])
+                    tg.start_soon(run, far[:], dst[:])
+                    await anyio.sleep(0.05)  # both directions under way on the one link
+                    server.signal(signal.SIGSTOP)
+            assert len(outcomes) == 2
+            settled = dst_np.copy()  # what the READ left (undefined if it failed); nothing may change it now
+            snap = engine.telemetry()
+            assert snap.inflight_bytes == 0 and snap.open_transfers == 0
+            parked = [ch for ch in rail.channels if ch.lingering]
+        finally:
+            server.signal(signal.SIGCONT)  # the peer reads (or closes): the parked endpoints close
+        for _ in range(1500):  # up to ~30 s
+            if not rail.parked and not any(ch.lingering for ch in parked):
+                break
+            await anyio.sleep(0.02)
+        assert not rail.parked and not rail.parked_by
+        with anyio.fail_after(30):
+            await anyio.sleep(1.0)  # the peer closes its side meanwhile (what crashed UCX before)
+            assert bool((dst_np == settled).all()), "bytes landed in the READ's destination after it ended"
+            await engine.transfer(src[:MiB], kv[:MiB])
+            await engine.transfer(far[:MiB], dst[:MiB])
+        watching[0] = False
+        assert not mid_send, mid_send
+        assert engine.backend.stats["closed_mid_send"] == 0  # type: ignore[attr-defined]
+
+
+async def test_a_peer_cannot_land_bytes_in_a_reads_destination_without_reading_its_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11: the last crash path needs a READ's receive into caller memory matched by a
+    peer that has not read (all) our sends; a peer that has read the READ's header has read
+    everything before it.  So the tag of a READ's bytes must be unguessable: a forger that
+    sends to the index it can predict (the attempt ids count up: the old code used them)
+    matches nothing, its message is one nobody expected, and the link is torn down.  Fails on
+    the old code: the forged bytes land in the destination."""
+    from tent_async.backends.ucx import protocol as p
+    from tent_async.backends.ucx.server import Server
+
+    headers: list[tuple[Any, Any]] = []
+    serve = Server.serve
+
+    def forger(self: Any, link: Any, msg: Any) -> None:
+        if msg.op is p.Op.READ and msg.segment == "origin":
+            headers.append((link, msg))  # never answered: the forger does not use what it says
+            return
+        serve(self, link, msg)
+
+    monkeypatch.setattr(Server, "serve", forger)
+    rails = [tent.RailSpec(name="lo", device="lo")]
+    async with (
+        tent.Engine(backend="ucx", name="server-0", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client-0", rails=rails, withdraw_grace=0.05) as client,
+    ):
+        server.register(np.zeros(MiB, dtype=np.uint8), name="origin")
+        dst_np = np.zeros(MiB, dtype=np.uint8)
+        dst = client.register(dst_np, name="dst")
+        with anyio.fail_after(15):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+            far = await peer.segment("origin")
+        (link,) = peer.links.values()  # type: ignore[attr-defined]
+        forged = np.full(MiB, 0xAB, dtype=np.uint8)
+        with anyio.move_on_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.transfer, far[:], dst[:])
+
+                def posted() -> bool:  # the READ's receive into caller memory
+                    return any(op.buffer is not None and op.sg is None for op in link.ops.values())
+
+                for _ in range(500):
+                    if headers and posted():
+                        break
+                    await anyio.sleep(0.01)
+                assert headers and posted(), "the READ's receive into caller memory was not posted"
+                slink, _ = headers[0]
+                (attempt,) = [op.attempt.id for op in link.ops.values() if op.attempt is not None]
+                ch = slink.channel
+                req = ch.tag_send(forged, p.make_tag(slink.peer_ns, p.KIND_DATA, attempt))
+                ch.keep(req, forged, None, send=True)
+                for _ in range(500):
+                    if client.backend.stats["protocol_errors"] or (dst_np == 0xAB).sum() > 1024:  # type: ignore[attr-defined]
+                        break
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        assert (dst_np == 0xAB).sum() <= 16, "the forged bytes landed in the READ's destination"
+        assert client.backend.stats["protocol_errors"] >= 1  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ import pytest
 
 from tent_async.backends.ucx import progress as P
 from tent_async.backends.ucx.peer import Link, _Op
-from tent_async.backends.ucx.protocol import Op
+from tent_async.backends.ucx.protocol import TAG_INDEX_BITS, Op
 
 pytestmark = pytest.mark.anyio
 
@@ -546,17 +546,24 @@ def test_an_endpoint_with_a_send_going_out_is_never_closed_it_parks() -> None:
 
 def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() -> None:
     """Issue 11 review: Link._park_ops settles the ops of a link whose endpoint parked, holds a
-    WRITE's source segment until UCX gives it back, and refuses (the endpoint is then closed)
-    while a READ's receive into caller memory is posted, which only a close stops."""
+    WRITE's source segment until UCX gives it back, and abandons a READ's staging.  A READ's
+    receive into caller memory is never there any more (Link._admit); were one
+    there, it would refuse (the endpoint is then closed, the only way to stop the receive),
+    and say so: logged and counted as the bug it would be."""
+    import collections
+
     import numpy as np
 
     import tent_async as tent
     from tent_async.backends.ucx import peer as P
+    from tent_async.backends.ucx.control import LogLimiter
 
     engine = tent.Engine(backend="local")
     seg = engine.register(np.zeros(64, dtype=np.uint8), name="src")
     link = object.__new__(P.Link)
     link.name = "peer/lo"
+    stats: collections.Counter[str] = collections.Counter()
+    link.peer = SimpleNamespace(site=SimpleNamespace(stats=stats, log=LogLimiter()))  # type: ignore[assignment]
     settled: list[Any] = []
     link._settle = settled.append  # type: ignore[method-assign]
 
@@ -571,21 +578,25 @@ def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() ->
             attempt=SimpleNamespace(src=seg),
             error=None,
             stalled=False,
+            direct=False,
         )
         base.update(kw)
         return SimpleNamespace(**base)
 
-    into_caller = op(buffer=("view", "segment"))
+    into_caller = op(buffer=("view", "segment"), direct=True)
     write = op(sending=True, pending=2)
     assert not link._park_ops([write, into_caller])  # refused: nothing settled, nothing held
     assert not settled and not write.stalled and seg.held == 0
+    assert stats["closed_mid_send"] == 1
 
     into_staging = op(buffer=("staging", "segment"), sg=object())
+    staged_read = op(buffer=("staging", "segment"), staged=np.zeros(8, dtype=np.uint8))  # a plain READ, staged
     done = op(pending=0)
     reported = op(state=P.OP_REPORTED)
-    assert link._park_ops([write, into_staging, done, reported])
-    assert settled == [write, into_staging] and write.stalled and into_staging.stalled
-    assert write.error and into_staging.error
+    assert link._park_ops([write, into_staging, staged_read, done, reported])
+    assert settled == [write, into_staging, staged_read] and write.stalled and into_staging.stalled
+    assert staged_read.stalled and write.error and into_staging.error and staged_read.error
+    assert stats["closed_mid_send"] == 1
     assert seg.held == 1 and write.held is seg
     with pytest.raises(tent.SegmentBusyError, match="stopped reading"):
         engine.unregister(seg)
@@ -732,10 +743,11 @@ def test_a_writes_gather_counts_as_its_own_rails_time() -> None:
     link.channel, link.free_slots, link._buffers = channel, [0], []
     link.ns, link.peer_ns, link.name = 1, 2, "peer/shm"
     link.peer = SimpleNamespace(inline_limit=16384)
+    link.indices, link._random, link.loud, link.direct = set(), [5], 0, 0  # the slice's tag index: 5
     op = _Op(SimpleNamespace(id=7), link, Op.WRITE, 0.0)  # type: ignore[arg-type]
     op.sg = Plan()  # type: ignore[assignment]
     link._send(op)
-    assert sent == ["WRITEV 7", b"gathered"]  # header first, then the gathered bytes
+    assert sent == [f"WRITEV {7 << TAG_INDEX_BITS | 5}", b"gathered"]  # header first, then the gathered bytes
     assert len(accounted) == 1 and accounted[0] >= 0.005
 
 
@@ -764,3 +776,60 @@ async def test_a_receive_whose_bytes_never_come_stops_keeping_passes_going(
     finally:
         never.future.cancel()
         prog.close()
+
+
+def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link() -> None:
+    """Issue 11: what Link._admit lets out.  While a large READ receives into caller memory on
+    the link (link.direct): plain READ headers, while fewer than QUIET_SLOTS headers are
+    unanswered; a WRITE or an extent list waits (its send could stall beside that receive).
+    While a WRITE or an extent list is in flight (link.loud), a large plain READ waits (it would
+    receive into caller memory), unless the link receives such READs into staging (a network
+    rail); small ones (answered inline) and everything else go.  With neither, everything
+    goes, as before."""
+    from tent_async.backends.ucx import peer as P
+
+    link = object.__new__(P.Link)
+    link.peer = SimpleNamespace(slots=16)  # type: ignore[assignment]
+    link.free_slots = list(range(16))
+    link.direct = link.loud = 0
+    link.stage_reads = False
+
+    def op(kind: Op, sg: Any = None, inline: bool = False) -> Any:
+        return SimpleNamespace(kind=kind, sg=sg, inline=inline)
+
+    read, write, small_read = op(Op.READ), op(Op.WRITE), op(Op.READ, inline=True)
+    assert link._admit(read) and link._admit(write) and link._admit(small_read)  # one direction: all go
+    link.direct = 1
+    assert link._admit(read) and link._admit(small_read) and not link._admit(write)
+    assert not link._admit(op(Op.READ, sg=object()))  # an extent list's header may carry a table: waits
+    link.free_slots = list(range(16 - P.QUIET_SLOTS + 1))  # QUIET_SLOTS - 1 headers unanswered
+    assert link._admit(read)
+    link.free_slots.pop()  # QUIET_SLOTS unanswered: the next plain READ waits too
+    assert not link._admit(read) and not link._admit(small_read)
+    link.direct, link.loud = 0, 1
+    assert not link._admit(read)  # would receive into caller memory beside the WRITE's send
+    assert link._admit(small_read) and link._admit(write)
+    link.stage_reads = True
+    assert link._admit(read)  # goes, into staging (Link._send)
+    link.loud = 0
+    assert link._admit(read) and link._admit(write)
+
+
+def test_a_slices_request_id_carries_a_random_tag_index_unique_on_its_link() -> None:
+    """Issue 11: the tag index of a slice's reply and bulk bytes is random (a peer learns it only
+    from the header, so it cannot match a READ's receive it has not read) and unique among the
+    link's slices in flight; the attempt's id stays above it."""
+    from tent_async.backends.ucx import peer as P
+    from tent_async.backends.ucx.protocol import TAG_INDEX_BITS, TAG_INDEX_MASK
+
+    link = object.__new__(P.Link)
+    link.indices, link._random = set(), []
+    ids = [link._request(attempt) for attempt in range(1, 1001)]
+    assert [r >> TAG_INDEX_BITS for r in ids] == list(range(1, 1001))
+    indices = [r & TAG_INDEX_MASK for r in ids]
+    assert len(set(indices)) == 1000 == len(link.indices)  # unique while in flight
+    assert indices != sorted(indices)  # not counting up
+    assert max(indices) > TAG_INDEX_MASK // 2  # spread over the 23 bits, not near the attempt ids
+    link.indices, link._random = {5}, [9, TAG_INDEX_MASK, 5]  # drawn from the end
+    assert link._request(7) == (7 << TAG_INDEX_BITS) | 9  # 5 is in flight, all ones is the BIND's
+    assert link.indices == {5, 9} and not link._random

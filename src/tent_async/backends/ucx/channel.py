@@ -292,7 +292,9 @@ class Channel:
         owner settles what it was waiting for (the requests and their buffers
         stay here, and their callbacks still run when UCX gives them back), or
         returns False when it cannot (a receive still writing into caller
-        memory, which only a close stops): then the endpoint is closed as before.
+        memory, which only a close stops: the initiator keeps those off any
+        endpoint with a send that can stall, peer.Link._admit, so that is a bug
+        it logs): then the endpoint is closed as before.
         Lingering and parked endpoints count in ``rail.parked_by[park_key]``, so
         owners can bound what one key leaves behind (``MAX_PARKED_PER_KEY``).
         The channel counts as closed at once either way (nothing more is posted

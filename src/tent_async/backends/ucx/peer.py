@@ -23,7 +23,11 @@ worker is progressed again:
 * READ, small: the peer answers with the bytes (``DATA``).
 * READ: we post a receive into our destination view, then send the header;
   the peer checks it, sends the source view, and once its send completed
-  answers ``SENT`` with the length it sent.  The READ completes only when
+  answers ``SENT`` with the length it sent.  A receive into caller memory
+  never shares an endpoint with a send that can stall (a WRITE's, an extent
+  list's), or parking that endpoint would have to close it mid-send: while one
+  is in flight such a READ waits, or on a network rail receives into staging
+  (:meth:`Link._admit`, :meth:`Link._send`).  The READ completes only when
   our receive completed *and* the peer confirmed exactly the requested
   length: a tagged receive matched by a shorter message completes without
   error and UCX does not say how much arrived.
@@ -57,6 +61,7 @@ from ...errors import (
     TentError,
     UnregisteredSegmentError,
 )
+from ...memory import Memory, copy_bytes
 from ...segments import Permission, RemoteSegment, Segment
 from . import _ucxx, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
@@ -75,6 +80,8 @@ from .protocol import (
     KIND_DATA,
     MAX_U64,
     REPLY_ROOM,
+    TAG_INDEX_BITS,
+    TAG_INDEX_MASK,
     TAIL_BYTES,
     Ack,
     Bind,
@@ -104,6 +111,12 @@ from .site import Site
 logger = logging.getLogger("tent_async.ucx")
 
 BIND_REQUEST = MAX_U64  # the request id of a link's BIND (nothing else is in flight on a new link)
+# While a large READ receives straight into the caller's memory on a link, only plain READ headers
+# (46 bytes for a segment named "kv", 1,070 at most) are sent on it, and only while fewer than this
+# many headers are unanswered: what a peer that read that READ's header can leave unread behind it
+# then fits a TCP socket's send buffer at Linux's default size (docs/ucx.md, "Closing an endpoint
+# mid-send": a READ into caller memory never shares an endpoint with a send that can stall).
+QUIET_SLOTS = 8
 
 
 class RailLinkError(TentError):
@@ -186,6 +199,7 @@ class _Op:
         "channel",
         "data_ok",
         "data_req",
+        "direct",
         "error",
         "fatal",
         "fence_at",
@@ -193,12 +207,14 @@ class _Op:
         "inline",
         "kind",
         "link",
+        "loud",
         "pending",
         "reply",
         "request",
         "sending",
         "sg",
         "slot",
+        "staged",
         "stalled",
         "state",
         "t_post",
@@ -231,6 +247,9 @@ class _Op:
         self.tail_check = False  # a large READ (host or GPU memory): compare its end with SENT's tail
         self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
         self.inline = False  # set by Link._queue (_inline)
+        self.direct = False  # a large READ whose receive into the caller's memory is posted (Link.direct)
+        self.loud = False  # sent, not reported, and sends more than a plain READ's header (Link.loud)
+        self.staged: np.ndarray | None = None  # a large READ received into staging instead (Link.stage_reads)
 
     def move(self, to: OpState) -> OpState:
         """Go to state ``to`` if the table allows it; returns the state left."""
@@ -271,6 +290,19 @@ class Link:
         self._buffers: list[np.ndarray] = []  # reply receive buffers to reuse (all zeros)
         self.waiting: collections.deque[_Op] = collections.deque()  # not sent: no link yet, or no free slot
         self.ops: dict[int, _Op] = {}
+        # On the current channel: large READs receiving into caller memory (op.direct), and ops
+        # sent but not reported that send more than a plain READ's header (op.loud: WRITEs and
+        # extent lists).  Never both at once (_admit): so when an endpoint parks with a send of
+        # ours stalled, no receive into caller memory is left on it (_park_ops).
+        self.direct = 0
+        self.loud = 0
+        # A large READ sent while a loud op is in flight: into staging (copied once checked) on a
+        # network rail, where the two directions are independent and alternating them would
+        # waste one; it waits instead over shared memory and loopback, where they share the same
+        # CPUs and the copy costs more than the overlap gains (docs/ucx.md, measured).
+        self.stage_reads = rail.plan.kind == "tcp" and not rail.plan.loopback
+        self.indices: set[int] = set()  # tag indices of the ops sent and not reported (_request)
+        self._random: list[int] = []  # random tag indices to draw from, made 256 at a time
         self.last_done = 0.0
         self.last_away = 0.0  # progress.away() at last_done
         self._fence: asyncio.TimerHandle | None = None
@@ -381,6 +413,8 @@ class Link:
             self.rail.release_namespace(self.ns)
             self.ns = 0
         ch, self.channel = self.channel, None
+        self.direct = self.loud = 0  # they count the channel's requests; the next channel starts afresh
+        self.indices = set()
         ops = list(self.ops.values())
         for op in ops:
             if op.channel is ch:
@@ -409,13 +443,30 @@ class Link:
 
         Their requests stay UCX's (the channel holds them and their buffers) and
         their callbacks still run later, into reported ops, which ignore them.
-        A READ's staging is never reused (``Plan.release(reuse=False)``), and the
-        source segment of a WRITE still being sent is held: ``unregister``
-        refuses until UCX gives it back.  Returns False, and settles nothing,
-        while a READ's receive into caller memory is still posted: only closing
-        the endpoint stops it writing there (docs/ucx.md, Known gaps).
+        A READ's staging is never reused (``Plan.release(reuse=False)``; a
+        plain READ's ``op.staged`` is dropped, not given back), and the source
+        segment of a WRITE still being sent is held: ``unregister`` refuses
+        until UCX gives it back.
+
+        A READ's receive into caller memory (``op.direct``) is never still
+        posted here: it never shares an endpoint with a send that can stall
+        (:meth:`_admit`, :meth:`_send`; docs/ucx.md).  Should one be, nothing is
+        settled and False is returned (the endpoint is then closed, the only
+        way to stop it writing there), and it is logged and counted
+        (``stats["closed_mid_send"]``) as the bug it would be.
         """
-        if any(op.buffer is not None and op.sg is None for op in ops):
+        direct = [op for op in ops if op.direct]
+        if direct:
+            site = self.peer.site
+            site.stats["closed_mid_send"] += 1
+            site.log.log(
+                logging.ERROR,
+                "closed-mid-send",
+                "rail %s: %d READ receive(s) into caller memory still posted on an endpoint whose send "
+                "stalled; closing it mid-send (a bug: docs/ucx.md, Closing an endpoint mid-send)",
+                self.name,
+                len(direct),
+            )
             return False
         for op in ops:
             if op.state is OP_REPORTED or not op.pending:
@@ -503,8 +554,50 @@ class Link:
             self._send(self.waiting.popleft())
 
     def _admit(self, op: _Op) -> bool:
-        """Flow control: an extent-list slice waits here while the peer's staging share is taken."""
+        """May ``op`` be sent now?  It waits in the queue (in order, so nothing overtakes it) while:
+
+        * a large READ receives into caller memory on the link (``self.direct``)
+          and ``op`` would send more than a plain READ's header (a WRITE, an
+          extent list), or would leave ``QUIET_SLOTS`` headers unanswered;
+        * ``op`` is a large plain READ (it would receive into caller memory) and
+          a WRITE or an extent list is in flight on the link (``self.loud``),
+          unless the link receives such READs into staging (``stage_reads``: a
+          network rail, :meth:`_send`);
+        * it is an extent-list slice and the peer's staging share is taken
+          (flow control, scatter.StagingShare).
+
+        The first two keep a receive into caller memory off any endpoint with
+        a send that can stall, so a parked endpoint never holds one (docs/ucx.md,
+        "Closing an endpoint mid-send").  Traffic in one direction never waits
+        for them; a link carrying both alternates.  The end of the last such
+        receive (:meth:`_data_done`) or op (:meth:`_settle`) flushes the queue.
+        """
+        if self.direct:
+            if op.kind is Op.WRITE or op.sg is not None or self.peer.slots - len(self.free_slots) >= QUIET_SLOTS:
+                return False
+        elif self.loud and op.kind is Op.READ and op.sg is None and not op.inline and not self.stage_reads:
+            return False
         return op.sg is None or self.peer.staging.admit(op.sg, self._flush)
+
+    def _request(self, attempt: int) -> int:
+        """A request id for a slice sent now: the attempt's id above a random tag index.
+
+        The index (its low ``TAG_INDEX_BITS``) picks the tags of the slice's reply
+        and bulk bytes, so a peer learns it only by reading the header: it cannot
+        match a READ's receive (or answer a header) it has not read, which the
+        argument that a receive into caller memory never sits beside a stalled
+        send of ours relies on (docs/ucx.md, Closing an endpoint mid-send).  A
+        wrong guess is a message nobody expected: the link is torn down.  Unique
+        among the link's slices in flight (``self.indices``).
+        """
+        indices = self.indices
+        while True:
+            if not self._random:
+                self._random = (np.frombuffer(os.urandom(1024), dtype="<u4") & TAG_INDEX_MASK).tolist()
+            index = self._random.pop()
+            if index not in indices and index != TAG_INDEX_MASK:  # all ones: the BIND's
+                indices.add(index)
+                return (attempt << TAG_INDEX_BITS) | index
 
     def _send(self, op: _Op) -> None:
         """Post a READ's bulk receive, the header, the reply's receive, then a WRITE's bytes."""
@@ -516,26 +609,42 @@ class Link:
         op.channel = ch
         a = op.attempt
         header: Message
+        if a is not None:
+            op.request = self._request(a.id)
         if a is None:
             header = Bind(request=op.request)
         elif op.sg is not None:
-            header = op.sg.header(a.id)
+            header = op.sg.header(op.request)
         elif op.kind is Op.WRITE:
             dst: RemoteSegment = a.dst  # type: ignore[assignment]
             local: Segment = a.src  # type: ignore[assignment]
             view = local.memory.array[a.src_offset : a.src_offset + a.length]
             payload = view.tobytes() if op.inline else None
-            header = SliceRequest(Op.WRITE, a.id, dst.name, dst.sid, a.dst_offset, a.length, payload)
+            header = SliceRequest(Op.WRITE, op.request, dst.name, dst.sid, a.dst_offset, a.length, payload)
         else:
             remote: RemoteSegment = a.src  # type: ignore[assignment]
-            header = SliceRequest(Op.READ, a.id, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline)
+            header = SliceRequest(
+                Op.READ, op.request, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline
+            )
         reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
         buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
+        if a is not None and (op.kind is Op.WRITE or op.sg is not None):
+            op.loud = True  # no large plain READ is sent on this link until it is reported (_admit)
+            self.loud += 1
         try:
             if a is not None and op.kind is Op.READ and not op.inline:
                 local = a.dst  # type: ignore[assignment]
                 if op.sg is not None:  # into host staging (random tail included), scattered once checked
                     view = op.sg.landing()
+                elif self.loud:
+                    # A WRITE or an extent list is in flight here (a network rail: _admit): its send
+                    # may stall (the peer stops reading it) while this READ's bytes stream in, and a
+                    # receive into caller memory could then only be stopped by closing the endpoint
+                    # mid-send.  Into staging, copied once checked (_report), abandoned if it parks.
+                    op.staged = view = scatter.staging_of(self.peer.site).take(a.length)
+                    t = min(TAIL_BYTES, a.length)
+                    view[a.length - t :] = np.frombuffer(os.urandom(t), dtype=np.uint8)
+                    self.peer.site.stats["reads_staged"] += 1
                 else:
                     view = local.memory.array[a.dst_offset : a.dst_offset + a.length]
                     # Random bytes at the end, before the receive is posted: a message that
@@ -549,6 +658,9 @@ class Link:
                 op.data_req = req
                 op.buffer = (view, local)
                 op.pending += 1
+                if op.sg is None and op.staged is None:  # into caller memory: loud slices wait (_admit)
+                    op.direct = True
+                    self.direct += 1
                 ch.rail.progress.watch(req, self._data_done(op))
                 del req
             # The reply's bounded receive goes up right after the header, in this same call:
@@ -674,6 +786,12 @@ class Link:
             op.pending -= 1
             op.data_req = None
             op.buffer = None
+            if op.direct:
+                op.direct = False
+                if op.channel is self.channel and op.channel is not None:
+                    self.direct -= 1
+                    if not self.direct and self.waiting:  # a WRITE may have waited for it (_admit)
+                        asyncio.get_running_loop().call_soon(self._flush)
             if error is None:
                 op.data_ok = True
             elif op.error is None and op.fatal is None:
@@ -709,7 +827,12 @@ class Link:
         dst: Segment = a.dst  # type: ignore[assignment]
         t = min(TAIL_BYTES, a.length)
         end = a.dst_offset + a.length
-        tail = op.sg.tail() if op.sg is not None else _get_bytes(dst.memory.array[end - t : end])
+        if op.sg is not None:
+            tail = op.sg.tail()
+        elif op.staged is not None:
+            tail = bytes(op.staged[a.length - t :].tobytes())
+        else:
+            tail = _get_bytes(dst.memory.array[end - t : end])
         if tail != op.reply.tail:
             self._violation(
                 op,
@@ -729,12 +852,24 @@ class Link:
             return
         if self.ops.get(key) is op:
             del self.ops[key]
+        if op.channel is not None and op.channel is self.channel and op.attempt is not None:
+            self.indices.discard(op.request & TAG_INDEX_MASK)  # its receives are done: the index is free
+        if op.loud:
+            op.loud = False
+            if op.channel is self.channel:
+                self.loud -= 1
+                if not self.loud and self.waiting:  # a large READ may have waited for it (_admit)
+                    asyncio.get_running_loop().call_soon(self._flush)
         if op.state is not OP_REPORTED:
             try:
                 self._report(op)
             finally:  # the peer's staging share comes back even if reporting raised
                 if op.sg is not None:
                     op.sg.release(reuse=not op.stalled)
+                elif op.staged is not None:
+                    staged, op.staged = op.staged, None
+                    if not op.stalled:  # else UCX may still write into it: never back to the pool
+                        scatter.staging_of(self.peer.site).give(staged)
 
     def _report(self, op: _Op) -> None:
         withdrawn = op.move(OP_REPORTED) in _WITHDRAWN_STATES
@@ -774,6 +909,10 @@ class Link:
         elif self._succeeded(op):
             if op.sg is not None and op.kind is Op.READ and not op.inline:
                 op.sg.land()  # checked: every byte arrived (length and tail)
+            elif op.staged is not None:  # checked likewise: now into the caller's memory
+                dst: Segment = a.dst  # type: ignore[assignment]
+                staged = Memory(array=op.staged, kind="host", readonly=False, owner=op.staged)
+                copy_bytes(dst.memory, a.dst_offset, staged, 0, a.length)
             reply = op.reply
             peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
             ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
