@@ -10,6 +10,7 @@ which the initiator subtracts from a slice's wire time (peer.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import time
 from collections.abc import Iterator
@@ -562,6 +563,7 @@ def test_a_parked_links_ops_are_settled_and_what_ucx_still_reads_stays_held() ->
     seg = engine.register(np.zeros(64, dtype=np.uint8), name="src")
     link = object.__new__(P.Link)
     link.name = "peer/lo"
+    link.rail = SimpleNamespace(plan=SimpleNamespace(kind="tcp"))  # type: ignore[assignment]
     stats: collections.Counter[str] = collections.Counter()
     link.peer = SimpleNamespace(site=SimpleNamespace(stats=stats, log=LogLimiter()))  # type: ignore[assignment]
     settled: list[Any] = []
@@ -813,6 +815,29 @@ def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link(
     assert link._admit(read)  # goes, into staging (Link._send)
     link.loud = 0
     assert link._admit(read) and link._admit(write)
+
+
+async def test_withdrawing_the_queued_head_lets_the_slices_behind_it_go() -> None:
+    """Review: admission now depends on the slice (a WRITE waits while a READ receives into
+    caller memory), so withdrawing the queue's head must flush the queue, or the slices behind
+    it wait for some other completion."""
+    from tent_async.backends.ucx import peer as P
+
+    flushed: list[int] = []
+    link = object.__new__(P.Link)
+    link.waiting = collections.deque()
+    link.ops = {}
+    link.peer = SimpleNamespace(site=SimpleNamespace(ctx=SimpleNamespace(withdrawn=lambda aid: None)))  # type: ignore[assignment]
+    link._flush = lambda: flushed.append(len(link.waiting))  # type: ignore[method-assign]
+    link._settle = lambda op: None  # type: ignore[method-assign]
+    head = _Op(SimpleNamespace(id=1), link, Op.WRITE, 0.0)  # type: ignore[arg-type]
+    behind = _Op(SimpleNamespace(id=2), link, Op.READ, 0.0)  # type: ignore[arg-type]
+    link.ops = {1: head, 2: behind}
+    link.waiting.extend([head, behind])
+    link.withdraw(SimpleNamespace(id=1))  # type: ignore[arg-type]
+    assert list(link.waiting) == [behind] and not flushed  # scheduled, not run inside withdraw
+    await asyncio.sleep(0)
+    assert flushed == [1]
 
 
 def test_a_slices_request_id_carries_a_random_tag_index_unique_on_its_link() -> None:
