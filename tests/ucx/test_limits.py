@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -34,6 +35,20 @@ async def until(check: Callable[[], bool], seconds: float = 30.0) -> None:
             return
         await anyio.sleep(0.05)
     raise AssertionError(f"not within {seconds} s")
+
+
+@asynccontextmanager
+async def server_and_client() -> AsyncIterator[tuple[tent.Engine, tent.Engine, Any]]:
+    """Two engines on rail ``lo`` in this process, the client connected; the server has ``kv`` (1 MiB)."""
+    rails = [tent.RailSpec(**LO[0])]
+    async with (
+        tent.Engine(backend="ucx", name="server", rails=rails, listen="127.0.0.1:0") as server,
+        tent.Engine(backend="ucx", name="client", rails=rails) as client,
+    ):
+        server.register(np.zeros(MiB, dtype=np.uint8), name="kv")
+        with anyio.fail_after(30):
+            peer = await client.connect(server.address)  # type: ignore[arg-type]
+        yield server, client, peer
 
 
 def test_unread_notifications_are_bounded_per_source_and_overall() -> None:
@@ -396,14 +411,7 @@ async def test_a_closed_server_link_is_freed_without_the_garbage_collector() -> 
     import gc
     import weakref
 
-    rails = [tent.RailSpec(**LO[0])]
-    async with (
-        tent.Engine(backend="ucx", name="server", rails=rails, listen="127.0.0.1:0") as server,
-        tent.Engine(backend="ucx", name="client", rails=rails) as client,
-    ):
-        server.register(np.zeros(MiB, dtype=np.uint8), name="kv")
-        with anyio.fail_after(30):
-            peer = await client.connect(server.address)  # type: ignore[arg-type]
+    async with server_and_client() as (server, _client, peer):
         serving = server.backend._server  # type: ignore[attr-defined]
         (conn,) = serving.connections.values()
         (link,) = conn.links.values()
@@ -555,14 +563,8 @@ async def test_a_server_that_stops_reading_control_is_dropped_before_the_client_
     from tent_async.backends.ucx import peer as peer_module
     from tent_async.backends.ucx.control import MAX_WRITE_BUFFER
 
-    rails = [tent.RailSpec(**LO[0])]
-    async with (
-        tent.Engine(backend="ucx", name="server", rails=rails, listen="127.0.0.1:0") as server,
-        tent.Engine(backend="ucx", name="client", rails=rails) as client,
-    ):
-        server.register(np.zeros(MiB, dtype=np.uint8), name="kv")
+    async with server_and_client() as (server, client, peer):
         with anyio.fail_after(30):
-            peer = await client.connect(server.address)  # type: ignore[arg-type]
             kv = await peer.segment("kv")
         (conn,) = server.backend._server.connections.values()  # type: ignore[attr-defined]
         conn.writer.transport.pause_reading()  # the server no longer reads this client's control
@@ -711,13 +713,7 @@ async def test_a_server_that_reads_each_burst_is_not_given_up_on(monkeypatch: py
     from tent_async.backends.ucx.control import MAX_WRITE_BUFFER
 
     monkeypatch.setattr(peer_module, "BACKLOG_SECONDS", 0.5)
-    rails = [tent.RailSpec(**LO[0])]
-    async with (
-        tent.Engine(backend="ucx", name="server", rails=rails, listen="127.0.0.1:0") as server,
-        tent.Engine(backend="ucx", name="client", rails=rails) as client,
-    ):
-        with anyio.fail_after(30):
-            peer = await client.connect(server.address)  # type: ignore[arg-type]
+    async with server_and_client() as (server, _client, peer):
         (conn,) = server.backend._server.connections.values()  # type: ignore[attr-defined]
         transport = peer._writer.transport
         text = "n" * 60_000

@@ -173,6 +173,14 @@ async def test_cancelling_a_transfer_to_a_peer_restores_accounting(spawn_peer: A
             await engine.transfer(src[:MiB], kv[:MiB])  # still usable
 
 
+async def parked_endpoints_closed(rail: Any, parked: list[Any], seconds: float = 30.0) -> None:
+    """Wait (up to ``seconds``) until ``rail`` has no parked endpoint and none of ``parked`` lingers."""
+    for _ in range(int(seconds / 0.02)):
+        if not rail.parked and not any(ch.lingering for ch in parked):
+            return
+        await anyio.sleep(0.02)
+
+
 async def test_a_link_fenced_mid_send_closes_its_endpoint_only_once_the_send_is_done(
     spawn_peer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,10 +279,7 @@ async def test_a_link_stalled_mid_send_parks_its_endpoint_and_the_transfer_still
             assert snap.inflight_bytes == 0 and snap.open_transfers == 0
         finally:
             server.signal(signal.SIGCONT)  # the peer reads (or closes): the parked endpoints close
-        for _ in range(1500):  # up to ~30 s
-            if not rail.parked and not any(ch.lingering for ch in parked):
-                break
-            await anyio.sleep(0.02)
+        await parked_endpoints_closed(rail, parked)
         assert not rail.parked and not rail.parked_by and all(ch.ep is None for ch in parked)
         assert src.held == 0
         with anyio.fail_after(30):
@@ -505,10 +510,7 @@ async def test_a_peer_frozen_while_a_link_carries_both_directions_never_gets_an_
             parked = [ch for ch in rail.channels if ch.lingering]
         finally:
             server.signal(signal.SIGCONT)  # the peer reads (or closes): the parked endpoints close
-        for _ in range(1500):  # up to ~30 s
-            if not rail.parked and not any(ch.lingering for ch in parked):
-                break
-            await anyio.sleep(0.02)
+        await parked_endpoints_closed(rail, parked)
         assert not rail.parked and not rail.parked_by
         with anyio.fail_after(30):
             await anyio.sleep(1.0)  # the peer closes its side meanwhile (what crashed UCX before)

@@ -542,9 +542,7 @@ class LoopProgress(Progress):
             self._streams = streams = collections.deque(e for e in streams if not e[0].done() and e[1] >= now)
         if not streams:
             return False
-        if made:
-            self._streamed_at = now
-        elif now - self._streamed_at >= STREAM_SPIN:
+        if not made and now - self._streamed_at >= STREAM_SPIN:  # _run_pass notes each pass's progress
             return False
         self.yields += 1
         os.sched_yield()

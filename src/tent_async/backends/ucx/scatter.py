@@ -237,6 +237,15 @@ def share() -> int:
     return min(STAGING_PER_LINK, STAGING_PER_CONNECTION, STAGING_PER_ENGINE)
 
 
+def _deduct(counts: dict[Any, int], key: Any, n: int) -> None:
+    """``counts[key] -= n``, the entry gone once nothing is left (the bounds read absent keys as 0)."""
+    left = counts.get(key, 0) - n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 class LinkStaging:
     """The staging one serving link holds: bounded in count and bytes, per link and per engine."""
 
@@ -268,11 +277,7 @@ class LinkStaging:
         pool.parked += self.bytes
         if self.bytes:
             pool.parked_by_source[self.source] = pool.parked_by_source.get(self.source, 0) + self.bytes
-        left = pool.by_connection.get(self.connection, 0) - self.bytes
-        if left > 0:
-            pool.by_connection[self.connection] = left
-        else:
-            pool.by_connection.pop(self.connection, None)
+        _deduct(pool.by_connection, self.connection, self.bytes)
 
     def take(self, n: int) -> Array | None:
         """A staging buffer of ``n`` bytes, or None when a bound would be exceeded.
@@ -306,19 +311,11 @@ class LinkStaging:
         pool = self.pool
         if self.parked:
             pool.parked -= n
-            left = pool.parked_by_source.get(self.source, 0) - n
-            if left > 0:
-                pool.parked_by_source[self.source] = left
-            else:
-                pool.parked_by_source.pop(self.source, None)
+            _deduct(pool.parked_by_source, self.source, n)
             pool.give(buf)
             return
         pool.in_use -= n
-        left = pool.by_connection.get(self.connection, 0) - n
-        if left > 0:
-            pool.by_connection[self.connection] = left
-        else:
-            pool.by_connection.pop(self.connection, None)
+        _deduct(pool.by_connection, self.connection, n)
         pool.give(buf)
 
 
