@@ -167,7 +167,7 @@ def test_cli_smoke() -> None:
     assert "1.0 GiB model" in out
 
 
-def test_cli_smoke_hicache_reports_goodput_at_the_slo() -> None:
+def test_cli_smoke_hicache_reports_on_time_at_the_slo() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "tent_async.cli", "bench", "serving", "--smoke", "--only", "hicache",
          "--settings", "slow", "--policies", "eft,static"],
@@ -179,10 +179,11 @@ def test_cli_smoke_hicache_reports_goodput_at_the_slo() -> None:
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     slo = round(hicache_slo(), 4)
     assert {(x["policy"], round(x["slo"], 4)) for x in lines} == {("eft", slo), ("static", slo)}
-    assert all(x["goodput"] > 0 for x in lines)
-    assert "HiCache goodput: best eft/static" in out
+    assert all(x["on_time_per_s"] > 0 for x in lines)
     text = " ".join(out.split())  # the console wraps long lines
-    assert "goodput eft/static (both at one SLO per workload), best of HiCache at " in text
+    assert "HiCache on time per second at fixed rates: best eft/static" in text
+    assert "on time per second at fixed rates, eft/static, best of HiCache at " in text
+    assert "goodput: not measured in this run (add goodput to --only)" in text
     assert "(2x the longest request's floor)" in text
 
 
@@ -200,5 +201,31 @@ def test_cli_smoke_says_which_slo_each_workload_used() -> None:
     assert {round(x["slo"], 4) for x in lines if x["workload"] == "hicache"} == {0.3}
     text = " ".join(out.split())  # the console wraps long lines
     assert "TTFT SLO 300 ms (--hicache-slo)" in text and "longest" not in text
-    assert "PD goodput: best eft/static" in text and "at the 400 ms SLO" in text
+    assert "PD on time per second at fixed rates: best eft/static" in text and "at the 400 ms SLO" in text
     assert "best of PD at 400 ms and HiCache at 300 ms:" in text
+
+
+def test_cli_smoke_goodput_sweeps_every_policy_at_each_workloads_slo() -> None:
+    """``--only goodput``: one sweep per workload, setting and policy, each at its workload's SLO, and
+    a verdict that names the definition and both SLOs."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tent_async.cli", "bench", "serving", "--smoke", "--only", "goodput",
+         "--settings", "slow", "--policies", "eft,static,round_robin", "--hicache-slo", "0.3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout  # fmt: skip
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {(x["of"], x["policy"]) for x in lines} == {
+        (w, p) for w in ("pd", "hicache") for p in ("eft", "static", "round_robin")
+    }
+    assert {(x["of"], x["slo"]) for x in lines} == {("pd", 0.5), ("hicache", 0.3)}
+    for x in lines:
+        if x["edge"] != "low":  # the rate found attained the goal, the one above it did not
+            assert x["goodput"] > 0 and x["attained"] >= 0.9
+        if x["edge"] != "high":
+            assert x["above"] > x["goodput"] and x["above_attained"] < 0.9
+    text = " ".join(out.split())
+    assert "highest Poisson arrival rate with >= 90% of requests within the TTFT SLO" in text
+    assert "goodput (highest rate with >= 90% within the SLO), eft/static, best of PD at 500 ms and HiCache at " in text
