@@ -685,8 +685,8 @@ def run(args: argparse.Namespace) -> int:
         def spread(a: Sweep, b: Sweep) -> str:
             """The ratio a / b, with the range the two brackets allow (each goodput lies in [rate, above))."""
             if a.edge or b.edge or not b.rate:
-                return f"{ratio(a.rate, b.rate):.2f}x"
-            return f"{a.rate / b.rate:.2f}x ({a.rate / b.above:.2f}-{a.above / b.rate:.2f})"
+                return f"{ratio(a.rate, b.rate):.3f}x"
+            return f"{a.rate / b.rate:.3f}x ({a.rate / b.above:.3f}-{a.above / b.rate:.3f})"
 
         def cell(sw: Sweep) -> str:
             if sw.edge == "low":
@@ -816,7 +816,7 @@ def run(args: argparse.Namespace) -> int:
         each = " and ".join(f"{'PD' if w == 'pd' else 'HiCache'} at {v * 1e3:.0f} ms" for w, v in slos.items())
         verdicts.append(
             f"goodput (highest rate with >= {ATTAINMENT:.0%} within the SLO), eft/static, best of {each}: "
-            f"{gain:.2f}x ({at}; target >= {TARGETS['goodput']}x in one setting): "
+            f"{gain:.3f}x ({at}; target >= {TARGETS['goodput']}x in one setting): "
             f"{'met' if gain >= TARGETS['goodput'] else 'MISSED'}"
         )
     elif "static" in policies and "eft" in policies:
