@@ -69,14 +69,16 @@ async def test_a_burst_of_submits_collects_due_reports_and_keeps_the_rail_moving
     later submit delivers it (its transfer settles) and posts the next slice on the
     freed rail, all before the turn ends."""
     size = 64 * KiB
+    rate = 1e6  # 65 ms a slice: the second submit comes long before the first's report is due
+    # (at 100 MB/s, 0.65 ms, a cold first run of this test alone was past it: the second was posted)
     config = {"window": 1, "max_window": 1}  # the rail takes one slice at a time
-    async with tent.Engine(rails=[tent.RailSpec(name="r", bandwidth=100e6)], config=config) as engine:
+    async with tent.Engine(rails=[tent.RailSpec(name="r", bandwidth=rate)], config=config) as engine:
         a, b, src, dst = _pools(engine, 3, size)
         first = engine.submit(a[:size], b[:size])  # idle: posted and copied at once
         assert np.array_equal(dst[:size], src[:size])
         second = engine.submit(a[size : 2 * size], b[size : 2 * size])  # the rail is full: waits
         assert not np.array_equal(dst[size : 2 * size], src[size : 2 * size])
-        _hold_the_loop(size / 100e6 + engine.config.target_slice_time)  # first's bytes have arrived
+        _hold_the_loop(size / rate + engine.config.target_slice_time)  # first's bytes have arrived
         third = engine.submit(a[2 * size :], b[2 * size :])  # collects first's report, posts second
         assert first.done() and first.result().bytes == size
         assert np.array_equal(dst[size : 2 * size], src[size : 2 * size])
