@@ -142,46 +142,31 @@ def test_micro_throughput_within_the_available_capacity() -> None:
         assert r["bytes"] / r["time"] <= r["capacity"] * 1.001
 
 
-def test_cli_smoke() -> None:
+def serving_cli(*args: str) -> tuple[list[dict], str]:
+    """``tent-async bench serving --smoke ARGS``: its JSON lines, and its text unwrapped."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tent_async.cli",
-            "bench",
-            "serving",
-            "--smoke",
-            "--only",
-            "weights",
-            "--settings",
-            "slow",
-            "--policies",
-            "eft,static",
-        ],
+        [sys.executable, "-m", "tent_async.cli", "bench", "serving", "--smoke", *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     ).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return lines, " ".join(out.split())
+
+
+def test_cli_smoke() -> None:
+    _, out = serving_cli("--only", "weights", "--settings", "slow", "--policies", "eft,static")
     assert '"workload": "weights"' in out
     assert "weight update: best eft/static" in out
     assert "1.0 GiB model" in out
 
 
 def test_cli_smoke_hicache_reports_on_time_at_the_slo() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "tent_async.cli", "bench", "serving", "--smoke", "--only", "hicache",
-         "--settings", "slow", "--policies", "eft,static"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout  # fmt: skip
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    lines, text = serving_cli("--only", "hicache", "--settings", "slow", "--policies", "eft,static")
     slo = round(hicache_slo(), 4)
     assert {(x["policy"], round(x["slo"], 4)) for x in lines} == {("eft", slo), ("static", slo)}
     assert all(x["on_time_per_s"] > 0 for x in lines)
-    text = " ".join(out.split())  # the console wraps long lines
     assert "HiCache on time per second at fixed rates: best eft/static" in text
     assert "on time per second at fixed rates, eft/static, best of HiCache at " in text
     assert "goodput: not measured in this run (add goodput to --only)" in text
@@ -190,17 +175,10 @@ def test_cli_smoke_hicache_reports_on_time_at_the_slo() -> None:
 
 def test_cli_smoke_says_which_slo_each_workload_used() -> None:
     """``--hicache-slo`` shows in HiCache's title, and the combined verdict names each workload's SLO."""
-    out = subprocess.run(
-        [sys.executable, "-m", "tent_async.cli", "bench", "serving", "--smoke", "--only", "pd,hicache",
-         "--settings", "slow", "--policies", "eft,static", "--slo", "0.4", "--hicache-slo", "0.3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout  # fmt: skip
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    lines, text = serving_cli(
+        "--only", "pd,hicache", "--settings", "slow", "--policies", "eft,static", "--slo", "0.4", "--hicache-slo", "0.3"
+    )
     assert {round(x["slo"], 4) for x in lines if x["workload"] == "hicache"} == {0.3}
-    text = " ".join(out.split())  # the console wraps long lines
     assert "TTFT SLO 300 ms (--hicache-slo)" in text and "longest" not in text
     assert "PD on time per second at fixed rates: best eft/static" in text and "at the 400 ms SLO" in text
     assert "best of PD at 400 ms and HiCache at 300 ms:" in text
@@ -209,15 +187,9 @@ def test_cli_smoke_says_which_slo_each_workload_used() -> None:
 def test_cli_smoke_goodput_sweeps_every_policy_at_each_workloads_slo() -> None:
     """``--only goodput``: one sweep per workload, setting and policy, each at its workload's SLO, and
     a verdict that names the definition and both SLOs."""
-    out = subprocess.run(
-        [sys.executable, "-m", "tent_async.cli", "bench", "serving", "--smoke", "--only", "goodput",
-         "--settings", "slow", "--policies", "eft,static,round_robin", "--hicache-slo", "0.3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout  # fmt: skip
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    lines, text = serving_cli(
+        "--only", "goodput", "--settings", "slow", "--policies", "eft,static,round_robin", "--hicache-slo", "0.3"
+    )
     assert {(x["of"], x["policy"]) for x in lines} == {
         (w, p) for w in ("pd", "hicache") for p in ("eft", "static", "round_robin")
     }
@@ -227,6 +199,5 @@ def test_cli_smoke_goodput_sweeps_every_policy_at_each_workloads_slo() -> None:
             assert x["goodput"] > 0 and x["attained"] >= 0.9
         if x["edge"] != "high":
             assert x["above"] > x["goodput"] and x["above_attained"] < 0.9
-    text = " ".join(out.split())
     assert "highest Poisson arrival rate with >= 90% of requests within the TTFT SLO" in text
     assert "goodput (highest rate with >= 90% within the SLO), eft/static, best of PD at 500 ms and HiCache at " in text
