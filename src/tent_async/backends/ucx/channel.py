@@ -125,8 +125,10 @@ class Channel:
         if req.completed and req.status == 0:  # UCS_OK: an eager send, done inside the call
             # Its bytes are out and nothing waits on it: neither held nor watched (one dict
             # entry, one closure, one completion delivery and one pass's look fewer per
-            # header and per reply).  Still kicked: the pass progresses what else was posted.
-            progress.kick()
+            # header and per reply), and not kicked either: nothing of it is left to progress
+            # (what else was posted kicked for itself), so no pass, and inside a pass no
+            # round, runs for it (a served 4 KiB slice: one progress round fewer on the server).
+            progress.posted()
             return False
         progress.kick(req)
         self.keep(req, data, then, send=True)
@@ -205,7 +207,15 @@ class Channel:
         The buffer is all zeros again when ``then`` runs, ready to be posted
         again.  Returns the request (held here until it completes).
         """
-        req = self.tag_recv(buffer, tag)
+        req = self._endpoint().tag_recv(self._ucx.Array(buffer), self._ucx.L.UCXXTag(tag))
+        if req.completed or self.rail.delayed:
+            self.rail.progress.kick()  # it matched a message UCX held already: the pass delivers it
+        else:
+            # Posted, nothing matched: no pass is needed for it.  A control message is never left
+            # in UCX's unexpected queue (the pass's intake gate takes every unexpected message
+            # out, and one of ours there is a protocol violation), so the receive matches only
+            # what arrives from now on, which raises an event (LoopProgress.posted).
+            self.rail.progress.posted()
 
         def done(error: BaseException | None) -> None:
             if error is not None:
