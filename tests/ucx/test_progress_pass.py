@@ -308,13 +308,20 @@ async def test_a_busy_arm_is_retried_in_the_same_pass_and_then_left_to_the_next_
         worker.busy_arms, worker.arms, progress_before = 1, 0, worker.progress_calls
         prog.kick()
         await asyncio.sleep(0)  # exactly the one pass the kick scheduled
-        assert worker.arms == 2  # BUSY, progressed again, armed: all in that pass
-        assert worker.progress_calls > progress_before
+        # BUSY once (a drained wake-up signal): armed again at once, no second round of progress.
+        assert worker.arms == 2
+        assert worker.progress_calls == progress_before + 1
         assert not prog._scheduled  # no pass queued for the next turn
-        worker.busy_arms, worker.arms = 5, 0  # BUSY every time: bounded, the next turn goes on
+        worker.busy_arms, worker.arms, progress_before = 2, 0, worker.progress_calls
+        prog.kick()  # BUSY twice (something pending): progressed again, then armed, in that pass
+        await asyncio.sleep(0)
+        assert worker.arms == 3
+        assert worker.progress_calls == progress_before + 2
+        assert not prog._scheduled
+        worker.busy_arms, worker.arms = 9, 0  # BUSY every time: bounded, the next turn goes on
         prog.kick()
         await asyncio.sleep(0)
-        assert worker.arms == P.ARM_TRIES
+        assert worker.arms == 2 * P.ARM_TRIES
         assert prog._scheduled
         await asyncio.sleep(0.01)
         assert worker.busy_arms == 0  # later passes armed it

@@ -544,8 +544,14 @@ class LoopProgress(Progress):
                     armed = True
                     break
                 # BUSY.  Usually what this pass already took: a shared-memory message's wake-up
-                # signal, drained by the arm (about once per message).  Go round once more here
-                # rather than a loop turn later; the next arm then succeeds.
+                # signal, which that arm drained (about once per message).  Then a second arm
+                # succeeds at once, and a whole round (progress, cancellations, notifier, the
+                # watched futures looked through) is saved; it answers BUSY again only while
+                # something is pending (a message not read yet, a send waiting: mm_iface.c), and
+                # then the pass goes round once more here rather than a loop turn later.
+                if worker.arm():
+                    armed = True
+                    break
                 again = True
             self._kicked = False
         except Exception:  # pragma: no cover - a worker being torn down
