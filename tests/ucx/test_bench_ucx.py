@@ -67,3 +67,13 @@ def test_the_steps_run_merges_both_processes_stamps_into_one_time_line() -> None
         assert spans["round trip"] >= spans["client: transfer() to the header's tag_send"] > 0
         assert spans["peer: wake-up to the answer's tag_send"] > 0
         assert min(row["cpu_us"]) > 0
+        # A small slice travels inline: per transfer, each side posts exactly one UCX send (the
+        # header; the answer) and one receive (the reply's; the slot's again), as raw ucxx's round
+        # trip does, and each side's loop takes at least one pass for it (the counts are per
+        # transfer over the timed ones).
+        work = row["work"]
+        for side in ("client", "peer"):
+            assert work[side]["UCX sends"] == 1.0, work
+            assert work[side]["UCX receives"] == 1.0, work
+            assert work[side]["passes"] >= 0.9 and work[side]["turns"] >= 0.9, work
+            assert work[side]["progress calls"] >= 1.0, work

@@ -308,13 +308,20 @@ async def test_a_busy_arm_is_retried_in_the_same_pass_and_then_left_to_the_next_
         worker.busy_arms, worker.arms, progress_before = 1, 0, worker.progress_calls
         prog.kick()
         await asyncio.sleep(0)  # exactly the one pass the kick scheduled
-        assert worker.arms == 2  # BUSY, progressed again, armed: all in that pass
-        assert worker.progress_calls > progress_before
+        # BUSY once (a drained wake-up signal): armed again at once, no second round of progress.
+        assert worker.arms == 2
+        assert worker.progress_calls == progress_before + 1
         assert not prog._scheduled  # no pass queued for the next turn
-        worker.busy_arms, worker.arms = 5, 0  # BUSY every time: bounded, the next turn goes on
+        worker.busy_arms, worker.arms, progress_before = 2, 0, worker.progress_calls
+        prog.kick()  # BUSY twice (something pending): progressed again, then armed, in that pass
+        await asyncio.sleep(0)
+        assert worker.arms == 3
+        assert worker.progress_calls == progress_before + 2
+        assert not prog._scheduled
+        worker.busy_arms, worker.arms = 9, 0  # BUSY every time: bounded, the next turn goes on
         prog.kick()
         await asyncio.sleep(0)
-        assert worker.arms == P.ARM_TRIES
+        assert worker.arms == 2 * P.ARM_TRIES
         assert prog._scheduled
         await asyncio.sleep(0.01)
         assert worker.busy_arms == 0  # later passes armed it
@@ -858,3 +865,135 @@ def test_a_slices_request_id_carries_a_random_tag_index_unique_on_its_link() -> 
     link.indices, link._random = {5}, [9, TAG_INDEX_MASK, 5]  # drawn from the end
     assert link._request(7) == (7 << TAG_INDEX_BITS) | 9  # 5 is in flight, all ones is the BIND's
     assert link.indices == {5, 9} and not link._random
+
+
+async def test_a_control_post_that_completed_nothing_queues_no_pass(fds: list[int]) -> None:
+    """``posted()`` (a header's or reply's receive, an eager send done in the call): no pass, no round."""
+    loop = asyncio.get_running_loop()
+    worker = FakeWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "lo")
+    try:
+        await asyncio.sleep(0.01)
+        calls = worker.progress_calls
+        prog.posted()
+        assert not prog._scheduled
+        await asyncio.sleep(0.01)
+        assert worker.progress_calls == calls  # nothing ran for it
+        # Inside a pass it asks for no further round either (kick() does).
+        rounds: list[bool] = []
+        req = worker.request(loop)
+
+        def answer(fut: Any) -> None:
+            prog.posted()
+            rounds.append(prog._kicked)
+
+        prog.watch(req, answer)
+        prog.kick()
+        await asyncio.sleep(0.01)
+        assert rounds == [False]
+    finally:
+        prog.close()
+
+
+class ArmCountingWorker(FakeWorker):
+    """``arm`` answers from ``answers`` (then True), and is counted."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.answers: list[bool] = []
+        self.arms = 0
+
+    def arm(self) -> bool:
+        self.arms += 1
+        return self.answers.pop(0) if self.answers else True
+
+
+async def test_a_stale_event_after_a_queued_pass_armed_costs_an_arm_not_a_pass(fds: list[int]) -> None:
+    """Shared memory: a pass left the worker unarmed (it woke a caller), a queued pass armed it; the
+    descriptor's readiness reported in that turn is checked with an arm, and a pass runs only if it fails."""
+    loop = asyncio.get_running_loop()
+    worker = ArmCountingWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "shm", shm=True)
+    passes = 0
+    real = prog._run_pass
+
+    def counted(w: Any, nested: bool = False) -> bool:
+        nonlocal passes
+        passes += 1
+        return real(w, nested)
+
+    prog._run_pass = counted  # type: ignore[method-assign]
+    try:
+        await asyncio.sleep(0.01)
+        passes = 0
+        prog._unarmed = True  # as a pass that yielded to a woken caller leaves it
+        prog.kick()
+        await asyncio.sleep(0)  # the queued pass: armed
+        assert prog._stale and passes == 1
+        worker.arms = 0
+        prog._on_event()  # the stale readiness: an arm that succeeds, no pass
+        assert passes == 1 and worker.arms == 1 and prog.stale_skipped == 1
+        assert not prog._stale  # once only: the next event runs a pass
+        prog._on_event()
+        assert passes == 2
+        # A real event after such a pass: the arm fails (something is pending), so the pass runs.
+        prog._unarmed = True
+        prog.kick()
+        await asyncio.sleep(0)
+        assert prog._stale
+        worker.answers = [False]
+        prog._on_event()
+        assert passes == 4 and prog.stale_skipped == 1
+    finally:
+        prog.close()
+    # Not on TCP, where the readiness does not outlive the pass that took the message.
+    worker = ArmCountingWorker(fds[1])
+    tcp = P.LoopProgress(worker, loop, "lo", shm=False)
+    try:
+        await asyncio.sleep(0.01)
+        tcp._unarmed = True
+        tcp.kick()
+        await asyncio.sleep(0)
+        assert not tcp._stale
+    finally:
+        tcp.close()
+
+
+async def test_the_intake_gate_is_not_asked_again_until_a_progress_call_took_something(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    worker = FakeWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "lo")
+    looks = 0
+    empty = True
+
+    def drain() -> bool:
+        nonlocal looks
+        looks += 1
+        return empty
+
+    prog.intake = drain
+    try:
+        await asyncio.sleep(0.01)
+        prog.kick()
+        await asyncio.sleep(0.01)
+        looks = 0
+        for _ in range(3):  # passes whose progress calls take nothing: the last look still holds
+            prog.kick()
+            await asyncio.sleep(0.001)
+        assert looks == 0
+        req = worker.request(loop)  # a progress call takes something: looked at after it
+        prog.watch(req, lambda fut: None)
+        prog.kick()
+        await asyncio.sleep(0.01)
+        assert looks == 1
+        empty = False  # the queue is not empty after the next intake: the pass holds, and looks first next time
+        req = worker.request(loop)
+        prog.watch(req, lambda fut: None)
+        prog.kick()
+        await asyncio.sleep(0)
+        assert looks == 2 and not prog._clear
+        empty = True
+        await asyncio.sleep(0.01)  # the held pass went on in a later turn, looking first
+        assert looks >= 3 and prog._clear
+    finally:
+        prog.close()

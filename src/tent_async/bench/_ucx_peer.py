@@ -18,9 +18,9 @@ progressing as ``progress`` says; it prints ``{"address": "host:port"}``.  ``kv`
 a listening engine with the default rails (``rails=None``) and one ``pool``
 segment filled from ``seed``; it answers each stdin line ``{"digest": true}``
 with the pool's sha256 and ``{"fill": seed}`` by refilling it.  ``steps``: the
-``engine`` peer with every step stamped (:mod:`.ucx_steps`); a stdin line ``mark``
-clears its stamps and answers its CPU time, and when stdin closes it prints its
-stamps.  All of them exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
+``engine`` peer with every step stamped and its work counted (:mod:`.ucx_steps`); a stdin
+line ``mark`` clears both and answers its CPU time, and when stdin closes it prints its
+stamps and counts.  All of them exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
 """
 
 from __future__ import annotations
@@ -132,11 +132,14 @@ async def serve_steps(config: dict[str, Any]) -> None:
         e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
         print(json.dumps({"address": e.address}), flush=True)
         loop = asyncio.get_running_loop()
+        ucx_steps.count_turns(loop)
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             if line.strip() == "mark":
                 del ucx_steps.LOG[:]
+                ucx_steps.WORK.clear()
                 print(json.dumps({"cpu": time.process_time()}), flush=True)
-        print(json.dumps({"cpu": time.process_time(), "log": ucx_steps.LOG}), flush=True)
+        work = {k: ucx_steps.WORK[k] for k in ucx_steps.WORK_KEYS}
+        print(json.dumps({"cpu": time.process_time(), "log": ucx_steps.LOG, "work": work}), flush=True)
 
 
 def kv_pool(seed: int, size: int) -> np.ndarray:

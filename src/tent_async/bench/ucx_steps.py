@@ -11,7 +11,10 @@ stamps inside its ``transfer()`` call are merged in; the table gives the median 
 every step over the transfers whose steps came in the most common order, and a
 few spans over all of them.  Each process's CPU time per transfer
 (``time.process_time``) is reported beside: on a host where the two processes
-cannot overlap, their sum is the round trip.
+cannot overlap, their sum is the round trip.  So is the work each process does
+per transfer, counted (not stamped): event-loop turns, progress passes, the
+worker's progress calls and arms inside passes, and the UCX sends and receives
+posted on endpoints (raw ucxx's round trip is one send and one receive per side).
 
 This instruments the library by replacing methods: run it alone (``--steps`` runs
 nothing else), never inside an application.
@@ -38,6 +41,8 @@ from rich.table import Table
 SMALL = 4096
 Stamp = tuple[str, float]
 LOG: list[Stamp] = []  # (label, perf_counter) of this process
+WORK: collections.Counter[str] = collections.Counter()  # this process's counted work (see count_turns)
+WORK_KEYS = ("turns", "passes", "progress calls", "arms", "UCX sends", "UCX receives")
 
 
 def _wrap(cls: type, name: str, label: str, after: str | None = None) -> None:
@@ -68,16 +73,53 @@ class _StampedEndpoint:
         return getattr(self.ep, name)
 
     def tag_send(self, array: Any, tag: Any) -> Any:
+        WORK["UCX sends"] += 1
         LOG.append(("send<", time.perf_counter()))
         req = self.ep.tag_send(array, tag)
         LOG.append(("send>", time.perf_counter()))
         return req
 
     def tag_recv(self, array: Any, tag: Any) -> Any:
+        WORK["UCX receives"] += 1
         LOG.append(("recv<", time.perf_counter()))
         req = self.ep.tag_recv(array, tag)
         LOG.append(("recv>", time.perf_counter()))
         return req
+
+    def tag_recv_with_handle(self, array: Any, probe: Any) -> Any:
+        WORK["UCX receives"] += 1
+        return self.ep.tag_recv_with_handle(array, probe)
+
+
+class _CountedWorker:
+    """A worker whose progress calls and arms are counted (handed to the pass only)."""
+
+    __slots__ = ("worker",)
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.worker, name)
+
+    def progress_once(self) -> Any:
+        WORK["progress calls"] += 1
+        return self.worker.progress_once()
+
+    def arm(self) -> Any:
+        WORK["arms"] += 1
+        return self.worker.arm()
+
+
+def count_turns(loop: asyncio.AbstractEventLoop) -> None:
+    """Count the loop's turns (``_run_once``) into :data:`WORK`."""
+    run_once = loop._run_once  # type: ignore[attr-defined]
+
+    def counted() -> None:
+        WORK["turns"] += 1
+        run_once()
+
+    loop._run_once = counted  # type: ignore[attr-defined]
 
 
 def install() -> None:
@@ -93,6 +135,18 @@ def install() -> None:
     channel.Channel._endpoint = stamped_endpoint  # type: ignore[method-assign]
     _wrap(progress.LoopProgress, "_on_event", "event")
     _wrap(progress.LoopProgress, "_pass", "pass<", "pass>")
+    run_pass = progress.LoopProgress._run_pass
+    pass_ = progress.LoopProgress._pass
+
+    def counted_pass(self: progress.LoopProgress, queued: bool = False) -> None:
+        WORK["passes"] += 1
+        pass_(self, queued)
+
+    def counted_run_pass(self: progress.LoopProgress, worker: Any, nested: bool = False) -> bool:
+        return run_pass(self, _CountedWorker(worker), nested)
+
+    progress.LoopProgress._pass = counted_pass  # type: ignore[method-assign]
+    progress.LoopProgress._run_pass = counted_run_pass  # type: ignore[method-assign]
     _wrap(progress.LoopProgress, "_deliver", "deliver<", "deliver>")
     _wrap(engine_module.Engine, "submit", "submit<", "submit>")
     _wrap(engine_module.Engine, "_finish", "finish")
@@ -162,9 +216,7 @@ def _steps(client: list[Stamp], peer: list[Stamp]) -> tuple[list[tuple[str, floa
     return rows, {k: statistics.median(v) for k, v in spans.items()}, count, len(transfers)
 
 
-async def _client(
-    rail: str, address: str, op: str, iters: int, warm: int, mark: Callable[[], float]
-) -> dict[str, float]:
+async def _client(rail: str, address: str, op: str, iters: int, warm: int, mark: Callable[[], float]) -> dict[str, Any]:
     from ..engine import Engine
     from ._ucx_peer import rail_spec
 
@@ -181,6 +233,8 @@ async def _client(
             await engine.transfer(a, b)
         peer_cpu0 = mark()  # the peer clears its stamps and says its CPU time so far
         del LOG[:]
+        count_turns(asyncio.get_running_loop())
+        WORK.clear()
         log = LOG.append
         clock = time.perf_counter
         cpu0 = time.process_time()
@@ -188,10 +242,11 @@ async def _client(
             log(("call", clock()))
             await engine.transfer(a, b)
             log(("ret", clock()))
-        return {"cpu": time.process_time() - cpu0, "peer_cpu0": peer_cpu0}
+        cpu = time.process_time() - cpu0
+        return {"cpu": cpu, "peer_cpu0": peer_cpu0, "work": {k: WORK[k] for k in WORK_KEYS}}
 
 
-def _one(rail: str, op: str, iters: int) -> tuple[dict[str, float], list[Stamp]]:
+def _one(rail: str, op: str, iters: int) -> tuple[dict[str, Any], list[Stamp]]:
     """One stamped run against a fresh peer: the client's figures and the peer's stamps."""
     config = {"rail": rail, "size": 1 << 20}
     proc = subprocess.Popen(
@@ -217,6 +272,7 @@ def _one(rail: str, op: str, iters: int) -> tuple[dict[str, float], list[Stamp]]
     theirs = json.loads(stdout.read() or "{}")
     proc.wait(15)
     result["peer_cpu"] = float(theirs.get("cpu", 0.0)) - result["peer_cpu0"]
+    result["peer_work"] = theirs.get("work", {})
     return result, [(str(lab), float(t)) for lab, t in theirs.get("log", [])]
 
 
@@ -238,6 +294,12 @@ def run_steps(console: Any, args: argparse.Namespace) -> None:
                 table.add_row(f"[b]{name}[/b] (all transfers)", f"{seconds * 1e6:.1f} us")
             cpu = [round(result["cpu"] / max(total, 1) * 1e6), round(result["peer_cpu"] / max(total, 1) * 1e6)]
             table.add_row("CPU per transfer: client / peer", f"{cpu[0]} / {cpu[1]} us")
+            work = {
+                side: {k: round(float(counts.get(k, 0)) / max(total, 1), 2) for k in WORK_KEYS}
+                for side, counts in (("client", result["work"]), ("peer", result["peer_work"]))
+            }
+            for key in WORK_KEYS:
+                table.add_row(f"{key} per transfer: client / peer", f"{work['client'][key]} / {work['peer'][key]}")
             console.print(table)
             print(
                 json.dumps(
@@ -248,6 +310,7 @@ def run_steps(console: Any, args: argparse.Namespace) -> None:
                         "steps_us": {s: round(v * 1e6, 1) for s, v in rows},
                         "spans_us": {s: round(v * 1e6, 1) for s, v in spans.items()},
                         "cpu_us": cpu,
+                        "work": work,
                     }
                 )
             )

@@ -63,6 +63,7 @@ ReceiveHandler = Callable[[Message | None, BaseException | None], None]
 
 LINGER_MAX = 3.0  # seconds a closed channel's unfinished sends may hold up their owner; then it parks
 MAX_PARKED_PER_KEY = 4  # lingering endpoints one peer or source address may have per rail; no new link past it
+MAX_CACHED_ARRAYS = 128  # control receive buffers whose ucxx Array a channel keeps for reuse (recv_message)
 
 
 def _closed_already(channel: Channel, reason: str) -> None:
@@ -86,6 +87,7 @@ class Channel:
         self.close_reason = ""
         self._on_close = on_close
         self._keep: dict[int, tuple[Any, Any]] = {}  # key -> (request, buffer) until the request completes
+        self._arrays: dict[int, tuple[np.ndarray, Any]] = {}  # id(buffer) -> (buffer, its ucxx Array): recv_message
         self._sends: set[int] = set()  # keys of _keep that are sends (what a linger waits for)
         self.lingering = False  # closed, but the endpoint waits for its sends (abort(linger=True))
         self.parked = False  # lingering past LINGER_MAX: counted in rail.parked
@@ -125,8 +127,10 @@ class Channel:
         if req.completed and req.status == 0:  # UCS_OK: an eager send, done inside the call
             # Its bytes are out and nothing waits on it: neither held nor watched (one dict
             # entry, one closure, one completion delivery and one pass's look fewer per
-            # header and per reply).  Still kicked: the pass progresses what else was posted.
-            progress.kick()
+            # header and per reply), and not kicked either: nothing of it is left to progress
+            # (what else was posted kicked for itself), so no pass, and inside a pass no
+            # round, runs for it (a served 4 KiB slice: one progress round fewer on the server).
+            progress.posted()
             return False
         progress.kick(req)
         self.keep(req, data, then, send=True)
@@ -205,9 +209,29 @@ class Channel:
         The buffer is all zeros again when ``then`` runs, ready to be posted
         again.  Returns the request (held here until it completes).
         """
-        req = self.tag_recv(buffer, tag)
+        array = self._arrays.get(id(buffer))
+        if array is None or array[0] is not buffer:
+            array = (buffer, self._ucx.Array(buffer))
+            if len(self._arrays) < MAX_CACHED_ARRAYS:  # header slots and reply buffers: reused
+                self._arrays[id(buffer)] = array  # the entry holds the buffer: its id stays its own
+        req = self._endpoint().tag_recv(array[1], self._ucx.L.UCXXTag(tag))
+        if req.completed or self.rail.delayed:
+            self.rail.progress.kick()  # it matched a message UCX held already: the pass delivers it
+        else:
+            # Posted, nothing matched: no pass is needed for it.  A control message is never left
+            # in UCX's unexpected queue (the pass's intake gate takes every unexpected message
+            # out, and one of ours there is a protocol violation), so the receive matches only
+            # what arrives from now on, which raises an event (LoopProgress.posted).
+            self.rail.progress.posted()
+        # As keep(req, buffer, ...), with the decoding in the same callback (one closure and
+        # one call fewer per header and per reply).
+        key = next(self._keys)
+        kept = self._keep
+        kept[key] = (req, buffer)
 
-        def done(error: BaseException | None) -> None:
+        def done(future: Any) -> None:
+            kept.pop(key, None)
+            error = _ucxx.future_error(future)
             if error is not None:
                 buffer[:] = 0  # a truncated message may have left its first bytes
                 if isinstance(error, self._ucx.L.UCXMessageTruncatedError):
@@ -225,7 +249,7 @@ class Channel:
             buffer[:used] = 0
             then(msg, None)
 
-        self.keep(req, buffer, done)
+        self.rail.progress.watch(req, done)
         return req
 
     @property

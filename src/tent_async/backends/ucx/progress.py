@@ -133,6 +133,14 @@ class Progress:
         ``send``: the request, if it is a send (the loop modes poll while a send is unfinished).
         """
 
+    def posted(self) -> None:
+        """A control message's request was just posted, and it did not complete inside the call.
+
+        Unlike :meth:`kick`, schedules no pass: a header's or reply's bounded
+        receive, or a send that UCX finished inside the call, needs nothing
+        progressed now, and what comes for it raises an event.
+        """
+
     def stream(self, req: Any) -> None:
         """A send or receive of a slice's bytes was just posted (after :meth:`kick`): on shared
         memory the loop modes keep it flowing while it is unfinished (``LoopProgress._keep_streaming``)."""
@@ -235,6 +243,7 @@ class LoopProgress(Progress):
         self._streams: collections.deque[tuple[Any, float]] = collections.deque()  # (future, until)
         self._streamed_at = 0.0
         self.yields = 0  # times a stalled stream gave the CPU away instead of sleeping (tests, benchmarks)
+        self.stale_skipped = 0  # events found stale by an arm, no pass run for them (tests, benchmarks)
         # Watched requests: key -> (its future, callback), delivered by the pass (see watch()).
         self._watched: dict[int, tuple[Any, Watcher, bool]] = {}  # key -> (future, callback, has a done-callback)
         self._keys = 0
@@ -243,6 +252,13 @@ class LoopProgress(Progress):
         self._in_pass = False  # delivering callbacks: a kick means "go round again", not "schedule"
         self._outside = 0.0  # seconds of this pass spent in on_batch (not this rail's)
         self._kicked = False
+        # Shared memory: the last pass left the worker unarmed (it went on in a pass of the next loop
+        # turn), and a pass queued with call_soon then armed it.  The descriptor's readiness that the
+        # loop reports in that turn is then the signal of a message the first pass already took (the
+        # arm drained it): _on_event checks with an arm before running a whole pass for it.
+        self._unarmed = False
+        self._stale = False
+        self._clear = False  # the intake gate's last look found UCX's unexpected queue empty (_rounds)
         loop.add_reader(self._fd, self._on_event)
         self._safety: asyncio.TimerHandle | None = loop.call_later(SAFETY_INTERVAL, self._on_safety)
         self.kick()
@@ -261,7 +277,16 @@ class LoopProgress(Progress):
             self._kicked = True
         elif not self._scheduled:
             self._scheduled = True
-            self.loop.call_soon(self._pass)
+            self.loop.call_soon(self._pass, True)
+
+    def posted(self) -> None:
+        # Nothing completed inside the call and nothing needs a progress call to go on: the
+        # worker is armed (every pass ends armed or with another pass queued), so what comes
+        # for the request raises an event.  Only ucxx's pool of futures is kept filled.
+        if self.spin:  # "poll": activity keeps the pass spinning
+            self.kick()
+        elif not self._closed:
+            self.worker.populate_python_futures_pool()
 
     def stream(self, req: Any) -> None:
         # The future, not the request: dropping the last reference to a request cancels it (a
@@ -353,8 +378,19 @@ class LoopProgress(Progress):
     def _on_event(self) -> None:
         if self.spin:
             self._active_until = self.loop.time() + self.spin
-        if not self._scheduled:  # a pass is due anyway: it will see the event
-            self._pass()
+        if self._scheduled:  # a pass is due anyway: it will see the event
+            return
+        if self._stale:
+            # Most likely the readiness of a message a pass already took (see __init__): an arm
+            # that succeeds says nothing is pending, and the next message raises a new event.
+            self._stale = False
+            try:
+                if self.worker is not None and not self._closed and self.worker.arm():
+                    self.stale_skipped += 1
+                    return
+            except Exception:  # pragma: no cover - a worker being torn down: the pass finds out
+                pass
+        self._pass()
 
     def _on_safety(self) -> None:
         self._safety = None
@@ -369,8 +405,11 @@ class LoopProgress(Progress):
         if not self._scheduled:
             self._pass()
 
-    def _pass(self) -> None:
+    def _pass(self, queued: bool = False) -> None:
+        """One pass; ``queued``: it was queued with ``call_soon`` (it runs before this turn's events)."""
         self._scheduled = False
+        self._stale = False
+        unarmed, self._unarmed = self._unarmed, False
         if self._send_poll is not None:
             self._send_poll.cancel()
             self._send_poll = None
@@ -382,7 +421,9 @@ class LoopProgress(Progress):
         self._outside = 0.0
         t0 = time.perf_counter()
         try:
-            self._run_pass(self.worker, nested)
+            armed = self._run_pass(self.worker, nested)
+            if armed and queued and unarmed and self._chase_sends:
+                self._stale = True
         finally:
             meter.running = nested
             if not nested:
@@ -419,8 +460,11 @@ class LoopProgress(Progress):
         gate = self._gate if self.intake is not None else None
         # Closed while UCX's unexpected queue is not empty (a backlog left by the last pass, or
         # what a progress call just took in): nothing more is taken from the wire in this pass.
-        # Only progress calls fill the queue, so it is looked at before the first and after each.
-        held = gate is not None and not gate()
+        # Only progress calls fill the queue, so it is looked at after each one that took
+        # something, and before the first only if the last look found it not empty (_clear):
+        # a progress call that took nothing added nothing to it, so a look that found it empty
+        # holds until the next call that takes something (one tag_probe per pass fewer).
+        held = gate is not None and not self._clear and not gate()
         for _round in range(ROUNDS):
             if held:
                 busy = True
@@ -435,6 +479,7 @@ class LoopProgress(Progress):
                         break
                 else:
                     busy = True
+            self._clear = not held
             # Requests whose endpoint closed or failed were scheduled for cancellation;
             # ucxx cancels them here (Worker::progress does the same after its own loop).
             worker.cancel_inflight_requests(0, 1)
@@ -466,13 +511,15 @@ class LoopProgress(Progress):
                 break
         return made, busy, budget
 
-    def _run_pass(self, worker: Any, nested: bool = False) -> None:
+    def _run_pass(self, worker: Any, nested: bool = False) -> bool:
+        """Progress, deliver and arm; True if it left the worker armed (nothing queued after it)."""
+        armed = False
         try:
             budget = PASS_BUDGET
             for _try in range(ARM_TRIES):
                 rounds = self._rounds(worker, nested, budget)
                 if rounds is None:
-                    return
+                    return False
                 made, busy, budget = rounds
                 sends = self._sends
                 while sends and sends[0].completed:
@@ -491,24 +538,37 @@ class LoopProgress(Progress):
                         again = self._keep_streaming(made)
                     elif made and sends:  # a send not posted through stream() (raw ucxx in the benchmark)
                         again = True
-                if again or worker.arm():
+                if again:
+                    break
+                if worker.arm():
+                    armed = True
                     break
                 # BUSY.  Usually what this pass already took: a shared-memory message's wake-up
-                # signal, drained by the arm (about once per message).  Go round once more here
-                # rather than a loop turn later; the next arm then succeeds.
+                # signal, which that arm drained (about once per message).  Then a second arm
+                # succeeds at once, and a whole round (progress, cancellations, notifier, the
+                # watched futures looked through) is saved; it answers BUSY again only while
+                # something is pending (a message not read yet, a send waiting: mm_iface.c), and
+                # then the pass goes round once more here rather than a loop turn later.
+                if worker.arm():
+                    armed = True
+                    break
                 again = True
             self._kicked = False
         except Exception:  # pragma: no cover - a worker being torn down
             logger.debug("rail %s: progress pass failed", self.name, exc_info=True)
             self._arm_callbacks()  # what it resolved is delivered without a pass
-            return
+            return False
+        if not armed:
+            self._unarmed = True
         if self._scheduled:  # a callback's own pass (a close on another rail, say) is on its way
-            return
+            return False
         if again:
             self._scheduled = True
-            self.loop.call_soon(self._pass)
-        elif sends:  # armed, but a stalled send raises no event when it could go on: poll it
+            self.loop.call_soon(self._pass, True)
+            return False
+        if sends:  # armed, but a stalled send raises no event when it could go on: poll it
             self._send_poll = self.loop.call_later(self._send_poll_interval, self._on_send_poll)
+        return armed
 
     def _keep_streaming(self, made: bool) -> bool:
         """Shared memory, a slice's bytes still moving (:meth:`stream`): go on rather than arm and sleep?
