@@ -81,11 +81,6 @@ class EngineCollector(Collector):
                 labels=rail_labels,
             ),
             "latency": GaugeMetricFamily("tent_rail_latency_seconds", "Learned per-slice latency", labels=rail_labels),
-            "small_rtt": GaugeMetricFamily(
-                "tent_rail_small_slice_seconds",
-                "Median wire time of the rail's recent small slices (0 until three were seen)",
-                labels=rail_labels,
-            ),
             "slice": GaugeMetricFamily(
                 "tent_rail_slice_bytes", "Size of the next slice on the rail", labels=rail_labels
             ),
@@ -141,7 +136,6 @@ class EngineCollector(Collector):
                 gauges["bandwidth"].add_metric(labels, rail.bandwidth)
                 gauges["nominal"].add_metric(labels, rail.nominal_bandwidth)
                 gauges["latency"].add_metric(labels, rail.latency)
-                gauges["small_rtt"].add_metric(labels, rail.small_rtt)
                 gauges["slice"].add_metric(labels, rail.slice_size)
                 gauges["inflight_bytes"].add_metric(labels, rail.inflight_bytes)
                 gauges["inflight_slices"].add_metric(labels, rail.inflight_slices)

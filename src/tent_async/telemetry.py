@@ -41,7 +41,6 @@ class RailTelemetry:
     samples: int  # completions the estimate has learned from
     busy_refusals: int = 0  # slices the peer refused for its own load (not failures: the rail stays healthy)
     held: bool = False  # the peer said it is busy: no new slice on this rail until its hold ends
-    small_rtt: float = 0.0  # median wire time of its recent small slices, seconds (0.0: too few yet)
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -99,7 +98,6 @@ class Telemetry:
                 quarantines=r.health.quarantines,
                 last_error=r.last_error,
                 samples=r.estimator.samples,
-                small_rtt=r.estimator.small_rtt,
                 busy_refusals=r.busy_refusals,
                 held=r.held and now < r.held_until,  # poll() clears the flag; between polls, the clock
             )

@@ -252,12 +252,7 @@ class EarliestFinish:
                         continue  # the slice would take the rest along (slicing.cut): 1.5x its share
             if size > remaining:
                 size = remaining
-            if size <= floor and rail.small_rtt and not rail.inflight:
-                # A small slice on an idle rail: its recent small slices' median wire time,
-                # which a few outliers do not move (RailEstimator.small_rtt).
-                cost = rail.small_rtt * rail.penalty
-            else:
-                cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
+            cost = (rail.lat + (rail.inflight_bytes + size) / bw) * rail.penalty
             if cost < best:
                 best = cost
             inflight = len(rail.inflight)

@@ -95,7 +95,6 @@ class RailState:
         "room",
         "slices_total",
         "slow",
-        "small_rtt",
         "tail",
         "window",
         "window_full",
@@ -113,7 +112,6 @@ class RailState:
             latency=info.latency + info.slice_cost,
             alpha=config.ewma_alpha,
             alpha_down=config.ewma_alpha_down,
-            small_limit=config.min_slice,
         )
         self.health = RailHealth(config)
         self.inflight: dict[int, Attempt] = {}  # insertion order == post order
@@ -124,7 +122,6 @@ class RailState:
         # every decision.
         self.bw = info.bandwidth
         self.lat = self.estimator.latency
-        self.small_rtt = 0.0  # the estimator's robust small-slice round trip (0.0: not known)
         self.head_posted = 0.0
         self.head_expected = 0.0
         self.head_length = 0
@@ -172,7 +169,6 @@ class RailState:
         est = self.estimator
         self.bw = est.bandwidth
         self.lat = est.latency
-        self.small_rtt = est.small_rtt
         self.nominal = nominal_slice(self.bw, self._config)
         # A cost guessed from the hint's slope (slices of one size so far) acts only at
         # min_slice, where a rail slower than its hint would otherwise look just the same.

@@ -22,14 +22,6 @@ been measured that cost is only a guess (a rail slower than its hint looks
 the same), so sizing acts on it only at ``min_slice``, where it would
 otherwise stay for good: it grows the slices a little, and the grown slices
 show the real slope.
-
-Small slices (at most ``small_limit`` bytes) are also kept apart: the median
-wire time of a rail's last few that had it to themselves (``small_rtt``).  For
-a slice that small the wire time is nearly all round trip and per-slice cost,
-and a round trip's spread is wide (a scheduler hiccup triples it); the EWMAs
-above move a third of the way to such an outlier and took rails of nearly equal
-round trip in turn, each for as long as the one left behind kept its inflated
-estimate.  The median ignores a few outliers and follows a lasting change.
 """
 
 from __future__ import annotations
@@ -45,8 +37,6 @@ _SURE_SPREAD2 = _SURE_SPREAD * _SURE_SPREAD
 _SURE_SAMPLES = 8  # ... over at least the fit's memory: the first few slices carry start-up effects
 _MAX_OVER_HINT = 4.0  # a fitted wire bandwidth never exceeds 4x the larger of the hint and the ratio
 _WRONG_START = 4.0  # a missed deadline bounding the rate this far under the start proves the start wrong
-_SMALL_WINDOW = 9  # recent small slices whose median wire time is small_rtt
-_SMALL_SURE = 3  # ... once at least this many were seen
 
 
 @attrs.define(slots=True)
@@ -69,9 +59,6 @@ class RailEstimator:
     _mt: float = 0.0  # decayed moments of (size, time): E[t], E[size^2], E[size*t]
     _mxx: float = 0.0
     _mxt: float = 0.0
-    small_limit: int = 64 * 1024  # slices up to this size count as small (the planner sets min_slice)
-    small_rtt: float = 0.0  # median wire time of the recent small slices started idle (0.0: too few yet)
-    _small: list[float] = attrs.field(factory=list)  # their wire times, oldest first
 
     def __attrs_post_init__(self) -> None:
         # The nominal hint acts as a prior worth one millisecond of traffic.
@@ -119,13 +106,6 @@ class RailEstimator:
         a slower rail from a longer one, a small probe can).
         """
         wire_time = max(wire_time, 1e-9)
-        if started_idle and nbytes <= self.small_limit:
-            small = self._small
-            small.append(wire_time)
-            if len(small) > _SMALL_WINDOW:
-                del small[0]
-            if len(small) >= _SMALL_SURE:
-                self.small_rtt = sorted(small)[len(small) // 2]
         if started_idle:
             lat_sample = max(0.0, wire_time - nbytes / self.bandwidth)
             lat_sample = min(lat_sample, wire_time)
