@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tent_async.bench.goodput import ATTAINMENT, attainment, highest_rate
+from tent_async.bench.goodput import ATTAINMENT, Sweep, attainment, highest_rate, ratio_bounds
 
 
 def test_attainment_counts_the_share_within_the_slo() -> None:
@@ -52,3 +52,18 @@ def test_the_goal_is_inclusive_and_configurable() -> None:
 def test_bad_ranges_are_refused(lo: float, hi: float, steps: int) -> None:
     with pytest.raises(ValueError, match=r"need 0 < lo < hi|steps must be"):
         highest_rate(lambda r: 1.0, lo, hi, steps)
+
+
+def test_ratio_bounds_follow_the_brackets_and_the_edges() -> None:
+    """Each goodput lies in [rate, above): the ratio's range is low/high of the two brackets; an
+    edge opens its side (a policy that missed at the lowest rate has a goodput anywhere below it)."""
+    a = Sweep(rate=116.8, attained=0.9, above=117.2, above_attained=0.89, runs=10)
+    b = Sweep(rate=85.6, attained=0.9, above=86.1, above_attained=0.89, runs=10)
+    assert a.bounds == (116.8, 117.2)
+    assert ratio_bounds(a, b) == pytest.approx((116.8 / 86.1, 117.2 / 85.6))
+    missed = Sweep(rate=0.0, attained=math.nan, above=30.0, above_attained=0.5, runs=2, edge="low")
+    assert missed.bounds == (0.0, 30.0)
+    assert ratio_bounds(a, missed) == (116.8 / 30.0, math.inf)  # at least 3.9x: a win, not a NaN
+    open_top = Sweep(rate=146.0, attained=1.0, above=math.inf, above_attained=math.nan, runs=1, edge="high")
+    assert ratio_bounds(open_top, b) == (146.0 / 86.1, math.inf)
+    assert ratio_bounds(b, open_top) == (0.0, 86.1 / 146.0)

@@ -199,5 +199,8 @@ def test_cli_smoke_goodput_sweeps_every_policy_at_each_workloads_slo() -> None:
             assert x["goodput"] > 0 and x["attained"] >= 0.9
         if x["edge"] != "high":
             assert x["above"] > x["goodput"] and x["above_attained"] < 0.9
+        else:
+            assert x["above"] is None  # strict JSON: no Infinity
+    assert {round(x["gpu_rate"], 1) for x in lines} == {49.0, 116.8}  # 8 / the mean prefill time
     assert "highest Poisson arrival rate with >= 90% of requests within the TTFT SLO" in text
     assert "goodput (highest rate with >= 90% within the SLO), eft/static, best of PD at 500 ms and HiCache at " in text

@@ -50,6 +50,19 @@ class Sweep:
     runs: int
     edge: str = ""
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """Where the goodput lies, ``[low, high)``, if attainment falls as the rate rises."""
+        return (0.0 if self.edge == "low" else self.rate, self.above)
+
+
+def ratio_bounds(a: Sweep, b: Sweep) -> tuple[float, float]:
+    """The range of ``goodput(a) / goodput(b)`` that the two sweeps' brackets allow."""
+    (a_lo, a_hi), (b_lo, b_hi) = a.bounds, b.bounds
+    low = a_lo / b_hi if b_hi > 0 else float("inf")
+    high = a_hi / b_lo if b_lo > 0 else float("inf")
+    return low, high
+
 
 def highest_rate(
     attain_at: Callable[[float], float], lo: float, hi: float, steps: int, goal: float = ATTAINMENT
