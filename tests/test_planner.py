@@ -199,6 +199,9 @@ class CheckedEft(EarliestFinish):
                         assert r is not rail  # nothing left for it: skipped
                         continue
                     s = int(last) - int(last) % self._align
+                    if s < remaining and remaining - s < self._tail_merge * s:
+                        assert r is not rail  # its slice would take the rest along: skipped
+                        continue
             sizes[r] = min(s, remaining)
             costs.append(r.expected_time(sizes[r], now) * r.penalty)
         assert size == sizes[rail]
