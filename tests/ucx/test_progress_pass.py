@@ -299,6 +299,42 @@ class BusyOnceWorker(FakeWorker):
         return True
 
 
+class SignalledWorker(FakeWorker):
+    """Review: UCX's async thread queued work for this thread and signalled the worker's event
+    fd; the arm consumes that signal and answers BUSY, and the work is done only by a progress
+    call (``ucp_worker_arm``)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.queued: asyncio.Future[None] | None = None
+
+    def arm(self) -> bool:
+        if self.queued is not None:
+            self.ready.append((self.queued, 1))  # the queued work: done by the next progress call
+            self.queued = None
+            return False
+        return True
+
+
+async def test_work_signalled_by_ucxs_thread_is_done_in_the_pass_whose_arm_took_the_signal(
+    fds: list[int],
+) -> None:
+    """A second arm after a BUSY one would succeed (the signal is gone) and leave the work
+    for an unrelated event or the 50 ms safety pass; one progress call in between does it."""
+    loop = asyncio.get_running_loop()
+    worker = SignalledWorker(fds[0])
+    prog = P.LoopProgress(worker, loop, "shm")
+    try:
+        await asyncio.sleep(0.01)
+        done = loop.create_future()
+        worker.queued = done
+        prog.kick()
+        await asyncio.sleep(0)  # the one pass the kick scheduled
+        assert done.done()
+    finally:
+        prog.close()
+
+
 async def test_a_busy_arm_is_retried_in_the_same_pass_and_then_left_to_the_next_turn(fds: list[int]) -> None:
     loop = asyncio.get_running_loop()
     worker = BusyOnceWorker(fds[0], busy=0)
@@ -308,15 +344,16 @@ async def test_a_busy_arm_is_retried_in_the_same_pass_and_then_left_to_the_next_
         worker.busy_arms, worker.arms, progress_before = 1, 0, worker.progress_calls
         prog.kick()
         await asyncio.sleep(0)  # exactly the one pass the kick scheduled
-        # BUSY once (a drained wake-up signal): armed again at once, no second round of progress.
+        # BUSY once (a drained wake-up signal): one progress call finds nothing queued, and it
+        # is armed again at once, with no second round.
         assert worker.arms == 2
-        assert worker.progress_calls == progress_before + 1
+        assert worker.progress_calls == progress_before + 2
         assert not prog._scheduled  # no pass queued for the next turn
         worker.busy_arms, worker.arms, progress_before = 2, 0, worker.progress_calls
         prog.kick()  # BUSY twice (something pending): progressed again, then armed, in that pass
         await asyncio.sleep(0)
         assert worker.arms == 3
-        assert worker.progress_calls == progress_before + 2
+        assert worker.progress_calls == progress_before + 3
         assert not prog._scheduled
         worker.busy_arms, worker.arms = 9, 0  # BUSY every time: bounded, the next turn goes on
         prog.kick()

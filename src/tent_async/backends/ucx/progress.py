@@ -544,12 +544,18 @@ class LoopProgress(Progress):
                     armed = True
                     break
                 # BUSY.  Usually what this pass already took: a shared-memory message's wake-up
-                # signal, which that arm drained (about once per message).  Then a second arm
-                # succeeds at once, and a whole round (progress, cancellations, notifier, the
-                # watched futures looked through) is saved; it answers BUSY again only while
-                # something is pending (a message not read yet, a send waiting: mm_iface.c), and
-                # then the pass goes round once more here rather than a loop turn later.
-                if worker.arm():
+                # signal, which that arm drained (about once per message).  But the arm also
+                # drains the worker's own event fd, which UCX's async thread signals when it
+                # queues work for this thread (ucp_worker_arm): that work would then wait for an
+                # unrelated event or the safety pass.  One progress call tells the two apart:
+                # it makes progress only in the second case, and the pass goes round; otherwise
+                # a second arm succeeds at once and a whole round (cancellations, notifier, the
+                # watched futures looked through) is saved.  The arm answers BUSY again only
+                # while something is pending (a message not read yet, a send waiting:
+                # mm_iface.c), and then the pass goes round once more here.
+                if worker.progress_once():
+                    made = True
+                elif worker.arm():
                     armed = True
                     break
                 again = True
