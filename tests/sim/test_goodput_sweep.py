@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tent_async.bench.goodput import ATTAINMENT, Sweep, attainment, highest_rate, ratio_bounds
+from tent_async.bench.goodput import ATTAINMENT, Sweep, attainment, highest_rate, judge, ratio_bounds
 
 
 def test_attainment_counts_the_share_within_the_slo() -> None:
@@ -67,3 +67,12 @@ def test_ratio_bounds_follow_the_brackets_and_the_edges() -> None:
     open_top = Sweep(rate=146.0, attained=1.0, above=math.inf, above_attained=math.nan, runs=1, edge="high")
     assert ratio_bounds(open_top, b) == (146.0 / 86.1, math.inf)
     assert ratio_bounds(b, open_top) == (0.0, 86.1 / 146.0)
+
+
+def test_the_verdict_needs_one_setting_wholly_above_and_misses_only_when_every_one_is_below() -> None:
+    assert judge([(1.0, 1.1), (1.37, 1.40)], 1.36) == "met"
+    assert judge([(1.36, 1.37)], 1.36) == "met"  # the floor on the target is enough
+    assert judge([(1.25, 1.28), (1.0, 1.36)], 1.36) == "MISSED"  # a range's top is never reached
+    # review: the setting with the highest floor is below, but another's range reaches past it
+    assert judge([(1.25, 1.28), (1.0, 1.5)], 1.36).startswith("not settled")
+    assert judge([(1.352, 1.366)], 1.36).startswith("not settled")

@@ -151,7 +151,11 @@ def serving_cli(*args: str) -> tuple[list[dict], str]:
         timeout=300,
         check=True,
     ).stdout
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"not strict JSON: {name}")
+
+    lines = [json.loads(line, parse_constant=no_constants) for line in out.splitlines() if line.startswith("{")]
     return lines, " ".join(out.split())
 
 

@@ -56,10 +56,23 @@ class Sweep:
         return (0.0 if self.edge == "low" else self.rate, self.above)
 
 
+def judge(ranges: Sequence[tuple[float, float]], target: float) -> str:
+    """A target met in at least one of several settings, each known as a range ``[low, high)``.
+
+    ``"met"`` when some setting's whole range is at or above the target, ``"MISSED"`` when
+    every range lies below it (``high`` itself is never reached), otherwise ``"not settled"``.
+    """
+    if any(low >= target for low, _ in ranges):
+        return "met"
+    if all(high <= target for _, high in ranges):
+        return "MISSED"
+    return "not settled (a range straddles it)"
+
+
 def ratio_bounds(a: Sweep, b: Sweep) -> tuple[float, float]:
     """The range of ``goodput(a) / goodput(b)`` that the two sweeps' brackets allow."""
     (a_lo, a_hi), (b_lo, b_hi) = a.bounds, b.bounds
-    low = a_lo / b_hi if b_hi > 0 else float("inf")
+    low = a_lo / b_hi if b_hi > 0 else float("nan")  # b_hi > 0 always: highest_rate needs lo > 0
     high = a_hi / b_lo if b_lo > 0 else float("inf")
     return low, high
 

@@ -65,7 +65,7 @@ from ..core.policies import Policy
 from ..display import console
 from ..errors import ConfigError
 from ..units import format_rate, format_size, parse_size
-from .goodput import ATTAINMENT, Sweep, attainment, highest_rate, ratio_bounds
+from .goodput import ATTAINMENT, Sweep, attainment, highest_rate, judge, ratio_bounds
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -531,6 +531,17 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float in it (lists and dicts included) made None."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _ms(s: float) -> str:
     return f"{s * 1e3:,.1f}"
 
@@ -555,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
     t_wall = time.perf_counter()
 
     def emit(**line: Any) -> None:
-        print(json.dumps({"bench": "serving", **line}))
+        print(json.dumps({"bench": "serving", **_strict(line)}, allow_nan=False))
 
     def ratio(a: float, b: float) -> float:
         return a / b if b else math.nan
@@ -676,8 +687,8 @@ def run(args: argparse.Namespace) -> int:
             f"{'met' if best_ttft <= TARGETS['ttft'] else 'MISSED'}"
         )
 
-    # the eft/static goodput ratio's range with the highest floor, and where
-    best_goodput: tuple[tuple[float, float], str] | None = None
+    # each setting's eft/static goodput ratio range, and where
+    goodput_ranges: list[tuple[tuple[float, float], str]] = []
     if "goodput" in only:
         n = 24 if smoke else args.sweep_requests
         steps = 1 if smoke else args.sweep_steps
@@ -734,9 +745,9 @@ def run(args: argparse.Namespace) -> int:
                     for q in ("static", "round_robin")
                 }
                 if "eft" in row and "static" in row:
-                    bounds = ratio_bounds(row["eft"], row["static"])
-                    if best_goodput is None or bounds[0] > best_goodput[0][0]:
-                        best_goodput = (bounds, f"{name} {setting}, eft/static {vs['static']}")
+                    goodput_ranges.append(
+                        (ratio_bounds(row["eft"], row["static"]), f"{name} {setting}, eft/static {vs['static']}")
+                    )
                 table.add_row(
                     name, setting, f"{slos[wl] * 1e3:.0f} ms", f"{capacities[wl]:.1f} / {nic_rate:.0f}",
                     *(cell(sw) for sw in row.values()), vs["static"], vs["round_robin"],
@@ -836,11 +847,11 @@ def run(args: argparse.Namespace) -> int:
         where, (best, _) = max(on_time.items(), key=lambda kv: kv[1][0])
         each = " and ".join(f"{name} at {s * 1e3:.0f} ms" for name, (_, s) in on_time.items())
         verdicts.append(f"on time per second at fixed rates, eft/static, best of {each}: {best:.2f}x ({where})")
-    if best_goodput is not None:
-        (low, high), at = best_goodput
+    if goodput_ranges:
+        _, at = max(goodput_ranges, key=lambda r: r[0][0])  # the setting with the highest floor
         each = " and ".join(f"{'PD' if w == 'pd' else 'HiCache'} at {v * 1e3:.0f} ms" for w, v in slos.items())
         target = TARGETS["goodput"]
-        verdict = "met" if low >= target else "MISSED" if high < target else "not settled (the range straddles it)"
+        verdict = judge([r for r, _ in goodput_ranges], target)
         verdicts.append(
             f"goodput (highest rate with >= {ATTAINMENT:.0%} within the SLO), eft/static, best of {each}: "
             f"{at} (target >= {target}x in one setting): {verdict}"
