@@ -208,3 +208,14 @@ def test_cli_smoke_goodput_sweeps_every_policy_at_each_workloads_slo() -> None:
     assert {round(x["gpu_rate"], 1) for x in lines} == {49.0, 116.8}  # 8 / the mean prefill time
     assert "highest Poisson arrival rate with >= 90% of requests within the TTFT SLO" in text
     assert "goodput (highest rate with >= 90% within the SLO), eft/static, best of PD at 500 ms and HiCache at " in text
+
+
+def test_cli_refuses_a_sweep_without_requests_by_name() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tent_async.cli", "bench", "serving", "--only", "goodput", "--sweep-requests", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "--sweep-requests must be >= 1" in out.stderr + out.stdout

@@ -552,6 +552,11 @@ def run(args: argparse.Namespace) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in settings:
         nic_profiles(s, 0.02)  # an unknown setting stops here, not after minutes of other settings
+    if args.sweep_requests < 1 or args.sweep_steps < 0 or args.jobs < 1:
+        raise ConfigError(
+            f"--sweep-requests must be >= 1, --sweep-steps >= 0 and --jobs >= 1 (got {args.sweep_requests}, "
+            f"{args.sweep_steps}, {args.jobs})"
+        )
     only = {w.strip() for w in args.only.split(",")}
     static_slice = parse_size(args.static_slice)
     gpu_slice = parse_size(args.static_gpu_slice)
