@@ -526,15 +526,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _finite(x: float) -> float | None:
-    """``x``, or None (JSON's null) for an infinity or a NaN, which strict JSON has no word for."""
-    return x if math.isfinite(x) else None
-
-
 def _strict(value: Any) -> Any:
-    """``value`` with every non-finite float in it (lists and dicts included) made None."""
+    """``value`` with every non-finite float in it (lists and dicts included) made None: strict
+    JSON has no word for an infinity or a NaN."""
     if isinstance(value, float):
-        return _finite(value)
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _strict(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -742,9 +738,8 @@ def run(args: argparse.Namespace) -> int:
                 row = {p: found[(wl, setting, p)] for p in policies}
                 for p, sw in row.items():
                     emit(workload="goodput", of=wl, setting=setting, policy=p, slo=slos[wl], goodput=sw.rate,
-                         attained=_finite(sw.attained), above=_finite(sw.above),
-                         above_attained=_finite(sw.above_attained), edge=sw.edge, gpu_rate=capacities[wl],
-                         nic_rate=nic_rate)  # fmt: skip
+                         attained=sw.attained, above=sw.above, above_attained=sw.above_attained, edge=sw.edge,
+                         gpu_rate=capacities[wl], nic_rate=nic_rate)  # fmt: skip
                 vs = {
                     q: spread(row["eft"], row[q]) if "eft" in row and q in row else "-"
                     for q in ("static", "round_robin")

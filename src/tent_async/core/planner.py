@@ -756,21 +756,18 @@ class Planner:
             outcome = Outcome.CANCELLED
         del self._transfers[t.id]
         self._stalled.pop(t, None)
-        # Positional, in the field order (transfer_id, outcome, bytes_per_rail, slices, attempts,
-        # reroutes, submitted_at, finished_at, error, acked): once per transfer, and keywords cost
-        # a third more.  bytes_per_rail: t is forgotten now, no copy needed.
         self._decisions.append(
             Finished(
-                t.id,
-                outcome,
-                t.bytes_per_rail,
-                t.slices,
-                t.attempts,
-                t.reroutes,
-                t.submitted_at,
-                now,
-                t.error,
-                t.acked,
+                transfer_id=t.id,
+                outcome=outcome,
+                bytes_per_rail=t.bytes_per_rail,  # t is forgotten now: no copy needed
+                slices=t.slices,
+                attempts=t.attempts,
+                reroutes=t.reroutes,
+                submitted_at=t.submitted_at,
+                finished_at=now,
+                error=t.error,
+                acked=t.acked,
             )
         )
 

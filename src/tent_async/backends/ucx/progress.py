@@ -553,9 +553,7 @@ class LoopProgress(Progress):
                 # watched futures looked through) is saved.  The arm answers BUSY again only
                 # while something is pending (a message not read yet, a send waiting:
                 # mm_iface.c), and then the pass goes round once more here.
-                if worker.progress_once():
-                    made = True
-                elif worker.arm():
+                if not worker.progress_once() and worker.arm():
                     armed = True
                     break
                 again = True
