@@ -22,11 +22,15 @@ class FifoFabric:
         withdraw_finishes: bool = False,
         slice_costs: Sequence[float] | None = None,
         wire_scale: Sequence[float] | None = None,
+        standby: dict[int, int] | None = None,
     ) -> None:
         hints = hints or bandwidths
-        self.planner = Planner(
-            [RailInfo(f"r{i}", h, latency=0.0) for i, h in enumerate(hints)], config or SchedulerConfig(), policy
-        )
+        standby = standby or {}  # rail index -> the rail index it stands by for
+        infos = [
+            RailInfo(f"r{i}", h, latency=0.0, standby_for=f"r{standby[i]}" if i in standby else "")
+            for i, h in enumerate(hints)
+        ]
+        self.planner = Planner(infos, config or SchedulerConfig(), policy)
         self.bw = list(bandwidths)
         # Seconds every slice costs on top of its bytes (per-slice work the rail serialises).
         self.slice_costs = list(slice_costs or [0.0] * len(bandwidths))

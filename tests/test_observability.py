@@ -57,12 +57,38 @@ async def test_prometheus_metrics_match_the_telemetry_snapshot() -> None:
         assert samples[("tent_rail_lag_excused_total", labels)] == rail.lag_excused
         assert samples[("tent_rail_busy_refusals_total", labels)] == rail.busy_refusals
         assert samples[("tent_rail_held", labels)] == (1.0 if rail.held else 0.0)
+        assert samples[("tent_rail_standing_by", labels)] == (1.0 if rail.standing_by else 0.0)
     # the maximum only grows, and the snapshot was taken after the scrape
     assert 0.0 <= samples[("tent_engine_loop_lag_seconds", (("engine", "e1"), ("stat", "max")))] <= snap.loop_lag_max
     assert samples[("tent_rail_health", (("engine", "e1"), ("rail", "nic1"), ("state", "quarantined")))] == 1.0
     assert samples[("tent_rail_health", (("engine", "e1"), ("rail", "nic0"), ("state", "healthy")))] == 1.0
     assert samples[("tent_engine_transfers_total", (("engine", "e1"), ("outcome", "done")))] == 1.0
     assert samples[("tent_engine_bytes_total", (("engine", "e1"),))] == 8 * MiB
+
+
+@pytest.mark.anyio
+async def test_a_standby_rail_shows_in_telemetry_metrics_and_the_table() -> None:
+    rails = [
+        tent.RailSpec(name="shm", bandwidth="4GB/s"),
+        tent.RailSpec(name="tcp", bandwidth="1GB/s", options={"standby_for": "shm"}),
+    ]
+    cfg = tent.SchedulerConfig(probe_interval="10s")
+    async with tent.Engine(rails=rails, name="e3", config=cfg) as engine:
+        a = engine.register(np.ones(4 * MiB, dtype=np.uint8))
+        b = engine.register(np.zeros(4 * MiB, dtype=np.uint8))
+        result = await engine.transfer(a[:], b[:])
+        server = serve_metrics(engine, port=0)
+        try:
+            samples = await anyio.to_thread.run_sync(_scrape, server.port)
+        finally:
+            server.close()
+        snap = engine.telemetry()
+    assert result.bytes_per_rail.get("shm", 0) >= 4 * MiB - cfg.min_slice  # at most eft's first idle probe on tcp
+    assert snap["tcp"].standing_by and snap["tcp"].standby_for == "shm" and not snap["shm"].standing_by
+    assert samples[("tent_rail_standing_by", (("engine", "e3"), ("rail", "tcp")))] == 1.0
+    assert samples[("tent_rail_standing_by", (("engine", "e3"), ("rail", "shm")))] == 0.0
+    assert "healthy (standby)" in str(snap)
+    assert snap.as_dict()["rails"][1]["standing_by"] is True
 
 
 @pytest.mark.anyio

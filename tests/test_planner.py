@@ -12,6 +12,7 @@ from fabric import FifoFabric
 from tent_async.core import (
     NO_RAIL,
     EarliestFinish,
+    EventKind,
     Finished,
     Health,
     Outcome,
@@ -569,3 +570,69 @@ def test_a_rail_far_slower_than_its_starting_rate_learns_it_from_its_first_misse
     assert slow.deadline_misses <= 4  # 9 without the bound
     ideal = 64 * MiB / (100e6 + 25e6 + 6e6)
     assert times[0] < 1.3 * ideal and times[1] < 1.05 * ideal  # 1.7x and 1.66x without
+
+
+# ------------------------------------------------------------------ standby rails
+
+
+@pytest.mark.parametrize("policy", ["eft", "round_robin", "static"])
+def test_a_standby_rail_carries_nothing_while_the_rail_it_stands_by_for_can(policy: str) -> None:
+    # r1 is as fast as r0 and idle, but it shares r0's capacity: it stands by.
+    fab = FifoFabric([1e9, 1e9], policy, SchedulerConfig(probe_interval=10.0), standby={1: 0})
+    tids = [fab.submit(32 * MiB) for _ in range(4)]
+    fab.run()
+    assert all(fab.finished[t].outcome is Outcome.DONE for t in tids)
+    assert fab.posts and all(a.rail == 0 or a.probe for a in fab.posts)  # eft probes idle rails, standby too
+    assert sum(a.length for a in fab.delivered if a.rail == 1) <= 2 * fab.planner.config.min_slice
+    snap = Telemetry.from_planner(fab.planner, fab.now)
+    assert snap["r1"].standby_for == "r0" and snap["r1"].standing_by and snap["r1"].state == "healthy (standby)"
+    assert not snap["r0"].standing_by and snap["r0"].state == "healthy"
+
+
+def test_a_standby_rail_takes_over_at_once_when_its_rail_fails_and_hands_back_after_recovery() -> None:
+    cfg = SchedulerConfig(backoff_base=0.05, probe_interval=10.0)
+    fab = FifoFabric([1e9, 1e8], "eft", cfg, standby={1: 0})
+    tid = fab.submit(64 * MiB)
+    fab.step()
+    fab.step()
+    down_at = fab.now
+    fab.failing.add(0)
+    fab.planner.rail_down(0, fab.now, "shared memory gone")
+    fab.drain()
+    # In the same poll that quarantined r0, r1 took the withdrawn bytes.
+    assert any(a.rail == 1 and not a.probe for a in fab.posts)
+    events = [e for e in fab.planner.drain_events() if e.kind is EventKind.STANDBY]
+    assert [e.rail for e in events] == ["r1"] and "takes slices while r0" in events[0].detail
+    fab.failing.discard(0)  # r0 recovers: its probe succeeds after the quarantine
+    fab.run()
+    assert fab.finished[tid].outcome is Outcome.DONE
+    assert fab.planner.rails[0].health.state is Health.HEALTHY
+    assert not fab.planner.rails[1].dispatchable  # standing by again
+    back = [e for e in fab.planner.drain_events() if e.kind is EventKind.STANDBY]
+    assert back and "stands by again" in back[-1].detail
+    # After the recovery, new bytes go to r0 only.
+    later = len(fab.posts)
+    tid2 = fab.submit(16 * MiB)
+    fab.run()
+    assert fab.finished[tid2].outcome is Outcome.DONE
+    assert all(a.rail == 0 for a in fab.posts[later:])
+    assert down_at < fab.now
+
+
+def test_a_standby_rail_is_probed_while_idle_so_its_health_is_known() -> None:
+    fab = FifoFabric([1e9, 1e9], "eft", SchedulerConfig(probe_interval=0.01), standby={1: 0})
+    fab.submit(512 * MiB)
+    fab.run()
+    on_r1 = [a for a in fab.posts if a.rail == 1]
+    assert on_r1 and all(a.probe for a in on_r1)
+
+
+def test_a_standby_rail_may_be_added_before_the_rail_it_stands_by_for() -> None:
+    planner = Planner([], SchedulerConfig())
+    planner.add_rail(RailInfo("peer/lo", 1e9, standby_for="peer/shm"))
+    assert planner.rail("peer/lo").dispatchable  # nothing to stand by for yet
+    planner.add_rail(RailInfo("peer/shm", 8e9))
+    assert not planner.rail("peer/lo").dispatchable
+    assert planner.rail("peer/lo").primary is planner.rail("peer/shm")
+    with pytest.raises(ValueError, match="cannot stand by for itself"):
+        RailInfo("x", 1e9, standby_for="x")

@@ -66,7 +66,7 @@ def telemetry_table(snap: Telemetry, title: str | None = None) -> Table:
     for r in snap.rails:
         table.add_row(
             r.name,
-            Text(r.health, style=_HEALTH_STYLE.get(r.health, "")),
+            Text(r.state, style=_HEALTH_STYLE.get(r.health, "")),
             format_rate(r.bandwidth),
             format_rate(r.nominal_bandwidth),
             f"{r.latency * 1e6:.0f} us",

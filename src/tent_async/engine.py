@@ -94,6 +94,7 @@ _EVENT_LEVEL = {
     EventKind.REROUTE: logging.INFO,
     EventKind.PROBE: logging.INFO,
     EventKind.RECOVERY: logging.INFO,
+    EventKind.STANDBY: logging.INFO,
 }
 
 

@@ -89,6 +89,11 @@ class EngineCollector(Collector):
             "held": GaugeMetricFamily(
                 "tent_rail_held", "1 while the peer's busy refusals hold new slices off the rail", labels=rail_labels
             ),
+            "standing_by": GaugeMetricFamily(
+                "tent_rail_standing_by",
+                "1 while the rail stands by (healthy, held back while the rail it stands by for carries)",
+                labels=rail_labels,
+            ),
         }
         health = GaugeMetricFamily(
             "tent_rail_health", "1 for the rail's current health state", labels=[*rail_labels, "state"]
@@ -140,6 +145,7 @@ class EngineCollector(Collector):
                 gauges["inflight_bytes"].add_metric(labels, rail.inflight_bytes)
                 gauges["inflight_slices"].add_metric(labels, rail.inflight_slices)
                 gauges["held"].add_metric(labels, 1.0 if rail.held else 0.0)
+                gauges["standing_by"].add_metric(labels, 1.0 if rail.standing_by else 0.0)
                 for state in Health:
                     health.add_metric([*labels, state.value], 1.0 if rail.health == state.value else 0.0)
                 for key, family in counters.items():

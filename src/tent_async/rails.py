@@ -79,7 +79,12 @@ class RailSpec:
         Topology distance, a :class:`Tier` or its name.
     ``options``
         Backend-specific settings (for UCX, extra ``UCX_*`` variables for this
-        rail's context).
+        rail's context).  One is understood by every backend:
+        ``{"standby_for": "other"}`` makes this rail a standby for rail
+        ``other`` (it carries ordinary slices only while ``other`` cannot, for
+        a rail that shares ``other``'s capacity; see
+        :class:`~tent_async.core.RailInfo`).  Over UCX, discovered TCP rails to
+        a peer on the same host stand by for shared memory this way.
     """
 
     name: str = attrs.field(validator=_check_name)

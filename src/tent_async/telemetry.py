@@ -41,6 +41,13 @@ class RailTelemetry:
     samples: int  # completions the estimate has learned from
     busy_refusals: int = 0  # slices the peer refused for its own load (not failures: the rail stays healthy)
     held: bool = False  # the peer said it is busy: no new slice on this rail until its hold ends
+    standby_for: str = ""  # the rail this one stands by for (RailInfo.standby_for)
+    standing_by: bool = False  # healthy, but held back while that rail carries the slices
+
+    @property
+    def state(self) -> str:
+        """The health state, with ``(standby)`` while the rail stands by (tables and the CLI)."""
+        return f"{self.health} (standby)" if self.standing_by else self.health
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -100,6 +107,8 @@ class Telemetry:
                 samples=r.estimator.samples,
                 busy_refusals=r.busy_refusals,
                 held=r.held and now < r.held_until,  # poll() clears the flag; between polls, the clock
+                standby_for=r.info.standby_for,
+                standing_by=r.primary is not None and r.health.dispatchable and not r.dispatchable,
             )
             for r in planner.rails
         )
@@ -149,7 +158,7 @@ class Telemetry:
         rows = [
             (
                 r.name,
-                r.health,
+                r.state,
                 format_rate(r.bandwidth),
                 f"{r.latency * 1e6:.0f} us",
                 format_size(r.slice_size),

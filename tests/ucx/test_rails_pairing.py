@@ -10,13 +10,15 @@ import pytest
 
 import tent_async as tent
 from conftest import requires_ucxx
-from tent_async.backends.ucx.pairing import pair_rails
+from tent_async.backends.ucx.pairing import pair_rails, standby_links
 from tent_async.backends.ucx.protocol import RailAd
-from tent_async.backends.ucx.rails import RailPlan, discover, plan_from_spec, shm_config
+from tent_async.backends.ucx.rails import RailPlan, discover, plan_from_spec, plans_from_specs, shm_config
 
 
-def plan(name: str, kind: str, ip: str, prefix: int = 24, pair: str | None = None) -> RailPlan:
-    return RailPlan(name, kind, name, ip, prefix, 1e9, 1e-5, 0, {}, pair=pair)
+def plan(
+    name: str, kind: str, ip: str, prefix: int = 24, pair: str | None = None, standby_for: str | None = None
+) -> RailPlan:
+    return RailPlan(name, kind, name, ip, prefix, 1e9, 1e-5, 0, {}, pair=pair, standby_for=standby_for)
 
 
 def ad(name: str, kind: str, ip: str) -> RailAd:
@@ -60,6 +62,35 @@ def test_pairing_only_pairs_rails_that_can_meet() -> None:
     # one-to-one: two local NICs facing one remote NIC make one rail
     two = [plan("a", "tcp", "10.0.0.1"), plan("b", "tcp", "10.0.0.3")]
     assert len(pair_rails(two, [ad("eth0", "tcp", "10.0.0.2")], same_host=False)) == 1
+
+
+def test_discovered_tcp_rails_stand_by_for_shm_on_the_same_host_only() -> None:
+    local = [plan("shm", "shm", "127.0.0.1", 8), plan("lo", "tcp", "127.0.0.1", 8), plan("eth0", "tcp", "10.0.0.1")]
+    remote = [ad("shm", "shm", "127.0.0.1"), ad("lo", "tcp", "127.0.0.1"), ad("eth0", "tcp", "10.0.0.2")]
+    same = pair_rails(local, remote, same_host=True)
+    assert standby_links(same, same_host=True, discovered=True) == {"lo": "shm", "eth0": "shm"}
+    # Rails the user named are pooled as given ...
+    assert standby_links(same, same_host=True, discovered=False) == {}
+    # ... another host has no shared memory to stand by for ...
+    assert standby_links(pair_rails(local, remote, same_host=False), same_host=False, discovered=True) == {}
+    # ... and without a shared-memory pair (it failed to wire up) TCP carries as before.
+    assert standby_links(same[1:], same_host=True, discovered=True) == {}
+
+
+def test_a_rail_spec_may_name_the_rail_it_stands_by_for() -> None:
+    local = [plan("nic0", "tcp", "10.0.0.1"), plan("mgmt", "tcp", "10.0.1.1", standby_for="nic0")]
+    remote = [ad("nic0", "tcp", "10.0.0.2"), ad("mgmt", "tcp", "10.0.1.2")]
+    pairs = pair_rails(local, remote, same_host=False)
+    assert standby_links(pairs, same_host=False, discovered=False) == {"mgmt": "nic0"}
+    assert standby_links(pairs[1:], same_host=False, discovered=False) == {}  # nic0 does not reach this peer
+    spec = tent.RailSpec(name="b", device="lo", options={"standby_for": "a"})
+    assert plan_from_spec(spec).standby_for == "a" and "standby_for" not in plan_from_spec(spec).ucx_config
+    a = tent.RailSpec(name="a", device="shm")
+    assert [p.standby_for for p in plans_from_specs([a, spec])] == [None, "a"]
+    with pytest.raises(tent.ConfigError, match="should name another rail"):
+        plans_from_specs([spec])
+    with pytest.raises(tent.ConfigError, match="should name another rail"):
+        plans_from_specs([tent.RailSpec(name="a", device="shm", options={"standby_for": "a"})])
 
 
 @requires_ucxx

@@ -231,3 +231,52 @@ async def test_engine_rules_for_remote_segments(server: PeerProcess) -> None:
         await peer.close()
         with pytest.raises(tent.PeerClosedError):
             engine.submit(a[:], kv[:MiB])
+
+
+async def test_discovered_tcp_rails_stand_by_for_shared_memory_and_take_over_when_it_fails(
+    server: PeerProcess,
+) -> None:
+    """rails=None to a peer on this host: TCP carries nothing while shared memory can (it would
+    take the same CPUs at a higher cost per byte), and takes over at once when it cannot."""
+    server.cmd(cmd="fill", segment="kv", seed=1)
+    async with client(server.address) as (engine, peer):
+        shm = "decode-0/shm"
+        tcp = [name for name in peer.rails if name != shm]
+        assert shm in peer.rails and tcp, peer.rails
+        snap = engine.telemetry()
+        assert all(snap[name].standby_for == shm and snap[name].standing_by for name in tcp)
+        assert snap[shm].standby_for == "" and not snap[shm].standing_by
+        remote = await peer.segment("kv")
+        src = pattern(12, KV)
+        local = engine.register(src, name="src")
+        min_slice = engine.planner.config.min_slice
+        with anyio.fail_after(30):
+            result = await engine.transfer(local[:], remote[:])
+        # eft's idle probes visit the standby rails (at most one small slice each); the rest is shm's.
+        assert result.bytes_per_rail.get(shm, 0) >= KV - len(tcp) * min_slice, result.bytes_per_rail
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(src)
+
+        events: list[tent.RailEvent] = []
+        engine.add_event_listener(events.append)
+        src2 = pattern(13, KV)
+        src[:] = src2  # the registered buffer itself
+        handle = engine.submit(local[:], remote[:])
+        engine.backend._links[shm].close("test: shared memory went away")  # type: ignore[attr-defined]
+        with anyio.fail_after(30):
+            result = await handle
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(src2)
+        assert sum(result.bytes_per_rail.get(name, 0) for name in tcp) > 0, result.bytes_per_rail
+        took = [e for e in events if e.kind is tent.EventKind.STANDBY and "takes slices" in e.detail]
+        assert {e.rail for e in took} == set(tcp), events
+        # Shared memory comes back (its quarantine ends, a probe relinks it): TCP stands by again.
+        with anyio.fail_after(30):
+            while not all(engine.telemetry()[name].standing_by for name in tcp):
+                await engine.transfer(local[: 4 * MiB], remote[: 4 * MiB])
+                await anyio.sleep(0.01)
+        assert engine.telemetry()[shm].health == "healthy"
+        before = engine.telemetry()
+        with anyio.fail_after(30):
+            result = await engine.transfer(local[:], remote[:])
+        after = engine.telemetry()
+        moved_on_tcp = sum(after[name].bytes_total - before[name].bytes_total for name in tcp)
+        assert moved_on_tcp <= len(tcp) * min_slice, result.bytes_per_rail

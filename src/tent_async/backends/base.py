@@ -139,6 +139,7 @@ class Backend(abc.ABC):
                     latency=spec.latency,
                     tier=int(spec.tier),
                     slice_cost=self.slice_cost(spec),
+                    standby_for=spec.options.get("standby_for", ""),
                 )
             )
         return infos

@@ -21,6 +21,7 @@ class EventKind(enum.Enum):
     QUARANTINE = "quarantine"  # the rail is out of service until ``until``
     PROBE = "probe"  # the quarantine ended; the rail gets probe slices
     RECOVERY = "recovery"  # the rail is healthy again
+    STANDBY = "standby"  # a standby rail took over from the rail it stands by for, or handed back
 
 
 @attrs.frozen

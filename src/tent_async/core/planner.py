@@ -102,6 +102,8 @@ class Planner:
         self.config = config or SchedulerConfig()
         self.rails: list[RailState] = [RailState(i, info, self.config) for i, info in enumerate(rails)]
         self._by_name = {r.name: r for r in self.rails}
+        for rail in self.rails:
+            self._link_standby(rail)
         self._all: tuple[tuple[RailState, ...], tuple[int, ...]] = (tuple(self.rails), tuple(range(len(self.rails))))
         self._policy: Policy = make_policy(policy)
         self._policy.bind(self.rails, self.config)
@@ -403,7 +405,21 @@ class Planner:
         self._all = (tuple(self.rails), tuple(range(len(self.rails))))
         self._apply_window_rule()
         self._by_name[rail.name] = rail
+        self._link_standby(rail)
         return rail.index
+
+    def _link_standby(self, rail: RailState) -> None:
+        """Tie ``rail`` to the rail it stands by for, and the rails standing by for it, whichever came first."""
+        primary = self._by_name.get(rail.info.standby_for) if rail.info.standby_for else None
+        if primary is not None and rail.primary is None:
+            rail.primary = primary
+            primary.standbys.append(rail)
+            rail.sync_health()
+        for other in self.rails:
+            if other.info.standby_for == rail.name and other.primary is None and other is not rail:
+                other.primary = rail
+                rail.standbys.append(other)
+                other.sync_health()
 
     # ============================================================== decisions
 
@@ -574,6 +590,14 @@ class Planner:
         """
         after = rail.health.state
         rail.sync_health()
+        for standby in rail.standbys:
+            was = standby.dispatchable
+            standby.sync_health()
+            if standby.dispatchable is not was:
+                if standby.dispatchable:
+                    self._rails_changed = True  # it may carry now: stalled transfers retry
+                what = "takes slices while" if standby.dispatchable else "stands by again: back to"
+                self._event(now, EventKind.STANDBY, standby, f"{standby.name} {what} {rail.name} ({after.value})")
         if after is Health.QUARANTINED:
             self._quarantined.add(rail)
             self._probing.discard(rail)

@@ -336,8 +336,7 @@ class RoundRobin:
         start = transfer.rr_next
         for k in range(n):
             rail = rails[(start + k) % n]
-            state = rail.health.state
-            if state is not _HEALTHY and state is not _SUSPECT:
+            if not rail.dispatchable:  # healthy or suspect (and not standing by)
                 continue
             if history is not None and history.get(rail.index, 0) >= self._max_per_rail:
                 continue

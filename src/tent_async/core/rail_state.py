@@ -40,6 +40,12 @@ class RailInfo:
     ``extent_bytes`` of its length (0: no limit) and at most ``extents_max``
     in all (0: no cap), as a peer bounds the work one header may ask of it;
     the planner cuts such slices shorter to fit.
+    ``standby_for`` names another rail whose capacity this one shares (TCP
+    between two processes on one host moves its bytes with the same CPUs as
+    shared memory to the same peer, at a higher cost per byte): the rail then
+    carries ordinary slices only while that rail cannot (quarantined, probing),
+    so it adds failover without taking capacity from the better rail.  Idle
+    probes still visit it, so its health is known before it is needed.
     """
 
     name: str
@@ -50,6 +56,11 @@ class RailInfo:
     extents_free: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     extent_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     extents_max: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    standby_for: str = attrs.field(default="", kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        if self.standby_for == self.name:
+            raise ValueError(f"rail {self.name!r} cannot stand by for itself")
 
 
 class RailState:
@@ -89,12 +100,14 @@ class RailState:
         "nominal",
         "penalty",
         "posts",
+        "primary",
         "probe_checked",
         "probes_total",
         "rerouted_from",
         "room",
         "slices_total",
         "slow",
+        "standbys",
         "tail",
         "window",
         "window_full",
@@ -114,6 +127,8 @@ class RailState:
             alpha_down=config.ewma_alpha_down,
         )
         self.health = RailHealth(config)
+        self.primary: RailState | None = None  # the rail this one stands by for (info.standby_for), once added
+        self.standbys: list[RailState] = []  # rails standing by for this one
         self.inflight: dict[int, Attempt] = {}  # insertion order == post order
         self.inflight_bytes = 0
         self.bulk_inflight = 0  # background-class slices among them
@@ -240,7 +255,9 @@ class RailState:
         state allows; this only caches the answer.
         """
         health = self.health
-        self.dispatchable = health.dispatchable
+        primary = self.primary
+        # A standby rail takes ordinary slices only while the rail it stands by for cannot.
+        self.dispatchable = health.dispatchable and (primary is None or not primary.health.dispatchable)
         # A rail held for a busy peer keeps its health but has no window until the hold ends.
         self.window = 0 if self.held else health.window(self.window_full)
         self._update_room()

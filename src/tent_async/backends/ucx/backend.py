@@ -83,7 +83,7 @@ from .control import (
     secret_bytes,
     write_message,
 )
-from .pairing import pair_rails
+from .pairing import pair_rails, standby_links
 from .peer import Link, Peer, RailLinkError
 from .progress import DEFAULT_PROGRESS, PROGRESS_MODES
 from .protocol import (
@@ -377,6 +377,9 @@ class UcxBackend(Backend):
         results = await asyncio.gather(
             *(asyncio.wait_for(link.open(), limit) for link in links), return_exceptions=True
         )
+        wired = [link.pair for link, res in zip(links, results, strict=True) if not isinstance(res, BaseException)]
+        standby = standby_links(wired, same_host=peer.host_id == self.host_id, discovered=self._specs is None)
+        link_of = {link.pair.local.name: link.name for link in links}
         for link, result in zip(links, results, strict=True):
             if isinstance(result, BaseException):
                 self.log.warning(
@@ -400,6 +403,7 @@ class UcxBackend(Backend):
                     extents_free=FREE_EXTENTS,
                     extent_bytes=MIN_EXTENT_BYTES,
                     extents_max=MAX_EXTENTS,
+                    standby_for=link_of[standby[link.pair.local.name]] if link.pair.local.name in standby else "",
                 )
                 self.ctx.add_rail(info)
             self._links[link.name] = link

@@ -10,6 +10,9 @@
 Each local and each remote rail is used at most once (a greedy one-to-one
 matching in the order the rails were given), so two NICs facing two NICs make
 two rails, not four that share the same wires.
+
+Some pairs share their capacity with a better one (:func:`standby_links`): they
+stand by for it and carry slices only while it cannot.
 """
 
 from __future__ import annotations
@@ -75,3 +78,28 @@ def pair_rails(local: Sequence[RailPlan], remote: Sequence[RailAd], same_host: b
                 used.add(ad.name)
                 break
     return pairs
+
+
+def standby_links(pairs: Sequence[Pair], *, same_host: bool, discovered: bool) -> dict[str, str]:
+    """Which pairs stand by for which (local rail name -> the local rail it stands by for).
+
+    * A rail whose spec names one (``RailSpec(options={"standby_for": "shm"})``)
+      stands by for it, when both reach this peer.
+    * Discovered rails (``rails=None``) to a peer on the same host: every TCP
+      pair stands by for shared memory.  Both ends of every rail then run on
+      the same two processes' event loops, so TCP adds no capacity beside
+      shared memory; it takes some (the kernel copies each byte twice, with a
+      system call per chunk, where shared memory copies it once), and its
+      slices, late behind shared memory's, missed their deadlines and were
+      withdrawn (docs/ucx.md, "Rails that share a host").  They stay as
+      failover for shared memory.
+    """
+    names = {p.local.name for p in pairs}
+    out = {p.local.name: p.local.standby_for for p in pairs if p.local.standby_for in names}
+    if discovered and same_host:
+        shm = next((p.local.name for p in pairs if p.local.kind == "shm"), None)
+        if shm is not None:
+            for p in pairs:
+                if p.local.kind == "tcp":
+                    out.setdefault(p.local.name, shm)
+    return {k: v for k, v in out.items() if v is not None}

@@ -60,6 +60,7 @@ DEFAULT_CUDA_BANDWIDTH = 20e9
 LATENCY = {"tcp": 50e-6, "shm": 10e-6, "cuda": 20e-6}
 
 _PAIR_OPTION = "pair"  # RailSpec.options key (not a UCX setting): pair with the peer's rail of this name
+_STANDBY_OPTION = "standby_for"  # RailSpec.options key (not a UCX setting): carry only while this rail cannot
 _RAIL_NAME = re.compile(r"[^A-Za-z0-9_.:\-]")
 
 SWEEP_INTERVAL = 0.01  # seconds between looks into UCX's unexpected-message queue
@@ -84,6 +85,7 @@ class RailPlan:
     ucx_config: Mapping[str, str]
     gpu: int | None = None
     pair: str | None = None  # explicit pairing: the peer's rail name
+    standby_for: str | None = None  # a local rail whose capacity this one shares (pairing.standby_links)
 
     @property
     def loopback(self) -> bool:
@@ -173,7 +175,7 @@ def _rail_name(text: str) -> str:
 def _config(base: Mapping[str, str], options: Mapping[str, str]) -> dict[str, str]:
     config = dict(base)
     for key, value in options.items():
-        if key == _PAIR_OPTION:
+        if key in (_PAIR_OPTION, _STANDBY_OPTION):
             continue
         config[key[4:] if key.upper().startswith("UCX_") else key] = str(value)
     return config
@@ -237,6 +239,7 @@ def plan_from_spec(spec: RailSpec, interfaces: Mapping[str, tuple[str, int, bool
             tier=tier,
             ucx_config=_config(shm_config(), spec.options),
             pair=pair,
+            standby_for=spec.options.get(_STANDBY_OPTION),
         )
     if device.startswith("cuda:"):
         index = device[5:]
@@ -254,6 +257,7 @@ def plan_from_spec(spec: RailSpec, interfaces: Mapping[str, tuple[str, int, bool
             ucx_config=_config(cuda_config(), spec.options),
             gpu=int(index),
             pair=pair,
+            standby_for=spec.options.get(_STANDBY_OPTION),
         )
     interfaces = _interfaces() if interfaces is None else interfaces
     found = interfaces.get(device)
@@ -276,6 +280,7 @@ def plan_from_spec(spec: RailSpec, interfaces: Mapping[str, tuple[str, int, bool
         tier=tier,
         ucx_config=_config(tcp_config(device), spec.options),
         pair=pair,
+        standby_for=spec.options.get(_STANDBY_OPTION),
     )
 
 
@@ -303,6 +308,13 @@ def plans_from_specs(specs: Sequence[RailSpec]) -> list[RailPlan]:
         plans.append(plan_from_spec(spec, interfaces))
     if not plans:
         raise ConfigError("the ucx backend needs at least one rail; pass rails=None to discover them")
+    names = {p.name for p in plans}
+    for plan in plans:
+        if plan.standby_for is not None and (plan.standby_for == plan.name or plan.standby_for not in names):
+            raise ConfigError(
+                f"rail {plan.name!r}: options['{_STANDBY_OPTION}'] = {plan.standby_for!r} should name another "
+                f"rail of this engine ({sorted(names - {plan.name})})"
+            )
     return plans
 
 
