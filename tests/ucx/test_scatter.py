@@ -851,6 +851,28 @@ def test_staging_a_parked_send_may_still_read_never_goes_back_to_the_pool() -> N
     assert pool.take(POOL_MIN).base is buf.base  # an ordinary end: reused
 
 
+def test_staging_buffers_come_in_power_of_two_sizes_and_serve_every_slice_from_half_their_size() -> None:
+    """Slices' sizes follow the learned rates and vary; a buffer kept idle serves any slice from half its
+    size up to its size, so a KV batch's slices reuse the pool instead of faulting in fresh pages."""
+    from tent_async.backends.ucx.scatter import POOL_BYTES, Staging
+
+    pool = Staging()
+    first = pool.take(5 * MiB + 123)
+    assert len(first) == 5 * MiB + 123 and first.base.shape[0] == 8 * MiB
+    pool.give(first)
+    for n in (4 * MiB, 7 * MiB + 1, 8 * MiB):  # all within [half, whole] of the idle 8 MiB buffer
+        again = pool.take(n)
+        assert again.base is first.base and len(again) == n
+        pool.give(again)
+    assert pool.take(4 * MiB - 1).base is not first.base  # too small a slice for it: a buffer of its own
+    assert pool.take(8 * MiB + 1).base.shape[0] == 16 * MiB
+    # What is kept idle stays within POOL_BYTES.
+    held = [pool.take(16 * MiB) for _ in range(POOL_BYTES // (16 * MiB) + 4)]
+    for buf in held:
+        pool.give(buf)
+    assert pool._idle <= POOL_BYTES and pool._idle >= POOL_BYTES - 16 * MiB
+
+
 def test_staging_of_a_parked_serving_link_leaves_the_bounds_for_serving_slices() -> None:
     """Issue 11 review: a closed serving link whose READ staging is still being sent to a peer that
     stopped reading must not keep every other peer's extent lists refused as busy: its bytes move
