@@ -92,6 +92,19 @@ async def test_a_standby_rail_shows_in_telemetry_metrics_and_the_table() -> None
 
 
 @pytest.mark.anyio
+async def test_a_standby_that_names_no_rail_or_a_standby_is_refused_at_start() -> None:
+    bad = [
+        [tent.RailSpec(name="a"), tent.RailSpec(name="b", options={"standby_for": "nope"})],
+        [tent.RailSpec(name="a", options={"standby_for": "b"}), tent.RailSpec(name="b", options={"standby_for": "a"})],
+        [tent.RailSpec(name="a", options={"standby_for": "a"})],
+    ]
+    for rails in bad:
+        with pytest.raises(tent.ConfigError, match="standby_for"):
+            async with tent.Engine(rails=rails, name="bad"):
+                pass
+
+
+@pytest.mark.anyio
 async def test_telemetry_snapshot_as_dict_and_lookup() -> None:
     async with tent.Engine(rails=[tent.RailSpec(name="x")], name="e2") as engine:
         a = engine.register(bytearray(1 << 16))

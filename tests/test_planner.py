@@ -25,6 +25,7 @@ from tent_async.core import (
     cut,
     nominal_slice,
 )
+from tent_async.core.rail_state import stands_by
 from tent_async.telemetry import Telemetry
 
 MiB = 1 << 20
@@ -575,8 +576,8 @@ def test_a_rail_far_slower_than_its_starting_rate_learns_it_from_its_first_misse
 # ------------------------------------------------------------------ standby rails
 
 
-@pytest.mark.parametrize("policy", ["eft", "round_robin", "static"])
-def test_a_standby_rail_carries_nothing_while_the_rail_it_stands_by_for_can(policy: str) -> None:
+@pytest.mark.parametrize("policy", ["eft", "round_robin", "static", "single"])
+def test_a_standby_rail_carries_nothing_while_the_rail_it_stands_by_for_is_healthy(policy: str) -> None:
     # r1 is as fast as r0 and idle, but it shares r0's capacity: it stands by.
     fab = FifoFabric([1e9, 1e9], policy, SchedulerConfig(probe_interval=10.0), standby={1: 0})
     tids = [fab.submit(32 * MiB) for _ in range(4)]
@@ -595,28 +596,88 @@ def test_a_standby_rail_takes_over_at_once_when_its_rail_fails_and_hands_back_af
     tid = fab.submit(64 * MiB)
     fab.step()
     fab.step()
-    down_at = fab.now
     fab.failing.add(0)
     fab.planner.rail_down(0, fab.now, "shared memory gone")
     fab.drain()
     # In the same poll that quarantined r0, r1 took the withdrawn bytes.
     assert any(a.rail == 1 and not a.probe for a in fab.posts)
     events = [e for e in fab.planner.drain_events() if e.kind is EventKind.STANDBY]
-    assert [e.rail for e in events] == ["r1"] and "takes slices while r0" in events[0].detail
+    assert [(e.rail, e.detail) for e in events] == [("r1", "r1 carries while r0 is quarantined")]
+    assert not Telemetry.from_planner(fab.planner, fab.now)["r1"].standing_by
     fab.failing.discard(0)  # r0 recovers: its probe succeeds after the quarantine
     fab.run()
     assert fab.finished[tid].outcome is Outcome.DONE
     assert fab.planner.rails[0].health.state is Health.HEALTHY
-    assert not fab.planner.rails[1].dispatchable  # standing by again
-    back = [e for e in fab.planner.drain_events() if e.kind is EventKind.STANDBY]
-    assert back and "stands by again" in back[-1].detail
+    back = [e.detail for e in fab.planner.drain_events() if e.kind is EventKind.STANDBY]
+    assert back and back[-1] == "r1 stands by again: r0 is healthy"
+    assert Telemetry.from_planner(fab.planner, fab.now)["r1"].standing_by
     # After the recovery, new bytes go to r0 only.
     later = len(fab.posts)
     tid2 = fab.submit(16 * MiB)
     fab.run()
     assert fab.finished[tid2].outcome is Outcome.DONE
     assert all(a.rail == 0 for a in fab.posts[later:])
-    assert down_at < fab.now
+
+
+def test_a_standby_rail_carries_while_its_rail_is_only_suspect() -> None:
+    # One error makes r0 suspect (three would quarantine it): its bytes go to r1 at once, not
+    # back to r0 in small slices one at a time, so failover does not wait for the quarantine.
+    cfg = SchedulerConfig(probe_interval=10.0)
+    fab = FifoFabric([1e9, 1e9], "eft", cfg, standby={1: 0})
+    tid = fab.submit(64 * MiB)
+    fab.step()
+    first = next(a for a in fab.posts if a.rail == 0)
+    fab.planner.fail(first.id, fab.now, "one error")
+    fab.pending.pop(first.id, None)
+    fab.drain()
+    assert fab.planner.rails[0].health.state is Health.SUSPECT
+    assert any(a.rail == 1 and not a.probe for a in fab.posts)
+    fab.run()
+    assert fab.finished[tid].outcome is Outcome.DONE
+
+
+def test_bytes_their_rail_may_not_retry_go_to_its_standby() -> None:
+    # The same bytes fail twice on r0 (max_attempts_per_rail), which stays healthy enough to
+    # carry others: the standby takes them instead of the transfer failing for want of a rail.
+    cfg = SchedulerConfig(probe_interval=10.0, quarantine_after=5)
+    planner = Planner([RailInfo("shm", 10e9, 10e-6), RailInfo("tcp", 2e9, 50e-6, standby_for="shm")], cfg)
+    tid = planner.submit([Piece("a", 0, "b", 0, 4 * MiB)], 0.0)
+    now, fails, done = 0.0, 2, None
+    while done is None and now < 1.0:
+        now += 0.001
+        for d in planner.poll(now):
+            if isinstance(d, Post):
+                a = d.attempt
+                if a.rail_name == "shm" and a.offset == 0 and fails:
+                    fails -= 1
+                    planner.fail(a.id, now, "boom")
+                else:
+                    planner.complete(a.id, now)
+            elif isinstance(d, Finished):
+                done = d
+    assert done is not None and done.transfer_id == tid and done.outcome is Outcome.DONE, done
+    assert done.bytes_per_rail.get("tcp", 0) > 0
+
+
+def test_stands_by_follows_the_rail_its_health_its_presence_and_its_retries() -> None:
+    planner = Planner([RailInfo("shm", 8e9), RailInfo("tcp", 1e9, standby_for="shm"), RailInfo("other", 1e9)])
+    shm, tcp, other = planner.rails
+    both = (shm, tcp)
+    assert stands_by(tcp, both, None, 2)
+    assert stands_by(tcp, both, {shm.index: 1}, 2)
+    assert not stands_by(tcp, both, {shm.index: 2}, 2)  # shm may not retry these bytes
+    assert not stands_by(tcp, (tcp, other), None, 2)  # the transfer may not use shm
+    shm.health.on_failure(0.0)  # one error: suspect
+    assert shm.health.state is Health.SUSPECT and not stands_by(tcp, both, None, 2)
+
+
+@pytest.mark.parametrize("policy", ["eft", "round_robin", "static", "single"])
+def test_a_transfer_that_may_use_only_the_standby_rail_is_carried_by_it(policy: str) -> None:
+    fab = FifoFabric([1e9, 1e9], policy, SchedulerConfig(probe_interval=10.0), standby={1: 0})
+    tid = fab.submit(8 * MiB, rails=[1])
+    fab.run()
+    assert fab.finished[tid].outcome is Outcome.DONE
+    assert fab.posts and all(a.rail == 1 for a in fab.posts)
 
 
 def test_a_standby_rail_is_probed_while_idle_so_its_health_is_known() -> None:
@@ -630,9 +691,24 @@ def test_a_standby_rail_is_probed_while_idle_so_its_health_is_known() -> None:
 def test_a_standby_rail_may_be_added_before_the_rail_it_stands_by_for() -> None:
     planner = Planner([], SchedulerConfig())
     planner.add_rail(RailInfo("peer/lo", 1e9, standby_for="peer/shm"))
-    assert planner.rail("peer/lo").dispatchable  # nothing to stand by for yet
+    assert planner.rail("peer/lo").primary is None  # nothing to stand by for yet: it carries
     planner.add_rail(RailInfo("peer/shm", 8e9))
-    assert not planner.rail("peer/lo").dispatchable
     assert planner.rail("peer/lo").primary is planner.rail("peer/shm")
+    assert Telemetry.from_planner(planner, 0.0)["peer/lo"].standing_by
+
+
+def test_standby_relations_have_one_level() -> None:
     with pytest.raises(ValueError, match="cannot stand by for itself"):
         RailInfo("x", 1e9, standby_for="x")
+    chain = [RailInfo("a", 1e9), RailInfo("b", 1e9, standby_for="a"), RailInfo("c", 1e9, standby_for="b")]
+    with pytest.raises(ValueError, match="itself stands by"):
+        Planner(chain)
+    cycle = [RailInfo("a", 1e9, standby_for="b"), RailInfo("b", 1e9, standby_for="a")]
+    with pytest.raises(ValueError, match="itself stands by"):
+        Planner(cycle)
+    planner = Planner([RailInfo("a", 1e9), RailInfo("b", 1e9, standby_for="a")])
+    with pytest.raises(ValueError, match="itself stands by"):
+        planner.add_rail(RailInfo("c", 1e9, standby_for="b"))
+    with pytest.raises(ValueError, match="itself stands by"):
+        Planner([RailInfo("b", 1e9, standby_for="a")]).add_rail(RailInfo("a", 1e9, standby_for="z"))
+    assert [r.name for r in planner.rails] == ["a", "b"]  # a refused rail is not added

@@ -81,9 +81,9 @@ class RailSpec:
         Backend-specific settings (for UCX, extra ``UCX_*`` variables for this
         rail's context).  One is understood by every backend:
         ``{"standby_for": "other"}`` makes this rail a standby for rail
-        ``other`` (it carries ordinary slices only while ``other`` cannot, for
-        a rail that shares ``other``'s capacity; see
-        :class:`~tent_async.core.RailInfo`).  Over UCX, discovered TCP rails to
+        ``other``: for a rail that shares ``other``'s capacity, it leaves a
+        transfer's bytes to ``other`` while ``other`` is healthy and carries
+        as soon as it is not (see :class:`~tent_async.core.RailInfo`).  Over UCX, discovered TCP rails to
         a peer on the same host stand by for shared memory this way.
     """
 

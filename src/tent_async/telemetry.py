@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from .core import Planner
+from .core import Health, Planner
 from .units import format_rate, format_size
 
 
@@ -42,7 +42,7 @@ class RailTelemetry:
     busy_refusals: int = 0  # slices the peer refused for its own load (not failures: the rail stays healthy)
     held: bool = False  # the peer said it is busy: no new slice on this rail until its hold ends
     standby_for: str = ""  # the rail this one stands by for (RailInfo.standby_for)
-    standing_by: bool = False  # healthy, but held back while that rail carries the slices
+    standing_by: bool = False  # usable, but leaves the bytes to that rail while it is healthy (core.stands_by)
 
     @property
     def state(self) -> str:
@@ -108,7 +108,7 @@ class Telemetry:
                 busy_refusals=r.busy_refusals,
                 held=r.held and now < r.held_until,  # poll() clears the flag; between polls, the clock
                 standby_for=r.info.standby_for,
-                standing_by=r.primary is not None and r.health.dispatchable and not r.dispatchable,
+                standing_by=r.primary is not None and r.dispatchable and r.primary.health.state is Health.HEALTHY,
             )
             for r in planner.rails
         )

@@ -87,10 +87,13 @@ def test_a_rail_spec_may_name_the_rail_it_stands_by_for() -> None:
     assert plan_from_spec(spec).standby_for == "a" and "standby_for" not in plan_from_spec(spec).ucx_config
     a = tent.RailSpec(name="a", device="shm")
     assert [p.standby_for for p in plans_from_specs([a, spec])] == [None, "a"]
-    with pytest.raises(tent.ConfigError, match="should name another rail"):
+    with pytest.raises(tent.ConfigError, match="which is not a rail here"):
         plans_from_specs([spec])
-    with pytest.raises(tent.ConfigError, match="should name another rail"):
+    with pytest.raises(tent.ConfigError, match="cannot stand by for itself"):
         plans_from_specs([tent.RailSpec(name="a", device="shm", options={"standby_for": "a"})])
+    chain = tent.RailSpec(name="c", device="lo", options={"standby_for": "b"})
+    with pytest.raises(tent.ConfigError, match="itself stands by"):
+        plans_from_specs([a, spec, chain])
 
 
 @requires_ucxx

@@ -852,25 +852,35 @@ def test_staging_a_parked_send_may_still_read_never_goes_back_to_the_pool() -> N
 
 
 def test_staging_buffers_come_in_power_of_two_sizes_and_serve_every_slice_from_half_their_size() -> None:
-    """Slices' sizes follow the learned rates and vary; a buffer kept idle serves any slice from half its
-    size up to its size, so a KV batch's slices reuse the pool instead of faulting in fresh pages."""
+    """Slices' sizes follow the learned rates and vary; an idle buffer serves any slice above half its
+    size, so a KV batch's slices reuse the pool instead of faulting in fresh pages."""
     from tent_async.backends.ucx.scatter import POOL_BYTES, Staging
 
     pool = Staging()
     first = pool.take(5 * MiB + 123)
     assert len(first) == 5 * MiB + 123 and first.base.shape[0] == 8 * MiB
     pool.give(first)
-    for n in (4 * MiB, 7 * MiB + 1, 8 * MiB):  # all within [half, whole] of the idle 8 MiB buffer
+    for n in (4 * MiB + 1, 7 * MiB + 1, 8 * MiB):  # all in (half, whole] of the idle 8 MiB buffer
         again = pool.take(n)
         assert again.base is first.base and len(again) == n
         pool.give(again)
-    assert pool.take(4 * MiB - 1).base is not first.base  # too small a slice for it: a buffer of its own
+    assert pool.take(4 * MiB).base.shape[0] == 4 * MiB  # half of it: a 4 MiB buffer of its own
     assert pool.take(8 * MiB + 1).base.shape[0] == 16 * MiB
-    # What is kept idle stays within POOL_BYTES.
-    held = [pool.take(16 * MiB) for _ in range(POOL_BYTES // (16 * MiB) + 4)]
-    for buf in held:
+    pool.give(first)
+    pool.give(first)  # given twice: kept once
+    assert pool._idle == 8 * MiB
+    # What is kept idle stays within POOL_BYTES; the oldest idle buffers make room for new ones, so a
+    # pool full of small buffers still keeps a large one.
+    small = [pool.take(MiB) for _ in range(POOL_BYTES // MiB)]
+    for buf in small:
         pool.give(buf)
-    assert pool._idle <= POOL_BYTES and pool._idle >= POOL_BYTES - 16 * MiB
+    assert pool._idle == POOL_BYTES and pool.take(8 * MiB).base is not first.base  # evicted, oldest
+    big = pool.take(64 * MiB)
+    pool.give(big)
+    assert pool._idle <= POOL_BYTES and pool.take(64 * MiB).base is big.base
+    assert pool.take(MiB).base is small[-1].base  # the newest small ones stayed
+    pool.give(np.empty(POOL_BYTES * 2, dtype=np.uint8))  # larger than the whole pool: not kept
+    assert pool._idle <= POOL_BYTES
 
 
 def test_staging_of_a_parked_serving_link_leaves_the_bounds_for_serving_slices() -> None:

@@ -266,7 +266,7 @@ async def test_discovered_tcp_rails_stand_by_for_shared_memory_and_take_over_whe
             result = await handle
         assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(src2)
         assert sum(result.bytes_per_rail.get(name, 0) for name in tcp) > 0, result.bytes_per_rail
-        took = [e for e in events if e.kind is tent.EventKind.STANDBY and "takes slices" in e.detail]
+        took = [e for e in events if e.kind is tent.EventKind.STANDBY and "carries while" in e.detail]
         assert {e.rail for e in took} == set(tcp), events
         # Shared memory comes back (its quarantine ends, a probe relinks it): TCP stands by again.
         with anyio.fail_after(30):

@@ -23,11 +23,21 @@ import time
 from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import Any, ClassVar, Protocol
 
-from ..core import Attempt, RailInfo, SchedulerConfig
+import attrs
+
+from ..core import Attempt, RailInfo, SchedulerConfig, standby_error
 from ..errors import ConfigError, SegmentError, UnregisteredSegmentError
 from ..memory import copy_bytes, copy_extents, copy_grid
 from ..rails import RailSpec
 from ..segments import Segment, SegmentBase
+
+
+@attrs.frozen
+class _Named:
+    """A rail spec's name and the rail it stands by for, for :func:`~tent_async.core.standby_error`."""
+
+    name: str
+    standby_for: str | None
 
 
 class Cancellable(Protocol):
@@ -129,8 +139,12 @@ class Backend(abc.ABC):
 
     def rail_infos(self) -> list[RailInfo]:
         """The rails as the core sees them (name, bandwidth, latency, tier)."""
+        specs = self.rail_specs()
+        problem = standby_error([_Named(s.name, s.options.get("standby_for")) for s in specs])
+        if problem:
+            raise ConfigError(f"options['standby_for']: {problem}")
         infos = []
-        for spec in self.rail_specs():
+        for spec in specs:
             bandwidth = spec.bandwidth if spec.bandwidth is not None else self.default_bandwidth(spec)
             infos.append(
                 RailInfo(

@@ -11,7 +11,7 @@ from .events import EventKind, RailEvent
 from .health import Health, RailHealth
 from .planner import Planner
 from .policies import NO_RAIL, POLICIES, EarliestFinish, Policy, RoundRobin, SingleRail, StaticSlices, make_policy
-from .rail_state import RailInfo, RailState
+from .rail_state import RailInfo, RailState, standby_error, stands_by
 from .slicing import cut, nominal_slice
 from .telemetry import RailEstimator
 
@@ -38,6 +38,8 @@ __all__ = [
     "RoundRobin",
     "SchedulerConfig",
     "SingleRail",
+    "standby_error",
+    "stands_by",
     "StaticSlices",
     "Withdraw",
     "cut",

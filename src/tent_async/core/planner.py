@@ -44,7 +44,7 @@ from .extents import Extents
 from .health import ARRIVAL_EVENT, Health
 from .policies import NO_RAIL, Policy, make_policy
 from .queues import RailGroup
-from .rail_state import RailInfo, RailState
+from .rail_state import RailInfo, RailState, standby_error
 from .slicing import cut
 from .transfer_state import PendingRange, Phase, Priority, TransferProgress, TransferState
 
@@ -99,6 +99,9 @@ class Planner:
         names = [r.name for r in rails]
         if len(set(names)) != len(names):
             raise ValueError(f"rail names must be unique, got {names}")
+        problem = standby_error(rails, pending_ok=True)
+        if problem:
+            raise ValueError(problem)
         self.config = config or SchedulerConfig()
         self.rails: list[RailState] = [RailState(i, info, self.config) for i, info in enumerate(rails)]
         self._by_name = {r.name: r for r in self.rails}
@@ -400,6 +403,9 @@ class Planner:
         """Add a rail (e.g. one paired with a newly connected peer); returns its index."""
         if info.name in self._by_name:
             raise ValueError(f"a rail named {info.name!r} exists already")
+        problem = standby_error([*(r.info for r in self.rails), info], pending_ok=True)
+        if problem:
+            raise ValueError(problem)
         rail = RailState(len(self.rails), info, self.config)
         self.rails.append(rail)
         self._all = (tuple(self.rails), tuple(range(len(self.rails))))
@@ -414,12 +420,10 @@ class Planner:
         if primary is not None and rail.primary is None:
             rail.primary = primary
             primary.standbys.append(rail)
-            rail.sync_health()
         for other in self.rails:
             if other.info.standby_for == rail.name and other.primary is None and other is not rail:
                 other.primary = rail
                 rail.standbys.append(other)
-                other.sync_health()
 
     # ============================================================== decisions
 
@@ -590,14 +594,13 @@ class Planner:
         """
         after = rail.health.state
         rail.sync_health()
-        for standby in rail.standbys:
-            was = standby.dispatchable
-            standby.sync_health()
-            if standby.dispatchable is not was:
-                if standby.dispatchable:
-                    self._rails_changed = True  # it may carry now: stalled transfers retry
-                what = "takes slices while" if standby.dispatchable else "stands by again: back to"
-                self._event(now, EventKind.STANDBY, standby, f"{standby.name} {what} {rail.name} ({after.value})")
+        if rail.standbys and (before is Health.HEALTHY) is not (after is Health.HEALTHY):
+            # Its standbys stop or start leaving its transfers' bytes to it (stands_by).
+            if after is not Health.HEALTHY:
+                self._rails_changed = True  # they may carry now: stalled transfers retry
+            what = "stands by again:" if after is Health.HEALTHY else "carries while"
+            for standby in rail.standbys:
+                self._event(now, EventKind.STANDBY, standby, f"{standby.name} {what} {rail.name} is {after.value}")
         if after is Health.QUARANTINED:
             self._quarantined.add(rail)
             self._probing.discard(rail)

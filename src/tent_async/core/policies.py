@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from .config import SchedulerConfig
 from .health import Health
+from .rail_state import stands_by
 from .slicing import nominal_slice
 
 if TYPE_CHECKING:
@@ -168,6 +169,8 @@ class EarliestFinish:
             if not rail.dispatchable:
                 continue
             if history is not None and history.get(rail.index, 0) >= max_per_rail:
+                continue
+            if rail.primary is not None and stands_by(rail, transfer.rails, history, max_per_rail):
                 continue
             # rail.effective_bandwidth(now), inlined: this loop is the hot path.
             bw = rail.bw
@@ -336,9 +339,11 @@ class RoundRobin:
         start = transfer.rr_next
         for k in range(n):
             rail = rails[(start + k) % n]
-            if not rail.dispatchable:  # healthy or suspect (and not standing by)
+            if not rail.dispatchable:  # healthy or suspect
                 continue
             if history is not None and history.get(rail.index, 0) >= self._max_per_rail:
+                continue
+            if rail.primary is not None and stands_by(rail, rails, history, self._max_per_rail):
                 continue
             if not rail.has_room():
                 return None  # strict striping: wait for the next rail in the cycle
@@ -366,19 +371,11 @@ class SingleRail:
         rng = transfer.pending[0]
         history = rng.history
         rail = transfer.bound
-        if rail is not None:
-            state = rail.health.state
-            if (state is not _HEALTHY and state is not _SUSPECT) or (
-                history is not None and history.get(rail.index, 0) >= self._max_per_rail
-            ):
-                rail = None
+        limit = self._max_per_rail
+        if rail is not None and not _usable(rail, transfer.rails, history, limit):
+            rail = None
         if rail is None:
-            candidates = [
-                r
-                for r in transfer.rails
-                if r.health.state in (_HEALTHY, _SUSPECT)
-                and (history is None or history.get(r.index, 0) < self._max_per_rail)
-            ]
+            candidates = [r for r in transfer.rails if _usable(r, transfer.rails, history, limit)]
             if not candidates:
                 return NO_RAIL
             top = max(r.info.bandwidth for r in candidates)
@@ -482,7 +479,7 @@ class StaticSlices:
     def choose(self, transfer: TransferState, now: float) -> Choice:
         history = transfer.pending[0].history
         rail = transfer.bound  # the NIC the next slice was bound to when it was cut
-        if history is not None or rail is None or not rail.dispatchable:
+        if history is not None or rail is None or not _usable(rail, transfer.rails, None, self._max_per_rail):
             rail = self._draw(transfer, history)
             if rail is None:
                 return NO_RAIL
@@ -503,17 +500,26 @@ class StaticSlices:
                 k = self._turn % n_pref
                 self._turn += 1
             rail = order[k]
-            if rail.dispatchable:
+            if _usable(rail, transfer.rails, None, self._max_per_rail):
                 return rail
-            start = 0  # the drawn NIC is out of service: take the retry order
+            start = 0  # the drawn NIC is out of service (or stands by): take the retry order
         else:
             start = (sum(history.values()) - 1) % len(order)
         limit = self._max_per_rail
         for k in range(len(order)):
             rail = order[(start + k) % len(order)]
-            if rail.dispatchable and (history is None or history.get(rail.index, 0) < limit):
+            if _usable(rail, transfer.rails, history, limit):
                 return rail
         return None
+
+
+def _usable(rail: RailState, rails: tuple[RailState, ...], history: dict[int, int] | None, limit: int) -> bool:
+    """May ``rail`` take these bytes now: healthy or suspect, retries left, not standing by (:func:`stands_by`)?"""
+    return (
+        rail.dispatchable
+        and (history is None or history.get(rail.index, 0) < limit)
+        and (rail.primary is None or not stands_by(rail, rails, history, limit))
+    )
 
 
 POLICIES: dict[str, type[EarliestFinish] | type[RoundRobin] | type[SingleRail] | type[StaticSlices]] = {

@@ -8,7 +8,8 @@ where it stands in the health state machine, and running totals.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import attrs
 
@@ -43,9 +44,13 @@ class RailInfo:
     ``standby_for`` names another rail whose capacity this one shares (TCP
     between two processes on one host moves its bytes with the same CPUs as
     shared memory to the same peer, at a higher cost per byte): the rail then
-    carries ordinary slices only while that rail cannot (quarantined, probing),
-    so it adds failover without taking capacity from the better rail.  Idle
-    probes still visit it, so its health is known before it is needed.
+    leaves a transfer's bytes to that rail while it is healthy, one of the
+    transfer's rails and has retries left for them (:func:`stands_by`), so it
+    adds failover without taking capacity from the better rail.  It carries as
+    soon as that rail is suspect, quarantined or probing, as any rail would.
+    Idle probes still visit it, so its health is known before it is needed.
+    One level only: a rail that stands by has no standbys itself
+    (:func:`standby_error`).
     """
 
     name: str
@@ -61,6 +66,59 @@ class RailInfo:
     def __attrs_post_init__(self) -> None:
         if self.standby_for == self.name:
             raise ValueError(f"rail {self.name!r} cannot stand by for itself")
+
+
+class _Standby(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def standby_for(self) -> str | None: ...
+
+
+def standby_error(infos: Sequence[_Standby], *, pending_ok: bool = False) -> str:
+    """What is wrong with the standby relations of ``infos`` ("" if nothing).
+
+    Every named rail must be one of ``infos`` (unless ``pending_ok``: the
+    planner takes rails one at a time, and a standby whose rail never comes
+    carries like any rail), and the relation has one level: a rail stands by
+    only for a rail that stands by for nothing, so there are no chains and no
+    cycles.
+    """
+    by_name = {i.name: i for i in infos}
+    for info in infos:
+        target = info.standby_for
+        if not target:
+            continue
+        if target == info.name:
+            return f"rail {info.name!r} cannot stand by for itself"
+        if target not in by_name and not pending_ok:
+            return f"rail {info.name!r} stands by for {target!r}, which is not a rail here ({sorted(by_name)})"
+        primary = by_name.get(target)
+        if primary is not None and primary.standby_for:
+            return (
+                f"rail {info.name!r} stands by for {target!r}, which itself stands by for "
+                f"{primary.standby_for!r}: a standby's rail must not stand by (one level only)"
+            )
+    return ""
+
+
+def stands_by(rail: RailState, rails: tuple[RailState, ...], history: dict[int, int] | None, limit: int) -> bool:
+    """Does standby ``rail`` leave these bytes to the rail it stands by for?
+
+    Yes while that rail is healthy, is one of the transfer's ``rails`` and has
+    retries left for the bytes (``history``: attempts per rail index, ``limit``
+    at most); a policy calls this only for a rail with a ``primary``.  So the
+    standby carries as soon as its rail is suspect, quarantined or probing,
+    takes what that rail may no longer retry, and serves a transfer that may
+    not use that rail at all.
+    """
+    primary = rail.primary
+    return (
+        primary is not None
+        and primary.health.state is Health.HEALTHY
+        and primary in rails
+        and (history is None or history.get(primary.index, 0) < limit)
+    )
 
 
 class RailState:
@@ -255,9 +313,7 @@ class RailState:
         state allows; this only caches the answer.
         """
         health = self.health
-        primary = self.primary
-        # A standby rail takes ordinary slices only while the rail it stands by for cannot.
-        self.dispatchable = health.dispatchable and (primary is None or not primary.health.dispatchable)
+        self.dispatchable = health.dispatchable
         # A rail held for a busy peer keeps its health but has no window until the hold ends.
         self.window = 0 if self.held else health.window(self.window_full)
         self._update_room()

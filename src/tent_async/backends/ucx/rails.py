@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 
+from ...core import standby_error
 from ...errors import ConfigError
 from ...rails import RailSpec, Tier
 from . import _ucxx
@@ -308,13 +309,9 @@ def plans_from_specs(specs: Sequence[RailSpec]) -> list[RailPlan]:
         plans.append(plan_from_spec(spec, interfaces))
     if not plans:
         raise ConfigError("the ucx backend needs at least one rail; pass rails=None to discover them")
-    names = {p.name for p in plans}
-    for plan in plans:
-        if plan.standby_for is not None and (plan.standby_for == plan.name or plan.standby_for not in names):
-            raise ConfigError(
-                f"rail {plan.name!r}: options['{_STANDBY_OPTION}'] = {plan.standby_for!r} should name another "
-                f"rail of this engine ({sorted(names - {plan.name})})"
-            )
+    problem = standby_error(plans)
+    if problem:
+        raise ConfigError(f"options['{_STANDBY_OPTION}']: {problem}")
     return plans
 
 

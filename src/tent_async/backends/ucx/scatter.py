@@ -195,31 +195,47 @@ class Staging:
         self.parked = 0  # ... by closed links whose endpoint parked (outside in_use: LinkStaging.park)
         self.by_connection: dict[int, int] = {}  # serving side: bytes held per peer connection
         self.parked_by_source: dict[str, int] = {}  # ... and parked per source address (LinkStaging.source)
-        self._free: list[Array] = []
+        self._free: dict[int, list[Array]] = {}  # idle buffers by size (a power of two), last given on top
+        self._ages: collections.OrderedDict[int, int] = collections.OrderedDict()  # id(buffer) -> size, oldest first
         self._idle = 0
 
     def take(self, n: int) -> Array:
-        """A host buffer of exactly ``n`` bytes (contents undefined): an idle one of up to ``2 n``, or a new
-        one of the next power of two."""
-        if n >= POOL_MIN:
-            for i, base in enumerate(self._free):
-                if n <= base.shape[0] <= 2 * n:
-                    del self._free[i]
-                    self._idle -= base.shape[0]
-                    return base[:n]
-            return np.empty(1 << (n - 1).bit_length(), dtype=np.uint8)[:n]
-        return np.empty(n, dtype=np.uint8)
+        """A host buffer of exactly ``n`` bytes (contents undefined): an idle one of the next power of
+        two, or a new one of that size (smaller than ``POOL_MIN``: a new one of ``n`` bytes)."""
+        if n < POOL_MIN:
+            return np.empty(n, dtype=np.uint8)
+        size = 1 << (n - 1).bit_length()
+        idle = self._free.get(size)
+        if idle:
+            base = idle.pop()
+            del self._ages[id(base)]
+            self._idle -= size
+            return base[:n]
+        return np.empty(size, dtype=np.uint8)[:n]
 
     def give(self, buf: Array) -> None:
-        """``buf`` (from :meth:`take`) is no longer used by anything, UCX included."""
+        """``buf`` (from :meth:`take`) is no longer used by anything, UCX included.
+
+        Kept idle for reuse, the oldest idle buffers dropped to make room: within
+        ``POOL_BYTES`` the pool follows the sizes slices have now, not the ones
+        they had (a pool full of small buffers would otherwise turn large ones
+        away for ever).
+        """
         base = buf.base if isinstance(buf.base, np.ndarray) else buf
         size = int(base.shape[0])
-        if size >= POOL_MIN and self._idle + size <= POOL_BYTES:
-            self._free.append(base)
-            self._idle += size
+        if size < POOL_MIN or size > POOL_BYTES or size & (size - 1) or id(base) in self._ages:
+            return  # not one of ours to keep (a small or odd-sized buffer), or given twice
+        while self._idle + size > POOL_BYTES:
+            _key, old = self._ages.popitem(last=False)
+            self._free[old].pop(0)  # the oldest of its size: the bottom of that stack
+            self._idle -= old
+        self._free.setdefault(size, []).append(base)
+        self._ages[id(base)] = size
+        self._idle += size
 
     def clear(self) -> None:
         self._free.clear()
+        self._ages.clear()
         self._idle = 0
 
 
