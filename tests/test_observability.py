@@ -33,6 +33,15 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+async def _scrape_engine(engine: tent.Engine) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Serve ``engine``'s metrics on a free port, scrape them once (from a thread), stop serving."""
+    server = serve_metrics(engine, port=0)
+    try:
+        return await anyio.to_thread.run_sync(_scrape, server.port)
+    finally:
+        server.close()
+
+
 @pytest.mark.anyio
 async def test_prometheus_metrics_match_the_telemetry_snapshot() -> None:
     rails = [tent.RailSpec(name="nic0", bandwidth="1GB/s"), tent.RailSpec(name="nic1", bandwidth="500MB/s")]
@@ -43,11 +52,7 @@ async def test_prometheus_metrics_match_the_telemetry_snapshot() -> None:
         b = engine.register(np.zeros(8 * MiB, dtype=np.uint8))
         engine.backend.inject_fault("nic1", "down")  # type: ignore[attr-defined]
         await engine.transfer(a[:], b[:])
-        server = serve_metrics(engine, port=0)
-        try:
-            samples = await anyio.to_thread.run_sync(_scrape, server.port)
-        finally:
-            server.close()
+        samples = await _scrape_engine(engine)
         snap = engine.telemetry()
     for rail in snap.rails:
         labels = (("engine", "e1"), ("rail", rail.name))
@@ -77,11 +82,7 @@ async def test_a_standby_rail_shows_in_telemetry_metrics_and_the_table() -> None
         a = engine.register(np.ones(4 * MiB, dtype=np.uint8))
         b = engine.register(np.zeros(4 * MiB, dtype=np.uint8))
         result = await engine.transfer(a[:], b[:])
-        server = serve_metrics(engine, port=0)
-        try:
-            samples = await anyio.to_thread.run_sync(_scrape, server.port)
-        finally:
-            server.close()
+        samples = await _scrape_engine(engine)
         snap = engine.telemetry()
     assert result.bytes_per_rail.get("shm", 0) >= 4 * MiB - cfg.min_slice  # at most eft's first idle probe on tcp
     assert snap["tcp"].standing_by and snap["tcp"].standby_for == "shm" and not snap["shm"].standing_by
