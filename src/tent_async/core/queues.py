@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
+from .health import Health
 from .rail_state import RailState
 from .transfer_state import TransferState
 
@@ -58,11 +59,19 @@ class RailGroup:
         none of them may carry data at all (quarantined or probing): the
         policy then answers NO_RAIL, and the transfers are stalled or failed
         instead of waiting in the queue unseen.  No when every usable rail is
-        merely full: that is the common, O(rails) answer.
+        merely full: that is the common, O(rails) answer.  A standby whose rail
+        is healthy and one of the group's does not count: it stands by for
+        these bytes (:func:`~.rail_state.stands_by`), and its room would make
+        the policies that look at every queued transfer do so on every poll.
+        Bytes its rail may no longer retry then wait for that rail's next
+        report, which asks again.
         """
         usable = False
         for rail in self.rails:
             if rail.dispatchable:
+                primary = rail.primary
+                if primary is not None and primary.health.state is Health.HEALTHY and primary in self.rail_set:
+                    continue
                 if rail.room:
                     return True
                 usable = True

@@ -48,7 +48,7 @@ class RailInfo:
     transfer's rails and has retries left for them (:func:`stands_by`), so it
     adds failover without taking capacity from the better rail.  It carries as
     soon as that rail is suspect, quarantined or probing, as any rail would.
-    Idle probes still visit it, so its health is known before it is needed.
+    eft's idle probes still visit it, so its health is known before it is needed.
     One level only: a rail that stands by has no standbys itself
     (:func:`standby_error`).
     """
