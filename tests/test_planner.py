@@ -619,6 +619,14 @@ def test_a_standby_rail_takes_over_at_once_when_its_rail_fails_and_hands_back_af
     assert all(a.rail == 0 for a in fab.posts[later:])
 
 
+def test_a_standby_that_is_down_itself_is_not_said_to_carry() -> None:
+    fab = FifoFabric([1e9, 1e9], "eft", SchedulerConfig(probe_interval=10.0), standby={1: 0})
+    fab.planner.rail_down(1, 0.0, "tcp gone")
+    fab.planner.rail_down(0, 0.0, "shm gone")
+    kinds = [(e.kind, e.rail) for e in fab.planner.drain_events()]
+    assert (EventKind.QUARANTINE, "r0") in kinds and (EventKind.STANDBY, "r1") not in kinds
+
+
 def test_a_standby_rail_carries_while_its_rail_is_only_suspect() -> None:
     # One error makes r0 suspect (three would quarantine it): its bytes go to r1 at once, not
     # back to r0 in small slices one at a time, so failover does not wait for the quarantine.

@@ -594,13 +594,6 @@ class Planner:
         """
         after = rail.health.state
         rail.sync_health()
-        if rail.standbys and (before is Health.HEALTHY) is not (after is Health.HEALTHY):
-            # Its standbys stop or start leaving its transfers' bytes to it (stands_by).
-            if after is not Health.HEALTHY:
-                self._rails_changed = True  # they may carry now: stalled transfers retry
-            what = "stands by again:" if after is Health.HEALTHY else "carries while"
-            for standby in rail.standbys:
-                self._event(now, EventKind.STANDBY, standby, f"{standby.name} {what} {rail.name} is {after.value}")
         if after is Health.QUARANTINED:
             self._quarantined.add(rail)
             self._probing.discard(rail)
@@ -629,6 +622,18 @@ class Planner:
             self._event(now, kind, rail, f"{rail.name} is suspect")
         else:
             self._event(now, kind, rail, f"rail {rail.name} is healthy again")
+        if rail.standbys and (before is Health.HEALTHY) is not (after is Health.HEALTHY):
+            self._standbys_changed(rail, after, now)
+
+    def _standbys_changed(self, rail: RailState, after: Health, now: float) -> None:
+        """``rail`` left or regained health: its standbys start or stop carrying its transfers' bytes
+        (:func:`~.rail_state.stands_by`); say so for those that may carry (not quarantined themselves)."""
+        if after is not Health.HEALTHY:
+            self._rails_changed = True  # they may carry now: stalled transfers retry
+        what = "stands by again:" if after is Health.HEALTHY else "carries while"
+        for standby in rail.standbys:
+            if standby.dispatchable:
+                self._event(now, EventKind.STANDBY, standby, f"{standby.name} {what} {rail.name} is {after.value}")
 
     @staticmethod
     def _release(rail: RailState, a: Attempt) -> None:
