@@ -77,3 +77,13 @@ def test_the_steps_run_merges_both_processes_stamps_into_one_time_line() -> None
             assert work[side]["UCX receives"] == 1.0, work
             assert work[side]["passes"] >= 0.9 and work[side]["turns"] >= 0.9, work
             assert work[side]["progress calls"] >= 1.0, work
+
+
+def test_the_kv_bound_adds_each_sides_copy_to_the_contiguous_time() -> None:
+    from tent_async.bench.ucx import copy_bound, copy_times
+
+    assert copy_bound(4e-3, 4e-3) == 0.5
+    assert copy_bound(4e-3, 0.0) == 1.0
+    assert copy_bound(1e-3, 3e-3) == 0.25
+    gather_s, scatter_s = copy_times(16384, size=1 << 20, rounds=1)
+    assert gather_s > 0.0 and scatter_s > 0.0
