@@ -12,7 +12,7 @@ matching in the order the rails were given), so two NICs facing two NICs make
 two rails, not four that share the same wires.
 
 Some pairs share their capacity with a better one (:func:`standby_links`): they
-stand by for it and carry slices only while it cannot.
+stand by for it, leaving it the bytes while it is healthy.
 """
 
 from __future__ import annotations
