@@ -970,9 +970,12 @@ async def test_a_stale_event_after_a_queued_pass_armed_costs_an_arm_not_a_pass(f
         worker.arms = 0
         prog._on_event()  # the stale readiness: an arm that succeeds, no pass
         assert passes == 1 and worker.arms == 1 and prog.stale_skipped == 1
-        assert not prog._stale  # once only: the next event runs a pass
+        assert not prog._stale  # once only for staleness; but the worker is quiet (its passes made no
+        # progress), so the next event is checked with an arm too, and a pass runs when it fails
+        assert prog._quiet
+        worker.answers = [False]
         prog._on_event()
-        assert passes == 2
+        assert passes == 2 and prog.stale_skipped == 1
         # A real event after such a pass: the arm fails (something is pending), so the pass runs.
         prog._unarmed = True
         prog.kick()
@@ -994,6 +997,98 @@ async def test_a_stale_event_after_a_queued_pass_armed_costs_an_arm_not_a_pass(f
         assert not tcp._stale
     finally:
         tcp.close()
+
+
+POLL_SETTLE = P.POLL_SPIN + 0.02
+
+
+class ProgressingWorker(ArmCountingWorker):
+    """``progress_once`` reports progress ``made`` times, then none."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.made = 0
+
+    def progress_once(self) -> bool:
+        super().progress_once()
+        if self.made:
+            self.made -= 1
+            return True
+        return False
+
+
+@pytest.mark.parametrize("mode", ["loop", "poll"])
+async def test_an_idle_shared_memory_workers_spurious_events_cost_an_arm_and_start_no_spin(
+    fds: list[int], mode: str
+) -> None:
+    """A shared-memory worker whose last pass made no progress checks an event with an arm first:
+    another rail's message also wakes an idle worker (a loopback one beside shared memory, measured),
+    and a pass for it was work for nothing; in "poll" mode it also spun 2 ms beside the rail that had
+    work.  Progress ends the quiet: the next event runs a pass at once, and in "poll" mode spins."""
+    loop = asyncio.get_running_loop()
+    worker = ProgressingWorker(fds[0])
+    cls = P.PollProgress if mode == "poll" else P.LoopProgress
+    prog = cls(worker, loop, "shm", shm=True)
+    passes = 0
+    real = prog._run_pass
+
+    def counted(w: Any, nested: bool = False) -> bool:
+        nonlocal passes
+        passes += 1
+        return real(w, nested)
+
+    prog._run_pass = counted  # type: ignore[method-assign]
+    try:
+        await asyncio.sleep(0.01)  # the first pass: nothing to do, armed
+        assert prog._quiet
+        passes, worker.arms, prog._active_until = 0, 0, 0.0
+        for _ in range(5):  # spurious readiness: armed again, no pass, no spin
+            prog._on_event()
+            await asyncio.sleep(0)
+        assert passes == 0 and worker.arms == 5 and prog.stale_skipped == 5
+        assert prog._active_until == 0.0
+        worker.answers, worker.made = [False], 1  # a real message: the arm fails, the pass progresses
+        prog._on_event()
+        assert passes == 1 and not prog._quiet
+        if mode == "poll":
+            assert prog._active_until > loop.time() and prog._scheduled  # progress keeps the poll going
+        else:
+            arms = worker.arms
+            prog._on_event()  # the next event after progress: a pass at once, no arm first
+            assert passes == 2 and worker.arms > arms  # (the pass's own arm at its end)
+            assert prog.stale_skipped == 5
+    finally:
+        prog.close()
+
+
+async def test_over_tcp_every_event_runs_a_pass_but_only_progress_starts_the_poll_spin(fds: list[int]) -> None:
+    """TCP: an arm may succeed with a message waiting whose readiness the event was (nothing would
+    wake the rail for it again), so every event runs a pass; a pass that found nothing does not
+    start "poll"'s 2 ms of spinning (an idle loopback worker woken with every shared-memory message
+    spun beside it on every round trip)."""
+    loop = asyncio.get_running_loop()
+    worker = ProgressingWorker(fds[0])
+    prog = P.PollProgress(worker, loop, "lo")
+    passes = 0
+    real = prog._run_pass
+
+    def counted(w: Any, nested: bool = False) -> bool:
+        nonlocal passes
+        passes += 1
+        return real(w, nested)
+
+    prog._run_pass = counted  # type: ignore[method-assign]
+    try:
+        await asyncio.sleep(POLL_SETTLE)  # the start's kick spins POLL_SPIN, then the worker arms
+        assert prog._quiet and not prog._scheduled
+        passes, worker.arms = 0, 0
+        for _ in range(3):
+            prog._on_event()
+            await asyncio.sleep(0)
+        assert passes == 3 and prog.stale_skipped == 0  # a pass each, no arm-first
+        assert prog._active_until < loop.time() and not prog._scheduled  # and no spin
+    finally:
+        prog.close()
 
 
 async def test_the_intake_gate_is_not_asked_again_until_a_progress_call_took_something(fds: list[int]) -> None:

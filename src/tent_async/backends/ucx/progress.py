@@ -258,6 +258,13 @@ class LoopProgress(Progress):
         # arm drained it): _on_event checks with an arm before running a whole pass for it.
         self._unarmed = False
         self._stale = False
+        # The last pass made no progress.  An idle worker's descriptor also fires when another
+        # rail's does: on a server with shared memory and loopback TCP to the same client, the
+        # loopback worker's fired with every shared-memory message (exactly as often, in counts
+        # of 36,000 and 63,000), a pass each for nothing, and in "poll" mode each started 2 ms
+        # of spinning beside the rail that had work.  Now only progress (or a post) starts the
+        # spin, and on shared memory a quiet worker's event is checked with an arm first.
+        self._quiet = False
         self._clear = False  # the intake gate's last look found UCX's unexpected queue empty (_rounds)
         loop.add_reader(self._fd, self._on_event)
         self._safety: asyncio.TimerHandle | None = loop.call_later(SAFETY_INTERVAL, self._on_safety)
@@ -376,13 +383,14 @@ class LoopProgress(Progress):
             self._outside += time.perf_counter() - t0
 
     def _on_event(self) -> None:
-        if self.spin:
-            self._active_until = self.loop.time() + self.spin
         if self._scheduled:  # a pass is due anyway: it will see the event
             return
-        if self._stale:
-            # Most likely the readiness of a message a pass already took (see __init__): an arm
-            # that succeeds says nothing is pending, and the next message raises a new event.
+        if self._stale or (self._quiet and self._chase_sends):
+            # Most likely the readiness of a message a pass already took (see __init__), or
+            # another worker's event seen by this idle one: on shared memory an arm that
+            # succeeds says nothing is pending, and the next message raises a new event.  Not
+            # over TCP: there an arm can succeed with a message waiting whose readiness this
+            # event was, and nothing would wake the rail for it again (the benchmark hung).
             self._stale = False
             try:
                 if self.worker is not None and not self._closed and self.worker.arm():
@@ -514,6 +522,7 @@ class LoopProgress(Progress):
     def _run_pass(self, worker: Any, nested: bool = False) -> bool:
         """Progress, deliver and arm; True if it left the worker armed (nothing queued after it)."""
         armed = False
+        quiet = True
         try:
             budget = PASS_BUDGET
             for _try in range(ARM_TRIES):
@@ -521,6 +530,10 @@ class LoopProgress(Progress):
                 if rounds is None:
                     return False
                 made, busy, budget = rounds
+                if made:
+                    quiet = False
+                    if self.spin:  # "poll": progress keeps the pass going for POLL_SPIN (so do posts: kick)
+                        self._active_until = self.loop.time() + self.spin
                 sends = self._sends
                 while sends and sends[0].completed:
                     sends.popleft()
@@ -562,6 +575,7 @@ class LoopProgress(Progress):
             logger.debug("rail %s: progress pass failed", self.name, exc_info=True)
             self._arm_callbacks()  # what it resolved is delivered without a pass
             return False
+        self._quiet = quiet and armed
         if not armed:
             self._unarmed = True
         if self._scheduled:  # a callback's own pass (a close on another rail, say) is on its way
