@@ -932,6 +932,20 @@ async def test_a_control_post_that_completed_nothing_queues_no_pass(fds: list[in
         prog.close()
 
 
+class PassCounter:
+    """Counts a progress engine's passes (its ``_run_pass`` calls) in ``n``."""
+
+    def __init__(self, prog: Any) -> None:
+        self.n = 0
+        real = prog._run_pass
+
+        def counted(w: Any, nested: bool = False) -> bool:
+            self.n += 1
+            return bool(real(w, nested))
+
+        prog._run_pass = counted
+
+
 class ArmCountingWorker(FakeWorker):
     """``arm`` answers from ``answers`` (then True), and is counted."""
 
@@ -951,31 +965,23 @@ async def test_a_stale_event_after_a_queued_pass_armed_costs_an_arm_not_a_pass(f
     loop = asyncio.get_running_loop()
     worker = ArmCountingWorker(fds[0])
     prog = P.LoopProgress(worker, loop, "shm", shm=True)
-    passes = 0
-    real = prog._run_pass
-
-    def counted(w: Any, nested: bool = False) -> bool:
-        nonlocal passes
-        passes += 1
-        return real(w, nested)
-
-    prog._run_pass = counted  # type: ignore[method-assign]
+    passes = PassCounter(prog)
     try:
         await asyncio.sleep(0.01)
-        passes = 0
+        passes.n = 0
         prog._unarmed = True  # as a pass that yielded to a woken caller leaves it
         prog.kick()
         await asyncio.sleep(0)  # the queued pass: armed
-        assert prog._stale and passes == 1
+        assert prog._stale and passes.n == 1
         worker.arms = 0
         prog._on_event()  # the stale readiness: an arm that succeeds, no pass
-        assert passes == 1 and worker.arms == 1 and prog.stale_skipped == 1
+        assert passes.n == 1 and worker.arms == 1 and prog.stale_skipped == 1
         assert not prog._stale  # once only for staleness; but the worker is quiet (its passes made no
         # progress), so the next event is checked with an arm too, and a pass runs when it fails
         assert prog._quiet
         worker.answers = [False]
         prog._on_event()
-        assert passes == 2 and prog.stale_skipped == 1
+        assert passes.n == 2 and prog.stale_skipped == 1
         # A real event after such a pass: the arm fails (something is pending), so the pass runs.
         prog._unarmed = True
         prog.kick()
@@ -983,7 +989,7 @@ async def test_a_stale_event_after_a_queued_pass_armed_costs_an_arm_not_a_pass(f
         assert prog._stale
         worker.answers = [False]
         prog._on_event()
-        assert passes == 4 and prog.stale_skipped == 1
+        assert passes.n == 4 and prog.stale_skipped == 1
     finally:
         prog.close()
     # Not on TCP, where the readiness does not outlive the pass that took the message.
@@ -1029,33 +1035,25 @@ async def test_an_idle_shared_memory_workers_spurious_events_cost_an_arm_and_sta
     worker = ProgressingWorker(fds[0])
     cls = P.PollProgress if mode == "poll" else P.LoopProgress
     prog = cls(worker, loop, "shm", shm=True)
-    passes = 0
-    real = prog._run_pass
-
-    def counted(w: Any, nested: bool = False) -> bool:
-        nonlocal passes
-        passes += 1
-        return real(w, nested)
-
-    prog._run_pass = counted  # type: ignore[method-assign]
+    passes = PassCounter(prog)
     try:
         await asyncio.sleep(0.01)  # the first pass: nothing to do, armed
         assert prog._quiet
-        passes, worker.arms, prog._active_until = 0, 0, 0.0
+        passes.n, worker.arms, prog._active_until = 0, 0, 0.0
         for _ in range(5):  # spurious readiness: armed again, no pass, no spin
             prog._on_event()
             await asyncio.sleep(0)
-        assert passes == 0 and worker.arms == 5 and prog.stale_skipped == 5
+        assert passes.n == 0 and worker.arms == 5 and prog.stale_skipped == 5
         assert prog._active_until == 0.0
         worker.answers, worker.made = [False], 1  # a real message: the arm fails, the pass progresses
         prog._on_event()
-        assert passes == 1 and not prog._quiet
+        assert passes.n == 1 and not prog._quiet
         if mode == "poll":
             assert prog._active_until > loop.time() and prog._scheduled  # progress keeps the poll going
         else:
             arms = worker.arms
             prog._on_event()  # the next event after progress: a pass at once, no arm first
-            assert passes == 2 and worker.arms > arms  # (the pass's own arm at its end)
+            assert passes.n == 2 and worker.arms > arms  # (the pass's own arm at its end)
             assert prog.stale_skipped == 5
     finally:
         prog.close()
@@ -1069,23 +1067,15 @@ async def test_over_tcp_every_event_runs_a_pass_but_only_progress_starts_the_pol
     loop = asyncio.get_running_loop()
     worker = ProgressingWorker(fds[0])
     prog = P.PollProgress(worker, loop, "lo")
-    passes = 0
-    real = prog._run_pass
-
-    def counted(w: Any, nested: bool = False) -> bool:
-        nonlocal passes
-        passes += 1
-        return real(w, nested)
-
-    prog._run_pass = counted  # type: ignore[method-assign]
+    passes = PassCounter(prog)
     try:
         await asyncio.sleep(POLL_SETTLE)  # the start's kick spins POLL_SPIN, then the worker arms
         assert prog._quiet and not prog._scheduled
-        passes, worker.arms = 0, 0
+        passes.n, worker.arms = 0, 0
         for _ in range(3):
             prog._on_event()
             await asyncio.sleep(0)
-        assert passes == 3 and prog.stale_skipped == 0  # a pass each, no arm-first
+        assert passes.n == 3 and prog.stale_skipped == 0  # a pass each, no arm-first
         assert prog._active_until < loop.time() and not prog._scheduled  # and no spin
     finally:
         prog.close()
