@@ -390,6 +390,11 @@ class Channel:
             ep.close_blocking(10**9, 1)
         except Exception:  # pragma: no cover - best effort: the endpoint may be dead already
             logger.debug("%s: close_blocking failed", self.label, exc_info=True)
+        # close_blocking cancelled the endpoint's requests and progressed the worker itself; their
+        # futures resolve in the next pass (run_request_notifier), which an idle shared-memory
+        # worker would otherwise leave to the safety pass: ask for it now (not once the loop closed).
+        with contextlib.suppress(RuntimeError):
+            self.rail.progress.kick()
         # Our last reference: the endpoint holds its worker (and the worker its descriptors and
         # sockets) until every reference is gone, and a channel can sit in a reference cycle
         # until the garbage collector runs.  Requests still completing hold their own.

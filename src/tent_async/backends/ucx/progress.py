@@ -19,9 +19,11 @@ Three ways, chosen per rail (``UcxBackend(progress=...)``, docs/ucx.md "Progress
     progress thread's 1 ms epoll timeout did.  No thread is involved: a completion costs no thread
     hand-off, only the loop's own ``epoll_wait`` wake-up.
 ``"poll"``
-    The same, but after any activity the pass keeps rescheduling itself
-    (``call_soon``) for ``POLL_SPIN`` seconds before it arms and blocks:
-    lower latency while messages keep coming, at the price of a busy loop.
+    The same, but after activity (a pass that made progress, or a post; not a
+    bare event, which another rail's message can raise on an idle worker) the
+    pass keeps rescheduling itself (``call_soon``) for ``POLL_SPIN`` seconds
+    before it arms and blocks: lower latency while messages keep coming, at
+    the price of a busy loop.
 ``"thread"``
     What the backend did before: ucxx's progress thread (blocking, 1 ms epoll
     timeout) and a notifier thread that wakes the event loop to resolve
@@ -244,6 +246,7 @@ class LoopProgress(Progress):
         self._streamed_at = 0.0
         self.yields = 0  # times a stalled stream gave the CPU away instead of sleeping (tests, benchmarks)
         self.stale_skipped = 0  # events found stale by an arm, no pass run for them (tests, benchmarks)
+        self.quiet_skipped = 0  # events of an idle shared-memory worker an arm found empty (the same)
         # Watched requests: key -> (its future, callback), delivered by the pass (see watch()).
         self._watched: dict[int, tuple[Any, Watcher, bool]] = {}  # key -> (future, callback, has a done-callback)
         self._keys = 0
@@ -263,7 +266,8 @@ class LoopProgress(Progress):
         # loopback worker's fired with every shared-memory message (exactly as often, in counts
         # of 36,000 and 63,000), a pass each for nothing, and in "poll" mode each started 2 ms
         # of spinning beside the rail that had work.  Now only progress (or a post) starts the
-        # spin, and on shared memory a quiet worker's event is checked with an arm first.
+        # spin, and on shared memory an event of a worker whose last pass made no progress and
+        # armed it is checked with an arm first.
         self._quiet = False
         self._clear = False  # the intake gate's last look found UCX's unexpected queue empty (_rounds)
         loop.add_reader(self._fd, self._on_event)
@@ -385,7 +389,8 @@ class LoopProgress(Progress):
     def _on_event(self) -> None:
         if self._scheduled:  # a pass is due anyway: it will see the event
             return
-        if self._stale or (self._quiet and self._chase_sends):
+        stale = self._stale
+        if stale or (self._quiet and self._chase_sends):
             # Most likely the readiness of a message a pass already took (see __init__), or
             # another worker's event seen by this idle one: on shared memory an arm that
             # succeeds says nothing is pending, and the next message raises a new event.  Not
@@ -394,7 +399,10 @@ class LoopProgress(Progress):
             self._stale = False
             try:
                 if self.worker is not None and not self._closed and self.worker.arm():
-                    self.stale_skipped += 1
+                    if stale:
+                        self.stale_skipped += 1
+                    else:
+                        self.quiet_skipped += 1
                     return
             except Exception:  # pragma: no cover - a worker being torn down: the pass finds out
                 pass
@@ -566,7 +574,11 @@ class LoopProgress(Progress):
                 # watched futures looked through) is saved.  The arm answers BUSY again only
                 # while something is pending (a message not read yet, a send waiting:
                 # mm_iface.c), and then the pass goes round once more here.
-                if not worker.progress_once() and worker.arm():
+                if worker.progress_once():  # work UCX's thread queued, or a message that came in meanwhile
+                    quiet = False
+                    if self.spin:
+                        self._active_until = self.loop.time() + self.spin
+                elif worker.arm():
                     armed = True
                     break
                 again = True
@@ -659,7 +671,7 @@ class LoopProgress(Progress):
 
 
 class PollProgress(LoopProgress):
-    """Like "loop", but spins for ``POLL_SPIN`` seconds after each activity before it blocks."""
+    """Like "loop", but spins for ``POLL_SPIN`` seconds after activity (progress, or a post) before it blocks."""
 
     mode = "poll"
     spin = POLL_SPIN
