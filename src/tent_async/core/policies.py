@@ -47,7 +47,6 @@ import random
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from .config import SchedulerConfig
-from .health import Health
 from .rail_state import stands_by
 from .slicing import nominal_slice
 
@@ -65,9 +64,6 @@ NO_RAIL: Final = _NoRail()
 """Returned by :meth:`Policy.choose` when no healthy or suspect rail may carry the slice."""
 
 Choice = tuple["RailState", int] | None | _NoRail
-
-_HEALTHY = Health.HEALTHY
-_SUSPECT = Health.SUSPECT
 
 
 class Policy(Protocol):
@@ -339,11 +335,7 @@ class RoundRobin:
         start = transfer.rr_next
         for k in range(n):
             rail = rails[(start + k) % n]
-            if not rail.dispatchable:  # healthy or suspect
-                continue
-            if history is not None and history.get(rail.index, 0) >= self._max_per_rail:
-                continue
-            if rail.primary is not None and stands_by(rail, rails, history, self._max_per_rail):
+            if not _usable(rail, rails, history, self._max_per_rail):
                 continue
             if not rail.has_room():
                 return None  # strict striping: wait for the next rail in the cycle

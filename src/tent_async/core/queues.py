@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
-from .health import Health
-from .rail_state import RailState
+from .rail_state import RailState, stands_by
 from .transfer_state import TransferState
 
 _CLASSES = (0, 1, 2)
@@ -69,8 +68,7 @@ class RailGroup:
         usable = False
         for rail in self.rails:
             if rail.dispatchable:
-                primary = rail.primary
-                if primary is not None and primary.health.state is Health.HEALTHY and primary in self.rail_set:
+                if rail.primary is not None and stands_by(rail, self.rails, None, 0):
                     continue
                 if rail.room:
                     return True
