@@ -83,7 +83,7 @@ async def main(config: dict[str, Any]) -> None:
     rails = None
     if config.get("rails") is not None:
         rails = [tent.RailSpec(**spec) for spec in config["rails"]]
-    options = {k: config[k] for k in ("secret", "withdraw_grace", "progress") if k in config}
+    options = {k: config[k] for k in ("secret", "withdraw_grace", "progress", "cma") if k in config}
     if "protocol_version" in config:  # tests: pretend to speak another protocol version
         from tent_async.backends.ucx import protocol
 

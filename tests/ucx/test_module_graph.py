@@ -26,6 +26,7 @@ LAYERS = [
     "pairing",
     "channel",
     "site",
+    "cma",
     "scatter",
     "peer",
     "server",

@@ -840,8 +840,8 @@ def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link(
     link.direct = link.loud = 0
     link.stage_reads = False
 
-    def op(kind: Op, sg: Any = None, inline: bool = False) -> Any:
-        return SimpleNamespace(kind=kind, sg=sg, inline=inline)
+    def op(kind: Op, sg: Any = None, inline: bool = False, cma: bool = False) -> Any:
+        return SimpleNamespace(kind=kind, sg=sg, inline=inline, cma=cma)
 
     read, write, small_read = op(Op.READ), op(Op.WRITE), op(Op.READ, inline=True)
     assert link._admit(read) and link._admit(write) and link._admit(small_read)  # one direction: all go
@@ -855,6 +855,7 @@ def test_a_read_into_caller_memory_and_a_send_that_can_stall_never_share_a_link(
     link.direct, link.loud = 0, 1
     assert not link._admit(read)  # would receive into caller memory beside the WRITE's send
     assert link._admit(small_read) and link._admit(write)
+    assert link._admit(op(Op.READ, cma=True))  # copied directly (cma.py): nothing received into caller memory
     link.stage_reads = True
     assert link._admit(read)  # goes, into staging (Link._send)
     link.loud = 0

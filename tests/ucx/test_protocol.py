@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
+import attrs
 import msgpack
 import numpy as np
 import pytest
@@ -63,6 +64,8 @@ messages = st.one_of(
         slots=st.integers(1, p.MAX_SLOTS),
         inline_limit=st.integers(0, p.MAX_INLINE),
         staging=st.integers(1, p.MAX_U64),
+        cma=st.text(max_size=40),
+        cma_token=st.sampled_from([b"", b"t" * 16]),
     ),
     st.builds(p.Refused, reason=st.text(max_size=100)),
     st.builds(p.Lookup, name=names),
@@ -83,7 +86,7 @@ messages = st.one_of(
         offset=u64,
         length=st.just(5),
         payload=st.one_of(st.none(), st.binary(min_size=5, max_size=5)),
-    ),
+    ).map(lambda m: attrs.evolve(m, cma=m.payload is None and m.request % 2 == 0)),
     st.builds(
         p.SliceRequest,
         op=st.just(p.Op.READ),
@@ -93,7 +96,7 @@ messages = st.one_of(
         offset=u64,
         length=u64,
         inline=st.booleans(),
-    ),
+    ).map(lambda m: attrs.evolve(m, cma=not m.inline and m.request % 2 == 0)),
     st.builds(
         lambda request, n, seg, inline, write: p.ScatterRequest(
             p.Op.WRITE if write else p.Op.READ,
@@ -112,6 +115,13 @@ messages = st.one_of(
         write=st.booleans(),
     ),
     st.builds(p.Ack, request=u64, away=st.integers(0, p.MAX_AWAY_US)),
+    st.builds(
+        p.Where,
+        request=u64,
+        bases=st.lists(st.integers(1, p.MAX_U64), min_size=1, max_size=p.MAX_SG_SEGMENTS).map(tuple),
+        until=st.floats(0.0, 1e9),
+        away=st.integers(0, p.MAX_AWAY_US),
+    ),
     st.builds(p.Error, request=u64, reason=st.text(max_size=100), retry=st.booleans()),
     st.builds(p.Data, request=u64, payload=st.binary(max_size=100)),
     st.builds(
@@ -204,12 +214,29 @@ def test_specific_refusals() -> None:
     # A version-6 WELCOME (no staging share) is named as another version, not as a malformed message.
     with pytest.raises(p.VersionMismatch, match="version 6"):
         p.decode(msgpack.packb([int(p.Op.WELCOME), 6, "n", "h", 1, [], [], b"", 8, 0], use_bin_type=True))
-    with pytest.raises(ProtocolError, match="11 fields"):
+    with pytest.raises(ProtocolError, match="13 fields"):
         p.decode(msgpack.packb([int(p.Op.WELCOME), p.PROTOCOL_VERSION, "n", "h", 1, [], [], b"", 8, 0]))
+    welcome = [int(p.Op.WELCOME), p.PROTOCOL_VERSION, "n", "h", 1, [], [], b"", 8, 0]
     with pytest.raises(ProtocolError, match="staging share"):  # at least one byte
-        p.decode(msgpack.packb([int(p.Op.WELCOME), p.PROTOCOL_VERSION, "n", "h", 1, [], [], b"", 8, 0, 0]))
+        p.decode(msgpack.packb([*welcome, 0, "", b""], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="verification token"):
+        p.decode(msgpack.packb([*welcome, 1, "s", b"short"], use_bin_type=True))
     with pytest.raises(ProtocolError, match="carries"):
-        p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, b"abc"], use_bin_type=True))
+        p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, b"abc", False], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="direct copy"):
+        p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 3, b"abc", True], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="direct copy"):
+        p.decode(msgpack.packb([int(p.Op.READ), 1, "kv", 1, 0, 3, True, True], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="8 fields"):  # a version-7 READ
+        p.decode(msgpack.packb([int(p.Op.READ), 1, "kv", 1, 0, 3, False], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="at least one"):
+        p.decode(msgpack.packb([int(p.Op.WHERE), 1, [], 1.0, 0]))
+    with pytest.raises(ProtocolError, match="segment address"):
+        p.decode(msgpack.packb([int(p.Op.WHERE), 1, [0], 1.0, 0]))
+    with pytest.raises(ProtocolError, match="deadline"):
+        p.decode(msgpack.packb([int(p.Op.WHERE), 1, [4096], float("nan"), 0]))
+    with pytest.raises(ProtocolError, match="limit"):
+        p.decode(msgpack.packb([int(p.Op.WHERE), 1, [4096] * (p.MAX_SG_SEGMENTS + 1), 1.0, 0]))
     with pytest.raises(ProtocolError, match="integer"):
         p.decode(msgpack.packb([int(p.Op.ACK), True, 0]))
     with pytest.raises(ProtocolError, match="outside"):

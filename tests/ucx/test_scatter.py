@@ -88,22 +88,27 @@ def test_malformed_extent_lists_are_refused_by_the_codec() -> None:
     w = int(p.Op.WRITEV)
     segs = [["kv", 1]]
     good = p.pack_table([0], [0], [10])
-    p.decode(_raw([w, 1, segs, 1, 10, good, None]))
+    p.decode(_raw([w, 1, segs, 1, 10, good, None, False]))
     cases = {
-        "index": _raw([w, 1, segs, 1, 10, p.pack_table([1], [0], [10]), None]),  # segment 1 of a table of 1
-        "empty extent": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [10, 0]), None]),
-        "add up": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [6, 6]), None]),
-        "wrap": _raw([w, 1, segs, 2, 2, p.pack_table([0, 0], [0, 0], [2**64 - 1, 3]), None]),  # sums to 2 mod 2^64
-        "huge length": _raw([w, 1, segs, 1, 2**63, p.pack_table([0], [0], [2**63]), None]),
-        "huge offset": _raw([w, 1, segs, 1, 10, p.pack_table([0], [2**64 - 5], [10]), None]),
-        "table size": _raw([w, 1, segs, 2, 10, good, None]),
-        "carries": _raw([w, 1, segs, 1, 10, good, b"abc"]),
-        "no segments": _raw([w, 1, [], 1, 10, good, None]),
-        "count": _raw([w, 1, segs, 0, 10, b"", None]),
-        "too many": _raw([w, 1, segs, p.MAX_EXTENTS + 1, 2**40, None, None]),
-        "total below count": _raw([w, 1, segs, 5, 4, None, None]),
-        "inline without table": _raw([int(p.Op.READV), 1, segs, 1, 10, None, True]),
-        "payload without table": _raw([w, 1, segs, 1, 3, None, b"abc"]),
+        "index": _raw([w, 1, segs, 1, 10, p.pack_table([1], [0], [10]), None, False]),  # segment 1 of a table of 1
+        "empty extent": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [10, 0]), None, False]),
+        "add up": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [6, 6]), None, False]),
+        # sums to 2 mod 2^64
+        "wrap": _raw([w, 1, segs, 2, 2, p.pack_table([0, 0], [0, 0], [2**64 - 1, 3]), None, False]),
+        "huge length": _raw([w, 1, segs, 1, 2**63, p.pack_table([0], [0], [2**63]), None, False]),
+        "huge offset": _raw([w, 1, segs, 1, 10, p.pack_table([0], [2**64 - 5], [10]), None, False]),
+        "table size": _raw([w, 1, segs, 2, 10, good, None, False]),
+        "carries": _raw([w, 1, segs, 1, 10, good, b"abc", False]),
+        "no segments": _raw([w, 1, [], 1, 10, good, None, False]),
+        "count": _raw([w, 1, segs, 0, 10, b"", None, False]),
+        "too many": _raw([w, 1, segs, p.MAX_EXTENTS + 1, 2**40, None, None, False]),
+        "total below count": _raw([w, 1, segs, 5, 4, None, None, False]),
+        "inline without table": _raw([int(p.Op.READV), 1, segs, 1, 10, None, True, False]),
+        "payload without table": _raw([w, 1, segs, 1, 3, None, b"abc", False]),
+        "old layout": _raw([w, 1, segs, 1, 10, good, None]),  # protocol 7: no cma field
+        "cma not a bool": _raw([w, 1, segs, 1, 10, good, None, 1]),
+        "cma with its bytes": _raw([w, 1, segs, 1, 10, good, b"0123456789", True]),
+        "cma answered inline": _raw([int(p.Op.READV), 1, segs, 1, 10, good, True, True]),
     }
     for what, data in cases.items():
         with pytest.raises(ProtocolError):
@@ -718,29 +723,30 @@ async def test_a_connections_staging_share_admits_in_turn_and_is_released_on_eve
 
 def test_a_plan_needs_the_staging_the_server_takes_for_it() -> None:
     """The client's accounting follows serve(): the bulk message (WRITE: [table] + bytes) or the
-    READ's [table] + bytes, exact; nothing for an inline slice."""
+    READ's [table] + bytes, exact; nothing for an inline slice; a direct copy's table only."""
 
-    def need(op: p.Op, count: int, total: int, table_inline: bool, inline: bool) -> int:
+    def plan(op: p.Op, count: int, total: int, table_inline: bool, inline: bool, direct: bool) -> scatter.Plan:
         plan = scatter.Plan.__new__(scatter.Plan)
         plan.kind, plan.count, plan.total, plan.table_inline, plan.inline = op, count, total, table_inline, inline
-        return plan.need
-
-    def server_need(op: p.Op, count: int, total: int, table_inline: bool, inline: bool) -> int:
-        table = p.pack_table(np.zeros(count), np.zeros(count), np.full(count, total // count))
-        if op is p.Op.WRITE:
-            payload = bytes(total) if inline else None
-            msg = p.ScatterRequest(op, 1, (("kv", 1),), count, total, table if table_inline else None, payload)
-            return msg.bulk_length
-        msg = p.ScatterRequest(op, 1, (("kv", 1),), count, total, table if table_inline else None, inline=inline)
-        return (0 if msg.table is not None else count * p.EXTENT_BYTES) + (0 if inline else total)
+        plan.cma, plan.remote = direct, (("kv", 1),)
+        plan.table = p.pack_table(np.zeros(count), np.zeros(count), np.full(count, total // count))
+        plan.pool, plan.local = scatter.Staging(), [as_memory(pattern(0, total))]
+        plan.lengths = np.full(count, total // count)
+        plan.local_index, plan.local_offsets = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+        return plan
 
     for op in (p.Op.WRITE, p.Op.READ):
-        for count, total, table_inline, inline in (
-            (4, 4096, True, True),
-            (4, 1 << 20, True, False),
-            (3000, 3000 * 512, False, False),
+        for count, total, table_inline, inline, direct in (
+            (4, 4096, True, True, False),
+            (4, 1 << 20, True, False, False),
+            (3000, 3000 * 512, False, False, False),
+            (4, 1 << 20, True, False, True),
+            (3000, 3000 * 512, False, False, True),
         ):
-            assert need(op, count, total, table_inline, inline) == server_need(op, count, total, table_inline, inline)
+            made = plan(op, count, total, table_inline, inline, direct)
+            header = made.header(1)
+            assert header.cma is direct
+            assert made.need == scatter.staging_need(header), (op, count, total, table_inline, inline, direct)
 
 
 RAILS3 = [{"name": "lo0", "device": "lo"}, {"name": "lo1", "device": "lo"}, {"name": "shm", "device": "shm"}]

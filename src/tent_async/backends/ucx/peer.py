@@ -63,7 +63,7 @@ from ...errors import (
 )
 from ...memory import Memory, copy_bytes
 from ...segments import Permission, RemoteSegment, Segment
-from . import _ucxx, scatter
+from . import _ucxx, cma, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
 from .control import (
     BACKLOG_SECONDS,
@@ -100,6 +100,7 @@ from .protocol import (
     SliceRequest,
     Unlink,
     Welcome,
+    Where,
     make_tag,
 )
 from .protocol import (
@@ -111,6 +112,7 @@ from .site import Site
 logger = logging.getLogger("tent_async.ucx")
 
 BIND_REQUEST = MAX_U64  # the request id of a link's BIND (nothing else is in flight on a new link)
+_DONE = np.ones(1, dtype=np.uint8)  # a direct copy's end (cma.py): one byte on the slice's data tag
 # While a large READ receives straight into the caller's memory on a link, only plain READ headers
 # (46 bytes for a segment named "kv", 1,070 at most) are sent on it, and only while fewer than this
 # many headers are unanswered: what a peer that read that READ's header can leave unread behind it
@@ -197,6 +199,7 @@ class _Op:
         "away",
         "buffer",
         "channel",
+        "cma",
         "data_ok",
         "data_req",
         "direct",
@@ -247,6 +250,7 @@ class _Op:
         self.tail_check = False  # a large READ (host or GPU memory): compare its end with SENT's tail
         self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
         self.inline = False  # set by Link._queue (_inline)
+        self.cma = False  # answered with WHERE, copied directly (cma.py); set by Link._queue
         self.direct = False  # a large READ whose receive into the caller's memory is posted (Link.direct)
         self.loud = False  # sent, not reported, and sends more than a plain READ's header (Link.loud)
         self.staged: np.ndarray | None = None  # a large READ received into staging instead (Link.stage_reads)
@@ -271,6 +275,16 @@ class _Op:
         # (the peer refuses an inline slice into or out of its GPU memory).
         host = not local.memory.is_cuda and remote.kind == "host"  # type: ignore[attr-defined]
         return host and a.length <= self.link.peer.inline_limit
+
+    def _cma(self) -> bool:
+        """Are the bytes copied directly between the two processes (cma.py)?  Fixed at post, after ``inline``."""
+        a = self.attempt
+        if a is None or self.inline or not self.link.direct_copies:
+            return False
+        if self.sg is not None:
+            return self.sg.cma
+        local, remote = (a.src, a.dst) if self.kind is Op.WRITE else (a.dst, a.src)
+        return not local.memory.is_cuda and remote.kind == "host"  # type: ignore[attr-defined]
 
 
 class Link:
@@ -529,9 +543,15 @@ class Link:
         op = _Op(a, self, kind, now)
         self._queue(op)
 
+    @property
+    def direct_copies(self) -> bool:
+        """Do this link's slices copy directly (cma.py)?  Shared-memory rails to a verified peer."""
+        return self.peer.cma_pid is not None and self.rail.plan.kind == "shm"
+
     def _queue(self, op: _Op) -> None:
         assert op.attempt is not None
         op.inline = op._inline()
+        op.cma = op._cma()
         op.away = self.rail.progress.away()
         self.ops[op.attempt.id] = op
         if self.state is LinkState.UP and self.free_slots and not self.waiting and self._admit(op):
@@ -545,7 +565,9 @@ class Link:
         """A scatter-gather slice: one header with its extent list (scatter.py)."""
         site = self.peer.site
         try:
-            plan = scatter.Plan(a, self.peer, self.peer.inline_limit, scatter.staging_of(site))
+            plan = scatter.Plan(
+                a, self.peer, self.peer.inline_limit, scatter.staging_of(site), direct=self.direct_copies
+            )
         except scatter.ScatterError as exc:
             fail = functools.partial(site.ctx.fail, a.id, exc, transfer_fatal=True)
             asyncio.get_running_loop().call_soon(fail)
@@ -580,7 +602,9 @@ class Link:
         if self.direct:
             if op.kind is Op.WRITE or op.sg is not None or self.peer.slots - len(self.free_slots) >= QUIET_SLOTS:
                 return False
-        elif self.loud and op.kind is Op.READ and op.sg is None and not op.inline and not self.stage_reads:
+        elif (
+            self.loud and op.kind is Op.READ and op.sg is None and not op.inline and not op.cma and not self.stage_reads
+        ):
             return False
         return op.sg is None or self.peer.staging.admit(op.sg, self._flush)
 
@@ -625,19 +649,19 @@ class Link:
             local: Segment = a.src  # type: ignore[assignment]
             view = local.memory.array[a.src_offset : a.src_offset + a.length]
             payload = view.tobytes() if op.inline else None
-            header = SliceRequest(Op.WRITE, op.request, dst.name, dst.sid, a.dst_offset, a.length, payload)
+            header = SliceRequest(Op.WRITE, op.request, dst.name, dst.sid, a.dst_offset, a.length, payload, cma=op.cma)
         else:
             remote: RemoteSegment = a.src  # type: ignore[assignment]
             header = SliceRequest(
-                Op.READ, op.request, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline
+                Op.READ, op.request, remote.name, remote.sid, a.src_offset, a.length, inline=op.inline, cma=op.cma
             )
         reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
         buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
-        if a is not None and (op.kind is Op.WRITE or op.sg is not None):
+        if a is not None and (op.kind is Op.WRITE or op.sg is not None) and not (op.cma and op.sg is None):
             op.loud = True  # no large plain READ is sent on this link until it is reported (_admit)
             self.loud += 1
         try:
-            if a is not None and op.kind is Op.READ and not op.inline:
+            if a is not None and op.kind is Op.READ and not op.inline and not op.cma:
                 local = a.dst  # type: ignore[assignment]
                 if op.sg is not None:  # into host staging (random tail included), scattered once checked
                     view = op.sg.landing()
@@ -696,7 +720,7 @@ class Link:
                 req = ch.tag_send(bulk, make_tag(self.peer_ns, KIND_DATA, op.request))
                 op.pending += 1
                 ch.keep(req, bulk, self._send_done(op), send=True)
-            elif a is not None and op.sg is None and op.kind is Op.WRITE and not op.inline:
+            elif a is not None and op.sg is None and op.kind is Op.WRITE and not op.inline and not op.cma:
                 local = a.src  # type: ignore[assignment]
                 view = local.memory.array[a.src_offset : a.src_offset + a.length]
                 req = ch.tag_send(view, make_tag(self.peer_ns, KIND_DATA, op.request))
@@ -755,11 +779,16 @@ class Link:
             op.data_req = None  # the last reference: ucxx cancels a READ's posted receive
             return
         kind = op.kind
-        expected = Ack if kind is Op.WRITE else Bound if kind is Op.BIND else Data if op.inline else Sent
+        expected: type = Ack if kind is Op.WRITE else Bound if kind is Op.BIND else Data if op.inline else Sent
+        if op.cma:
+            expected = Where
         if not isinstance(msg, expected):
             self._violation(op, f"{type(msg).__name__} where {expected.__name__} was due")
             return
         if a is None:
+            return
+        if isinstance(msg, Where):
+            self._copy(op, msg)
             return
         if isinstance(msg, Data):
             if len(msg.payload) != a.length:
@@ -772,6 +801,50 @@ class Link:
                 np.copyto(view, np.frombuffer(msg.payload, dtype=np.uint8))
         elif isinstance(msg, Sent) and msg.length != a.length:
             self._violation(op, f"the peer sent {msg.length} bytes for a {a.length}-byte READ")
+
+    def _copy(self, op: _Op, msg: Where) -> None:
+        """WHERE came: copy the slice's bytes directly, unless it was withdrawn or came too late; then DONE.
+
+        Synchronous, in the reply's callback: a slice withdrawn before this point
+        never copies, and once it is reported nothing of it moves (cma.py).
+        """
+        a = op.attempt
+        assert a is not None
+        pid = self.peer.cma_pid
+        want = 1 if op.sg is None else len(op.sg.remote)
+        if len(msg.bases) != want:
+            self._violation(op, f"WHERE gave {len(msg.bases)} segment addresses for {want} segments")
+        elif op.state is OP_WITHDRAWING:
+            pass  # withdrawn: nothing moves; DONE lets the peer free the segments now
+        elif pid is None:
+            op.error = f"rail {self.name}: direct copies to peer {self.peer.name!r} were turned off"
+        elif time.monotonic() >= msg.until:
+            op.error = f"rail {self.name}: the peer's WHERE came after its deadline; the slice is sent again"
+        else:
+            write = op.kind is Op.WRITE
+            if op.sg is not None:
+                local, remote, lengths = op.sg.direct(msg.bases)
+            else:
+                mine: Segment = a.src if write else a.dst  # type: ignore[assignment]
+                at, there = (a.src_offset, a.dst_offset) if write else (a.dst_offset, a.src_offset)
+                local = np.array([cma.address(mine.memory.array) + at], dtype=np.uint64)
+                remote = np.array([msg.bases[0] + there], dtype=np.uint64)
+                lengths = np.array([a.length], dtype=np.uint64)
+            try:
+                cma.copy(pid, local, remote, lengths, write=write)
+                op.data_ok = True
+            except cma.CmaError as exc:
+                # The kernel refused (the peer exited, or copies are no longer allowed): this slice
+                # goes again, over UCX, and so does every later one to this peer.
+                op.error = f"rail {self.name}: {exc}"
+                self.peer.cma_off(str(exc))
+        ch = op.channel
+        if ch is not None and not ch.closed:
+            try:
+                req = ch.tag_send(_DONE, make_tag(self.peer_ns, KIND_DATA, op.request))
+                ch.keep(req, _DONE, None, send=True)
+            except Exception as exc:  # the link is failing: the peer frees the segments when it closes
+                logger.debug("%s: DONE not sent: %s", self.name, _ucxx.describe_error(exc))
 
     def _violation(self, op: _Op, what: str, *, truncated: bool = False, teardown: bool = False) -> None:
         """The peer broke the protocol on ``op``: count it, log it, fail the slice.
@@ -827,6 +900,8 @@ class Link:
     def _succeeded(self, op: _Op) -> bool:
         if op.reply is None or op.error is not None or op.violation is not None or op.fatal is not None:
             return False
+        if op.cma:
+            return op.data_ok
         return op.kind is not Op.READ or op.inline or op.data_ok
 
     def _check_tail(self, op: _Op) -> None:
@@ -900,7 +975,7 @@ class Link:
             # stuck, and its time is what the planner needs to learn that (it loosens the rail's
             # deadlines and takes the wire time).  A withdrawn READ's bytes are not checked: withdrawn.
             reply = op.reply
-            peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
+            peer_away = reply.away if isinstance(reply, (Ack, Sent, Where)) else 0
             ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
         elif withdrawn:
             ctx.withdrawn(a.id)
@@ -918,14 +993,14 @@ class Link:
         elif op.violation is not None:
             ctx.fail(a.id, ProtocolError(op.violation), transfer_fatal=True)
         elif self._succeeded(op):
-            if op.sg is not None and op.kind is Op.READ and not op.inline:
+            if op.sg is not None and op.kind is Op.READ and not op.inline and not op.cma:
                 op.sg.land()  # checked: every byte arrived (length and tail)
             elif op.staged is not None:  # checked likewise: now into the caller's memory
                 dst: Segment = a.dst  # type: ignore[assignment]
                 staged = Memory(array=op.staged, kind="host", readonly=False, owner=op.staged)
                 copy_bytes(dst.memory, a.dst_offset, staged, 0, a.length)
             reply = op.reply
-            peer_away = reply.away if isinstance(reply, (Ack, Sent)) else 0
+            peer_away = reply.away if isinstance(reply, (Ack, Sent, Where)) else 0
             ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
         elif self.peer.closed:
             ctx.fail(a.id, PeerClosedError(self.peer.closed_reason()), transfer_fatal=True)
@@ -1079,6 +1154,7 @@ class Peer:
         self._by_link_id: dict[int, Link] = {}
         self._all_links: list[Link] = []  # also the ones connect() left out (closed with the peer)
         self._not_reading = False  # it left more than MAX_WRITE_BUFFER of our control bytes unread
+        self.cma_pid: int | None = None  # its pid once it is verified for direct copies (cma.py, connect)
         self._backlog_check: asyncio.TimerHandle | None = None  # armed while more than that is queued
 
     def __repr__(self) -> str:
@@ -1097,6 +1173,12 @@ class Peer:
     def _remote(self, ad: SegmentAd) -> RemoteSegment:
         permission: Permission = "rw" if ad.permission == "rw" else "r"
         return RemoteSegment(self, ad.name, ad.size, ad.kind, permission, ad.sid)
+
+    def cma_off(self, reason: str) -> None:
+        """Stop copying directly to this peer (a copy failed): its later slices go over UCX."""
+        if self.cma_pid is not None:
+            self.cma_pid = None
+            self.site.log.warning("cma-off", "peer %r: direct copies turned off: %s", self.name, reason)
 
     def closed_reason(self) -> str:
         return f"peer {self.name!r} at {self.address} is gone: {self._closed_reason}"

@@ -13,7 +13,9 @@ Two planes, one codec:
   headers ``WRITE``/``READ`` (one extent) and ``WRITEV``/``READV`` (an extent
   list: a scatter-gather slice, :class:`ScatterRequest`), and the replies
   ``BOUND``, ``ACK``, ``ERROR``, ``DATA`` (small READs answered inline) and
-  ``SENT`` (a large READ's bytes were sent, and how many).
+  ``SENT`` (a large READ's bytes were sent, and how many); ``WHERE`` answers a header
+  that asks for a direct copy (cma.py) with the addresses to copy to or from, and
+  the initiator's one-byte ``DONE`` on the slice's data tag ends it.
 
 Tags (:func:`make_tag`): the *receiver's* random 40-bit namespace for the
 link, one bit for control or bulk data, and a 23-bit slot or request index.
@@ -49,8 +51,10 @@ from ...errors import ProtocolError
 
 MAGIC: Final = "tent-ucx"
 # 4: WRITEV/READV (extent lists); 5: ERROR says whether a retry may succeed; 6: ACK and SENT
-# carry the server's ``away``; 7: WELCOME states the connection's staging share
-PROTOCOL_VERSION: Final = 7
+# carry the server's ``away``; 7: WELCOME states the connection's staging share; 8: direct copies
+# between processes on one host (cma.py): WELCOME's verification socket and token, headers' ``cma``,
+# WHERE
+PROTOCOL_VERSION: Final = 8
 
 NONCE_BYTES: Final = 32
 MAC_BYTES: Final = 32  # HMAC-SHA256
@@ -187,6 +191,7 @@ class Op(enum.IntEnum):
     SENT = 27
     WRITEV = 28
     READV = 29
+    WHERE = 30
 
 
 @attrs.frozen
@@ -217,6 +222,9 @@ class Welcome:
     payload of up to ``inline_limit`` bytes.  ``staging``: the bytes of staging
     this connection's extent-list slices may hold on the server at once (its
     bound; the client keeps within it, :class:`~.scatter.StagingShare`).
+    ``cma``: the server's verification socket for direct copies (an abstract
+    Unix socket name, "" when it offers none) and ``cma_token`` this
+    connection's token for it (cma.py).
     """
 
     version: int
@@ -229,6 +237,8 @@ class Welcome:
     slots: int
     inline_limit: int
     staging: int
+    cma: str = ""
+    cma_token: bytes = b""
 
 
 @attrs.frozen
@@ -334,6 +344,7 @@ class SliceRequest:
     length: int
     payload: bytes | None = None  # WRITE: the bytes themselves, for small slices
     inline: bool = False  # READ: answer with DATA instead of a tagged send
+    cma: bool = False  # answer with WHERE: the initiator copies directly (cma.py)
 
 
 @attrs.frozen
@@ -347,6 +358,9 @@ class ScatterRequest:
     bytes; READ: the table alone, sent by the reader after the header).  A WRITE
     small enough carries its bytes, gathered in stream order, in ``payload``
     (``table`` is then present); a READ with ``inline`` is answered with DATA.
+    With ``cma`` the bytes do not travel over UCX at all: the answer is WHERE
+    and the initiator copies directly (cma.py); only a table too big for the
+    header follows it, as a READ's does.
     """
 
     op: Op  # Op.WRITE or Op.READ
@@ -357,12 +371,13 @@ class ScatterRequest:
     table: bytes | None = None
     payload: bytes | None = None  # WRITE: the bytes themselves, for small slices
     inline: bool = False  # READ: answer with DATA instead of a tagged send
+    cma: bool = False  # answer with WHERE: the initiator copies directly (cma.py)
 
     @property
     def bulk_length(self) -> int:
         """Bytes of the bulk message that follows the header (0: none)."""
         table = 0 if self.table is not None else self.count * EXTENT_BYTES
-        if self.op is Op.WRITE:
+        if self.op is Op.WRITE and not self.cma:
             return 0 if self.payload is not None else table + self.total
         return table
 
@@ -392,6 +407,21 @@ class Error:
     request: int
     reason: str
     retry: bool = False
+
+
+@attrs.frozen
+class Where:
+    """The answer to a header with ``cma``: checked; copy directly, then say ``DONE``.
+
+    ``bases``: the address of each segment the header named, in its order (one
+    for a one-extent slice); ``until``: the server's ``time.monotonic()`` after
+    which the initiator must not start the copy (cma.py).
+    """
+
+    request: int
+    bases: tuple[int, ...]
+    until: float
+    away: int = 0  # as in :class:`Ack`
 
 
 @attrs.frozen
@@ -440,6 +470,7 @@ Message = (
     | Error
     | Data
     | Sent
+    | Where
 )
 
 
@@ -461,11 +492,12 @@ def encode(msg: Message) -> bytes:
             fields: list[Any] = [Op.WRITE, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.payload]
         else:
             fields = [Op.READ, msg.request, msg.segment, msg.sid, msg.offset, msg.length, msg.inline]
+        fields.append(msg.cma)
     elif isinstance(msg, ScatterRequest):
         segs = [[name, sid] for name, sid in msg.segments]
         last = msg.payload if msg.op is Op.WRITE else msg.inline
         code = Op.WRITEV if msg.op is Op.WRITE else Op.READV
-        fields = [code, msg.request, segs, msg.count, msg.total, msg.table, last]
+        fields = [code, msg.request, segs, msg.count, msg.total, msg.table, last, msg.cma]
     elif isinstance(msg, Ack):
         fields = [Op.ACK, msg.request, msg.away]
     elif isinstance(msg, Error):
@@ -474,6 +506,8 @@ def encode(msg: Message) -> bytes:
         fields = [Op.DATA, msg.request, msg.payload]
     elif isinstance(msg, Sent):
         fields = [Op.SENT, msg.request, msg.length, msg.tail, msg.away]
+    elif isinstance(msg, Where):
+        fields = [Op.WHERE, msg.request, list(msg.bases), float(msg.until), msg.away]
     elif isinstance(msg, Bind):
         fields = [Op.BIND, msg.request]
     elif isinstance(msg, Bound):
@@ -494,7 +528,7 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Welcome):
         fields = [Op.WELCOME, msg.version, msg.name, msg.host_id, msg.conn_id]
         fields += [[_rail(r) for r in msg.rails], [_segment(s) for s in msg.catalogue], msg.auth]
-        fields += [msg.slots, msg.inline_limit, msg.staging]
+        fields += [msg.slots, msg.inline_limit, msg.staging, msg.cma, msg.cma_token]
     elif isinstance(msg, Refused):
         fields = [Op.REFUSED, msg.reason]
     elif isinstance(msg, Lookup):
@@ -746,7 +780,9 @@ def _d_welcome(f: list[Any]) -> Welcome:
         raise VersionMismatch(
             f"the peer answered with protocol version {version}, expected {PROTOCOL_VERSION}", version
         )
-    _, _, name, host_id, conn_id, rails, catalogue, auth, slots, inline_limit, staging = _fields(f, "WELCOME", 11)
+    _, _, name, host_id, conn_id, rails, catalogue, auth, slots, inline_limit, staging, cma, token = _fields(
+        f, "WELCOME", 13
+    )
     return Welcome(
         version=version,
         name=_str(name, "engine name"),
@@ -758,6 +794,8 @@ def _d_welcome(f: list[Any]) -> Welcome:
         slots=_int(slots, "header slots", 1, MAX_SLOTS),
         inline_limit=_int(inline_limit, "inline limit", 0, MAX_INLINE),
         staging=_int(staging, "staging share", 1),
+        cma=_str(cma, "verification socket", 100, empty=True),
+        cma_token=_bytes(token, "verification token", (0, 16)),
     )
 
 
@@ -815,13 +853,16 @@ def _d_bound(f: list[Any]) -> Bound:
 
 
 def _d_write(f: list[Any]) -> SliceRequest:
-    _, request, segment, sid, offset, length, payload = _fields(f, "WRITE", 7)
+    _, request, segment, sid, offset, length, payload, cma = _fields(f, "WRITE", 8)
     length = _int(length, "length")
+    cma = _bool(cma, "cma")
     body = None
     if payload is not None:
         body = _bytes(payload, "payload")
         if len(body) != length:
             raise ProtocolError(f"WRITE announces {length} bytes but carries {len(body)}")
+        if cma:
+            raise ProtocolError("a WRITE with its bytes inline cannot ask for a direct copy too")
     return SliceRequest(
         op=Op.WRITE,
         request=_int(request, "request id"),
@@ -830,11 +871,15 @@ def _d_write(f: list[Any]) -> SliceRequest:
         offset=_int(offset, "offset"),
         length=length,
         payload=body,
+        cma=cma,
     )
 
 
 def _d_read(f: list[Any]) -> SliceRequest:
-    _, request, segment, sid, offset, length, inline = _fields(f, "READ", 7)
+    _, request, segment, sid, offset, length, inline, cma = _fields(f, "READ", 8)
+    inline, cma = _bool(inline, "inline"), _bool(cma, "cma")
+    if inline and cma:
+        raise ProtocolError("a READ cannot be answered inline and by a direct copy")
     return SliceRequest(
         op=Op.READ,
         request=_int(request, "request id"),
@@ -842,12 +887,14 @@ def _d_read(f: list[Any]) -> SliceRequest:
         sid=_int(sid, "segment id"),
         offset=_int(offset, "offset"),
         length=_int(length, "length"),
-        inline=_bool(inline, "inline"),
+        inline=inline,
+        cma=cma,
     )
 
 
 def _d_scatter(f: list[Any]) -> ScatterRequest:
-    code, request, segs, count, total, table, last = _fields(f, "WRITEV/READV", 7)
+    code, request, segs, count, total, table, last, cma = _fields(f, "WRITEV/READV", 8)
+    cma = _bool(cma, "cma")
     op = Op.WRITE if code == Op.WRITEV else Op.READ
     segments = []
     for entry in _list(segs, "segment table", MAX_SG_SEGMENTS):
@@ -873,6 +920,8 @@ def _d_scatter(f: list[Any]) -> ScatterRequest:
         inline = _bool(last, "inline")
         if inline and body is None:
             raise ProtocolError("an inline READV must carry its extent table")
+    if cma and (payload is not None or inline):
+        raise ProtocolError("a direct-copy extent list carries no bytes and is not answered inline")
     return ScatterRequest(
         op=op,
         request=_int(request, "request id"),
@@ -882,6 +931,7 @@ def _d_scatter(f: list[Any]) -> ScatterRequest:
         table=body,
         payload=payload,
         inline=inline,
+        cma=cma,
     )
 
 
@@ -911,6 +961,21 @@ def _d_sent(f: list[Any]) -> Sent:
     return Sent(request=_int(request, "request id"), length=length, tail=tail, away=_int(away, "away", hi=MAX_AWAY_US))
 
 
+def _d_where(f: list[Any]) -> Where:
+    _, request, bases, until, away = _fields(f, "WHERE", 5)
+    items = _list(bases, "segment addresses", MAX_SG_SEGMENTS)
+    if not items:
+        raise ProtocolError("WHERE must give at least one segment address")
+    if type(until) is not float or not 0.0 <= until < 1e12:
+        raise ProtocolError(f"WHERE's deadline must be a plausible monotonic time, got {until!r}")
+    return Where(
+        request=_int(request, "request id"),
+        bases=tuple(_int(b, "segment address", 1) for b in items),
+        until=until,
+        away=_int(away, "away", hi=MAX_AWAY_US),
+    )
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.CHALLENGE: _d_challenge,
     Op.HELLO: _d_hello,
@@ -934,6 +999,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Op.ERROR: _d_error,
     Op.DATA: _d_data,
     Op.SENT: _d_sent,
+    Op.WHERE: _d_where,
 }
 
 
@@ -992,4 +1058,4 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 
 
 CONTROL_TYPES: Final = (Challenge, Hello, Welcome, Refused, Lookup, LookedUp, Notify, Bye, Link, Linked, Unlink, Sealed)
-DATA_TYPES: Final = (Bind, Bound, SliceRequest, ScatterRequest, Ack, Error, Data, Sent)
+DATA_TYPES: Final = (Bind, Bound, SliceRequest, ScatterRequest, Ack, Error, Data, Sent, Where)

@@ -74,7 +74,7 @@ from ...core import Attempt
 from ...errors import ProtocolError, TentError
 from ...memory import Memory, copy_bytes, copy_extents
 from ...segments import RemoteSegment, Segment
-from . import _ucxx
+from . import _ucxx, cma
 from .protocol import (
     EXTENT_BYTES,
     KIND_DATA,
@@ -87,6 +87,7 @@ from .protocol import (
     Op,
     ScatterRequest,
     Sent,
+    Where,
     extents_allowed,
     make_tag,
     pack_table,
@@ -354,6 +355,7 @@ class Plan:
     """The initiator's side of one scatter-gather slice: its header, staging, and landing."""
 
     __slots__ = (
+        "cma",
         "count",
         "inline",
         "kind",
@@ -363,6 +365,8 @@ class Plan:
         "local_offsets",
         "pool",
         "remote",
+        "remote_index",
+        "remote_offsets",
         "reserved",
         "share",
         "staging",
@@ -371,7 +375,7 @@ class Plan:
         "total",
     )
 
-    def __init__(self, a: Attempt, peer: Any, inline_limit: int, pool: Staging) -> None:
+    def __init__(self, a: Attempt, peer: Any, inline_limit: int, pool: Staging, *, direct: bool = False) -> None:
         ext = a.extents
         assert ext is not None
         segs = ext.segments
@@ -430,10 +434,14 @@ class Plan:
         self.lengths = lengths
         self.count = n
         self.total = int(a.length)
+        self.remote_index = r_index
+        self.remote_offsets = r_off
         self.table = pack_table(r_index, r_off, lengths)
         self.table_inline = len(self.table) <= inline_limit
         host = all(getattr(segs[i], "kind", "host") == "host" for i in r_used)  # the peer's side: host memory
         self.inline = host and self.table_inline and self.total + len(self.table) <= inline_limit
+        # ``direct``: the link may copy directly (cma.py); host memory on both sides, and not inline
+        self.cma = direct and host and not self.inline and not any(m.is_cuda for m in local)
         self.pool = pool
         self.staging: Array | None = None
         self.share: StagingShare | None = None  # the peer staging it holds (flow control) ...
@@ -445,7 +453,8 @@ class Plan:
         its table and bytes (READ), exact (the pool's rounding up is not counted); 0 when inline."""
         if self.inline:
             return 0
-        return (0 if self.table_inline else self.count * EXTENT_BYTES) + self.total
+        table = 0 if self.table_inline else self.count * EXTENT_BYTES
+        return table if self.cma else table + self.total
 
     def _gathered(self, prefix: bytes = b"") -> Array:
         buf = self.pool.take(len(prefix) + self.total)
@@ -456,6 +465,8 @@ class Plan:
 
     def header(self, request: int) -> ScatterRequest:
         table = self.table if self.table_inline else None
+        if self.cma:
+            return ScatterRequest(self.kind, request, self.remote, self.count, self.total, table, cma=True)
         if self.kind is Op.READ:
             return ScatterRequest(Op.READ, request, self.remote, self.count, self.total, table, inline=self.inline)
         payload = None
@@ -466,8 +477,8 @@ class Plan:
         return ScatterRequest(Op.WRITE, request, self.remote, self.count, self.total, table, payload)
 
     def bulk(self) -> Array | None:
-        """The message to send after the header (WRITE: [table] + bytes; READ: a table too big for it)."""
-        if self.kind is Op.WRITE:
+        """The message to send after the header (WRITE: [table] + bytes; READ and direct: a table too big for it)."""
+        if self.kind is Op.WRITE and not self.cma:
             if self.inline:
                 return None
             self.staging = self._gathered(b"" if self.table_inline else self.table)
@@ -475,6 +486,15 @@ class Plan:
         if self.table_inline:
             return None
         return np.frombuffer(self.table, dtype=np.uint8)
+
+    def direct(self, bases: Sequence[int]) -> tuple[Array, Array, Array]:
+        """The extents as ``(our addresses, the peer's, lengths)``, the peer's segments at ``bases`` (WHERE)."""
+        ours = np.fromiter((cma.address(m.array) for m in self.local), dtype=np.uint64, count=len(self.local))
+        theirs = np.asarray(bases, dtype=np.uint64)
+        lengths = self.lengths.astype(np.uint64)
+        local = ours[self.local_index] + self.local_offsets.astype(np.uint64)
+        remote = theirs[self.remote_index] + self.remote_offsets.astype(np.uint64)
+        return local, remote, lengths
 
     def landing(self) -> Array:
         """A large READ's receive buffer (host staging), its last bytes random (the tail check)."""
@@ -604,7 +624,7 @@ class ServingLink(Protocol):
     def closed(self) -> bool: ...
     @property
     def label(self) -> str: ...
-    def reply(self, msg: Ack | Data | Sent) -> None: ...
+    def reply(self, msg: Ack | Data | Sent | Where) -> None: ...
     def refuse(self, request: int, reason: str, *, retry: bool = False) -> None: ...
     def away_since(self, mark: float) -> int: ...
     def take_stashed(self, request: int) -> tuple[Any, int] | None: ...
@@ -622,6 +642,9 @@ class Serving(Protocol):
     @property
     def segment_ops(self) -> collections.Counter[str]: ...
     def registration(self, name: str) -> tuple[Segment, int] | None: ...
+    def answer_direct(
+        self, link: Any, request: int, segs: Sequence[Segment], op: Op, nbytes: int, mark: float
+    ) -> None: ...
 
 
 def _resolve(server: Serving, link: ServingLink, msg: ScatterRequest) -> tuple[list[Segment], str]:
@@ -653,6 +676,8 @@ def _resolve(server: Serving, link: ServingLink, msg: ScatterRequest) -> tuple[l
         )
     if inline and any(seg.memory.is_cuda for seg in segs):  # as on the one-extent path: no GPU copy on the loop
         return [], "inline slices are for host memory; this slice touches GPU memory"
+    if msg.cma and any(seg.memory.is_cuda for seg in segs):
+        return [], "direct copies are for host memory; this slice touches GPU memory"
     if link.in_flight >= len(link.slots):
         site.stats["protocol_errors"] += 1
         return [], f"more than {len(link.slots)} slices in flight on this link"
@@ -760,13 +785,21 @@ class _Served:
         gather(self.mems(), *self.extents, out)
 
 
+def staging_need(msg: ScatterRequest) -> int:
+    """The staging a header takes on the server: its bulk message (a WRITE's, or a direct copy's
+    table) or a READ's table and bytes; 0 when the bytes travel inline."""
+    table = 0 if msg.table is not None else msg.count * EXTENT_BYTES
+    if msg.op is Op.WRITE or msg.cma:
+        return msg.bulk_length
+    return table + (0 if msg.inline else msg.total)
+
+
 def serve(server: Serving, link: ServingLink, msg: ScatterRequest) -> None:
     """Serve a WRITEV/READV header: check it all, then move bytes (see the module docstring)."""
     stats = server.site.stats
     segs, reason = _resolve(server, link, msg)
     bulk = msg.bulk_length
-    table_bytes = 0 if msg.table is not None else msg.count * EXTENT_BYTES
-    need = bulk if msg.op is Op.WRITE else table_bytes + (0 if msg.inline else msg.total)
+    need = staging_need(msg)
     served = _Served(server, link, msg, segs)
     busy = False  # refused for want of staging: the server's load, not the slice's fault
     if not reason and need:
@@ -792,6 +825,9 @@ def serve(server: Serving, link: ServingLink, msg: ScatterRequest) -> None:
         served.release()
         if bulk:
             link.drain(msg)
+        return
+    if msg.cma and not bulk:
+        _direct(served)
         return
     if msg.op is Op.WRITE and msg.payload is not None:
         served.write(np.frombuffer(msg.payload, dtype=np.uint8))
@@ -897,6 +933,10 @@ def _received(served: _Served) -> Callable[[BaseException | None], None]:
             if not served.checked():
                 served.end()
                 return
+        if msg.cma:
+            served.end()
+            _direct(served)
+            return
         if msg.op is Op.WRITE:
             served.write(buf[offset : offset + msg.total])
             served.end()
@@ -904,6 +944,14 @@ def _received(served: _Served) -> Callable[[BaseException | None], None]:
         _send(served)
 
     return done
+
+
+def _direct(served: _Served) -> None:
+    """A checked direct-copy extent list: WHERE, the segments busy until DONE (Server.answer_direct)."""
+    served.release()
+    served.count()
+    msg = served.msg
+    served.server.answer_direct(served.link, msg.request, served.segs, msg.op, msg.total, served.mark)
 
 
 def _send(served: _Served) -> None:

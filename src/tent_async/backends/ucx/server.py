@@ -33,19 +33,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
 import os
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ...errors import PeerClosedError, ProtocolError
 from ...segments import Segment
-from . import _ucxx, scatter
+from . import _ucxx, cma, scatter
 from .channel import MAX_PARKED_PER_KEY, Channel, MessageTruncated
 from .control import (
     MAX_WRITE_BUFFER,
@@ -93,6 +95,7 @@ from .protocol import (
     Unlink,
     VersionMismatch,
     Welcome,
+    Where,
     clip_reason,
     encode,
     make_tag,
@@ -112,6 +115,7 @@ LINK_BURST = 64  # LINKs a client may send at once (one per rail at connect, one
 LINK_RATE = 8.0  # ... and per second after that; faster is a protocol violation
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
 MAX_REPLIES_OUT_PER_SLOT = 2  # replies still going out per header slot of a link; more drops the client
+MAX_DIRECT_PER_SLOT = 4  # direct copies answered and not yet DONE, per header slot of a link; more drops the client
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
 STASH_BYTES = 256 << 20  # ... and per engine (past it the connection holding the most is dropped) ...
@@ -172,6 +176,7 @@ class Connection:
         self.links: dict[str, ServerLink] = {}  # our rail name -> link
         self.closed = False
         self.stashed = 0  # early WRITE bytes its links keep for their headers (ServerLink.stash)
+        self.cma_pid: int | None = None  # set once it proved it shares our host and user (cma.py)
         self.evicting = 0  # being dropped to make room in the stash: what it held then (Server.stash_evicting)
 
     def send(self, msg: Message) -> None:
@@ -202,6 +207,7 @@ class ServerLink:
         self.ns = rail.claim_namespace(self)
         self.drains = 0
         self.in_flight = 0  # slices whose receive or send is posted on this link
+        self.direct_open = 0  # direct copies answered with WHERE, their DONE not yet received
         self.replies_out = 0  # replies still going out to the client (reply) ...
         self.max_replies_out = MAX_REPLIES_OUT_PER_SLOT * server.slots  # ... and past which it is dropped
         # request index -> (probe, length, bytes UCX holds for it, when)
@@ -263,7 +269,7 @@ class ServerLink:
             if not delayed:
                 self.arm(slot)
 
-    def reply(self, msg: Ack | Bound | Data | Error | Sent) -> None:
+    def reply(self, msg: Ack | Bound | Data | Error | Sent | Where) -> None:
         """The one reply to a header, into the receive the client posted for its request.
 
         A reply that cannot go out yet (the client's socket is full) is held, bytes and all,
@@ -465,6 +471,7 @@ class Server:
         self.stash_evicting = 0  # ... of those, held by connections being dropped to make room
         self.evicting_by_source: collections.Counter[str] = collections.Counter()
         self.trimmer = HeapTrimmer(asyncio.get_running_loop())
+        self.verifier = cma.Verifier()  # direct copies for clients on this host (cma.py); started by start()
 
     # ============================================================ catalogue
 
@@ -496,6 +503,8 @@ class Server:
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._accept_control, host, port)
         sock = self._server.sockets[0]
+        if self.site.cma:
+            await self.verifier.start()
         return int(sock.getsockname()[1])
 
     def loop_soon(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -601,12 +610,20 @@ class Server:
             # A random suffix, not the connection id: a client that could predict the label could
             # take it as its own name first and pass its notifications off as the other's.
             conn.label = f"{conn.name}#{secrets.token_hex(4)}"
-        conn.send(self._welcome(conn_id))
+        cma_token = b""
+        if self.verifier.name and hello.host_id == site.host_id:  # it says it is on this host: let it prove it
+            cma_token = self.verifier.grant(conn_id, functools.partial(self._verified, conn))
+        conn.send(self._welcome(conn_id, cma_token))
         self.connections[conn_id] = conn
         self.log.info("connected", "engine %r: %s connected (connection %d)", site.engine_name, who, conn_id)
         return conn
 
-    def _welcome(self, conn_id: int) -> Welcome:
+    def _verified(self, conn: Connection, pid: int) -> None:
+        if not conn.closed:
+            conn.cma_pid = pid
+            self.log.info("cma", "engine %r: %r (pid %d) copies directly", self.site.engine_name, conn.name, pid)
+
+    def _welcome(self, conn_id: int, cma_token: bytes = b"") -> Welcome:
         """WELCOME, with as much of the catalogue as fits in what a client reads before it trusts us."""
         site = self.site
         catalogue = self.catalogue()
@@ -622,6 +639,8 @@ class Server:
                 slots=self.slots,
                 inline_limit=site.inline_limit,
                 staging=scatter.share(),
+                cma=self.verifier.name if cma_token else "",
+                cma_token=cma_token,
             )
             # Sealing adds the 16-byte GCM tag and the SEALED wrapper's few bytes: 64 cover both.
             if not catalogue or len(encode(welcome)) + 64 <= MAX_WELCOME_FRAME:
@@ -828,6 +847,7 @@ class Server:
             return
         conn.closed = True
         self.connections.pop(conn.conn_id, None)
+        self.verifier.revoke(conn.conn_id)
         for link in list(conn.links.values()):
             self.close_link(link, reason, tell=False)
         conn.links.clear()
@@ -867,6 +887,8 @@ class Server:
         inline = msg.payload is not None or msg.inline
         if inline and (seg.memory.is_cuda or msg.length > self.site.inline_limit):
             return None, f"inline slices are for host memory up to {self.site.inline_limit} bytes"
+        if msg.cma and seg.memory.is_cuda:
+            return None, "direct copies are for host memory; this segment is GPU memory"
         return seg, ""
 
     def serve(self, link: ServerLink, msg: SliceRequest) -> None:
@@ -897,6 +919,9 @@ class Server:
             link.refuse(msg.request, reason)
             if msg.op is Op.WRITE and msg.payload is None:
                 self._drain(link, msg)
+            return
+        if msg.cma:
+            self.answer_direct(link, msg.request, [seg], msg.op, msg.length, mark)
             return
         view = seg.memory.array[msg.offset : msg.offset + msg.length]
         if msg.op is Op.WRITE:
@@ -938,6 +963,57 @@ class Server:
             link.refuse(msg.request, f"cannot send: {_ucxx.describe_error(exc)}")
             return
         ch.keep(req, (view, seg), self._after_send(link, seg, msg, mark), send=True)
+
+    def answer_direct(
+        self, link: ServerLink, request: int, segs: Sequence[Segment], op: Op, nbytes: int, mark: float
+    ) -> None:
+        """Answer a checked direct-copy header with WHERE; ``segs`` stay busy until its DONE (cma.py).
+
+        A link whose DONE receives are cancelled (it closed) keeps them busy until
+        WHERE's deadline plus ``cma.MARGIN``: the client may have started its copy
+        just before.  A client with more than ``MAX_DIRECT_PER_SLOT`` per header
+        slot unanswered does not send its DONEs: its connection is dropped.
+        """
+        stats = self.site.stats
+        if link.conn.cma_pid is None:
+            stats["protocol_errors"] += 1
+            link.violation(f"{link.label}: a direct copy asked for by a client that did not prove it shares our host")
+            return
+        if link.direct_open >= MAX_DIRECT_PER_SLOT * len(link.slots):
+            stats["protocol_errors"] += 1
+            link.violation(f"{link.label}: {link.direct_open} direct copies and no DONE for them")
+            return
+        until = time.monotonic() + cma.VALID_FOR
+        try:
+            req = link.channel.tag_recv(self._tiny, make_tag(link.ns, KIND_DATA, request))
+        except Exception as exc:
+            link.refuse(request, f"cannot receive: {_ucxx.describe_error(exc)}")
+            return
+        ops = self.segment_ops
+        for seg in segs:
+            ops[seg.name] += 1
+        link.direct_open += 1
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            for seg in segs:
+                ops[seg.name] -= 1
+                if ops[seg.name] <= 0:
+                    del ops[seg.name]
+
+        def done(error: BaseException | None) -> None:
+            link.direct_open -= 1
+            if error is None:
+                stats["served_write" if op is Op.WRITE else "served_read"] += 1
+                stats["bytes_written" if op is Op.WRITE else "bytes_read"] += nbytes
+                release()
+            else:  # the link closed (or a wrong message): the client's copy may still be running
+                loop.call_later(max(0.0, until + cma.MARGIN - time.monotonic()), release)
+
+        link.channel.keep(req, self._tiny, done)
+        stats["cma_slices"] += 1
+        bases = tuple(cma.address(seg.memory.array) for seg in segs)
+        link.reply(Where(request=request, bases=bases, until=until, away=link.away_since(mark)))
 
     def _begin(self, link: ServerLink, seg: Segment) -> None:
         link.in_flight += 1
@@ -1008,6 +1084,7 @@ class Server:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
+        await self.verifier.aclose()
         for conn in list(self.connections.values()):
             with contextlib.suppress(PeerClosedError):
                 conn.send(Bye(reason="engine closing"))

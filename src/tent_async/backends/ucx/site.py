@@ -52,6 +52,7 @@ class Site:
     withdraw_grace: float  # least seconds a withdrawn slice may take before its link is fenced
     inline_limit: int  # our inline limit (a peer's is the smaller of both)
     max_request: int  # largest slice a peer may ask us to serve
+    cma: bool = True  # copy directly to and from peers on this host that prove it (cma.py)
 
     def rail_ads(self) -> tuple[RailAd, ...]:
         """Our rails with their UCX worker addresses (sent only in WELCOME, after authentication)."""

@@ -1,0 +1,291 @@
+"""Direct copies between two engines on one host (cma.py): byte-exact, verified, fenced, bounded.
+
+The copy and the verification are checked in one process (a process may
+copy from and to itself); the engine path with two processes over a
+shared-memory rail: contiguous and extent-list WRITEs and READs land exactly,
+the server counts them as direct, ``cma=False`` keeps them on UCX, a header
+asking for a direct copy from a client that did not prove it shares the host
+drops its connection, an extent list outside its segment is refused before
+any address is given, and a segment stays busy until the initiator's DONE
+(or, when the link closes first, until WHERE's deadline and the margin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from test_scatter import Rogue, blocks, copied
+
+import tent_async as tent
+from conftest import PeerProcess, requires_ucxx
+from tent_async.backends.ucx import cma
+from tent_async.backends.ucx import protocol as p
+from tent_async.backends.ucx.peer import OP_SENT, OP_WITHDRAWING, Link, _Op
+
+MiB = 1 << 20
+KV = 8 * MiB
+SHM = [{"name": "shm", "device": "shm"}]
+SEGMENTS = [{"name": "kv", "size": KV, "seed": 1}, {"name": "ro", "size": MiB, "seed": 2, "permission": "r"}]
+
+needs_cma = pytest.mark.skipif(not cma.available(), reason="no process_vm_readv here (Linux only)")
+
+
+def pattern(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+def digest(buf: np.ndarray) -> str:
+    return hashlib.sha256(buf.tobytes()).hexdigest()
+
+
+# ============================================================ in one process
+
+
+@needs_cma
+def test_copy_moves_scattered_pieces_both_ways_past_one_calls_iovec_limit() -> None:
+    rng = np.random.default_rng(3)
+    src, dst = pattern(5, 1 << 20), np.zeros(1 << 20, dtype=np.uint8)
+    n = 3 * cma.IOV_BATCH + 17  # four calls
+    order = rng.permutation(n)
+    lengths = np.full(n, 256, dtype=np.uint64)
+    local = cma.address(src) + (np.arange(n, dtype=np.uint64) * 256)
+    remote = cma.address(dst) + order.astype(np.uint64) * 256
+    cma.copy(os.getpid(), local, remote, lengths, write=True)
+    want = np.zeros_like(dst)
+    want.reshape(-1, 256)[order] = src[: n * 256].reshape(n, 256)
+    assert np.array_equal(dst, want)
+    back = np.zeros_like(src)
+    cma.copy(os.getpid(), cma.address(back) + np.arange(n, dtype=np.uint64) * 256, remote, lengths, write=False)
+    assert np.array_equal(back[: n * 256], src[: n * 256])
+
+
+@needs_cma
+def test_copy_refuses_loudly_when_the_kernel_copies_less() -> None:
+    buf = np.zeros(64, dtype=np.uint8)
+    with pytest.raises(cma.CmaError, match="failed"):
+        cma.copy(os.getpid(), np.array([cma.address(buf)]), np.array([8]), np.array([64]), write=False)
+
+
+@needs_cma
+@pytest.mark.anyio
+async def test_verification_proves_host_and_user_once_per_token() -> None:
+    verifier = cma.Verifier()
+    assert await verifier.start()
+    try:
+        seen: list[int] = []
+        token = verifier.grant(7, seen.append)
+        assert await cma.verify(verifier.name, 7, token) == os.getpid()
+        assert seen == [os.getpid()]
+        with pytest.raises(cma.CmaError):  # used up: one attempt per grant
+            await cma.verify(verifier.name, 7, token, limit=1.0)
+        other = verifier.grant(8, seen.append)
+        with pytest.raises(cma.CmaError):  # a wrong token
+            await cma.verify(verifier.name, 8, bytes(16), limit=1.0)
+        with pytest.raises(cma.CmaError):  # ... and the right one after it: the grant is gone
+            await cma.verify(verifier.name, 8, other, limit=1.0)
+        verifier.revoke(9)
+        with pytest.raises(cma.CmaError):  # never granted
+            await cma.verify(verifier.name, 9, bytes(16), limit=1.0)
+        assert seen == [os.getpid()]
+        assert verifier.refused == 4
+    finally:
+        await verifier.aclose()
+    with pytest.raises(cma.CmaError, match="not reachable"):
+        await cma.verify("tent-ucx-nobody-listens-here", 1, bytes(16), limit=1.0)
+
+
+def _link_for_copies(pid: int | None) -> tuple[Link, list[str]]:
+    """A Link with just what _copy uses: its peer (pid, turning copies off) and its name."""
+    link = Link.__new__(Link)
+    off: list[str] = []
+    link.peer = SimpleNamespace(cma_pid=pid, name="decode-0", cma_off=off.append)  # type: ignore[assignment]
+    link.name = "shm"
+    link.peer_ns = 1
+    return link, off
+
+
+@needs_cma
+def test_the_initiator_copies_only_while_the_slice_is_live_and_before_the_deadline() -> None:
+    """Fencing: a slice withdrawn before its WHERE, or whose WHERE is late, copies nothing."""
+    there = np.zeros(4096, dtype=np.uint8)
+    mine = pattern(9, 4096)
+    src = SimpleNamespace(memory=SimpleNamespace(array=mine))
+    attempt = SimpleNamespace(id=1, src=src, dst=None, src_offset=0, dst_offset=0, length=4096)
+    link, off = _link_for_copies(os.getpid())
+
+    def where(until: float) -> p.Where:
+        return p.Where(request=1, bases=(cma.address(there),), until=until)
+
+    op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
+    op.state, op.cma = OP_WITHDRAWING, True
+    link._copy(op, where(time.monotonic() + 10))
+    assert not op.data_ok and op.error is None and not there.any()  # withdrawn: nothing moved
+
+    op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
+    op.state, op.cma = OP_SENT, True
+    link._copy(op, where(time.monotonic() - 0.001))
+    assert not op.data_ok and op.error is not None and "deadline" in op.error and not there.any()
+
+    op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
+    op.state, op.cma = OP_SENT, True
+    link._copy(op, where(time.monotonic() + 10))
+    assert op.data_ok and np.array_equal(there, mine)
+
+    op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
+    op.state, op.cma = OP_SENT, True
+    link._copy(op, p.Where(request=1, bases=(8,), until=time.monotonic() + 10))  # the kernel refuses
+    assert not op.data_ok and op.error is not None and off  # later slices to this peer go over UCX
+
+
+# ============================================================ two processes
+
+
+async def _engine(server: PeerProcess, **options: Any) -> tuple[tent.Engine, Any]:
+    engine = tent.Engine(backend="ucx", name="prefill-0", rails=[tent.RailSpec(**SHM[0])], **options)
+    await engine.__aenter__()
+    with anyio.fail_after(30):
+        peer = await engine.connect(server.address)
+    return engine, peer
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@needs_cma
+@pytest.mark.parametrize("direct", [True, False])
+async def test_shared_memory_slices_copy_directly_byte_exact_and_not_with_cma_false(
+    spawn_peer: Any, direct: bool
+) -> None:
+    server = spawn_peer(name="decode-0", rails=SHM, segments=SEGMENTS)
+    before = server.cmd(cmd="stats")["stats"]
+    engine, peer = await _engine(server, cma=direct)
+    try:
+        assert peer.cma_pid == (server.proc.pid if direct else None)
+        kv = await peer.segment("kv")
+        src = pattern(11, KV)
+        local = engine.register(src, name="src")
+        with anyio.fail_after(60):
+            await engine.transfer(local[:], kv[:])  # contiguous: slices of one extent
+        assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(src)
+        rng = np.random.default_rng(4)
+        expected = src.copy()
+        for n, size in ((256, 16384), (3000, 512)):  # the second's tables go after the header
+            s_off, d_off, lengths = blocks(rng, n, lambda n, size=size: np.full(n, size), KV)
+            with anyio.fail_after(60):
+                await engine.transfer_blocks(local, s_off, kv, d_off, lengths)
+            expected = copied(expected, src, s_off, d_off, lengths)
+            assert server.cmd(cmd="digest", segment="kv")["digest"] == digest(expected)
+            back = np.zeros(KV, dtype=np.uint8)
+            sink = engine.register(back, name=f"sink{n}")
+            with anyio.fail_after(60):
+                await engine.transfer_blocks(kv, d_off, sink, s_off, lengths)
+            assert np.array_equal(back, copied(np.zeros(KV, dtype=np.uint8), expected, d_off, s_off, lengths))
+        whole = np.zeros(KV, dtype=np.uint8)
+        with anyio.fail_after(60):
+            await engine.transfer(kv[:], engine.register(whole, name="whole")[:])
+        assert np.array_equal(whole, expected)
+    finally:
+        await engine.__aexit__(None, None, None)
+    after = server.cmd(cmd="stats")["stats"]
+    direct_slices = after.get("cma_slices", 0) - before.get("cma_slices", 0)
+    assert (direct_slices > 0) is direct
+    assert after.get("rejected", 0) == before.get("rejected", 0)
+    assert after.get("protocol_errors", 0) == before.get("protocol_errors", 0)
+
+
+async def _rogue(server: PeerProcess, **options: Any) -> tuple[tent.Engine, Rogue, int]:
+    engine, peer = await _engine(server, **options)
+    return engine, Rogue(engine, peer), (await peer.segment("kv")).sid
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+async def test_a_direct_copy_asked_for_by_an_unverified_client_drops_it(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", rails=SHM, segments=SEGMENTS)
+    before = server.cmd(cmd="stats")["stats"]
+    engine, rogue, sid = await _rogue(server, cma=False)  # never proved it shares the host
+    try:
+        reply = await rogue.send(p.encode(p.SliceRequest(p.Op.WRITE, 0, "kv", sid, 0, MiB, cma=True)), wait=2.0)
+        assert not isinstance(reply, p.Where)
+        for _ in range(200):
+            if rogue.peer.closed:
+                break
+            await anyio.sleep(0.01)
+        assert rogue.peer.closed
+    finally:
+        await engine.__aexit__(None, None, None)
+    after = server.cmd(cmd="stats")["stats"]
+    assert after["protocol_errors"] > before.get("protocol_errors", 0)
+    assert after.get("cma_slices", 0) == before.get("cma_slices", 0)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@needs_cma
+async def test_direct_copies_are_checked_like_any_slice_before_an_address_is_given(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", rails=SHM, segments=SEGMENTS)
+    engine, rogue, sid = await _rogue(server)
+    try:
+        ro = (await rogue.peer.segment("ro")).sid
+        kv = ("kv", sid)
+        table = p.pack_table([0, 0], [0, KV - 100], [4096, 4096])  # the second reaches past the end
+        refused = {
+            "outside": p.ScatterRequest(p.Op.WRITE, 0, (kv,), 2, 8192, table, cma=True),
+            "read-only": p.encode(p.SliceRequest(p.Op.WRITE, 0, "ro", ro, 0, 4096, cma=True)),
+            "past the end": p.encode(p.SliceRequest(p.Op.READ, 0, "kv", sid, KV - 10, 4096, cma=True)),
+        }
+        for what, header in refused.items():
+            reply = await rogue.send(header)
+            assert isinstance(reply, p.Error), (what, reply)
+        reply = await rogue.send(p.encode(p.SliceRequest(p.Op.READ, 0, "kv", sid, 0, 4096, cma=True)))
+        assert isinstance(reply, p.Where) and len(reply.bases) == 1 and reply.until > time.monotonic()
+    finally:
+        await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@needs_cma
+async def test_a_segment_stays_busy_until_done_or_the_deadline_after_its_link_closed(spawn_peer: Any) -> None:
+    server = spawn_peer(name="decode-0", rails=SHM, segments=SEGMENTS)
+    engine, rogue, sid = await _rogue(server)
+    try:
+        reply = await rogue.send(p.encode(p.SliceRequest(p.Op.WRITE, 0, "kv", sid, 0, 4096, cma=True)))
+        assert isinstance(reply, p.Where)
+        with pytest.raises(RuntimeError, match="in flight"):  # answered: the client may be copying now
+            server.cmd(cmd="unregister", segment="kv")
+        link = rogue.link
+        done = np.ones(1, dtype=np.uint8)
+        ch = link.channel
+        ch.keep(ch.tag_send(done, p.make_tag(link.peer_ns, p.KIND_DATA, reply.request)), done, None, send=True)
+        for _ in range(200):
+            try:
+                server.cmd(cmd="unregister", segment="kv")
+                break
+            except RuntimeError:
+                await anyio.sleep(0.01)
+        else:
+            pytest.fail("DONE did not free the segment")
+        server.cmd(cmd="register", segment="kv", size=KV, seed=1)
+        sid = (await rogue.peer.segment("kv", refresh=True)).sid
+        reply = await rogue.send(p.encode(p.SliceRequest(p.Op.WRITE, 0, "kv", sid, 0, 4096, cma=True)))
+        assert isinstance(reply, p.Where)
+        link.close("test: the link closes before DONE", tell=True)
+        await asyncio.sleep(0.3)
+        with pytest.raises(RuntimeError, match="in flight"):  # the copy could still be under way
+            server.cmd(cmd="unregister", segment="kv")
+        await anyio.sleep(max(0.0, reply.until + cma.MARGIN - time.monotonic()) + 0.3)
+        server.cmd(cmd="unregister", segment="kv")  # then it is free
+    finally:
+        await engine.__aexit__(None, None, None)
