@@ -442,3 +442,34 @@ def test_tables_that_are_no_grid_have_none() -> None:
     grid = ext.block_grid()
     assert grid is not None and grid.src_rows is not None and grid.dst_rows is not None
     assert ext.block_grid() is grid
+
+
+def _rows(ext: Extents) -> list[tuple[object, int, object, int, int]]:
+    return [(s, so, d, do, n) for s, so, d, do, n in ext.window(0, ext.total)]
+
+
+@given(piece_lists(), st.sampled_from(["src", "dst"]))
+def test_in_order_of_a_side_moves_the_same_blocks_in_that_sides_address_order(pieces: list[Piece], side: str) -> None:
+    """Backend.remote_order: any order moves a batch's bytes; the one asked for is the side's."""
+    ext = Extents.from_pieces(pieces)
+    if not len(ext):
+        return
+    ordered = ext.in_order_of(side)
+    assert sorted(_rows(ordered), key=repr) == sorted(_rows(ext), key=repr)
+    seg = ordered.src_seg if side == "src" else ordered.dst_seg
+    off = ordered.src_off if side == "src" else ordered.dst_off
+    keys = list(zip(np.broadcast_to(seg, off.shape).tolist(), off.tolist(), strict=True))
+    assert keys == sorted(keys)
+    assert ordered.in_order_of(side) is ordered  # in order already: the same list back
+
+
+def test_in_order_of_a_block_table_makes_the_sides_runs_one_extent() -> None:
+    n, block = 64, 4096
+    perm = np.random.default_rng(5).permutation(n).astype(np.int64) * block
+    ext = Extents.between("pool", perm, "peer", np.arange(n, dtype=np.int64) * block, block)
+    assert ext.in_order_of("dst") is ext
+    ordered = ext.in_order_of("src")
+    assert ordered.src_off.tolist() == list(range(0, n * block, block))
+    assert len(ordered.coalesced()) == n  # the other side is permuted: nothing continues on both
+    with pytest.raises(ValueError, match="side"):
+        ext.in_order_of("remote")

@@ -81,6 +81,18 @@ def _note_size(note: Notification) -> int:
     return 4 * len(note.message) + 64  # at most 4 bytes a character, and the object around it
 
 
+def _in_remote_order(ext: Extents) -> Extents:
+    """``ext`` ordered by its peer side when exactly one side is a peer's (Backend.remote_order)."""
+    remote = [isinstance(seg, SegmentBase) and seg.is_remote for seg in ext.segments]
+    src_remote = {remote[s] for s, _d in ext.seg_pairs()}
+    dst_remote = {remote[d] for _s, d in ext.seg_pairs()}
+    if dst_remote == {True} and src_remote == {False}:
+        return ext.in_order_of("dst")
+    if src_remote == {True} and dst_remote == {False}:
+        return ext.in_order_of("src")
+    return ext
+
+
 event_logger = logging.getLogger("tent_async.rails")
 
 # A notification travels in one control message; the ucx protocol refuses longer text
@@ -768,6 +780,8 @@ class Engine:
         return self._submit_extents(planner, ext, notify, prio)
 
     def _submit_extents(self, planner: Planner, ext: Extents, notify: str | None, prio: Priority) -> TransferHandle:
+        if self._backend.remote_order and len(ext) > 1:
+            ext = _in_remote_order(ext)
         merged = ext.coalesced()
         # The same bytes either way (a merged run is its blocks, end to end): check the
         # merged runs when merging shrank the list, else the blocks as given, whose one

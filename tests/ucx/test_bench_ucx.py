@@ -87,3 +87,15 @@ def test_the_kv_bound_adds_each_sides_copy_to_the_contiguous_time() -> None:
     assert copy_bound(1e-3, 3e-3) == 0.25
     gather_s, scatter_s = copy_times(16384, size=1 << 20, rounds=1)
     assert gather_s > 0.0 and scatter_s > 0.0
+
+
+def test_the_direct_copy_bound_swaps_the_contiguous_copy_for_the_blocks() -> None:
+    from tent_async.backends.ucx import cma
+    from tent_async.bench.ucx import cma_bound, cma_times
+
+    assert cma_bound(4e-3, 2e-3, 2e-3) == 1.0
+    assert cma_bound(4e-3, 2e-3, 6e-3) == 0.5
+    assert cma_bound(1e-3, 3e-3, 1e-3) == 1.0  # a copy "longer" than the transfer: the transfer was all copy
+    if cma.available():
+        whole, wrote, read = cma_times(16384, size=1 << 20, rounds=1)
+        assert whole > 0.0 and wrote > 0.0 and read > 0.0

@@ -238,9 +238,8 @@ async def test_direct_copies_are_checked_like_any_slice_before_an_address_is_giv
     try:
         ro = (await rogue.peer.segment("ro")).sid
         kv = ("kv", sid)
-        table = p.pack_table([0, 0], [0, KV - 100], [4096, 4096])  # the second reaches past the end
-        refused = {
-            "outside": p.ScatterRequest(p.Op.WRITE, 0, (kv,), 2, 8192, table, cma=True),
+        refused = {  # the furthest extent of the slice ends past the segment's end
+            "outside": p.ScatterRequest(p.Op.WRITE, 0, (kv,), 2, 8192, cma=True, reach=(KV + 3996,)),
             "read-only": p.encode(p.SliceRequest(p.Op.WRITE, 0, "ro", ro, 0, 4096, cma=True)),
             "past the end": p.encode(p.SliceRequest(p.Op.READ, 0, "kv", sid, KV - 10, 4096, cma=True)),
         }

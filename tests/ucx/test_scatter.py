@@ -88,27 +88,34 @@ def test_malformed_extent_lists_are_refused_by_the_codec() -> None:
     w = int(p.Op.WRITEV)
     segs = [["kv", 1]]
     good = p.pack_table([0], [0], [10])
-    p.decode(_raw([w, 1, segs, 1, 10, good, None, False]))
+    p.decode(_raw([w, 1, segs, 1, 10, good, None, False, []]))
+    direct = p.ScatterRequest(p.Op.READ, 3, (("kv", 1), ("x", 2)), 7, 70, cma=True, reach=(64, 1 << 40))
+    assert p.decode(p.encode(direct)) == direct
     cases = {
-        "index": _raw([w, 1, segs, 1, 10, p.pack_table([1], [0], [10]), None, False]),  # segment 1 of a table of 1
-        "empty extent": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [10, 0]), None, False]),
-        "add up": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [6, 6]), None, False]),
+        "index": _raw([w, 1, segs, 1, 10, p.pack_table([1], [0], [10]), None, False, []]),  # segment 1 of a table of 1
+        "empty extent": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [10, 0]), None, False, []]),
+        "add up": _raw([w, 1, segs, 2, 10, p.pack_table([0, 0], [0, 5], [6, 6]), None, False, []]),
         # sums to 2 mod 2^64
-        "wrap": _raw([w, 1, segs, 2, 2, p.pack_table([0, 0], [0, 0], [2**64 - 1, 3]), None, False]),
-        "huge length": _raw([w, 1, segs, 1, 2**63, p.pack_table([0], [0], [2**63]), None, False]),
-        "huge offset": _raw([w, 1, segs, 1, 10, p.pack_table([0], [2**64 - 5], [10]), None, False]),
-        "table size": _raw([w, 1, segs, 2, 10, good, None, False]),
-        "carries": _raw([w, 1, segs, 1, 10, good, b"abc", False]),
-        "no segments": _raw([w, 1, [], 1, 10, good, None, False]),
-        "count": _raw([w, 1, segs, 0, 10, b"", None, False]),
-        "too many": _raw([w, 1, segs, p.MAX_EXTENTS + 1, 2**40, None, None, False]),
-        "total below count": _raw([w, 1, segs, 5, 4, None, None, False]),
-        "inline without table": _raw([int(p.Op.READV), 1, segs, 1, 10, None, True, False]),
-        "payload without table": _raw([w, 1, segs, 1, 3, None, b"abc", False]),
+        "wrap": _raw([w, 1, segs, 2, 2, p.pack_table([0, 0], [0, 0], [2**64 - 1, 3]), None, False, []]),
+        "huge length": _raw([w, 1, segs, 1, 2**63, p.pack_table([0], [0], [2**63]), None, False, []]),
+        "huge offset": _raw([w, 1, segs, 1, 10, p.pack_table([0], [2**64 - 5], [10]), None, False, []]),
+        "table size": _raw([w, 1, segs, 2, 10, good, None, False, []]),
+        "carries": _raw([w, 1, segs, 1, 10, good, b"abc", False, []]),
+        "no segments": _raw([w, 1, [], 1, 10, good, None, False, []]),
+        "count": _raw([w, 1, segs, 0, 10, b"", None, False, []]),
+        "too many": _raw([w, 1, segs, p.MAX_EXTENTS + 1, 2**40, None, None, False, []]),
+        "total below count": _raw([w, 1, segs, 5, 4, None, None, False, []]),
+        "inline without table": _raw([int(p.Op.READV), 1, segs, 1, 10, None, True, False, []]),
+        "payload without table": _raw([w, 1, segs, 1, 3, None, b"abc", False, []]),
         "old layout": _raw([w, 1, segs, 1, 10, good, None]),  # protocol 7: no cma field
-        "cma not a bool": _raw([w, 1, segs, 1, 10, good, None, 1]),
-        "cma with its bytes": _raw([w, 1, segs, 1, 10, good, b"0123456789", True]),
-        "cma answered inline": _raw([int(p.Op.READV), 1, segs, 1, 10, good, True, True]),
+        "no reach": _raw([w, 1, segs, 1, 10, good, None, False]),
+        "cma not a bool": _raw([w, 1, segs, 1, 10, good, None, 1, []]),
+        "cma with its bytes": _raw([w, 1, segs, 1, 10, None, b"0123456789", True, [10]]),
+        "cma with a table": _raw([w, 1, segs, 1, 10, good, None, True, [10]]),
+        "cma without reach": _raw([w, 1, segs, 1, 10, None, None, True, []]),
+        "reach without cma": _raw([w, 1, segs, 1, 10, good, None, False, [10]]),
+        "reach of 0": _raw([w, 1, segs, 1, 10, None, None, True, [0]]),
+        "cma answered inline": _raw([int(p.Op.READV), 1, segs, 1, 10, None, True, True, [10]]),
     }
     for what, data in cases.items():
         with pytest.raises(ProtocolError):
@@ -733,6 +740,7 @@ def test_a_plan_needs_the_staging_the_server_takes_for_it() -> None:
         plan.pool, plan.local = scatter.Staging(), [as_memory(pattern(0, total))]
         plan.lengths = np.full(count, total // count)
         plan.local_index, plan.local_offsets = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+        plan.remote_index, plan.remote_offsets = plan.local_index, plan.local_offsets
         return plan
 
     for op in (p.Op.WRITE, p.Op.READ):
@@ -745,7 +753,8 @@ def test_a_plan_needs_the_staging_the_server_takes_for_it() -> None:
         ):
             made = plan(op, count, total, table_inline, inline, direct)
             header = made.header(1)
-            assert header.cma is direct
+            assert header.cma is direct and len(header.reach) == direct  # one per segment
+            assert made.bulk() is None or not direct
             assert made.need == scatter.staging_need(header), (op, count, total, table_inline, inline, direct)
 
 

@@ -131,6 +131,12 @@ class Backend(abc.ABC):
     (:meth:`report_due_at`) and no pump has run for a quarter of a slice time?  A burst
     of submits (ten thousand tasks started in one loop turn) then keeps the rails moving
     while it runs, instead of leaving them idle until the turn ends."""
+    remote_order: ClassVar[bool] = False
+    """Should a block table to or from a peer be put in the order of its peer side before it
+    is sliced (:meth:`~tent_async.core.extents.Extents.in_order_of`)?  The application's
+    order means nothing for a batch (destinations never overlap), and some transports copy
+    the peer's memory faster in address order (ucx's direct copies pin the peer's pages
+    iovec by iovec: adjacent blocks there become one iovec)."""
     _ctx: BackendContext | None = None
 
     @abc.abstractmethod

@@ -226,6 +226,40 @@ class Extents:
         out._pairs = self._pairs
         return out
 
+    def in_order_of(self, side: str) -> Extents:
+        """The same extents ordered by ``side``'s (segment, offset), ``"src"`` or ``"dst"``.
+
+        A batch's blocks land in no particular order (destinations never overlap
+        each other or a source), so any order moves the same bytes.  Blocks
+        adjacent on that side then follow each other in the list: a slice's
+        extents on that side form runs (the whole range, for a permuted table
+        that covers it), which :meth:`coalesced` merges where the other side
+        continues too.  Returns ``self`` when the list is in that order already.
+        """
+        if side not in ("src", "dst"):
+            raise ValueError(f"side must be 'src' or 'dst', got {side!r}")
+        seg, off = (self.src_seg, self.src_off) if side == "src" else (self.dst_seg, self.dst_off)
+        n = len(self.length)
+        if n < 2:
+            return self
+        one_segment = seg.strides == (0,) or bool((seg[1:] == seg[:-1]).all())
+        rising = off[1:] >= off[:-1]
+        if not one_segment:
+            rising = (seg[1:] > seg[:-1]) | ((seg[1:] == seg[:-1]) & rising)
+        if bool(rising.all()):
+            return self
+        order = np.argsort(off, kind="stable") if one_segment else np.lexsort((off, seg))
+        out = Extents(
+            self.segments,
+            _pick(self.src_seg, order),
+            self.src_off[order],
+            _pick(self.dst_seg, order),
+            self.dst_off[order],
+            _pick(self.length, order),
+        )
+        out._pairs = self._pairs
+        return out
+
     # ----------------------------------------------------------------- queries
 
     def __len__(self) -> int:

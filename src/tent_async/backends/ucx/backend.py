@@ -122,6 +122,7 @@ class UcxBackend(Backend):
     name: ClassVar[str] = "ucx"
     scatter_gather: ClassVar[bool] = True  # one header per slice with its extent list (scatter.py)
     posts_inline: ClassVar[bool] = True  # post() never reports before it returns (peer.py defers)
+    remote_order: ClassVar[bool] = True  # direct copies pin the peer's pages per iovec (cma.py)
 
     def __init__(
         self,

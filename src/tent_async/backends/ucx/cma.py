@@ -106,32 +106,60 @@ def address(array: Any) -> int:
     return int(array.__array_interface__["data"][0])
 
 
+def _iovecs(base: Array, lengths: Array, breaks: Array, lo: int, hi: int) -> Array:
+    """Pieces ``lo..hi`` as an iovec array (base, length), runs of adjacent pieces merged into one."""
+    starts = lo + np.flatnonzero(breaks[lo:hi])
+    if not len(starts) or starts[0] != lo:
+        starts = np.concatenate(([lo], starts))
+    iov = np.empty((len(starts), 2), dtype=np.uint64)
+    iov[:, 0] = base[starts]
+    iov[:, 1] = np.add.reduceat(lengths[lo:hi], starts - lo)
+    return iov
+
+
 def copy(pid: int, local: Array, remote: Array, lengths: Array, *, write: bool) -> None:
     """Copy ``lengths[i]`` bytes between our ``local[i]`` and process ``pid``'s ``remote[i]``, for each ``i``.
 
     ``write``: ours into theirs (``process_vm_writev``), else theirs into ours.
-    Raises :class:`CmaError` if the kernel refuses or copies less than asked.
+    Pieces that follow one another in memory travel as one iovec, on each side
+    on its own: the kernel pins the other process's pages iovec by iovec, so a
+    remote side cut into 4 KiB iovecs copies at a third of the rate of one
+    contiguous iovec here (6 against 18 GB/s), while cuts on our side cost little.
+    Each call takes at most :data:`IOV_BATCH` iovecs per side.  Raises
+    :class:`CmaError` if the kernel refuses or copies less than asked.
     """
     if _CALLS is None:
         raise CmaError("direct copies need Linux's process_vm_readv/process_vm_writev")
     call = _CALLS[1] if write else _CALLS[0]
+    local = np.asarray(local, dtype=np.uint64)
+    remote = np.asarray(remote, dtype=np.uint64)
+    lengths = np.asarray(lengths, dtype=np.uint64)
     n = len(lengths)
-    iov = np.empty((n, 2, 2), dtype=np.uint64)  # [piece, side, (base, length)]
-    iov[:, 0, 0] = local
-    iov[:, 1, 0] = remote
-    iov[:, 0, 1] = lengths
-    iov[:, 1, 1] = lengths
-    for s in range(0, n, IOV_BATCH):
-        part = iov[s : s + IOV_BATCH]
-        k = len(part)
-        want = int(part[:, 0, 1].sum())
-        ours = np.ascontiguousarray(part[:, 0, :])
-        theirs = np.ascontiguousarray(part[:, 1, :])
-        got = call(pid, address(ours), k, address(theirs), k, 0)
+    # breaks[i]: piece i does not continue piece i - 1 on that side (a new iovec starts there)
+    lbreak = np.ones(n, dtype=bool)
+    rbreak = np.ones(n, dtype=bool)
+    lbreak[1:] = local[1:] != local[:-1] + lengths[:-1]
+    rbreak[1:] = remote[1:] != remote[:-1] + lengths[:-1]
+    lcount = np.cumsum(lbreak)  # iovecs from piece 0 through piece i
+    rcount = np.cumsum(rbreak)
+    lo = 0
+    while lo < n:
+        # the furthest piece such that pieces lo.. need at most IOV_BATCH iovecs on either side
+        lbase = int(lcount[lo]) - 1
+        rbase = int(rcount[lo]) - 1
+        hi = min(
+            int(np.searchsorted(lcount, lbase + IOV_BATCH, side="right")),
+            int(np.searchsorted(rcount, rbase + IOV_BATCH, side="right")),
+        )
+        ours = _iovecs(local, lengths, lbreak, lo, hi)
+        theirs = _iovecs(remote, lengths, rbreak, lo, hi)
+        want = int(ours[:, 1].sum())
+        got = call(pid, address(ours), len(ours), address(theirs), len(theirs), 0)
         if got != want:
             err = ctypes.get_errno() if got < 0 else 0
             what = os.strerror(err) if err else f"{got} of {want} bytes"
             raise CmaError(f"a direct {'write into' if write else 'read from'} process {pid} failed: {what}")
+        lo = hi
 
 
 # ================================================================ verification

@@ -358,9 +358,11 @@ class ScatterRequest:
     bytes; READ: the table alone, sent by the reader after the header).  A WRITE
     small enough carries its bytes, gathered in stream order, in ``payload``
     (``table`` is then present); a READ with ``inline`` is answered with DATA.
-    With ``cma`` the bytes do not travel over UCX at all: the answer is WHERE
-    and the initiator copies directly (cma.py); only a table too big for the
-    header follows it, as a READ's does.
+    With ``cma`` neither the bytes nor the table travel: the answer is WHERE
+    and the initiator copies directly (cma.py).  ``reach`` then says, per
+    segment of ``segments``, where the slice's furthest extent in it ends: the
+    server checks it against the segment's size (the initiator copies with its
+    own table, so the server cannot check more than the initiator declares).
     """
 
     op: Op  # Op.WRITE or Op.READ
@@ -372,12 +374,15 @@ class ScatterRequest:
     payload: bytes | None = None  # WRITE: the bytes themselves, for small slices
     inline: bool = False  # READ: answer with DATA instead of a tagged send
     cma: bool = False  # answer with WHERE: the initiator copies directly (cma.py)
+    reach: tuple[int, ...] = ()  # cma: per segment, the end of the furthest extent in it
 
     @property
     def bulk_length(self) -> int:
         """Bytes of the bulk message that follows the header (0: none)."""
+        if self.cma:
+            return 0
         table = 0 if self.table is not None else self.count * EXTENT_BYTES
-        if self.op is Op.WRITE and not self.cma:
+        if self.op is Op.WRITE:
             return 0 if self.payload is not None else table + self.total
         return table
 
@@ -497,7 +502,7 @@ def encode(msg: Message) -> bytes:
         segs = [[name, sid] for name, sid in msg.segments]
         last = msg.payload if msg.op is Op.WRITE else msg.inline
         code = Op.WRITEV if msg.op is Op.WRITE else Op.READV
-        fields = [code, msg.request, segs, msg.count, msg.total, msg.table, last, msg.cma]
+        fields = [code, msg.request, segs, msg.count, msg.total, msg.table, last, msg.cma, list(msg.reach)]
     elif isinstance(msg, Ack):
         fields = [Op.ACK, msg.request, msg.away]
     elif isinstance(msg, Error):
@@ -893,8 +898,11 @@ def _d_read(f: list[Any]) -> SliceRequest:
 
 
 def _d_scatter(f: list[Any]) -> ScatterRequest:
-    code, request, segs, count, total, table, last, cma = _fields(f, "WRITEV/READV", 8)
+    code, request, segs, count, total, table, last, cma, reach = _fields(f, "WRITEV/READV", 9)
     cma = _bool(cma, "cma")
+    ends = tuple(
+        _int(r, "reach", 1, MAX_EXTENT_OFFSET + MAX_EXTENT_LENGTH) for r in _list(reach, "reach", MAX_SG_SEGMENTS)
+    )
     op = Op.WRITE if code == Op.WRITEV else Op.READ
     segments = []
     for entry in _list(segs, "segment table", MAX_SG_SEGMENTS):
@@ -920,8 +928,13 @@ def _d_scatter(f: list[Any]) -> ScatterRequest:
         inline = _bool(last, "inline")
         if inline and body is None:
             raise ProtocolError("an inline READV must carry its extent table")
-    if cma and (payload is not None or inline):
-        raise ProtocolError("a direct-copy extent list carries no bytes and is not answered inline")
+    if cma and (payload is not None or inline or body is not None):
+        raise ProtocolError("a direct-copy extent list carries no bytes and no table, and is not answered inline")
+    if len(ends) != (len(segments) if cma else 0):
+        raise ProtocolError(
+            f"a {'direct-copy ' if cma else ''}extent list with {len(segments)} segments and "
+            f"{len(ends)} reaches (one per segment with cma, none without)"
+        )
     return ScatterRequest(
         op=op,
         request=_int(request, "request id"),
@@ -932,6 +945,7 @@ def _d_scatter(f: list[Any]) -> ScatterRequest:
         payload=payload,
         inline=inline,
         cma=cma,
+        reach=ends,
     )
 
 

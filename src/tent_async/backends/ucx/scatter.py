@@ -451,10 +451,9 @@ class Plan:
     def need(self) -> int:
         """The peer's staging for this slice, by :func:`serve`'s rule: its bulk message (WRITE) or
         its table and bytes (READ), exact (the pool's rounding up is not counted); 0 when inline."""
-        if self.inline:
+        if self.inline or self.cma:
             return 0
-        table = 0 if self.table_inline else self.count * EXTENT_BYTES
-        return table if self.cma else table + self.total
+        return (0 if self.table_inline else self.count * EXTENT_BYTES) + self.total
 
     def _gathered(self, prefix: bytes = b"") -> Array:
         buf = self.pool.take(len(prefix) + self.total)
@@ -466,7 +465,10 @@ class Plan:
     def header(self, request: int) -> ScatterRequest:
         table = self.table if self.table_inline else None
         if self.cma:
-            return ScatterRequest(self.kind, request, self.remote, self.count, self.total, table, cma=True)
+            reach = np.zeros(len(self.remote), dtype=np.int64)
+            np.maximum.at(reach, self.remote_index, self.remote_offsets + self.lengths)
+            ends = tuple(reach.tolist())
+            return ScatterRequest(self.kind, request, self.remote, self.count, self.total, cma=True, reach=ends)
         if self.kind is Op.READ:
             return ScatterRequest(Op.READ, request, self.remote, self.count, self.total, table, inline=self.inline)
         payload = None
@@ -477,8 +479,10 @@ class Plan:
         return ScatterRequest(Op.WRITE, request, self.remote, self.count, self.total, table, payload)
 
     def bulk(self) -> Array | None:
-        """The message to send after the header (WRITE: [table] + bytes; READ and direct: a table too big for it)."""
-        if self.kind is Op.WRITE and not self.cma:
+        """The message to send after the header (WRITE: [table] + bytes; READ: a table too big for it)."""
+        if self.cma:
+            return None
+        if self.kind is Op.WRITE:
             if self.inline:
                 return None
             self.staging = self._gathered(b"" if self.table_inline else self.table)
@@ -676,8 +680,13 @@ def _resolve(server: Serving, link: ServingLink, msg: ScatterRequest) -> tuple[l
         )
     if inline and any(seg.memory.is_cuda for seg in segs):  # as on the one-extent path: no GPU copy on the loop
         return [], "inline slices are for host memory; this slice touches GPU memory"
-    if msg.cma and any(seg.memory.is_cuda for seg in segs):
-        return [], "direct copies are for host memory; this slice touches GPU memory"
+    if msg.cma:
+        if any(seg.memory.is_cuda for seg in segs):
+            return [], "direct copies are for host memory; this slice touches GPU memory"
+        for seg, end in zip(segs, msg.reach, strict=True):
+            if end > seg.size:
+                return [], f"the slice reaches byte {end} of segment {seg.name!r} of {seg.size} bytes"
+
     if link.in_flight >= len(link.slots):
         site.stats["protocol_errors"] += 1
         return [], f"more than {len(link.slots)} slices in flight on this link"
@@ -790,7 +799,7 @@ def staging_need(msg: ScatterRequest) -> int:
     table) or a READ's table and bytes; 0 when the bytes travel inline."""
     table = 0 if msg.table is not None else msg.count * EXTENT_BYTES
     if msg.op is Op.WRITE or msg.cma:
-        return msg.bulk_length
+        return msg.bulk_length  # a direct copy: 0
     return table + (0 if msg.inline else msg.total)
 
 
@@ -826,7 +835,7 @@ def serve(server: Serving, link: ServingLink, msg: ScatterRequest) -> None:
         if bulk:
             link.drain(msg)
         return
-    if msg.cma and not bulk:
+    if msg.cma:
         _direct(served)
         return
     if msg.op is Op.WRITE and msg.payload is not None:
@@ -933,10 +942,6 @@ def _received(served: _Served) -> Callable[[BaseException | None], None]:
             if not served.checked():
                 served.end()
                 return
-        if msg.cma:
-            served.end()
-            _direct(served)
-            return
         if msg.op is Op.WRITE:
             served.write(buf[offset : offset + msg.total])
             served.end()
