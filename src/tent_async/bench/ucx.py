@@ -296,6 +296,7 @@ async def _engine_client(rail: str, address: str, iters: int, lat_iters: int, mo
             "write_p99": _pct(write_small, 0.99),
             "read_p99": _pct(read_small, 0.99),
             "lag": lag.worst,
+            "direct": 1.0 if peer.cma_pid is not None and rail != "tcp" else 0.0,
         }
 
 
@@ -703,6 +704,7 @@ def run(args: argparse.Namespace) -> int:
     verdict = True
     counts = ""
     p50s: dict[str, tuple[float, float]] = {}  # rail -> engine (WRITE, READ) 4 KiB p50, first mode
+    direct_rails: list[str] = []  # rails whose engine runs copied directly (cma.py)
     for rail in rails:
         raws: dict[str, list[dict[str, float]]] = {m: [] for m in raw_modes}
         engines: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
@@ -739,6 +741,8 @@ def run(args: argparse.Namespace) -> int:
                 verdict = False
                 continue
             eng = {k: statistics.median(e[k] for e in runs) for k in runs[0]}
+            if eng.get("direct"):
+                direct_rails.append(label)
             p50s.setdefault(rail, (eng["write_lat"], eng["read_lat"]))
             ratio = eng["write_bw"] / raw_bw if raw_bw else float("nan")
             extra_us = (eng["write_lat"] - raw_lat) * 1e6 if raw_lat else float("nan")
@@ -789,10 +793,16 @@ def run(args: argparse.Namespace) -> int:
                         "engine_read_p99_us": eng["read_p99"] * 1e6,
                         "engine_lag_ms": eng["lag"] * 1e3,
                         "engine_write_us_each": [round(e["write_lat"] * 1e6, 1) for e in runs],
+                        "engine_direct_copies": bool(eng.get("direct")),
                     }
                 )
             )
     console.print(table)
+    if direct_rails:
+        console.print(
+            f"{', '.join(direct_rails)}: the engine's shared-memory slices were copied directly between the two "
+            "processes (cma.py, one kernel copy); raw ucxx moves them through UCX's posix transport"
+        )
     singles = {r: v for r, v in p50s.items() if r != "default"}
     if "default" in p50s and singles:
         # Issue 9: the discovered rails must not make a small transfer slower than the best rail alone.
