@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_scatter import Rogue, blocks, copied
 
 import tent_async as tent
@@ -65,6 +67,39 @@ def test_copy_moves_scattered_pieces_both_ways_past_one_calls_iovec_limit() -> N
     back = np.zeros_like(src)
     cma.copy(os.getpid(), cma.address(back) + np.arange(n, dtype=np.uint64) * 256, remote, lengths, write=False)
     assert np.array_equal(back[: n * 256], src[: n * 256])
+
+
+@needs_cma
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_copy_lands_any_two_layouts_byte_exact_whole_or_split_between_threads(data: st.DataObject) -> None:
+    """Random pieces, each side in order or permuted (runs merged into iovecs on each side on its
+    own), written and read, copied by one thread or split at a random byte between two."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    n = data.draw(st.integers(1, 3 * cma.IOV_BATCH))
+    lengths = rng.integers(1, 300, n).astype(np.uint64)
+
+    def layout() -> np.ndarray:
+        order = rng.permutation(n) if data.draw(st.booleans()) else np.arange(n)
+        out = np.empty(n, dtype=np.uint64)
+        out[order] = np.concatenate(([0], np.cumsum(lengths[order])[:-1])).astype(np.uint64)
+        return out
+
+    mine, theirs = layout(), layout()
+    ours, peer = pattern(1, 1 << 20), pattern(2, 1 << 20)
+    write = data.draw(st.booleans())
+    split = data.draw(st.booleans())
+    old = cma.SPLIT_MIN
+    cma.SPLIT_MIN = 1 if split else 1 << 62
+    try:
+        cma.copy(os.getpid(), cma.address(ours) + mine, cma.address(peer) + theirs, lengths, write=write)
+    finally:
+        cma.SPLIT_MIN = old
+    src, dst, s_at, d_at = (ours, peer, mine, theirs) if write else (peer, ours, theirs, mine)
+    want = pattern(2 if write else 1, 1 << 20)
+    for a, b, k in zip(s_at.tolist(), d_at.tolist(), lengths.tolist(), strict=True):
+        want[b : b + k] = src[a : a + k]
+    assert np.array_equal(dst, want)
 
 
 @needs_cma

@@ -461,11 +461,11 @@ def copy_times(block: int, size: int = KV_SIZE, rounds: int = 9) -> tuple[float,
     return min(times[0][1:]), min(times[1][1:])
 
 
-def cma_times(block: int, size: int = KV_SIZE, rounds: int = 9) -> tuple[float, float, float]:
+def cma_times(block: int, size: int = KV_SIZE, rounds: int = 9) -> tuple[float, float, float, float]:
     """Seconds for the kernel to copy ``size`` bytes between two buffers of this process as a direct
-    copy does (cma.py): contiguous, then ``block``-byte blocks permuted on our side and in order on the
-    peer's (a table in the peer side's order, Backend.remote_order), written and read.  The fastest
-    of ``rounds``."""
+    copy does (cma.copy): contiguous, written and read, then ``block``-byte blocks permuted on our side
+    and in order on the peer's (a table in the peer side's order, Backend.remote_order), written and
+    read.  The fastest of ``rounds``."""
     import os
 
     from ..backends.ucx import cma
@@ -477,18 +477,16 @@ def cma_times(block: int, size: int = KV_SIZE, rounds: int = 9) -> tuple[float, 
     there = cma.address(theirs) + np.arange(n, dtype=np.uint64) * block
     lengths = np.full(n, block, dtype=np.uint64)
     whole = (np.array([cma.address(ours)]), np.array([cma.address(theirs)]), np.array([size]))
-    times: tuple[list[float], list[float], list[float]] = ([], [], [])
+    times: list[list[float]] = [[], [], [], []]
     for _ in range(rounds + 1):  # the first touches the buffers
-        t0 = time.perf_counter()
-        cma.copy(os.getpid(), *whole, write=True)
-        t1 = time.perf_counter()
-        cma.copy(os.getpid(), mine, there, lengths, write=True)
-        t2 = time.perf_counter()
-        cma.copy(os.getpid(), mine, there, lengths, write=False)
-        t3 = time.perf_counter()
-        for i, took in enumerate((t1 - t0, t2 - t1, t3 - t2)):
-            times[i].append(took)
-    return min(times[0][1:]), min(times[1][1:]), min(times[2][1:])
+        for i, (pieces, write) in enumerate(
+            ((whole, True), (whole, False), ((mine, there, lengths), True), ((mine, there, lengths), False))
+        ):
+            t0 = time.perf_counter()
+            cma.copy(os.getpid(), *pieces, write=write)
+            times[i].append(time.perf_counter() - t0)
+    w, r, bw, br = (min(t[1:]) for t in times)
+    return w, r, bw, br
 
 
 def cma_bound(contiguous: float, copy_contiguous: float, copy_blocks: float) -> float:
@@ -525,7 +523,7 @@ def run_kv(console: Any, args: argparse.Namespace) -> bool:
     verdict = True
     direct = bool(got.get("cma"))
     copies: dict[int, tuple[float, float]] = {}
-    kernel: dict[int, tuple[float, float, float]] = {}
+    kernel: dict[int, tuple[float, float, float, float]] = {}
     for block in (0, *KV_BLOCKS):
         w, r = got[f"write_{block}"], got[f"read_{block}"]
         w_ratio, r_ratio = w / got["write_0"], r / got["read_0"]
@@ -536,9 +534,9 @@ def run_kv(console: Any, args: argparse.Namespace) -> bool:
         name = "one contiguous transfer" if block == 0 else f"{KV_SIZE // block:,} x {block // 1024} KiB, permuted"
         w_bound = r_bound = 1.0
         if block and direct:
-            kernel[block] = whole, wrote, read = cma_times(block)
-            w_bound = cma_bound(KV_SIZE / got["write_0"], whole, wrote)
-            r_bound = cma_bound(KV_SIZE / got["read_0"], whole, read)
+            kernel[block] = whole_w, whole_r, wrote, read = cma_times(block)
+            w_bound = cma_bound(KV_SIZE / got["write_0"], whole_w, wrote)
+            r_bound = cma_bound(KV_SIZE / got["read_0"], whole_r, read)
         elif block:
             copies[block] = copy_times(block)
             extra = max(copies[block])  # one side gathers, the other scatters; the slower bounds
@@ -568,7 +566,7 @@ def run_kv(console: Any, args: argparse.Namespace) -> bool:
                     "direct": direct,
                     "gather_s": copies.get(block, (0.0, 0.0))[0],
                     "scatter_s": copies.get(block, (0.0, 0.0))[1],
-                    "kernel_copy_s": kernel.get(block, (0.0, 0.0, 0.0)),
+                    "kernel_copy_s": kernel.get(block, (0.0, 0.0, 0.0, 0.0)),
                     "exact": exact,
                 }
             )
@@ -584,8 +582,8 @@ def run_kv(console: Any, args: argparse.Namespace) -> bool:
             "the kernel's copy of the blocks in place of its contiguous copy; "
             + ", ".join(
                 f"{b // 1024} KiB blocks: {wr * 1e3:.1f} ms written / {rd * 1e3:.1f} ms read against "
-                f"{c * 1e3:.1f} ms contiguous per 64 MiB here"
-                for b, (c, wr, rd) in kernel.items()
+                f"{cw * 1e3:.1f} / {cr * 1e3:.1f} ms contiguous per 64 MiB here"
+                for b, (cw, cr, wr, rd) in kernel.items()
             )
         )
     else:
