@@ -109,32 +109,43 @@ def test_copy_refuses_loudly_when_the_kernel_copies_less() -> None:
         cma.copy(os.getpid(), np.array([cma.address(buf)]), np.array([8]), np.array([64]), write=False)
 
 
+SERVER_SIDE = (("127.0.0.1", 5000), ("127.0.0.1", 6000))  # a control connection as the server sees it
+CLIENT_SIDE = (("127.0.0.1", 6000), ("127.0.0.1", 5000))  # ... and as its client does
+
+
 @needs_cma
 @pytest.mark.anyio
-async def test_verification_proves_host_and_user_once_per_token() -> None:
+async def test_verification_proves_host_user_and_connection_once_per_token() -> None:
     verifier = cma.Verifier()
     assert await verifier.start()
+    assert cma.valid_name(verifier.name)
     try:
         seen: list[int] = []
-        token = verifier.grant(7, seen.append)
-        assert await cma.verify(verifier.name, 7, token) == os.getpid()
-        assert seen == [os.getpid()]
-        with pytest.raises(cma.CmaError):  # used up: one attempt per grant
-            await cma.verify(verifier.name, 7, token, limit=1.0)
-        other = verifier.grant(8, seen.append)
+        token = verifier.grant(7, SERVER_SIDE, seen.append)
         with pytest.raises(cma.CmaError):  # a wrong token
-            await cma.verify(verifier.name, 8, bytes(16), limit=1.0)
-        with pytest.raises(cma.CmaError):  # ... and the right one after it: the grant is gone
-            await cma.verify(verifier.name, 8, other, limit=1.0)
-        verifier.revoke(9)
-        with pytest.raises(cma.CmaError):  # never granted
-            await cma.verify(verifier.name, 9, bytes(16), limit=1.0)
+            await cma.verify(verifier.name, 7, bytes(16), CLIENT_SIDE, limit=1.0)
+        # A token relayed from another connection (a peer in the middle forwarding our WELCOME to
+        # a client of ours on this host): that client names its own connection, not this one.
+        elsewhere = (("127.0.0.1", 6001), ("127.0.0.1", 7000))
+        with pytest.raises(cma.CmaError):
+            await cma.verify(verifier.name, 7, token, elsewhere, limit=1.0)
+        assert seen == []
+        assert await cma.verify(verifier.name, 7, token, CLIENT_SIDE) == os.getpid()  # still granted
+        assert seen == [os.getpid()]
+        with pytest.raises(cma.CmaError):  # used up: one verification per grant
+            await cma.verify(verifier.name, 7, token, CLIENT_SIDE, limit=1.0)
+        other = verifier.grant(8, SERVER_SIDE, seen.append)
+        verifier.revoke(8)
+        with pytest.raises(cma.CmaError):  # revoked (its connection dropped)
+            await cma.verify(verifier.name, 8, other, CLIENT_SIDE, limit=1.0)
         assert seen == [os.getpid()]
         assert verifier.refused == 4
     finally:
         await verifier.aclose()
     with pytest.raises(cma.CmaError, match="not reachable"):
-        await cma.verify("tent-ucx-nobody-listens-here", 1, bytes(16), limit=1.0)
+        await cma.verify(f"tent-ucx-{os.getpid()}-{'0' * 16}", 1, bytes(16), CLIENT_SIDE, limit=1.0)
+    with pytest.raises(cma.CmaError, match="not a tent_async"):  # a server cannot aim us at any socket
+        await cma.verify("some-other-socket", 1, bytes(16), CLIENT_SIDE, limit=1.0)
 
 
 def _link_for_copies(pid: int | None) -> tuple[Link, list[str]]:
@@ -162,12 +173,13 @@ def test_the_initiator_copies_only_while_the_slice_is_live_and_before_the_deadli
     op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
     op.state, op.cma = OP_WITHDRAWING, True
     link._copy(op, where(time.monotonic() + 10))
-    assert not op.data_ok and op.error is None and not there.any()  # withdrawn: nothing moved
+    assert not op.data_ok and op.error is None and op.redo is None and not there.any()  # withdrawn: nothing moved
 
     op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
     op.state, op.cma = OP_SENT, True
     link._copy(op, where(time.monotonic() - 0.001))
-    assert not op.data_ok and op.error is not None and "deadline" in op.error and not there.any()
+    assert not op.data_ok and not there.any()
+    assert op.redo is not None and "deadline" in op.redo[0] and op.redo[1]  # again, as the peer's load
 
     op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
     op.state, op.cma = OP_SENT, True
@@ -177,7 +189,8 @@ def test_the_initiator_copies_only_while_the_slice_is_live_and_before_the_deadli
     op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
     op.state, op.cma = OP_SENT, True
     link._copy(op, p.Where(request=1, bases=(8,), until=time.monotonic() + 10))  # the kernel refuses
-    assert not op.data_ok and op.error is not None and off  # later slices to this peer go over UCX
+    assert not op.data_ok and op.redo is not None and not op.redo[1]
+    assert off  # later slices to this peer go over UCX
 
 
 # ============================================================ two processes
@@ -281,6 +294,11 @@ async def test_direct_copies_are_checked_like_any_slice_before_an_address_is_giv
         for what, header in refused.items():
             reply = await rogue.send(header)
             assert isinstance(reply, p.Error), (what, reply)
+        # Refused direct WRITEs send no bytes, so none is waited for (64 such waits closed the link).
+        stale = p.encode(p.SliceRequest(p.Op.WRITE, 0, "kv", sid + 1000, 0, 4096, cma=True))
+        for _ in range(70):
+            assert isinstance(await rogue.send(stale), p.Error)
+        assert not rogue.peer.closed and rogue.link.channel is not None
         reply = await rogue.send(p.encode(p.SliceRequest(p.Op.READ, 0, "kv", sid, 0, 4096, cma=True)))
         assert isinstance(reply, p.Where) and len(reply.bases) == 1 and reply.until > time.monotonic()
     finally:
@@ -321,5 +339,32 @@ async def test_a_segment_stays_busy_until_done_or_the_deadline_after_its_link_cl
             server.cmd(cmd="unregister", segment="kv")
         await anyio.sleep(max(0.0, reply.until + cma.MARGIN - time.monotonic()) + 0.3)
         server.cmd(cmd="unregister", segment="kv")  # then it is free
+    finally:
+        await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@needs_cma
+async def test_a_direct_copy_asked_for_on_a_tcp_link_drops_even_a_verified_client(spawn_peer: Any) -> None:
+    rails = [*SHM, {"name": "lo", "device": "lo"}]
+    server = spawn_peer(name="decode-0", rails=rails, segments=SEGMENTS)
+    engine = tent.Engine(backend="ucx", name="prefill-0", rails=[tent.RailSpec(**r) for r in rails])
+    await engine.__aenter__()
+    try:
+        with anyio.fail_after(30):
+            peer = await engine.connect(server.address)
+            sid = (await peer.segment("kv")).sid
+        assert peer.cma_pid == server.proc.pid
+        rogue = Rogue(engine, peer)
+        rogue.link = next(link for link in peer.links.values() if link.rail.plan.kind == "tcp")
+        reply = await rogue.send(p.encode(p.SliceRequest(p.Op.READ, 0, "kv", sid, 0, 4096, cma=True)), wait=2.0)
+        assert not isinstance(reply, p.Where)
+        for _ in range(200):
+            if peer.closed:
+                break
+            await anyio.sleep(0.01)
+        assert peer.closed
     finally:
         await engine.__aexit__(None, None, None)

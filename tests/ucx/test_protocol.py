@@ -64,9 +64,8 @@ messages = st.one_of(
         slots=st.integers(1, p.MAX_SLOTS),
         inline_limit=st.integers(0, p.MAX_INLINE),
         staging=st.integers(1, p.MAX_U64),
-        cma=st.text(max_size=40),
-        cma_token=st.sampled_from([b"", b"t" * 16]),
-    ),
+        cma=st.just(""),
+    ).flatmap(lambda w: st.sampled_from([w, attrs.evolve(w, cma="tent-ucx-1-0123456789abcdef", cma_token=b"t" * 16)])),
     st.builds(p.Refused, reason=st.text(max_size=100)),
     st.builds(p.Lookup, name=names),
     st.builds(p.LookedUp, name=names, segment=st.one_of(st.none(), segments)),
@@ -221,6 +220,8 @@ def test_specific_refusals() -> None:
         p.decode(msgpack.packb([*welcome, 0, "", b""], use_bin_type=True))
     with pytest.raises(ProtocolError, match="verification token"):
         p.decode(msgpack.packb([*welcome, 1, "s", b"short"], use_bin_type=True))
+    with pytest.raises(ProtocolError, match="together"):
+        p.decode(msgpack.packb([*welcome, 1, "tent-ucx-1-0123456789abcdef", b""], use_bin_type=True))
     with pytest.raises(ProtocolError, match="carries"):
         p.decode(msgpack.packb([int(p.Op.WRITE), 1, "kv", 1, 0, 10, b"abc", False], use_bin_type=True))
     with pytest.raises(ProtocolError, match="direct copy"):

@@ -188,8 +188,8 @@ class Extents:
 
         Extent ``i + 1`` joins extent ``i`` when it continues it in the source
         *and* in the destination (same segments, offsets one length on).  Only
-        neighbours in the list are compared: the stream order is the
-        application's, and it is kept.  Runs are merged when that removes at
+        neighbours in the list are compared, and the list's order is kept (the
+        application's, or its peer side's: :meth:`in_order_of`).  Runs are merged when that removes at
         least an eighth of the list (always when it leaves one extent, and
         for lists of up to 8): a few neighbours in a big table (a random
         permutation has about one) would cost a copy of every column, and the

@@ -342,17 +342,21 @@ class UcxBackend(Backend):
         # The control reader runs from now on: links are set up over it (LINK -> LINKED).
         self.ctx.spawn(self._run_peer, peer, name=f"tent-ucx-peer-{peer.name}")
         try:
-            if self.cma and welcome.cma and welcome.host_id == self.host_id:
-                await self._verify_cma(peer, welcome)
+            control = cma.endpoints(writer)
+            if self.cma and welcome.cma and welcome.host_id == self.host_id and control is not None:
+                await self._verify_cma(peer, welcome, control)
             return await self._link_peer(peer, address, welcome, timeout)
         except BaseException:
             await peer.close()
             raise
 
-    async def _verify_cma(self, peer: Peer, welcome: Welcome) -> None:
-        """Prove to a peer on this host that we share it (cma.py); on success its slices copy directly."""
+    async def _verify_cma(self, peer: Peer, welcome: Welcome, control: cma.Endpoints) -> None:
+        """Prove to a peer on this host that we share it (cma.py); on success its slices copy directly.
+
+        ``control``: our control connection to it, which the peer checks is the one it
+        gave the token to."""
         try:
-            peer.cma_pid = await cma.verify(welcome.cma, welcome.conn_id, welcome.cma_token)
+            peer.cma_pid = await cma.verify(welcome.cma, welcome.conn_id, welcome.cma_token, control)
         except cma.CmaError as exc:
             self.stats["cma_unverified"] += 1
             self.log.info("cma", "engine %r: no direct copies with %r: %s", self.engine_name, welcome.name, exc)

@@ -71,7 +71,6 @@ VERIFY_TIMEOUT = 2.0
 
 Array = np.ndarray[Any, np.dtype[Any]]
 
-_HELLO = struct.Struct("!I16s")  # connection id, token
 _ANSWER = struct.Struct("<BdQ")  # ok, server's monotonic clock, address of the probe (the token's bytes)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -154,6 +153,8 @@ def copy(pid: int, local: Array, remote: Array, lengths: Array, *, write: bool) 
 
 SPLIT_MIN = 4 << 20  # bytes from which a copy is split between two threads
 _HELPER: list[concurrent.futures.ThreadPoolExecutor] = []
+if hasattr(os, "register_at_fork"):  # a forked child has no helper thread: it starts its own
+    os.register_at_fork(after_in_child=_HELPER.clear)
 
 
 def _helper() -> concurrent.futures.ThreadPoolExecutor | None:
@@ -227,14 +228,41 @@ def _peer_credentials(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
+Endpoints = tuple[tuple[str, int], tuple[str, int]]  # a TCP connection as one side sees it: (ours, theirs)
+NAME_PREFIX = "tent-ucx-"
+MAX_VERIFYING = 16  # verifications in progress at once; more are closed at once
+_HELLO = struct.Struct("!I16sH")  # connection id, token, length of the control connection's endpoints (text)
+MAX_ENDPOINTS_TEXT = 256
+
+
+def endpoints(writer: Any) -> Endpoints | None:
+    """``(ours, theirs)`` of a TCP stream as ``(host, port)`` pairs, or None if it has none."""
+    ours, theirs = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
+    if not isinstance(ours, tuple) or not isinstance(theirs, tuple):
+        return None
+    return (str(ours[0]), int(ours[1])), (str(theirs[0]), int(theirs[1]))
+
+
+def _text(pair: Endpoints) -> bytes:
+    (a, b), (c, d) = pair
+    return f"{a} {b} {c} {d}".encode()
+
+
 class Grant:
-    """A connection's standing invitation to prove it runs on this host as this user."""
+    """A connection's standing invitation to prove it runs on this host as this user.
 
-    __slots__ = ("on_verified", "probe", "token")
+    ``control`` is the connection's control stream as the server sees it: the
+    client must name the same TCP connection from its side, so a token relayed
+    by a peer in the middle (who connected to us itself, and forwards our
+    WELCOME to a client of ours on this host) verifies nothing.
+    """
 
-    def __init__(self, on_verified: Callable[[int], None]) -> None:
+    __slots__ = ("control", "on_verified", "probe", "token")
+
+    def __init__(self, control: Endpoints, on_verified: Callable[[int], None]) -> None:
         self.token = os.urandom(TOKEN_BYTES)
         self.probe = np.frombuffer(self.token, dtype=np.uint8).copy()  # read back by the client
+        self.control = control
         self.on_verified = on_verified
 
 
@@ -245,13 +273,14 @@ class Verifier:
         self.name = ""  # the socket's abstract name, without the leading NUL ("" until started)
         self._server: asyncio.base_events.Server | None = None
         self._grants: dict[int, Grant] = {}
+        self._busy = 0  # verifications in progress
         self.refused = 0
 
     async def start(self) -> bool:
         """Listen; False where direct copies are not possible here (then nothing is advertised)."""
         if not available():
             return False
-        name = f"tent-ucx-{os.getpid()}-{os.urandom(8).hex()}"
+        name = f"{NAME_PREFIX}{os.getpid()}-{os.urandom(8).hex()}"
         try:
             self._server = await asyncio.start_unix_server(self._serve, path="\0" + name)
         except OSError:
@@ -259,9 +288,10 @@ class Verifier:
         self.name = name
         return True
 
-    def grant(self, conn_id: int, on_verified: Callable[[int], None]) -> bytes:
-        """Invite connection ``conn_id``; its token (sent in WELCOME).  ``on_verified(pid)`` on success."""
-        g = self._grants[conn_id] = Grant(on_verified)
+    def grant(self, conn_id: int, control: Endpoints, on_verified: Callable[[int], None]) -> bytes:
+        """Invite connection ``conn_id`` (its control stream ``control``, our side first); its token
+        (sent in WELCOME).  ``on_verified(pid)`` once it proved itself."""
+        g = self._grants[conn_id] = Grant(control, on_verified)
         return g.token
 
     def revoke(self, conn_id: int) -> None:
@@ -269,24 +299,37 @@ class Verifier:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ok = False
+        self._busy += 1
         try:
+            # Another user's process learns nothing and holds nothing: its credentials are
+            # checked before anything is read, and at most MAX_VERIFYING are served at once.
+            pid, uid = _peer_credentials(writer.get_extra_info("socket"))
+            if uid != os.getuid() or self._busy > MAX_VERIFYING:
+                return
             data = await asyncio.wait_for(reader.readexactly(_HELLO.size), VERIFY_TIMEOUT)
-            conn_id, token = _HELLO.unpack(data)
-            grant = self._grants.pop(conn_id, None)  # one attempt per connection, right or wrong
-            sock = writer.get_extra_info("socket")
-            pid, uid = _peer_credentials(sock)
-            if grant is not None and uid == os.getuid() and hmac.compare_digest(token, grant.token):
-                # Verified: from now on its headers may ask for direct copies (before the answer,
-                # so that none it sends right after can arrive first).
-                grant.on_verified(pid)
-                ok = True
-                writer.write(_ANSWER.pack(1, time.monotonic(), address(grant.probe)))
-                await writer.drain()
-                # The client reads the probe back now; the grant keeps it alive until it is done.
-                await asyncio.wait_for(reader.readexactly(1), VERIFY_TIMEOUT)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, struct.error):
+            conn_id, token, n = _HELLO.unpack(data)
+            if n > MAX_ENDPOINTS_TEXT:
+                return
+            named = await asyncio.wait_for(reader.readexactly(n), VERIFY_TIMEOUT)
+            grant = self._grants.get(conn_id)
+            if grant is None or not hmac.compare_digest(token, grant.token):
+                return
+            ours, theirs = grant.control
+            if named != _text((theirs, ours)):  # the client's side of the same TCP connection
+                return
+            del self._grants[conn_id]  # used: one verification per connection
+            # Verified: from now on its headers may ask for direct copies (before the answer,
+            # so that none it sends right after can arrive first).
+            grant.on_verified(pid)
+            ok = True
+            writer.write(_ANSWER.pack(1, time.monotonic(), address(grant.probe)))
+            await writer.drain()
+            # The client reads the probe back now; the grant keeps it alive until it is done.
+            await asyncio.wait_for(reader.readexactly(1), VERIFY_TIMEOUT)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, struct.error, UnicodeError):
             pass
         finally:
+            self._busy -= 1
             if not ok:
                 self.refused += 1
             writer.close()
@@ -302,14 +345,27 @@ class Verifier:
             self._server = None
 
 
-async def verify(name: str, conn_id: int, token: bytes, limit: float = VERIFY_TIMEOUT) -> int:
+def valid_name(name: str) -> bool:
+    """Is ``name`` one :meth:`Verifier.start` makes (so a server cannot aim the client elsewhere)?"""
+    if not name.startswith(NAME_PREFIX):
+        return False
+    pid, _, salt = name[len(NAME_PREFIX) :].partition("-")
+    return pid.isdigit() and pid.isascii() and len(salt) == 16 and all(c in "0123456789abcdef" for c in salt)
+
+
+async def verify(name: str, conn_id: int, token: bytes, control: Endpoints, limit: float = VERIFY_TIMEOUT) -> int:
     """Prove to the server at abstract socket ``name`` that we share its host and user; its pid.
 
-    Raises :class:`CmaError` when the server is not reachable that way, is
-    another user, does not hold the token where it said, or keeps another clock.
+    ``control`` is our control connection to that server, our side first: the
+    server checks that it is the connection it gave ``token`` to.  Raises
+    :class:`CmaError` when the server is not reachable that way, is another
+    user or another process than the name says, refuses, does not hold the
+    token where it said, or keeps another clock.
     """
     if not available():
         raise CmaError("direct copies need Linux's process_vm_readv/process_vm_writev")
+    if not valid_name(name):
+        raise CmaError(f"{name!r} is not a tent_async verification socket")
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path="\0" + name), limit)
     except (OSError, TimeoutError) as exc:
@@ -318,12 +374,15 @@ async def verify(name: str, conn_id: int, token: bytes, limit: float = VERIFY_TI
         pid, uid = _peer_credentials(writer.get_extra_info("socket"))
         if uid != os.getuid() or pid <= 0:
             raise CmaError(f"the peer runs as uid {uid} (pid {pid}), this process as {os.getuid()}")
-        writer.write(_HELLO.pack(conn_id, token))
+        if name[len(NAME_PREFIX) :].partition("-")[0] != str(pid):
+            raise CmaError(f"the verification socket {name!r} is held by process {pid}, not the one it names")
+        named = _text(control)
+        writer.write(_HELLO.pack(conn_id, token, len(named)) + named)
         await writer.drain()
         try:
             ok, clock, probe = _ANSWER.unpack(await asyncio.wait_for(reader.readexactly(_ANSWER.size), limit))
         except (asyncio.IncompleteReadError, TimeoutError):
-            raise CmaError("the peer refused the verification (wrong token, or another user)") from None
+            raise CmaError("the peer refused the verification (wrong token or connection, or another user)") from None
         if not ok:
             raise CmaError("the peer refused the verification")
         if abs(clock - time.monotonic()) > CLOCK_SKEW:

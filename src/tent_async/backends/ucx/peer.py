@@ -112,7 +112,9 @@ from .site import Site
 logger = logging.getLogger("tent_async.ucx")
 
 BIND_REQUEST = MAX_U64  # the request id of a link's BIND (nothing else is in flight on a new link)
-_DONE = np.ones(1, dtype=np.uint8)  # a direct copy's end (cma.py): one byte on the slice's data tag
+# A direct copy's end (cma.py): one byte on the slice's data tag, 1 if it copied, 0 if not
+_DONE_COPIED = np.ones(1, dtype=np.uint8)
+_DONE_SKIPPED = np.zeros(1, dtype=np.uint8)
 # While a large READ receives straight into the caller's memory on a link, only plain READ headers
 # (46 bytes for a segment named "kv", 1,070 at most) are sent on it, and only while fewer than this
 # many headers are unanswered: what a peer that read that READ's header can leave unread behind it
@@ -212,6 +214,7 @@ class _Op:
         "link",
         "loud",
         "pending",
+        "redo",
         "reply",
         "request",
         "sending",
@@ -251,6 +254,7 @@ class _Op:
         self.sg: scatter.Plan | None = None  # a scatter-gather slice: its extent list and staging
         self.inline = False  # set by Link._queue (_inline)
         self.cma = False  # answered with WHERE, copied directly (cma.py); set by Link._queue
+        self.redo: tuple[str, bool] | None = None  # a direct copy not made: (why, the peer's load?) (Link._copy)
         self.direct = False  # a large READ whose receive into the caller's memory is posted (Link.direct)
         self.loud = False  # sent, not reported, and sends more than a plain READ's header (Link.loud)
         self.staged: np.ndarray | None = None  # a large READ received into staging instead (Link.stage_reads)
@@ -585,7 +589,8 @@ class Link:
 
         * a large READ receives into caller memory on the link (``self.direct``)
           and ``op`` would send more than a plain READ's header (a WRITE, an
-          extent list), or would leave ``QUIET_SLOTS`` headers unanswered;
+          extent list; not a direct copy, which sends no bytes over UCX), or
+          would leave ``QUIET_SLOTS`` headers unanswered;
         * ``op`` is a large plain READ (it would receive into caller memory) and
           a WRITE or an extent list is in flight on the link (``self.loud``),
           unless the link receives such READs into staging (``stage_reads``: a
@@ -600,7 +605,8 @@ class Link:
         receive (:meth:`_data_done`) or op (:meth:`_settle`) flushes the queue.
         """
         if self.direct:
-            if op.kind is Op.WRITE or op.sg is not None or self.peer.slots - len(self.free_slots) >= QUIET_SLOTS:
+            sends = (op.kind is Op.WRITE or op.sg is not None) and not op.cma  # a direct copy sends no bytes
+            if sends or self.peer.slots - len(self.free_slots) >= QUIET_SLOTS:
                 return False
         elif (
             self.loud and op.kind is Op.READ and op.sg is None and not op.inline and not op.cma and not self.stage_reads
@@ -657,7 +663,7 @@ class Link:
             )
         reply_tag = make_tag(self.ns, KIND_CONTROL, op.request)
         buffer = self._buffers.pop() if self._buffers else np.zeros(self.reply_room, dtype=np.uint8)
-        if a is not None and (op.kind is Op.WRITE or op.sg is not None) and not (op.cma and op.sg is None):
+        if a is not None and (op.kind is Op.WRITE or op.sg is not None) and not op.cma:
             op.loud = True  # no large plain READ is sent on this link until it is reported (_admit)
             self.loud += 1
         try:
@@ -817,9 +823,10 @@ class Link:
         elif op.state is OP_WITHDRAWING:
             pass  # withdrawn: nothing moves; DONE lets the peer free the segments now
         elif pid is None:
-            op.error = f"rail {self.name}: direct copies to peer {self.peer.name!r} were turned off"
+            op.redo = (f"rail {self.name}: direct copies to peer {self.peer.name!r} were turned off", False)
         elif time.monotonic() >= msg.until:
-            op.error = f"rail {self.name}: the peer's WHERE came after its deadline; the slice is sent again"
+            # Nothing landed and the rail is not at fault (a loop was slow): the slice goes again.
+            op.redo = (f"rail {self.name}: the peer's WHERE came after its deadline; the slice is sent again", True)
         else:
             write = op.kind is Op.WRITE
             if op.sg is not None:
@@ -835,14 +842,15 @@ class Link:
                 op.data_ok = True
             except cma.CmaError as exc:
                 # The kernel refused (the peer exited, or copies are no longer allowed): this slice
-                # goes again, over UCX, and so does every later one to this peer.
-                op.error = f"rail {self.name}: {exc}"
+                # goes again, over UCX, and so does every later one to this peer; the rail is not down.
+                op.redo = (f"rail {self.name}: {exc}", False)
                 self.peer.cma_off(str(exc))
         ch = op.channel
         if ch is not None and not ch.closed:
+            said = _DONE_COPIED if op.data_ok else _DONE_SKIPPED
             try:
-                req = ch.tag_send(_DONE, make_tag(self.peer_ns, KIND_DATA, op.request))
-                ch.keep(req, _DONE, None, send=True)
+                req = ch.tag_send(said, make_tag(self.peer_ns, KIND_DATA, op.request))
+                ch.keep(req, said, None, send=True)
             except Exception as exc:  # the link is failing: the peer frees the segments when it closes
                 logger.debug("%s: DONE not sent: %s", self.name, _ucxx.describe_error(exc))
 
@@ -979,6 +987,11 @@ class Link:
             ctx.complete(a.id, self._wire_time(op, site.clock(), peer_away * 1e-6))
         elif withdrawn:
             ctx.withdrawn(a.id)
+        elif op.redo is not None and op.violation is None:
+            # A direct copy not made (late WHERE, or the kernel refused): nothing landed; the planner
+            # sends the slice again (held off briefly for a late answer, charged to the rail else).
+            why, load = op.redo
+            ctx.fail(a.id, RemoteBusyError(why) if load else RailLinkError(why), busy=load)
         elif op.fatal is not None and op.sg is not None and isinstance(op.reply, Error) and op.reply.retry:
             # The peer's load (no staging free), nothing written: the planner holds the rail off and
             # retries.  Only an extent-list slice takes staging, so only its refusal may say retry: a

@@ -788,7 +788,7 @@ def _d_welcome(f: list[Any]) -> Welcome:
     _, _, name, host_id, conn_id, rails, catalogue, auth, slots, inline_limit, staging, cma, token = _fields(
         f, "WELCOME", 13
     )
-    return Welcome(
+    welcome = Welcome(
         version=version,
         name=_str(name, "engine name"),
         host_id=_str(host_id, "host id", 64),
@@ -802,6 +802,9 @@ def _d_welcome(f: list[Any]) -> Welcome:
         cma=_str(cma, "verification socket", 100, empty=True),
         cma_token=_bytes(token, "verification token", (0, 16)),
     )
+    if bool(welcome.cma) != bool(welcome.cma_token):
+        raise ProtocolError("WELCOME's verification socket and token come together or not at all")
+    return welcome
 
 
 def _d_refused(f: list[Any]) -> Refused:

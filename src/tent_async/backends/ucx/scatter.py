@@ -953,7 +953,6 @@ def _received(served: _Served) -> Callable[[BaseException | None], None]:
 
 def _direct(served: _Served) -> None:
     """A checked direct-copy extent list: WHERE, the segments busy until DONE (Server.answer_direct)."""
-    served.release()
     served.count()
     msg = served.msg
     served.server.answer_direct(served.link, msg.request, served.segs, msg.op, msg.total, served.mark)

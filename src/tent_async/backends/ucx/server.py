@@ -116,6 +116,7 @@ LINK_RATE = 8.0  # ... and per second after that; faster is a protocol violation
 MAX_DRAINS = 64  # refused WRITEs whose bytes are still awaited, per link; more closes the link
 MAX_REPLIES_OUT_PER_SLOT = 2  # replies still going out per header slot of a link; more drops the client
 MAX_DIRECT_PER_SLOT = 4  # direct copies answered and not yet DONE, per header slot of a link; more drops the client
+DONE_WAIT = 10.0  # seconds a direct copy's DONE may take after WHERE; later drops the client
 STASH_TTL = 5.0  # seconds a WRITE's early bytes may wait for their header
 STASH_BYTES_PER_LINK = 64 << 20  # early WRITE bytes kept per link ...
 STASH_BYTES = 256 << 20  # ... and per engine (past it the connection holding the most is dropped) ...
@@ -472,6 +473,10 @@ class Server:
         self.evicting_by_source: collections.Counter[str] = collections.Counter()
         self.trimmer = HeapTrimmer(asyncio.get_running_loop())
         self.verifier = cma.Verifier()  # direct copies for clients on this host (cma.py); started by start()
+        self.direct_holds = 0  # direct copies answered whose segments are still held (answer_direct) ...
+        self.direct_until = 0.0  # ... and the latest deadline among them
+        self._no_direct_holds = asyncio.Event()  # set while direct_holds is 0 (aclose waits for it)
+        self._no_direct_holds.set()
 
     # ============================================================ catalogue
 
@@ -611,8 +616,11 @@ class Server:
             # take it as its own name first and pass its notifications off as the other's.
             conn.label = f"{conn.name}#{secrets.token_hex(4)}"
         cma_token = b""
-        if self.verifier.name and hello.host_id == site.host_id:  # it says it is on this host: let it prove it
-            cma_token = self.verifier.grant(conn_id, functools.partial(self._verified, conn))
+        control = cma.endpoints(writer)
+        if self.verifier.name and hello.host_id == site.host_id and control is not None:
+            # It says it is on this host: let it prove that, and that it is at the other end of
+            # this very connection (cma.py).
+            cma_token = self.verifier.grant(conn_id, control, functools.partial(self._verified, conn))
         conn.send(self._welcome(conn_id, cma_token))
         self.connections[conn_id] = conn
         self.log.info("connected", "engine %r: %s connected (connection %d)", site.engine_name, who, conn_id)
@@ -917,7 +925,7 @@ class Server:
                 reason,
             )
             link.refuse(msg.request, reason)
-            if msg.op is Op.WRITE and msg.payload is None:
+            if msg.op is Op.WRITE and msg.payload is None and not msg.cma:  # (a direct copy sends no bytes)
                 self._drain(link, msg)
             return
         if msg.cma:
@@ -969,23 +977,29 @@ class Server:
     ) -> None:
         """Answer a checked direct-copy header with WHERE; ``segs`` stay busy until its DONE (cma.py).
 
-        A link whose DONE receives are cancelled (it closed) keeps them busy until
-        WHERE's deadline plus ``cma.MARGIN``: the client may have started its copy
-        just before.  A client with more than ``MAX_DIRECT_PER_SLOT`` per header
-        slot unanswered does not send its DONEs: its connection is dropped.
+        Only on a shared-memory link of a connection that proved it shares our host
+        and user; anything else asking is a protocol violation.  A link whose DONE
+        receives are cancelled (it closed) keeps the segments busy until WHERE's
+        deadline plus ``cma.MARGIN``: the client may have started its copy just
+        before.  A client that leaves a DONE out for ``DONE_WAIT`` seconds, or has
+        more than ``MAX_DIRECT_PER_SLOT`` per header slot open, is dropped.
         """
         stats = self.site.stats
+        why = ""
         if link.conn.cma_pid is None:
+            why = "a direct copy asked for by a client that did not prove it shares our host"
+        elif link.rail.plan.kind != "shm":
+            why = f"a direct copy asked for on a {link.rail.plan.kind} rail (shared-memory rails only)"
+        elif link.direct_open >= MAX_DIRECT_PER_SLOT * len(link.slots):
+            why = f"{link.direct_open} direct copies and no DONE for them"
+        if why:
             stats["protocol_errors"] += 1
-            link.violation(f"{link.label}: a direct copy asked for by a client that did not prove it shares our host")
-            return
-        if link.direct_open >= MAX_DIRECT_PER_SLOT * len(link.slots):
-            stats["protocol_errors"] += 1
-            link.violation(f"{link.label}: {link.direct_open} direct copies and no DONE for them")
+            link.violation(f"{link.label}: {why}")
             return
         until = time.monotonic() + cma.VALID_FOR
+        said = np.full(1, 0xFF, dtype=np.uint8)  # DONE's byte: 1 copied, 0 withdrawn before the copy
         try:
-            req = link.channel.tag_recv(self._tiny, make_tag(link.ns, KIND_DATA, request))
+            req = link.channel.tag_recv(said, make_tag(link.ns, KIND_DATA, request))
         except Exception as exc:
             link.refuse(request, f"cannot receive: {_ucxx.describe_error(exc)}")
             return
@@ -993,24 +1007,39 @@ class Server:
         for seg in segs:
             ops[seg.name] += 1
         link.direct_open += 1
+        self.direct_holds += 1
+        self._no_direct_holds.clear()
+        self.direct_until = max(self.direct_until, until)
         loop = asyncio.get_running_loop()
 
         def release() -> None:
+            self.direct_holds -= 1
+            if not self.direct_holds:
+                self._no_direct_holds.set()
             for seg in segs:
                 ops[seg.name] -= 1
                 if ops[seg.name] <= 0:
                     del ops[seg.name]
 
+        def overdue() -> None:
+            if not link.closed:
+                stats["protocol_errors"] += 1
+                link.violation(f"{link.label}: no DONE for direct copy {request} within {DONE_WAIT:g} s")
+
+        watch = loop.call_later(DONE_WAIT, overdue)
+
         def done(error: BaseException | None) -> None:
+            watch.cancel()
             link.direct_open -= 1
             if error is None:
-                stats["served_write" if op is Op.WRITE else "served_read"] += 1
-                stats["bytes_written" if op is Op.WRITE else "bytes_read"] += nbytes
+                if said[0] == 1:
+                    stats["served_write" if op is Op.WRITE else "served_read"] += 1
+                    stats["bytes_written" if op is Op.WRITE else "bytes_read"] += nbytes
                 release()
             else:  # the link closed (or a wrong message): the client's copy may still be running
                 loop.call_later(max(0.0, until + cma.MARGIN - time.monotonic()), release)
 
-        link.channel.keep(req, self._tiny, done)
+        link.channel.keep(req, said, done)
         stats["cma_slices"] += 1
         bases = tuple(cma.address(seg.memory.array) for seg in segs)
         link.reply(Where(request=request, bases=bases, until=until, away=link.away_since(mark)))
@@ -1081,10 +1110,20 @@ class Server:
 
     # ============================================================== closing
 
+    async def _await_direct_copies(self) -> None:
+        """Closing: let the direct copies answered with WHERE end before the application may free
+        their segments.  A client copies only before WHERE's deadline, so this waits at most until
+        the latest deadline plus ``cma.MARGIN`` (usually not at all: DONE follows WHERE at once)."""
+        left = self.direct_until + cma.MARGIN - time.monotonic()
+        if self.direct_holds > 0 and left > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_direct_holds.wait(), left)
+
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
         await self.verifier.aclose()
+        await self._await_direct_copies()
         for conn in list(self.connections.values()):
             with contextlib.suppress(PeerClosedError):
                 conn.send(Bye(reason="engine closing"))
