@@ -249,6 +249,15 @@ async def test_shared_memory_slices_copy_directly_byte_exact_and_not_with_cma_fa
     assert after.get("protocol_errors", 0) == before.get("protocol_errors", 0)
 
 
+async def _dropped(peer: Any) -> bool:
+    """Did the server drop ``peer``'s connection within two seconds?"""
+    for _ in range(200):
+        if peer.closed:
+            return True
+        await anyio.sleep(0.01)
+    return False
+
+
 async def _rogue(server: PeerProcess, **options: Any) -> tuple[tent.Engine, Rogue, int]:
     engine, peer = await _engine(server, **options)
     return engine, Rogue(engine, peer), (await peer.segment("kv")).sid
@@ -264,11 +273,7 @@ async def test_a_direct_copy_asked_for_by_an_unverified_client_drops_it(spawn_pe
     try:
         reply = await rogue.send(p.encode(p.SliceRequest(p.Op.WRITE, 0, "kv", sid, 0, MiB, cma=True)), wait=2.0)
         assert not isinstance(reply, p.Where)
-        for _ in range(200):
-            if rogue.peer.closed:
-                break
-            await anyio.sleep(0.01)
-        assert rogue.peer.closed
+        assert await _dropped(rogue.peer)
     finally:
         await engine.__aexit__(None, None, None)
     after = server.cmd(cmd="stats")["stats"]
@@ -361,10 +366,6 @@ async def test_a_direct_copy_asked_for_on_a_tcp_link_drops_even_a_verified_clien
         rogue.link = next(link for link in peer.links.values() if link.rail.plan.kind == "tcp")
         reply = await rogue.send(p.encode(p.SliceRequest(p.Op.READ, 0, "kv", sid, 0, 4096, cma=True)), wait=2.0)
         assert not isinstance(reply, p.Where)
-        for _ in range(200):
-            if peer.closed:
-                break
-            await anyio.sleep(0.01)
-        assert peer.closed
+        assert await _dropped(peer)
     finally:
         await engine.__aexit__(None, None, None)
