@@ -148,11 +148,56 @@ async def test_verification_proves_host_user_and_connection_once_per_token() -> 
         await cma.verify("some-other-socket", 1, bytes(16), CLIENT_SIDE, limit=1.0)
 
 
+@needs_cma
+@pytest.mark.anyio
+async def test_verification_refuses_a_socket_held_by_another_process_than_its_name_says() -> None:
+    name = "tent-ucx-1-0123456789abcdef"  # names pid 1; this process holds it
+
+    async def nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_unix_server(nothing, path="\0" + name)
+    try:
+        with pytest.raises(cma.CmaError, match="held by process"):
+            await cma.verify(name, 1, bytes(16), CLIENT_SIDE, limit=1.0)
+    finally:
+        server.close()
+
+
+@needs_cma
+@pytest.mark.anyio
+async def test_the_verifier_serves_a_bounded_number_of_callers_at_once() -> None:
+    verifier = cma.Verifier()
+    assert await verifier.start()
+    idle = []
+    try:
+        token = verifier.grant(3, SERVER_SIDE, lambda pid: None)
+        for _ in range(cma.MAX_VERIFYING):  # callers that connect and say nothing
+            idle.append(await asyncio.open_unix_connection(path="\0" + verifier.name))
+        await asyncio.sleep(0.05)
+        with pytest.raises(cma.CmaError):
+            await cma.verify(verifier.name, 3, token, CLIENT_SIDE, limit=1.0)
+        for _reader, writer in idle:
+            writer.close()
+        idle.clear()
+        await asyncio.sleep(0.05)
+        assert await cma.verify(verifier.name, 3, token, CLIENT_SIDE) == os.getpid()  # the grant was kept
+    finally:
+        for _reader, writer in idle:
+            writer.close()
+        await verifier.aclose()
+
+
 def _link_for_copies(pid: int | None) -> tuple[Link, list[str]]:
     """A Link with just what _copy uses: its peer (pid, turning copies off) and its name."""
     link = Link.__new__(Link)
     off: list[str] = []
-    link.peer = SimpleNamespace(cma_pid=pid, name="decode-0", cma_off=off.append)  # type: ignore[assignment]
+    failed: list[tuple[int, BaseException, dict[str, bool]]] = []
+    ctx = SimpleNamespace(fail=lambda aid, exc, **how: failed.append((aid, exc, how)))
+    site = SimpleNamespace(ctx=ctx, clock=time.monotonic)
+    link.peer = SimpleNamespace(  # type: ignore[assignment]
+        cma_pid=pid, cma_late=0, name="decode-0", cma_off=off.append, site=site, failed=failed, closed=False
+    )
     link.name = "shm"
     link.peer_ns = 1
     return link, off
@@ -180,6 +225,11 @@ def test_the_initiator_copies_only_while_the_slice_is_live_and_before_the_deadli
     link._copy(op, where(time.monotonic() - 0.001))
     assert not op.data_ok and not there.any()
     assert op.redo is not None and "deadline" in op.redo[0] and op.redo[1]  # again, as the peer's load
+    op.reply = where(0.0)
+    link._report(op)
+    ((aid, exc, how),) = link.peer.failed  # type: ignore[attr-defined]
+    assert aid == 1 and isinstance(exc, tent.RemoteBusyError) and how == {"busy": True}  # the rail stays up
+    link.peer.failed.clear()  # type: ignore[attr-defined]
 
     op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
     op.state, op.cma = OP_SENT, True
@@ -191,6 +241,17 @@ def test_the_initiator_copies_only_while_the_slice_is_live_and_before_the_deadli
     link._copy(op, p.Where(request=1, bases=(8,), until=time.monotonic() + 10))  # the kernel refuses
     assert not op.data_ok and op.redo is not None and not op.redo[1]
     assert off  # later slices to this peer go over UCX
+    op.reply = where(0.0)
+    link._report(op)
+    ((aid, exc, how),) = link.peer.failed  # type: ignore[attr-defined]
+    assert how == {"busy": False}  # charged to the rail, not taken down: the next goes over UCX
+
+    link, off = _link_for_copies(os.getpid())
+    for _ in range(3):  # a loop too slow for the deadlines, every time: direct copies go off
+        op = _Op(attempt, link, p.Op.WRITE, 0.0)  # type: ignore[arg-type]
+        op.state, op.cma = OP_SENT, True
+        link._copy(op, where(time.monotonic() - 0.001))
+    assert len(off) == 1 and "deadline" in off[0]
 
 
 # ============================================================ two processes

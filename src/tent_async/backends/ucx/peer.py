@@ -119,8 +119,12 @@ _DONE_SKIPPED = np.zeros(1, dtype=np.uint8)
 # (46 bytes for a segment named "kv", 1,070 at most) are sent on it, and only while fewer than this
 # many headers are unanswered: what a peer that read that READ's header can leave unread behind it
 # then fits a TCP socket's send buffer at Linux's default size (docs/ucx.md, "Closing an endpoint
-# mid-send": a READ into caller memory never shares an endpoint with a send that can stall).
+# mid-send": a READ into caller memory never shares an endpoint with a send that can stall).  On
+# shared-memory links direct copies' headers (up to about 1.7 KB with 64 ``reach`` entries) and
+# their one-byte DONEs go too (not counted against this): no TCP socket there, and over shared
+# memory the argument does not hold anyway (the docs say why).
 QUIET_SLOTS = 8
+CMA_LATE_LIMIT = 3  # direct copies' answers in a row past their deadline before a peer's are turned off
 
 
 class RailLinkError(TentError):
@@ -549,8 +553,9 @@ class Link:
 
     @property
     def direct_copies(self) -> bool:
-        """Do this link's slices copy directly (cma.py)?  Shared-memory rails to a verified peer."""
-        return self.peer.cma_pid is not None and self.rail.plan.kind == "shm"
+        """Do this link's slices copy directly (cma.py)?  Shared-memory rails to a verified peer
+        (not with delayed submission: the peer's receive for DONE could be posted after it came)."""
+        return self.peer.cma_pid is not None and self.rail.plan.kind == "shm" and not self.rail.delayed
 
     def _queue(self, op: _Op) -> None:
         assert op.attempt is not None
@@ -812,23 +817,48 @@ class Link:
         """WHERE came: copy the slice's bytes directly, unless it was withdrawn or came too late; then DONE.
 
         Synchronous, in the reply's callback: a slice withdrawn before this point
-        never copies, and once it is reported nothing of it moves (cma.py).
+        never copies, and once it is reported nothing of it moves (cma.py).  DONE
+        goes whatever happened here; if it cannot, the link is torn down (its close
+        frees the peer's segments).
         """
+        try:
+            self._copy_now(op, msg)
+        finally:
+            ch = op.channel
+            if ch is not None and not ch.closed:
+                said = _DONE_COPIED if op.data_ok else _DONE_SKIPPED
+                try:
+                    req = ch.tag_send(said, make_tag(self.peer_ns, KIND_DATA, op.request))
+                    ch.keep(req, said, None, send=True)
+                except Exception as exc:
+                    ch.fail(f"rail {self.name}: a direct copy's DONE could not be sent: {_ucxx.describe_error(exc)}")
+
+    def _copy_now(self, op: _Op, msg: Where) -> None:
         a = op.attempt
         assert a is not None
-        pid = self.peer.cma_pid
+        peer = self.peer
+        pid = peer.cma_pid
         want = 1 if op.sg is None else len(op.sg.remote)
         if len(msg.bases) != want:
             self._violation(op, f"WHERE gave {len(msg.bases)} segment addresses for {want} segments")
-        elif op.state is OP_WITHDRAWING:
-            pass  # withdrawn: nothing moves; DONE lets the peer free the segments now
-        elif pid is None:
-            op.redo = (f"rail {self.name}: direct copies to peer {self.peer.name!r} were turned off", False)
-        elif time.monotonic() >= msg.until:
+            return
+        if op.state is OP_WITHDRAWING:
+            return  # withdrawn: nothing moves; DONE lets the peer free the segments now
+        if pid is None:
+            op.redo = (f"rail {self.name}: direct copies to peer {peer.name!r} were turned off", False)
+            return
+        if time.monotonic() >= msg.until:
             # Nothing landed and the rail is not at fault (a loop was slow): the slice goes again.
+            # A loop that is always this slow gets no good of direct copies: after LATE_LIMIT in
+            # a row they are turned off for the peer.
+            peer.cma_late += 1
+            if peer.cma_late >= CMA_LATE_LIMIT:
+                peer.cma_off(f"{peer.cma_late} answers in a row came after their deadline")
             op.redo = (f"rail {self.name}: the peer's WHERE came after its deadline; the slice is sent again", True)
-        else:
-            write = op.kind is Op.WRITE
+            return
+        peer.cma_late = 0
+        write = op.kind is Op.WRITE
+        try:
             if op.sg is not None:
                 local, remote, lengths = op.sg.direct(msg.bases)
             else:
@@ -837,22 +867,19 @@ class Link:
                 local = np.array([cma.address(mine.memory.array) + at], dtype=np.uint64)
                 remote = np.array([msg.bases[0] + there], dtype=np.uint64)
                 lengths = np.array([a.length], dtype=np.uint64)
-            try:
-                cma.copy(pid, local, remote, lengths, write=write)
-                op.data_ok = True
-            except cma.CmaError as exc:
-                # The kernel refused (the peer exited, or copies are no longer allowed): this slice
-                # goes again, over UCX, and so does every later one to this peer; the rail is not down.
-                op.redo = (f"rail {self.name}: {exc}", False)
-                self.peer.cma_off(str(exc))
-        ch = op.channel
-        if ch is not None and not ch.closed:
-            said = _DONE_COPIED if op.data_ok else _DONE_SKIPPED
-            try:
-                req = ch.tag_send(said, make_tag(self.peer_ns, KIND_DATA, op.request))
-                ch.keep(req, said, None, send=True)
-            except Exception as exc:  # the link is failing: the peer frees the segments when it closes
-                logger.debug("%s: DONE not sent: %s", self.name, _ucxx.describe_error(exc))
+        except (OverflowError, ValueError) as exc:  # addresses past 2^64: not ones the peer has
+            self._violation(op, f"WHERE gave segment addresses no copy can use ({exc})")
+            return
+        try:
+            cma.copy(pid, local, remote, lengths, write=write)
+            op.data_ok = True
+        except Exception as exc:
+            # The kernel refused (the peer exited, or copies are no longer allowed), or the copy could
+            # not be started: this slice goes again, over UCX, and so does every later one to this
+            # peer; the rail is not down.
+            why = str(exc) if isinstance(exc, cma.CmaError) else f"{type(exc).__name__}: {exc}"
+            op.redo = (f"rail {self.name}: {why}", False)
+            peer.cma_off(why)
 
     def _violation(self, op: _Op, what: str, *, truncated: bool = False, teardown: bool = False) -> None:
         """The peer broke the protocol on ``op``: count it, log it, fail the slice.
@@ -1168,6 +1195,7 @@ class Peer:
         self._all_links: list[Link] = []  # also the ones connect() left out (closed with the peer)
         self._not_reading = False  # it left more than MAX_WRITE_BUFFER of our control bytes unread
         self.cma_pid: int | None = None  # its pid once it is verified for direct copies (cma.py, connect)
+        self.cma_late = 0  # its WHEREs in a row that came after their deadline (Link._copy_now)
         self._backlog_check: asyncio.TimerHandle | None = None  # armed while more than that is queued
 
     def __repr__(self) -> str:

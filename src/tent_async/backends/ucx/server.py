@@ -477,6 +477,7 @@ class Server:
         self.direct_until = 0.0  # ... and the latest deadline among them
         self._no_direct_holds = asyncio.Event()  # set while direct_holds is 0 (aclose waits for it)
         self._no_direct_holds.set()
+        self.closing = False  # aclose has begun: no more WHEREs
 
     # ============================================================ catalogue
 
@@ -617,7 +618,8 @@ class Server:
             conn.label = f"{conn.name}#{secrets.token_hex(4)}"
         cma_token = b""
         control = cma.endpoints(writer)
-        if self.verifier.name and hello.host_id == site.host_id and control is not None:
+        delayed = any(rail.delayed for rail in site.local_rails.values())  # DONE could beat its receive
+        if self.verifier.name and hello.host_id == site.host_id and control is not None and not delayed:
             # It says it is on this host: let it prove that, and that it is at the other end of
             # this very connection (cma.py).
             cma_token = self.verifier.grant(conn_id, control, functools.partial(self._verified, conn))
@@ -985,6 +987,9 @@ class Server:
         more than ``MAX_DIRECT_PER_SLOT`` per header slot open, is dropped.
         """
         stats = self.site.stats
+        if self.closing:  # no new copies while closing (aclose waits for the ones answered)
+            link.refuse(request, f"engine {self.site.engine_name!r} is closing", retry=True)
+            return
         why = ""
         if link.conn.cma_pid is None:
             why = "a direct copy asked for by a client that did not prove it shares our host"
@@ -1112,8 +1117,9 @@ class Server:
 
     async def _await_direct_copies(self) -> None:
         """Closing: let the direct copies answered with WHERE end before the application may free
-        their segments.  A client copies only before WHERE's deadline, so this waits at most until
-        the latest deadline plus ``cma.MARGIN`` (usually not at all: DONE follows WHERE at once)."""
+        their segments.  No WHERE is answered once ``closing`` is set, and a client copies only
+        before a WHERE's deadline, so this waits at most until the latest deadline plus
+        ``cma.MARGIN`` (usually not at all: DONE follows WHERE at once)."""
         left = self.direct_until + cma.MARGIN - time.monotonic()
         if self.direct_holds > 0 and left > 0:
             with contextlib.suppress(TimeoutError):
@@ -1123,11 +1129,13 @@ class Server:
         if self._server is not None:
             self._server.close()
         await self.verifier.aclose()
-        await self._await_direct_copies()
+        self.closing = True
+        await self._await_direct_copies()  # their DONEs, while the links are still up
         for conn in list(self.connections.values()):
             with contextlib.suppress(PeerClosedError):
                 conn.send(Bye(reason="engine closing"))
             self._drop(conn, "engine closing")
+        await self._await_direct_copies()  # those whose links just closed: their deadline and margin
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
