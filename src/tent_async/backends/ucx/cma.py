@@ -8,8 +8,10 @@ byte on two event loops.  ``process_vm_readv``/``process_vm_writev`` copy
 between two processes' address spaces in one kernel call, each side an
 ``iovec`` list of up to ``IOV_MAX`` entries with its own cuts: one copy, no
 staging, and the kernel walks the extent lists (measured on this VM, 64 MiB
-from one process into another, 1,024 iovecs per call: 20 GB/s contiguous,
-17.7 GB/s in 16 KiB blocks to permuted places, 16 GB/s in 4 KiB blocks).
+from one process into another: 20 GB/s contiguous; 16-18 GB/s in 4-16 KiB
+blocks to permuted places in our memory from one range of the other's, but
+6-11 GB/s with the blocks scattered in the other process, whose pages the
+kernel pins iovec by iovec: see :func:`copy` and ``Backend.remote_order``).
 
 **Who copies.**  Always the slice's initiator, synchronously, on its event
 loop, in the callback that receives the peer's answer (``WHERE``: the base
@@ -28,13 +30,16 @@ on another host, or of another user, gets nothing from this path.  The server
 therefore enables it for a connection only after the client proved both, to
 the kernel's satisfaction: the client connects to the server's abstract
 Unix socket (named in ``WELCOME``, so only within the same network namespace),
-presents the connection's random token, and the server checks the socket's
-peer credentials (``SO_PEERCRED``: the uid the kernel saw).  The client in turn
-takes the server's pid from the same socket's credentials, reads a probe back
-from the server's memory (proving the pid and that the kernel allows the
-copy), and checks that both processes share one monotonic clock.  A header
-asking for a direct copy on a connection that did not pass this is a protocol
-violation.
+the server checks the socket's peer credentials (``SO_PEERCRED``: the uid the
+kernel saw) before it reads anything, and the client presents the
+connection's random token and names the control connection it came with (so
+a token relayed by a peer in the middle verifies nothing).  The client in
+turn takes the server's pid from the same socket's credentials (it must be
+the one the socket's name says), reads a probe back from the server's memory
+(proving the pid and that the kernel allows the copy), and checks that both
+processes share one monotonic clock.  A header asking for a direct copy on a
+connection that did not pass this, or on a rail other than shared memory, is
+a protocol violation.
 
 **Time bound.**  ``WHERE`` says until when (the server's ``time.monotonic()``,
 one clock for the whole host) the initiator may still copy; it does not start

@@ -686,7 +686,6 @@ def _resolve(server: Serving, link: ServingLink, msg: ScatterRequest) -> tuple[l
         for seg, end in zip(segs, msg.reach, strict=True):
             if end > seg.size:
                 return [], f"the slice reaches byte {end} of segment {seg.name!r} of {seg.size} bytes"
-
     if link.in_flight >= len(link.slots):
         site.stats["protocol_errors"] += 1
         return [], f"more than {len(link.slots)} slices in flight on this link"
@@ -795,8 +794,8 @@ class _Served:
 
 
 def staging_need(msg: ScatterRequest) -> int:
-    """The staging a header takes on the server: its bulk message (a WRITE's, or a direct copy's
-    table) or a READ's table and bytes; 0 when the bytes travel inline."""
+    """The staging a header takes on the server: a WRITE's bulk message ([table] + bytes) or a
+    READ's [table] + bytes; 0 when the bytes travel inline or are copied directly (cma.py)."""
     table = 0 if msg.table is not None else msg.count * EXTENT_BYTES
     if msg.op is Op.WRITE or msg.cma:
         return msg.bulk_length  # a direct copy: 0
