@@ -161,6 +161,10 @@ async def main(config: dict[str, Any]) -> None:
             return tuple(attrs.evolve(ad, address=os_.urandom(40)) for ad in rail_ads(self))
 
         bad.Site.rail_ads = bad_ads  # type: ignore[method-assign]
+    if config.get("done_wait"):  # tests: how long a direct copy's DONE may take (server.DONE_WAIT)
+        from tent_async.backends.ucx import server as srv_done
+
+        srv_done.DONE_WAIT = float(config["done_wait"])
     if config.get("slow_headers"):  # tests: headers dispatched late, so WRITE bytes overtake them
         from tent_async.backends.ucx import server as srv
 

@@ -430,3 +430,23 @@ async def test_a_direct_copy_asked_for_on_a_tcp_link_drops_even_a_verified_clien
         assert await _dropped(peer)
     finally:
         await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.ucx
+@pytest.mark.anyio
+@requires_ucxx
+@needs_cma
+async def test_a_client_that_never_says_done_is_dropped(spawn_peer: Any) -> None:
+    """A WHERE holds segments until DONE; a client that never sends it is dropped (DONE_WAIT),
+    which frees them once the deadline and margin are past."""
+    server = spawn_peer(name="decode-0", rails=SHM, segments=SEGMENTS, done_wait=0.5)
+    engine, rogue, sid = await _rogue(server)
+    try:
+        reply = await rogue.send(p.encode(p.SliceRequest(p.Op.WRITE, 0, "kv", sid, 0, 4096, cma=True)))
+        assert isinstance(reply, p.Where)
+        assert await _dropped(rogue.peer)
+        assert server.cmd(cmd="stats")["stats"]["protocol_errors"] >= 1
+        await anyio.sleep(max(0.0, reply.until + cma.MARGIN - time.monotonic()) + 0.3)
+        server.cmd(cmd="unregister", segment="kv")  # held no longer
+    finally:
+        await engine.__aexit__(None, None, None)
