@@ -187,3 +187,16 @@ async def test_a_final_snapshot_is_readable_after_close_and_served_as_metrics() 
     for rail in final.rails:
         assert after[("tent_rail_bytes_total", (("engine", "e2"), ("rail", rail.name)))] == rail.bytes_total
     assert not any(labels and dict(labels).get("engine") == "later" for _name, labels in after)  # never started
+
+
+@pytest.mark.anyio
+async def test_a_backends_own_counters_show_in_telemetry_and_metrics() -> None:
+    """Backend.counters (the ucx backend's refusals, protocol errors, direct copies) reach both."""
+    async with tent.Engine(rails=[tent.RailSpec(name="nic0")], name="e3") as engine:
+        assert engine.telemetry().backend == ()  # the local backend counts nothing of its own
+        engine.backend.counters = lambda: {"protocol_errors": 2, "cma_slices": 7}  # type: ignore[method-assign]
+        snap = engine.telemetry()
+        assert snap.backend == (("cma_slices", 7), ("protocol_errors", 2))
+        samples = await _scrape_engine(engine)
+    assert samples[("tent_backend_events_total", (("engine", "e3"), ("event", "cma_slices")))] == 7.0
+    assert samples[("tent_backend_events_total", (("engine", "e3"), ("event", "protocol_errors")))] == 2.0

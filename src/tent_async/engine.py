@@ -989,6 +989,7 @@ class Engine:
             loop_lag_last=self.loop_lag.last,
             loop_lag_max=self.loop_lag.max,
             loop_lag_mean=self.loop_lag.mean,
+            backend=self._backend.counters(),
         )
 
     def events(self, maxlen: int = 10_000) -> EventSubscription:

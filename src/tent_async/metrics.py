@@ -134,7 +134,14 @@ class EngineCollector(Collector):
             "How late the engine's timer ran (event-loop lag)",
             labels=["engine", "stat"],
         )
+        backend = CounterMetricFamily(
+            "tent_backend_events",
+            "What the engine's backend counts beside its rails (ucx: refusals, protocol errors, direct copies)",
+            labels=["engine", "event"],
+        )
         for snap, is_running in snaps:
+            for event, count in snap.backend:
+                backend.add_metric([snap.engine, event], float(count))
             running.add_metric([snap.engine], 1.0 if is_running else 0.0)
             for rail in snap.rails:
                 labels = [snap.engine, rail.name]
@@ -166,6 +173,7 @@ class EngineCollector(Collector):
         yield transfers
         yield moved
         yield lag
+        yield backend
 
 
 def _snapshot(engine: Engine) -> Telemetry | None:

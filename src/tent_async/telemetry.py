@@ -69,6 +69,7 @@ class Telemetry:
     loop_lag_last: float = 0.0  # seconds the engine's last timer fired late (event-loop lag)
     loop_lag_max: float = 0.0
     loop_lag_mean: float = 0.0
+    backend: tuple[tuple[str, int], ...] = ()  # the backend's own counters (Backend.counters), by name
 
     @classmethod
     def from_planner(
@@ -84,6 +85,7 @@ class Telemetry:
         loop_lag_last: float = 0.0,
         loop_lag_max: float = 0.0,
         loop_lag_mean: float = 0.0,
+        backend: Mapping[str, int] | None = None,
     ) -> Telemetry:
         rails = tuple(
             RailTelemetry(
@@ -125,6 +127,7 @@ class Telemetry:
             loop_lag_last=loop_lag_last,
             loop_lag_max=loop_lag_max,
             loop_lag_mean=loop_lag_mean,
+            backend=tuple(sorted((backend or {}).items())),
         )
 
     def __getitem__(self, name: str) -> RailTelemetry:

@@ -301,6 +301,7 @@ async def test_shared_memory_slices_copy_directly_byte_exact_and_not_with_cma_fa
         with anyio.fail_after(60):
             await engine.transfer(kv[:], engine.register(whole, name="whole")[:])
         assert np.array_equal(whole, expected)
+        assert dict(engine.telemetry().backend) == dict(engine.backend.stats)  # type: ignore[attr-defined]
     finally:
         await engine.__aexit__(None, None, None)
     after = server.cmd(cmd="stats")["stats"]

@@ -20,7 +20,7 @@ import abc
 import asyncio
 import math
 import time
-from collections.abc import Callable, Coroutine, Hashable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 import attrs
@@ -138,6 +138,11 @@ class Backend(abc.ABC):
     the peer's memory faster in address order (ucx's direct copies pin the peer's pages
     iovec by iovec: adjacent blocks there become one iovec)."""
     _ctx: BackendContext | None = None
+
+    def counters(self) -> Mapping[str, int]:
+        """What the backend counts beside the rails (the ucx backend: refusals, protocol errors,
+        direct copies, ...), for telemetry and metrics; none by default."""
+        return {}
 
     @abc.abstractmethod
     def rail_specs(self) -> Sequence[RailSpec]:

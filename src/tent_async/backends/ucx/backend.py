@@ -58,7 +58,7 @@ import collections
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -191,6 +191,10 @@ class UcxBackend(Backend):
         if self._site is None:
             raise RuntimeError("the ucx backend is not started")
         return self._site
+
+    def counters(self) -> Mapping[str, int]:
+        """``stats`` (docs/ucx.md, Counters), for telemetry and metrics."""
+        return dict(self.stats)
 
     def rail_specs(self) -> Sequence[RailSpec]:
         return list(self._specs or [])
