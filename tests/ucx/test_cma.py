@@ -31,6 +31,7 @@ from conftest import PeerProcess, requires_ucxx
 from tent_async.backends.ucx import cma
 from tent_async.backends.ucx import protocol as p
 from tent_async.backends.ucx.peer import OP_SENT, OP_WITHDRAWING, Link, _Op
+from tent_async.memory import as_memory
 
 MiB = 1 << 20
 KV = 8 * MiB
@@ -208,7 +209,7 @@ def test_the_initiator_copies_only_while_the_slice_is_live_and_before_the_deadli
     """Fencing: a slice withdrawn before its WHERE, or whose WHERE is late, copies nothing."""
     there = np.zeros(4096, dtype=np.uint8)
     mine = pattern(9, 4096)
-    src = SimpleNamespace(memory=SimpleNamespace(array=mine))
+    src = SimpleNamespace(memory=as_memory(mine))
     attempt = SimpleNamespace(id=1, src=src, dst=None, src_offset=0, dst_offset=0, length=4096)
     link, off = _link_for_copies(os.getpid())
 
@@ -311,6 +312,11 @@ async def test_shared_memory_slices_copy_directly_byte_exact_and_not_with_cma_fa
     assert after.get("protocol_errors", 0) == before.get("protocol_errors", 0)
 
 
+async def _past_the_hold(reply: p.Where) -> None:
+    """Sleep until a server holding segments for ``reply`` after its link closed has let them go."""
+    await anyio.sleep(max(0.0, reply.until + cma.MARGIN - time.monotonic()) + 0.3)
+
+
 async def _dropped(peer: Any) -> bool:
     """Did the server drop ``peer``'s connection within two seconds?"""
     for _ in range(200):
@@ -404,7 +410,7 @@ async def test_a_segment_stays_busy_until_done_or_the_deadline_after_its_link_cl
         await asyncio.sleep(0.3)
         with pytest.raises(RuntimeError, match="in flight"):  # the copy could still be under way
             server.cmd(cmd="unregister", segment="kv")
-        await anyio.sleep(max(0.0, reply.until + cma.MARGIN - time.monotonic()) + 0.3)
+        await _past_the_hold(reply)
         server.cmd(cmd="unregister", segment="kv")  # then it is free
     finally:
         await engine.__aexit__(None, None, None)
@@ -447,7 +453,7 @@ async def test_a_client_that_never_says_done_is_dropped(spawn_peer: Any) -> None
         assert isinstance(reply, p.Where)
         assert await _dropped(rogue.peer)
         assert server.cmd(cmd="stats")["stats"]["protocol_errors"] >= 1
-        await anyio.sleep(max(0.0, reply.until + cma.MARGIN - time.monotonic()) + 0.3)
+        await _past_the_hold(reply)
         server.cmd(cmd="unregister", segment="kv")  # held no longer
     finally:
         await engine.__aexit__(None, None, None)

@@ -213,16 +213,20 @@ class Extents:
             self._coalesced = True  # the engine and the planner both ask: answer the second at once
             return self
         heads = np.flatnonzero(np.concatenate(([True], ~joins)))
-        merged = np.add.reduceat(self.length, heads)
+        out = self._rows(heads, np.add.reduceat(self.length, heads).astype(_I64, copy=False))
+        out._coalesced = True
+        return out
+
+    def _rows(self, rows: Array, length: Array) -> Extents:
+        """Rows ``rows`` of this list, with lengths ``length``: same segments, same pairs."""
         out = Extents(
             self.segments,
-            _pick(self.src_seg, heads),
-            self.src_off[heads],
-            _pick(self.dst_seg, heads),
-            self.dst_off[heads],
-            merged.astype(_I64, copy=False),
+            _pick(self.src_seg, rows),
+            self.src_off[rows],
+            _pick(self.dst_seg, rows),
+            self.dst_off[rows],
+            length,
         )
-        out._coalesced = True
         out._pairs = self._pairs
         return out
 
@@ -249,16 +253,7 @@ class Extents:
         if bool(rising.all()):
             return self
         order = np.argsort(off, kind="stable") if one_segment else np.lexsort((off, seg))
-        out = Extents(
-            self.segments,
-            _pick(self.src_seg, order),
-            self.src_off[order],
-            _pick(self.dst_seg, order),
-            self.dst_off[order],
-            _pick(self.length, order),
-        )
-        out._pairs = self._pairs
-        return out
+        return self._rows(order, _pick(self.length, order))
 
     # ----------------------------------------------------------------- queries
 

@@ -864,7 +864,7 @@ class Link:
             else:
                 mine: Segment = a.src if write else a.dst  # type: ignore[assignment]
                 at, there = (a.src_offset, a.dst_offset) if write else (a.dst_offset, a.src_offset)
-                local = np.array([cma.address(mine.memory.array) + at], dtype=np.uint64)
+                local = np.array([mine.memory.address + at], dtype=np.uint64)
                 remote = np.array([msg.bases[0] + there], dtype=np.uint64)
                 lengths = np.array([a.length], dtype=np.uint64)
         except (OverflowError, ValueError) as exc:  # addresses past 2^64: not ones the peer has

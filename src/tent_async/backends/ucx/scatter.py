@@ -74,7 +74,7 @@ from ...core import Attempt
 from ...errors import ProtocolError, TentError
 from ...memory import Memory, copy_bytes, copy_extents
 from ...segments import RemoteSegment, Segment
-from . import _ucxx, cma
+from . import _ucxx
 from .protocol import (
     EXTENT_BYTES,
     KIND_DATA,
@@ -493,7 +493,7 @@ class Plan:
 
     def direct(self, bases: Sequence[int]) -> tuple[Array, Array, Array]:
         """The extents as ``(our addresses, the peer's, lengths)``, the peer's segments at ``bases`` (WHERE)."""
-        ours = np.fromiter((cma.address(m.array) for m in self.local), dtype=np.uint64, count=len(self.local))
+        ours = np.fromiter((m.address for m in self.local), dtype=np.uint64, count=len(self.local))
         theirs = np.asarray(bases, dtype=np.uint64)
         lengths = self.lengths.astype(np.uint64)
         local = ours[self.local_index] + self.local_offsets.astype(np.uint64)

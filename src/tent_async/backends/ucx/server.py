@@ -1046,7 +1046,7 @@ class Server:
 
         link.channel.keep(req, said, done)
         stats["cma_slices"] += 1
-        bases = tuple(cma.address(seg.memory.array) for seg in segs)
+        bases = tuple(seg.memory.address for seg in segs)
         link.reply(Where(request=request, bases=bases, until=until, away=link.away_since(mark)))
 
     def _begin(self, link: ServerLink, seg: Segment) -> None:
