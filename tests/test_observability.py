@@ -134,10 +134,18 @@ def test_cli_watch_shows_rails_and_survives_a_fault(
 
 
 def test_cli_bench_core_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "core", "--slices", "3000", "--policies", "eft"]) == 0
+    assert main(["bench", "core", "--slices", "3000", "--policies", "eft", "--transfers", "200"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines[0]["policy"] == "eft"
     assert lines[0]["dispatch_us"] > 0
+    # The one-slice transfers: every one finished (measure_transfers raises otherwise), timed.
+    assert lines[1] == {
+        "bench": "core_transfer",
+        "policy": "eft",
+        "transfers": 200,
+        "transfer_us": lines[1]["transfer_us"],
+    }
+    assert lines[1]["transfer_us"] > 0
 
 
 def test_cli_argument_errors() -> None:

@@ -7,7 +7,13 @@ checking deadlines, finding when to wake next: what the engine does on every
 pump) and in :meth:`Planner.complete` (telemetry, accounting) is divided by
 the number of slices.  Target: dispatch <= 5 us per slice with 8 rails.
 
-    tent-async bench core [--rails 8] [--slices 200000]
+It also times what the planner costs a small transfer, one slice long, from
+:meth:`Planner.submit` to the poll that reports it finished (submit, poll,
+complete, poll, each poll followed by ``next_wakeup``) on one rail, one
+transfer at a time: the planner's share of a small transfer's round trip
+(the ucx backend's 4 KiB latency, docs/ucx.md "Performance").
+
+    tent-async bench core [--rails 8] [--slices 200000] [--transfers 50000]
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 
 from rich.table import Table
 
-from ..core import Piece, Planner, Post, RailInfo, SchedulerConfig
+from ..core import Finished, Piece, Planner, Post, RailInfo, SchedulerConfig
 from ..display import console as make_console
 
 TARGET_US = 5.0
@@ -28,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rails", type=int, default=8, help="number of equal rails (default 8)")
     parser.add_argument("--slices", type=int, default=200_000, help="slices per policy (default 200000)")
     parser.add_argument("--policies", default="eft,round_robin,single", help="comma-separated policies")
+    parser.add_argument(
+        "--transfers", type=int, default=50_000, help="one-slice transfers timed per policy (default 50000)"
+    )
 
 
 def measure(policy: str, rails: int, slices: int) -> dict[str, float]:
@@ -59,6 +68,30 @@ def measure(policy: str, rails: int, slices: int) -> dict[str, float]:
     return {"dispatch_us": poll_s / done * 1e6, "complete_us": complete_s / done * 1e6, "slices": done}
 
 
+def measure_transfers(policy: str, transfers: int) -> dict[str, float]:
+    """Seconds per one-slice (4 KiB) transfer in the planner, one rail, one transfer at a time."""
+    planner = Planner([RailInfo("r0", 10e9, 20e-6)], SchedulerConfig(), policy)
+    now = 0.0
+    finished = 0
+    clock = time.perf_counter
+    t0 = clock()
+    for _ in range(transfers):
+        planner.submit([Piece("src", 0, "dst", 0, 4096)], now)
+        decisions = planner.poll(now)
+        planner.next_wakeup()
+        now += 50e-6
+        for d in decisions:
+            if type(d) is Post:
+                planner.complete(d.attempt.id, now)
+        finished += sum(type(d) is Finished for d in planner.poll(now))
+        planner.next_wakeup()
+        now += 50e-6
+    spent = clock() - t0
+    if finished != transfers:  # the loop above must be what it says: one whole transfer per round
+        raise RuntimeError(f"{finished} of {transfers} one-slice transfers finished")
+    return {"transfer_us": spent / transfers * 1e6, "transfers": transfers}
+
+
 def run(args: argparse.Namespace) -> int:
     console = make_console()
     table = Table(title=f"sans-IO core, {args.rails} rails: cost per slice (target: dispatch <= {TARGET_US} us)")
@@ -77,4 +110,14 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     verdict = "met" if worst <= TARGET_US else "MISSED"
     console.print(f"worst dispatch cost {worst:.2f} us/slice vs target {TARGET_US} us: {verdict}")
+    if args.transfers > 0:
+        parts = []
+        for policy in args.policies.split(","):
+            t = measure_transfers(policy.strip(), args.transfers)
+            parts.append(f"{policy.strip()} {t['transfer_us']:.2f} us")
+            print(json.dumps({"bench": "core_transfer", "policy": policy.strip(), **t}))
+        console.print(
+            f"one-slice 4 KiB transfers, one rail, one at a time (submit, poll, complete, poll): "
+            f"{', '.join(parts)} of planner time per transfer"
+        )
     return 0
