@@ -14,7 +14,8 @@ ack, progressing its worker the way ``progress`` says (:data:`RAW_MODES`).
 It prints ``{"address": <its worker address, hex>}`` and then reads the
 client's as one JSON line on stdin.  ``engine``: a listening ucx engine with
 that one rail (``"default"``: ``rails=None``, discovered) and two segments,
-progressing as ``progress`` says; it prints ``{"address": "host:port"}``.  ``kv``:
+progressing as ``progress`` says; it prints ``{"address": "host:port"}`` and answers each stdin
+line ``cpu`` with ``{"cpu": <its CPU seconds so far>}``.  ``kv``:
 a listening engine with the default rails (``rails=None``) and one ``pool``
 segment filled from ``seed``; it answers each stdin line ``{"digest": true}``
 with the pool's sha256 and ``{"fill": seed}`` by refilling it.  ``steps``: the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -115,7 +117,10 @@ async def serve_engine(config: dict[str, Any]) -> None:
         e.register(np.ones(config["size"], dtype=np.uint8), name="dst")  # touched: no first-touch page faults
         e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
         print(json.dumps({"address": e.address}), flush=True)
-        await _stdin_closed()
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            if line.strip() == "cpu":  # the --gaps part's question: this process's CPU seconds so far
+                print(json.dumps({"cpu": time.process_time()}), flush=True)
 
 
 async def serve_steps(config: dict[str, Any]) -> None:

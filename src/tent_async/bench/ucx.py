@@ -38,7 +38,7 @@ adds its options).
 
     tent-async bench ucx [--iters 10] [--lat-iters 500] [--repeat 3] [--rails tcp,shm,default]
                          [--progress loop,thread] [--raw-progress loop,thread] [--progress-modes]
-                         [--kv] [--kv-only] [--learn] [--steps] [--veth]
+                         [--kv] [--kv-only] [--learn] [--steps] [--gaps] [--veth]
 
 **What the engine learns** (``--learn``): six 64 MiB WRITEs over ``rails=None``
 (shm, every interface and loopback), then each rail's learned bandwidth and
@@ -49,6 +49,10 @@ not include the time the loops spent on the others (issue 9, item 3).
 **Where a small transfer's time goes** (``--steps``): 4 KiB WRITEs and READs on
 each rail of ``--rails``, every step stamped in both processes on one clock, the
 median per step and each side's CPU per transfer (:mod:`.ucx_steps`).
+
+**What sporadic small transfers cost** (``--gaps``): 4 KiB WRITEs back to back and
+after the client idled 1 and 5 ms, per rail and progress mode: p50, p99 and
+each process's CPU time per transfer (:mod:`.ucx_gaps`).
 """
 
 from __future__ import annotations
@@ -129,6 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only: 4 KiB WRITEs and READs on each rail of --rails (--lat-iters of them), every step stamped "
         "in both processes; the median per step (where a small transfer's time goes)",
+    )
+    parser.add_argument(
+        "--gaps",
+        action="store_true",
+        help="only: 4 KiB WRITEs back to back and after 1 and 5 ms idle, per rail of --rails and mode of "
+        "--progress: p50, p99 and each process's CPU per transfer",
     )
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
@@ -680,6 +690,11 @@ def run(args: argparse.Namespace) -> int:
         from .ucx_steps import run_steps
 
         run_steps(console, args)
+        return 0
+    if args.gaps:
+        from .ucx_gaps import run_gaps
+
+        run_gaps(console, args)
         return 0
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
     if args.progress_modes:
