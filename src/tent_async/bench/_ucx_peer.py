@@ -14,14 +14,15 @@ ack, progressing its worker the way ``progress`` says (:data:`RAW_MODES`).
 It prints ``{"address": <its worker address, hex>}`` and then reads the
 client's as one JSON line on stdin.  ``engine``: a listening ucx engine with
 that one rail (``"default"``: ``rails=None``, discovered) and two segments,
-progressing as ``progress`` says; it prints ``{"address": "host:port"}`` and answers each stdin
-line ``cpu`` with ``{"cpu": <its CPU seconds so far>}``.  ``kv``:
+progressing as ``progress`` says; it prints ``{"address": "host:port"}``.  ``kv``:
 a listening engine with the default rails (``rails=None``) and one ``pool``
 segment filled from ``seed``; it answers each stdin line ``{"digest": true}``
 with the pool's sha256 and ``{"fill": seed}`` by refilling it.  ``steps``: the
 ``engine`` peer with every step stamped and its work counted (:mod:`.ucx_steps`); a stdin
 line ``mark`` clears both and answers its CPU time, and when stdin closes it prints its
-stamps and counts.  All of them exit when stdin closes.  A fresh interpreter, never a fork of a UCX process.
+stamps and counts.  ``raw`` and ``engine`` answer each further stdin line ``cpu`` with
+``{"cpu": <their CPU seconds so far>}``.  All of them exit when stdin closes.  A fresh
+interpreter, never a fork of a UCX process.
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ def rail_spec(rail: str) -> Any:
 
 
 async def _stdin_closed() -> None:
+    """Return when stdin closes; meanwhile answer each ``cpu`` line with this process's CPU seconds."""
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.read)
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        if line.strip() == "cpu":  # the --gaps part's question
+            print(json.dumps({"cpu": time.process_time()}), flush=True)
 
 
 async def serve_raw(config: dict[str, Any]) -> None:
@@ -117,10 +121,7 @@ async def serve_engine(config: dict[str, Any]) -> None:
         e.register(np.ones(config["size"], dtype=np.uint8), name="dst")  # touched: no first-touch page faults
         e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
         print(json.dumps({"address": e.address}), flush=True)
-        loop = asyncio.get_running_loop()
-        while line := await loop.run_in_executor(None, sys.stdin.readline):
-            if line.strip() == "cpu":  # the --gaps part's question: this process's CPU seconds so far
-                print(json.dumps({"cpu": time.process_time()}), flush=True)
+        await _stdin_closed()
 
 
 async def serve_steps(config: dict[str, Any]) -> None:
