@@ -54,7 +54,7 @@ def test_the_steps_run_merges_both_processes_stamps_into_one_time_line() -> None
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [(r["rail"], r["op"]) for r in rows] == [("shm", "write"), ("shm", "read")], out.stdout
+    assert [(r["rail"], r["progress"], r["op"]) for r in rows] == [("shm", "loop", "write"), ("shm", "loop", "read")]
     for row in rows:
         steps = list(row["steps_us"])
         # The peer's steps sit between the client's header send and its reply: one time line.
@@ -107,13 +107,16 @@ def test_the_gaps_run_reports_raw_and_engine_latency_and_both_processes_cpu_afte
     assert count_for(0.005, 500) == 300  # 1.5 s of idling at most
     assert count_for(0.5, 500) == MIN_COUNT  # but never fewer than this
     cmd = [sys.executable, "-m", "tent_async.cli", "bench", "ucx", "--gaps", "--rails", "shm"]
-    cmd += ["--progress", "loop", "--lat-iters", "30", "--repeat", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd += ["--progress", "loop", "--lat-iters", "30", "--repeat", "1", "--limit", "40"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "left out" not in out.stdout, out.stdout
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     got = [(r["rail"], r["what"], r["progress"], r["gap_ms"]) for r in rows]
     assert got == [("shm", what, "loop", g * 1e3) for g in GAPS for what in ("raw", "engine")], got
-    for row in rows:
+    for row, gap in zip(rows, [g for g in GAPS for _what in ("raw", "engine")], strict=True):
+        assert row["count"] == count_for(gap, 30), row  # every round trip asked for was timed
+        assert row["runs"] == 1, row
         assert row["p99_us"] >= row["p50_us"] > 0, row
         # The peer's CPU comes from the peer process (its answer on stdin), the client's from this one.
         assert row["cpu_client_us"] > 0, row

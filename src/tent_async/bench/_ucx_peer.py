@@ -4,7 +4,7 @@
                                                    "progress": "thread"}'
     python -m tent_async.bench._ucx_peer engine '{"rail": "shm", "size": N, "progress": "loop"}'
     python -m tent_async.bench._ucx_peer kv     '{"size": N, "seed": S}'
-    python -m tent_async.bench._ucx_peer steps  '{"rail": "shm", "size": N}'
+    python -m tent_async.bench._ucx_peer steps  '{"rail": "shm", "size": N, "progress": "loop"}'
 
 ``raw``: one UCX context with the rail's settings (the same :class:`LocalRail`
 the backend uses), one endpoint opened from the client's worker address (as
@@ -21,7 +21,7 @@ with the pool's sha256 and ``{"fill": seed}`` by refilling it.  ``steps``: the
 ``engine`` peer with every step stamped and its work counted (:mod:`.ucx_steps`); a stdin
 line ``mark`` clears both and answers its CPU time, and when stdin closes it prints its
 stamps and counts.  ``raw`` and ``engine`` answer each further stdin line ``cpu`` with
-``{"cpu": <their CPU seconds so far>}``.  All of them exit when stdin closes.  A fresh
+``{"cpu": <their CPU seconds so far>, "at": <their perf_counter>}``.  All of them exit when stdin closes.  A fresh
 interpreter, never a fork of a UCX process.
 """
 
@@ -73,7 +73,7 @@ async def _stdin_closed() -> None:
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         if line.strip() == "cpu":  # the --gaps part's question
-            print(json.dumps({"cpu": time.process_time()}), flush=True)
+            print(json.dumps({"cpu": time.process_time(), "at": time.perf_counter()}), flush=True)
 
 
 async def serve_raw(config: dict[str, Any]) -> None:
@@ -126,14 +126,13 @@ async def serve_engine(config: dict[str, Any]) -> None:
 
 async def serve_steps(config: dict[str, Any]) -> None:
     """``serve_engine`` with every step stamped (:mod:`.ucx_steps`); stdin ``mark`` clears the stamps."""
-    import time
-
     from ..engine import Engine
     from . import ucx_steps
 
     ucx_steps.install()
     rails = [rail_spec(config["rail"])] if config["rail"] != "default" else None
-    async with Engine(backend="ucx", name="steps-server", listen="127.0.0.1:0", rails=rails) as e:
+    options = {"progress": config["progress"]} if "progress" in config else {}
+    async with Engine(backend="ucx", name="steps-server", listen="127.0.0.1:0", rails=rails, **options) as e:
         e.register(np.ones(config["size"], dtype=np.uint8), name="dst")
         e.register(np.full(config["size"], 7, dtype=np.uint8), name="src", permission="r")
         print(json.dumps({"address": e.address}), flush=True)
@@ -143,7 +142,7 @@ async def serve_steps(config: dict[str, Any]) -> None:
             if line.strip() == "mark":
                 del ucx_steps.LOG[:]
                 ucx_steps.WORK.clear()
-                print(json.dumps({"cpu": time.process_time()}), flush=True)
+                print(json.dumps({"cpu": time.process_time(), "at": time.perf_counter()}), flush=True)
         work = {k: ucx_steps.WORK[k] for k in ucx_steps.WORK_KEYS}
         print(json.dumps({"cpu": time.process_time(), "log": ucx_steps.LOG, "work": work}), flush=True)
 

@@ -69,7 +69,7 @@ def measure(policy: str, rails: int, slices: int) -> dict[str, float]:
 
 
 def measure_transfers(policy: str, transfers: int) -> dict[str, float]:
-    """Seconds per one-slice (4 KiB) transfer in the planner, one rail, one transfer at a time."""
+    """Microseconds of planner time per one-slice (4 KiB) transfer, one rail, one transfer at a time."""
     planner = Planner([RailInfo("r0", 10e9, 20e-6)], SchedulerConfig(), policy)
     now = 0.0
     finished = 0
@@ -112,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"worst dispatch cost {worst:.2f} us/slice vs target {TARGET_US} us: {verdict}")
     if args.transfers > 0:
         parts = []
-        for policy in args.policies.split(","):
-            t = measure_transfers(policy.strip(), args.transfers)
-            parts.append(f"{policy.strip()} {t['transfer_us']:.2f} us")
-            print(json.dumps({"bench": "core_transfer", "policy": policy.strip(), **t}))
+        for policy in (p.strip() for p in args.policies.split(",")):
+            t = measure_transfers(policy, args.transfers)
+            parts.append(f"{policy} {t['transfer_us']:.2f} us")
+            print(json.dumps({"bench": "core_transfer", "policy": policy, **t}))
         console.print(
             f"one-slice 4 KiB transfers, one rail, one at a time (submit, poll, complete, poll): "
             f"{', '.join(parts)} of planner time per transfer"

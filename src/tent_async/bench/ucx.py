@@ -50,9 +50,10 @@ not include the time the loops spent on the others (issue 9, item 3).
 each rail of ``--rails``, every step stamped in both processes on one clock, the
 median per step and each side's CPU per transfer (:mod:`.ucx_steps`).
 
-**What sporadic small transfers cost** (``--gaps``): 4 KiB WRITEs back to back and
-after the client idled 1 and 5 ms, per rail and progress mode: p50, p99 and
-each process's CPU time per transfer (:mod:`.ucx_gaps`).
+**What sporadic small transfers cost** (``--gaps``): raw ucxx's 4 KiB round trip and
+the engine's 4 KiB WRITE in the same progress mode, back to back and after the
+client idled 1 and 5 ms, per rail and mode: p50, p99 and each process's CPU
+time per round trip (:mod:`.ucx_gaps`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -131,14 +132,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         action="store_true",
-        help="only: 4 KiB WRITEs and READs on each rail of --rails (--lat-iters of them), every step stamped "
-        "in both processes; the median per step (where a small transfer's time goes)",
+        help="only: 4 KiB WRITEs and READs on each rail of --rails and mode of --progress (--lat-iters of them), "
+        "every step stamped in both processes; the median per step (where a small transfer's time goes)",
     )
     parser.add_argument(
         "--gaps",
         action="store_true",
-        help="only: 4 KiB WRITEs back to back and after 1 and 5 ms idle, per rail of --rails and mode of "
-        "--progress: p50, p99 and each process's CPU per transfer",
+        help="only: 4 KiB round trips back to back and after 1 and 5 ms idle, raw ucxx and engine WRITEs, per "
+        "rail of --rails and mode of --progress: p50, p99 and each process's CPU per round trip",
     )
     parser.add_argument("--veth", action="store_true", help="also run the veth-testbed part (root, ucx_veth module)")
     veth = _veth_module()
@@ -198,9 +199,34 @@ class _LagProbe:
             self._task.cancel()
 
 
-async def _raw_client(
-    rail: str, proc: subprocess.Popen[str], address: bytes, iters: int, lat_iters: int, mode: str
-) -> tuple[list[float], list[float], float]:
+def ask(proc: subprocess.Popen[str], line: str) -> dict[str, Any]:
+    """Send a peer process one stdin line and return its one-line JSON answer.
+
+    A blocking exchange: callers make it outside any timed part.
+    """
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    answer = proc.stdout.readline()
+    if not answer:
+        raise RuntimeError(f"the peer exited (code {proc.wait(10)})")
+    result: dict[str, Any] = json.loads(answer)
+    return result
+
+
+@contextlib.asynccontextmanager
+async def raw_round_trips(
+    rail: str, proc: subprocess.Popen[str], address: bytes, mode: str, size: int
+) -> AsyncIterator[Callable[[int], Awaitable[float]]]:
+    """Raw ucxx's side of a ``raw`` peer: yields ``once(nbytes)``, one round trip timed.
+
+    One UCX context with the rail's settings (the backend's own :class:`LocalRail`),
+    one endpoint to the peer's worker; a round trip is a tagged send of ``nbytes``
+    (at most ``size``) and the peer's 8-byte ack, progressed as ``mode`` says.  The
+    yardstick of ``bench ucx``'s targets and of ``--gaps``: one copy, so the two
+    cannot drift apart.
+    """
     from ..backends.ucx import _ucxx
     from ..backends.ucx.rails import LocalRail, plan_from_spec
     from ._ucx_peer import ACK_TAG, rail_progress, rail_spec, wait
@@ -214,7 +240,7 @@ async def _raw_client(
         proc.stdin.write(json.dumps({"address": local.address.hex()}) + "\n")  # the peer answers to this
         proc.stdin.flush()
         ep = local.connect(address)
-        buf = np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8)
+        buf = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
         ack = np.empty(8, dtype=np.uint8)
         tag = 0
 
@@ -229,13 +255,20 @@ async def _raw_client(
             tag += 1
             return time.perf_counter() - t0
 
+        yield once
+        ep.close_blocking(10**9, 1)
+    finally:
+        local.close()
+
+
+async def _raw_client(
+    rail: str, proc: subprocess.Popen[str], address: bytes, iters: int, lat_iters: int, mode: str
+) -> tuple[list[float], list[float], float]:
+    async with raw_round_trips(rail, proc, address, mode, SIZE) as once:
         with _LagProbe() as lag:
             big = [await once(SIZE) for _ in range(iters + 2)][2:]
         small = [await once(SMALL) for _ in range(lat_iters + 50)][50:]
-        ep.close_blocking(10**9, 1)
-        return big, small, lag.worst
-    finally:
-        local.close()
+    return big, small, lag.worst
 
 
 def _raw_here(rail: str, iters: int, lat_iters: int, mode: str = "thread") -> dict[str, float]:
@@ -249,15 +282,21 @@ def _raw_here(rail: str, iters: int, lat_iters: int, mode: str = "thread") -> di
 def _isolated(
     what: str, rail: str, iters: int, lat_iters: int, limit: float, mode: str = "thread"
 ) -> dict[str, Any] | None:
-    """Run one measurement's client side in a fresh interpreter too, bounded by ``limit`` seconds.
+    """Run one measurement's client side in a fresh interpreter too, bounded by ``limit`` seconds."""
+    result: dict[str, Any] | None = run_isolated(
+        "ucx", f"_{what}_here({rail!r}, {iters}, {lat_iters}, {mode!r})", limit
+    )
+    return result
 
-    Both sides then start from a clean UCX state, and a measurement that hangs is
+
+def run_isolated(module: str, call: str, limit: float) -> Any:
+    """``tent_async.bench.<module>.<call>`` in a fresh interpreter, bounded by ``limit`` seconds.
+
+    Returns what the call returned (JSON-able), or None if it failed or hung.  Both
+    sides then start from a clean UCX state, and a measurement that hangs is
     reported as such instead of stopping the benchmark.
     """
-    code = (
-        "import json, sys; from tent_async.bench import ucx; "
-        f"print(json.dumps(ucx._{what}_here({rail!r}, {iters}, {lat_iters}, {mode!r})))"
-    )
+    code = f"import json; from tent_async.bench import {module} as m; print(json.dumps({{'result': m.{call}}}))"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         out, _ = proc.communicate(timeout=limit)
@@ -265,11 +304,10 @@ def _isolated(
         proc.kill()
         proc.communicate()
         return None
-    lines = [line for line in out.splitlines() if line.startswith("{")]
+    lines = [line for line in out.splitlines() if line.startswith('{"result": ')]  # not UCX's log lines
     if proc.returncode != 0 or not lines:
         return None
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return json.loads(lines[-1])["result"]
 
 
 async def _engine_client(rail: str, address: str, iters: int, lat_iters: int, mode: str) -> dict[str, float]:
@@ -381,11 +419,7 @@ async def _kv_client(proc: subprocess.Popen[str], address: str, iters: int, mode
     served: dict[str, int] = {}
 
     def digest(**cmd: Any) -> str:
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        proc.stdin.write(json.dumps(cmd) + "\n")
-        proc.stdin.flush()
-        answer = json.loads(proc.stdout.readline())
+        answer = ask(proc, json.dumps(cmd))
         served.update(answer["stats"])
         return str(answer["digest"])
 

@@ -14,7 +14,8 @@ transfer, and the share of the wall time each process was on a CPU.  Raw ucxx
 in the same mode, after the same idle time, is the reference: what waking a
 worker costs on this host before the engine does anything.  The peers answer
 their CPU time on stdin (``cpu``, :mod:`._ucx_peer`); the client's is
-``time.process_time``.
+``time.process_time``.  Every run (one kind, rail and mode) has a fresh client
+interpreter and a fresh peer, as ``bench ucx``'s runs do, bounded by ``--limit``.
 """
 
 from __future__ import annotations
@@ -39,35 +40,35 @@ WARM = 100
 KINDS = ("raw", "engine")
 
 
-def _peer_cpu(proc: subprocess.Popen[str]) -> float:
-    """The peer process's CPU seconds so far (it answers a ``cpu`` line on stdin)."""
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    proc.stdin.write("cpu\n")
-    proc.stdin.flush()
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the peer exited (code {proc.wait(10)})")
-    return float(json.loads(line)["cpu"])
+def _peer_cpu(proc: subprocess.Popen[str]) -> tuple[float, float]:
+    """The peer process's CPU seconds so far, and when it said so (its ``perf_counter``)."""
+    from .ucx import ask
+
+    answer = ask(proc, "cpu")
+    return float(answer["cpu"]), float(answer["at"])
 
 
 def count_for(gap: float, count: int) -> int:
     """How many transfers to time after idling ``gap`` seconds each (``count`` back to back)."""
     if gap <= 0:
         return count
-    return max(MIN_COUNT, min(count, int(SPAN / gap)))
+    return max(MIN_COUNT, min(count, round(SPAN / gap)))
 
 
 async def _measure(
     proc: subprocess.Popen[str], once: Callable[[], Awaitable[float]], count: int
 ) -> list[dict[str, Any]]:
     """Time ``once()`` (one round trip, its seconds) after each idle time of :data:`GAPS`."""
+    from .ucx import _pct
+
     for _ in range(WARM):
         await once()
     out = []
     for gap in GAPS:
         n = count_for(gap, count)
-        theirs0 = _peer_cpu(proc)
+        # The peer's figures come from a blocking exchange on its stdin: asked before this
+        # window opens and after it closes, never inside it.
+        cpu0, at0 = _peer_cpu(proc)
         mine0 = time.process_time()
         start = time.perf_counter()
         times = []
@@ -77,18 +78,17 @@ async def _measure(
             times.append(await once())
         wall = time.perf_counter() - start
         mine = time.process_time() - mine0
-        theirs = _peer_cpu(proc) - theirs0
-        times.sort()
+        cpu1, at1 = _peer_cpu(proc)
         out.append(
             {
                 "idle": (wall - sum(times)) / n,  # what the client really idled before each
                 "count": n,
-                "p50": times[len(times) // 2],
-                "p99": times[min(len(times) - 1, int(0.99 * len(times)))],
+                "p50": statistics.median(times),
+                "p99": _pct(times, 0.99),
                 "cpu_client": mine / n,
-                "cpu_peer": theirs / n,
+                "cpu_peer": (cpu1 - cpu0) / n,
                 "busy_client": mine / wall,
-                "busy_peer": theirs / wall,
+                "busy_peer": (cpu1 - cpu0) / (at1 - at0),  # over the peer's own clock between its two answers
             }
         )
     return out
@@ -113,49 +113,21 @@ async def _engine(proc: subprocess.Popen[str], address: str, rail: str, mode: st
 
 
 async def _raw(proc: subprocess.Popen[str], address: bytes, rail: str, mode: str, count: int) -> list[dict[str, Any]]:
-    """Raw ucxx's 4 KiB send + 8-byte ack round trip (as ``bench ucx``'s), through ``_measure``."""
-    from ..backends.ucx import _ucxx
-    from ..backends.ucx.rails import LocalRail, plan_from_spec
-    from ._ucx_peer import ACK_TAG, rail_progress, rail_spec, wait
+    """Raw ucxx's 4 KiB send + 8-byte ack round trip (``bench ucx``'s own), through ``_measure``."""
+    from .ucx import raw_round_trips
 
-    ucx = _ucxx.load()
-    local = LocalRail(
-        plan_from_spec(rail_spec(rail)), asyncio.get_running_loop(), sweep=False, progress=rail_progress(mode)
-    )
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps({"address": local.address.hex()}) + "\n")
-        proc.stdin.flush()
-        ep = local.connect(address)
-        buf = np.ones(SMALL, dtype=np.uint8)
-        ack = np.empty(8, dtype=np.uint8)
-        tag = 0
-
-        async def once() -> float:
-            nonlocal tag
-            recv = ep.tag_recv(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | tag))
-            t0 = time.perf_counter()
-            send = ep.tag_send(ucx.Array(buf), ucx.L.UCXXTag(tag))
-            local.progress.kick(send)
-            await wait(local, send, mode)
-            await wait(local, recv, mode)
-            tag += 1
-            return time.perf_counter() - t0
-
-        out = await _measure(proc, once, count)
-        ep.close_blocking(10**9, 1)
-        return out
-    finally:
-        local.close()
+    async with raw_round_trips(rail, proc, address, mode, SMALL) as once:
+        return await _measure(proc, lambda: once(SMALL), count)
 
 
-def _one(kind: str, rail: str, mode: str, count: int) -> list[dict[str, Any]]:
+def one_run(kind: str, rail: str, mode: str, count: int) -> list[dict[str, Any]]:
+    """One run's rows (one per gap): ``kind`` is ``"raw"`` or ``"engine"``, against a fresh peer."""
     from .ucx import _peer
 
     if kind == "engine":
         with _peer("engine", {"rail": rail, "size": 1 << 20, "progress": mode}) as (hello, proc):
             return asyncio.run(_engine(proc, hello["address"], rail, mode, count))
-    messages = WARM + sum(count_for(gap, count) for gap in GAPS)
+    messages = WARM + sum(count_for(gap, count) for gap in GAPS)  # exactly what _measure sends
     config = {"rail": rail, "size": SMALL, "rounds": [[SMALL, messages]], "progress": mode}
     with _peer("raw", config) as (hello, proc):
         return asyncio.run(_raw(proc, bytes.fromhex(hello["address"]), rail, mode, count))
@@ -163,6 +135,8 @@ def _one(kind: str, rail: str, mode: str, count: int) -> list[dict[str, Any]]:
 
 def run_gaps(console: Any, args: argparse.Namespace) -> None:
     """``--gaps``: latency and CPU of sporadic 4 KiB round trips per rail and progress mode, raw and engine."""
+    from .ucx import run_isolated
+
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
     modes = [m.strip() for m in args.progress.split(",") if m.strip()]
     table = Table(
@@ -177,12 +151,24 @@ def run_gaps(console: Any, args: argparse.Namespace) -> None:
         for _ in range(args.repeat):
             for mode in modes:
                 for kind in kinds:
-                    got[kind, mode].append(_one(kind, rail, mode, args.lat_iters))
+                    call = f"one_run({kind!r}, {rail!r}, {mode!r}, {args.lat_iters})"
+                    run = run_isolated("ucx_gaps", call, args.limit)
+                    if run is None:
+                        console.print(
+                            f"[yellow]{rail}: a {kind} run ({mode}) failed or hung for {args.limit:g} s; "
+                            "left out[/yellow]"
+                        )
+                    else:
+                        got[kind, mode].append(run)
         for mode in modes:
             for i, gap in enumerate(GAPS):
                 raw_p50 = None
                 for kind in kinds:
+                    what = "raw ucxx" if kind == "raw" else "engine WRITE"
                     rows = [run[i] for run in got[kind, mode]]
+                    if not rows:
+                        table.add_row(rail, mode, f"{gap * 1e3:g} ms", what, "-", "-", "-", "-")
+                        continue
                     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
                     if kind == "raw":
                         raw_p50 = med["p50"]
@@ -190,7 +176,7 @@ def run_gaps(console: Any, args: argparse.Namespace) -> None:
                         rail,
                         mode,
                         "none" if not gap else f"{med['idle'] * 1e3:.1f} ms",
-                        "raw ucxx" if kind == "raw" else "engine WRITE",
+                        what,
                         f"{med['p50'] * 1e6:.0f} ({med['p99'] * 1e6:.0f}) us",
                         f"{(med['p50'] - raw_p50) * 1e6:+.0f} us" if kind == "engine" and raw_p50 else "-",
                         f"{med['cpu_client'] * 1e6:.0f} / {med['cpu_peer'] * 1e6:.0f} us",
@@ -205,7 +191,8 @@ def run_gaps(console: Any, args: argparse.Namespace) -> None:
                                 "progress": mode,
                                 "gap_ms": gap * 1e3,
                                 "idle_ms": med["idle"] * 1e3,
-                                "count": med["count"],
+                                "count": rows[0]["count"],
+                                "runs": len(rows),
                                 "p50_us": med["p50"] * 1e6,
                                 "p99_us": med["p99"] * 1e6,
                                 "cpu_client_us": med["cpu_client"] * 1e6,
@@ -220,6 +207,6 @@ def run_gaps(console: Any, args: argparse.Namespace) -> None:
     console.print(
         f"{args.lat_iters} back to back, then up to {args.lat_iters} (at most {SPAN:g} s of idling, at least "
         f"{MIN_COUNT}) after each idle time; raw ucxx and the engine progress alike and alternate, {args.repeat} "
-        "rounds. CPU per round trip and 'on a CPU' (CPU time over the wall time of the timed round trips and "
-        "idling; 100% = a core kept busy): client / peer"
+        "rounds, each run in fresh processes. CPU per round trip and 'on a CPU' (CPU time over the wall time of "
+        "the timed round trips and idling, each process by its own clock; 100% = a core kept busy): client / peer"
     )

@@ -216,12 +216,14 @@ def _steps(client: list[Stamp], peer: list[Stamp]) -> tuple[list[tuple[str, floa
     return rows, {k: statistics.median(v) for k, v in spans.items()}, count, len(transfers)
 
 
-async def _client(rail: str, address: str, op: str, iters: int, warm: int, mark: Callable[[], float]) -> dict[str, Any]:
+async def _client(
+    rail: str, address: str, op: str, iters: int, warm: int, mark: Callable[[], float], mode: str
+) -> dict[str, Any]:
     from ..engine import Engine
     from ._ucx_peer import rail_spec
 
     rails = [rail_spec(rail)] if rail != "default" else None
-    async with Engine(backend="ucx", name="steps-client", rails=rails) as engine:
+    async with Engine(backend="ucx", name="steps-client", rails=rails, progress=mode) as engine:
         src = engine.register(np.random.default_rng(1).integers(0, 256, SMALL, dtype=np.uint8), name="src")
         dst = engine.register(np.ones(SMALL, dtype=np.uint8), name="dst")
         peer = await engine.connect(address)
@@ -246,9 +248,11 @@ async def _client(rail: str, address: str, op: str, iters: int, warm: int, mark:
         return {"cpu": cpu, "peer_cpu0": peer_cpu0, "work": {k: WORK[k] for k in WORK_KEYS}}
 
 
-def _one(rail: str, op: str, iters: int) -> tuple[dict[str, Any], list[Stamp]]:
-    """One stamped run against a fresh peer: the client's figures and the peer's stamps."""
-    config = {"rail": rail, "size": 1 << 20}
+def _one(rail: str, op: str, iters: int, mode: str = "loop") -> tuple[dict[str, Any], list[Stamp]]:
+    """One stamped run against a fresh peer, both in progress ``mode``: the client's figures, the peer's stamps."""
+    from .ucx import ask
+
+    config = {"rail": rail, "size": 1 << 20, "progress": mode}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tent_async.bench._ucx_peer", "steps", json.dumps(config)],
         stdin=subprocess.PIPE,
@@ -260,13 +264,11 @@ def _one(rail: str, op: str, iters: int) -> tuple[dict[str, Any], list[Stamp]]:
     assert stdout is not None
 
     def mark() -> float:
-        stdin.write("mark\n")  # a blocking exchange of one line, before the timed part
-        stdin.flush()
-        return float(json.loads(stdout.readline())["cpu"])
+        return float(ask(proc, "mark")["cpu"])  # a blocking exchange of one line, before the timed part
 
     try:
         hello = json.loads(stdout.readline())
-        result = asyncio.run(_client(rail, hello["address"], op, iters, 200, mark))
+        result = asyncio.run(_client(rail, hello["address"], op, iters, 200, mark, mode))
     finally:
         stdin.close()
     theirs = json.loads(stdout.read() or "{}")
@@ -277,40 +279,42 @@ def _one(rail: str, op: str, iters: int) -> tuple[dict[str, Any], list[Stamp]]:
 
 
 def run_steps(console: Any, args: argparse.Namespace) -> None:
-    """``--steps``: the per-step table of 4 KiB WRITEs and READs on each rail of ``--rails``."""
+    """``--steps``: the per-step table of 4 KiB WRITEs and READs per rail of ``--rails`` and mode of ``--progress``."""
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
+    modes = [m.strip() for m in args.progress.split(",") if m.strip()]
     install()
-    for rail in rails:
-        for op in ("write", "read"):
-            result, theirs = _one(rail, op, args.lat_iters)
-            rows, spans, count, total = _steps(LOG, theirs)
-            table = Table(title=f"4 KiB {op.upper()} over {rail}: medians per step ({count} of {total} in this order)")
-            table.add_column("step")
-            table.add_column("median", justify="right")
-            for step, seconds in rows:
-                table.add_row(step, f"{seconds * 1e6:.1f} us")
-            table.add_row("sum of the medians", f"{sum(s for _step, s in rows) * 1e6:.1f} us")
-            for name, seconds in spans.items():
-                table.add_row(f"[b]{name}[/b] (all transfers)", f"{seconds * 1e6:.1f} us")
-            cpu = [round(result["cpu"] / max(total, 1) * 1e6), round(result["peer_cpu"] / max(total, 1) * 1e6)]
-            table.add_row("CPU per transfer: client / peer", f"{cpu[0]} / {cpu[1]} us")
-            work = {
-                side: {k: round(float(counts.get(k, 0)) / max(total, 1), 2) for k in WORK_KEYS}
-                for side, counts in (("client", result["work"]), ("peer", result["peer_work"]))
-            }
-            for key in WORK_KEYS:
-                table.add_row(f"{key} per transfer: client / peer", f"{work['client'][key]} / {work['peer'][key]}")
-            console.print(table)
-            print(
-                json.dumps(
-                    {
-                        "bench": "ucx_steps",
-                        "rail": rail,
-                        "op": op,
-                        "steps_us": {s: round(v * 1e6, 1) for s, v in rows},
-                        "spans_us": {s: round(v * 1e6, 1) for s, v in spans.items()},
-                        "cpu_us": cpu,
-                        "work": work,
-                    }
-                )
+    for rail, mode, op in ((r, m, o) for r in rails for m in modes for o in ("write", "read")):
+        result, theirs = _one(rail, op, args.lat_iters, mode)
+        rows, spans, count, total = _steps(LOG, theirs)
+        title = f"4 KiB {op.upper()} over {rail}, {mode}: medians per step ({count} of {total} in this order)"
+        table = Table(title=title)
+        table.add_column("step")
+        table.add_column("median", justify="right")
+        for step, seconds in rows:
+            table.add_row(step, f"{seconds * 1e6:.1f} us")
+        table.add_row("sum of the medians", f"{sum(s for _step, s in rows) * 1e6:.1f} us")
+        for name, seconds in spans.items():
+            table.add_row(f"[b]{name}[/b] (all transfers)", f"{seconds * 1e6:.1f} us")
+        cpu = [round(result["cpu"] / max(total, 1) * 1e6), round(result["peer_cpu"] / max(total, 1) * 1e6)]
+        table.add_row("CPU per transfer: client / peer", f"{cpu[0]} / {cpu[1]} us")
+        work = {
+            side: {k: round(float(counts.get(k, 0)) / max(total, 1), 2) for k in WORK_KEYS}
+            for side, counts in (("client", result["work"]), ("peer", result["peer_work"]))
+        }
+        for key in WORK_KEYS:
+            table.add_row(f"{key} per transfer: client / peer", f"{work['client'][key]} / {work['peer'][key]}")
+        console.print(table)
+        print(
+            json.dumps(
+                {
+                    "bench": "ucx_steps",
+                    "rail": rail,
+                    "progress": mode,
+                    "op": op,
+                    "steps_us": {s: round(v * 1e6, 1) for s, v in rows},
+                    "spans_us": {s: round(v * 1e6, 1) for s, v in spans.items()},
+                    "cpu_us": cpu,
+                    "work": work,
+                }
             )
+        )
