@@ -264,6 +264,8 @@ async def main(config: dict[str, Any]) -> None:
                     out["memory"] = memory_report()
                 elif op == "stats":
                     out["stats"] = dict(engine.backend.stats)  # type: ignore[attr-defined]
+                elif op == "loop":  # which event loop serves (uvloop tests)
+                    out["loop"] = f"{type(loop).__module__}.{type(loop).__name__}"
                 elif op == "yields":  # passes that gave the CPU away while a slice's bytes moved (progress.py)
                     rails = engine.backend.local_rails.values()  # type: ignore[attr-defined]
                     out["yields"] = sum(getattr(r.progress, "yields", 0) for r in rails)
@@ -297,4 +299,11 @@ if __name__ == "__main__":
     import os
 
     logging.basicConfig(level=os.environ.get("TENT_TEST_LOG", "WARNING"), format="peer %(name)s: %(message)s")
-    asyncio.run(main(json.loads(sys.argv[1])))
+    peer_config = json.loads(sys.argv[1])
+    if peer_config.get("uvloop"):  # tests: the engine on uvloop's event loop (what uvicorn runs on)
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main(peer_config))
+    else:
+        asyncio.run(main(peer_config))
