@@ -44,3 +44,9 @@ async def test_the_engine_moves_the_same_bytes_on_uvloop(spawn_peer: Any, mode: 
             peer = await engine.connect(server.address)
             await _write_read_round(engine, peer, server, seed=11)
         assert server.cmd(cmd="loop")["loop"] == "uvloop.Loop"  # the peer ran on uvloop too
+        # The two engines proved they share this host (cma.py's verification socket), and the
+        # shared-memory rail's large slices were copied directly, on uvloop as on asyncio's loop.
+        stats = engine.backend.stats  # type: ignore[attr-defined]
+        assert peer.cma_pid is not None, dict(stats)
+        assert stats.get("cma_unverified", 0) == 0, dict(stats)
+        assert server.cmd(cmd="stats")["stats"].get("cma_slices", 0) > 0  # the server answered WHEREs

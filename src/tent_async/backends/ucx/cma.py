@@ -358,6 +358,23 @@ def valid_name(name: str) -> bool:
     return pid.isdigit() and pid.isascii() and len(salt) == 16 and all(c in "0123456789abcdef" for c in salt)
 
 
+async def _connect_abstract(name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to the abstract Unix socket ``name``, connected by a socket of our own.
+
+    uvloop's ``open_unix_connection(path=...)`` cannot reach an abstract name (EINVAL:
+    direct copies were silently off for a client on uvloop); every loop's ``sock_connect``
+    can, and the connected socket is then handed over.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, "\0" + name)
+        return await asyncio.open_unix_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def verify(name: str, conn_id: int, token: bytes, control: Endpoints, limit: float = VERIFY_TIMEOUT) -> int:
     """Prove to the server at abstract socket ``name`` that we share its host and user; its pid.
 
@@ -372,7 +389,7 @@ async def verify(name: str, conn_id: int, token: bytes, control: Endpoints, limi
     if not valid_name(name):
         raise CmaError(f"{name!r} is not a tent_async verification socket")
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path="\0" + name), limit)
+        reader, writer = await asyncio.wait_for(_connect_abstract(name), limit)
     except (OSError, TimeoutError) as exc:
         raise CmaError(f"the peer's verification socket is not reachable from here: {exc}") from None
     try:
