@@ -125,3 +125,29 @@ def test_the_gaps_run_reports_raw_and_engine_latency_and_both_processes_cpu_afte
         assert row["busy_peer"] > 0, row
         # The client really idled before each round trip (the loop's timer never fires early).
         assert row["idle_ms"] >= 0.9 * row["gap_ms"], row
+
+
+def _raw_peers() -> set[int]:
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "tent_async.bench._ucx_peer" in cmdline and "raw" in cmdline:
+            found.add(proc.pid)
+    return found
+
+
+def test_a_raw_peer_exits_when_its_client_is_killed_mid_run() -> None:
+    import time
+
+    from tent_async.bench.ucx import run_isolated
+
+    before = _raw_peers()
+    # Far more round trips than 4 s allow: the client is killed at its limit, mid-run, and the
+    # peer (waiting for a message that never comes) must notice its stdin closing and exit.
+    assert run_isolated("ucx_gaps", "one_run('raw', 'shm', 'poll', 10**7)", 4.0) is None
+    deadline = time.monotonic() + 15
+    while _raw_peers() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _raw_peers() - before, "a raw peer outlived its killed client"

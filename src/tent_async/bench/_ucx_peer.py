@@ -28,6 +28,7 @@ interpreter, never a fork of a UCX process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -89,22 +90,36 @@ async def serve_raw(config: dict[str, Any]) -> None:
     stop = asyncio.ensure_future(_stdin_closed())
     try:
         ep = rail.connect(bytes.fromhex(json.loads(line)["address"]))
-        buf = np.ones(config["size"], dtype=np.uint8)
-        ack = np.zeros(8, dtype=np.uint8)
-        tag = 0
-        for nbytes, count in config["rounds"]:
-            view = buf[:nbytes]
-            recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
-            rail.progress.kick()
-            for i in range(count):
-                await wait(rail, recv, mode)
-                tag += 1
-                if i + 1 < count:  # pre-post the next one before the ack; none past the round:
-                    # cancelling a receive races with the client's next message matching it.
-                    recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
-                send = ep.tag_send(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | (tag - 1)))
-                rail.progress.kick(send)
-                await wait(rail, send, mode)
+
+        async def answer_rounds() -> None:
+            buf = np.ones(config["size"], dtype=np.uint8)
+            ack = np.zeros(8, dtype=np.uint8)
+            tag = 0
+            for nbytes, count in config["rounds"]:
+                view = buf[:nbytes]
+                recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
+                rail.progress.kick()
+                for i in range(count):
+                    await wait(rail, recv, mode)
+                    tag += 1
+                    if i + 1 < count:  # pre-post the next one before the ack; none past the round:
+                        # cancelling a receive races with the client's next message matching it.
+                        recv = ep.tag_recv(ucx.Array(view), ucx.L.UCXXTag(tag))
+                    send = ep.tag_send(ucx.Array(ack), ucx.L.UCXXTag(ACK_TAG | (tag - 1)))
+                    rail.progress.kick(send)
+                    await wait(rail, send, mode)
+
+        serving = asyncio.ensure_future(answer_rounds())
+        await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            # stdin closed mid-run: the client is gone (killed at its --limit, say) and no more
+            # messages come; waiting for them would keep this process (and in "poll" or "spin"
+            # mode a core) busy for good.
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            return
+        serving.result()
         await stop
         ep.close_blocking(10**9, 1)
     finally:
