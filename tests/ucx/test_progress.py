@@ -38,9 +38,13 @@ def digest(buf: np.ndarray) -> str:
     return hashlib.sha256(buf.tobytes()).hexdigest()
 
 
-def start_server(spawn_peer: Any, mode: str) -> PeerProcess:
+# Deadlines a loaded CI host cannot miss ("poll" spins on both sides of a 2-core machine).
+ROUND_CONFIG = tent.SchedulerConfig(target_slice_time=4e-3, window=3, deadline_floor=2.0)
+
+
+def start_server(spawn_peer: Any, mode: str, **options: Any) -> PeerProcess:
     server: PeerProcess = spawn_peer(
-        name="decode-0", rails=RAILS, progress=mode, segments=[{"name": "kv", "size": KV, "seed": 1}]
+        name="decode-0", rails=RAILS, progress=mode, segments=[{"name": "kv", "size": KV, "seed": 1}], **options
     )
     return server
 
@@ -67,9 +71,7 @@ async def _write_read_round(engine: tent.Engine, peer: tent.Peer, server: PeerPr
 async def test_every_progress_mode_moves_the_same_bytes(spawn_peer: Any, mode: str) -> None:
     server = start_server(spawn_peer, mode)
     rails = [tent.RailSpec(**r) for r in RAILS]
-    # Deadlines a loaded CI host cannot miss ("poll" spins on both sides of a 2-core machine).
-    config = tent.SchedulerConfig(target_slice_time=4e-3, window=3, deadline_floor=2.0)
-    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, progress=mode, config=config) as engine:
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, progress=mode, config=ROUND_CONFIG) as engine:
         assert {r.progress.mode for r in engine.backend.local_rails.values()} == {mode}
         with anyio.fail_after(60):
             peer = await engine.connect(server.address)

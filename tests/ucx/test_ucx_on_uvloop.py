@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from test_progress import RAILS, _write_read_round
+from test_progress import RAILS, ROUND_CONFIG, _write_read_round, start_server
 
 import tent_async as tent
 from conftest import requires_ucxx
@@ -33,12 +33,9 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 @pytest.mark.parametrize("mode", ["loop", "poll"])
 async def test_the_engine_moves_the_same_bytes_on_uvloop(spawn_peer: Any, mode: str) -> None:
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)  # this test's own loop
-    server = spawn_peer(
-        name="decode-0", rails=RAILS, progress=mode, uvloop=True, segments=[{"name": "kv", "size": 16 << 20, "seed": 1}]
-    )
+    server = start_server(spawn_peer, mode, uvloop=True)
     rails = [tent.RailSpec(**r) for r in RAILS]
-    config = tent.SchedulerConfig(target_slice_time=4e-3, window=3, deadline_floor=2.0)
-    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, progress=mode, config=config) as engine:
+    async with tent.Engine(backend="ucx", name="prefill-0", rails=rails, progress=mode, config=ROUND_CONFIG) as engine:
         assert {r.progress.mode for r in engine.backend.local_rails.values()} == {mode}
         with anyio.fail_after(60):
             peer = await engine.connect(server.address)

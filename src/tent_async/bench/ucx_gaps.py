@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from .ucx import _pct, _peer, ask, raw_round_trips, run_isolated
+
 GAPS = (0.0, 0.001, 0.005)  # seconds the client idles before each transfer (0: back to back)
 SPAN = 1.5  # seconds of idling per gap at most: fewer transfers for the longer gaps
 MIN_COUNT = 20  # ... but at least this many
@@ -42,8 +44,6 @@ KINDS = ("raw", "engine")
 
 def _peer_cpu(proc: subprocess.Popen[str]) -> tuple[float, float]:
     """The peer process's CPU seconds so far, and when it said so (its ``perf_counter``)."""
-    from .ucx import ask
-
     answer = ask(proc, "cpu")
     return float(answer["cpu"]), float(answer["at"])
 
@@ -59,8 +59,6 @@ async def _measure(
     proc: subprocess.Popen[str], once: Callable[[], Awaitable[float]], count: int
 ) -> list[dict[str, Any]]:
     """Time ``once()`` (one round trip, its seconds) after each idle time of :data:`GAPS`."""
-    from .ucx import _pct
-
     for _ in range(WARM):
         await once()
     out = []
@@ -114,16 +112,12 @@ async def _engine(proc: subprocess.Popen[str], address: str, rail: str, mode: st
 
 async def _raw(proc: subprocess.Popen[str], address: bytes, rail: str, mode: str, count: int) -> list[dict[str, Any]]:
     """Raw ucxx's 4 KiB send + 8-byte ack round trip (``bench ucx``'s own), through ``_measure``."""
-    from .ucx import raw_round_trips
-
     async with raw_round_trips(rail, proc, address, mode, SMALL) as once:
         return await _measure(proc, lambda: once(SMALL), count)
 
 
 def one_run(kind: str, rail: str, mode: str, count: int) -> list[dict[str, Any]]:
     """One run's rows (one per gap): ``kind`` is ``"raw"`` or ``"engine"``, against a fresh peer."""
-    from .ucx import _peer
-
     if kind == "engine":
         with _peer("engine", {"rail": rail, "size": 1 << 20, "progress": mode}) as (hello, proc):
             return asyncio.run(_engine(proc, hello["address"], rail, mode, count))
@@ -135,8 +129,6 @@ def one_run(kind: str, rail: str, mode: str, count: int) -> list[dict[str, Any]]
 
 def run_gaps(console: Any, args: argparse.Namespace) -> None:
     """``--gaps``: latency and CPU of sporadic 4 KiB round trips per rail and progress mode, raw and engine."""
-    from .ucx import run_isolated
-
     rails = [r.strip() for r in args.rails.split(",") if r.strip()]
     modes = [m.strip() for m in args.progress.split(",") if m.strip()]
     table = Table(

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from .ucx import ask
+
 SMALL = 4096
 Stamp = tuple[str, float]
 LOG: list[Stamp] = []  # (label, perf_counter) of this process
@@ -250,8 +252,6 @@ async def _client(
 
 def _one(rail: str, op: str, iters: int, mode: str = "loop") -> tuple[dict[str, Any], list[Stamp]]:
     """One stamped run against a fresh peer, both in progress ``mode``: the client's figures, the peer's stamps."""
-    from .ucx import ask
-
     config = {"rail": rail, "size": 1 << 20, "progress": mode}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tent_async.bench._ucx_peer", "steps", json.dumps(config)],
